@@ -1,0 +1,274 @@
+"""Backbones (ResNet-18/50, ViT-Tiny) and the projector onto the sphere S^{D-1}.
+
+The paper (Section IV) trains ResNet-18 on CIFAR-10/100, STL-10 and Food-101, ResNet-50 on ImageNet-1k
+and ViT-Tiny with 16-pixel patches on STL-10. The backbone's pooled output (ResNet: global average pool;
+ViT: the final CLS token) is the representation every probe uses; the projector and the sphere exist
+only for the loss.
+
+Every backbone has a size knob (ResNet base width, ViT width/depth/heads) so that a laptop configuration
+is the same code with smaller numbers.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("resnet18", "resnet50", "vit_tiny")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ResNet, with torchvision's attribute names so that state_dicts are interchangeable
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34). Attribute names follow torchvision.models.resnet."""
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 with 4x expansion (ResNet-50), stride on the 3x3 as torchvision (v1.5)."""
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _shortcut(in_planes, out_planes, stride):
+    """The projection shortcut (1x1 conv + BN) when the shape changes, else None (identity)."""
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+class ResNet(nn.Module):
+    """ResNet backbone returning the globally pooled feature (B, C).
+
+    small_images: the CIFAR stem (3x3 stride-1 conv, no max-pool) used for images of at most 64 px,
+    where the ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 32 px image to 8 px at once.
+    With the ImageNet stem and width 64 the state_dict loads, strictly, into
+    torchvision.models.resnet18/50() once its fc is replaced by nn.Identity().
+    """
+
+    def __init__(self, block, layers, width=64, small_images=False):
+        super().__init__()
+        if small_images:
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        in_planes = width
+        stages = []
+        for i, num_blocks in enumerate(layers):
+            planes, stride = width * 2 ** i, (1 if i == 0 else 2)
+            blocks = []
+            for b in range(num_blocks):
+                blocks.append(block(in_planes, planes, stride if b == 0 else 1))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()            # torchvision's classifier slot, empty: we want features
+        self.num_features = in_planes
+        for m in self.modules():           # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def stages(self, x):
+        """The output of each stage, (B, C_k, H_k, W_k) for k = 1..4: hypercolumns are built from these."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outputs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x):
+        return torch.flatten(self.avgpool(self.stages(x)[-1]), 1)    # (B, C, h, w) -> (B, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ViT (Dosovitskiy et al. 2021), pre-norm, in plain PyTorch
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, c // self.heads)   # (B, T, 3C) -> (B, T, 3, h, C/h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # each (B, h, T, C/h)
+        out = F.scaled_dot_product_attention(q, k, v)                   # (B, h, T, C/h)
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))          # -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT returning the final CLS token (B, C).
+
+    The positional embedding is learned for the global crop's grid (image_size / patch_size)^2 and
+    bicubically resized for any other grid, so local crops (half the side: a quarter of the patches)
+    go through the same network, as in DINO.
+    """
+
+    def __init__(self, image_size, patch_size, dim=192, depth=12, heads=3):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not divisible by the ViT patch size {patch_size}")
+        self.patch_size = patch_size
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
+        grid = image_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.num_features = dim
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def positional_embedding(self, grid_h, grid_w):
+        """(1, 1 + grid_h*grid_w, C): the learned table, resized bicubically to the input's grid."""
+        base = self.pos_embed.shape[1] - 1
+        if grid_h * grid_w == base and grid_h == grid_w:
+            return self.pos_embed
+        side, dim = int(math.isqrt(base)), self.pos_embed.shape[2]
+        patch_pos = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, C, s, s)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)          # (1, hw, C)
+        return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
+
+    def tokens(self, x):
+        """All output tokens after the final norm: (B, 1 + h*w, C), CLS first."""
+        x = self.patch_embed(x)                                   # (B, 3, H, W) -> (B, C, h, w)
+        grid_h, grid_w = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)                          # -> (B, h*w, C)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)   # -> (B, 1 + h*w, C)
+        x = x + self.positional_embedding(grid_h, grid_w)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, x):
+        return self.tokens(x)[:, 0]                               # the CLS token, (B, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building by name, and the projector
+
+def vit_patch_size(image_size):
+    """16-pixel patches from 96 px up (the paper's ViT-T16 on STL-10: 6x6 patches per global crop),
+    4-pixel patches for small images (32 px CIFAR crops: 8x8 patches, 16 px local crops: 4x4)."""
+    return 16 if image_size >= 96 else 4
+
+
+def build_backbone(arch, image_size, width=None, depth=None, heads=None):
+    """A backbone by name. width/depth/heads shrink it for laptops; None keeps the standard size.
+
+    arch: resnet18 | resnet50 | vit_tiny. image_size: the global crop size, which picks the ResNet stem
+    and the ViT patch size and positional grid.
+    """
+    if arch in ("resnet18", "resnet50"):
+        if depth is not None or heads is not None:
+            raise ValueError(f"--depth and --heads apply to vit_tiny only, not {arch}")
+        block, layers = (BasicBlock, [2, 2, 2, 2]) if arch == "resnet18" else (Bottleneck, [3, 4, 6, 3])
+        return ResNet(block, layers, width=width or 64, small_images=image_size <= 64)
+    if arch == "vit_tiny":
+        dim, heads = width or 192, heads or 3
+        if dim % heads:
+            raise ValueError(f"ViT width {dim} is not divisible by its {heads} heads")
+        return VisionTransformer(image_size, vit_patch_size(image_size), dim=dim, depth=depth or 12, heads=heads)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def projector(in_dim, hidden_dim=2048, out_dim=256):
+    """MLP from the backbone feature to R^D: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
+
+    The paper does not describe its projector, only that D from 128 to 4096 makes no clear difference
+    (Section VII-A). We use the common SimCLR/BYOL-style three-layer MLP; the output is L2-normalised
+    onto S^{D-1} in HyDeSModel.forward.
+    """
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class HyDeSModel(nn.Module):
+    """Backbone + projector + L2 normalisation: a list of views -> embeddings z of shape (V, B, D)."""
+
+    def __init__(self, backbone, proj_hidden=2048, proj_dim=256):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
+
+    def forward(self, views):
+        """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals).
+
+        As DINO does, consecutive views of the same resolution are concatenated and go through the
+        backbone in one call: two calls for 2 global + 6 local crops, instead of eight. BatchNorm thus
+        sees one batch per resolution. The projector then runs once over all N = V*B features.
+        """
+        batch = views[0].shape[0]
+        features, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(views[start:end])))   # (k*B, 3, H, W) -> (k*B, F)
+            start = end
+        z = self.projector(torch.cat(features))                            # (N, F) -> (N, D)
+        z = F.normalize(z.float(), dim=-1)                                 # onto S^{D-1}, in float32
+        return z.view(len(views), batch, -1)                               # (N, D) -> (V, B, D)

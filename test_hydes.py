@@ -1,0 +1,341 @@
+"""Tests: the loss against closed forms and a brute-force loop, its invariances and numerics; the data,
+the backbones, and a real (tiny) training run on generated images. Run: python -m pytest -q"""
+
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import data
+import evaluate
+import hydes
+import models
+import train
+
+
+# ----------------------------------------------------------------------------------------------------
+# log C_D(kappa), Eq. (1)
+
+KAPPAS = [1e-3, 1e-2, 0.1, math.log(2), 1.0, 10.0, 20.0, 100.0, 1e3]
+
+
+@pytest.mark.parametrize("kappa", KAPPAS)
+def test_log_normalizer_matches_closed_forms_in_2_3_4_dimensions(kappa):
+    # D = 3: C = kappa / (4 pi sinh kappa), with log sinh k = k + log1p(-exp(-2k)) - log 2 (no overflow)
+    log_sinh = kappa + math.log1p(-math.exp(-2 * kappa)) - math.log(2)
+    assert hydes.log_vmf_normalizer(3, kappa) == pytest.approx(math.log(kappa) - math.log(4 * math.pi) - log_sinh,
+                                                               abs=1e-9)
+    # D = 2: C = 1 / (2 pi I0(k));  D = 4: C = k / ((2 pi)^2 I1(k));  log I(k) = log Ie(k) + k
+    k64 = torch.tensor(kappa, dtype=torch.float64)
+    log_i0 = torch.log(torch.special.i0e(k64)).item() + kappa
+    log_i1 = torch.log(torch.special.i1e(k64)).item() + kappa
+    assert hydes.log_vmf_normalizer(2, kappa) == pytest.approx(-math.log(2 * math.pi) - log_i0, abs=1e-9)
+    assert hydes.log_vmf_normalizer(4, kappa) == pytest.approx(math.log(kappa) - 2 * math.log(2 * math.pi) - log_i1,
+                                                               abs=1e-9)
+
+
+def log_normalizer_by_quadrature(dim, kappa, points=400_001):
+    """1/C = |S^{D-2}| * integral_0^pi exp(kappa cos t) sin^{D-2} t dt, by the trapezoid rule in log space
+    (spectrally accurate: the integrand is smooth and vanishes with all its odd derivatives at 0 and pi)."""
+    t = torch.linspace(0, math.pi, points, dtype=torch.float64)
+    log_integrand = kappa * torch.cos(t) + (dim - 2) * torch.log(torch.sin(t).clamp_min(1e-300))
+    log_integrand[0] = log_integrand[-1] = -math.inf if dim > 2 else log_integrand[0]
+    log_integral = torch.logsumexp(log_integrand, 0).item() + math.log(math.pi / (points - 1))
+    return -(hydes.log_sphere_area(dim - 1) + log_integral)
+
+
+@pytest.mark.parametrize("dim", [3, 5, 16, 128, 1024, 8192])
+@pytest.mark.parametrize("kappa", [1e-3, 1.0, 10.0, 100.0, 1e3])
+def test_log_normalizer_matches_quadrature_up_to_8192_dimensions(dim, kappa):
+    # 1e-6 absolute in the log is 1e-6 relative in C itself.
+    assert hydes.log_vmf_normalizer(dim, kappa) == pytest.approx(log_normalizer_by_quadrature(dim, kappa), abs=1e-6)
+
+
+@pytest.mark.parametrize("dim", [2, 3, 10, 256, 8192])
+def test_log_normalizer_tends_to_uniform_density_as_kappa_vanishes(dim):
+    uniform = -hydes.log_sphere_area(dim)
+    assert hydes.log_vmf_normalizer(dim, 0.0) == pytest.approx(uniform, abs=1e-9)
+    assert hydes.log_vmf_normalizer(dim, 1e-8) == pytest.approx(uniform, abs=1e-9)
+    # and it moves away from it as the kernel concentrates: a peaked density is higher at its mode
+    assert hydes.log_vmf_normalizer(dim, 1.0) > uniform
+
+
+def test_log_bessel_matches_torch_for_orders_0_and_1():
+    for x in [1e-3, 0.5, 7.0, 300.0]:
+        xt = torch.tensor(x, dtype=torch.float64)
+        assert hydes.log_bessel_iv(0, x) == pytest.approx(torch.log(torch.special.i0e(xt)).item() + x, rel=1e-12)
+        assert hydes.log_bessel_iv(1, x) == pytest.approx(torch.log(torch.special.i1e(xt)).item() + x, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eqs. (2)-(4)
+
+def random_sphere(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+def brute_force_entropies(z, kappa):
+    """Eqs. (2) and (3) as written, one kernel value at a time, in float64."""
+    num_views, batch, dim = z.shape
+    c = math.exp(hydes.log_vmf_normalizer(dim, kappa))
+    kernel = lambda a, b: c * math.exp(kappa * float(a @ b))
+    points = [(v, b) for v in range(num_views) for b in range(batch)]
+    h_global = h_local = 0.0
+    for v, b in points:
+        others = [kernel(z[v, b], z[w, d]) for w, d in points if (w, d) != (v, b)]
+        positives = [kernel(z[v, b], z[w, b]) for w in range(num_views) if w != v]
+        h_global -= math.log(sum(others) / len(others))
+        h_local -= math.log(sum(positives) / len(positives))
+    return h_global / len(points), h_local / len(points)
+
+
+@pytest.mark.parametrize("num_views,batch,dim,kappa", [(2, 5, 3, 1.0), (8, 4, 16, 10.0), (3, 6, 64, 0.1)])
+def test_hydes_loss_matches_brute_force_loop(num_views, batch, dim, kappa):
+    z = random_sphere(num_views, batch, dim, dtype=torch.float64, seed=dim)
+    h_global, h_local = brute_force_entropies(z, kappa)
+    out = hydes.hydes_loss(z.float(), kappa, alpha=0.7, beta=0.3)
+    assert out["h_global"].item() == pytest.approx(h_global, abs=1e-4)
+    assert out["h_local"].item() == pytest.approx(h_local, abs=1e-4)
+    assert out["mi"].item() == pytest.approx(0.7 * h_global - 0.3 * h_local, abs=1e-4)
+    assert out["loss"].item() == pytest.approx(0.3 * h_local - 0.7 * h_global, abs=1e-4)
+
+
+def test_two_images_at_antipodes_give_closed_form_entropies():
+    # Image a: both views at e1; image b: both views at -e1. For every point the 3 others are one
+    # positive (s = 1) and two antipodes (s = -1), so
+    #   H_local = -log C - kappa,   H_global = -log C - log((e^k + 2 e^-k) / 3).
+    kappa, dim = 2.0, 3
+    e1 = torch.zeros(dim)
+    e1[0] = 1
+    z = torch.stack([torch.stack([e1, -e1])] * 2)            # (V=2, B=2, D=3)
+    log_c = hydes.log_vmf_normalizer(dim, kappa)
+    out = hydes.hydes_loss(z, kappa)
+    assert out["h_local"].item() == pytest.approx(-log_c - kappa, abs=1e-5)
+    assert out["h_global"].item() == pytest.approx(-log_c - math.log((math.exp(kappa) + 2 * math.exp(-kappa)) / 3),
+                                                   abs=1e-5)
+    assert out["mi"].item() == pytest.approx(kappa - math.log((math.exp(kappa) + 2 * math.exp(-kappa)) / 3), abs=1e-5)
+
+
+@pytest.mark.parametrize("dim,kappa", [(3, 1.0), (8, 4.0)])
+def test_global_entropy_of_uniform_samples_approaches_log_sphere_area(dim, kappa):
+    # The vMF kernel averaged over a uniform density is exactly 1/|S^{D-1}| (it integrates to one), so
+    # the leave-one-out estimate of the uniform distribution's entropy converges to log|S^{D-1}|.
+    z = random_sphere(1, 4000, dim, seed=1)
+    assert hydes.global_entropy(z, kappa).item() == pytest.approx(hydes.log_sphere_area(dim), abs=0.02)
+    # ... whereas a concentrated cloud has a much lower entropy
+    clustered = F.normalize(z + 3 * F.normalize(torch.ones(dim), dim=0), dim=-1)
+    assert hydes.global_entropy(clustered, kappa).item() < hydes.log_sphere_area(dim) - 0.3
+
+
+def test_loss_is_invariant_to_permuting_images_and_views_and_to_rotations():
+    z = random_sphere(4, 16, 32, seed=2)
+    reference = hydes.hydes_loss(z, 5.0)
+    permuted = z[torch.randperm(4)][:, torch.randperm(16)]
+    rotation, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))
+    for variant in (permuted, z @ rotation):
+        out = hydes.hydes_loss(variant, 5.0)
+        for key in reference:
+            assert out[key].item() == pytest.approx(reference[key].item(), abs=1e-5)
+
+
+def test_local_entropy_depends_on_pairing_of_views():
+    # Shuffling images within one view breaks the positive pairs: H_global is unchanged, H_local is not.
+    z = random_sphere(2, 16, 8, seed=4)
+    z[1] = F.normalize(z[0] + 0.1 * z[1], dim=-1)             # the second view is close to the first
+    shuffled = torch.stack([z[0], z[1][torch.roll(torch.arange(16), 1)]])
+    a, b = hydes.hydes_loss(z, 5.0), hydes.hydes_loss(shuffled, 5.0)
+    assert a["h_global"].item() == pytest.approx(b["h_global"].item(), abs=1e-5)
+    assert a["h_local"].item() < b["h_local"].item() - 1.0
+
+
+def test_loss_and_gradients_finite_at_kappa_100_under_bf16_autocast():
+    # exp(100) = 2.7e43 overflows float32 (and exp(12) already overflows fp16): a naive exp-sum-log
+    # would return inf here; the logsumexp in float32 does not.
+    torch.manual_seed(0)
+    model = models.HyDeSModel(models.build_backbone("resnet18", 32, width=8), proj_hidden=64, proj_dim=32)
+    views = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 2   # identical views: s = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(views)
+        out = hydes.hydes_loss(z, kappa=100.0)
+    naive = torch.log(torch.exp(100.0 * (z[0] @ z[1].T)).sum(1))
+    assert not torch.isfinite(naive).all()                    # the failure the stable form avoids
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_hydes_loss_rejects_a_single_view():
+    with pytest.raises(ValueError, match="at least 2 views"):
+        hydes.hydes_loss(random_sphere(1, 8, 4), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+def test_multicrop_gives_globals_then_locals_of_the_requested_sizes():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    views = data.MultiCrop(32, 16, global_crops=2, local_crops=6)(img)
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
+    assert all(v.dtype == torch.float32 for v in views)
+    assert len({v.sum().item() for v in views}) == 8             # eight different random views
+    views = data.MultiCrop(96, 48, global_crops=1, local_crops=0, blur=False)(img)
+    assert [tuple(v.shape) for v in views] == [(3, 96, 96)]
+
+
+def test_multicrop_global_crops_cover_more_of_the_image_than_local_ones():
+    # A white square on black: a local crop (5-40% of the area) often misses it or is all square; a
+    # global crop (40-100%) nearly always shows both. Count views with both colours in them.
+    torch.manual_seed(0)
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[16:48, 16:48] = 255
+    crops = data.MultiCrop(32, 16, global_crops=2, local_crops=6, blur=False)
+    crops.transforms = [t.transforms[0] for t in crops.transforms]   # only the RandomResizedCrop step
+    mixed = np.zeros(2)
+    for _ in range(100):
+        views = crops(Image.fromarray(img))
+        mixed += [np.mean([np.ptp(np.asarray(v)) > 200 for v in views[:2]]),
+                  np.mean([np.ptp(np.asarray(v)) > 200 for v in views[2:]])]
+    assert mixed[0] / 100 > 0.95 and mixed[1] / 100 < 0.9
+
+
+def test_default_crop_sizes_follow_resolution():
+    assert data.default_crop_sizes(32) == (32, 16)
+    assert data.default_crop_sizes(96) == (96, 48)
+    assert data.default_crop_sizes(224) == (224, 96)
+
+
+def test_eval_transform_sizes():
+    img = Image.new("RGB", (500, 375))
+    assert tuple(data.eval_transform(224)(img).shape) == (3, 224, 224)
+    assert tuple(data.eval_transform(32)(Image.new("RGB", (32, 32))).shape) == (3, 32, 32)
+
+
+def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
+    assert len(set(data.IMAGENET100_CLASSES)) == 100
+    wnids = data.IMAGENET100_CLASSES[:3]
+    for wnid in wnids + ["n99999999"]:
+        for split in ("train", "val"):
+            write_images(tmp_path / split / wnid, 2, size=8)
+    subset = data.ClassSubsetFolder(str(tmp_path / "train"), wnids)
+    assert subset.classes == sorted(wnids) and len(subset) == 6
+    assert sorted(set(subset.targets)) == [0, 1, 2]
+    with pytest.raises(data.DatasetError, match="classes are missing"):
+        data.dataset_split("imagenet100", str(tmp_path), "train", None)
+
+
+def test_missing_folder_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.dataset_split("folder", str(tmp_path / "nothing"), "train", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+@pytest.mark.parametrize("arch,global_size,local_size,width", [
+    ("resnet18", 32, 16, 16), ("resnet18", 96, 48, 16), ("resnet50", 32, 16, 8),
+    ("vit_tiny", 32, 16, None), ("vit_tiny", 96, 48, None)])
+def test_backbones_accept_global_and_local_crops(arch, global_size, local_size, width):
+    depth = 2 if arch == "vit_tiny" else None
+    backbone = models.build_backbone(arch, global_size, width=width, depth=depth).eval()
+    for size in (global_size, local_size):
+        out = backbone(torch.randn(2, 3, size, size))
+        assert out.shape == (2, backbone.num_features) and torch.isfinite(out).all()
+    if arch == "vit_tiny":
+        assert backbone.num_features == 192 and len(backbone.blocks[0].attn.qkv.weight) == 3 * 192
+        assert backbone.patch_size == (16 if global_size == 96 else 4)
+
+
+def test_resnet_state_dict_loads_into_torchvision():
+    for name in ("resnet18", "resnet50"):
+        ours = models.build_backbone(name, 224).eval()
+        reference = getattr(torchvision.models, name)()
+        reference.fc = torch.nn.Identity()
+        reference.load_state_dict(ours.state_dict())         # strict: every key and shape matches
+        x = torch.randn(1, 3, 64, 64)
+        assert torch.allclose(reference.eval()(x), ours(x), atol=1e-5)
+
+
+def test_vit_positional_embedding_is_the_table_at_the_base_grid_and_resized_elsewhere():
+    vit = models.build_backbone("vit_tiny", 32, depth=1)
+    assert vit.positional_embedding(8, 8) is vit.pos_embed
+    small = vit.positional_embedding(4, 4)
+    assert small.shape == (1, 1 + 16, 192)
+    assert torch.equal(small[:, 0], vit.pos_embed[:, 0])     # the CLS position is never resized
+
+
+def test_hydes_model_runs_one_backbone_call_per_resolution():
+    backbone = models.build_backbone("resnet18", 32, width=8)
+    calls = []
+    original_forward = backbone.forward
+    backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
+    model = models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16)
+    z = model([torch.randn(3, 3, 32, 32)] * 2 + [torch.randn(3, 3, 16, 16)] * 6)
+    assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
+    assert z.shape == (8, 3, 16)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN and a real training run
+
+def test_knn_is_perfect_on_separated_clusters_and_chance_on_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 16) * 10
+    labels = torch.arange(4).repeat(50)
+    feats = centres[labels] + torch.randn(200, 16, generator=g)
+    assert evaluate.knn_accuracy(feats, labels, feats, labels, k=10) == (100.0, 100.0)
+    shuffled = labels[torch.randperm(200, generator=g)]
+    top1, top5 = evaluate.knn_accuracy(feats[:100], shuffled[:100], feats[100:], shuffled[100:], k=10)
+    assert top1 < 50 and top5 == 100.0                      # 4 classes: top-5 always contains the truth
+
+
+def write_images(folder, count, size=32, seed=0):
+    """Random-noise images with a class-dependent colour, as JPEG files."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(zlib.crc32(str(folder).encode()) + seed)
+    base = rng.integers(0, 256, 3)
+    for i in range(count):
+        pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.jpg"))
+
+
+def test_training_runs_saves_and_resumes(tmp_path):
+    root = tmp_path / "images"
+    for split, count in (("train", 8), ("test", 4)):
+        for cls in ("a", "b"):
+            write_images(root / split / cls, count)
+    out = tmp_path / "run"
+    common = ["--dataset", "folder", "--data-dir", str(root), "--out", str(out), "--arch", "resnet18",
+              "--width", "8", "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--workers", "0",
+              "--local-crops", "2", "--kappa", "10", "--eval-every", "1", "--knn-k", "5"]
+    train.main(common + ["--epochs", "1"])                   # 16 images / batch 8 = 2 steps
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["step"] == 2
+    assert first["args"]["global_size"] == 32 and first["args"]["local_size"] == 16
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and 0 <= log[0]["knn_top1"] <= 100
+    assert log[0]["mi"] == pytest.approx(-log[0]["loss"])
+
+    with pytest.raises(SystemExit, match="--resume"):       # never overwrite a run by accident
+        train.main(common + ["--epochs", "1"])
+    train.main(common + ["--epochs", "2", "--resume"])
+    second = torch.load(out / "ckpt.pt", weights_only=True)
+    assert second["epoch"] == 2 and second["step"] == 4
+    assert len(open(out / "log.jsonl").readlines()) == 2
+    changed = [not torch.equal(first["model"][k], second["model"][k]) for k in first["model"]
+               if first["model"][k].is_floating_point()]
+    assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
+
+    backbone, args, epoch = evaluate.load_backbone(out / "ckpt.pt")
+    assert epoch == 2 and args["arch"] == "resnet18"
+    assert backbone.conv1.weight.shape == (8, 3, 3, 3)
+    assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
