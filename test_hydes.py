@@ -4,6 +4,7 @@ the backbones, and a real (tiny) training run on generated images. Run: python -
 import json
 import math
 import os
+import urllib.error
 import zlib
 
 import numpy as np
@@ -236,6 +237,14 @@ def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
         data.dataset_split("imagenet100", str(tmp_path), "train", None)
 
 
+def test_offline_missing_dataset_names_the_files_to_put_in_place(tmp_path, monkeypatch):
+    def no_network(self):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
+    with pytest.raises(data.DatasetError, match="cifar-10-batches-py"):
+        data.dataset_split("cifar10", str(tmp_path), "train", None)
+
+
 def test_missing_folder_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.dataset_split("folder", str(tmp_path / "nothing"), "train", None)
@@ -310,6 +319,15 @@ def write_images(folder, count, size=32, seed=0):
     for i in range(count):
         pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.jpg"))
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+    args = train.parse_args(["--schedule", "cosine", "--lr", "0.5", "--warmup-epochs", "2", "--epochs", "10"])
+    lr = [train.learning_rate(args, step, steps_per_epoch=5) for step in range(50)]
+    assert lr[:10] == pytest.approx([0.05 * (i + 1) for i in range(10)])        # 2 epochs x 5 steps
+    assert lr[30] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+    assert all(a > b for a, b in zip(lr[10:], lr[11:])) and lr[-1] < 0.01
+    assert train.learning_rate(train.parse_args([]), 1234, 5) == 1e-3       # the paper's constant rate
 
 
 def test_training_runs_saves_and_resumes(tmp_path):
