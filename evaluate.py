@@ -1,22 +1,99 @@
-"""Evaluate a frozen backbone: k-NN classification on its dataset's labelled splits.
+"""Evaluate a frozen backbone: linear probe and k-NN, top-1 and top-5 (the paper's Table I).
 
-    python evaluate.py runs/cifar10-resnet18/ckpt.pt
+    python evaluate.py runs/cifar10-resnet18-kappa1/ckpt.pt
+    python evaluate.py resnet50_supervised.pth --arch resnet50 --dataset imagenet --data-dir /data/imagenet
 
-The k-NN protocol is the weighted cosine vote used across the field (Wu et al. 2018, InstDisc; DINO):
-each test feature finds its k most similar training features (cosine similarity s), each neighbour votes
-for its class with weight exp(s / T), and the class with the largest summed weight wins. Defaults
-k = 200, T = 0.1. train.py's online monitor calls the same functions.
+The checkpoint is one written by train.py (architecture and dataset read from it), or a plain
+torchvision-format backbone state_dict with --arch, so that other methods' published ResNets are probed
+by the same code. Features are extracted once with the evaluation transform (no augmentation) and cached
+on disk, keyed by the checkpoint's content, the dataset, its folder, the split and the resolution: a
+second probe of the same checkpoint costs nothing, a changed checkpoint is extracted anew.
+
+k-NN (Wu et al. 2018, InstDisc; DINO): each test feature finds its k most similar training features by
+cosine similarity s; each neighbour votes for its class with weight exp(s / T); classes are ranked by
+their summed votes. Defaults k = 200, T = 0.1. train.py's online monitor calls the same functions.
+
+Linear probe, a fixed protocol (the paper uses the evaluation setup of Kalapos & Gyires-Toth 2024 but
+does not spell it out; this is ours): features standardised with the training split's mean and
+standard deviation, one linear layer, AdamW with learning rate 1e-3 and a cosine decay, batch 512,
+100 epochs, seed 0. The weight decay is chosen from {0, 1e-3, 1e-2, 1e-1} on a validation split of 10%
+carved from the training features, then the probe is retrained on all of them and scored once on test.
+
+Output: a table row on stdout, the same figures appended as a JSON line to --json (default: eval.jsonl
+beside the checkpoint), and, with --table FILE, a Markdown row appended to a table several runs share.
 """
 
 import argparse
+import hashlib
+import json
+import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DatasetError, dataset_split, eval_transform
-from models import build_backbone
+from data import DATASETS, DatasetError, dataset_split, eval_transform, native_image_size
+from models import ARCHS, build_backbone
 
+WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a backbone
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+def load_backbone(path, arch=None, image_size=None):
+    """A backbone from a train.py checkpoint or a torchvision-format state_dict.
+
+    Returns (backbone, info) with info holding arch, image_size and, for our checkpoints, the training
+    arguments and the number of completed epochs. torch.load(weights_only=True): a checkpoint is data,
+    never code.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}; pass the ckpt.pt that train.py wrote") from None
+    if isinstance(checkpoint, dict) and "args" in checkpoint and "model" in checkpoint:
+        args = checkpoint["args"]
+        if arch is not None and arch != args["arch"]:
+            raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
+                                  f"which is only for torchvision-format state_dicts")
+        backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
+        prefix = "backbone."
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
+        return backbone, {"arch": args["arch"], "image_size": args["global_size"], "train_args": args,
+                          "epoch": checkpoint["epoch"]}
+
+    if arch is None:
+        raise CheckpointError(f"{path} is not a train.py checkpoint; to load a torchvision-format state_dict, "
+                              f"name its architecture with --arch ({', '.join(ARCHS)})")
+    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}     # the classifier is not probed
+    backbone = build_backbone(arch, image_size)
+    try:
+        backbone.load_state_dict(state)                                      # strict: a mismatch is an error
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
+    return backbone, {"arch": arch, "image_size": image_size, "train_args": None, "epoch": None}
+
+
+def _strip_prefixes(key):
+    """Keys as other libraries save them: 'module.' (DataParallel), 'backbone.' or 'encoder.' wrappers."""
+    for prefix in ("module.", "backbone.", "encoder."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features, extracted once and cached
 
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features"):
@@ -35,29 +112,69 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     return torch.cat(features), torch.cat(labels)
 
 
+def file_digest(path):
+    """SHA-256 of a file's bytes: the cache key follows the checkpoint's content, not its name or date."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
+                    workers=2):
+    """extract_features for one split, read from cache_dir when the same key was extracted before."""
+    key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
+           "split": split, "image_size": image_size}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            return cached["features"], cached["labels"]
+    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
+    features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features")
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save({"key": key, "features": features, "labels": labels}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return features, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN
+
+def rank_classes(scores, top=5):
+    """Indices of the `top` highest scores per row, ties going to the lower class index (a stable sort,
+    so the result does not depend on the sorting kernel): (Q, C) -> (Q, min(top, C))."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top]
+
+
 @torch.no_grad()
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temperature=0.1, chunk_elements=2**26):
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temperature=0.1,
+                 chunk_elements=2**26):
     """Weighted k-NN top-1 and top-5 accuracy in percent.
 
-    train_feats (M, F), test_feats (Q, F): any scale (they are L2-normalised here). Queries are processed
-    in chunks of about chunk_elements / M so that the (chunk, M) similarity matrix stays bounded in
-    memory, whatever the size of the training set.
+    train_feats (M, F), test_feats (Q, F): any scale (they are L2-normalised here), on the device the
+    computation should run on. Queries go in chunks of about chunk_elements / M, so the (chunk, M)
+    similarity matrix stays bounded (2^26 floats = 256 MB), whatever the size of the training set:
+    1.28M ImageNet features take 52 queries at a time. Neighbours tied at the k-th place are taken in
+    torch.topk's order; classes tied in votes are ranked by index (rank_classes).
     """
     device = train_feats.device
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train_feats = F.normalize(train_feats.float(), dim=1)
-    test_feats = F.normalize(test_feats.float(), dim=1)
+    train_labels = train_labels.to(device)
     k = min(k, train_feats.shape[0])
     chunk = max(1, chunk_elements // train_feats.shape[0])
     correct_top1 = correct_top5 = 0
     for start in range(0, test_feats.shape[0], chunk):
-        queries = test_feats[start:start + chunk].to(device)                  # (q, F)
+        queries = F.normalize(test_feats[start:start + chunk].to(device).float(), dim=1)   # (q, F)
         sims = queries @ train_feats.T                                         # (q, F) x (F, M) -> (q, M)
         top_sims, top_idx = sims.topk(k, dim=1)                                # (q, k)
         weights = (top_sims / temperature).exp()                               # exp(s / T), (q, k)
         votes = torch.zeros(queries.shape[0], num_classes, device=device)      # (q, C)
-        votes.scatter_add_(1, train_labels.to(device)[top_idx], weights)
-        ranked = votes.topk(min(5, num_classes), dim=1).indices                # (q, 5)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        ranked = rank_classes(votes)                                           # (q, 5)
         truth = test_labels[start:start + chunk].to(device).unsqueeze(1)       # (q, 1)
         correct_top1 += (ranked[:, :1] == truth).sum().item()
         correct_top5 += (ranked == truth).any(dim=1).sum().item()
@@ -66,51 +183,191 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
 
 
 def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, temperature=0.1, workers=2):
-    """Extract train and test features of a dataset's labelled splits and return k-NN (top1, top5)."""
+    """train.py's online monitor: extract (uncached: the weights change every epoch) and score k-NN."""
     transform = eval_transform(image_size)
-    train_feats, train_labels = extract_features(backbone, dataset_split(dataset, data_dir, "train", transform),
-                                                 device, workers=workers, desc="k-NN train features")
-    test_feats, test_labels = extract_features(backbone, dataset_split(dataset, data_dir, "test", transform),
-                                               device, workers=workers, desc="k-NN test features")
-    feats_device = device if device.type == "cuda" else torch.device("cpu")
-    return knn_accuracy(train_feats.to(feats_device), train_labels, test_feats, test_labels, k, temperature)
+    train = extract_features(backbone, dataset_split(dataset, data_dir, "train", transform), device,
+                             workers=workers, desc="k-NN train features")
+    test = extract_features(backbone, dataset_split(dataset, data_dir, "test", transform), device,
+                            workers=workers, desc="k-NN test features")
+    return knn_accuracy(train[0].to(_compute_device(device)), train[1], test[0], test[1], k, temperature)
 
 
-def load_backbone(path):
-    """Rebuild the backbone of a train.py checkpoint; returns (backbone, saved training arguments, epoch)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    args = checkpoint["args"]
-    backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-    return backbone, args, checkpoint["epoch"]
+def _compute_device(device):
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
-    parser.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
-    parser.add_argument("--data-dir", help="root of the dataset (default: the one saved in the checkpoint)")
-    parser.add_argument("--knn-k", type=int, default=200, help="neighbours that vote (default 200)")
-    parser.add_argument("--knn-temperature", type=float, default=0.1, help="T in the vote weight exp(s/T)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+# ----------------------------------------------------------------------------------------------------
+# Linear probe
 
-    try:
-        backbone, train_args, epoch = load_backbone(args.checkpoint)
-    except (FileNotFoundError, IsADirectoryError):
-        raise SystemExit(f"error: no checkpoint at {args.checkpoint!r}; pass the ckpt.pt that train.py wrote")
+def train_linear_probe(feats, labels, num_classes, weight_decay, epochs=100, batch_size=512, lr=1e-3, seed=0):
+    """Fit the probe of the fixed protocol; returns a function mapping raw features to logits."""
+    device = feats.device
+    mean, std = feats.mean(0), feats.std(0) + 1e-6                       # (F,) each, from the fit set only
+    x = (feats - mean) / std                                              # (M, F) standardised
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    layer = torch.nn.Linear(feats.shape[1], num_classes).to(device)
+    with torch.no_grad():                                                 # seeded init (PyTorch's default law)
+        bound = 1 / math.sqrt(feats.shape[1])
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+        layer.bias.zero_()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in tqdm(range(epochs), desc=f"linear probe (wd {weight_decay:g})", leave=False):
+        order = torch.randperm(len(x), generator=generator).to(device)
+        for start in range(0, len(x), batch_size):
+            batch = order[start:start + batch_size]
+            loss = F.cross_entropy(layer(x[batch]), labels[batch])        # (b, F) -> (b, C)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    layer.eval()
+    return lambda raw: layer((raw - mean) / std)
+
+
+@torch.no_grad()
+def topk_accuracy(logits, labels):
+    """(top-1, top-5) accuracy in percent of (Q, C) logits."""
+    ranked = rank_classes(logits)
+    truth = labels.unsqueeze(1)
+    return (100.0 * (ranked[:, :1] == truth).float().mean().item(),
+            100.0 * (ranked == truth).any(dim=1).float().mean().item())
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100, val_fraction=0.1, seed=0):
+    """Linear top-1 and top-5 in percent, and the weight decay chosen on a validation split of train.
+
+    The test split is touched once, by the final probe. Features and labels should be on the device
+    the probe should train on.
+    """
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(seed)).to(train_feats.device)
+    num_val = max(1, int(val_fraction * len(train_feats)))
+    val, fit = order[:num_val], order[num_val:]
+    val_top1 = {}
+    for wd in WEIGHT_DECAYS:
+        probe = train_linear_probe(train_feats[fit], train_labels[fit], num_classes, wd, epochs, seed=seed)
+        with torch.no_grad():
+            val_top1[wd] = topk_accuracy(probe(train_feats[val]), train_labels[val])[0]
+    best = max(WEIGHT_DECAYS, key=lambda wd: (val_top1[wd], -WEIGHT_DECAYS.index(wd)))  # ties: less decay
+    probe = train_linear_probe(train_feats, train_labels, num_classes, best, epochs, seed=seed)
+    with torch.no_grad():
+        top1, top5 = topk_accuracy(probe(test_feats), test_labels)
+    return top1, top5, best
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reporting
+
+TABLE_COLUMNS = ("dataset", "method", "arch", "epoch", "linear_top1", "linear_top5", "knn_top1", "knn_top5")
+
+
+def markdown_row(result):
+    """One row of Table I: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not run)."""
+    def cell(value):
+        return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+    return "| " + " | ".join(cell(result.get(c)) for c in TABLE_COLUMNS) + " |"
+
+
+MARKDOWN_HEADER = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS)
+
+
+def append_markdown_row(path, result):
+    """Append one row of Table I to a Markdown table, writing the header when the file is new."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a") as f:
+        f.write((MARKDOWN_HEADER + "\n" if new else "") + markdown_row(result) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
+    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="probe another dataset than the one trained on (e.g. imagenet100 for an ImageNet backbone)")
+    p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
+    p.add_argument("--image-size", type=int,
+                   help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
+    p.add_argument("--probe", choices=("both", "linear", "knn"), default="both")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours that vote (default 200)")
+    p.add_argument("--knn-temperature", type=float, default=0.1, help="T in the vote weight exp(s/T) (default 0.1)")
+    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit (default 100)")
+    p.add_argument("--method", default="HyDeS", help="name for the table's method column")
+    p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
+    p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
+    p.add_argument("--table", help="Markdown file to append a Table I row to")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
-    dataset = args.dataset or train_args["dataset"]
-    data_dir = args.data_dir or train_args["data_dir"]
     try:
-        top1, top5 = knn_evaluate(backbone.to(device), dataset, data_dir, train_args["global_size"], device,
-                                  args.knn_k, args.knn_temperature, args.workers)
-    except DatasetError as error:
+        result = evaluate_checkpoint(args, device)
+    except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error}")
-    print(f"{dataset} {train_args['arch']} after {epoch} epochs: "
-          f"k-NN (k={args.knn_k}, T={args.knn_temperature}) top-1 {top1:.2f}  top-5 {top5:.2f}")
+    print(MARKDOWN_HEADER)
+    print(markdown_row(result))
+    with open(args.json, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if args.table:
+        append_markdown_row(args.table, result)
+    return result
+
+
+def evaluate_checkpoint(args, device):
+    """Load, extract (or read cached) features, run the probes; returns the result dict."""
+    foreign_size = args.image_size       # only used for a torchvision-format state_dict
+    if foreign_size is None and args.arch is not None and args.dataset is not None:
+        foreign_size = native_image_size(args.dataset, args.data_dir or "data")
+    backbone, info = load_backbone(args.checkpoint, args.arch, foreign_size or 224)
+    trained = info["train_args"] or {}
+    dataset = args.dataset or trained.get("dataset")
+    if dataset is None:
+        raise CheckpointError("a torchvision-format state_dict carries no dataset; pass --dataset and --data-dir")
+    data_dir = args.data_dir or trained.get("data_dir", "data")
+    image_size = args.image_size or info["image_size"]
+    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
+    args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
+
+    backbone = backbone.to(device)
+    digest = file_digest(args.checkpoint)
+    timings = {}
+    start = time.time()
+    train_feats, train_labels = cached_features(backbone, digest, dataset, data_dir, "train", image_size, device,
+                                                args.cache_dir, args.workers)
+    test_feats, test_labels = cached_features(backbone, digest, dataset, data_dir, "test", image_size, device,
+                                              args.cache_dir, args.workers)
+    timings["features_s"] = time.time() - start
+    if len(set(train_labels.tolist())) < 2:
+        raise DatasetError(f"{dataset} has fewer than 2 classes in its training split; a probe needs at least 2")
+
+    compute = _compute_device(device)
+    result = {"dataset": dataset, "method": args.method, "arch": info["arch"], "epoch": info["epoch"],
+              "checkpoint": os.path.abspath(args.checkpoint), "image_size": image_size,
+              "train_images": len(train_labels), "test_images": len(test_labels)}
+    if args.probe in ("both", "knn"):
+        start = time.time()
+        result["knn_top1"], result["knn_top5"] = knn_accuracy(
+            train_feats.to(compute), train_labels, test_feats, test_labels, args.knn_k, args.knn_temperature)
+        timings["knn_s"] = time.time() - start
+        result.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+    if args.probe in ("both", "linear"):
+        start = time.time()
+        result["linear_top1"], result["linear_top5"], result["linear_weight_decay"] = linear_probe(
+            train_feats.to(compute), train_labels.to(compute), test_feats.to(compute), test_labels.to(compute),
+            epochs=args.probe_epochs)
+        timings["linear_s"] = time.time() - start
+    result.update({k: round(v, 2) for k, v in timings.items()})
+    print(f"features {timings['features_s']:.1f} s ({(len(train_labels) + len(test_labels)) / timings['features_s']:.0f}"
+          f" images/s, 0 if cached)" + (f", k-NN {timings['knn_s']:.1f} s ({len(test_labels) / timings['knn_s']:.0f} "
+                                        f"queries/s)" if "knn_s" in timings else "")
+          + (f", linear probe {timings['linear_s']:.1f} s" if "linear_s" in timings else ""))
+    return result
 
 
 if __name__ == "__main__":

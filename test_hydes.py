@@ -300,6 +300,52 @@ def test_hydes_model_runs_one_backbone_call_per_resolution():
 # ----------------------------------------------------------------------------------------------------
 # k-NN and a real training run
 
+def brute_force_knn(train_feats, train_labels, test_feats, test_labels, k, temperature):
+    """The weighted vote one query at a time in float64: neighbours by (-similarity, index), classes by
+    (-votes, index)."""
+    train = F.normalize(train_feats.double(), dim=1)
+    test = F.normalize(test_feats.double(), dim=1)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    hits1 = hits5 = 0
+    for query, truth in zip(test, test_labels.tolist()):
+        sims = (train @ query).tolist()
+        neighbours = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[:k]
+        votes = [0.0] * num_classes
+        for j in neighbours:
+            votes[int(train_labels[j])] += math.exp(sims[j] / temperature)
+        ranking = sorted(range(num_classes), key=lambda c: (-votes[c], c))
+        hits1 += ranking[0] == truth
+        hits5 += truth in ranking[:5]
+    return 100.0 * hits1 / len(test), 100.0 * hits5 / len(test)
+
+
+@pytest.mark.parametrize("k,temperature", [(1, 0.1), (7, 0.1), (30, 0.5), (200, 0.07)])
+def test_knn_matches_brute_force_loop(k, temperature):
+    g = torch.Generator().manual_seed(k)
+    train_feats, test_feats = torch.randn(120, 8, generator=g), torch.randn(40, 8, generator=g)
+    train_labels, test_labels = torch.randint(0, 9, (120,), generator=g), torch.randint(0, 9, (40,), generator=g)
+    expected = brute_force_knn(train_feats, train_labels, test_feats, test_labels, k, temperature)
+    got = evaluate.knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, temperature,
+                                chunk_elements=120 * 7)     # 7 queries per chunk: chunking is exercised
+    assert got == pytest.approx(expected)
+    assert got[1] >= got[0]
+
+
+def test_knn_ties_in_votes_go_to_the_lower_class_and_top5_counts_them():
+    # Two training points, e1 (class 3) and e2 (class 1); a query halfway between gets equal votes.
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    train_labels = torch.tensor([3, 1])
+    query = torch.tensor([[1.0, 1.0]])
+    assert evaluate.knn_accuracy(train, train_labels, query, torch.tensor([1]), k=2) == (100.0, 100.0)
+    assert evaluate.knn_accuracy(train, train_labels, query, torch.tensor([3]), k=2) == (0.0, 100.0)
+    assert brute_force_knn(train, train_labels, query, torch.tensor([3]), 2, 0.1) == (0.0, 100.0)
+    # Exact duplicates of training points (tied similarities) inside the top k
+    dup = torch.cat([train, train])
+    labels = torch.tensor([3, 1, 3, 1])
+    assert evaluate.knn_accuracy(dup, labels, train, torch.tensor([3, 1]), k=4) == \
+        brute_force_knn(dup, labels, train, torch.tensor([3, 1]), 4, 0.1) == (100.0, 100.0)
+
+
 def test_knn_is_perfect_on_separated_clusters_and_chance_on_shuffled_labels():
     g = torch.Generator().manual_seed(0)
     centres = torch.eye(4, 16) * 10
@@ -309,6 +355,57 @@ def test_knn_is_perfect_on_separated_clusters_and_chance_on_shuffled_labels():
     shuffled = labels[torch.randperm(200, generator=g)]
     top1, top5 = evaluate.knn_accuracy(feats[:100], shuffled[:100], feats[100:], shuffled[100:], k=10)
     assert top1 < 50 and top5 == 100.0                      # 4 classes: top-5 always contains the truth
+
+
+def test_linear_probe_separates_separable_features_and_is_at_chance_on_random_labels():
+    g = torch.Generator().manual_seed(1234)
+    num_classes, dim = 10, 32
+    directions = torch.randn(num_classes, dim, generator=g)
+    def sample(n):
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        return directions[labels] * 3 + torch.randn(n, dim, generator=g), labels
+    (train_x, train_y), (test_x, test_y) = sample(2000), sample(500)
+    top1, top5, wd = evaluate.linear_probe(train_x, train_y, test_x, test_y, epochs=50)
+    assert top1 > 99 and top5 == 100.0 and wd in evaluate.WEIGHT_DECAYS
+    random_train = torch.randint(0, num_classes, (2000,), generator=g)
+    random_test = torch.randint(0, num_classes, (500,), generator=g)
+    top1, top5, _ = evaluate.linear_probe(train_x, random_train, test_x, random_test, epochs=50)
+    assert 3 < top1 < 20 and 35 < top5 < 65                 # chance: 10% and 50%
+
+
+def test_torchvision_state_dict_loads_with_arch(tmp_path):
+    reference = torchvision.models.resnet18()
+    state = reference.state_dict()
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pth")   # DataParallel style
+    torch.save(state, tmp_path / "plain.pth")
+    reference.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    for name in ("wrapped.pth", "plain.pth"):
+        backbone, info = evaluate.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
+        assert info["arch"] == "resnet18" and info["train_args"] is None
+        assert torch.allclose(backbone.eval()(x), reference.eval()(x), atol=1e-5)
+    with pytest.raises(evaluate.CheckpointError, match="does not match a resnet50"):
+        evaluate.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
+    with pytest.raises(evaluate.CheckpointError, match="--arch"):
+        evaluate.load_backbone(tmp_path / "plain.pth")
+
+
+def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, monkeypatch):
+    for cls in ("a", "b"):
+        write_images(tmp_path / "images" / "train" / cls, 3)
+    backbone = models.build_backbone("resnet18", 32, width=8)
+    calls = []
+    real_extract = evaluate.extract_features
+    monkeypatch.setattr(evaluate, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
+    def features(digest):
+        return evaluate.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
+                                        torch.device("cpu"), str(tmp_path / "cache"), workers=0)
+    first = features("digest-1")
+    again = features("digest-1")
+    assert len(calls) == 1 and torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[0].shape == (6, backbone.num_features) and first[1].tolist() == [0, 0, 0, 1, 1, 1]
+    features("digest-2")                                      # another checkpoint: extracted anew
+    assert len(calls) == 2
 
 
 def write_images(folder, count, size=32, seed=0):
@@ -357,7 +454,19 @@ def test_training_runs_saves_and_resumes(tmp_path):
                if first["model"][k].is_floating_point()]
     assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
 
-    backbone, args, epoch = evaluate.load_backbone(out / "ckpt.pt")
-    assert epoch == 2 and args["arch"] == "resnet18"
+    backbone, info = evaluate.load_backbone(out / "ckpt.pt")
+    assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
     assert backbone.conv1.weight.shape == (8, 3, 3, 3)
     assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
+
+    # evaluate.py on the same checkpoint: the k-NN equals train.py's online monitor, the rows append
+    table = tmp_path / "table.md"
+    for _ in range(2):
+        result = evaluate.main([str(out / "ckpt.pt"), "--knn-k", "5", "--probe-epochs", "2", "--workers", "0",
+                                "--table", str(table)])
+    assert result["knn_top1"] == json.loads(open(out / "log.jsonl").readlines()[-1])["knn_top1"]
+    assert 0 <= result["linear_top1"] <= result["linear_top5"] <= 100
+    assert len(open(out / "eval.jsonl").readlines()) == 2
+    lines = open(table).read().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| dataset |") and lines[2] == lines[3]
+    assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
