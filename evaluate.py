@@ -263,21 +263,22 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100,
 TABLE_COLUMNS = ("dataset", "method", "arch", "epoch", "linear_top1", "linear_top5", "knn_top1", "knn_top5")
 
 
-def markdown_row(result):
-    """One row of Table I: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not run)."""
+def markdown_row(result, columns=TABLE_COLUMNS):
+    """One table row: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not measured)."""
     def cell(value):
         return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
-    return "| " + " | ".join(cell(result.get(c)) for c in TABLE_COLUMNS) + " |"
+    return "| " + " | ".join(cell(result.get(c)) for c in columns) + " |"
 
 
-MARKDOWN_HEADER = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS)
+def markdown_header(columns=TABLE_COLUMNS):
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
 
 
-def append_markdown_row(path, result):
-    """Append one row of Table I to a Markdown table, writing the header when the file is new."""
+def append_markdown_row(path, result, columns=TABLE_COLUMNS):
+    """Append a row to a Markdown table that several runs share, writing the header when the file is new."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a") as f:
-        f.write((MARKDOWN_HEADER + "\n" if new else "") + markdown_row(result) + "\n")
+        f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
 
 
 def parse_args(argv=None):
@@ -309,7 +310,7 @@ def main(argv=None):
         result = evaluate_checkpoint(args, device)
     except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error}")
-    print(MARKDOWN_HEADER)
+    print(markdown_header())
     print(markdown_row(result))
     with open(args.json, "a") as f:
         f.write(json.dumps(result) + "\n")

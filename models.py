@@ -189,19 +189,34 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)          # (1, hw, C)
         return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
 
-    def tokens(self, x):
-        """All output tokens after the final norm: (B, 1 + h*w, C), CLS first."""
+    def embed(self, x):
+        """Patch embedding + CLS token + positions: (B, 3, H, W) -> (B, 1 + h*w, C), and the grid (h, w)."""
         x = self.patch_embed(x)                                   # (B, 3, H, W) -> (B, C, h, w)
         grid_h, grid_w = x.shape[2], x.shape[3]
         x = x.flatten(2).transpose(1, 2)                          # -> (B, h*w, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)   # -> (B, 1 + h*w, C)
-        x = x + self.positional_embedding(grid_h, grid_w)
-        for block in self.blocks:
+        return x + self.positional_embedding(grid_h, grid_w), (grid_h, grid_w)
+
+    def stages(self, x, taps=4):
+        """Patch tokens as feature maps after `taps` evenly spaced blocks (blocks 3, 6, 9, 12 of 12), the
+        ViT counterpart of a ResNet's four stages for hypercolumns: a list of (B, C, h, w); the last one
+        passes through the final norm, as the representation does."""
+        x, (grid_h, grid_w) = self.embed(x)
+        depth = len(self.blocks)
+        tap_after = {depth * (k + 1) // taps - 1 for k in range(taps)}
+        maps = []
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.norm(x)
+            if i in tap_after:
+                out = self.norm(x) if i == depth - 1 else x
+                maps.append(out[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid_h, grid_w))  # (B, C, h, w)
+        return maps
 
     def forward(self, x):
-        return self.tokens(x)[:, 0]                               # the CLS token, (B, C)
+        x, _ = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]                                 # the CLS token, (B, C)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import data
 import evaluate
 import hydes
 import models
+import segment
 import train
 
 
@@ -470,3 +471,102 @@ def test_training_runs_saves_and_resumes(tmp_path):
     lines = open(table).read().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| dataset |") and lines[2] == lines[3]
     assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
+
+
+# ----------------------------------------------------------------------------------------------------
+# VOC segmentation probe
+
+def test_segmentation_metrics_match_a_hand_computed_confusion_matrix():
+    # rows = truth, columns = prediction. Class 0: TP 3, FN 1, FP 2 -> IoU 3/6. Class 1: TP 4, FN 2,
+    # FP 1 -> IoU 4/7. Class 2 never appears in truth or prediction: left out of the mean.
+    confusion = torch.tensor([[3, 1, 0], [2, 4, 0], [0, 0, 0]])
+    pixel_accuracy, miou = segment.segmentation_metrics(confusion)
+    assert pixel_accuracy == pytest.approx(70.0)
+    assert miou == pytest.approx(100 * (3 / 6 + 4 / 7) / 2)
+    # a class present in truth but never predicted counts, with IoU 0
+    confusion = torch.tensor([[5, 0, 0], [0, 5, 0], [2, 0, 0]])
+    assert segment.segmentation_metrics(confusion)[1] == pytest.approx(100 * (5 / 7 + 1 + 0) / 3)
+
+
+def test_void_pixels_are_never_counted():
+    target = torch.tensor([[0, 1, 255], [255, 20, 1]])
+    prediction = torch.tensor([[0, 2, 5], [7, 20, 1]])
+    confusion = segment.update_confusion(torch.zeros(21, 21, dtype=torch.int64), prediction, target)
+    assert confusion.sum() == 4 and confusion[0, 0] == 1 and confusion[1, 2] == 1 and confusion[20, 20] == 1
+    other = segment.update_confusion(torch.zeros(21, 21, dtype=torch.int64),
+                                     torch.where(target == 255, 3, prediction), target)
+    assert torch.equal(confusion, other)                      # whatever is predicted on void
+
+
+def test_hypercolumn_head_equals_a_linear_map_of_upsampled_concatenated_stages():
+    g = torch.Generator().manual_seed(0)
+    stages = [torch.randn(2, c, s, s, generator=g) * 3 + 1 for c, s in ((4, 16), (6, 8), (8, 4))]
+    probe = segment.HypercolumnProbe([4, 6, 8])
+    probe.train()(stages, (32, 32))                           # give BatchNorm non-trivial running stats
+    probe.eval()
+    with torch.no_grad():
+        probe.bias.normal_(generator=g)
+        explicit = torch.cat([F.interpolate(norm(f), size=(32, 32), mode="bilinear", align_corners=False)
+                              for f, norm in zip(stages, probe.norms)], dim=1)       # (2, 18, 32, 32)
+        weight = torch.cat([head.weight for head in probe.heads], dim=1)             # (21, 18, 1, 1)
+        expected = F.conv2d(explicit, weight) + probe.bias
+        assert torch.allclose(probe(stages, (32, 32)), expected, atol=1e-5)
+
+
+def test_pca_picture_has_the_input_size_and_the_full_colour_range():
+    g = torch.Generator().manual_seed(0)
+    stages = [torch.randn(c, s, s, generator=g) for c, s in ((8, 12), (16, 6), (32, 3))]
+    rgb = segment.pca_picture(stages, (50, 50))
+    assert rgb.shape == (3, 50, 50)
+    assert torch.allclose(rgb.amin((1, 2)), torch.zeros(3)) and torch.allclose(rgb.amax((1, 2)), torch.ones(3))
+
+
+def palette_png(indices):
+    """A palette ('P') image whose pixel values are the given class indices, as VOC stores masks."""
+    image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.astype(np.uint8).tobytes())
+    image.putpalette([c for i in range(256) for c in (i, (37 * i) % 256, (91 * i) % 256)])
+    return image
+
+
+def write_voc(root, train_ids, val_ids, size=48):
+    """A VOC-layout folder: each image a coloured square of class k on a background, palette PNG masks
+    with a void border around the object as in VOC."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(root / sub, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(train_ids + val_ids):
+        cls = 1 + i % 3
+        image = np.full((size, size + 8, 3), 40, np.uint8)
+        mask = np.zeros((size, size + 8), np.uint8)
+        top, left = rng.integers(4, size // 2, 2)
+        image[top:top + size // 3, left:left + size // 3] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)][cls - 1]
+        mask[top - 1:top + size // 3 + 1, left - 1:left + size // 3 + 1] = 255
+        mask[top:top + size // 3, left:left + size // 3] = cls
+        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg")
+        palette_png(mask).save(root / "SegmentationClass" / f"{name}.png")
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+
+def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    write_voc(voc, [f"t{i}" for i in range(8)], ["v0", "v1", "v2"])
+    torch.save(models.build_backbone("resnet18", 48).state_dict(), tmp_path / "rn18.pth")   # CIFAR stem
+    table = tmp_path / "table2.md"
+    result = segment.main([str(tmp_path / "rn18.pth"), "--arch", "resnet18", "--data-dir", str(tmp_path),
+                           "--image-size", "48", "--epochs", "3", "--batch-size", "4", "--pca-images", "2",
+                           "--workers", "0", "--out", str(tmp_path / "seg"), "--table", str(table)])
+    assert 0 <= result["miou"] <= 100 and 0 <= result["pixel_accuracy"] <= 100
+    assert result["train_images"] == 8 and result["val_images"] == 3
+    picture = Image.open(result["pca_png"])
+    assert picture.size == (2 * 48, 2 * 48)                   # 2 rows of (input | PCA), each 48 x 48
+    assert json.loads(open(tmp_path / "seg" / "segment.jsonl").read())["miou"] == result["miou"]
+    assert open(table).read().splitlines()[2].startswith("| HyDeS | resnet18 |")
+
+
+def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
+    write_voc(tmp_path, ["a"], ["b"])
+    palette_png(np.full((48, 56), 42, np.uint8)).save(
+        tmp_path / "SegmentationClass" / "a.png")
+    with pytest.raises(segment.VOCError, match=r"values \[42\]"):
+        segment.VOCSegmentation(str(tmp_path), "train", 48)[0]

@@ -1,0 +1,313 @@
+"""PASCAL VOC segmentation by a linear probe on frozen hypercolumns (Table II), and PCA pictures (Figure 4).
+
+    python segment.py runs/imagenet-resnet50-kappa1/ckpt.pt --data-dir /path/to/VOCdevkit
+    python segment.py resnet50.pth --arch resnet50 --data-dir /path/to/VOCdevkit --pca-images 8
+
+Section V-B of the paper: the outputs of every stage of a frozen backbone are upsampled to a common
+resolution and concatenated ("hypercolumns"); a linear classifier over the 21 VOC classes is trained on
+each pixel with AdamW, learning rate 1e-3, batch 32, 20 epochs, cross-entropy ignoring the void label
+255. Pixel accuracy and mIoU are computed on the val list from an accumulated 21 x 21 confusion matrix.
+
+Choices the paper leaves open, and ours:
+  - Resolution. Images are resized (bicubic; masks nearest) so the shorter side is --image-size
+    (default 320) and centre-cropped to a square; the metrics are computed on those pixels. No
+    augmentation: the probe sees the same pixels every epoch.
+  - Scale of the stages. Each stage's channels are standardised by an affine-free BatchNorm inside the
+    probe (the stages differ in scale by orders of magnitude); at evaluation it is a fixed affine map,
+    so the head stays linear.
+  - Memory. A 1x1 convolution over concatenated, upsampled hypercolumns equals the sum over stages of a
+    1x1 convolution applied at each stage's own resolution and then upsampled, because bilinear
+    upsampling and per-pixel linear maps commute. The head computes it that way and never builds the
+    3,840-channel ResNet-50 hypercolumn at full resolution: memory is that of the backbone's forward
+    pass plus 21 logit maps.
+  - ViT-Tiny: the patch tokens after blocks 3, 6, 9 and 12 play the role of the four stages.
+
+The PCA picture (Figure 4): per image, the hypercolumns (each stage standardised per channel, upsampled
+to the finest stage's grid) are projected on their first three principal components, each scaled to
+[0, 1] and shown as RGB, upsampled to the input's size, beside the input.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from data import IMAGENET_MEAN, IMAGENET_STD
+from evaluate import CheckpointError, append_markdown_row, load_backbone, markdown_header, markdown_row
+from models import ARCHS
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+NUM_CLASSES = len(VOC_CLASSES)
+VOID = 255
+TABLE_COLUMNS = ("method", "arch", "pixel_accuracy", "miou")
+
+
+class VOCError(RuntimeError):
+    """VOC files missing or malformed; the message says which and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: VOC 2012 in its official layout
+
+def find_voc_root(data_dir):
+    """The VOC2012 folder (the one holding JPEGImages/) under data_dir, downloading it if allowed."""
+    for candidate in (data_dir, os.path.join(data_dir, "VOC2012"), os.path.join(data_dir, "VOCdevkit", "VOC2012")):
+        if os.path.isdir(os.path.join(candidate, "JPEGImages")):
+            return candidate
+    try:
+        import torchvision
+        torchvision.datasets.VOCSegmentation(data_dir, year="2012", image_set="train", download=True)
+        return os.path.join(data_dir, "VOCdevkit", "VOC2012")
+    except Exception as error:  # no network: URLError, socket errors, HTTP errors
+        raise VOCError(f"no PASCAL VOC 2012 under {data_dir!r} and the download failed ({type(error).__name__}); "
+                       f"extract VOCtrainval_11-May-2012.tar there so that VOCdevkit/VOC2012/JPEGImages, "
+                       f"SegmentationClass and ImageSets/Segmentation exist") from None
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """(image (3, S, S) normalised, mask (S, S) int64 with 0-20 and 255) for the ids of one list file."""
+
+    def __init__(self, root, split, image_size):
+        list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+        if not os.path.exists(list_file):
+            raise VOCError(f"missing {list_file}: the VOC layout needs ImageSets/Segmentation/{split}.txt")
+        with open(list_file) as f:
+            self.ids = [line.strip() for line in f if line.strip()]
+        if not self.ids:
+            raise VOCError(f"{list_file} lists no images")
+        self.root, self.image_size = root, image_size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image_path = os.path.join(self.root, "JPEGImages", self.ids[index] + ".jpg")
+        mask_path = os.path.join(self.root, "SegmentationClass", self.ids[index] + ".png")
+        try:
+            image = Image.open(image_path).convert("RGB")
+            mask = Image.open(mask_path)        # palette PNG: the pixel values are the class indices
+        except (FileNotFoundError, OSError) as error:
+            raise VOCError(f"cannot read {error.filename or image_path}: {error}") from None
+        if mask.mode not in ("P", "L"):
+            raise VOCError(f"{mask_path} is a {mask.mode} image; VOC masks are palette (P) PNGs of class indices")
+        image = centre_square(image, self.image_size, Image.BICUBIC)
+        mask = np.array(centre_square(mask, self.image_size, Image.NEAREST), dtype=np.int64)
+        bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(NUM_CLASSES), VOID])
+        if bad.size:
+            raise VOCError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, S, S)
+        return (pixels - self.mean) / self.std, torch.from_numpy(mask)
+
+
+def centre_square(img, size, resample):
+    """Resize so the shorter side is `size`, then crop the central size x size square (PIL in, PIL out)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hypercolumns and the linear head
+
+class HypercolumnProbe(nn.Module):
+    """A linear (1x1 convolution) classifier over concatenated, upsampled stage outputs.
+
+    Computed as sum_k upsample(W_k BN_k(f_k)): identical to W [upsample(BN(f_1)), ..., upsample(BN(f_K))]
+    because upsampling and per-pixel linear maps commute (see the module docstring), at a fraction of
+    the memory. Returns logits (B, 21, H, W) at `output_size`.
+    """
+
+    def __init__(self, stage_channels, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in stage_channels)
+        self.heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1, bias=False) for c in stage_channels)
+        self.bias = nn.Parameter(torch.zeros(num_classes, 1, 1))
+
+    def forward(self, stages, output_size):
+        logits = self.bias
+        for f, norm, head in zip(stages, self.norms, self.heads):
+            # (B, C_k, h_k, w_k) -> (B, 21, h_k, w_k) -> (B, 21, H, W)
+            logits = logits + F.interpolate(head(norm(f.float())), size=output_size, mode="bilinear",
+                                            align_corners=False)
+        return logits
+
+
+@torch.no_grad()
+def frozen_stages(backbone, images, device):
+    """The frozen backbone's stage outputs for a batch, under bf16 autocast on GPUs."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return [f.float() for f in backbone.stages(images.to(device, non_blocking=True))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+def update_confusion(confusion, prediction, target):
+    """Add a batch to the (21, 21) confusion matrix, rows = truth, columns = prediction; void is skipped."""
+    valid = target != VOID
+    index = target[valid] * NUM_CLASSES + prediction[valid]
+    confusion += torch.bincount(index, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES).to(confusion)
+    return confusion
+
+
+def segmentation_metrics(confusion):
+    """(pixel accuracy %, mIoU %) from a (C, C) confusion matrix (rows truth, columns prediction).
+
+    IoU_c = TP / (TP + FP + FN). A class absent from both truth and prediction has 0/0 and is left out
+    of the mean, as the VOC benchmark's per-dataset IoU and common toolkits do (it neither helps nor hurts).
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    present = union > 0
+    pixel_accuracy = 100.0 * true_positive.sum() / confusion.sum()
+    miou = 100.0 * (true_positive[present] / union[present]).mean()
+    return pixel_accuracy.item(), miou.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, workers=2, seed=0):
+    """Fit the hypercolumn probe on the training list; the backbone stays frozen (eval mode)."""
+    torch.manual_seed(seed)
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    example = frozen_stages(backbone, train_set[0][0][None], device)
+    probe = HypercolumnProbe([f.shape[1] for f in example]).to(device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
+    for epoch in range(epochs):
+        bar = tqdm(loader, desc=f"probe epoch {epoch + 1}/{epochs}", leave=False)
+        for images, masks in bar:
+            masks = masks.to(device)
+            logits = probe(frozen_stages(backbone, images, device), masks.shape[-2:])   # (B, 21, S, S)
+            loss = F.cross_entropy(logits, masks, ignore_index=VOID)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return probe.eval()
+
+
+@torch.no_grad()
+def evaluate_probe(backbone, probe, val_set, device, batch_size=32, workers=2):
+    """Accumulate the confusion matrix over the val list and return (pixel accuracy, mIoU)."""
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers)
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
+    for images, masks in tqdm(loader, desc="val", leave=False):
+        masks = masks.to(device)
+        prediction = probe(frozen_stages(backbone, images, device), masks.shape[-2:]).argmax(1)   # (B, S, S)
+        update_confusion(confusion, prediction, masks)
+    return segmentation_metrics(confusion.cpu())
+
+
+@torch.no_grad()
+def pca_picture(stages, output_size):
+    """(3, H, W) in [0, 1]: the first three principal components of one image's hypercolumns as RGB.
+
+    stages: list of (C_k, h_k, w_k) maps for one image. Each channel is standardised over the image's
+    pixels, every stage upsampled to the finest grid, concatenated, projected, and each component scaled
+    to the full [0, 1] range.
+    """
+    grid = max((f.shape[-2:] for f in stages), key=lambda s: s[0] * s[1])
+    columns = []
+    for f in stages:
+        f = (f - f.mean((1, 2), keepdim=True)) / (f.std((1, 2), keepdim=True) + 1e-6)
+        columns.append(F.interpolate(f[None].float(), size=tuple(grid), mode="bilinear", align_corners=False)[0])
+    hyper = torch.cat(columns).flatten(1).T                       # (sum C_k, h, w) -> (h*w, sum C_k)
+    hyper = hyper - hyper.mean(0)
+    _, _, v = torch.linalg.svd(hyper, full_matrices=False)       # rows of v: principal directions
+    components = hyper @ v[:3].T                                  # (h*w, C) x (C, 3) -> (h*w, 3)
+    rgb = components.T.reshape(1, 3, *grid)                       # (1, 3, h, w)
+    rgb = F.interpolate(rgb, size=tuple(output_size), mode="bilinear", align_corners=False)[0]   # (3, H, W)
+    low, high = rgb.amin((1, 2), keepdim=True), rgb.amax((1, 2), keepdim=True)
+    return (rgb - low) / (high - low).clamp_min(1e-12)           # each component over the full [0, 1]
+
+
+def save_pca_grid(backbone, dataset, count, path, device):
+    """A PNG with one row per image: the input, then its hypercolumn PCA (Figure 4)."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rows = []
+    for index in range(min(count, len(dataset))):
+        image, _ = dataset[index]
+        stages = frozen_stages(backbone.eval(), image[None], device)
+        pca = pca_picture([f[0] for f in stages], image.shape[-2:]).cpu()
+        rows.append(torch.cat([(image * std + mean).clamp(0, 1), pca], dim=2))   # side by side: (3, S, 2S)
+    grid = torch.cat(rows, dim=1)                                                  # stacked: (3, n*S, 2S)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
+    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
+    p.add_argument("--data-dir", default="data", help="VOCdevkit, or the VOC2012 folder itself")
+    p.add_argument("--train-split", default="train", help="list in ImageSets/Segmentation to fit on")
+    p.add_argument("--val-split", default="val", help="list to report on")
+    p.add_argument("--image-size", type=int, default=320, help="probe resolution: shorter side, centre square")
+    p.add_argument("--epochs", type=int, default=20, help="probe epochs (paper: 20)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per probe step (paper: 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 1e-3)")
+    p.add_argument("--pca-images", type=int, default=8, help="val images in the PCA picture (0: none)")
+    p.add_argument("--method", default="HyDeS", help="name for the table's method column")
+    p.add_argument("--out", help="folder for segment.jsonl and the PCA PNG (default: beside the checkpoint)")
+    p.add_argument("--table", help="Markdown file to append a Table II row to")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    try:
+        backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size)
+        root = find_voc_root(args.data_dir)
+        train_set = VOCSegmentation(root, args.train_split, args.image_size)
+        val_set = VOCSegmentation(root, args.val_split, args.image_size)
+        backbone = backbone.to(device).eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        os.makedirs(out, exist_ok=True)
+        start = time.time()
+        probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
+        pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)
+        result = {"method": args.method, "arch": info["arch"], "pixel_accuracy": pixel_accuracy, "miou": miou,
+                  "checkpoint": os.path.abspath(args.checkpoint), "image_size": args.image_size,
+                  "train_images": len(train_set), "val_images": len(val_set), "epochs": args.epochs,
+                  "minutes": round((time.time() - start) / 60, 2)}
+        if args.pca_images:
+            result["pca_png"] = os.path.join(out, "pca_hypercolumns.png")
+            save_pca_grid(backbone, val_set, args.pca_images, result["pca_png"], device)
+    except (CheckpointError, VOCError) as error:
+        raise SystemExit(f"error: {error}")
+    print(markdown_header(TABLE_COLUMNS))
+    print(markdown_row(result, TABLE_COLUMNS))
+    with open(os.path.join(out, "segment.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if args.table:
+        append_markdown_row(args.table, result, TABLE_COLUMNS)
+    return result
+
+
+if __name__ == "__main__":
+    main()
