@@ -548,12 +548,13 @@ def write_voc(root, train_ids, val_ids, size=48):
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
 
 
-def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path):
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
     voc = tmp_path / "VOCdevkit" / "VOC2012"
     write_voc(voc, [f"t{i}" for i in range(8)], ["v0", "v1", "v2"])
-    torch.save(models.build_backbone("resnet18", 48).state_dict(), tmp_path / "rn18.pth")   # CIFAR stem
+    torch.save(models.build_backbone(arch, 48).state_dict(), tmp_path / "backbone.pth")   # 48 px: CIFAR stem
     table = tmp_path / "table2.md"
-    result = segment.main([str(tmp_path / "rn18.pth"), "--arch", "resnet18", "--data-dir", str(tmp_path),
+    result = segment.main([str(tmp_path / "backbone.pth"), "--arch", arch, "--data-dir", str(tmp_path),
                            "--image-size", "48", "--epochs", "3", "--batch-size", "4", "--pca-images", "2",
                            "--workers", "0", "--out", str(tmp_path / "seg"), "--table", str(table)])
     assert 0 <= result["miou"] <= 100 and 0 <= result["pixel_accuracy"] <= 100
@@ -561,7 +562,7 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path):
     picture = Image.open(result["pca_png"])
     assert picture.size == (2 * 48, 2 * 48)                   # 2 rows of (input | PCA), each 48 x 48
     assert json.loads(open(tmp_path / "seg" / "segment.jsonl").read())["miou"] == result["miou"]
-    assert open(table).read().splitlines()[2].startswith("| HyDeS | resnet18 |")
+    assert open(table).read().splitlines()[2].startswith(f"| HyDeS | {arch} |")
 
 
 def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
