@@ -445,6 +445,11 @@ def test_training_runs_saves_and_resumes(tmp_path):
     assert len(log) == 1 and math.isfinite(log[0]["loss"]) and 0 <= log[0]["knn_top1"] <= 100
     assert log[0]["mi"] == pytest.approx(-log[0]["loss"])
 
+    for cls in ("a", "b"):                                    # a dataset without its test/ split:
+        write_images(tmp_path / "no_test" / "train" / cls, 8)   # refused before any training step
+    with pytest.raises(SystemExit, match="no_test/test' does not exist"):
+        train.main(common + ["--epochs", "1", "--out", str(tmp_path / "other"), "--data-dir", str(tmp_path / "no_test")])
+    assert not os.path.exists(tmp_path / "other" / "ckpt.pt")
     with pytest.raises(SystemExit, match="--resume"):       # never overwrite a run by accident
         train.main(common + ["--epochs", "1"])
     train.main(common + ["--epochs", "2", "--resume"])

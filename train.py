@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import (DATASETS, DatasetError, MultiCrop, default_crop_sizes, native_image_size,
+from data import (DATASETS, DatasetError, MultiCrop, dataset_split, default_crop_sizes, native_image_size,
                   pretrain_dataset)
 from evaluate import knn_evaluate
 from hydes import hydes_loss
@@ -152,6 +152,8 @@ def main(argv=None):
         transform = MultiCrop(args.global_size, args.local_size, args.global_crops, args.local_crops,
                               tuple(args.global_scale), tuple(args.local_scale), args.blur)
         dataset = pretrain_dataset(args.dataset, args.data_dir, transform)
+        if args.eval_every:          # the k-NN monitor's labelled splits must exist before hours of training
+            dataset_split(args.dataset, args.data_dir, "test", None)
     except DatasetError as error:
         raise SystemExit(f"error: {error}")
     loader = torch.utils.data.DataLoader(
