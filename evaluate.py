@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 
 import torch
@@ -54,10 +55,7 @@ def load_backbone(path, arch=None, image_size=None):
     arguments and the number of completed epochs. torch.load(weights_only=True): a checkpoint is data,
     never code.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise CheckpointError(f"no checkpoint file at {str(path)!r}; pass the ckpt.pt that train.py wrote") from None
+    checkpoint = safe_load(path)
     if isinstance(checkpoint, dict) and "args" in checkpoint and "model" in checkpoint:
         args = checkpoint["args"]
         if arch is not None and arch != args["arch"]:
@@ -82,6 +80,20 @@ def load_backbone(path, arch=None, image_size=None):
         first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
     return backbone, {"arch": arch, "image_size": image_size, "train_args": None, "epoch": None}
+
+
+def safe_load(path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file
+    that holds anything else (a pickle that would import or call something) is refused, not executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}; pass the ckpt.pt that train.py wrote") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is refused "
+                              f"unread (loading it could run code); re-save its state_dict alone") from None
+    except (RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(error).splitlines()[0]})") from None
 
 
 def _strip_prefixes(key):

@@ -391,6 +391,22 @@ def test_torchvision_state_dict_loads_with_arch(tmp_path):
         evaluate.load_backbone(tmp_path / "plain.pth")
 
 
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (os.system, ("touch code_ran",))
+
+
+def test_checkpoints_that_would_run_code_are_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": RunsCodeWhenUnpickled()}, tmp_path / "evil.pt")
+    with pytest.raises(evaluate.CheckpointError, match="refused unread"):
+        evaluate.load_backbone(tmp_path / "evil.pt", arch="resnet18")
+    assert not os.path.exists(tmp_path / "code_ran")
+    (tmp_path / "truncated.pt").write_bytes(open(tmp_path / "evil.pt", "rb").read()[:20])
+    with pytest.raises(evaluate.CheckpointError, match="not a readable PyTorch file"):
+        evaluate.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
+
+
 def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, monkeypatch):
     for cls in ("a", "b"):
         write_images(tmp_path / "images" / "train" / cls, 3)

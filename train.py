@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data import (DATASETS, DatasetError, MultiCrop, dataset_split, default_crop_sizes, native_image_size,
                   pretrain_dataset)
-from evaluate import knn_evaluate
+from evaluate import CheckpointError, knn_evaluate, safe_load
 from hydes import hydes_loss
 from models import ARCHS, HyDeSModel, build_backbone
 
@@ -126,7 +126,10 @@ def main(argv=None):
     if args.resume:
         if not os.path.exists(checkpoint_path):
             raise SystemExit(f"error: --resume given but there is no {checkpoint_path}; drop --resume to start anew")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = safe_load(checkpoint_path)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}")
         command_line = {k: getattr(args, k) for k in RESUMABLE_OVERRIDES}
         args = argparse.Namespace(**{**checkpoint["args"], **command_line})
     elif os.path.exists(checkpoint_path):
