@@ -183,7 +183,11 @@ def segmentation_metrics(confusion):
 # Training and evaluation
 
 def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, workers=2, seed=0):
-    """Fit the hypercolumn probe on the training list; the backbone stays frozen (eval mode)."""
+    """Fit the hypercolumn probe on the training list; the backbone stays frozen (eval mode).
+
+    The backbone runs again every epoch rather than caching its stages: ResNet-50's stages for VOC's
+    1,464 training images at 320 px would take about 18 GB in float32, while a forward pass is cheap.
+    """
     torch.manual_seed(seed)
     backbone.eval()
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
