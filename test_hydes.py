@@ -4,6 +4,11 @@ the backbones, and a real (tiny) training run on generated images. Run: python -
 import json
 import math
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import zlib
 
@@ -492,6 +497,225 @@ def test_training_runs_saves_and_resumes(tmp_path):
     lines = open(table).read().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| dataset |") and lines[2] == lines[3]
     assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reliability: exact resume, crash-safe checkpoints, signals, and a clear answer to every bad input
+
+def tiny_run(tmp_path, images_per_class=8, extra=()):
+    """Arguments of a seconds-long run on a generated two-class folder (2 steps per epoch at batch 8)."""
+    root = tmp_path / "images"
+    if not root.exists():
+        for split, count in (("train", images_per_class), ("test", 4)):
+            for cls in ("a", "b"):
+                write_images(root / split / cls, count)
+    return ["--dataset", "folder", "--data-dir", str(root), "--arch", "resnet18", "--width", "8",
+            "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--workers", "0", "--local-crops", "2",
+            "--kappa", "10", "--eval-every", "0", *extra]
+
+
+def assert_same_training_state(a, b):
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for moments_a, moments_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in moments_a:
+            assert torch.equal(moments_a[name], moments_b[name]), name
+
+
+def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch):
+    common = tiny_run(tmp_path)
+    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert straight["step"] == 4
+
+    # 1 epoch, then --resume for the second with a loading worker: the views do not depend on the workers
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--workers", "1"])
+    assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+
+    # Ctrl-C while the first batch of epoch 2 loads: that step finishes, is saved, and the run exits
+    images_read = []
+
+    def read_and_interrupt(path):
+        images_read.append(path)
+        if len(images_read) == 20:                 # epoch 1 reads 16 images; this is in step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_read(path)
+
+    real_read = data.read_rgb
+    monkeypatch.setattr(data, "read_rgb", read_and_interrupt)
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(common + ["--out", str(out), "--epochs", "2"])
+    assert stopped.value.code == 128 + signal.SIGINT
+    interrupted = torch.load(out / "ckpt.pt", weights_only=True)
+    assert interrupted["step"] == 3 and interrupted["data_order"]["next_batch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored
+    monkeypatch.setattr(data, "read_rgb", real_read)
+    train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])
+    assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
+    assert [round(json.loads(line)["epoch"], 2) for line in open(out / "log.jsonl")] == [1, 1.5, 2]
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained():
+    order = data.EpochOrder(num_images=10, batch_size=3, seed=7)
+    order.set_epoch(4)
+    full = list(order)
+    assert len(full) == 3 and sorted(i for batch in full for i, _ in batch) != list(range(9))  # shuffled, 9 of 10
+    assert len({i for batch in full for i, _ in batch}) == 9                                   # without repeats
+    order.set_epoch(4, start_batch=2)
+    assert list(order) == full[2:] and len(order) == 1
+    order.set_epoch(5)
+    assert list(order) != full
+
+
+def test_seeded_samples_repeat_their_augmentation_and_leave_global_streams_alone():
+    images = [Image.fromarray(np.full((32, 32, 3), 100 * i, np.uint8)) for i in range(2)]
+    crops = data.SeededSamples([data.MultiCrop(16, 8)(img) for img in images])   # already-augmented views
+    augment = data.SeededSamples(type("D", (), {"__getitem__": lambda self, i: data.MultiCrop(16, 8)(images[i]),
+                                                "__len__": lambda self: 2})())
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b, c = augment[(1, 123)], augment[(1, 123)], augment[(1, 124)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert torch.equal(torch.get_rng_state(), before) and len(crops) == 2
+
+
+def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch, train\n"
+        "for i in range(1000):\n"
+        "    train.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
+        "    print(i, flush=True)\n"), str(path)],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    for _ in range(3):                   # let a few complete saves happen, then kill it mid-way into the next
+        writer.stdout.readline()
+    time.sleep(0.013)
+    writer.kill()
+    writer.wait()
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["weights"], torch.full((1_000_000,), float(state["step"])))
+    assert state["step"] >= 2
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"step": 1})
+
+    def dies_half_way(state, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.path.exists(path + ".tmp")          # the stray partial file is left beside it, never loaded
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = tiny_run(tmp_path, images_per_class=4) + ["--out", str(out), "--epochs", "3", "--lr", "1e30"]
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2 \(H_global nan.*last good checkpoint"):
+        train.main(args)                                     # 1 step per epoch; step 1's update breaks step 2
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 1 and all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_force_replaces_a_run_and_resume_refuses_other_data(tmp_path):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1"]
+    train.main(common)
+    with pytest.raises(SystemExit, match="holds a run; pass --resume to continue it, --force"):
+        train.main(common)
+    train.main(common + ["--force", "--seed", "1"])
+    assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 1
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["seed"] == 1
+    write_images(tmp_path / "images" / "train" / "a", 16)          # the training set doubles
+    with pytest.raises(SystemExit, match="2 steps per epoch but the data now gives 3"):
+        train.main(common + ["--epochs", "2", "--resume"])
+
+
+BAD_TRAINING_ARGUMENTS = [
+    (["--kappa", "0"], "--kappa must be > 0"),
+    (["--alpha", "-1"], "--alpha and --beta must be >= 0"),
+    (["--alpha", "0", "--beta", "0"], "both 0"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--global-crops", "0"], "--global-crops must be >= 1"),
+    (["--global-crops", "1", "--local-crops", "0"], "at least 2 views"),
+    (["--local-scale", "0.5", "0.1"], "0 < MIN <= MAX <= 1"),
+    (["--proj-dim", "1"], "--proj-dim must be >= 2"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--resume", "--force"], "pick one"),
+    (["--arch", "vit_tiny", "--local-size", "18"], "multiples of 4"),
+    (["--global-size", "4"], "too small"),
+    (["--batch-size", "64"], "less than one batch of 64"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_TRAINING_ARGUMENTS)
+def test_bad_training_arguments_are_refused_before_any_work(tmp_path, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1"] + extra)
+    assert not out.exists()
+
+
+def test_cuda_device_without_a_gpu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU here; pass --device cpu"):
+        train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--device", "cuda"])
+
+
+def test_an_empty_class_folder_is_a_clear_error(tmp_path):
+    common = tiny_run(tmp_path)
+    os.makedirs(tmp_path / "images" / "train" / "c")
+    with pytest.raises(SystemExit, match="Found no valid file for the classes c"):
+        train.main(common + ["--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, workers, capsys):
+    common = tiny_run(tmp_path, extra=["--workers", str(workers)])
+    bad = tmp_path / "images" / "train" / "b" / "003.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])                        # a download cut short
+    with pytest.raises(SystemExit) as error:
+        train.main(common + ["--out", str(tmp_path / "run"), "--epochs", "1"])
+    message = str(error.value.code)
+    assert message.startswith(f"error: cannot read image {bad} (") and "--skip-bad-images" in message
+    assert "\n" not in message and "Traceback" not in message and "is intact" in message
+    train.main(common + ["--out", str(tmp_path / "run2"), "--epochs", "1", "--skip-bad-images"])
+    assert f"skipping 1 unreadable image(s) of 16, for example {bad}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run2" / "ckpt.pt", weights_only=True)["step"] == 1   # 15 images: 1 batch
+
+
+def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4)).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
+    for name, expected in (("gray", np.repeat(gray[..., None], 3, axis=2)), ("rgba", rgba[..., :3]),
+                           ("palette", np.repeat(gray[..., None], 3, axis=2))):
+        image = data.read_rgb(tmp_path / f"{name}.png")
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected), name
+
+
+def test_probes_refuse_a_single_class_and_a_checkpoint_of_another_architecture(tmp_path):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"]
+    train.main(common)
+    with pytest.raises(SystemExit, match="holds a resnet18 but --arch resnet50 was given"):
+        evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--arch", "resnet50", "--workers", "0"])
+    with pytest.raises(SystemExit, match="holds a resnet18 but --arch vit_tiny was given"):
+        segment.main([str(tmp_path / "run" / "ckpt.pt"), "--arch", "vit_tiny", "--workers", "0"])
+    one_class = tmp_path / "one"
+    for split in ("train", "test"):
+        write_images(one_class / split / "a", 4)
+    with pytest.raises(SystemExit, match="fewer than 2 classes"):
+        evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(one_class), "--workers", "0"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,13 @@ The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, 
 alpha = beta = 1, DINO multi-crop with 2 global and 6 local views. The run's folder (--out) receives
 args.json (every resolved setting), log.jsonl (one line per epoch: loss, H_global, H_local, MI, lr,
 images/s and, every --eval-every epochs, the online k-NN top-1 that Figures 6-8 plot) and ckpt.pt
-(model, optimiser, grad scaler, epoch, step and the arguments), rewritten after every epoch.
+(model, optimiser, grad scaler, epoch, step, random-number states, data order and the arguments),
+rewritten after every epoch.
+
+Reliability: `--resume` continues bit for bit on CPU (the data order and every augmentation are a function
+of --seed, epoch and step; the checkpoint holds the rest). Checkpoints are written to a temporary file
+and renamed, so a crash or a kill during the write leaves the previous one intact. Ctrl-C or SIGTERM
+finishes the current step, saves, and exits with the command that resumes.
 """
 
 import argparse
@@ -15,6 +21,9 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 
@@ -22,14 +31,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import (DATASETS, DatasetError, MultiCrop, dataset_split, default_crop_sizes, native_image_size,
-                  pretrain_dataset)
+from data import (DATASETS, DatasetError, EpochOrder, MultiCrop, SeededSamples, dataset_split, default_crop_sizes,
+                  drop_unreadable_images, error_message, native_image_size, pretrain_dataset)
 from evaluate import CheckpointError, knn_evaluate, safe_load
 from hydes import hydes_loss
-from models import ARCHS, HyDeSModel, build_backbone
+from models import ARCHS, HyDeSModel, build_backbone, vit_patch_size
 
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "resume")
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "resume", "force",
+                       "skip_bad_images", "log_every")
+LOGGED = ("loss", "h_global", "h_local", "mi")       # the loss terms summed per epoch and logged
 
 
 def parse_args(argv=None):
@@ -49,6 +60,9 @@ def parse_args(argv=None):
     g.add_argument("--no-blur", dest="blur", action="store_false",
                    help="drop DINO's Gaussian blur (CIFAR recipes often do: it erases much of a 32 px image)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="decode every image file once before training and leave out those that fail "
+                        "(default: stop with an error naming the file)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS)
@@ -88,12 +102,58 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--out", help="run folder (default runs/DATASET-ARCH-kappaK)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    g.add_argument("--force", action="store_true",
+                   help="start anew in an OUT that holds a run, deleting its ckpt.pt and log.jsonl")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-kappa{args.kappa:g}")
     return args
+
+
+def check_args(args):
+    """Every setting that can be checked without data, before any image is read or weight built.
+    Returns the first problem as a one-line message, or None."""
+    (global_min, global_max), (local_min, local_max) = args.global_scale, args.local_scale
+    rules = [
+        (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
+        (args.alpha >= 0 and args.beta >= 0, "--alpha and --beta must be >= 0 (the paper uses 1 and 1)"),
+        (args.alpha > 0 or args.beta > 0, "--alpha and --beta are both 0, which leaves no loss to train on"),
+        (args.batch_size >= 2, f"--batch-size must be >= 2 (got {args.batch_size}): H_global compares images"),
+        (args.global_crops >= 1, f"--global-crops must be >= 1 (got {args.global_crops}); the paper uses 2"),
+        (args.local_crops >= 0, f"--local-crops must be >= 0 (got {args.local_crops}); the paper uses 6"),
+        (args.global_crops + args.local_crops >= 2,
+         "H_local needs at least 2 views of each image: raise --global-crops or --local-crops"),
+        (0 < global_min <= global_max <= 1 and 0 < local_min <= local_max <= 1,
+         "--global-scale and --local-scale are area fractions MIN MAX with 0 < MIN <= MAX <= 1"),
+        (args.proj_dim >= 2, f"--proj-dim must be >= 2 (got {args.proj_dim}): the sphere S^(D-1) needs D >= 2"),
+        (args.proj_hidden >= 1, f"--proj-hidden must be >= 1 (got {args.proj_hidden})"),
+        (all(v is None or v >= 1 for v in (args.width, args.depth, args.heads)),
+         "--width, --depth and --heads must be >= 1"),
+        (args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}; 0 evaluates the untrained network)"),
+        (args.lr > 0 and args.weight_decay >= 0, "--lr must be > 0 and --weight-decay >= 0"),
+        (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+        (args.max_minutes is None or args.max_minutes > 0, "--max-minutes must be > 0"),
+        (args.eval_every >= 0 and args.knn_k >= 1 and args.knn_temperature > 0,
+         "--eval-every must be >= 0, --knn-k >= 1 and --knn-temperature > 0"),
+        (args.log_every >= 1 and args.workers >= 0, "--log-every must be >= 1 and --workers >= 0"),
+        (not args.device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
+    ]
+    return next((message for ok, message in rules if not ok), None)
+
+
+def check_crop_sizes(args):
+    """Crop sizes, once they are resolved from the data's resolution: a ViT needs whole patches."""
+    if min(args.global_size, args.local_size) < 8:
+        return f"crops of {args.global_size} and {args.local_size} px are too small; use at least 8 px"
+    if args.arch.startswith("vit"):
+        patch = vit_patch_size(args.global_size)
+        if args.global_size % patch or args.local_size % patch:
+            return (f"{args.arch} cuts {args.global_size} px images into {patch} px patches, so --global-size and "
+                    f"--local-size must be multiples of {patch} (got {args.global_size} and {args.local_size})")
+    return None
 
 
 def learning_rate(args, step, steps_per_epoch):
@@ -107,22 +167,112 @@ def learning_rate(args, step, steps_per_epoch):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
-    """One dict with everything to resume or evaluate the run; `epoch` counts completed epochs.
+def random_states():
+    """Every random-number stream a run could draw from, in a form torch.load(weights_only=True) accepts
+    (numpy's state is an array and a few numbers, kept as a tensor and plain values)."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "cached_gauss": cached_gauss},
+            "python": random.getstate()}
 
-    Written to a temporary file beside the target, then renamed: a crash never leaves half a checkpoint.
+
+def restore_random_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_state(model, optimizer, scaler, step, steps_per_epoch, args):
+    """One dict with everything to resume or evaluate the run.
+
+    `epoch` counts completed epochs (evaluate.py reports it); `data_order` says where in which epoch's
+    order the next batch starts. The learning-rate schedule is a function of the step, so the step
+    restores it; the optimiser state holds AdamW's moments and step counts.
     """
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch, "step": step, "args": vars(args)}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "rng": random_states(),
+            "data_order": {"seed": args.seed, "epoch": step // steps_per_epoch,
+                           "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch}}
+
+
+def save_checkpoint(path, state):
+    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies.
+
+    The bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
+    flushed and fsynced to the disk, and only then renamed over the previous checkpoint; the folder is
+    fsynced so the rename itself survives a power cut. A kill mid-write leaves a stray .tmp and the
+    previous checkpoint untouched.
+    """
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class StopSignals:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption) into a request to stop after
+    the current step; the handlers are then restored, so a second Ctrl-C stops at once (the checkpoint on
+    disk is still whole, by save_checkpoint's rename)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():    # handlers can only be set there
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signum
+        self.__exit__()
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+def ignore_interrupts_in_worker(worker_id):
+    """Ctrl-C reaches every process of the terminal's group; data-loading workers ignore it so that the
+    training process decides when to stop (after its step and checkpoint), not a dying worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def training_step(model, views, optimizer, scaler, autocast, args):
+    """One AdamW step on the multi-crop views of a batch; returns the LOGGED loss terms, detached (4,)."""
+    with autocast:
+        z = model(views)                                                       # (V, B, D), float32
+    out = hydes_loss(z, args.kappa, args.alpha, args.beta)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return torch.stack([out[k].detach() for k in LOGGED])
 
 
 def main(argv=None):
     args = parse_args(argv)
     checkpoint_path = os.path.join(args.out, "ckpt.pt")
     checkpoint = None
+    if args.resume and args.force:
+        raise SystemExit("error: --resume continues the run in OUT and --force deletes it: pick one")
     if args.resume:
         if not os.path.exists(checkpoint_path):
             raise SystemExit(f"error: --resume given but there is no {checkpoint_path}; drop --resume to start anew")
@@ -132,8 +282,12 @@ def main(argv=None):
             raise SystemExit(f"error: {error}")
         command_line = {k: getattr(args, k) for k in RESUMABLE_OVERRIDES}
         args = argparse.Namespace(**{**checkpoint["args"], **command_line})
-    elif os.path.exists(checkpoint_path):
-        raise SystemExit(f"error: {checkpoint_path} exists; pass --resume to continue it or --out for a new run")
+    elif not args.force and any(os.path.exists(os.path.join(args.out, f)) for f in ("ckpt.pt", "log.jsonl")):
+        raise SystemExit(f"error: {args.out} holds a run; pass --resume to continue it, --force to replace it, "
+                         f"or --out for a new folder")
+    problem = check_args(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
 
     # ---- device and precision: bf16 autocast on GPUs that have it, fp16 + grad scaling otherwise, fp32 on CPU
     device = torch.device(args.device)
@@ -146,12 +300,15 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # ---- data: multi-crop views of the pre-training images
+    # ---- data: multi-crop views of the pre-training images, in an order fixed by (seed, epoch)
     try:
         native = native_image_size(args.dataset, args.data_dir)
         default_global, default_local = default_crop_sizes(native)
         args.global_size = args.global_size or default_global
         args.local_size = args.local_size or default_local
+        problem = check_crop_sizes(args)
+        if problem:
+            raise SystemExit(f"error: {problem}")
         transform = MultiCrop(args.global_size, args.local_size, args.global_crops, args.local_crops,
                               tuple(args.global_scale), tuple(args.local_scale), args.blur)
         dataset = pretrain_dataset(args.dataset, args.data_dir, transform)
@@ -159,26 +316,41 @@ def main(argv=None):
             dataset_split(args.dataset, args.data_dir, "test", None)
     except DatasetError as error:
         raise SystemExit(f"error: {error}")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-        pin_memory=use_cuda, persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = len(loader)
+    if args.skip_bad_images:
+        dropped = drop_unreadable_images(dataset, args.workers)
+        if dropped:
+            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
+                  f"for example {dropped[0]}")
+    order = EpochOrder(len(dataset), args.batch_size, args.seed)
+    steps_per_epoch = order.batches_per_epoch
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
                          f"lower --batch-size")
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset), batch_sampler=order, num_workers=args.workers, pin_memory=use_cuda,
+        persistent_workers=args.workers > 0, worker_init_fn=ignore_interrupts_in_worker)
 
     # ---- model and optimiser
     backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
     model = HyDeSModel(backbone, args.proj_hidden, args.proj_dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_epoch, step = 0, 0
+    step = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        print(f"resuming {checkpoint_path} after epoch {start_epoch} (step {step})")
+        restore_random_states(checkpoint["rng"])
+        step = checkpoint["step"]
+        if checkpoint["data_order"]["batches_per_epoch"] != steps_per_epoch:
+            raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
+                             f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
+                             f"data (and the same --skip-bad-images)")
+        print(f"resuming {checkpoint_path} at step {step} (epoch {step // steps_per_epoch + 1}, "
+              f"batch {step % steps_per_epoch + 1})")
+    elif args.force:
+        for name in ("ckpt.pt", "log.jsonl"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
@@ -190,68 +362,88 @@ def main(argv=None):
         return knn_evaluate(model.backbone, args.dataset, args.data_dir, args.global_size, device,
                             args.knn_k, args.knn_temperature, args.workers)
 
+    def save():
+        save_checkpoint(checkpoint_path, checkpoint_state(model, optimizer, scaler, step, steps_per_epoch, args))
+
     # ---- training
     started = time.time()
-    out_of_time = False
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        sums = torch.zeros(4, device=device)          # loss, h_global, h_local, mi, summed over steps
-        epoch_start, epoch_steps = time.time(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
-        for views, _ in bar:
-            lr = learning_rate(args, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            views = [v.to(device, non_blocking=True) for v in views]          # V tensors (B, 3, H, W)
-            with autocast:
-                z = model(views)                                               # (V, B, D), float32
-            out = hydes_loss(z, args.kappa, args.alpha, args.beta)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums += torch.stack([out[k].detach() for k in ("loss", "h_global", "h_local", "mi")])
-            step += 1
-            epoch_steps += 1
-            if epoch_steps % args.log_every == 0:            # the only host-device synchronisation
-                loss, h_global, h_local, _ = (sums / epoch_steps).tolist()
-                if not math.isfinite(out["loss"].item()):
-                    raise SystemExit(f"error: loss is {out['loss'].item()} at step {step} (H_global "
-                                     f"{out['h_global'].item()}, H_local {out['h_local'].item()}); lower --lr "
-                                     f"or --kappa. The last good checkpoint is {checkpoint_path}")
-                images_per_s = epoch_steps * args.batch_size / (time.time() - epoch_start)
-                bar.set_postfix(loss=f"{loss:.3f}", H_global=f"{h_global:.3f}", H_local=f"{h_local:.3f}",
-                                img_s=f"{images_per_s:.0f}")
-            if args.max_minutes and time.time() - started > 60 * args.max_minutes:
-                out_of_time = True
-                break
-        bar.close()
+    # The first non-finite loss, as (step, loss terms), recorded on the device: no synchronisation per step.
+    first_nonfinite = torch.full((1 + len(LOGGED),), -1.0, device=device)
+    device_step = torch.tensor(float(step), device=device)         # float32 counts steps exactly up to 2^24
+    with StopSignals() as stop:
+        for epoch in range(step // steps_per_epoch, args.epochs):
+            model.train()
+            order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+            sums = torch.zeros(len(LOGGED), device=device)          # loss terms summed over this epoch's steps
+            epoch_start, epoch_steps = time.time(), 0
+            out_of_time = False
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+            try:
+                for views, _ in bar:
+                    lr = learning_rate(args, step, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    views = [v.to(device, non_blocking=True) for v in views]          # V tensors (B, 3, H, W)
+                    terms = training_step(model, views, optimizer, scaler, autocast, args)
+                    sums += terms
+                    record_now = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
+                    first_nonfinite = torch.where(record_now, torch.cat([device_step[None], terms]), first_nonfinite)
+                    device_step += 1
+                    step += 1
+                    epoch_steps += 1
+                    if epoch_steps % args.log_every == 0:       # the only host-device synchronisation
+                        stop_if_nonfinite(first_nonfinite, checkpoint_path)
+                        loss, h_global, h_local, _ = (sums / epoch_steps).tolist()
+                        bar.set_postfix(loss=f"{loss:.3f}", H_global=f"{h_global:.3f}", H_local=f"{h_local:.3f}",
+                                        img_s=f"{epoch_steps * args.batch_size / (time.time() - epoch_start):.0f}")
+                    out_of_time = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
+                    if stop.received or out_of_time:
+                        break
+            except DatasetError as error:       # an unreadable image, raised in a loading worker
+                raise SystemExit(f"error: {error_message(error)}; the last checkpoint {checkpoint_path} is intact")
+            finally:
+                bar.close()
+            stop_if_nonfinite(first_nonfinite, checkpoint_path)
 
-        # ---- end of epoch (or of the time budget): log, evaluate, checkpoint
-        loss, h_global, h_local, mi = (sums / max(1, epoch_steps)).tolist()
-        if not math.isfinite(loss):
-            raise SystemExit(f"error: the mean loss of epoch {epoch + 1} is {loss} (H_global {h_global}, "
-                             f"H_local {h_local}); lower --lr or --kappa. Last good checkpoint: {checkpoint_path}")
-        record = {"epoch": epoch + (0 if out_of_time else 1), "step": step, "loss": loss,
-                  "h_global": h_global, "h_local": h_local, "mi": mi, "lr": lr,
-                  "images_per_s": epoch_steps * args.batch_size / (time.time() - epoch_start),
-                  "minutes": (time.time() - started) / 60}
-        last = out_of_time or epoch + 1 == args.epochs
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
-            record["knn_top1"], record["knn_top5"] = online_knn()
-        print(json.dumps(record))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(checkpoint_path, model, optimizer, scaler, epoch + (0 if out_of_time else 1), step, args)
-        if out_of_time:
-            print(f"stopped after {args.max_minutes} minutes at step {step}; checkpoint {checkpoint_path}")
-            break
+            # ---- end of the epoch, of the time budget or of a signalled stop: log, evaluate, checkpoint
+            loss, h_global, h_local, mi = (sums / max(1, epoch_steps)).tolist()
+            record = {"epoch": round(step / steps_per_epoch, 4), "step": step, "loss": loss, "h_global": h_global,
+                      "h_local": h_local, "mi": mi, "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
+                      "images_per_s": epoch_steps * args.batch_size / (time.time() - epoch_start),
+                      "minutes": (time.time() - started) / 60}
+            last = out_of_time or epoch + 1 == args.epochs
+            if args.eval_every and not stop.received and ((epoch + 1) % args.eval_every == 0 or last):
+                record["knn_top1"], record["knn_top5"] = online_knn()
+            print(json.dumps(record))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save()
+            if stop.received:
+                name = signal.Signals(stop.received).name
+                print(f"{name}: stopped after step {step} and saved {checkpoint_path}; continue with\n"
+                      f"    python train.py --out {args.out} --resume")
+                raise SystemExit(128 + stop.received)
+            if out_of_time:
+                print(f"stopped after {args.max_minutes} minutes at step {step}; checkpoint {checkpoint_path}")
+                break
 
     if args.epochs == 0:    # the random-initialisation baseline: the same network, evaluated untrained
-        save_checkpoint(checkpoint_path, model, optimizer, scaler, 0, 0, args)
+        save()
         if args.eval_every:
             top1, top5 = online_knn()
             print(json.dumps({"epoch": 0, "knn_top1": top1, "knn_top5": top5}))
+
+
+def stop_if_nonfinite(first_nonfinite, checkpoint_path):
+    """Stop at the first non-finite loss, naming its step and terms; the weights it produced are never saved."""
+    steps_before, loss, h_global, h_local, _ = first_nonfinite.tolist()
+    if steps_before < 0:
+        return
+    kept = (f"the last good checkpoint {checkpoint_path} is kept" if os.path.exists(checkpoint_path)
+            else "no checkpoint had been written yet")
+    raise SystemExit(f"error: the loss became {loss} at step {int(steps_before) + 1} (H_global {h_global}, H_local {h_local}); "
+                     f"{kept}. Likely causes: a learning rate too high (lower --lr), or fp16 overflow at a "
+                     f"large --kappa on a GPU without bf16 (lower --kappa)")
 
 
 if __name__ == "__main__":
