@@ -70,7 +70,7 @@ def read_rgb(path):
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         raise DatasetError(f"cannot read image {path} ({str(error).splitlines()[0]}); delete or replace the "
-                           f"file, or pass --skip-bad-images to train without it") from None
+                           f"file (train.py --skip-bad-images leaves such files out)") from None
 
 
 # ----------------------------------------------------------------------------------------------------

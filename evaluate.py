@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, DatasetError, dataset_split, eval_transform, native_image_size
+from data import DATASETS, DatasetError, dataset_split, error_message, eval_transform, native_image_size
 from models import ARCHS, build_backbone
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
@@ -321,7 +321,7 @@ def main(argv=None):
     try:
         result = evaluate_checkpoint(args, device)
     except (CheckpointError, DatasetError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error_message(error)}")
     print(markdown_header())
     print(markdown_row(result))
     with open(args.json, "a") as f:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD
+from data import IMAGENET_MEAN, IMAGENET_STD, error_message
 from evaluate import CheckpointError, append_markdown_row, load_backbone, markdown_header, markdown_row
 from models import ARCHS
 
@@ -303,7 +303,7 @@ def main(argv=None):
             result["pca_png"] = os.path.join(out, "pca_hypercolumns.png")
             save_pca_grid(backbone, val_set, args.pca_images, result["pca_png"], device)
     except (CheckpointError, VOCError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error_message(error)}")
     print(markdown_header(TABLE_COLUMNS))
     print(markdown_row(result, TABLE_COLUMNS))
     with open(os.path.join(out, "segment.jsonl"), "a") as f:

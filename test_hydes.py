@@ -816,3 +816,9 @@ def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
         tmp_path / "SegmentationClass" / "a.png")
     with pytest.raises(segment.VOCError, match=r"values \[42\]"):
         segment.VOCSegmentation(str(tmp_path), "train", 48)[0]
+    train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"])
+    with pytest.raises(SystemExit) as error:        # raised in a loading worker, reported in one line
+        segment.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(tmp_path), "--workers", "1",
+                      "--image-size", "48", "--epochs", "1"])
+    assert error.value.code == f"error: {tmp_path / 'SegmentationClass' / 'a.png'} has values [42]; VOC masks " \
+                               f"hold classes 0-20 and 255 (void)"
