@@ -347,6 +347,7 @@ def main(argv=None):
                              f"data (and the same --skip-bad-images)")
         print(f"resuming {checkpoint_path} at step {step} (epoch {step // steps_per_epoch + 1}, "
               f"batch {step % steps_per_epoch + 1})")
+        drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
     elif args.force:
         for name in ("ckpt.pt", "log.jsonl"):
             if os.path.exists(os.path.join(args.out, name)):
@@ -432,6 +433,16 @@ def main(argv=None):
         if args.eval_every:
             top1, top5 = online_knn()
             print(json.dumps({"epoch": 0, "knn_top1": top1, "knn_top5": top5}))
+
+
+def drop_log_records_after(log_path, step):
+    """On resume, forget log lines of steps the checkpoint does not hold (a run killed between writing
+    its log line and its checkpoint), so that the resumed run's lines replace them rather than repeat them."""
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
 
 
 def stop_if_nonfinite(first_nonfinite, checkpoint_path):
