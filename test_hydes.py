@@ -633,6 +633,10 @@ def test_force_replaces_a_run_and_resume_refuses_other_data(tmp_path):
     train.main(common + ["--force", "--seed", "1"])
     assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 1
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["seed"] == 1
+    train.main(common[:-2] + ["--resume"])                   # settings not typed again come from the checkpoint
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2      # --epochs 1 kept
+    with pytest.raises(SystemExit, match="--kappa cannot change"):
+        train.main(common + ["--resume", "--kappa", "1"])
     write_images(tmp_path / "images" / "train" / "a", 16)          # the training set doubles
     with pytest.raises(SystemExit, match="2 steps per epoch but the data now gives 3"):
         train.main(common + ["--epochs", "2", "--resume"])

@@ -38,12 +38,12 @@ from hydes import hydes_loss
 from models import ARCHS, HyDeSModel, build_backbone, vit_patch_size
 
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "resume", "force",
-                       "skip_bad_images", "log_every")
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "data_dir", "skip_bad_images",
+                       "log_every")
 LOGGED = ("loss", "h_global", "h_local", "mi")       # the loss terms summed per epoch and logged
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS,
@@ -106,10 +106,28 @@ def parse_args(argv=None):
                    help="start anew in an OUT that holds a run, deleting its ckpt.pt and log.jsonl")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-kappa{args.kappa:g}")
     return args
+
+
+def settings_given(argv):
+    """The settings typed on the command line, as opposed to left at their defaults. argparse fills in
+    a default only where the namespace it parses into lacks the attribute, so a namespace pre-filled
+    with a marker shows which ones the command line set."""
+    parser, unset = build_parser(), object()
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return {k for k, v in vars(parsed).items() if v is not unset}
+
+
+def normalised(value):
+    """Settings compare equal whether argparse gave a list or a checkpoint a tuple."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_args(args):
@@ -280,8 +298,16 @@ def main(argv=None):
             checkpoint = safe_load(checkpoint_path)
         except CheckpointError as error:
             raise SystemExit(f"error: {error}")
-        command_line = {k: getattr(args, k) for k in RESUMABLE_OVERRIDES}
-        args = argparse.Namespace(**{**checkpoint["args"], **command_line})
+        given = settings_given(argv)
+        saved = checkpoint["args"]
+        fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
+                       if normalised(getattr(args, k)) != normalised(saved.get(k)))
+        if fixed:
+            raise SystemExit(f"error: --resume takes the run's settings from its checkpoint; --{fixed[0].replace('_', '-')} "
+                             f"cannot change from {saved.get(fixed[0])} (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)}"
+                             f" can); drop it, or start a new run with --out")
+        args = argparse.Namespace(**{**checkpoint["args"], **{k: getattr(args, k) for k in given},
+                                  "resume": True, "out": args.out})      # the folder may have moved
     elif not args.force and any(os.path.exists(os.path.join(args.out, f)) for f in ("ckpt.pt", "log.jsonl")):
         raise SystemExit(f"error: {args.out} holds a run; pass --resume to continue it, --force to replace it, "
                          f"or --out for a new folder")
