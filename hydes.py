@@ -170,3 +170,42 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
         h_local = local_entropy(z, kappa)
     mi = alpha * h_global - beta * h_local
     return {"loss": -mi, "h_global": h_global, "h_local": h_local, "mi": mi}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The contrastive neighbour, for comparison (train.py --method infonce)
+
+def infonce_loss(z, kappa=10.0):
+    """Multi-positive InfoNCE on the same embeddings (V, B, D), temperature tau = 1/kappa.
+
+        InfoNCE = E_i [ -(1/|P(i)|) sum_{p in P(i)} kappa s_ip  +  log sum_{j != i} exp(kappa s_ij) ]
+
+    With V = 2 this is SimCLR's NT-Xent; with more views, the positives are averaged outside the log
+    (SupCon's L_out). Written the same way, HyDeS at alpha = beta = 1 is, up to constants,
+
+        HyDeS   = E_i [ -log (1/|P(i)|) sum_{p in P(i)} exp(kappa s_ip)  +  log sum_{j != i} exp(kappa s_ij) ]
+
+    The denominators are the same leave-one-out logsumexp; the two differ only in where the log sits
+    over the positives: InfoNCE pulls every other view of the image in equally (mean of logs), HyDeS
+    raises the kernel density of those views at z_i (log of the mean), which one close view can
+    satisfy. With a single positive (V = 2) the two coincide: HyDeS = InfoNCE - log(N - 1), for the
+    log C_D(kappa) of Eqs. (2) and (3) cancels.
+
+    Returns the loss and, for the log, HyDeS's entropies and MI estimate of the same embeddings
+    (detached, so that runs of both objectives are logged in the same terms).
+    """
+    num_views, batch, dim = z.shape
+    n = num_views * batch
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        flat = z.reshape(n, dim)                                        # (V, B, D) -> (N, D), row v*B + b
+        logits = kappa * (flat @ flat.T)                                # (N, N), kappa s_ij
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+        log_denominator = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)   # (N,)
+        image = torch.arange(n, device=z.device) % batch                # image index of each row
+        positive = (image[:, None] == image[None, :]) & ~self_mask      # (N, N), P(i) as a mask
+        mean_positive_logit = (logits * positive).sum(dim=1) / (num_views - 1)                    # (N,)
+        loss = (log_denominator - mean_positive_logit).mean()
+        with torch.no_grad():
+            terms = hydes_loss(z, kappa)
+    return {"loss": loss, "h_global": terms["h_global"], "h_local": terms["h_local"], "mi": terms["mi"]}

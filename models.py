@@ -262,19 +262,27 @@ def projector(in_dim, hidden_dim=2048, out_dim=256):
 
 
 class HyDeSModel(nn.Module):
-    """Backbone + projector + L2 normalisation: a list of views -> embeddings z of shape (V, B, D)."""
+    """Backbone + projector + L2 normalisation: a list of views -> embeddings z of shape (V, B, D).
 
-    def __init__(self, backbone, proj_hidden=2048, proj_dim=256):
+    With `num_classes` the head is instead a linear classifier and the output its logits (V, B, C),
+    unnormalised: the supervised baseline of Table I, same backbone, same views (train.py --method).
+    """
+
+    def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None):
         super().__init__()
         self.backbone = backbone
-        self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
+        self.num_classes = num_classes
+        if num_classes is None:
+            self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
+        else:
+            self.classifier = nn.Linear(backbone.num_features, num_classes)
 
     def forward(self, views):
         """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals).
 
         As DINO does, consecutive views of the same resolution are concatenated and go through the
         backbone in one call: two calls for 2 global + 6 local crops, instead of eight. BatchNorm thus
-        sees one batch per resolution. The projector then runs once over all N = V*B features.
+        sees one batch per resolution. The head then runs once over all N = V*B features.
         """
         batch = views[0].shape[0]
         features, start = [], 0
@@ -284,6 +292,9 @@ class HyDeSModel(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(views[start:end])))   # (k*B, 3, H, W) -> (k*B, F)
             start = end
-        z = self.projector(torch.cat(features))                            # (N, F) -> (N, D)
+        features = torch.cat(features)                                     # (N, F), N = V*B
+        if self.num_classes is not None:
+            return self.classifier(features).float().view(len(views), batch, -1)   # logits (V, B, C)
+        z = self.projector(features)                                       # (N, F) -> (N, D)
         z = F.normalize(z.float(), dim=-1)                                 # onto S^{D-1}, in float32
         return z.view(len(views), batch, -1)                               # (N, D) -> (V, B, D)

@@ -619,7 +619,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = tiny_run(tmp_path, images_per_class=4) + ["--out", str(out), "--epochs", "3", "--lr", "1e30"]
-    with pytest.raises(SystemExit, match=r"loss became nan at step 2 \(H_global nan.*last good checkpoint"):
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2 \(h_global nan.*last good checkpoint"):
         train.main(args)                                     # 1 step per epoch; step 1's update breaks step 2
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert saved["step"] == 1 and all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
@@ -720,6 +720,47 @@ def test_probes_refuse_a_single_class_and_a_checkpoint_of_another_architecture(t
         write_images(one_class / split / "a", 4)
     with pytest.raises(SystemExit, match="fewer than 2 classes"):
         evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(one_class), "--workers", "0"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The baselines of Table I: InfoNCE and supervised on the same backbone and views
+
+def test_infonce_matches_nt_xent_and_a_loop_and_differs_from_hydes_only_by_a_constant_at_two_views():
+    z = random_sphere((2, 6, 8), seed=3)                          # (V, B, D)
+    kappa, n = 5.0, 12
+    flat = z.reshape(n, 8)
+    logits = kappa * flat @ flat.T - torch.eye(n) * 1e9              # SimCLR: the self term left out
+    partner = (torch.arange(n) + 6) % n                              # the other view of row i's image
+    nt_xent = F.cross_entropy(logits, partner)
+    assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item(), abs=1e-5)
+    assert hydes.hydes_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item() - math.log(n - 1), abs=1e-5)
+
+    z = random_sphere((4, 3, 5), seed=4)                         # more views: positives averaged outside the log
+    v, b, _ = z.shape
+    total = 0.0
+    for i in range(v * b):
+        zi = z[i // b, i % b]
+        others = [(j // b, j % b) for j in range(v * b) if j != i]
+        log_denominator = math.log(sum(math.exp(kappa * float(zi @ z[w, c])) for w, c in others))
+        positives = [float(kappa * zi @ z[w, i % b]) for w in range(v) if w != i // b]
+        total += log_denominator - sum(positives) / len(positives)
+    assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(total / (v * b), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["infonce", "supervised"])
+def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method):
+    out = tmp_path / "run"
+    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", method, "--lr", "0.01"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    if method == "supervised":           # two colour-coded classes: the classifier fits its training views
+        assert set(log[0]) >= {"loss", "accuracy"} and saved["model"]["classifier.weight"].shape == (2, 64)
+        assert log[-1]["accuracy"] > 0.6
+    else:                               # logged in HyDeS's terms: mi = h_global - h_local
+        assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
+        assert "projector.0.weight" in saved["model"]
+    backbone, info = evaluate.load_backbone(out / "ckpt.pt")
+    assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------

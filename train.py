@@ -34,13 +34,16 @@ from tqdm import tqdm
 from data import (DATASETS, DatasetError, EpochOrder, MultiCrop, SeededSamples, dataset_split, default_crop_sizes,
                   drop_unreadable_images, error_message, native_image_size, pretrain_dataset)
 from evaluate import CheckpointError, knn_evaluate, safe_load
-from hydes import hydes_loss
+from hydes import hydes_loss, infonce_loss
 from models import ARCHS, HyDeSModel, build_backbone, vit_patch_size
 
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "data_dir", "skip_bad_images",
                        "log_every")
-LOGGED = ("loss", "h_global", "h_local", "mi")       # the loss terms summed per epoch and logged
+# The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
+# embeddings too, so that the two objectives can be compared in the same terms.
+LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h_global", "h_local", "mi"),
+          "supervised": ("loss", "accuracy")}
 
 
 def build_parser():
@@ -74,6 +77,10 @@ def build_parser():
                    help="D, the sphere S^{D-1} the loss lives on (paper tried 128-4096: no clear difference)")
 
     g = p.add_argument_group("loss (Eqs. 1-4)")
+    g.add_argument("--method", default="hydes", choices=tuple(LOGGED),
+                   help="hydes: the paper's objective; infonce: multi-positive InfoNCE (SimCLR) on the same views "
+                        "with temperature 1/kappa; supervised: a linear classifier on the backbone, cross-entropy "
+                        "on every view (Table I's baselines, same backbone and augmentation)")
     g.add_argument("--kappa", type=float, default=1.0,
                    help="vMF concentration: higher learns faster early and stalls later (Section VII-B)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of H_global (1 = the MI estimate)")
@@ -112,7 +119,9 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-kappa{args.kappa:g}")
+        objective = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
+                     "supervised": "supervised"}[args.method]
+        args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective}")
     return args
 
 
@@ -273,16 +282,28 @@ def ignore_interrupts_in_worker(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def training_step(model, views, optimizer, scaler, autocast, args):
-    """One AdamW step on the multi-crop views of a batch; returns the LOGGED loss terms, detached (4,)."""
+def objective(z, labels, args):
+    """The loss of --method on the model's output, as a dict holding "loss" and the other LOGGED terms."""
+    if args.method == "hydes":
+        return hydes_loss(z, args.kappa, args.alpha, args.beta)              # Eq. (4) on z (V, B, D)
+    if args.method == "infonce":
+        return infonce_loss(z, args.kappa)
+    logits = z.flatten(0, 1)                                                 # (V, B, C) -> (V*B, C)
+    targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
+    return {"loss": torch.nn.functional.cross_entropy(logits, targets),
+            "accuracy": (logits.argmax(dim=1) == targets).float().mean()}
+
+
+def training_step(model, views, labels, optimizer, scaler, autocast, args):
+    """One AdamW step on the multi-crop views of a batch; returns the LOGGED terms, detached, stacked."""
     with autocast:
-        z = model(views)                                                       # (V, B, D), float32
-    out = hydes_loss(z, args.kappa, args.alpha, args.beta)
+        z = model(views)                                      # (V, B, D) on the sphere, or (V, B, C) logits
+    out = objective(z, labels, args)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
-    return torch.stack([out[k].detach() for k in LOGGED])
+    return torch.stack([out[k].detach() for k in LOGGED[args.method]])
 
 
 def main(argv=None):
@@ -337,7 +358,10 @@ def main(argv=None):
             raise SystemExit(f"error: {problem}")
         transform = MultiCrop(args.global_size, args.local_size, args.global_crops, args.local_crops,
                               tuple(args.global_scale), tuple(args.local_scale), args.blur)
-        dataset = pretrain_dataset(args.dataset, args.data_dir, transform)
+        if args.method == "supervised":       # labelled images only (STL-10: its 5k train, not the unlabelled 100k)
+            dataset = dataset_split(args.dataset, args.data_dir, "train", transform)
+        else:
+            dataset = pretrain_dataset(args.dataset, args.data_dir, transform)
         if args.eval_every:          # the k-NN monitor's labelled splits must exist before hours of training
             dataset_split(args.dataset, args.data_dir, "test", None)
     except DatasetError as error:
@@ -358,7 +382,8 @@ def main(argv=None):
 
     # ---- model and optimiser
     backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
-    model = HyDeSModel(backbone, args.proj_hidden, args.proj_dim).to(device)
+    num_classes = len(dataset.classes) if args.method == "supervised" else None
+    model = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     if checkpoint is not None:
@@ -395,23 +420,25 @@ def main(argv=None):
     # ---- training
     started = time.time()
     # The first non-finite loss, as (step, loss terms), recorded on the device: no synchronisation per step.
-    first_nonfinite = torch.full((1 + len(LOGGED),), -1.0, device=device)
+    logged = LOGGED[args.method]
+    first_nonfinite = torch.full((1 + len(logged),), -1.0, device=device)
     device_step = torch.tensor(float(step), device=device)         # float32 counts steps exactly up to 2^24
     with StopSignals() as stop:
         for epoch in range(step // steps_per_epoch, args.epochs):
             model.train()
             order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-            sums = torch.zeros(len(LOGGED), device=device)          # loss terms summed over this epoch's steps
+            sums = torch.zeros(len(logged), device=device)          # loss terms summed over this epoch's steps
             epoch_start, epoch_steps = time.time(), 0
             out_of_time = False
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
             try:
-                for views, _ in bar:
+                for views, labels in bar:
                     lr = learning_rate(args, step, steps_per_epoch)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     views = [v.to(device, non_blocking=True) for v in views]          # V tensors (B, 3, H, W)
-                    terms = training_step(model, views, optimizer, scaler, autocast, args)
+                    labels = labels.to(device, non_blocking=True)     # (B,); used by --method supervised only
+                    terms = training_step(model, views, labels, optimizer, scaler, autocast, args)
                     sums += terms
                     record_now = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
                     first_nonfinite = torch.where(record_now, torch.cat([device_step[None], terms]), first_nonfinite)
@@ -419,9 +446,9 @@ def main(argv=None):
                     step += 1
                     epoch_steps += 1
                     if epoch_steps % args.log_every == 0:       # the only host-device synchronisation
-                        stop_if_nonfinite(first_nonfinite, checkpoint_path)
-                        loss, h_global, h_local, _ = (sums / epoch_steps).tolist()
-                        bar.set_postfix(loss=f"{loss:.3f}", H_global=f"{h_global:.3f}", H_local=f"{h_local:.3f}",
+                        stop_if_nonfinite(first_nonfinite, logged, checkpoint_path)
+                        means = dict(zip(logged, (sums / epoch_steps).tolist()))
+                        bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k != "mi"},
                                         img_s=f"{epoch_steps * args.batch_size / (time.time() - epoch_start):.0f}")
                     out_of_time = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
                     if stop.received or out_of_time:
@@ -430,12 +457,12 @@ def main(argv=None):
                 raise SystemExit(f"error: {error_message(error)}; the last checkpoint {checkpoint_path} is intact")
             finally:
                 bar.close()
-            stop_if_nonfinite(first_nonfinite, checkpoint_path)
+            stop_if_nonfinite(first_nonfinite, logged, checkpoint_path)
 
             # ---- end of the epoch, of the time budget or of a signalled stop: log, evaluate, checkpoint
-            loss, h_global, h_local, mi = (sums / max(1, epoch_steps)).tolist()
-            record = {"epoch": round(step / steps_per_epoch, 4), "step": step, "loss": loss, "h_global": h_global,
-                      "h_local": h_local, "mi": mi, "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
+            record = {"epoch": round(step / steps_per_epoch, 4), "step": step,
+                      **dict(zip(logged, (sums / max(1, epoch_steps)).tolist())),
+                      "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                       "images_per_s": epoch_steps * args.batch_size / (time.time() - epoch_start),
                       "minutes": (time.time() - started) / 60}
             last = out_of_time or epoch + 1 == args.epochs
@@ -471,14 +498,16 @@ def drop_log_records_after(log_path, step):
             f.writelines(lines)
 
 
-def stop_if_nonfinite(first_nonfinite, checkpoint_path):
+def stop_if_nonfinite(first_nonfinite, logged, checkpoint_path):
     """Stop at the first non-finite loss, naming its step and terms; the weights it produced are never saved."""
-    steps_before, loss, h_global, h_local, _ = first_nonfinite.tolist()
+    steps_before, *values = first_nonfinite.tolist()
     if steps_before < 0:
         return
+    terms = dict(zip(logged, values))
+    others = ", ".join(f"{k} {v}" for k, v in terms.items() if k not in ("loss", "mi"))
     kept = (f"the last good checkpoint {checkpoint_path} is kept" if os.path.exists(checkpoint_path)
             else "no checkpoint had been written yet")
-    raise SystemExit(f"error: the loss became {loss} at step {int(steps_before) + 1} (H_global {h_global}, H_local {h_local}); "
+    raise SystemExit(f"error: the loss became {terms['loss']} at step {int(steps_before) + 1} ({others}); "
                      f"{kept}. Likely causes: a learning rate too high (lower --lr), or fp16 overflow at a "
                      f"large --kappa on a GPU without bf16 (lower --kappa)")
 
