@@ -331,8 +331,12 @@ def main(argv=None):
     return result
 
 
-def evaluate_checkpoint(args, device):
-    """Load, extract (or read cached) features, run the probes; returns the result dict."""
+def load_for_probing(args):
+    """The backbone and what to probe it on: (backbone, info, dataset, data_dir, image_size).
+
+    args holds checkpoint, arch, dataset, data_dir and image_size as the command line gave them; what is
+    not given comes from the checkpoint's training arguments (analyze.py shares these conventions).
+    """
     foreign_size = args.image_size       # only used for a torchvision-format state_dict
     if foreign_size is None and args.arch is not None and args.dataset is not None:
         foreign_size = native_image_size(args.dataset, args.data_dir or "data")
@@ -342,7 +346,12 @@ def evaluate_checkpoint(args, device):
     if dataset is None:
         raise CheckpointError("a torchvision-format state_dict carries no dataset; pass --dataset and --data-dir")
     data_dir = args.data_dir or trained.get("data_dir", "data")
-    image_size = args.image_size or info["image_size"]
+    return backbone, info, dataset, data_dir, args.image_size or info["image_size"]
+
+
+def evaluate_checkpoint(args, device):
+    """Load, extract (or read cached) features, run the probes; returns the result dict."""
+    backbone, info, dataset, data_dir, image_size = load_for_probing(args)
     checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
     args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
