@@ -13,7 +13,8 @@ For the checkpoint's dataset (or --dataset), on the frozen backbone's features o
                                       WordNet's Wu-Palmer and Leacock-Chodorow similarities, the
                                       cophenetic correlation against WordNet, and Spearman with the
                                       similarities of the class names under all-MiniLM-L6-v2
-  Fig. 5                              centroids.png: the class-centroid cosine-similarity matrix
+  Fig. 5                              centroids.png: the class-centroid cosine-similarity matrix, classes
+                                      in WordNet order where known
   Figs. 2 and 3                       saliency.png: per image, the input beside its heat map (ResNet:
                                       SmoothGrad-CAM over all stages; ViT: CLS-to-patch attention
                                       averaged over heads and blocks)
@@ -29,7 +30,8 @@ written and the skipped columns are named. Spearman correlation, average-linkage
 cophenetic distances are computed here in numpy.
 
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
-centroids.png, saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
+centroids.png (the paper's 0-1 colour scale), centroids_contrast.png (the scale stretched to the
+off-diagonal range), saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
 Markdown files that several runs share.
 """
 
@@ -62,24 +64,21 @@ class MissingExtra(RuntimeError):
 # Legend: N features f_i (raw backbone output, (N, F)); z_i = f_i / |f_i| on the sphere; C classes with
 # centroids mu_c = mean of the z_i of class c, (C, F); s_ij = z_i . z_j the cosine similarity.
 
-def effective_rank(matrix):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values, p_k = sigma_k / sum sigma.
+def matrix_ranks(matrix):
+    """(effective rank, numerical rank) of a matrix, from one SVD.
 
-    Between 1 (one direction) and min(rows, columns) (all singular values equal); it counts how many
-    directions the rows really use, unlike the numerical rank, which counts any direction above noise.
-    The matrix is used as is, uncentred, as RankMe (Garrido et al. 2023) does for embeddings.
+    Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values,
+    p_k = sigma_k / sum sigma; between 1 (one direction) and min(rows, columns) (all singular values
+    equal), it counts how many directions the rows really use. The matrix is used as is, uncentred, as
+    RankMe (Garrido et al. 2023) does for embeddings. Numerical rank: the singular values above
+    sigma_max * max(rows, columns) * eps(float32), numpy's matrix_rank rule with the float32 epsilon
+    because the features are float32 (below that is rounding noise); it counts any direction above noise.
     """
     sigma = torch.linalg.svdvals(matrix.double())
     p = sigma / sigma.sum()
     p = p[p > 0]                                                  # 0 log 0 = 0
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def numerical_rank(matrix):
-    """Singular values above sigma_max * max(rows, columns) * eps(float32): numpy's matrix_rank rule,
-    with the float32 epsilon because the features are float32 (below that is rounding noise)."""
-    sigma = torch.linalg.svdvals(matrix.double())
-    return int((sigma > sigma.max() * max(matrix.shape) * torch.finfo(torch.float32).eps).sum())
+    numerical = int((sigma > sigma.max() * max(matrix.shape) * torch.finfo(torch.float32).eps).sum())
+    return math.exp(-(p * p.log()).sum().item()), numerical
 
 
 def class_centroids(z, labels, num_classes):
@@ -130,8 +129,8 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0):
     # Vetterli) and numerical. The paper's values (e.g. 316 of 1000 ImageNet centroids in 2048 dimensions,
     # where a numerical rank would give 1000) look like effective ranks; we report both.
     centroids = class_centroids(z, labels, num_classes)
-    result["centroid_rank"], result["centroid_rank_numerical"] = effective_rank(centroids), numerical_rank(centroids)
-    result["embed_rank"], result["embed_rank_numerical"] = effective_rank(z), numerical_rank(z)
+    result["centroid_rank"], result["centroid_rank_numerical"] = matrix_ranks(centroids)
+    result["embed_rank"], result["embed_rank_numerical"] = matrix_ranks(z)
 
     # All pairs i != j of the subset.
     generator = torch.Generator().manual_seed(seed)
@@ -345,7 +344,12 @@ def text_similarities(words, model=None):
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise MissingExtra("MiniLM similarities need sentence-transformers: pip install sentence-transformers") from None
-    encoder = SentenceTransformer(model or os.environ.get("HYDES_TEXT_MODEL") or "all-MiniLM-L6-v2", device="cpu")
+    name = model or os.environ.get("HYDES_TEXT_MODEL") or "all-MiniLM-L6-v2"
+    try:
+        encoder = SentenceTransformer(name, device="cpu")
+    except Exception as error:  # no network, no such folder: errors of several libraries (OSError, HTTP, ...)
+        raise MissingExtra(f"cannot load the text model {name!r} ({type(error).__name__}); pass --text-model "
+                           f"with a local copy of all-MiniLM-L6-v2") from None
     embedded = encoder.encode(list(words), convert_to_tensor=True, normalize_embeddings=True).cpu().double()
     return (embedded @ embedded.T).numpy()                       # (C, 384) x (384, C) -> (C, C)
 
@@ -436,7 +440,7 @@ def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
     """
     count = len(matrix)
     cell = max(1, size // count)
-    body = colormap((torch.as_tensor(matrix, dtype=torch.float32) - low) / (high - low))   # (3, C, C)
+    body = colormap((torch.as_tensor(matrix, dtype=torch.float32) - low) / max(high - low, 1e-12))   # (3, C, C)
     body = body.repeat_interleave(cell, 1).repeat_interleave(cell, 2)                      # (3, C*cell, C*cell)
     font = ImageFont.load_default()
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -633,6 +637,9 @@ def main(argv=None):
     print()
     print(markdown_header(TABLE4_COLUMNS))
     print(markdown_row(result, TABLE4_COLUMNS))
+    p_values = [f"{c} {result[c + '_p']:.3f}" for c in ("wup", "lch", "cophenetic", "minilm") if c + "_p" in result]
+    if p_values:
+        print(f"Mantel p-values ({args.permutations} permutations of the classes): " + ", ".join(p_values))
     for reason in skipped:
         print(f"skipped: {reason}")
     with open(os.path.join(args.out, "analyze.jsonl"), "a") as f:
@@ -677,9 +684,16 @@ def analyze_checkpoint(args, device):
     unit = F.normalize(centroids, dim=1)
     similarity = (unit @ unit.T).numpy()                                      # (C, F) x (F, C) -> (C, C)
     order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
+    # Two colour scales: the paper's 0 to 1 (comparable across checkpoints: darker = closer to 90 degrees),
+    # and the off-diagonal range stretched to the whole map, which shows the structure of a checkpoint
+    # whose centroids all lie within a few degrees of each other.
+    ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
+    off_diagonal = upper_triangle(similarity)
     result["centroids_png"] = os.path.join(args.out, "centroids.png")
-    save_png(heatmap_picture(similarity[np.ix_(order, order)], [class_names[i] for i in order],
-                             low=min(0.0, float(similarity.min()))), result["centroids_png"])
+    save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))), result["centroids_png"])
+    result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
+    save_png(heatmap_picture(ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())),
+             result["centroids_contrast_png"])
     if args.images > 0:
         result["saliency_png"] = os.path.join(args.out, "saliency.png")
         data = dataset_split(dataset, data_dir, args.split, eval_transform(image_size))
