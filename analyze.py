@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import DATASETS, DatasetError, MultiCrop, dataset_split, default_crop_sizes, eval_transform
-from evaluate import (CheckpointError, append_markdown_row, cached_features, extract_features, file_digest,
-                      load_for_probing, markdown_header, markdown_row)
-from models import ARCHS, VisionTransformer
+from data import DatasetError, MultiCrop, dataset_split, default_crop_sizes, eval_transform
+from evaluate import (CheckpointError, add_checkpoint_arguments, append_markdown_row, cached_features,
+                      extract_features, file_digest, load_for_probing, markdown_header, markdown_row)
+from models import VisionTransformer
 from segment import save_png, unnormalise
 
 
@@ -595,11 +595,7 @@ def table3_row(result):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
-    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
-    p.add_argument("--dataset", choices=DATASETS, help="analyse on another dataset than the one trained on")
-    p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
-    p.add_argument("--image-size", type=int, help="input resolution (default: the training crop size)")
+    add_checkpoint_arguments(p)
     p.add_argument("--split", choices=("train", "test"), default="test",
                    help="labelled split whose features are measured (default test, as the paper's held-out view)")
     p.add_argument("--pairs", type=int, default=4000,
@@ -615,14 +611,10 @@ def parse_args(argv=None):
     p.add_argument("--permutations", type=int, default=999, help="Mantel permutations for Table IV's p-values")
     p.add_argument("--text-model", help="local folder of all-MiniLM-L6-v2 (default: $HYDES_TEXT_MODEL, else "
                                         "downloaded by sentence-transformers)")
-    p.add_argument("--method", default="HyDeS", help="name for the tables' method column")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, the crops and the SmoothGrad noise")
     p.add_argument("--out", help="folder for analyze.jsonl and the PNGs (default: analysis/ beside the checkpoint)")
-    p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint, shared with evaluate.py)")
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
     p.add_argument("--table4", help="Markdown file to append a Table IV row to")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 
