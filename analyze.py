@@ -447,7 +447,8 @@ def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
     names = labels if labels is not None and count <= 40 else None
     left = 6 + max(int(draw.textlength(n, font=font)) for n in names) + 6 if names else 6
     side, margin, bar_width = count * cell, 6, 16
-    ticks = [f"{v:.2f}" for v in (high, (low + high) / 2, low)]
+    digits = max(2, 1 - math.floor(math.log10(max(high - low, 1e-12))))      # enough to tell the ticks apart
+    ticks = [f"{v:.{digits}f}" for v in (high, (low + high) / 2, low)]
     width = left + side + 3 * margin + bar_width + max(int(draw.textlength(t, font=font)) for t in ticks) + margin
     canvas = Image.new("RGB", (width, side + 2 * margin), "white")
     image = Image.fromarray((body.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
