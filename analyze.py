@@ -311,9 +311,11 @@ def load_wordnet():
 def wordnet_similarities(names):
     """Wu-Palmer and Leacock-Chodorow similarities between all pairs of synsets: two (C, C) arrays.
 
-    nltk's definitions: WUP = 2 depth(lcs) / (depth(a) + depth(b)), with depth counted in nodes from the
-    root along the path through the lowest common subsumer lcs, in (0, 1]; LCH = -log((path(a, b) + 1) /
-    (2 * 19)), 19 the depth of WordNet's noun hierarchy. Both grow with semantic closeness. The diagonal
+    nltk's definitions: WUP = 2 depth(lcs) / ((path(a, lcs) + depth(lcs)) + (path(b, lcs) + depth(lcs))),
+    with lcs the lowest common subsumer, depth(lcs) its depth from the root in nodes and path() a path
+    length in edges, in (0, 1]; LCH = -log((path(a, b) + 1) / (2 * 19)), 19 the depth of WordNet's noun
+    hierarchy. (nltk's path lengths may go up to a shared hypernym and down again; the tests write this
+    out.) Both grow with semantic closeness. The diagonal
     (a synset with itself) is left at the maximum and never used.
     """
     wordnet = load_wordnet()
@@ -354,10 +356,11 @@ def text_similarities(words, model=None):
     return (embedded @ embedded.T).numpy()                       # (C, 384) x (384, C) -> (C, C)
 
 
-def semantic_alignment(centroids, class_names, text_model=None, permutations=999):
+def semantic_alignment(similarity, class_names, text_model=None, permutations=999):
     """Table IV: how the class centroids' similarities agree with WordNet's and with a text model's.
 
-    centroids (C, F); class_names as the dataset names its classes. Every column is a Spearman
+    similarity (C, C): the cosine similarities of the class centroids; class_names as the dataset names
+    its classes. Every column is a Spearman
     correlation over the C(C-1)/2 class pairs, signed so that positive = aligned: the centroids' cosine
     similarity against a similarity (WUP, LCH, MiniLM cosine), which is the same as their cosine distance
     against the matching distance. Cophenetic: the centroids are clustered by average linkage on the
@@ -372,8 +375,6 @@ def semantic_alignment(centroids, class_names, text_model=None, permutations=999
     result, skipped = {}, []
     if len(class_names) < 3:
         return result, [f"semantic alignment needs at least 3 classes (pairs to rank), not {len(class_names)}"], {}
-    unit = F.normalize(centroids.double(), dim=1)
-    similarity = (unit @ unit.T).numpy()                          # (C, F) x (F, C) -> (C, C) cosines
     references = {}
     try:
         names = synset_names(class_names)
@@ -670,12 +671,11 @@ def analyze_checkpoint(args, device):
               "checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "image_size": image_size}
     result.update(geometry_metrics(feats, labels, pos_feats, args.pairs, args.seed))
 
-    centroids = class_centroids(F.normalize(feats.double(), dim=1), labels.long(), len(class_names))
-    semantic, skipped, references = semantic_alignment(centroids, class_names, args.text_model, args.permutations)
-    result.update(semantic)
-
+    centroids = class_centroids(F.normalize(feats.double(), dim=1), labels.long(), len(class_names))   # (C, F)
     unit = F.normalize(centroids, dim=1)
     similarity = (unit @ unit.T).numpy()                                      # (C, F) x (F, C) -> (C, C)
+    semantic, skipped, references = semantic_alignment(similarity, class_names, args.text_model, args.permutations)
+    result.update(semantic)
     order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
     # Two colour scales: the paper's 0 to 1 (comparable across checkpoints: darker = closer to 90 degrees),
     # and the off-diagonal range stretched to the whole map, which shows the structure of a checkpoint
