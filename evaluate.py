@@ -293,8 +293,8 @@ def append_markdown_row(path, result, columns=TABLE_COLUMNS):
         f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_checkpoint_arguments(p):
+    """The arguments that load_for_probing and cached_features read, shared with analyze.py."""
     p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
     p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
     p.add_argument("--dataset", choices=DATASETS,
@@ -302,16 +302,21 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
     p.add_argument("--image-size", type=int,
                    help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
+    p.add_argument("--method", default="HyDeS", help="name for the table's method column")
+    p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(p)
     p.add_argument("--probe", choices=("both", "linear", "knn"), default="both")
     p.add_argument("--knn-k", type=int, default=200, help="neighbours that vote (default 200)")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="T in the vote weight exp(s/T) (default 0.1)")
     p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit (default 100)")
-    p.add_argument("--method", default="HyDeS", help="name for the table's method column")
-    p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table I row to")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 
@@ -331,8 +336,12 @@ def main(argv=None):
     return result
 
 
-def evaluate_checkpoint(args, device):
-    """Load, extract (or read cached) features, run the probes; returns the result dict."""
+def load_for_probing(args):
+    """The backbone and what to probe it on: (backbone, info, dataset, data_dir, image_size).
+
+    args holds checkpoint, arch, dataset, data_dir and image_size as the command line gave them; what is
+    not given comes from the checkpoint's training arguments (analyze.py shares these conventions).
+    """
     foreign_size = args.image_size       # only used for a torchvision-format state_dict
     if foreign_size is None and args.arch is not None and args.dataset is not None:
         foreign_size = native_image_size(args.dataset, args.data_dir or "data")
@@ -342,7 +351,12 @@ def evaluate_checkpoint(args, device):
     if dataset is None:
         raise CheckpointError("a torchvision-format state_dict carries no dataset; pass --dataset and --data-dir")
     data_dir = args.data_dir or trained.get("data_dir", "data")
-    image_size = args.image_size or info["image_size"]
+    return backbone, info, dataset, data_dir, args.image_size or info["image_size"]
+
+
+def evaluate_checkpoint(args, device):
+    """Load, extract (or read cached) features, run the probes; returns the result dict."""
+    backbone, info, dataset, data_dir, image_size = load_for_probing(args)
     checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
     args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")

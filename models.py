@@ -130,10 +130,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, return_attention=False):
+        """(B, T, C) -> (B, T, C); with return_attention, also the weights softmax(q k^T / sqrt(C/h)),
+        (B, h, T, T), which the fused kernel never forms: they are computed explicitly, for pictures only."""
         b, t, c = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.heads, c // self.heads)   # (B, T, 3C) -> (B, T, 3, h, C/h)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # each (B, h, T, C/h)
+        if return_attention:
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(c // self.heads)).softmax(dim=-1)  # -> (B, h, T, T)
+            out = weights @ v                                           # (B, h, T, T) x (B, h, T, C/h)
+            return self.proj(out.transpose(1, 2).reshape(b, t, c)), weights
         out = F.scaled_dot_product_attention(q, k, v)                   # (B, h, T, C/h)
         return self.proj(out.transpose(1, 2).reshape(b, t, c))          # -> (B, T, C)
 
@@ -146,7 +152,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x):
+    def forward(self, x, return_attention=False):
+        if return_attention:
+            out, weights = self.attn(self.norm1(x), return_attention=True)
+            x = x + out
+            return x + self.mlp(self.norm2(x)), weights
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -211,6 +221,16 @@ class VisionTransformer(nn.Module):
                 out = self.norm(x) if i == depth - 1 else x
                 maps.append(out[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid_h, grid_w))  # (B, C, h, w)
         return maps
+
+    def attention_maps(self, x):
+        """Every block's attention weights, stacked: (depth, B, heads, T, T) with T = 1 + h*w, and the
+        grid (h, w). Row 0 of each map is the CLS token's attention to the patches (Fig. 3)."""
+        x, grid = self.embed(x)
+        maps = []
+        for block in self.blocks:
+            x, weights = block(x, return_attention=True)
+            maps.append(weights)
+        return torch.stack(maps), grid
 
     def forward(self, x):
         x, _ = self.embed(x)

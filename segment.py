@@ -243,17 +243,28 @@ def pca_picture(stages, output_size):
     return (rgb - low) / (high - low).clamp_min(1e-12)           # each component over the full [0, 1]
 
 
+def unnormalise(image):
+    """A normalised input (3, H, W) back to displayable [0, 1] RGB."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.cpu() * std + mean).clamp(0, 1)
+
+
+def save_png(picture, path):
+    """Write a (3, H, W) picture with values in [0, 1] as an 8-bit RGB PNG."""
+    pixels = (picture.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
 def save_pca_grid(backbone, dataset, count, path, device):
     """A PNG with one row per image: the input, then its hypercolumn PCA (Figure 4)."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     rows = []
     for index in range(min(count, len(dataset))):
         image, _ = dataset[index]
         stages = frozen_stages(backbone.eval(), image[None], device)
         pca = pca_picture([f[0] for f in stages], image.shape[-2:]).cpu()
-        rows.append(torch.cat([(image * std + mean).clamp(0, 1), pca], dim=2))   # side by side: (3, S, 2S)
-    grid = torch.cat(rows, dim=1)                                                  # stacked: (3, n*S, 2S)
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        rows.append(torch.cat([unnormalise(image), pca], dim=2))     # side by side: (3, S, 2S)
+    grid = torch.cat(rows, dim=1)                                    # stacked: (3, n*S, 2S)
+    save_png(grid, path)
     return grid
 
 

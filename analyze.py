@@ -1,0 +1,701 @@
+"""What the representation looks like: the measurements of Section VI (Tables III and IV, Figs. 2, 3, 5).
+
+    python analyze.py runs/cifar10-resnet18-kappa1/ckpt.pt --out analysis/
+    python analyze.py resnet50.pth --arch resnet50 --dataset imagenet --data-dir /path/to/imagenet --table3 t3.md
+
+For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
+(default test; extracted once and cached, shared with evaluate.py), it reports:
+
+  Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank
+                                      and embedding rank (effective and numerical), d', mean +- std
+                                      pairwise angle over all pairs and over positive pairs
+  Table IV (semantics, Section VI-C)  Spearman correlation of the class centroids' similarities with
+                                      WordNet's Wu-Palmer and Leacock-Chodorow similarities, the
+                                      cophenetic correlation against WordNet, and Spearman with the
+                                      similarities of the class names under all-MiniLM-L6-v2
+  Fig. 5                              centroids.png: the class-centroid cosine-similarity matrix, classes
+                                      in WordNet order where known
+  Figs. 2 and 3                       saliency.png: per image, the input beside its heat map (ResNet:
+                                      SmoothGrad-CAM over all stages; ViT: CLS-to-patch attention
+                                      averaged over heads and blocks)
+
+The definitions, where the paper names a metric without defining it, are ours and are stated beside the
+code; they were chosen to agree with the paper's own numbers (its anisotropy tracks cos of its mean
+pairwise angle, and its centre vector norm squared is close to its anisotropy, as for these definitions).
+
+Optional extras, imported only where needed: nltk with WordNet for the WordNet columns and the WordNet
+ordering of the heat map (pip install nltk && python -m nltk.downloader wordnet), sentence-transformers
+for the MiniLM column (pip install sentence-transformers). Without them the other measurements are still
+written and the skipped columns are named. Spearman correlation, average-linkage clustering and
+cophenetic distances are computed here in numpy.
+
+Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
+centroids.png (the paper's 0-1 colour scale), centroids_contrast.png (the scale stretched to the
+off-diagonal range), saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
+Markdown files that several runs share.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from data import DatasetError, MultiCrop, dataset_split, default_crop_sizes, eval_transform
+from evaluate import (CheckpointError, add_checkpoint_arguments, append_markdown_row, cached_features,
+                      extract_features, file_digest, load_for_probing, markdown_header, markdown_row)
+from models import VisionTransformer
+from segment import save_png, unnormalise
+
+
+class MissingExtra(RuntimeError):
+    """An optional package (nltk, WordNet, sentence-transformers) is missing; the message says what to install."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry (Table III, Section VI-B)
+#
+# Legend: N features f_i (raw backbone output, (N, F)); z_i = f_i / |f_i| on the sphere; C classes with
+# centroids mu_c = mean of the z_i of class c, (C, F); s_ij = z_i . z_j the cosine similarity.
+
+def matrix_ranks(matrix):
+    """(effective rank, numerical rank) of a matrix, from one SVD.
+
+    Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values,
+    p_k = sigma_k / sum sigma; between 1 (one direction) and min(rows, columns) (all singular values
+    equal), it counts how many directions the rows really use. The matrix is used as is, uncentred, as
+    RankMe (Garrido et al. 2023) does for embeddings. Numerical rank: the singular values above
+    sigma_max * max(rows, columns) * eps(float32), numpy's matrix_rank rule with the float32 epsilon
+    because the features are float32 (below that is rounding noise); it counts any direction above noise.
+    """
+    sigma = torch.linalg.svdvals(matrix.double())
+    p = sigma / sigma.sum()
+    p = p[p > 0]                                                  # 0 log 0 = 0
+    numerical = int((sigma > sigma.max() * max(matrix.shape) * torch.finfo(torch.float32).eps).sum())
+    return math.exp(-(p * p.log()).sum().item()), numerical
+
+
+def class_centroids(z, labels, num_classes):
+    """mu_c = mean of the unit embeddings of class c: (N, F), (N,) -> (C, F)."""
+    sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype).index_add_(0, labels, z)        # (C, F)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1).to(z)       # (C, 1)
+    return sums / counts
+
+
+def angle_stats(cosines):
+    """Mean and standard deviation, in degrees, of the angles arccos(s) of a set of cosine similarities."""
+    angles = torch.rad2deg(torch.arccos(cosines.clamp(-1, 1)))
+    return angles.mean().item(), angles.std().item()
+
+
+def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0):
+    """Table III's measurements of features (N, F) with integer labels (N,).
+
+    pos_feats: (2, P, F), the features of two augmented views of P images (the training augmentation),
+    for the positive-pair angle; None leaves it out. The all-pairs statistics (anisotropy, d', the
+    pairwise angle) use a seeded random subset of max_points features: 4,000 give 8 million pairs, which
+    pins a mean to well under 0.01 while an (N, N) matrix of 50,000 would need 20 GB. The other
+    statistics use every feature. Returns a dict of floats (ranks: effective ones as floats, numerical
+    ones as ints).
+    """
+    feats, labels = feats.double(), labels.long()
+    z = F.normalize(feats, dim=1)                                            # (N, F) on the sphere
+    num_classes = int(labels.max()) + 1
+    result = {"points": len(z), "pair_points": min(max_points, len(z))}
+
+    # Centre vector norm (Jha et al. 2024, the paper's [17]): |mean_i z_i|, 1 when all embeddings point the
+    # same way, about 1/sqrt(N) for embeddings spread uniformly over the sphere.
+    result["center_norm"] = z.mean(0).norm().item()
+
+    # Feature correlation: mean |Pearson correlation| between two different feature dimensions, over all
+    # N features; 0 for decorrelated features (the target of Barlow Twins and VICReg). Dimensions that are
+    # constant over the data (dead ReLU channels) have no correlation and are left out, and counted.
+    centred = feats - feats.mean(0)
+    std = centred.pow(2).mean(0).sqrt()
+    alive = std > 1e-12 * std.max()
+    standard = centred[:, alive] / std[alive]                                # (N, F')
+    corr = standard.T @ standard / len(standard)                             # (F', N) x (N, F') -> (F', F')
+    off_diagonal = ~torch.eye(len(corr), dtype=torch.bool)
+    result["correlation"] = corr[off_diagonal].abs().mean().item() if len(corr) > 1 else float("nan")
+    result["constant_dims"] = int((~alive).sum())
+
+    # Ranks: of the centroid matrix (C, F) and of the embedding matrix (N, F), both effective (Roy &
+    # Vetterli) and numerical. The paper's values (e.g. 316 of 1000 ImageNet centroids in 2048 dimensions,
+    # where a numerical rank would give 1000) look like effective ranks; we report both.
+    centroids = class_centroids(z, labels, num_classes)
+    result["centroid_rank"], result["centroid_rank_numerical"] = matrix_ranks(centroids)
+    result["embed_rank"], result["embed_rank_numerical"] = matrix_ranks(z)
+
+    # All pairs i != j of the subset.
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(z), generator=generator)[:max_points]
+    zs, ls = z[subset], labels[subset]
+    sims = zs @ zs.T                                                         # (n, F) x (F, n) -> (n, n)
+    upper = torch.triu(torch.ones_like(sims, dtype=torch.bool), diagonal=1)  # each unordered pair once
+    pair_sims = sims[upper]
+    same_class = (ls[:, None] == ls[None, :])[upper]
+
+    # Anisotropy (Ethayarajh 2019): the expected cosine similarity of two random embeddings, E[s_ij],
+    # i != j: 0 for an isotropic distribution, 1 for a collapsed one.
+    result["anisotropy"] = pair_sims.mean().item()
+
+    # Sensitivity index d' (signal detection theory) between the similarities of same-class pairs and of
+    # different-class pairs: (mean_same - mean_diff) / sqrt((var_same + var_diff) / 2). Higher = the
+    # classes are told apart by similarity alone.
+    same, different = pair_sims[same_class], pair_sims[~same_class]
+    if len(same) > 1 and len(different) > 1:
+        result["d_prime"] = ((same.mean() - different.mean()) / ((same.var() + different.var()) / 2).sqrt()).item()
+
+    # Pairwise angle arccos(s_ij), mean and std in degrees, over all pairs (the uniformity side of Wang &
+    # Isola 2020, the paper's [28]) and over positive pairs, the two views of one image (alignment).
+    result["angle_mean"], result["angle_std"] = angle_stats(pair_sims)
+    if pos_feats is not None:
+        first, second = F.normalize(pos_feats.double(), dim=2)               # each (P, F)
+        result["positive_angle_mean"], result["positive_angle_std"] = angle_stats((first * second).sum(1))
+        result["positive_pairs"] = len(first)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rank statistics and hierarchical clustering, in numpy (no scipy)
+
+def rankdata(values):
+    """Ranks 1..n with ties given the average of the ranks they span (scipy.stats.rankdata's default)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)                                      # the highest rank of each distinct value
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, np.float64) - np.mean(a), np.asarray(b, np.float64) - np.mean(b)
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def spearman(a, b):
+    """Spearman's rho: the Pearson correlation of the (average-tie) ranks."""
+    return pearson(rankdata(a), rankdata(b))
+
+
+def upper_triangle(matrix):
+    """The entries above the diagonal of a (C, C) matrix, row by row: one value per unordered pair."""
+    return matrix[np.triu_indices(len(matrix), k=1)]
+
+
+def mantel_p_value(a, b, permutations=999, seed=0):
+    """One-sided p-value of Spearman(a, b) for two (C, C) symmetric matrices, by permuting the classes of b.
+
+    The C(C-1)/2 pairs are not independent (each class is in C-1 of them), so the usual t-test would be
+    too optimistic; the Mantel test keeps that dependence. Ranks are computed once: permuting the classes
+    of a matrix permutes the ranks of its pairs.
+    """
+    rng = np.random.default_rng(seed)
+    ranks_a = rankdata(upper_triangle(a))
+    rank_matrix = np.zeros_like(b, dtype=np.float64)
+    rank_matrix[np.triu_indices(len(b), k=1)] = rankdata(upper_triangle(b))
+    rank_matrix += rank_matrix.T                                  # (C, C) symmetric ranks of b's pairs
+    observed = pearson(ranks_a, upper_triangle(rank_matrix))
+    exceed = sum(pearson(ranks_a, upper_triangle(rank_matrix[np.ix_(order, order)])) >= observed
+                 for order in (rng.permutation(len(b)) for _ in range(permutations)))
+    return (1 + exceed) / (1 + permutations)
+
+
+def average_linkage(distances):
+    """Agglomerative clustering with average linkage (UPGMA) of a (C, C) distance matrix.
+
+    Returns (cophenetic, leaves): cophenetic[i, j] is the height at which i and j first join a cluster,
+    the tree's own distance (Sokal & Rohlf 1962); leaves is the left-to-right leaf order of the tree,
+    which puts similar classes next to each other (the heat map's order). Merging A and B, the distance
+    to any other cluster K is the size-weighted mean d(A+B, K) = (|A| d(A, K) + |B| d(B, K)) / (|A| + |B|).
+    O(C^3), about a second for C = 1000.
+    """
+    d = np.array(distances, dtype=np.float64)
+    count = len(d)
+    np.fill_diagonal(d, np.inf)
+    sizes = np.ones(count)
+    members = [[i] for i in range(count)]
+    cophenetic = np.zeros((count, count))
+    for _ in range(count - 1):
+        a, b = np.unravel_index(np.argmin(d), d.shape)
+        a, b = min(a, b), max(a, b)
+        cophenetic[np.ix_(members[a], members[b])] = d[a, b]
+        cophenetic[np.ix_(members[b], members[a])] = d[a, b]
+        d[a] = (sizes[a] * d[a] + sizes[b] * d[b]) / (sizes[a] + sizes[b])    # cluster a becomes A+B
+        d[:, a] = d[a]
+        d[a, a] = np.inf
+        d[b], d[:, b] = np.inf, np.inf                                        # cluster b is gone
+        sizes[a] += sizes[b]
+        members[a], members[b] = members[a] + members[b], []
+    return cophenetic, next(m for m in members if m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Class names -> WordNet synsets, and similarities (Table IV, Section VI-C)
+
+CIFAR10_SYNSETS = {
+    "airplane": "airplane.n.01", "automobile": "car.n.01", "bird": "bird.n.01", "cat": "cat.n.01",
+    "deer": "deer.n.01", "dog": "dog.n.01", "frog": "frog.n.01", "horse": "horse.n.01", "ship": "ship.n.01",
+    "truck": "truck.n.01",
+}
+STL10_SYNSETS = {**{k: v for k, v in CIFAR10_SYNSETS.items() if k not in ("automobile", "frog")},
+                 "car": "car.n.01", "monkey": "monkey.n.01"}
+# The sense a CIFAR-100 picture shows: fruit as food (apple, orange, pear), the tree (maple, oak, palm),
+# the animal (seal, ray, tiger), the furniture (table, lamp). "aquarium_fish" has no synset: fish.n.01.
+CIFAR100_SYNSETS = {
+    "apple": "apple.n.01", "aquarium_fish": "fish.n.01", "baby": "baby.n.01", "bear": "bear.n.01",
+    "beaver": "beaver.n.07", "bed": "bed.n.01", "bee": "bee.n.01", "beetle": "beetle.n.01",
+    "bicycle": "bicycle.n.01", "bottle": "bottle.n.01", "bowl": "bowl.n.03", "boy": "male_child.n.01",
+    "bridge": "bridge.n.01", "bus": "bus.n.01", "butterfly": "butterfly.n.01", "camel": "camel.n.01",
+    "can": "can.n.01", "castle": "castle.n.02", "caterpillar": "caterpillar.n.01", "cattle": "cattle.n.01",
+    "chair": "chair.n.01", "chimpanzee": "chimpanzee.n.01", "clock": "clock.n.01", "cloud": "cloud.n.02",
+    "cockroach": "cockroach.n.01", "couch": "sofa.n.01", "crab": "crab.n.01", "crocodile": "crocodile.n.01",
+    "cup": "cup.n.01", "dinosaur": "dinosaur.n.01", "dolphin": "dolphin.n.02", "elephant": "elephant.n.01",
+    "flatfish": "flatfish.n.02", "forest": "forest.n.01", "fox": "fox.n.01", "girl": "girl.n.01",
+    "hamster": "hamster.n.01", "house": "house.n.01", "kangaroo": "kangaroo.n.01",
+    "keyboard": "computer_keyboard.n.01", "lamp": "lamp.n.02", "lawn_mower": "lawn_mower.n.01",
+    "leopard": "leopard.n.02", "lion": "lion.n.01", "lizard": "lizard.n.01", "lobster": "lobster.n.02",
+    "man": "man.n.01", "maple_tree": "maple.n.02", "motorcycle": "motorcycle.n.01", "mountain": "mountain.n.01",
+    "mouse": "mouse.n.01", "mushroom": "mushroom.n.03", "oak_tree": "oak.n.02", "orange": "orange.n.01",
+    "orchid": "orchid.n.01", "otter": "otter.n.02", "palm_tree": "palm.n.03", "pear": "pear.n.01",
+    "pickup_truck": "pickup.n.01", "pine_tree": "pine.n.01", "plain": "plain.n.01", "plate": "plate.n.04",
+    "poppy": "poppy.n.01", "porcupine": "porcupine.n.01", "possum": "opossum.n.02", "rabbit": "rabbit.n.01",
+    "raccoon": "raccoon.n.02", "ray": "ray.n.07", "road": "road.n.01", "rocket": "rocket.n.01",
+    "rose": "rose.n.01", "sea": "sea.n.01", "seal": "seal.n.09", "shark": "shark.n.01", "shrew": "shrew.n.02",
+    "skunk": "skunk.n.04", "skyscraper": "skyscraper.n.01", "snail": "snail.n.01", "snake": "snake.n.01",
+    "spider": "spider.n.01", "squirrel": "squirrel.n.01", "streetcar": "streetcar.n.01",
+    "sunflower": "sunflower.n.01", "sweet_pepper": "sweet_pepper.n.02", "table": "table.n.02",
+    "tank": "tank.n.01", "telephone": "telephone.n.01", "television": "television_receiver.n.01",
+    "tiger": "tiger.n.02", "tractor": "tractor.n.01", "train": "train.n.01", "trout": "trout.n.02",
+    "tulip": "tulip.n.01", "turtle": "turtle.n.02", "wardrobe": "wardrobe.n.01", "whale": "whale.n.02",
+    "willow_tree": "willow.n.01", "wolf": "wolf.n.01", "woman": "woman.n.01", "worm": "worm.n.01",
+}
+WNID = re.compile(r"^n\d{8}$")      # an ImageNet class folder: 'n' and the synset's offset in WordNet 3.0
+
+
+def is_wnid_list(class_names):
+    return all(WNID.match(name) for name in class_names)
+
+
+def synset_names(class_names):
+    """The WordNet synset ('dog.n.01') of each class, or None when the classes have no known mapping.
+
+    ImageNet and ImageNet-100 classes are wnids (n01440764), looked up by offset; CIFAR-10, CIFAR-100 and
+    STL-10 classes (and `folder` datasets whose class folders carry their names) go through the tables
+    above. Food-101 has no table: its dishes are mostly not in WordNet.
+    """
+    if is_wnid_list(class_names):
+        wordnet = load_wordnet()
+        return [wordnet.synset_from_pos_and_offset("n", int(name[1:])).name() for name in class_names]
+    for table in (CIFAR10_SYNSETS, STL10_SYNSETS, CIFAR100_SYNSETS):
+        if all(name in table for name in class_names):
+            return [table[name] for name in class_names]
+    return None
+
+
+def load_wordnet():
+    """nltk's WordNet reader, loaded (about 10 s the first time), or MissingExtra saying what to install."""
+    message = "WordNet similarities need nltk and WordNet: pip install nltk && python -m nltk.downloader wordnet"
+    try:
+        from nltk.corpus import wordnet
+        wordnet.ensure_loaded()
+    except (ImportError, LookupError):
+        raise MissingExtra(message) from None
+    return wordnet
+
+
+def wordnet_similarities(names):
+    """Wu-Palmer and Leacock-Chodorow similarities between all pairs of synsets: two (C, C) arrays.
+
+    nltk's definitions: WUP = 2 depth(lcs) / ((path(a, lcs) + depth(lcs)) + (path(b, lcs) + depth(lcs))),
+    with lcs the lowest common subsumer, depth(lcs) its depth from the root in nodes and path() a path
+    length in edges, in (0, 1]; LCH = -log((path(a, b) + 1) / (2 * 19)), 19 the depth of WordNet's noun
+    hierarchy. (nltk's path lengths may go up to a shared hypernym and down again; the tests write this
+    out.) Both grow with semantic closeness. The diagonal
+    (a synset with itself) is left at the maximum and never used.
+    """
+    wordnet = load_wordnet()
+    synsets = [wordnet.synset(name) for name in names]
+    count = len(synsets)
+    wup, lch = np.ones((count, count)), np.zeros((count, count))
+    for i in range(count):
+        for j in range(i + 1, count):
+            wup[i, j] = wup[j, i] = synsets[i].wup_similarity(synsets[j])
+            lch[i, j] = lch[j, i] = synsets[i].lch_similarity(synsets[j])
+    return wup, lch
+
+
+def display_names(class_names):
+    """Words for the classes: the first lemma of an ImageNet synset ('tench'), else the folder name with
+    underscores as spaces ('maple tree')."""
+    if is_wnid_list(class_names):
+        return [n.split(".")[0].replace("_", " ") for n in synset_names(class_names)]
+    return [name.replace("_", " ") for name in class_names]
+
+
+def text_similarities(words, model=None):
+    """Cosine similarities (C, C) of the words embedded by all-MiniLM-L6-v2 (sentence-transformers).
+
+    model: a local folder holding the model, else the HYDES_TEXT_MODEL environment variable, else the hub name
+    (downloaded on first use)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise MissingExtra("MiniLM similarities need sentence-transformers: pip install sentence-transformers") from None
+    name = model or os.environ.get("HYDES_TEXT_MODEL") or "all-MiniLM-L6-v2"
+    try:
+        encoder = SentenceTransformer(name, device="cpu")
+    except Exception as error:  # no network, no such folder: errors of several libraries (OSError, HTTP, ...)
+        raise MissingExtra(f"cannot load the text model {name!r} ({type(error).__name__}); pass --text-model "
+                           f"with a local copy of all-MiniLM-L6-v2") from None
+    embedded = encoder.encode(list(words), convert_to_tensor=True, normalize_embeddings=True).cpu().double()
+    return (embedded @ embedded.T).numpy()                       # (C, 384) x (384, C) -> (C, C)
+
+
+def semantic_alignment(similarity, class_names, text_model=None, permutations=999):
+    """Table IV: how the class centroids' similarities agree with WordNet's and with a text model's.
+
+    similarity (C, C): the cosine similarities of the class centroids; class_names as the dataset names
+    its classes. Every column is a Spearman
+    correlation over the C(C-1)/2 class pairs, signed so that positive = aligned: the centroids' cosine
+    similarity against a similarity (WUP, LCH, MiniLM cosine), which is the same as their cosine distance
+    against the matching distance. Cophenetic: the centroids are clustered by average linkage on the
+    cosine distance 1 - cos, and the tree's cophenetic distances are correlated (Spearman, like the
+    other columns, where the classic cophenetic coefficient is Pearson's) with WordNet's distance
+    1 - WUP. Each also gets a Mantel permutation p-value (the paper reports p < 0.05).
+
+    Returns (result, skipped, references): result maps column -> value; skipped lists the one-line
+    reasons for the columns that could not be computed; references holds the (C, C) similarity matrices
+    compared against ("wup", "lch", "minilm"), those that could be computed.
+    """
+    result, skipped = {}, []
+    if len(class_names) < 3:
+        return result, [f"semantic alignment needs at least 3 classes (pairs to rank), not {len(class_names)}"], {}
+    references = {}
+    try:
+        names = synset_names(class_names)
+        if names is None:
+            skipped.append("WordNet columns: no WordNet synsets for these class names (known: ImageNet wnids, "
+                           "CIFAR-10, CIFAR-100, STL-10)")
+        else:
+            references["wup"], references["lch"] = wordnet_similarities(names)
+    except MissingExtra as error:
+        skipped.append(f"WordNet columns skipped: {error}")
+    try:
+        references["minilm"] = text_similarities(display_names(class_names), text_model)
+    except MissingExtra as error:
+        skipped.append(f"MiniLM column skipped: {error}")
+    for column, reference in references.items():
+        result[column] = spearman(upper_triangle(similarity), upper_triangle(reference))
+        result[column + "_p"] = mantel_p_value(similarity, reference, permutations)
+    if "wup" in references:
+        cophenetic, _ = average_linkage(1 - similarity)
+        result["cophenetic"] = spearman(upper_triangle(cophenetic), upper_triangle(1 - references["wup"]))
+        result["cophenetic_p"] = mantel_p_value(-cophenetic, references["wup"], permutations)
+    return result, skipped, references
+
+
+def heatmap_order(class_names, similarity, wup=None):
+    """The order of the classes in Fig. 5, so that structure shows.
+
+    ImageNet wnids: their own sorted order, which is WordNet's (dogs 151-268 together, as in the paper's
+    bright block). Otherwise, with WordNet: the leaf order of the average-linkage tree of WordNet
+    distances, the same for every checkpoint of a dataset so that pictures can be compared. Without:
+    the leaf order of the tree of the centroids themselves. Returns (order, how).
+    """
+    if is_wnid_list(class_names):
+        return list(np.argsort(class_names, kind="stable")), "wordnet (wnid order)"
+    if wup is not None:
+        return average_linkage(1 - wup)[1], "wordnet (average-linkage leaf order of 1 - WUP)"
+    return average_linkage(1 - similarity)[1], "centroids (average-linkage leaf order of 1 - cos)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures: a colour map, the centroid heat map (Fig. 5), saliency (Figs. 2, 3)
+
+VIRIDIS = torch.tensor([[0x44, 0x01, 0x54], [0x3b, 0x52, 0x8b], [0x21, 0x91, 0x8c], [0x5e, 0xc9, 0x62],
+                        [0xfd, 0xe7, 0x25]], dtype=torch.float32) / 255   # viridis at 0, 1/4, 1/2, 3/4, 1
+
+
+def colormap(values):
+    """(H, W) in [0, 1] -> (3, H, W) RGB: viridis through its five standard colours, linearly interpolated
+    (dark purple = 0, yellow = 1, as the paper's Fig. 5)."""
+    position = values.float().clamp(0, 1) * (len(VIRIDIS) - 1)
+    low = position.floor().long().clamp(max=len(VIRIDIS) - 2)
+    weight = (position - low).unsqueeze(-1)                                   # (H, W, 1)
+    rgb = VIRIDIS[low] * (1 - weight) + VIRIDIS[low + 1] * weight             # (H, W, 3)
+    return rgb.permute(2, 0, 1)
+
+
+def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
+    """Fig. 5: a (C, C) matrix as a (3, H, W) picture in [0, 1], with a colour bar and, for up to 40
+    classes, the class names beside the rows.
+
+    Each entry is a square of size // C pixels (at least 1); values are mapped from [low, high] to the
+    colour map. The colour bar on the right runs from low (bottom) to high (top), its ends and middle
+    labelled.
+    """
+    count = len(matrix)
+    cell = max(1, size // count)
+    body = colormap((torch.as_tensor(matrix, dtype=torch.float32) - low) / max(high - low, 1e-12))   # (3, C, C)
+    body = body.repeat_interleave(cell, 1).repeat_interleave(cell, 2)                      # (3, C*cell, C*cell)
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    names = labels if labels is not None and count <= 40 else None
+    left = 6 + max(int(draw.textlength(n, font=font)) for n in names) + 6 if names else 6
+    side, margin, bar_width = count * cell, 6, 16
+    digits = max(2, 1 - math.floor(math.log10(max(high - low, 1e-12))))      # enough to tell the ticks apart
+    ticks = [f"{v:.{digits}f}" for v in (high, (low + high) / 2, low)]
+    width = left + side + 3 * margin + bar_width + max(int(draw.textlength(t, font=font)) for t in ticks) + margin
+    canvas = Image.new("RGB", (width, side + 2 * margin), "white")
+    image = Image.fromarray((body.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    canvas.paste(image, (left, margin))
+    bar = colormap(torch.linspace(1, 0, side).unsqueeze(1).expand(side, bar_width))       # (3, side, bar)
+    bar_left = left + side + 2 * margin
+    canvas.paste(Image.fromarray((bar.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (bar_left, margin))
+    draw = ImageDraw.Draw(canvas)
+    for tick, y in zip(ticks, (margin, margin + side // 2, margin + side)):
+        draw.text((bar_left + bar_width + margin, y), tick, fill="black", font=font, anchor="lm")
+    for row, name in enumerate(names or []):
+        draw.text((left - 6, margin + row * cell + cell // 2), name, fill="black", font=font, anchor="rm")
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def vit_attention_map(backbone, image):
+    """Fig. 3: the CLS token's attention to each patch, averaged over heads and over all blocks, upsampled
+    (bilinear) to the image and scaled to [0, 1]. image (3, H, W) -> (H, W)."""
+    maps, (grid_h, grid_w) = backbone.attention_maps(image[None])         # (depth, 1, heads, T, T)
+    cls_to_patches = maps[:, 0, :, 0, 1:].mean((0, 1))                     # (depth, heads, h*w) -> (h*w,)
+    heat = cls_to_patches.reshape(1, 1, grid_h, grid_w)                    # (h*w,) -> (1, 1, h, w)
+    return scale_to_unit(F.interpolate(heat, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0])
+
+
+def smoothgrad_cam(backbone, image, samples=16, noise=0.15, seed=0):
+    """Fig. 2: SmoothGrad-CAM over all stages of a ResNet. image (3, H, W) -> (H, W) in [0, 1].
+
+    Grad-CAM (Selvaraju et al. 2017) at stage k: ReLU(sum_c alpha_c A_c) with A (C_k, h_k, w_k) the stage's
+    output and alpha_c the spatial mean of d target / d A_c. SmoothGrad (Smilkov et al. 2017): the maps
+    are averaged over `samples` copies of the image with Gaussian noise of std noise * (max - min) of the
+    image (their 10-20 %). "Across all layers" (the paper): each stage's averaged map, upsampled to the
+    image and scaled to [0, 1], then the four are averaged.
+
+    The target: a self-supervised backbone has no class score, and the paper does not say what it used.
+    We take the projection of the pooled feature onto the direction of the clean image's own feature,
+    f(x_noisy) . f(x) / |f(x)|: "what makes this image's representation point where it points". At the
+    clean image its gradient equals that of the feature norm |f(x)|, but under noise it keeps asking
+    about the clean image's direction rather than about whatever the noisy copy's feature is.
+    """
+    x = image[None]                                                           # (1, 3, H, W)
+    with torch.no_grad():
+        direction = F.normalize(backbone(x), dim=1)                           # (1, F)
+    generator = torch.Generator().manual_seed(seed)
+    sigma = noise * (x.max() - x.min())
+    noisy = x + sigma * torch.randn((samples, *x.shape[1:]), generator=generator).to(x)   # (S, 3, H, W)
+    noisy.requires_grad_(True)                        # the weights are frozen: the graph starts at the input
+    stages = backbone.stages(noisy)                                           # list of (S, C_k, h_k, w_k)
+    pooled = stages[-1].mean((2, 3))                                          # the representation, (S, F)
+    target = (pooled * direction).sum()                                       # summed over the S copies
+    gradients = torch.autograd.grad(target, stages)
+    heat = torch.zeros(image.shape[-2:])
+    for activation, gradient in zip(stages, gradients):
+        alpha = gradient.mean((2, 3), keepdim=True)                           # (S, C_k, 1, 1)
+        cam = F.relu((alpha * activation).sum(1, keepdim=True))               # (S, 1, h_k, w_k)
+        cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        heat += scale_to_unit(cam.mean(0)[0].detach().cpu())                  # SmoothGrad mean, (H, W)
+    return scale_to_unit(heat / len(stages))
+
+
+def scale_to_unit(heat):
+    low, high = heat.min(), heat.max()
+    return (heat - low) / (high - low).clamp_min(1e-12)
+
+
+def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noise=0.15, scale=None):
+    """saliency.png: one row per image, the input beside its heat map laid over it (colour map at 60 %).
+
+    Small images are enlarged by a whole factor (nearest neighbour, so pixels stay visible) to at
+    least 128 px. Returns the picture (3, H, W)."""
+    backbone = backbone.eval()
+    rows = []
+    for index in indices:
+        image, _ = dataset[index]
+        image = image.to(device)
+        if isinstance(backbone, VisionTransformer):
+            heat = vit_attention_map(backbone, image).cpu()
+        else:
+            heat = smoothgrad_cam(backbone, image, samples, noise)
+        picture = unnormalise(image)
+        overlay = 0.4 * picture + 0.6 * colormap(heat)
+        rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
+    grid = torch.cat(rows, dim=1)                                             # (3, n*S, 2S)
+    scale = scale or math.ceil(128 / rows[0].shape[1])
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    save_png(grid, path)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------
+# Positive pairs: two views of one image under the training augmentation
+
+class TwoViews(torch.utils.data.Dataset):
+    """Item 2k is image k's first global crop, item 2k + 1 its second (DINO's two global recipes, as
+    data.MultiCrop makes them in training), so that extract_features returns pairs in adjacent rows."""
+
+    def __init__(self, dataset, indices, multicrop):
+        self.dataset, self.indices, self.views = dataset, indices, multicrop.transforms[:2]
+
+    def __len__(self):
+        return 2 * len(self.indices)
+
+    def __getitem__(self, item):
+        image, label = self.dataset[self.indices[item // 2]]
+        return self.views[item % 2](image), label
+
+
+def positive_pair_features(backbone, dataset, data_dir, split, train_args, image_size, count, device,
+                           workers=2, seed=0):
+    """Features (2, P, F) of two augmented views of P seeded random images of the split.
+
+    The augmentation is the checkpoint's training one (crop sizes, scales, blur); a torchvision-format
+    backbone, which carries no training arguments, gets the defaults of data.MultiCrop."""
+    args = train_args or {}
+    global_size, local_size = default_crop_sizes(image_size)
+    multicrop = MultiCrop(args.get("global_size", global_size), args.get("local_size", local_size),
+                          global_crops=2, local_crops=0, global_scale=tuple(args.get("global_scale", (0.4, 1.0))),
+                          blur=args.get("blur", True))
+    images = dataset_split(dataset, data_dir, split, transform=None)
+    indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    torch.manual_seed(seed)                                     # the crops are random: make them repeatable
+    random.seed(seed)
+    feats, _ = extract_features(backbone, TwoViews(images, indices, multicrop), device, workers=workers,
+                                desc="positive pairs")
+    return feats.view(len(indices), 2, -1).transpose(0, 1)      # (2P, F) -> (P, 2, F) -> (2, P, F)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+TABLE3_COLUMNS = ("dataset", "method", "arch", "anisotropy", "correlation", "center_norm", "centroid_rank",
+                  "embed_rank", "d_prime", "all_pairwise_angle", "positive_pairwise_angle")
+TABLE4_COLUMNS = ("dataset", "method", "arch", "wup", "lch", "cophenetic", "minilm")
+
+
+def table3_row(result):
+    """Table III's cells: angles as 'mean° ± std°', effective ranks with the numerical rank after a slash."""
+    row = dict(result)
+    row["all_pairwise_angle"] = f"{result['angle_mean']:.2f}° ± {result['angle_std']:.2f}°"
+    if "positive_angle_mean" in result:
+        row["positive_pairwise_angle"] = f"{result['positive_angle_mean']:.2f}° ± {result['positive_angle_std']:.2f}°"
+    for rank in ("centroid_rank", "embed_rank"):
+        row[rank] = f"{result[rank]:.1f} / {result[rank + '_numerical']}"
+    return row
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(p)
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="labelled split whose features are measured (default test, as the paper's held-out view)")
+    p.add_argument("--pairs", type=int, default=4000,
+                   help="random subset for all-pairs statistics (anisotropy, d', angles): n(n-1)/2 pairs; "
+                        "4000 gives 8M pairs in ~1 s, the (n, n) matrix takes 8n^2 bytes")
+    p.add_argument("--positive-images", type=int, default=2000,
+                   help="images whose two augmented views give the positive-pair angle (0: skip)")
+    p.add_argument("--images", type=int, default=8, help="images in saliency.png (0: no saliency picture)")
+    p.add_argument("--smooth-samples", type=int, default=16,
+                   help="noisy copies per image for SmoothGrad-CAM (ResNets); more = smoother, slower")
+    p.add_argument("--smooth-noise", type=float, default=0.15,
+                   help="SmoothGrad noise std as a fraction of the image's value range (Smilkov et al.: 0.1-0.2)")
+    p.add_argument("--permutations", type=int, default=999, help="Mantel permutations for Table IV's p-values")
+    p.add_argument("--text-model", help="local folder of all-MiniLM-L6-v2 (default: $HYDES_TEXT_MODEL, else "
+                                        "downloaded by sentence-transformers)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets, the crops and the SmoothGrad noise")
+    p.add_argument("--out", help="folder for analyze.jsonl and the PNGs (default: analysis/ beside the checkpoint)")
+    p.add_argument("--table3", help="Markdown file to append a Table III row to")
+    p.add_argument("--table4", help="Markdown file to append a Table IV row to")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result, skipped = analyze_checkpoint(args, torch.device(args.device))
+    except (CheckpointError, DatasetError) as error:
+        raise SystemExit(f"error: {error}")
+    print(markdown_header(TABLE3_COLUMNS))
+    print(markdown_row(table3_row(result), TABLE3_COLUMNS))
+    print()
+    print(markdown_header(TABLE4_COLUMNS))
+    print(markdown_row(result, TABLE4_COLUMNS))
+    p_values = [f"{c} {result[c + '_p']:.3f}" for c in ("wup", "lch", "cophenetic", "minilm") if c + "_p" in result]
+    if p_values:
+        print(f"Mantel p-values ({args.permutations} permutations of the classes): " + ", ".join(p_values))
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    with open(os.path.join(args.out, "analyze.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if args.table3:
+        append_markdown_row(args.table3, table3_row(result), TABLE3_COLUMNS)
+    if args.table4:
+        append_markdown_row(args.table4, result, TABLE4_COLUMNS)
+    return result
+
+
+def analyze_checkpoint(args, device):
+    """Load, extract (or read cached) features, measure, draw; returns (result dict, skipped reasons)."""
+    backbone, info, dataset, data_dir, image_size = load_for_probing(args)
+    if args.pairs < 2:
+        raise DatasetError(f"--pairs {args.pairs}: the all-pairs statistics need at least 2 points")
+    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.out = args.out or os.path.join(checkpoint_dir, "analysis")
+    os.makedirs(args.out, exist_ok=True)
+    backbone = backbone.to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)                  # saliency needs gradients of activations, never of weights
+
+    feats, labels = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
+                                    image_size, device, args.cache_dir or os.path.join(checkpoint_dir, "features"),
+                                    args.workers)
+    class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
+    if len(set(labels.tolist())) < 2:
+        raise DatasetError(f"{dataset} has fewer than 2 classes in its {args.split} split; the analysis compares classes")
+    pos_feats = None
+    if args.positive_images > 0:
+        pos_feats = positive_pair_features(backbone, dataset, data_dir, args.split, info["train_args"], image_size,
+                                           args.positive_images, device, args.workers, args.seed)
+    result = {"dataset": dataset, "method": args.method, "arch": info["arch"], "epoch": info["epoch"],
+              "checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "image_size": image_size}
+    result.update(geometry_metrics(feats, labels, pos_feats, args.pairs, args.seed))
+
+    centroids = class_centroids(F.normalize(feats.double(), dim=1), labels.long(), len(class_names))   # (C, F)
+    unit = F.normalize(centroids, dim=1)
+    similarity = (unit @ unit.T).numpy()                                      # (C, F) x (F, C) -> (C, C)
+    semantic, skipped, references = semantic_alignment(similarity, class_names, args.text_model, args.permutations)
+    result.update(semantic)
+    order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
+    # Two colour scales: the paper's 0 to 1 (comparable across checkpoints: darker = closer to 90 degrees),
+    # and the off-diagonal range stretched to the whole map, which shows the structure of a checkpoint
+    # whose centroids all lie within a few degrees of each other.
+    ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
+    off_diagonal = upper_triangle(similarity)
+    result["centroids_png"] = os.path.join(args.out, "centroids.png")
+    save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))), result["centroids_png"])
+    result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
+    save_png(heatmap_picture(ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())),
+             result["centroids_contrast_png"])
+    if args.images > 0:
+        result["saliency_png"] = os.path.join(args.out, "saliency.png")
+        data = dataset_split(dataset, data_dir, args.split, eval_transform(image_size))
+        indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
+        save_saliency_grid(backbone, data, indices, result["saliency_png"], device, args.smooth_samples,
+                           args.smooth_noise)
+    result["skipped"] = skipped
+    return result, skipped
+
+
+if __name__ == "__main__":
+    main()
