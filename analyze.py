@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import DatasetError, MultiCrop, dataset_split, default_crop_sizes, eval_transform
 from evaluate import (CheckpointError, add_checkpoint_arguments, append_markdown_row, cached_features,
-                      extract_features, file_digest, load_for_probing, markdown_header, markdown_row)
+                      extract_features, file_digest, load_for_probing, markdown_header, markdown_row, method_name)
 from models import VisionTransformer
 from segment import save_png, unnormalise
 
@@ -667,7 +667,7 @@ def analyze_checkpoint(args, device):
     if args.positive_images > 0:
         pos_feats = positive_pair_features(backbone, dataset, data_dir, args.split, info["train_args"], image_size,
                                            args.positive_images, device, args.workers, args.seed)
-    result = {"dataset": dataset, "method": args.method, "arch": info["arch"], "epoch": info["epoch"],
+    result = {"dataset": dataset, "method": method_name(args.method, args.checkpoint, info), "arch": info["arch"], "epoch": info["epoch"],
               "checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "image_size": image_size}
     result.update(geometry_metrics(feats, labels, pos_feats, args.pairs, args.seed))
 

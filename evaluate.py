@@ -293,6 +293,19 @@ def append_markdown_row(path, result, columns=TABLE_COLUMNS):
         f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
 
 
+METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
+
+
+def method_name(given, checkpoint_path, info):
+    """The table's method column: --method if given, else the objective a train.py checkpoint was
+    trained with, else the file's name (resnet50_byol.pth -> resnet50_byol)."""
+    if given:
+        return given
+    if info["train_args"] is not None:
+        return METHOD_NAMES[info["train_args"].get("method", "hydes")]
+    return os.path.splitext(os.path.basename(checkpoint_path))[0]
+
+
 def add_checkpoint_arguments(p):
     """The arguments that load_for_probing and cached_features read, shared with analyze.py."""
     p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
@@ -302,7 +315,8 @@ def add_checkpoint_arguments(p):
     p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
     p.add_argument("--image-size", type=int,
                    help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
-    p.add_argument("--method", default="HyDeS", help="name for the table's method column")
+    p.add_argument("--method", help="name for the table's method column (default: HyDeS, InfoNCE or Supervised "
+                                     "for our checkpoints, the file name for a torchvision-format state_dict)")
     p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -374,7 +388,7 @@ def evaluate_checkpoint(args, device):
         raise DatasetError(f"{dataset} has fewer than 2 classes in its training split; a probe needs at least 2")
 
     compute = _compute_device(device)
-    result = {"dataset": dataset, "method": args.method, "arch": info["arch"], "epoch": info["epoch"],
+    result = {"dataset": dataset, "method": method_name(args.method, args.checkpoint, info), "arch": info["arch"], "epoch": info["epoch"],
               "checkpoint": os.path.abspath(args.checkpoint), "image_size": image_size,
               "train_images": len(train_labels), "test_images": len(test_labels)}
     if args.probe in ("both", "knn"):

@@ -40,7 +40,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, error_message
-from evaluate import CheckpointError, append_markdown_row, load_backbone, markdown_header, markdown_row
+from evaluate import (CheckpointError, append_markdown_row, load_backbone, markdown_header, markdown_row,
+                      method_name)
 from models import ARCHS
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -282,7 +283,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images per probe step (paper: 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 1e-3)")
     p.add_argument("--pca-images", type=int, default=8, help="val images in the PCA picture (0: none)")
-    p.add_argument("--method", default="HyDeS", help="name for the table's method column")
+    p.add_argument("--method", help="name for the table's method column (default: from the checkpoint)")
     p.add_argument("--out", help="folder for segment.jsonl and the PCA PNG (default: beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table II row to")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -306,7 +307,7 @@ def main(argv=None):
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
         pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)
-        result = {"method": args.method, "arch": info["arch"], "pixel_accuracy": pixel_accuracy, "miou": miou,
+        result = {"method": method_name(args.method, args.checkpoint, info), "arch": info["arch"], "pixel_accuracy": pixel_accuracy, "miou": miou,
                   "checkpoint": os.path.abspath(args.checkpoint), "image_size": args.image_size,
                   "train_images": len(train_set), "val_images": len(val_set), "epochs": args.epochs,
                   "minutes": round((time.time() - start) / 60, 2)}

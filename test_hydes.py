@@ -762,6 +762,8 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
         assert "projector.0.weight" in saved["model"]
     backbone, info = evaluate.load_backbone(out / "ckpt.pt")
     assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
+    assert evaluate.method_name(None, out / "ckpt.pt", info) == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
+    assert evaluate.method_name(None, "byol_resnet50.pth", {"train_args": None}) == "byol_resnet50"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -853,7 +855,7 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
     picture = Image.open(result["pca_png"])
     assert picture.size == (2 * 48, 2 * 48)                   # 2 rows of (input | PCA), each 48 x 48
     assert json.loads(open(tmp_path / "seg" / "segment.jsonl").read())["miou"] == result["miou"]
-    assert open(table).read().splitlines()[2].startswith(f"| HyDeS | {arch} |")
+    assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
 
 
 def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
