@@ -2,6 +2,7 @@
 
     python analyze.py runs/cifar10-resnet18-kappa1/ckpt.pt --out analysis/
     python analyze.py resnet50.pth --arch resnet50 --dataset imagenet --data-dir /path/to/imagenet --table3 t3.md
+    python analyze.py curves runs/kappa0.1 runs/kappa1 runs/kappa10 --out fig7.png     # Figs. 6-8
 
 For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
 (default test; extracted once and cached, shared with evaluate.py), it reports:
@@ -29,6 +30,10 @@ for the MiniLM column (pip install sentence-transformers). Without them the othe
 written and the skipped columns are named. Spearman correlation, average-linkage clustering and
 cophenetic distances are computed here in numpy.
 
+`analyze.py curves RUN ...` draws learning curves instead (Figs. 6-8): a metric of each run's log.jsonl
+per epoch (default the online k-NN top-1 that train.py logs), one labelled line per run, in one PNG. It
+needs matplotlib (pip install matplotlib), imported only there.
+
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
 centroids.png (the paper's 0-1 colour scale), centroids_contrast.png (the scale stretched to the
 off-diagonal range), saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
@@ -41,6 +46,7 @@ import math
 import os
 import random
 import re
+import sys
 
 import numpy as np
 import torch
@@ -617,10 +623,14 @@ def parse_args(argv=None):
     p.add_argument("--out", help="folder for analyze.jsonl and the PNGs (default: analysis/ beside the checkpoint)")
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
     p.add_argument("--table4", help="Markdown file to append a Table IV row to")
+    p.epilog = "Learning curves of several runs (Figs. 6-8): python analyze.py curves --help"
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["curves"]:
+        return curves_main(argv[1:])
     args = parse_args(argv)
     try:
         result, skipped = analyze_checkpoint(args, torch.device(args.device))
@@ -643,6 +653,65 @@ def main(argv=None):
     if args.table4:
         append_markdown_row(args.table4, result, TABLE4_COLUMNS)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning curves (Figs. 6-8): a logged metric per epoch, one line per run
+
+def read_curves(runs, metric):
+    """{run: (epochs, values)} from each RUN/log.jsonl (or a log file given directly), keeping the lines
+    that hold `metric` (train.py logs the k-NN only every --eval-every epochs)."""
+    curves = {}
+    for run in runs:
+        log = run if os.path.isfile(run) else os.path.join(run, "log.jsonl")
+        if not os.path.exists(log):
+            raise SystemExit(f"error: {run} has no log.jsonl; pass run folders written by train.py")
+        records = [json.loads(line) for line in open(log)]
+        points = [(r["epoch"], r[metric]) for r in records if metric in r]
+        if not points:
+            raise SystemExit(f"error: {log} logs no {metric}; train with --eval-every 1 to log the k-NN per epoch")
+        curves[run] = tuple(zip(*points))
+    return curves
+
+
+def plot_curves(curves, labels, metric, path):
+    """One line with markers per run, a legend, the epoch on x; saved as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                    # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: learning curves need matplotlib: pip install matplotlib") from None
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for (epochs, values), label in zip(curves.values(), labels):
+        axes.plot(epochs, values, marker="o", label=label)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric.replace("_", " "))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def curves_main(argv):
+    p = argparse.ArgumentParser(prog="analyze.py curves",
+                                description="Learning curves of several train.py runs in one PNG (Figs. 6-8).")
+    p.add_argument("runs", nargs="+", help="run folders (each with its log.jsonl)")
+    p.add_argument("--metric", default="knn_top1",
+                   help="a key of log.jsonl: knn_top1 (default), knn_top5, loss, mi, h_global, h_local, accuracy")
+    p.add_argument("--labels", nargs="+", help="legend entries, one per run (default: the folders' names)")
+    p.add_argument("--out", default="curves.png", help="PNG file to write")
+    args = p.parse_args(argv)
+    labels = args.labels or [os.path.basename(os.path.normpath(run)) for run in args.runs]
+    if len(labels) != len(args.runs):
+        raise SystemExit(f"error: {len(labels)} --labels for {len(args.runs)} runs; give one label per run")
+    curves = read_curves(args.runs, args.metric)
+    plot_curves(curves, labels, args.metric, args.out)
+    for (epochs, values), label in zip(curves.values(), labels):
+        print(f"{label}: " + ", ".join(f"epoch {e:g} {v:.2f}" for e, v in zip(epochs, values)))
+    print(f"wrote {args.out}")
+    return curves
 
 
 def analyze_checkpoint(args, device):

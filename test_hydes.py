@@ -1146,3 +1146,28 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
 def test_analyze_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: no checkpoint file"):
         analyze.main([str(tmp_path / "nothing.pt")])
+
+
+def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(tmp_path):
+    runs = []
+    for i, kappa in enumerate((1, 10, 20)):
+        run = tmp_path / f"kappa{kappa}"
+        run.mkdir()
+        with open(run / "log.jsonl", "w") as f:
+            for epoch in (1, 2, 3):
+                record = {"epoch": epoch, "step": 10 * epoch, "loss": -epoch}
+                if epoch != 2:                                   # k-NN logged every other epoch only
+                    record["knn_top1"] = 10 * i + epoch
+                f.write(json.dumps(record) + "\n")
+        runs.append(str(run))
+    curves = analyze.read_curves(runs, "knn_top1")
+    assert curves[runs[2]] == ((1, 3), (21, 23))
+    with pytest.raises(SystemExit, match="logs no knn_top5"):
+        analyze.read_curves(runs, "knn_top5")
+    with pytest.raises(SystemExit, match="2 --labels for 3 runs"):
+        analyze.main(["curves", *runs, "--labels", "a", "b"])
+    pytest.importorskip("matplotlib")
+    analyze.main(["curves", *runs, "--out", str(tmp_path / "curves.png")])
+    pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):      # matplotlib's first three line colours
+        assert (np.abs(pixels - colour).sum(axis=1) < 10).sum() > 50, colour
