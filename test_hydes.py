@@ -526,9 +526,12 @@ def assert_same_training_state(a, b):
 
 def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch):
     common = tiny_run(tmp_path)
-    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2"])
+    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert straight["step"] == 4
+    kept = torch.load(tmp_path / "straight" / "ckpt-epoch1.pt", weights_only=True)     # --keep-every 1
+    assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"],
+                                              evaluate.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
 
     # 1 epoch, then --resume for the second with a loading worker: the views do not depend on the workers
     train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])

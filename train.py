@@ -39,7 +39,7 @@ from models import ARCHS, HyDeSModel, build_backbone, vit_patch_size
 
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "data_dir", "skip_bad_images",
-                       "log_every")
+                       "log_every", "keep_every")
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms.
 LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h_global", "h_local", "mi"),
@@ -105,6 +105,9 @@ def build_parser():
     g.add_argument("--knn-k", type=int, default=200)
     g.add_argument("--knn-temperature", type=float, default=0.1)
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates")
+    g.add_argument("--keep-every", type=int, default=0,
+                   help="also keep OUT/ckpt-epochE.pt every N epochs (0: never), for linear-probe curves "
+                        "(Figs. 6-8): evaluate.py on each, then analyze.py curves OUT/eval.jsonl --metric linear_top1")
 
     g = p.add_argument_group("system")
     g.add_argument("--out", help="run folder (default runs/DATASET-ARCH-kappaK)")
@@ -164,7 +167,8 @@ def check_args(args):
         (args.max_minutes is None or args.max_minutes > 0, "--max-minutes must be > 0"),
         (args.eval_every >= 0 and args.knn_k >= 1 and args.knn_temperature > 0,
          "--eval-every must be >= 0, --knn-k >= 1 and --knn-temperature > 0"),
-        (args.log_every >= 1 and args.workers >= 0, "--log-every must be >= 1 and --workers >= 0"),
+        (args.log_every >= 1 and args.workers >= 0 and args.keep_every >= 0,
+         "--log-every must be >= 1, --workers and --keep-every >= 0"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
     ]
@@ -472,6 +476,8 @@ def main(argv=None):
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             save()
+            if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
+                shutil.copyfile(checkpoint_path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
             if stop.received:
                 name = signal.Signals(stop.received).name
                 print(f"{name}: stopped after step {step} and saved {checkpoint_path}; continue with\n"
