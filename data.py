@@ -15,13 +15,17 @@ torchvision downloads CIFAR, STL-10 and Food-101 when the network is there; Imag
 by hand. When a dataset is missing, `DatasetError` says which files are expected and where.
 """
 
+import math
 import os
 import random
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
+from torchvision.ops import roi_align
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -72,6 +76,30 @@ class RandomSolarize:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
+class ViewRecipe(NamedTuple):
+    """One view of the multi-crop: crop side in pixels, crop area fraction (min, max), blur and
+    solarisation probabilities. Flip, colour jitter and grayscale are the same for every view."""
+    size: int
+    scale: tuple
+    blur_p: float
+    solarize_p: float
+
+
+# DINO's photometric settings, shared by MultiCrop (per image, PIL) and BatchedMultiCrop (per batch, tensors)
+FLIP_P, JITTER_P, GRAYSCALE_P = 0.5, 0.8, 0.2
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1   # factors U(1 -+ 0.4), U(1 -+ 0.2); hue U(-+0.1) turns
+BLUR_SIGMA = (0.1, 2.0)                                      # pixels of the crop, whatever its size
+
+
+def dino_recipes(global_size, local_size, global_crops=2, local_crops=6,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
+    """The V = global_crops + local_crops views, globals first; extra globals alternate recipes 1 and 2."""
+    global_1 = ViewRecipe(global_size, tuple(global_scale), blur_p=1.0 if blur else 0.0, solarize_p=0.0)
+    global_2 = ViewRecipe(global_size, tuple(global_scale), blur_p=0.1 if blur else 0.0, solarize_p=0.2)
+    local = ViewRecipe(local_size, tuple(local_scale), blur_p=0.5 if blur else 0.0, solarize_p=0.0)
+    return [global_1 if i % 2 == 0 else global_2 for i in range(global_crops)] + [local] * local_crops
+
+
 class MultiCrop:
     """One PIL image -> list of `global_crops + local_crops` normalised tensors, globals first.
 
@@ -89,31 +117,255 @@ class MultiCrop:
     def __init__(self, global_size, local_size, global_crops=2, local_crops=6,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
         photometric = T.Compose([
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(p=FLIP_P),
+            T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=JITTER_P),
+            T.RandomGrayscale(p=GRAYSCALE_P),
         ])
         to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-        def crop(size, scale):
-            return T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
-
-        def recipe(size, scale, blur_p, solarize_p=0.0):
-            steps = [crop(size, scale), photometric]
-            if blur:
-                steps.append(RandomGaussianBlur(blur_p))
-            if solarize_p:
-                steps.append(RandomSolarize(solarize_p))
+        def transform(recipe):
+            steps = [T.RandomResizedCrop(recipe.size, scale=recipe.scale, interpolation=T.InterpolationMode.BICUBIC),
+                     photometric]
+            if recipe.blur_p:
+                steps.append(RandomGaussianBlur(recipe.blur_p, BLUR_SIGMA))
+            if recipe.solarize_p:
+                steps.append(RandomSolarize(recipe.solarize_p))
             return T.Compose(steps + [to_tensor])
 
-        global_1 = recipe(global_size, global_scale, blur_p=1.0)
-        global_2 = recipe(global_size, global_scale, blur_p=0.1, solarize_p=0.2)
-        local = recipe(local_size, local_scale, blur_p=0.5)
-        self.transforms = [global_1 if i % 2 == 0 else global_2 for i in range(global_crops)]
-        self.transforms += [local] * local_crops
+        recipes = dino_recipes(global_size, local_size, global_crops, local_crops, global_scale, local_scale, blur)
+        self.transforms = [transform(recipe) for recipe in recipes]
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batched multi-crop on the training device: MultiCrop's recipe for a whole uint8 batch at once
+#
+# Eight PIL views per image on CPU workers starve a GPU; here every step is one tensor operation over
+# the batch with per-image random parameters, on whatever device holds the images. The parameters (a
+# few numbers per image) are drawn on the CPU from a torch.Generator and then moved to the device, so a
+# seed gives the same views on any device. Images are floats in [0, 1] from the crop on; PIL rounds to
+# uint8 after every step, which moves values by up to ~1/255 per step.
+
+def sample_crop_boxes(batch, height, width, scale, generator, ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision's RandomResizedCrop.get_params for `batch` images at once -> (B, 4) int64 boxes
+    (x0, y0, w, h) in pixels.
+
+    Per image, as torchvision: up to 10 attempts of an area fraction ~ U(scale) and an aspect ratio
+    log-uniform in `ratio`, rounded to whole pixels; the first attempt that fits is kept and placed
+    uniformly; if none fits, the largest centred crop whose aspect ratio lies in `ratio`. All attempts
+    are drawn at once and the first fitting one picked: the same distribution as the loop.
+    """
+    area = torch.empty(batch, attempts).uniform_(*scale, generator=generator) * (height * width)  # (B, 10)
+    log_ratio = torch.empty(batch, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(area * aspect)).long()                       # (B, 10); round half to even,
+    h = torch.round(torch.sqrt(area / aspect)).long()                       # as Python's round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)                 # (B, 10)
+    first = fits.long().argmax(dim=1, keepdim=True)                         # (B, 1), first fitting attempt
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]               # (B,)
+    # Fallback, the same for every image of the size: the whole image, cut to the nearest allowed ratio.
+    if width / height < ratio[0]:
+        fallback_w, fallback_h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        fallback_w, fallback_h = int(round(height * ratio[1])), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    w = torch.where(found, w, fallback_w)
+    h = torch.where(found, h, fallback_h)
+    # x0 ~ U{0, ..., width - w}, like torch.randint(0, width - w + 1); centred for the fallback.
+    u = torch.rand(batch, 2, generator=generator)
+    x0 = torch.where(found, (u[:, 0] * (width - w + 1)).long(), (width - w) // 2)
+    y0 = torch.where(found, (u[:, 1] * (height - h + 1)).long(), (height - h) // 2)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def resized_crop(images, boxes, size):
+    """Cut each image's box and resize it to size x size: (B, C, H, W) float, boxes (B, 4) -> (B, C, size, size).
+
+    roi_align with one box per image does the whole batch in one call. With aligned=True pixel k spans
+    [k, k+1), so the box (x0, y0, w, h) covers exactly pixels x0 ... x0+w-1 (and likewise in y).
+    Deviation from the per-image recipe: bilinear, not PIL's bicubic. When shrinking, the adaptive
+    sampling_ratio averages ceil(box/size) samples per output pixel in each direction, an antialiasing
+    filter much as PIL's (PIL's is a wider, bicubic-weighted one); when enlarging (most local crops of
+    small images) it is plain bilinear, slightly softer than bicubic, with no overshoot.
+    """
+    x0, y0, w, h = boxes.to(images.device, images.dtype).unbind(1)                  # each (B,)
+    index = torch.arange(len(images), device=images.device, dtype=images.dtype)
+    rois = torch.stack([index, x0, y0, x0 + w, y0 + h], dim=1)                       # (B, 5)
+    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def on_chosen(x, apply, operation, *per_image_args):
+    """x with `operation` applied to the images where apply (B,) is True: (B, 3, h, w) -> (B, 3, h, w).
+
+    The chosen images are gathered into one smaller batch, so an operation with probability p costs
+    p of the work, with no per-image loop. The indices are found on the CPU, where `apply` was drawn,
+    so a GPU never waits for a nonzero(). per_image_args: (B,) tensors, cut down to the chosen images.
+    """
+    chosen = torch.nonzero(apply)[:, 0]                                        # (b,) CPU indices
+    if len(chosen) == 0:
+        return x
+    rows = chosen.to(x.device)
+    changed = operation(x[rows], *(arg[chosen] for arg in per_image_args))     # (b, 3, h, w)
+    return x.index_copy(0, rows, changed)
+
+
+def per_image(values, x):
+    """(B,) per-image values -> (B, 1, 1, 1) on x's device and dtype, to broadcast over (B, C, H, W)."""
+    return values.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+def luminance(x):
+    """ITU-R 601 luma, PIL's convert("L") weights: (B, 3, h, w) -> (B, 1, h, w)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_brightness(x, factor):
+    """Blend with black: factor (B,) * x, clipped to [0, 1] (PIL ImageEnhance.Brightness)."""
+    return (per_image(factor, x) * x).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    """Blend with the image's mean grey level (PIL ImageEnhance.Contrast): f x + (1 - f) mean, clipped."""
+    mean = luminance(x).mean(dim=(1, 2, 3), keepdim=True)                     # (B, 1, 1, 1)
+    f = per_image(factor, x)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):
+    """Blend with the image's own grey version (PIL ImageEnhance.Color): f x + (1 - f) luma, clipped."""
+    f = per_image(factor, x)
+    return (f * x + (1 - f) * luminance(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by shift (B,) turns through HSV, as torchvision does; saturation and value kept.
+
+    RGB -> HSV with the hue in sixths of a turn, as torchvision: by the largest channel R, G or B,
+    hue = (g - b) / chroma, 2 + (b - r) / chroma or 4 + (r - g) / chroma. Back with the closed form for
+    each channel n = 5, 3, 1 (R, G, B): c = v - chroma clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6,
+    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue.
+    """
+    r, g, b = x.unbind(1)                                                      # each (B, h, w)
+    value = torch.maximum(torch.maximum(r, g), b)
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    hue = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * chroma, r - g + 4 * chroma))
+    # + 6 keeps the hue positive (it starts in [-1, 5]), so fmod below is the modulo: fmod is faster.
+    hue = hue / chroma.clamp_min(1e-12) + (6 * shift + 6).to(x.device, x.dtype).view(-1, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.fmod(n + hue.unsqueeze(1), 6)                                    # (B, 3, h, w)
+    return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with each image's own factors (B,), in a fixed order.
+
+    Deviation: torchvision draws a new order of the four operations at every call; here the order is
+    always brightness, contrast, saturation, hue. Why that changes little: the first three are blends
+    of the image with black, with its mean grey level and with its own grey version, and each keeps the
+    grey levels the others blend with (in proportion), so they commute exactly until a value is
+    clipped at 0 or 1 (test_hydes.py checks this). Only the hue's place and the clipping differ from a
+    random order; a random order per image would cost a gather and a scatter per step.
+    """
+    x = adjust_brightness(x, brightness)
+    x = adjust_contrast(x, contrast)
+    x = adjust_saturation(x, saturation)
+    return adjust_hue(x, hue)
+
+
+def grayscale(x):
+    """The luma in all three channels (PIL convert("L") then back to RGB): (B, 3, h, w) -> (B, 3, h, w)."""
+    return luminance(x).expand_as(x)
+
+
+def blur_matrices(sigma, size):
+    """(B,) sigmas in pixels -> (B, size, size) matrices M with (M x)_i = sum_k g_k x_clamp(i+k), the
+    sampled Gaussian g of radius 3 sigma_max = 6 px (13 taps; the cut tails hold 0.3% of the weight at
+    sigma = 2), normalised, with the image border extended outwards as PIL's box filters do."""
+    radius = math.ceil(3 * BLUR_SIGMA[1])
+    offsets = torch.arange(-radius, radius + 1)                                # (K,)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(-1, 1) ** 2))          # (B, K)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    source = (torch.arange(size)[:, None] + offsets).clamp(0, size - 1)        # (size, K): pixel read by tap k
+    batch = len(sigma)
+    matrices = torch.zeros(batch, size, size)
+    return matrices.scatter_add_(2, source.expand(batch, -1, -1), kernel[:, None, :].expand(-1, size, -1))
+
+
+def gaussian_blur(x, sigma):
+    """Blur each square image with its own sigma (B,) in pixels: (B, 3, s, s) -> (B, 3, s, s).
+
+    PIL's GaussianBlur(radius) takes the standard deviation in pixels of the image it is given, so the
+    same sigma ~ U(0.1, 2.0) applies to 96 and 16 px crops alike, as here. The blur is separable, so it
+    is M x M^T with one (s, s) matrix per image: two batched matrix products, faster on a CPU than a
+    grouped convolution with a kernel per image.
+    Deviation: PIL approximates the Gaussian by three extended box filters; this is the sampled Gaussian.
+    """
+    matrices = blur_matrices(sigma.cpu(), x.shape[-1]).to(x.device, x.dtype)[:, None]   # (B, 1, s, s)
+    return matrices @ x @ matrices.transpose(-1, -2)                           # along h, then along w
+
+
+def solarize(x):
+    """Invert the pixels at or above 128/255 (PIL ImageOps.solarize: 255 - v where v >= 128)."""
+    return torch.where(x >= 128 / 255, 1 - x, x)
+
+
+def normalize(x):
+    """(x - mean) / std per channel with ImageNet's statistics, as T.Normalize after T.ToTensor."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augmented_view(images, recipe, generator):
+    """One view of each image by `recipe`: (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised.
+    The steps, their order and probabilities are MultiCrop's: crop, flip, jitter, grayscale, blur,
+    solarise, normalise. Every image draws its own parameters whether or not a step applies to it."""
+    batch, _, height, width = images.shape
+
+    def coin(p):                                       # (B,) bool, each True with probability p
+        return torch.rand(batch, generator=generator) < p
+
+    def uniform(low, high):                            # (B,) floats ~ U(low, high)
+        return torch.empty(batch).uniform_(low, high, generator=generator)
+
+    x = resized_crop(images, sample_crop_boxes(batch, height, width, recipe.scale, generator), recipe.size)
+    x = on_chosen(x, coin(FLIP_P), lambda chosen: chosen.flip(-1))
+    jitter = (uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS), uniform(1 - CONTRAST, 1 + CONTRAST),
+              uniform(1 - SATURATION, 1 + SATURATION), uniform(-HUE, HUE))
+    x = on_chosen(x, coin(JITTER_P), color_jitter, *jitter)
+    x = on_chosen(x, coin(GRAYSCALE_P), grayscale)
+    if recipe.blur_p:
+        x = on_chosen(x, coin(recipe.blur_p), gaussian_blur, uniform(*BLUR_SIGMA))
+    if recipe.solarize_p:
+        x = on_chosen(x, coin(recipe.solarize_p), solarize)
+    return normalize(x)
+
+
+class BatchedMultiCrop:
+    """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
+    (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
+    model code is the same. Same arguments and recipe as MultiCrop; where it deviates (bilinear crops,
+    fixed jitter order, sampled Gaussian blur, float arithmetic between steps) the functions above say.
+
+        crops = BatchedMultiCrop(32, 16)
+        views = crops(images.to(device), generator)    # generator: a CPU torch.Generator, seeded once
+    """
+
+    def __init__(self, global_size, local_size, global_crops=2, local_crops=6,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
+        self.recipes = dino_recipes(global_size, local_size, global_crops, local_crops, global_scale, local_scale,
+                                    blur)
+
+    def __call__(self, images, generator):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"BatchedMultiCrop expects a uint8 batch (B, 3, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        x = images.float() / 255                                   # (B, 3, H, W) uint8 -> float in [0, 1]
+        return [augmented_view(x, recipe, generator) for recipe in self.recipes]
 
 
 def eval_transform(image_size):
