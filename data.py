@@ -368,6 +368,87 @@ class BatchedMultiCrop:
         return [augmented_view(x, recipe, generator) for recipe in self.recipes]
 
 
+# ----------------------------------------------------------------------------------------------------
+# uint8 images for BatchedMultiCrop: decoded once into (device) memory, or by DataLoader workers
+#
+# CIFAR-10/100 (50k x 3 KB) and STL-10 (105k x 27 KB, 2.9 GB) fit in a GPU's memory as uint8: decode
+# them once, keep them there, and an epoch is a permutation and index operations, with no workers at
+# all. ImageNet and Food-101 do not fit; DataLoader workers decode them to one fixed size, uint8 (4x
+# fewer bytes than floats to pin and copy), and the crops are cut on the device.
+
+def fixed_size_uint8(side):
+    """PIL image -> uint8 (3, side, side): shorter side resized to `side` (bicubic, antialiased), centre kept.
+    The crops are then cut from that square: the ends of the long side are lost, as in evaluation."""
+    return T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side),
+                      T.PILToTensor()])
+
+
+def uint8_pretrain_dataset(name, root, global_size):
+    """The pre-training images (`pretrain_dataset`) as uint8 tensors (3, H, W), all of one size.
+
+    CIFAR and STL-10, and a `folder` whose images all have one size, stay at their native size, as
+    MultiCrop sees them. Every other image is resized with `fixed_size_uint8`: ImageNet and Food-101 to
+    8/7 of the global crop (256 px for 224, the evaluation's resize), a folder of mixed sizes to the
+    global crop size (which then equals its largest crop).
+    """
+    dataset = pretrain_dataset(name, root, T.PILToTensor())
+    if name in ("cifar10", "cifar100", "stl10"):
+        return dataset
+    if name == "folder":
+        sizes = set()
+        for path, _ in dataset.samples:
+            with Image.open(path) as img:              # reads the header only, not the pixels
+                sizes.add(img.size)
+        if len(sizes) > 1:
+            dataset.transform = fixed_size_uint8(global_size)
+        return dataset
+    dataset.transform = fixed_size_uint8(round(global_size * 8 / 7))
+    return dataset
+
+
+def load_into_memory(dataset, device, workers=0, batch_size=256):
+    """Decode every image of a uint8 dataset once -> images uint8 (N, 3, H, W), labels int64 (N,), on device.
+    The images are written into one preallocated tensor, so the host never holds them twice."""
+    first, _ = dataset[0]
+    images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)     # (N, 3, H, W)
+    labels = torch.empty(len(dataset), dtype=torch.int64)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    start = 0
+    for batch_images, batch_labels in loader:
+        images[start:start + len(batch_images)] = batch_images
+        labels[start:start + len(batch_images)] = batch_labels
+        start += len(batch_images)
+    return images.to(device), labels.to(device)
+
+
+def shuffled_batches(images, batch_size, generator, rank=0, world_size=1):
+    """One epoch over images (N, 3, H, W) held in memory: batches (B, 3, H, W) in a fresh random order.
+
+    The permutation comes from the CPU `generator`; under data parallelism every process seeds it
+    alike, so all draw the same permutation and process `rank` takes its own B images of each global
+    batch of world_size*B. The last incomplete global batch is dropped, as drop_last does.
+    """
+    order = torch.randperm(len(images), generator=generator).to(images.device)    # (N,)
+    global_batch = batch_size * world_size
+    for start in range(0, len(images) - global_batch + 1, global_batch):
+        first = start + rank * batch_size
+        yield images[order[first:first + batch_size]]
+
+
+def uint8_loader(dataset, batch_size, workers, seed, rank=0, world_size=1):
+    """Batches (images uint8 (B, 3, S, S), labels) of a uint8 dataset, decoded by DataLoader workers.
+
+    A DistributedSampler shards the shuffled dataset among processes (with world_size = 1 it is a plain
+    seeded shuffle, no process group needed); call loader.sampler.set_epoch(epoch) before each epoch
+    for a new order. Pinned memory lets .to(device, non_blocking=True) overlap the copy with compute.
+    """
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
 def eval_transform(image_size):
     """Deterministic transform for the probes: resize, centre crop, normalise (no augmentation).
 
