@@ -199,18 +199,19 @@ def resized_crop(images, boxes, size):
 
 
 def on_chosen(x, apply, operation, *per_image_args):
-    """x with `operation` applied to the images where apply (B,) is True: (B, 3, h, w) -> (B, 3, h, w).
+    """Apply `operation` to the images where apply (B,) is True, in place: x (B, 3, h, w) is returned.
 
     The chosen images are gathered into one smaller batch, so an operation with probability p costs
-    p of the work, with no per-image loop. The indices are found on the CPU, where `apply` was drawn,
-    so a GPU never waits for a nonzero(). per_image_args: (B,) tensors, cut down to the chosen images.
+    p of the work, with no per-image loop, and written back in place (x is always a fresh tensor of
+    augmented_view's, so nothing else sees the change, and no full copy of x is made per step). The
+    indices are found on the CPU, where `apply` was drawn, so a GPU never waits for a nonzero().
+    per_image_args: (B,) tensors, cut down to the chosen images.
     """
     chosen = torch.nonzero(apply)[:, 0]                                        # (b,) CPU indices
-    if len(chosen) == 0:
-        return x
-    rows = chosen.to(x.device)
-    changed = operation(x[rows], *(arg[chosen] for arg in per_image_args))     # (b, 3, h, w)
-    return x.index_copy(0, rows, changed)
+    if len(chosen):
+        rows = chosen.to(x.device)
+        x[rows] = operation(x[rows], *(arg[chosen] for arg in per_image_args))   # (b, 3, h, w)
+    return x
 
 
 def per_image(values, x):
@@ -247,16 +248,18 @@ def adjust_hue(x, shift):
     RGB -> HSV with the hue in sixths of a turn, as torchvision: by the largest channel R, G or B,
     hue = (g - b) / chroma, 2 + (b - r) / chroma or 4 + (r - g) / chroma. Back with the closed form for
     each channel n = 5, 3, 1 (R, G, B): c = v - chroma clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6,
-    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue.
+    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue. For |shift| <= 1/6 turn
+    (ColorJitter's hue range here is 0.1), where one conditional subtraction is the modulo.
     """
     r, g, b = x.unbind(1)                                                      # each (B, h, w)
     value = torch.maximum(torch.maximum(r, g), b)
     chroma = value - torch.minimum(torch.minimum(r, g), b)
     hue = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * chroma, r - g + 4 * chroma))
-    # + 6 keeps the hue positive (it starts in [-1, 5]), so fmod below is the modulo: fmod is faster.
-    hue = hue / chroma.clamp_min(1e-12) + (6 * shift + 6).to(x.device, x.dtype).view(-1, 1, 1)
+    hue = hue / chroma.clamp_min(1e-12) + 6 * per_image(shift, x)[:, 0]       # (B, h, w), in [-1.6, 5.6]
+    hue = torch.where(hue < 0, hue + 6, hue)                                   # -> [0, 6)
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.fmod(n + hue.unsqueeze(1), 6)                                    # (B, 3, h, w)
+    k = n + hue.unsqueeze(1)                                                   # (B, 3, h, w), in [1, 11)
+    k = torch.where(k >= 6, k - 6, k)                                          # mod 6, cheaper than fmod
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
