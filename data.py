@@ -13,6 +13,17 @@ Pre-training uses the unlabelled images of a dataset; the probes use its labelle
 
 torchvision downloads CIFAR, STL-10 and Food-101 when the network is there; ImageNet must be put in place
 by hand. When a dataset is missing, `DatasetError` says which files are expected and where.
+
+The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image in
+DataLoader workers, and `BatchedMultiCrop`, per uint8 batch on the training device. The second is fed
+either from memory (`uint8_pretrain_dataset` + `load_into_memory` + `shuffled_batches`: CIFAR, STL-10,
+small folders) or by workers that decode to one fixed size (`uint8_loader`: ImageNet, Food-101):
+
+    dataset = uint8_pretrain_dataset("cifar10", root, global_size=32)
+    images, _ = load_into_memory(dataset, device)                    # (N, 3, 32, 32) uint8, once
+    crops, generator = BatchedMultiCrop(32, 16), torch.Generator().manual_seed(seed)
+    for batch in shuffled_batches(images, 128, generator):          # (B, 3, 32, 32) uint8 on device
+        views = crops(batch, generator)                              # V tensors (B, 3, h, w), as MultiCrop's
 """
 
 import math

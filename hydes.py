@@ -112,22 +112,22 @@ def log_sphere_area(dim):
 # ----------------------------------------------------------------------------------------------------
 # Eqs. (2) and (3): leave-one-out kernel density estimates of the entropy
 
-def global_entropy(z, kappa, batch=None, first_image=0):
+def global_entropy(z, kappa, whole_batch=None, first_image=0):
     """Eq. (2): H_global, each embedding scored against all N-1 others of the batch.
 
     z: (V, B, D) float32, unit-norm: the embeddings whose entropy terms are averaged (the rows).
-    batch: (V, B_all, D), the whole batch they are scored against (the columns); z itself by default.
-    Under data parallelism (see `hydes_loss`) z is one process's share and `batch` the gathered global
-    batch, in which z stands at images first_image ... first_image + B - 1.
+    whole_batch: (V, B_all, D), the batch they are scored against (the columns); z itself by default.
+    Under data parallelism (see `hydes_loss`) z is one process's share and whole_batch the gathered
+    global batch, in which z stands at images first_image ... first_image + B - 1.
     Returns a scalar tensor (nats), the mean over z's rows.
     The "others" include the image's own other views: the paper's B - {Z_i} removes only Z_i itself.
     """
-    batch = z if batch is None else batch
+    whole_batch = z if whole_batch is None else whole_batch
     num_views, rows_per_view, dim = z.shape
-    images = batch.shape[1]
+    images = whole_batch.shape[1]
     n = num_views * images                                    # N, over the whole batch
     rows = z.reshape(num_views * rows_per_view, dim)          # (V, B, D) -> (V*B, D), row v*B + b
-    columns = batch.reshape(n, dim)                           # (V, B_all, D) -> (N, D), column v*B_all + b
+    columns = whole_batch.reshape(n, dim)                     # (V, B_all, D) -> (N, D), column v*B_all + b
     logits = kappa * (rows @ columns.T)                       # (V*B, D) x (D, N) -> (V*B, N), kappa s_ij
     # Leave-one-out: the self term exp(kappa s_ii) = exp(kappa) is the largest in every row and would
     # swamp the estimate (the "density" would just measure the kernel's own peak). A -inf logit is an
@@ -186,7 +186,7 @@ class GatherBatch(torch.autograd.Function):
         dist.all_reduce(grad)                                  # summed over the R processes
         batch = grad.shape[1] // dist.get_world_size()
         first = dist.get_rank() * batch
-        return grad[:, first:first + batch]                    # -> (V, B), this process's slice
+        return grad[:, first:first + batch]                    # -> (V, B, D), this process's slice
 
 
 def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
@@ -220,14 +220,14 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
     num_views, batch, _ = z.shape
     if num_views < 2:
         raise ValueError(f"H_local needs at least 2 views of each image, got V = {num_views}")
+    if num_views * batch < 2:
+        raise ValueError("H_global needs at least 2 embeddings in the batch")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         if data_parallel():
             everyone = GatherBatch.apply(z)                                      # (V, R*B, D)
             h_global = global_entropy(z, kappa, everyone, first_image=dist.get_rank() * batch)
         else:
-            if num_views * batch < 2:
-                raise ValueError("H_global needs at least 2 embeddings in the batch")
             h_global = global_entropy(z, kappa)
         h_local = local_entropy(z, kappa)
     mi = alpha * h_global - beta * h_local
