@@ -13,8 +13,19 @@ these pipelines do the same work whatever the pixels. Images/s count source imag
 The per-image pipelines are single-threaded PIL code; in training they run in DataLoader workers, one
 per core, so on a k-core machine multiply their rate by at most k.
 
-Recorded (2-core CPU shared with other jobs, load average ~3 during the run; 1 torch thread; batch 256):
-see the table in the header of the commit that added this file, and rerun: shared machines vary.
+Recorded with `python benchmark.py` (torch 2.14 CPU, 1 torch thread, batch 256) on a 2-core CPU shared
+with other jobs (load average 5.5 during the run, so every rate is below what an idle machine gives):
+
+    | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
+    | cifar | 2x32 + 6x16 from 32 px |         3,268 |             420 |           338 |         7.8x |       9.7x |
+    | stl10 | 2x96 + 6x48 from 96 px |           299 |             217 |           192 |         1.4x |       1.6x |
+
+At 32 px PIL's cost is per call, which batching removes; at 96 px it is per pixel, where PIL's uint8 C
+loops are about as fast as the some 30 float32 passes over each view here, so on a CPU the batched
+form gains little. It is meant for a GPU, where those passes are kernels over the whole batch (not
+measured here: this machine has none; `--device cuda` measures it). With 2 threads on this loaded
+machine the batched pipeline ran 3-40x slower than with 1 (threads waiting for a busy core), hence
+the default of 1.
 """
 
 import argparse
