@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
-from torchvision.ops import roi_align
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -193,20 +192,55 @@ def sample_crop_boxes(batch, height, width, scale, generator, ratio=(3 / 4, 4 / 
     return torch.stack([x0, y0, w, h], dim=1)
 
 
-def resized_crop(images, boxes, size):
-    """Cut each image's box and resize it to size x size: (B, C, H, W) float, boxes (B, 4) -> (B, C, size, size).
+def cubic_kernel(t, a=-0.5):
+    """PIL's bicubic filter (Keys' cubic convolution, a = -0.5): weight of a pixel t pixels away, |t| < 2."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1                    # |t| < 1
+    far = (((t - 5) * t + 8) * t - 4) * a                         # 1 <= |t| < 2
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
-    roi_align with one box per image does the whole batch in one call. With aligned=True pixel k spans
-    [k, k+1), so the box (x0, y0, w, h) covers exactly pixels x0 ... x0+w-1 (and likewise in y).
-    Deviation from the per-image recipe: bilinear, not PIL's bicubic. When shrinking, the adaptive
-    sampling_ratio averages ceil(box/size) samples per output pixel in each direction, an antialiasing
-    filter much as PIL's (PIL's is a wider, bicubic-weighted one); when enlarging (most local crops of
-    small images) it is plain bilinear, slightly softer than bicubic, with no overshoot.
+
+def resize_matrices(start, length, size, source_size, device):
+    """The weights of PIL's bicubic resize of a crop, along one axis: (B,) crop starts and lengths in
+    pixels (CPU) -> (B, size, source_size) on `device`, row i the weights output pixel i gives each
+    source pixel.
+
+    As PIL's Resample.c: output pixel i is centred on start + (i + 1/2) length / size; when shrinking,
+    the kernel is widened by the factor length / size, so that it also filters out the detail too fine
+    for the output (antialiasing); source pixels outside the crop get no weight; each row sums to one.
+    Only the few pixels under the kernel (taps) are evaluated, then scattered into the full rows.
     """
-    x0, y0, w, h = boxes.to(images.device, images.dtype).unbind(1)                  # each (B,)
-    index = torch.arange(len(images), device=images.device, dtype=images.dtype)
-    rois = torch.stack([index, x0, y0, x0 + w, y0 + h], dim=1)                       # (B, 5)
-    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    widest = max(1.0, float((length / size).max()))
+    taps = math.ceil(4 * widest) + 1                     # pixels under a kernel of support 2 * widening
+    start, length = start.to(device).view(-1, 1, 1), length.to(device).view(-1, 1, 1)   # (B, 1, 1)
+    scale = length / size
+    widening = scale.clamp_min(1.0)
+    centre = start + (torch.arange(size, device=device).view(1, -1, 1) + 0.5) * scale  # (B, size, 1)
+    first = torch.floor(centre - 2 * widening)
+    source = first + torch.arange(taps, device=device)                                  # (B, size, taps)
+    weights = cubic_kernel((source + 0.5 - centre) / widening)
+    weights = weights * ((source >= start) & (source < start + length))
+    weights = weights / weights.sum(dim=2, keepdim=True)
+    matrices = torch.zeros(len(start), size, source_size, device=device)
+    # taps outside the image have weight 0 (outside the crop), so clamping their index changes nothing
+    return matrices.scatter_add_(2, source.clamp(0, source_size - 1).long(), weights)
+
+
+def resized_crop(images, boxes, size, flip):
+    """Cut each image's box, resize it to size x size and mirror it where flip (B,) is True:
+    (B, C, H, W) float in [0, 1], boxes (B, 4) (x0, y0, w, h) -> (B, C, size, size).
+
+    PIL's crop-then-bicubic-resize is separable, so it is one matrix per axis and image: R_y X R_x^T,
+    two batched matrix products for the whole batch. A mirrored crop is the same with R_x's rows in
+    reverse order, so the flip costs nothing. PIL clips the cubic's overshoot to [0, 255] after each
+    of its two passes; here once, at the end (a difference only next to sharp edges).
+    """
+    x0, y0, w, h = boxes.float().unbind(1)                                           # each (B,), CPU
+    rows = resize_matrices(y0, h, size, images.shape[2], images.device)              # (B, size, H)
+    columns = resize_matrices(x0, w, size, images.shape[3], images.device)           # (B, size, W)
+    columns = torch.where(flip.to(images.device).view(-1, 1, 1), columns.flip(1), columns)
+    out = rows[:, None] @ images @ columns[:, None].transpose(-1, -2)   # (B,1,s,H) (B,C,H,W) (B,1,W,s) -> (B,C,s,s)
+    return out.clamp(0, 1)
 
 
 def on_chosen(x, apply, operation, *per_image_args):
@@ -336,7 +370,7 @@ def normalize(x):
 
 def augmented_view(images, recipe, generator):
     """One view of each image by `recipe`: (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised.
-    The steps, their order and probabilities are MultiCrop's: crop, flip, jitter, grayscale, blur,
+    The steps, their order and probabilities are MultiCrop's: crop and flip, jitter, grayscale, blur,
     solarise, normalise. Every image draws its own parameters whether or not a step applies to it."""
     batch, _, height, width = images.shape
 
@@ -346,8 +380,8 @@ def augmented_view(images, recipe, generator):
     def uniform(low, high):                            # (B,) floats ~ U(low, high)
         return torch.empty(batch).uniform_(low, high, generator=generator)
 
-    x = resized_crop(images, sample_crop_boxes(batch, height, width, recipe.scale, generator), recipe.size)
-    x = on_chosen(x, coin(FLIP_P), lambda chosen: chosen.flip(-1))
+    boxes = sample_crop_boxes(batch, height, width, recipe.scale, generator)
+    x = resized_crop(images, boxes, recipe.size, flip=coin(FLIP_P))
     jitter = (uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS), uniform(1 - CONTRAST, 1 + CONTRAST),
               uniform(1 - SATURATION, 1 + SATURATION), uniform(-HUE, HUE))
     x = on_chosen(x, coin(JITTER_P), color_jitter, *jitter)
@@ -362,8 +396,8 @@ def augmented_view(images, recipe, generator):
 class BatchedMultiCrop:
     """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
     (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
-    model code is the same. Same arguments and recipe as MultiCrop; where it deviates (bilinear crops,
-    fixed jitter order, sampled Gaussian blur, float arithmetic between steps) the functions above say.
+    model code is the same. Same arguments and recipe as MultiCrop; where it deviates (fixed jitter
+    order, sampled Gaussian blur, float arithmetic between steps) the functions above say so.
 
         crops = BatchedMultiCrop(32, 16)
         views = crops(images.to(device), generator)    # generator: a CPU torch.Generator, seeded once

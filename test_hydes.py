@@ -669,20 +669,22 @@ def torchvision_crop_box(height, width, scale):
     return left, top, w, h
 
 
-def test_resized_crop_samples_each_box_at_its_pixel_centres():
-    # The existing area test reads a crop's box back from a coordinate ramp; a linear ramp is also
-    # reproduced exactly by bilinear sampling, so each output pixel k must read x0 + (k + 1/2) w / s - 1/2
-    # (pixel j spans [j, j+1) and stores j). The boxes sit 10 px inside the image, clear of the border.
+def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
+    # A smooth image (no edges, so PIL's clipping between its two passes never acts): each output pixel
+    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk.
+    yy, xx = np.mgrid[0:64, 0:64]
+    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
     g = torch.Generator().manual_seed(0)
-    boxes = data.sample_crop_boxes(64, 100, 100, (0.05, 1.0), g) + torch.tensor([10, 10, 0, 0])
-    ramp = torch.arange(120.0)
-    image = torch.stack([ramp.expand(120, 120), ramp[:, None].expand(120, 120)])             # (2, 120, 120): x, y
-    for size in (16, 32):
-        crops = data.resized_crop(image.expand(64, -1, -1, -1).contiguous(), boxes, size)    # (64, 2, s, s)
-        k = torch.arange(size) + 0.5
-        x0, y0, w, h = boxes.T.float()[..., None]                                            # each (64, 1)
-        assert torch.allclose(crops[:, 0, 0, :], x0 + k * w / size - 0.5, atol=1e-3)
-        assert torch.allclose(crops[:, 1, :, 0], y0 + k * h / size - 0.5, atol=1e-3)
+    for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
+        boxes = data.sample_crop_boxes(8, 64, 64, scale, g)
+        flip = torch.arange(8) % 2 == 1
+        crops = data.resized_crop(uint8_batch([image] * 8).float() / 255, boxes, size, flip)    # (8, 3, s, s)
+        for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
+            expected = image.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BICUBIC)
+            if mirrored:
+                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+            assert (crop - uint8_batch([expected])[0] / 255).abs().max() < 1.2 / 255
 
 
 def test_jitter_operations_match_pil_and_commute_until_clipped():
