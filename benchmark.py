@@ -14,11 +14,11 @@ The per-image pipelines are single-threaded PIL code; in training they run in Da
 per core, so on a k-core machine multiply their rate by at most k.
 
 Recorded with `python benchmark.py` (torch 2.14 CPU, 1 torch thread, batch 256) on a 2-core CPU shared
-with other jobs (load average 5.5 during the run, so every rate is below what an idle machine gives):
+with other jobs (load average 4.9 during the run, so every rate is below what an idle machine gives):
 
     | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
-    | cifar | 2x32 + 6x16 from 32 px |         3,268 |             420 |           338 |         7.8x |       9.7x |
-    | stl10 | 2x96 + 6x48 from 96 px |           299 |             217 |           192 |         1.4x |       1.6x |
+    | cifar | 2x32 + 6x16 from 32 px |         2,817 |             412 |           328 |         6.8x |       8.6x |
+    | stl10 | 2x96 + 6x48 from 96 px |           267 |             215 |           190 |         1.2x |       1.4x |
 
 At 32 px PIL's cost is per call, which batching removes; at 96 px it is per pixel, where PIL's uint8 C
 loops are about as fast as the some 30 float32 passes over each view here, so on a CPU the batched
