@@ -293,8 +293,8 @@ def adjust_hue(x, shift):
     RGB -> HSV with the hue in sixths of a turn, as torchvision: by the largest channel R, G or B,
     hue = (g - b) / chroma, 2 + (b - r) / chroma or 4 + (r - g) / chroma. Back with the closed form for
     each channel n = 5, 3, 1 (R, G, B): c = v - chroma clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6,
-    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue. For |shift| <= 1/6 turn
-    (ColorJitter's hue range here is 0.1), where one conditional subtraction is the modulo.
+    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue. Valid for |shift| <= 1/6
+    turn (here at most 0.1), where one conditional subtraction does the modulo.
     """
     r, g, b = x.unbind(1)                                                      # each (B, h, w)
     value = torch.maximum(torch.maximum(r, g), b)
@@ -329,17 +329,17 @@ def grayscale(x):
     return luminance(x).expand_as(x)
 
 
-def blur_matrices(sigma, size):
-    """(B,) sigmas in pixels -> (B, size, size) matrices M with (M x)_i = sum_k g_k x_clamp(i+k), the
-    sampled Gaussian g of radius 3 sigma_max = 6 px (13 taps; the cut tails hold 0.3% of the weight at
-    sigma = 2), normalised, with the image border extended outwards as PIL's box filters do."""
+def blur_matrices(sigma, size, device):
+    """(B,) sigmas in pixels -> (B, size, size) matrices M on `device` with (M x)_i = sum_k g_k x_clamp(i+k),
+    the sampled Gaussian g of radius 3 sigma_max = 6 px (13 taps; the cut tails hold 0.3% of the weight
+    at sigma = 2), normalised, with the image border extended outwards as PIL's box filters do."""
     radius = math.ceil(3 * BLUR_SIGMA[1])
-    offsets = torch.arange(-radius, radius + 1)                                # (K,)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma.view(-1, 1) ** 2))          # (B, K)
+    offsets = torch.arange(-radius, radius + 1, device=device)                 # (K,)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.to(device).view(-1, 1) ** 2))   # (B, K)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    source = (torch.arange(size)[:, None] + offsets).clamp(0, size - 1)        # (size, K): pixel read by tap k
+    source = (torch.arange(size, device=device)[:, None] + offsets).clamp(0, size - 1)   # (size, K): pixel of tap k
     batch = len(sigma)
-    matrices = torch.zeros(batch, size, size)
+    matrices = torch.zeros(batch, size, size, device=device)
     return matrices.scatter_add_(2, source.expand(batch, -1, -1), kernel[:, None, :].expand(-1, size, -1))
 
 
@@ -350,9 +350,10 @@ def gaussian_blur(x, sigma):
     same sigma ~ U(0.1, 2.0) applies to 96 and 16 px crops alike, as here. The blur is separable, so it
     is M x M^T with one (s, s) matrix per image: two batched matrix products, faster on a CPU than a
     grouped convolution with a kernel per image.
-    Deviation: PIL approximates the Gaussian by three extended box filters; this is the sampled Gaussian.
+    Deviation: PIL approximates the Gaussian by three extended box filters; this is the sampled Gaussian
+    (inside the image they agree to ~1/255 at sigma = 2; below sigma ~1 PIL's blurs noticeably more).
     """
-    matrices = blur_matrices(sigma.cpu(), x.shape[-1]).to(x.device, x.dtype)[:, None]   # (B, 1, s, s)
+    matrices = blur_matrices(sigma, x.shape[-1], x.device).to(x.dtype)[:, None]   # (B, 1, s, s)
     return matrices @ x @ matrices.transpose(-1, -2)                           # along h, then along w
 
 
@@ -397,7 +398,8 @@ class BatchedMultiCrop:
     """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
     (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
     model code is the same. Same arguments and recipe as MultiCrop; where it deviates (fixed jitter
-    order, sampled Gaussian blur, float arithmetic between steps) the functions above say so.
+    order, sampled Gaussian blur, float arithmetic between steps, one clip after the crop's two passes)
+    the functions above say so.
 
         crops = BatchedMultiCrop(32, 16)
         views = crops(images.to(device), generator)    # generator: a CPU torch.Generator, seeded once

@@ -705,11 +705,16 @@ def test_jitter_operations_match_pil_and_commute_until_clipped():
     # the reason a fixed jitter order is harmless: away from 0 and 1 brightness, contrast and saturation
     # commute exactly, whatever the order
     mid = 0.3 + 0.4 * x
-    ops = [lambda y: data.adjust_brightness(y, torch.tensor([1.1])), lambda y: data.adjust_contrast(y, torch.tensor([0.8])),
+    ops = [lambda y: data.adjust_brightness(y, torch.tensor([1.1])),
+           lambda y: data.adjust_contrast(y, torch.tensor([0.8])),
            lambda y: data.adjust_saturation(y, torch.tensor([1.15]))]
     reference = ops[2](ops[1](ops[0](mid)))
     for a, b, c in [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
         assert torch.allclose(ops[c](ops[b](ops[a](mid))), reference, atol=1e-6)
+    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image, and then order matters
+    bright, flat = (lambda y: data.adjust_brightness(y, torch.tensor([1.4]))), \
+        (lambda y: data.adjust_contrast(y, torch.tensor([0.6])))
+    assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
 
 
 def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders():
