@@ -599,6 +599,7 @@ def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
 import random                                  # this section's own imports
 from PIL import ImageFilter, ImageOps
 
+
 def uint8_batch(pil_images):
     """PIL images of one size -> uint8 (B, 3, H, W), what BatchedMultiCrop takes."""
     return torch.stack([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) for img in pil_images])
@@ -647,10 +648,11 @@ def ks_distance(a, b):
     return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
 
 
-@pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (40, 300, (0.4, 1.0))])
+@pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (120, 300, (0.4, 1.0))])
 def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale):
     # 4000 boxes each; the KS statistic of two samples of one distribution exceeds 0.05 with probability
-    # ~1e-4. The 40 x 300 image has aspect 7.5, so many draws fall back to the centred crop.
+    # ~1e-4. On the 120 x 300 image (aspect 2.5) about half the images find no fitting attempt in ten
+    # and fall back to the centred crop.
     torch.manual_seed(0)
     reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
     ours = data.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
@@ -711,9 +713,9 @@ def test_jitter_operations_match_pil_and_commute_until_clipped():
     reference = ops[2](ops[1](ops[0](mid)))
     for a, b, c in [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
         assert torch.allclose(ops[c](ops[b](ops[a](mid))), reference, atol=1e-6)
-    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image, and then order matters
-    bright, flat = (lambda y: data.adjust_brightness(y, torch.tensor([1.4]))), \
-        (lambda y: data.adjust_contrast(y, torch.tensor([0.6])))
+    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image
+    bright = lambda y: data.adjust_brightness(y, torch.tensor([1.4]))
+    flat = lambda y: data.adjust_contrast(y, torch.tensor([0.6]))
     assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
 
 
