@@ -21,9 +21,11 @@ small folders) or by workers that decode to one fixed size (`uint8_loader`: Imag
 
     dataset = uint8_pretrain_dataset("cifar10", root, global_size=32)
     images, _ = load_into_memory(dataset, device)                    # (N, 3, 32, 32) uint8, once
-    crops, generator = BatchedMultiCrop(32, 16), torch.Generator().manual_seed(seed)
-    for batch in shuffled_batches(images, 128, generator):          # (B, 3, 32, 32) uint8 on device
-        views = crops(batch, generator)                              # V tensors (B, 3, h, w), as MultiCrop's
+    crops = BatchedMultiCrop(32, 16)
+    order = torch.Generator().manual_seed(seed)                      # alike on every process
+    augment = torch.Generator().manual_seed(seed + 1 + rank)         # its own on every process
+    for batch in shuffled_batches(images, 128, order, rank, world_size):   # (B, 3, 32, 32) uint8 on device
+        views = crops(batch, augment)                                # V tensors (B, 3, h, w), as MultiCrop's
 """
 
 import math
@@ -476,7 +478,9 @@ def shuffled_batches(images, batch_size, generator, rank=0, world_size=1):
 
     The permutation comes from the CPU `generator`; under data parallelism every process seeds it
     alike, so all draw the same permutation and process `rank` takes its own B images of each global
-    batch of world_size*B. The last incomplete global batch is dropped, as drop_last does.
+    batch of world_size*B. The last incomplete global batch is dropped, as drop_last does. Give the
+    augmentation a generator of its own, seeded differently on each process, or the processes would
+    draw the same crops and colours for their different images.
     """
     order = torch.randperm(len(images), generator=generator).to(images.device)    # (N,)
     global_batch = batch_size * world_size
