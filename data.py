@@ -13,13 +13,29 @@ Pre-training uses the unlabelled images of a dataset; the probes use its labelle
 
 torchvision downloads CIFAR, STL-10 and Food-101 when the network is there; ImageNet must be put in place
 by hand. When a dataset is missing, `DatasetError` says which files are expected and where.
+
+The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image in
+DataLoader workers, and `BatchedMultiCrop`, per uint8 batch on the training device. The second is fed
+either from memory (`uint8_pretrain_dataset` + `load_into_memory` + `shuffled_batches`: CIFAR, STL-10,
+small folders) or by workers that decode to one fixed size (`uint8_loader`: ImageNet, Food-101):
+
+    dataset = uint8_pretrain_dataset("cifar10", root, global_size=32)
+    images, _ = load_into_memory(dataset, device)                    # (N, 3, 32, 32) uint8, once
+    crops = BatchedMultiCrop(32, 16)
+    order = torch.Generator().manual_seed(seed)                      # alike on every process
+    augment = torch.Generator().manual_seed(seed + 1 + rank)         # its own on every process
+    for batch in shuffled_batches(images, 128, order, rank, world_size):   # (B, 3, 32, 32) uint8 on device
+        views = crops(batch, augment)                                # V tensors (B, 3, h, w), as MultiCrop's
 """
 
+import math
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
@@ -98,6 +114,30 @@ class RandomSolarize:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
+class ViewRecipe(NamedTuple):
+    """One view of the multi-crop: crop side in pixels, crop area fraction (min, max), blur and
+    solarisation probabilities. Flip, colour jitter and grayscale are the same for every view."""
+    size: int
+    scale: tuple
+    blur_p: float
+    solarize_p: float
+
+
+# DINO's photometric settings, shared by MultiCrop (per image, PIL) and BatchedMultiCrop (per batch, tensors)
+FLIP_P, JITTER_P, GRAYSCALE_P = 0.5, 0.8, 0.2
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1   # factors U(1 -+ 0.4), U(1 -+ 0.2); hue U(-+0.1) turns
+BLUR_SIGMA = (0.1, 2.0)                                      # pixels of the crop, whatever its size
+
+
+def dino_recipes(global_size, local_size, global_crops=2, local_crops=6,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
+    """The V = global_crops + local_crops views, globals first; extra globals alternate recipes 1 and 2."""
+    global_1 = ViewRecipe(global_size, tuple(global_scale), blur_p=1.0 if blur else 0.0, solarize_p=0.0)
+    global_2 = ViewRecipe(global_size, tuple(global_scale), blur_p=0.1 if blur else 0.0, solarize_p=0.2)
+    local = ViewRecipe(local_size, tuple(local_scale), blur_p=0.5 if blur else 0.0, solarize_p=0.0)
+    return [global_1 if i % 2 == 0 else global_2 for i in range(global_crops)] + [local] * local_crops
+
+
 class MultiCrop:
     """One PIL image -> list of `global_crops + local_crops` normalised tensors, globals first.
 
@@ -115,31 +155,378 @@ class MultiCrop:
     def __init__(self, global_size, local_size, global_crops=2, local_crops=6,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
         photometric = T.Compose([
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(p=FLIP_P),
+            T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=JITTER_P),
+            T.RandomGrayscale(p=GRAYSCALE_P),
         ])
         to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-        def crop(size, scale):
-            return T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
-
-        def recipe(size, scale, blur_p, solarize_p=0.0):
-            steps = [crop(size, scale), photometric]
-            if blur:
-                steps.append(RandomGaussianBlur(blur_p))
-            if solarize_p:
-                steps.append(RandomSolarize(solarize_p))
+        def transform(recipe):
+            steps = [T.RandomResizedCrop(recipe.size, scale=recipe.scale, interpolation=T.InterpolationMode.BICUBIC),
+                     photometric]
+            if recipe.blur_p:
+                steps.append(RandomGaussianBlur(recipe.blur_p, BLUR_SIGMA))
+            if recipe.solarize_p:
+                steps.append(RandomSolarize(recipe.solarize_p))
             return T.Compose(steps + [to_tensor])
 
-        global_1 = recipe(global_size, global_scale, blur_p=1.0)
-        global_2 = recipe(global_size, global_scale, blur_p=0.1, solarize_p=0.2)
-        local = recipe(local_size, local_scale, blur_p=0.5)
-        self.transforms = [global_1 if i % 2 == 0 else global_2 for i in range(global_crops)]
-        self.transforms += [local] * local_crops
+        recipes = dino_recipes(global_size, local_size, global_crops, local_crops, global_scale, local_scale, blur)
+        self.transforms = [transform(recipe) for recipe in recipes]
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batched multi-crop on the training device: MultiCrop's recipe for a whole uint8 batch at once
+#
+# Eight PIL views per image on CPU workers starve a GPU; here every step is one tensor operation over
+# the batch with per-image random parameters, on whatever device holds the images. The parameters (a
+# few numbers per image) are drawn on the CPU from a torch.Generator and then moved to the device, so a
+# seed gives the same views on any device. Images are floats in [0, 1] from the crop on; PIL rounds to
+# uint8 after every step, which moves values by up to ~1/255 per step.
+
+def sample_crop_boxes(batch, height, width, scale, generator, ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision's RandomResizedCrop.get_params for `batch` images at once -> (B, 4) int64 boxes
+    (x0, y0, w, h) in pixels.
+
+    Per image, as torchvision: up to 10 attempts of an area fraction ~ U(scale) and an aspect ratio
+    log-uniform in `ratio`, rounded to whole pixels; the first attempt that fits is kept and placed
+    uniformly; if none fits, the largest centred crop whose aspect ratio lies in `ratio`. All attempts
+    are drawn at once and the first fitting one picked: the same distribution as the loop.
+    """
+    area = torch.empty(batch, attempts).uniform_(*scale, generator=generator) * (height * width)  # (B, 10)
+    log_ratio = torch.empty(batch, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(area * aspect)).long()                       # (B, 10); round half to even,
+    h = torch.round(torch.sqrt(area / aspect)).long()                       # as Python's round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)                 # (B, 10)
+    first = fits.long().argmax(dim=1, keepdim=True)                         # (B, 1), first fitting attempt
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]               # (B,)
+    # Fallback, the same for every image of the size: the whole image, cut to the nearest allowed ratio.
+    if width / height < ratio[0]:
+        fallback_w, fallback_h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        fallback_w, fallback_h = int(round(height * ratio[1])), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    w = torch.where(found, w, fallback_w)
+    h = torch.where(found, h, fallback_h)
+    # x0 ~ U{0, ..., width - w}, like torch.randint(0, width - w + 1); centred for the fallback.
+    u = torch.rand(batch, 2, generator=generator)
+    x0 = torch.where(found, (u[:, 0] * (width - w + 1)).long(), (width - w) // 2)
+    y0 = torch.where(found, (u[:, 1] * (height - h + 1)).long(), (height - h) // 2)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def cubic_kernel(t, a=-0.5):
+    """PIL's bicubic filter (Keys' cubic convolution, a = -0.5): weight of a pixel t pixels away, |t| < 2."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1                    # |t| < 1
+    far = (((t - 5) * t + 8) * t - 4) * a                         # 1 <= |t| < 2
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def resize_matrices(start, length, size, source_size, device):
+    """The weights of PIL's bicubic resize of a crop, along one axis: (B,) crop starts and lengths in
+    pixels (CPU) -> (B, size, source_size) on `device`, row i the weights output pixel i gives each
+    source pixel.
+
+    As PIL's Resample.c: output pixel i is centred on start + (i + 1/2) length / size; when shrinking,
+    the kernel is widened by the factor length / size, so that it also filters out the detail too fine
+    for the output (antialiasing); source pixels outside the crop get no weight; each row sums to one.
+    Only the few pixels under the kernel (taps) are evaluated, then scattered into the full rows.
+    """
+    widest = max(1.0, float((length / size).max()))
+    taps = math.ceil(4 * widest) + 1                     # pixels under a kernel of support 2 * widening
+    start, length = start.to(device).view(-1, 1, 1), length.to(device).view(-1, 1, 1)   # (B, 1, 1)
+    scale = length / size
+    widening = scale.clamp_min(1.0)
+    centre = start + (torch.arange(size, device=device).view(1, -1, 1) + 0.5) * scale  # (B, size, 1)
+    first = torch.floor(centre - 2 * widening)
+    source = first + torch.arange(taps, device=device)                                  # (B, size, taps)
+    weights = cubic_kernel((source + 0.5 - centre) / widening)
+    weights = weights * ((source >= start) & (source < start + length))
+    weights = weights / weights.sum(dim=2, keepdim=True)
+    matrices = torch.zeros(len(start), size, source_size, device=device)
+    # taps outside the image have weight 0 (outside the crop), so clamping their index changes nothing
+    return matrices.scatter_add_(2, source.clamp(0, source_size - 1).long(), weights)
+
+
+def resized_crop(images, boxes, size, flip):
+    """Cut each image's box, resize it to size x size and mirror it where flip (B,) is True:
+    (B, C, H, W) float in [0, 1], boxes (B, 4) (x0, y0, w, h) -> (B, C, size, size).
+
+    PIL's crop-then-bicubic-resize is separable, so it is one matrix per axis and image: R_y X R_x^T,
+    two batched matrix products for the whole batch. A mirrored crop is the same with R_x's rows in
+    reverse order, so the flip costs nothing. PIL clips the cubic's overshoot to [0, 255] after each
+    of its two passes; here once, at the end (a difference only next to sharp edges).
+    """
+    x0, y0, w, h = boxes.float().unbind(1)                                           # each (B,), CPU
+    rows = resize_matrices(y0, h, size, images.shape[2], images.device)              # (B, size, H)
+    columns = resize_matrices(x0, w, size, images.shape[3], images.device)           # (B, size, W)
+    columns = torch.where(flip.to(images.device).view(-1, 1, 1), columns.flip(1), columns)
+    out = rows[:, None] @ images @ columns[:, None].transpose(-1, -2)   # (B,1,s,H) (B,C,H,W) (B,1,W,s) -> (B,C,s,s)
+    return out.clamp(0, 1)
+
+
+def on_chosen(x, apply, operation, *per_image_args):
+    """Apply `operation` to the images where apply (B,) is True, in place: x (B, 3, h, w) is returned.
+
+    The chosen images are gathered into one smaller batch, so an operation with probability p costs
+    p of the work, with no per-image loop, and written back in place (x is always a fresh tensor of
+    augmented_view's, so nothing else sees the change, and no full copy of x is made per step). The
+    indices are found on the CPU, where `apply` was drawn, so a GPU never waits for a nonzero().
+    per_image_args: (B,) tensors, cut down to the chosen images.
+    """
+    chosen = torch.nonzero(apply)[:, 0]                                        # (b,) CPU indices
+    if len(chosen):
+        rows = chosen.to(x.device)
+        x[rows] = operation(x[rows], *(arg[chosen] for arg in per_image_args))   # (b, 3, h, w)
+    return x
+
+
+def per_image(values, x):
+    """(B,) per-image values -> (B, 1, 1, 1) on x's device and dtype, to broadcast over (B, C, H, W)."""
+    return values.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+def luminance(x):
+    """ITU-R 601 luma, PIL's convert("L") weights: (B, 3, h, w) -> (B, 1, h, w)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_brightness(x, factor):
+    """Blend with black: factor (B,) * x, clipped to [0, 1] (PIL ImageEnhance.Brightness)."""
+    return (per_image(factor, x) * x).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    """Blend with the image's mean grey level (PIL ImageEnhance.Contrast): f x + (1 - f) mean, clipped."""
+    mean = luminance(x).mean(dim=(1, 2, 3), keepdim=True)                     # (B, 1, 1, 1)
+    f = per_image(factor, x)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):
+    """Blend with the image's own grey version (PIL ImageEnhance.Color): f x + (1 - f) luma, clipped."""
+    f = per_image(factor, x)
+    return (f * x + (1 - f) * luminance(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by shift (B,) turns through HSV, as torchvision does; saturation and value kept.
+
+    RGB -> HSV with the hue in sixths of a turn, as torchvision: by the largest channel R, G or B,
+    hue = (g - b) / chroma, 2 + (b - r) / chroma or 4 + (r - g) / chroma. Back with the closed form for
+    each channel n = 5, 3, 1 (R, G, B): c = v - chroma clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6,
+    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue. Valid for |shift| <= 1/6
+    turn (here at most 0.1), where one conditional subtraction does the modulo.
+    """
+    r, g, b = x.unbind(1)                                                      # each (B, h, w)
+    value = torch.maximum(torch.maximum(r, g), b)
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    hue = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * chroma, r - g + 4 * chroma))
+    hue = hue / chroma.clamp_min(1e-12) + 6 * per_image(shift, x)[:, 0]       # (B, h, w), in [-1.6, 5.6]
+    hue = torch.where(hue < 0, hue + 6, hue)                                   # -> [0, 6)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = n + hue.unsqueeze(1)                                                   # (B, 3, h, w), in [1, 11)
+    k = torch.where(k >= 6, k - 6, k)                                          # mod 6, cheaper than fmod
+    return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with each image's own factors (B,), in a fixed order.
+
+    Deviation: torchvision draws a new order of the four operations at every call; here the order is
+    always brightness, contrast, saturation, hue. Why that changes little: the first three are blends
+    of the image with black, with its mean grey level and with its own grey version, and each keeps the
+    grey levels the others blend with (in proportion), so they commute exactly until a value is
+    clipped at 0 or 1 (test_hydes.py checks this). Only the hue's place and the clipping differ from a
+    random order; a random order per image would cost a gather and a scatter per step.
+    """
+    x = adjust_brightness(x, brightness)
+    x = adjust_contrast(x, contrast)
+    x = adjust_saturation(x, saturation)
+    return adjust_hue(x, hue)
+
+
+def grayscale(x):
+    """The luma in all three channels (PIL convert("L") then back to RGB): (B, 3, h, w) -> (B, 3, h, w)."""
+    return luminance(x).expand_as(x)
+
+
+def blur_matrices(sigma, size, device):
+    """(B,) sigmas in pixels -> (B, size, size) matrices M on `device` with (M x)_i = sum_k g_k x_clamp(i+k),
+    the sampled Gaussian g of radius 3 sigma_max = 6 px (13 taps; the cut tails hold 0.3% of the weight
+    at sigma = 2), normalised, with the image border extended outwards as PIL's box filters do."""
+    radius = math.ceil(3 * BLUR_SIGMA[1])
+    offsets = torch.arange(-radius, radius + 1, device=device)                 # (K,)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.to(device).view(-1, 1) ** 2))   # (B, K)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    source = (torch.arange(size, device=device)[:, None] + offsets).clamp(0, size - 1)   # (size, K): pixel of tap k
+    batch = len(sigma)
+    matrices = torch.zeros(batch, size, size, device=device)
+    return matrices.scatter_add_(2, source.expand(batch, -1, -1), kernel[:, None, :].expand(-1, size, -1))
+
+
+def gaussian_blur(x, sigma):
+    """Blur each square image with its own sigma (B,) in pixels: (B, 3, s, s) -> (B, 3, s, s).
+
+    PIL's GaussianBlur(radius) takes the standard deviation in pixels of the image it is given, so the
+    same sigma ~ U(0.1, 2.0) applies to 96 and 16 px crops alike, as here. The blur is separable, so it
+    is M x M^T with one (s, s) matrix per image: two batched matrix products, faster on a CPU than a
+    grouped convolution with a kernel per image.
+    Deviation: PIL approximates the Gaussian by three extended box filters; this is the sampled Gaussian
+    (inside the image they agree to ~1/255 at sigma = 2; below sigma ~1 PIL's blurs noticeably more).
+    """
+    matrices = blur_matrices(sigma, x.shape[-1], x.device).to(x.dtype)[:, None]   # (B, 1, s, s)
+    return matrices @ x @ matrices.transpose(-1, -2)                           # along h, then along w
+
+
+def solarize(x):
+    """Invert the pixels at or above 128/255 (PIL ImageOps.solarize: 255 - v where v >= 128)."""
+    return torch.where(x >= 128 / 255, 1 - x, x)
+
+
+def normalize(x):
+    """(x - mean) / std per channel with ImageNet's statistics, as T.Normalize after T.ToTensor."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augmented_view(images, recipe, generator):
+    """One view of each image by `recipe`: (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised.
+    The steps, their order and probabilities are MultiCrop's: crop and flip, jitter, grayscale, blur,
+    solarise, normalise. Every image draws its own parameters whether or not a step applies to it."""
+    batch, _, height, width = images.shape
+
+    def coin(p):                                       # (B,) bool, each True with probability p
+        return torch.rand(batch, generator=generator) < p
+
+    def uniform(low, high):                            # (B,) floats ~ U(low, high)
+        return torch.empty(batch).uniform_(low, high, generator=generator)
+
+    boxes = sample_crop_boxes(batch, height, width, recipe.scale, generator)
+    x = resized_crop(images, boxes, recipe.size, flip=coin(FLIP_P))
+    jitter = (uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS), uniform(1 - CONTRAST, 1 + CONTRAST),
+              uniform(1 - SATURATION, 1 + SATURATION), uniform(-HUE, HUE))
+    x = on_chosen(x, coin(JITTER_P), color_jitter, *jitter)
+    x = on_chosen(x, coin(GRAYSCALE_P), grayscale)
+    if recipe.blur_p:
+        x = on_chosen(x, coin(recipe.blur_p), gaussian_blur, uniform(*BLUR_SIGMA))
+    if recipe.solarize_p:
+        x = on_chosen(x, coin(recipe.solarize_p), solarize)
+    return normalize(x)
+
+
+class BatchedMultiCrop:
+    """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
+    (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
+    model code is the same. Same arguments and recipe as MultiCrop; where it deviates (fixed jitter
+    order, sampled Gaussian blur, float arithmetic between steps, one clip after the crop's two passes)
+    the functions above say so.
+
+        crops = BatchedMultiCrop(32, 16)
+        views = crops(images.to(device), generator)    # generator: a CPU torch.Generator, seeded once
+    """
+
+    def __init__(self, global_size, local_size, global_crops=2, local_crops=6,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
+        self.recipes = dino_recipes(global_size, local_size, global_crops, local_crops, global_scale, local_scale,
+                                    blur)
+
+    def __call__(self, images, generator):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"BatchedMultiCrop expects a uint8 batch (B, 3, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        x = images.float() / 255                                   # (B, 3, H, W) uint8 -> float in [0, 1]
+        return [augmented_view(x, recipe, generator) for recipe in self.recipes]
+
+
+# ----------------------------------------------------------------------------------------------------
+# uint8 images for BatchedMultiCrop: decoded once into (device) memory, or by DataLoader workers
+#
+# CIFAR-10/100 (50k x 3 KB) and STL-10 (105k x 27 KB, 2.9 GB) fit in a GPU's memory as uint8: decode
+# them once, keep them there, and an epoch is a permutation and index operations, with no workers at
+# all. ImageNet and Food-101 do not fit; DataLoader workers decode them to one fixed size, uint8 (4x
+# fewer bytes than floats to pin and copy), and the crops are cut on the device.
+
+def fixed_size_uint8(side):
+    """PIL image -> uint8 (3, side, side): shorter side resized to `side` (bicubic, antialiased), centre kept.
+    The crops are then cut from that square: the ends of the long side are lost, as in evaluation."""
+    return T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side),
+                      T.PILToTensor()])
+
+
+def uint8_pretrain_dataset(name, root, global_size):
+    """The pre-training images (`pretrain_dataset`) as uint8 tensors (3, H, W), all of one size.
+
+    CIFAR and STL-10, and a `folder` whose images all have one size, stay at their native size, as
+    MultiCrop sees them. Every other image is resized with `fixed_size_uint8`: ImageNet and Food-101 to
+    8/7 of the global crop (256 px for 224, the evaluation's resize), a folder of mixed sizes to the
+    global crop size (which then equals its largest crop).
+    """
+    dataset = pretrain_dataset(name, root, T.PILToTensor())
+    if name in ("cifar10", "cifar100", "stl10"):
+        return dataset
+    if name == "folder":
+        sizes = set()
+        for path, _ in dataset.samples:
+            with Image.open(path) as img:              # reads the header only, not the pixels
+                sizes.add(img.size)
+        if len(sizes) > 1:
+            dataset.transform = fixed_size_uint8(global_size)
+        return dataset
+    dataset.transform = fixed_size_uint8(round(global_size * 8 / 7))
+    return dataset
+
+
+def load_into_memory(dataset, device, workers=0, batch_size=256):
+    """Decode every image of a uint8 dataset once -> images uint8 (N, 3, H, W), labels int64 (N,), on device.
+    The images are written into one preallocated tensor, so the host never holds them twice."""
+    first, _ = dataset[0]
+    images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)     # (N, 3, H, W)
+    labels = torch.empty(len(dataset), dtype=torch.int64)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    start = 0
+    for batch_images, batch_labels in loader:
+        images[start:start + len(batch_images)] = batch_images
+        labels[start:start + len(batch_images)] = batch_labels
+        start += len(batch_images)
+    return images.to(device), labels.to(device)
+
+
+def shuffled_batches(images, batch_size, generator, rank=0, world_size=1):
+    """One epoch over images (N, 3, H, W) held in memory: batches (B, 3, H, W) in a fresh random order.
+
+    The permutation comes from the CPU `generator`; under data parallelism every process seeds it
+    alike, so all draw the same permutation and process `rank` takes its own B images of each global
+    batch of world_size*B. The last incomplete global batch is dropped, as drop_last does. Give the
+    augmentation a generator of its own, seeded differently on each process, or the processes would
+    draw the same crops and colours for their different images.
+    """
+    order = torch.randperm(len(images), generator=generator).to(images.device)    # (N,)
+    global_batch = batch_size * world_size
+    for start in range(0, len(images) - global_batch + 1, global_batch):
+        first = start + rank * batch_size
+        yield images[order[first:first + batch_size]]
+
+
+def uint8_loader(dataset, batch_size, workers, seed, rank=0, world_size=1):
+    """Batches (images uint8 (B, 3, S, S), labels) of a uint8 dataset, decoded by DataLoader workers.
+
+    A DistributedSampler shards the shuffled dataset among processes (with world_size = 1 it is a plain
+    seeded shuffle, no process group needed); call loader.sampler.set_epoch(epoch) before each epoch
+    for a new order. Pinned memory lets .to(device, non_blocking=True) overlap the copy with compute.
+    """
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=True,
+                                       persistent_workers=workers > 0)
 
 
 def eval_transform(image_size):

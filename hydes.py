@@ -13,6 +13,7 @@ Notation
     kappa     concentration of the von Mises-Fisher kernel (the inverse of a bandwidth)
     P(i)      the positives of i: the other V-1 views of the same image
     alpha     weight of the global entropy;  beta: weight of the local entropy
+    R         processes under data parallelism, each with B images (global batch R*B; R = 1 by default)
 
 The paper's equations
 ---------------------
@@ -50,6 +51,7 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.distributed as dist
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,22 +112,32 @@ def log_sphere_area(dim):
 # ----------------------------------------------------------------------------------------------------
 # Eqs. (2) and (3): leave-one-out kernel density estimates of the entropy
 
-def global_entropy(z, kappa):
+def global_entropy(z, kappa, whole_batch=None, first_image=0):
     """Eq. (2): H_global, each embedding scored against all N-1 others of the batch.
 
-    z: (V, B, D) float32, unit-norm. Returns a scalar tensor (nats).
+    z: (V, B, D) float32, unit-norm: the embeddings whose entropy terms are averaged (the rows).
+    whole_batch: (V, B_all, D), the batch they are scored against (the columns); z itself by default.
+    Under data parallelism (see `hydes_loss`) z is one process's share and whole_batch the gathered
+    global batch, in which z stands at images first_image ... first_image + B - 1.
+    Returns a scalar tensor (nats), the mean over z's rows.
     The "others" include the image's own other views: the paper's B - {Z_i} removes only Z_i itself.
     """
-    num_views, batch, dim = z.shape
-    n = num_views * batch
-    flat = z.reshape(n, dim)                                  # (V, B, D) -> (N, D), row n = v*B + b
-    logits = kappa * (flat @ flat.T)                          # (N, D) x (D, N) -> (N, N), kappa s_ij
+    whole_batch = z if whole_batch is None else whole_batch
+    num_views, rows_per_view, dim = z.shape
+    images = whole_batch.shape[1]
+    n = num_views * images                                    # N, over the whole batch
+    rows = z.reshape(num_views * rows_per_view, dim)          # (V, B, D) -> (V*B, D), row v*B + b
+    columns = whole_batch.reshape(n, dim)                     # (V, B_all, D) -> (N, D), column v*B_all + b
+    logits = kappa * (rows @ columns.T)                       # (V*B, D) x (D, N) -> (V*B, N), kappa s_ij
     # Leave-one-out: the self term exp(kappa s_ii) = exp(kappa) is the largest in every row and would
     # swamp the estimate (the "density" would just measure the kernel's own peak). A -inf logit is an
     # exact zero inside logsumexp; multiplying by a 0/1 mask would leave exp(kappa) in the sum.
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_mean_kernel = torch.logsumexp(logits, dim=1) - math.log(n - 1)   # (N,)
+    # Row v*B + b is embedding (v, first_image + b) of the batch: column v*B_all + first_image + b.
+    view = torch.arange(num_views, device=z.device)[:, None]                  # (V, 1)
+    image = first_image + torch.arange(rows_per_view, device=z.device)[None]  # (1, B)
+    self_column = (view * images + image).reshape(-1, 1)                      # (V*B, 1)
+    logits = logits.scatter(1, self_column, float("-inf"))
+    log_mean_kernel = torch.logsumexp(logits, dim=1) - math.log(n - 1)        # (V*B,)
     return -(log_vmf_normalizer(dim, kappa) + log_mean_kernel).mean()
 
 
@@ -144,6 +156,39 @@ def local_entropy(z, kappa):
     return -(log_vmf_normalizer(dim, kappa) + log_mean_kernel).mean()
 
 
+# ----------------------------------------------------------------------------------------------------
+# Data parallelism: H_global over the global batch
+
+def data_parallel():
+    """True inside an initialised torch.distributed process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class GatherBatch(torch.autograd.Function):
+    """all_gather with a backward pass: every process's (V, B, D) -> (V, R*B, D) on all, in rank order.
+
+    The plain dist.all_gather returns tensors cut from the autograd graph. Here the backward pass hands
+    process q, for its own slice, the SUM over all processes r of the gradients that flowed into that
+    slice on r (a reduce-scatter, done as an all_reduce and a slice: gloo has no reduce-scatter, and the
+    embeddings are small). `hydes_loss` relies on that sum. (torch.distributed.nn.functional.all_gather
+    does the same but is deprecated in favour of a private API.)
+    """
+
+    @staticmethod
+    def forward(ctx, z):
+        slices = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(slices, z.contiguous())                # R tensors (V, B, D)
+        return torch.cat(slices, dim=1)                        # -> (V, R*B, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()                               # (V, R*B, D), this process's gradient
+        dist.all_reduce(grad)                                  # summed over the R processes
+        batch = grad.shape[1] // dist.get_world_size()
+        first = dist.get_rank() * batch
+        return grad[:, first:first + batch]                    # -> (V, B, D), this process's slice
+
+
 def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
     """Eq. (4): the HyDeS objective for embeddings z of shape (V, B, D), already on the unit sphere.
 
@@ -156,6 +201,19 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
     Precision: the similarities and logsumexps run in float32 even under autocast. In bf16 a cosine
     near 1 carries only ~3 significant digits, and in fp16 exp(kappa s) overflows once kappa s >
     ln 65504 ~ 11.1; logsumexp itself never overflows, but it needs its inputs in a wide format.
+
+    Data parallelism (torch.distributed initialised, R > 1 processes of B images each, all the same B):
+    H_global is the leave-one-out estimate over the global batch of R*B images, as one process with the
+    concatenated batch would compute it; H_local needs only each image's own views, so stays local.
+    Process r returns its share, the means over its own V*B rows only:
+        loss_r = beta H_local,r - alpha H_global,r,     loss = (1/R) sum_r loss_r   (the one-process loss).
+    Why the gradients come out right with no rescaling: loss_r depends on process q's embeddings z_q
+    through the gathered columns, so the one-process gradient is d loss/d z_q = (1/R) sum_r d loss_r/d z_q.
+    `GatherBatch`'s backward hands process q the sum sum_r d loss_r/d z_q = R d loss/d z_q, and DDP then
+    averages the parameter gradients over the R processes: (1/R) sum_q R (d loss/d z_q)(d z_q/d theta)
+    = d loss/d theta. (An implementation whose gather keeps only the local gradient would need loss_r
+    times R instead.) test_hydes.py checks this against one process on the concatenated batch. The
+    returned values are each process's share: average them over processes (all_reduce) to log the loss.
     """
     if z.dim() != 3:
         raise ValueError(f"hydes_loss expects z of shape (V, B, D), got {tuple(z.shape)}")
@@ -166,7 +224,11 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
         raise ValueError("H_global needs at least 2 embeddings in the batch")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
-        h_global = global_entropy(z, kappa)
+        if data_parallel():
+            everyone = GatherBatch.apply(z)                                      # (V, R*B, D)
+            h_global = global_entropy(z, kappa, everyone, first_image=dist.get_rank() * batch)
+        else:
+            h_global = global_entropy(z, kappa)
         h_local = local_entropy(z, kappa)
     mi = alpha * h_global - beta * h_local
     return {"loss": -mi, "h_global": h_global, "h_local": h_local, "mi": mi}

@@ -1174,3 +1174,297 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
     pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).reshape(-1, 3).astype(int)
     for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):      # matplotlib's first three line colours
         assert (np.abs(pixels - colour).sum(axis=1) < 10).sum() > 50, colour
+
+
+# ---- batched multi-crop and multi-process loss
+
+import random                                  # this section's own imports
+from PIL import ImageFilter, ImageOps
+
+
+def uint8_batch(pil_images):
+    """PIL images of one size -> uint8 (B, 3, H, W), what BatchedMultiCrop takes."""
+    return torch.stack([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) for img in pil_images])
+
+
+def unnormalize(view):
+    """A normalised view (..., 3, h, w) back to [0, 1] pixel values, to compare with the PIL pipeline."""
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    return view * std + mean
+
+
+def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
+    for args in [(32, 16), (24, 12, 3, 2), (32, 16, 1, 0)]:
+        per_image = torch.utils.data.default_collate([data.MultiCrop(*args)(img) for img in images])
+        batched = data.BatchedMultiCrop(*args)(uint8_batch(images), torch.Generator().manual_seed(0))
+        assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
+    # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
+    # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
+    colour = Image.new("RGB", (16, 16), (255, 120, 30))
+    expected = data.MultiCrop(8, 4).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
+    views = data.BatchedMultiCrop(8, 4, blur=False)(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
+    for view in views:
+        untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < 1e-5               # (B,)
+        assert 0 < untouched.sum() < 64
+
+
+def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
+    images = uint8_batch([Image.new("RGB", (32, 32), (200, 100, 50))] * 2 +
+                         [Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))] * 2)
+    crops = data.BatchedMultiCrop(32, 16)
+    first, again = (crops(images, torch.Generator().manual_seed(5)) for _ in range(2))
+    other = crops(images, torch.Generator().manual_seed(6))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(not torch.equal(a, b) for a, b in zip(first, other))
+    # two copies of one image get their own parameters, so different views
+    assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[2], v[3]) for v in first)
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs (ties allowed)."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+@pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (120, 300, (0.4, 1.0))])
+def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale):
+    # 4000 boxes each; the KS statistic of two samples of one distribution exceeds 0.05 with probability
+    # ~1e-4. On the 120 x 300 image (aspect 2.5) about half the images find no fitting attempt in ten
+    # and fall back to the centred crop.
+    torch.manual_seed(0)
+    reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
+    ours = data.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
+    for column in range(4):                                                               # x0, y0, w, h
+        assert ks_distance(ours[:, column], reference[:, column]) < 0.05
+    area = ours[:, 2] * ours[:, 3] / (height * width)
+    assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
+    if height == width:
+        assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
+
+
+def torchvision_crop_box(height, width, scale):
+    """torchvision's own RandomResizedCrop.get_params -> (x0, y0, w, h)."""
+    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(torch.empty(1, height, width), scale,
+                                                                           (3 / 4, 4 / 3))
+    return left, top, w, h
+
+
+def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
+    # A smooth image (no edges, so PIL's clipping between its two passes never acts): each output pixel
+    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk.
+    yy, xx = np.mgrid[0:64, 0:64]
+    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    g = torch.Generator().manual_seed(0)
+    for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
+        boxes = data.sample_crop_boxes(8, 64, 64, scale, g)
+        flip = torch.arange(8) % 2 == 1
+        crops = data.resized_crop(uint8_batch([image] * 8).float() / 255, boxes, size, flip)    # (8, 3, s, s)
+        for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
+            expected = image.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BICUBIC)
+            if mirrored:
+                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+            assert (crop - uint8_batch([expected])[0] / 255).abs().max() < 1.2 / 255
+
+
+def test_jitter_operations_match_pil_and_commute_until_clipped():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    pil, x = Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    as_float = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    TF = torchvision.transforms.functional
+    for ours, theirs, factor in [(data.adjust_brightness, TF.adjust_brightness, 1.3),
+                                 (data.adjust_contrast, TF.adjust_contrast, 0.7),
+                                 (data.adjust_saturation, TF.adjust_saturation, 1.2)]:
+        # PIL works in uint8 and rounds the contrast's mean grey to an integer: 1.5/255 apart at most
+        assert (ours(x, torch.tensor([factor])) - as_float(theirs(pil, factor))).abs().max() < 1.5 / 255
+    # PIL shifts the hue in 1/255 turns; torchvision's float implementation is the exact reference
+    assert torch.allclose(data.adjust_hue(x, torch.tensor([0.08])), TF.adjust_hue(x, 0.08), atol=1e-5)
+    assert (data.grayscale(x) - as_float(pil.convert("L").convert("RGB"))).abs().max() < 1.01 / 255
+    assert torch.allclose(data.solarize(x), as_float(ImageOps.solarize(pil)), atol=1e-6)
+    # the reason a fixed jitter order is harmless: away from 0 and 1 brightness, contrast and saturation
+    # commute exactly, whatever the order
+    mid = 0.3 + 0.4 * x
+    ops = [lambda y: data.adjust_brightness(y, torch.tensor([1.1])),
+           lambda y: data.adjust_contrast(y, torch.tensor([0.8])),
+           lambda y: data.adjust_saturation(y, torch.tensor([1.15]))]
+    reference = ops[2](ops[1](ops[0](mid)))
+    for a, b, c in [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
+        assert torch.allclose(ops[c](ops[b](ops[a](mid))), reference, atol=1e-6)
+    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image
+    bright = lambda y: data.adjust_brightness(y, torch.tensor([1.4]))
+    flat = lambda y: data.adjust_contrast(y, torch.tensor([0.6]))
+    assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
+
+
+def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 20, 20, generator=g)
+    sigma = torch.tensor([0.1, 1.0, 2.0])
+    blurred = data.gaussian_blur(x, sigma)
+    for image, s, out in zip(x, sigma, blurred):                    # brute force, one image at a time
+        taps = torch.arange(-6, 7.0)
+        kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")
+        expected = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, 13).expand(3, 1, 1, 13), groups=3),
+                            kernel.view(1, 1, 13, 1).expand(3, 1, 13, 1), groups=3)[0]
+        assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(blurred[0], x[0], atol=1e-6)                # sigma 0.1 leaves pixels alone
+    # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
+    ours = data.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, torch.tensor([2.0]))
+    assert np.abs(ours[0].permute(1, 2, 0).numpy() - pil)[8:-8, 8:-8].mean() < 1 / 255
+
+
+def both_pipelines(image, count, crop_args, seed):
+    """`count` multi-crops of one PIL image by MultiCrop and by BatchedMultiCrop (seeded) -> two lists of
+    V tensors (count, 3, h, w) of pixel values in [0, 1]."""
+    torch.manual_seed(seed)                     # torchvision's transforms draw from torch's generator,
+    random.seed(seed)                           # RandomGaussianBlur and RandomSolarize from Python's
+    crops = data.MultiCrop(*crop_args)
+    per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
+    batched = data.BatchedMultiCrop(*crop_args)(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
+    return [unnormalize(v) for v in per_image], [unnormalize(v) for v in batched]
+
+
+def colour_features(colours):
+    """(n, 3) RGB -> HSV-like features: value (max), chroma (max - min), and the hue in turns in
+    [-1/2, 1/2) of the clearly coloured ones (chroma > 0.02)."""
+    value, chroma = colours.max(1), colours.max(1) - colours.min(1)
+    r, g, b = colours.T / np.maximum(chroma, 1e-9)
+    sixths = np.where(value == colours[:, 0], g - b, np.where(value == colours[:, 1], 2 + b - r, 4 + r - g))
+    return value, chroma, ((sixths / 6 + 0.5) % 1 - 0.5)[chroma > 0.02]
+
+
+def quantile_distance(a, b):
+    """Mean gap between the 0.5% ... 99.5% quantiles of two samples (~ Wasserstein-1): small shifts, such
+    as PIL's rounding to 1/255, cost little; a wrong range or probability moves many quantiles."""
+    q = np.linspace(0.005, 0.995, 199)
+    return np.abs(np.quantile(a, q) - np.quantile(b, q)).mean()
+
+
+def test_batched_colours_grayscale_and_solarisation_follow_the_pil_recipe():
+    # One colour everywhere: cropping, flipping and blurring change nothing, so each view is one colour
+    # and shows only the jitter, grayscale and solarisation. 1500 images each, seeded. With this pale
+    # orange a view is solarised (PIL: 255 - v where v >= 128) when its brightest channel is below 1/2;
+    # jitter alone takes it there in under 1% of views.
+    count = 1500
+    per_image, batched = both_pipelines(Image.new("RGB", (8, 8), (255, 210, 160)), count, (8, 4), seed=0)
+    colours = lambda views: [v.mean(dim=(2, 3)).numpy() for v in views]                  # V arrays (n, 3)
+    per_image, batched = colours(per_image), colours(batched)
+    rate_tolerance = 4.5 * math.sqrt(0.2 * 0.8 / count)                                  # 4.5 standard errors
+    for view, (theirs, ours) in enumerate(zip(per_image, batched)):
+        gray_ours, gray_theirs = (np.ptp(c, axis=1) < 2 / 255 for c in (ours, theirs))
+        assert abs(gray_ours.mean() - 0.2) < rate_tolerance and abs(gray_theirs.mean() - 0.2) < rate_tolerance
+        solarised_ours, solarised_theirs = (c.max(1) < 0.5 for c in (ours, theirs))
+        assert abs(solarised_ours.mean() - solarised_theirs.mean()) < 2 * rate_tolerance
+        assert (solarised_ours.mean() > 0.15) == (view == 1)                            # only global recipe 2
+    # Jitter factors: value ~ brightness, chroma ~ contrast and saturation, hue ~ hue, pooled over the
+    # unsolarised views. A brightness range of 0.3 or 0.5 instead of 0.4, contrast 0.6, hue 0.07 or 0.13,
+    # jitter with p = 0.7 or grayscale with p = 0.25 each push one distance past its bound.
+    theirs = np.concatenate([per_image[0]] + per_image[2:])
+    ours = np.concatenate([batched[0]] + batched[2:])
+    for a, b, bound in zip(colour_features(ours), colour_features(theirs), (0.011, 0.01, 0.008)):
+        assert quantile_distance(a, b) < bound
+
+
+def test_batched_flips_half_of_each_view_as_pil_does():
+    # A dark horizontal grey ramp: every step but the flip keeps "brighter on the right" (jitter factors
+    # are positive, grey has no hue, and no value reaches the solarisation threshold).
+    ramp = np.tile(np.linspace(0, 70, 64).astype(np.uint8)[None, :, None], (64, 1, 3))
+    per_image, batched = both_pipelines(Image.fromarray(ramp), 300, (16, 8), seed=1)
+    for theirs, ours in zip(per_image, batched):
+        for views in (theirs, ours):
+            half = views.shape[-1] // 2
+            flipped = views[:, 0, :, :half].mean(dim=(1, 2)) > views[:, 0, :, half:].mean(dim=(1, 2))
+            assert abs(flipped.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 300)
+
+
+def test_shuffled_batches_cover_an_epoch_and_split_it_between_processes():
+    items = torch.arange(10).view(10, 1, 1, 1)                       # "images" that say which one they are
+    batches = list(data.shuffled_batches(items, 3, torch.Generator().manual_seed(0)))
+    seen = torch.cat(batches).flatten()
+    assert len(batches) == 3 and len(set(seen.tolist())) == 9      # one partial batch of 1 dropped
+    again = torch.cat(list(data.shuffled_batches(items, 3, torch.Generator().manual_seed(0)))).flatten()
+    assert torch.equal(seen, again)
+    # two processes, same seed: each takes its half of every global batch of 2 x 2
+    ranks = [torch.cat(list(data.shuffled_batches(items, 2, torch.Generator().manual_seed(0), r, 2))).flatten()
+             for r in range(2)]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ranks[0], order[[0, 1, 4, 5]]) and torch.equal(ranks[1], order[[2, 3, 6, 7]])
+
+
+def test_folder_decodes_once_into_memory_at_native_or_global_size(tmp_path):
+    for cls in ("a", "b"):
+        write_images(tmp_path / "same" / "train" / cls, 3, size=24)
+    dataset = data.uint8_pretrain_dataset("folder", str(tmp_path / "same"), global_size=32)
+    images, labels = data.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
+    assert images.shape == (6, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for image, (path, _) in zip(images, dataset.samples):            # exactly the decoded file, no resize
+        assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
+    # images of different sizes are resized to the global crop size, the short side first
+    write_images(tmp_path / "mixed" / "train" / "a", 2, size=24)
+    Image.new("RGB", (60, 40), (10, 200, 30)).save(tmp_path / "mixed" / "train" / "a" / "wide.png")
+    dataset = data.uint8_pretrain_dataset("folder", str(tmp_path / "mixed"), global_size=32)
+    images, _ = data.load_into_memory(dataset, torch.device("cpu"))
+    assert images.shape == (3, 3, 32, 32) and (images[2] == torch.tensor([10, 200, 30]).view(3, 1, 1)).all()
+    loader = data.uint8_loader(dataset, batch_size=2, workers=0, seed=0)
+    batches = [b for b, _ in loader]
+    assert len(batches) == 1 and batches[0].shape == (2, 3, 32, 32) and batches[0].dtype == torch.uint8
+
+
+# ---- H_global over several processes
+
+def test_global_entropy_of_row_slices_against_the_whole_batch_averages_to_the_whole():
+    # What each process computes under data parallelism, here in one process: its rows, all columns.
+    z = random_sphere(3, 8, 16, seed=9)
+    whole = hydes.global_entropy(z, 4.0)
+    shares = [hydes.global_entropy(z[:, i:i + 2], 4.0, z, first_image=i) for i in range(0, 8, 2)]
+    assert torch.stack(shares).mean().item() == pytest.approx(whole.item(), abs=1e-6)
+    # leaving out the wrong column (a neighbour, not the embedding itself) changes the value
+    assert hydes.global_entropy(z[:, 2:4], 4.0, z, first_image=3).item() != pytest.approx(shares[1].item(), abs=1e-3)
+
+
+def tiny_embedder():
+    torch.manual_seed(0)
+    return torch.nn.Linear(12, 5)
+
+
+def embedder_inputs():
+    return torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))      # (V=3, 2B=8, features)
+
+
+def ddp_worker(rank, world_size, rendezvous, out_dir):
+    """One of two gloo processes: its B = 4 images through a DDP-wrapped linear map, the loss, backward."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    model = torch.nn.parallel.DistributedDataParallel(tiny_embedder())
+    share = embedder_inputs()[:, rank * 4:(rank + 1) * 4]                             # (V, B, 12)
+    out = hydes.hydes_loss(F.normalize(model(share), dim=-1), kappa=3.0, alpha=0.7, beta=0.4)
+    out["loss"].backward()                                   # DDP averages the gradients over the 2 processes
+    torch.save({"loss": out["loss"].detach(), "grads": [p.grad for p in model.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
+    # A file rendezvous rather than a TCP port: no race for a free port between tests. Forked rather than
+    # spawned processes start in a fraction of a second: they need not import torch and this file again.
+    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
+                                          nprocs=2, start_method="fork")
+    shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = tiny_embedder()
+    out = hydes.hydes_loss(F.normalize(model(embedder_inputs()), dim=-1), kappa=3.0, alpha=0.7, beta=0.4)
+    out["loss"].backward()
+    assert shares[0]["loss"].item() != pytest.approx(shares[1]["loss"].item(), abs=1e-3)   # the shares differ,
+    assert (shares[0]["loss"] + shares[1]["loss"]).item() / 2 == pytest.approx(out["loss"].item(), abs=1e-6)
+    for parameter, grad_0, grad_1 in zip(model.parameters(), shares[0]["grads"], shares[1]["grads"]):
+        assert torch.equal(grad_0, grad_1)                                              # DDP's average,
+        assert torch.allclose(grad_0, parameter.grad, atol=1e-6, rtol=1e-5)             # the one-process gradient
