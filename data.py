@@ -16,16 +16,17 @@ by hand. When a dataset is missing, `DatasetError` says which files are expected
 
 The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image in
 DataLoader workers, and `BatchedMultiCrop`, per uint8 batch on the training device. The second is fed
-either from memory (`uint8_pretrain_dataset` + `load_into_memory` + `shuffled_batches`: CIFAR, STL-10,
-small folders) or by workers that decode to one fixed size (`uint8_loader`: ImageNet, Food-101):
+either from memory (`uint8_pretrain_dataset` + `load_into_memory` + `InMemoryBatches`: CIFAR, STL-10,
+small folders) or by DataLoader workers that decode each image to one fixed size (ImageNet, Food-101).
+Either way the batches follow an `EpochOrder`, which makes the data order (and each image's augmentation
+seed) a function of the seed, the epoch and the step:
 
     dataset = uint8_pretrain_dataset("cifar10", root, global_size=32)
-    images, _ = load_into_memory(dataset, device)                    # (N, 3, 32, 32) uint8, once
+    images, labels = load_into_memory(dataset, device)               # (N, 3, 32, 32) uint8, once
+    order = EpochOrder(len(images), batch_size=128, seed=0)
     crops = BatchedMultiCrop(32, 16)
-    order = torch.Generator().manual_seed(seed)                      # alike on every process
-    augment = torch.Generator().manual_seed(seed + 1 + rank)         # its own on every process
-    for batch in shuffled_batches(images, 128, order, rank, world_size):   # (B, 3, 32, 32) uint8 on device
-        views = crops(batch, augment)                                # V tensors (B, 3, h, w), as MultiCrop's
+    for batch, _ in InMemoryBatches(images, labels, order):          # (B, 3, 32, 32) uint8 on the device
+        views = crops(batch, generator)                              # V tensors (B, 3, h, w), as MultiCrop's
 """
 
 import math
@@ -499,36 +500,6 @@ def load_into_memory(dataset, device, workers=0, batch_size=256):
     return images.to(device), labels.to(device)
 
 
-def shuffled_batches(images, batch_size, generator, rank=0, world_size=1):
-    """One epoch over images (N, 3, H, W) held in memory: batches (B, 3, H, W) in a fresh random order.
-
-    The permutation comes from the CPU `generator`; under data parallelism every process seeds it
-    alike, so all draw the same permutation and process `rank` takes its own B images of each global
-    batch of world_size*B. The last incomplete global batch is dropped, as drop_last does. Give the
-    augmentation a generator of its own, seeded differently on each process, or the processes would
-    draw the same crops and colours for their different images.
-    """
-    order = torch.randperm(len(images), generator=generator).to(images.device)    # (N,)
-    global_batch = batch_size * world_size
-    for start in range(0, len(images) - global_batch + 1, global_batch):
-        first = start + rank * batch_size
-        yield images[order[first:first + batch_size]]
-
-
-def uint8_loader(dataset, batch_size, workers, seed, rank=0, world_size=1):
-    """Batches (images uint8 (B, 3, S, S), labels) of a uint8 dataset, decoded by DataLoader workers.
-
-    A DistributedSampler shards the shuffled dataset among processes (with world_size = 1 it is a plain
-    seeded shuffle, no process group needed); call loader.sampler.set_epoch(epoch) before each epoch
-    for a new order. Pinned memory lets .to(device, non_blocking=True) overlap the copy with compute.
-    """
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=True,
-                                       persistent_workers=workers > 0)
-
-
 def eval_transform(image_size):
     """Deterministic transform for the probes: resize, centre crop, normalise (no augmentation).
 
@@ -670,10 +641,17 @@ class EpochOrder(torch.utils.data.Sampler):
     views of the b-th batch of epoch e are a pure function of (seed, e, b), so a run resumed at any step
     (`start_batch`) sees exactly the batches an uninterrupted run would, with 0 or 16 workers alike.
     The last incomplete batch is dropped, as the loss wants equal batches.
+
+    Under data parallelism every process draws the same order, and process `rank` takes its
+    batch_size / world_size images of each global batch of `batch_size`: the global batch, and so
+    H_global over it, is the same whatever the number of processes.
     """
 
-    def __init__(self, num_images, batch_size, seed):
+    def __init__(self, num_images, batch_size, seed, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} does not split evenly over {world_size} processes")
         self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.rank, self.per_process = rank, batch_size // world_size
         self.batches_per_epoch = num_images // batch_size
         self.epoch, self.start_batch = 0, 0
 
@@ -689,8 +667,25 @@ class EpochOrder(torch.utils.data.Sampler):
         order = torch.randperm(self.num_images, generator=generator)                   # (num_images,)
         seeds = torch.randint(2**62, (self.num_images,), generator=generator)          # (num_images,)
         for b in range(self.start_batch, self.batches_per_epoch):
-            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            first = b * self.batch_size + self.rank * self.per_process
+            rows = slice(first, first + self.per_process)
             yield list(zip(order[rows].tolist(), seeds[rows].tolist()))
+
+
+class InMemoryBatches:
+    """What a DataLoader would give for images already in (device) memory: for each batch of `order`,
+    (images (B, 3, H, W) uint8, labels (B,)), gathered by index on the device. No workers, no copies."""
+
+    def __init__(self, images, labels, order):
+        self.images, self.labels, self.order = images, labels, order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        for batch in self.order:
+            index = torch.tensor([i for i, _ in batch], device=self.images.device)     # (B,)
+            yield self.images[index], self.labels[index]
 
 
 class SeededSamples(torch.utils.data.Dataset):

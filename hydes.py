@@ -257,16 +257,23 @@ def infonce_loss(z, kappa=10.0):
     (detached, so that runs of both objectives are logged in the same terms).
     """
     num_views, batch, dim = z.shape
-    n = num_views * batch
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
-        flat = z.reshape(n, dim)                                        # (V, B, D) -> (N, D), row v*B + b
-        logits = kappa * (flat @ flat.T)                                # (N, N), kappa s_ij
-        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-        log_denominator = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)   # (N,)
-        image = torch.arange(n, device=z.device) % batch                # image index of each row
-        positive = (image[:, None] == image[None, :]) & ~self_mask      # (N, N), P(i) as a mask
-        mean_positive_logit = (logits * positive).sum(dim=1) / (num_views - 1)                    # (N,)
+        # Rows: this process's embeddings; columns: the whole batch (gathered under data parallelism,
+        # exactly as for H_global in hydes_loss, whose docstring explains why the gradients come out right).
+        whole, first = (GatherBatch.apply(z), dist.get_rank() * batch) if data_parallel() else (z, 0)
+        images = whole.shape[1]
+        rows = z.reshape(num_views * batch, dim)                        # (V, B, D) -> (V*B, D), row v*B + b
+        columns = whole.reshape(num_views * images, dim)                # (V, B_all, D) -> (N, D), column v*B_all + b
+        logits = kappa * (rows @ columns.T)                             # (V*B, N), kappa s_ij
+        row_view = torch.arange(num_views, device=z.device).repeat_interleave(batch)        # (V*B,)
+        row_image = first + torch.arange(batch, device=z.device).repeat(num_views)          # (V*B,)
+        column = torch.arange(num_views * images, device=z.device)
+        same_image = row_image[:, None] == (column % images)[None]                          # (V*B, N)
+        itself = same_image & (row_view[:, None] == (column // images)[None])
+        positive = same_image & ~itself                                 # P(i) as a mask
+        log_denominator = torch.logsumexp(logits.masked_fill(itself, float("-inf")), dim=1)     # (V*B,)
+        mean_positive_logit = (logits * positive).sum(dim=1) / (num_views - 1)                    # (V*B,)
         loss = (log_denominator - mean_positive_logit).mean()
         with torch.no_grad():
             terms = hydes_loss(z, kappa)

@@ -1386,18 +1386,19 @@ def test_batched_flips_half_of_each_view_as_pil_does():
             assert abs(flipped.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 300)
 
 
-def test_shuffled_batches_cover_an_epoch_and_split_it_between_processes():
-    items = torch.arange(10).view(10, 1, 1, 1)                       # "images" that say which one they are
-    batches = list(data.shuffled_batches(items, 3, torch.Generator().manual_seed(0)))
-    seen = torch.cat(batches).flatten()
-    assert len(batches) == 3 and len(set(seen.tolist())) == 9      # one partial batch of 1 dropped
-    again = torch.cat(list(data.shuffled_batches(items, 3, torch.Generator().manual_seed(0)))).flatten()
-    assert torch.equal(seen, again)
-    # two processes, same seed: each takes its half of every global batch of 2 x 2
-    ranks = [torch.cat(list(data.shuffled_batches(items, 2, torch.Generator().manual_seed(0), r, 2))).flatten()
-             for r in range(2)]
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(ranks[0], order[[0, 1, 4, 5]]) and torch.equal(ranks[1], order[[2, 3, 6, 7]])
+def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_batches_follow_it():
+    one = data.EpochOrder(num_images=10, batch_size=4, seed=0)
+    ranks = [data.EpochOrder(num_images=10, batch_size=4, seed=0, rank=r, world_size=2) for r in range(2)]
+    for o in (one, *ranks):
+        o.set_epoch(3)
+    whole = [[i for i, _ in batch] for batch in one]                  # 2 global batches of 4, 2 images dropped
+    halves = [[[i for i, _ in batch] for batch in r] for r in ranks]
+    assert len(whole) == 2 and [h0 + h1 for h0, h1 in zip(*halves)] == whole
+    with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
+        data.EpochOrder(10, 4, 0, rank=0, world_size=3)
+    items = torch.arange(10).view(10, 1, 1, 1)                        # "images" that say which one they are
+    batches = [b.flatten().tolist() for b, _ in data.InMemoryBatches(items, torch.arange(10), one)]
+    assert batches == whole
 
 
 def test_folder_decodes_once_into_memory_at_native_or_global_size(tmp_path):
@@ -1414,9 +1415,6 @@ def test_folder_decodes_once_into_memory_at_native_or_global_size(tmp_path):
     dataset = data.uint8_pretrain_dataset("folder", str(tmp_path / "mixed"), global_size=32)
     images, _ = data.load_into_memory(dataset, torch.device("cpu"))
     assert images.shape == (3, 3, 32, 32) and (images[2] == torch.tensor([10, 200, 30]).view(3, 1, 1)).all()
-    loader = data.uint8_loader(dataset, batch_size=2, workers=0, seed=0)
-    batches = [b for b, _ in loader]
-    assert len(batches) == 1 and batches[0].shape == (2, 3, 32, 32) and batches[0].dtype == torch.uint8
 
 
 # ---- H_global over several processes
@@ -1440,28 +1438,33 @@ def embedder_inputs():
     return torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))      # (V=3, 2B=8, features)
 
 
-def ddp_worker(rank, world_size, rendezvous, out_dir):
+OBJECTIVES = {"hydes": lambda z: hydes.hydes_loss(z, kappa=3.0, alpha=0.7, beta=0.4),
+              "infonce": lambda z: hydes.infonce_loss(z, kappa=3.0)}
+
+
+def ddp_worker(rank, world_size, rendezvous, out_dir, objective):
     """One of two gloo processes: its B = 4 images through a DDP-wrapped linear map, the loss, backward."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     model = torch.nn.parallel.DistributedDataParallel(tiny_embedder())
     share = embedder_inputs()[:, rank * 4:(rank + 1) * 4]                             # (V, B, 12)
-    out = hydes.hydes_loss(F.normalize(model(share), dim=-1), kappa=3.0, alpha=0.7, beta=0.4)
+    out = OBJECTIVES[objective](F.normalize(model(share), dim=-1))
     out["loss"].backward()                                   # DDP averages the gradients over the 2 processes
     torch.save({"loss": out["loss"].detach(), "grads": [p.grad for p in model.parameters()]},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path, objective):
     # A file rendezvous rather than a TCP port: no race for a free port between tests. Forked rather than
     # spawned processes start in a fraction of a second: they need not import torch and this file again.
-    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
+    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), objective),
                                           nprocs=2, start_method="fork")
     shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = tiny_embedder()
-    out = hydes.hydes_loss(F.normalize(model(embedder_inputs()), dim=-1), kappa=3.0, alpha=0.7, beta=0.4)
+    out = OBJECTIVES[objective](F.normalize(model(embedder_inputs()), dim=-1))
     out["loss"].backward()
     assert shares[0]["loss"].item() != pytest.approx(shares[1]["loss"].item(), abs=1e-3)   # the shares differ,
     assert (shares[0]["loss"] + shares[1]["loss"]).item() / 2 == pytest.approx(out["loss"].item(), abs=1e-6)
