@@ -16,12 +16,12 @@ by hand. When a dataset is missing, `DatasetError` says which files are expected
 
 The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image in
 DataLoader workers, and `BatchedMultiCrop`, per uint8 batch on the training device. The second is fed
-either from memory (`uint8_pretrain_dataset` + `load_into_memory` + `InMemoryBatches`: CIFAR, STL-10,
+either from memory (`uint8_dataset` + `load_into_memory` + `InMemoryBatches`: CIFAR, STL-10,
 small folders) or by DataLoader workers that decode each image to one fixed size (ImageNet, Food-101).
 Either way the batches follow an `EpochOrder`, which makes the data order (and each image's augmentation
 seed) a function of the seed, the epoch and the step:
 
-    dataset = uint8_pretrain_dataset("cifar10", root, global_size=32)
+    dataset = uint8_dataset("cifar10", root, global_size=32)
     images, labels = load_into_memory(dataset, device)               # (N, 3, 32, 32) uint8, once
     order = EpochOrder(len(images), batch_size=128, seed=0)
     crops = BatchedMultiCrop(32, 16)
@@ -462,22 +462,29 @@ def fixed_size_uint8(side):
                       T.PILToTensor()])
 
 
-def uint8_pretrain_dataset(name, root, global_size):
-    """The pre-training images (`pretrain_dataset`) as uint8 tensors (3, H, W), all of one size.
+def uint8_dataset(name, root, global_size, labelled=False):
+    """The training images (`pretrain_dataset`, or with `labelled` the labelled train split that the
+    supervised baseline needs) as uint8 tensors (3, H, W), all of one size.
 
     CIFAR and STL-10, and a `folder` whose images all have one size, stay at their native size, as
     MultiCrop sees them. Every other image is resized with `fixed_size_uint8`: ImageNet and Food-101 to
     8/7 of the global crop (256 px for 224, the evaluation's resize), a folder of mixed sizes to the
     global crop size (which then equals its largest crop).
     """
-    dataset = pretrain_dataset(name, root, T.PILToTensor())
+    if labelled:
+        dataset = dataset_split(name, root, "train", T.PILToTensor())
+    else:
+        dataset = pretrain_dataset(name, root, T.PILToTensor())
     if name in ("cifar10", "cifar100", "stl10"):
         return dataset
     if name == "folder":
         sizes = set()
         for path, _ in dataset.samples:
-            with Image.open(path) as img:              # reads the header only, not the pixels
-                sizes.add(img.size)
+            try:
+                with Image.open(path) as img:          # reads the header only, not the pixels
+                    sizes.add(img.size)
+            except OSError:                            # unreadable: read_rgb names it when it is loaded
+                continue
         if len(sizes) > 1:
             dataset.transform = fixed_size_uint8(global_size)
         return dataset

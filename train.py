@@ -26,20 +26,26 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (DATASETS, DatasetError, EpochOrder, MultiCrop, SeededSamples, dataset_split, default_crop_sizes,
-                  drop_unreadable_images, error_message, native_image_size, pretrain_dataset)
+from data import (DATASETS, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches, MultiCrop, SeededSamples,
+                  dataset_split, default_crop_sizes, drop_unreadable_images, error_message, load_into_memory,
+                  native_image_size, pretrain_dataset, uint8_dataset)
 from evaluate import CheckpointError, knn_evaluate, safe_load
 from hydes import hydes_loss, infonce_loss
 from models import ARCHS, HyDeSModel, build_backbone, vit_patch_size
 
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "data_dir", "skip_bad_images",
-                       "log_every", "keep_every")
+                       "log_every", "keep_every", "compile")
+# Datasets up to this size as uint8 are decoded once and kept on the training device (--augment batched):
+# CIFAR's 150 MB and STL-10's 2.9 GB are; ImageNet (250 GB at 256 px) and Food-101 (15 GB) are not.
+IN_MEMORY_BYTES = 4 * 2**30
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms.
 LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h_global", "h_local", "mi"),
@@ -63,6 +69,10 @@ def build_parser():
     g.add_argument("--no-blur", dest="blur", action="store_false",
                    help="drop DINO's Gaussian blur (CIFAR recipes often do: it erases much of a 32 px image)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    g.add_argument("--augment", default="batched", choices=("batched", "per-image"),
+                   help="batched: the multi-crop of whole uint8 batches on the training device, images decoded "
+                        "once into memory when they fit (no data-loading bottleneck); per-image: DINO's PIL "
+                        "recipe in the loading workers, the reference the batched form is tested against")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="decode every image file once before training and leave out those that fail "
                         "(default: stop with an error naming the file)")
@@ -115,7 +125,10 @@ def build_parser():
     g.add_argument("--force", action="store_true",
                    help="start anew in an OUT that holds a run, deleting its ckpt.pt and log.jsonl")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="under torchrun, each process takes the GPU of its LOCAL_RANK")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two")
     return p
 
 
@@ -310,88 +323,161 @@ def training_step(model, views, labels, optimizer, scaler, autocast, args):
     return torch.stack([out[k].detach() for k in LOGGED[args.method]])
 
 
+def resume_settings(args, argv, checkpoint_path):
+    """--resume: the checkpoint and the run's settings, with the ones typed again that may change.
+    Without --resume: refuses an OUT that holds a run, unless --force. Returns (args, checkpoint or None)."""
+    if args.resume and args.force:
+        raise SystemExit("error: --resume continues the run in OUT and --force deletes it: pick one")
+    if not args.resume:
+        if not args.force and any(os.path.exists(os.path.join(args.out, f)) for f in ("ckpt.pt", "log.jsonl")):
+            raise SystemExit(f"error: {args.out} holds a run; pass --resume to continue it, --force to replace it, "
+                             f"or --out for a new folder")
+        return args, None
+    if not os.path.exists(checkpoint_path):
+        raise SystemExit(f"error: --resume given but there is no {checkpoint_path}; drop --resume to start anew")
+    try:
+        checkpoint = safe_load(checkpoint_path)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}")
+    given, saved = settings_given(argv), checkpoint["args"]
+    fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
+                   if normalised(getattr(args, k)) != normalised(saved.get(k)))
+    if fixed:
+        changeable = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_OVERRIDES)
+        raise SystemExit(f"error: --resume takes the run's settings from its checkpoint; --{fixed[0].replace('_', '-')} "
+                         f"cannot change from {saved.get(fixed[0])} (only {changeable} can); drop it, or start a "
+                         f"new run with --out")
+    args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given},
+                                 "resume": True, "out": args.out})          # the folder may have moved
+    return args, checkpoint
+
+
+def distributed_setup(args):
+    """torchrun starts one process per GPU with RANK, LOCAL_RANK and WORLD_SIZE set: join them in a process
+    group (NCCL on GPUs, gloo on CPUs). Returns (rank, world_size, device); (0, 1, --device) without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, torch.device(args.device)
+    if args.batch_size % world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is the global batch and must split evenly over "
+                         f"{world_size} processes")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # While process 0 runs the online k-NN the others wait at a barrier; the default 10-minute timeout
+    # would kill an ImageNet run there.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return dist.get_rank(), world_size, device
+
+
+def any_process(flag, device):
+    """`flag` agreed over all processes (true if true on any), so that they stop together; the flag
+    itself without data parallelism. One all_reduce, a host-device synchronisation: call it sparingly."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def training_batches(args, device, rank, world_size):
+    """The training data as (batches, order, crops, dataset): `batches` yields (inputs, labels) in the
+    order of `order` (an EpochOrder); `crops` is the BatchedMultiCrop that turns uint8 inputs into views
+    on the device, or None when the inputs are already the views (--augment per-image).
+
+    --augment batched: datasets that fit in IN_MEMORY_BYTES (CIFAR, STL-10, the folder copies) are
+    decoded once into a uint8 tensor on the device, so an epoch needs no workers at all; bigger ones
+    (ImageNet, Food-101) are decoded to one fixed size by DataLoader workers and cropped on the device.
+    """
+    native = native_image_size(args.dataset, args.data_dir)
+    default_global, default_local = default_crop_sizes(native)
+    args.global_size = args.global_size or default_global
+    args.local_size = args.local_size or default_local
+    problem = check_crop_sizes(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    views = (args.global_size, args.local_size, args.global_crops, args.local_crops, tuple(args.global_scale),
+             tuple(args.local_scale), args.blur)
+    labelled = args.method == "supervised"    # labelled images only (STL-10: its 5k train, not the 100k unlabelled)
+    if args.augment == "per-image":
+        transform, crops = MultiCrop(*views), None
+        dataset = (dataset_split(args.dataset, args.data_dir, "train", transform) if labelled
+                   else pretrain_dataset(args.dataset, args.data_dir, transform))
+    else:
+        dataset, crops = uint8_dataset(args.dataset, args.data_dir, args.global_size, labelled), BatchedMultiCrop(*views)
+    if args.eval_every:              # the k-NN monitor's labelled splits must exist before hours of training
+        dataset_split(args.dataset, args.data_dir, "test", None)
+    if args.skip_bad_images:
+        dropped = drop_unreadable_images(dataset, args.workers)
+        if dropped and rank == 0:
+            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
+                  f"for example {dropped[0]}")
+    order = EpochOrder(len(dataset), args.batch_size, args.seed, rank, world_size)
+    if order.batches_per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
+                         f"lower --batch-size")
+    if crops is not None and len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES:
+        images, labels = load_into_memory(dataset, device, args.workers)       # (N, 3, H, W) uint8, once
+        return InMemoryBatches(images, labels, order), order, crops, dataset
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset), batch_sampler=order, num_workers=args.workers, pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0, worker_init_fn=ignore_interrupts_in_worker)
+    return loader, order, crops, dataset
+
+
+def augmentation_generator(seed, step, rank):
+    """The generator of step `step`'s batched augmentation on process `rank`: a function of the three,
+    so that a resumed run draws the views an uninterrupted one would, and processes draw different ones."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     checkpoint_path = os.path.join(args.out, "ckpt.pt")
-    checkpoint = None
-    if args.resume and args.force:
-        raise SystemExit("error: --resume continues the run in OUT and --force deletes it: pick one")
-    if args.resume:
-        if not os.path.exists(checkpoint_path):
-            raise SystemExit(f"error: --resume given but there is no {checkpoint_path}; drop --resume to start anew")
-        try:
-            checkpoint = safe_load(checkpoint_path)
-        except CheckpointError as error:
-            raise SystemExit(f"error: {error}")
-        given = settings_given(argv)
-        saved = checkpoint["args"]
-        fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
-                       if normalised(getattr(args, k)) != normalised(saved.get(k)))
-        if fixed:
-            raise SystemExit(f"error: --resume takes the run's settings from its checkpoint; --{fixed[0].replace('_', '-')} "
-                             f"cannot change from {saved.get(fixed[0])} (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)}"
-                             f" can); drop it, or start a new run with --out")
-        args = argparse.Namespace(**{**checkpoint["args"], **{k: getattr(args, k) for k in given},
-                                  "resume": True, "out": args.out})      # the folder may have moved
-    elif not args.force and any(os.path.exists(os.path.join(args.out, f)) for f in ("ckpt.pt", "log.jsonl")):
-        raise SystemExit(f"error: {args.out} holds a run; pass --resume to continue it, --force to replace it, "
-                         f"or --out for a new folder")
+    args, checkpoint = resume_settings(args, argv, checkpoint_path)
     problem = check_args(args)
     if problem:
         raise SystemExit(f"error: {problem}")
+    rank, world_size, device = distributed_setup(args)
+    try:
+        train(args, checkpoint, checkpoint_path, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, checkpoint, checkpoint_path, rank, world_size, device):
+    main_process = rank == 0             # the one that prints, logs, evaluates and saves
 
     # ---- device and precision: bf16 autocast on GPUs that have it, fp16 + grad scaling otherwise, fp32 on CPU
-    device = torch.device(args.device)
     use_cuda = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda else nullcontext()
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and amp_dtype == torch.float16)
+    # ResNets run faster with NHWC tensors on GPUs (cuDNN's tensor-core convolutions want them); on the
+    # CPU the default layout is kept, so CPU runs stay bit-exact across resumes.
+    memory_format = torch.channels_last if use_cuda and args.arch.startswith("resnet") else torch.contiguous_format
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # ---- data: multi-crop views of the pre-training images, in an order fixed by (seed, epoch)
+    # ---- data: the training images in an order fixed by (seed, epoch), and how they become views
     try:
-        native = native_image_size(args.dataset, args.data_dir)
-        default_global, default_local = default_crop_sizes(native)
-        args.global_size = args.global_size or default_global
-        args.local_size = args.local_size or default_local
-        problem = check_crop_sizes(args)
-        if problem:
-            raise SystemExit(f"error: {problem}")
-        transform = MultiCrop(args.global_size, args.local_size, args.global_crops, args.local_crops,
-                              tuple(args.global_scale), tuple(args.local_scale), args.blur)
-        if args.method == "supervised":       # labelled images only (STL-10: its 5k train, not the unlabelled 100k)
-            dataset = dataset_split(args.dataset, args.data_dir, "train", transform)
-        else:
-            dataset = pretrain_dataset(args.dataset, args.data_dir, transform)
-        if args.eval_every:          # the k-NN monitor's labelled splits must exist before hours of training
-            dataset_split(args.dataset, args.data_dir, "test", None)
+        batches, order, crops, dataset = training_batches(args, device, rank, world_size)
     except DatasetError as error:
-        raise SystemExit(f"error: {error}")
-    if args.skip_bad_images:
-        dropped = drop_unreadable_images(dataset, args.workers)
-        if dropped:
-            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
-                  f"for example {dropped[0]}")
-    order = EpochOrder(len(dataset), args.batch_size, args.seed)
+        raise SystemExit(f"error: {error_message(error)}")
     steps_per_epoch = order.batches_per_epoch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
-                         f"lower --batch-size")
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset), batch_sampler=order, num_workers=args.workers, pin_memory=use_cuda,
-        persistent_workers=args.workers > 0, worker_init_fn=ignore_interrupts_in_worker)
 
-    # ---- model and optimiser
+    # ---- model and optimiser; `net` is the plain module (saved, evaluated), `model` what the step calls
     backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
     num_classes = len(dataset.classes) if args.method == "supervised" else None
-    model = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes).to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         restore_random_states(checkpoint["rng"])
@@ -400,31 +486,47 @@ def main(argv=None):
             raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
                              f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
                              f"data (and the same --skip-bad-images)")
-        print(f"resuming {checkpoint_path} at step {step} (epoch {step // steps_per_epoch + 1}, "
-              f"batch {step % steps_per_epoch + 1})")
-        drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
-    elif args.force:
-        for name in ("ckpt.pt", "log.jsonl"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    print(f"{args.dataset}: {len(dataset)} images, {steps_per_epoch} steps/epoch, views {args.global_crops}x"
-          f"{args.global_size} + {args.local_crops}x{args.local_size}; {args.arch} "
-          f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; device {device}")
+    model = net
+    if world_size > 1:      # each process its share of the batch; H_global still spans all (hydes.GatherBatch)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if use_cuda else None)
+    if args.compile:
+        model = torch.compile(model)
+    if main_process:
+        if checkpoint is not None:
+            print(f"resuming {checkpoint_path} at step {step} (epoch {step // steps_per_epoch + 1}, "
+                  f"batch {step % steps_per_epoch + 1})")
+            drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
+        elif args.force:
+            for name in ("ckpt.pt", "log.jsonl"):
+                if os.path.exists(os.path.join(args.out, name)):
+                    os.remove(os.path.join(args.out, name))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} workers"
+        print(f"{args.dataset}: {len(dataset)} images ({source}, {args.augment} multi-crop), {steps_per_epoch} "
+              f"steps/epoch, views {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size}; "
+              f"{args.arch} {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; device {device}"
+              + (f" x {world_size} processes" if world_size > 1 else ""))
 
     def online_knn():
-        return knn_evaluate(model.backbone, args.dataset, args.data_dir, args.global_size, device,
-                            args.knn_k, args.knn_temperature, args.workers)
+        """Process 0 evaluates; the others wait for it."""
+        result = None
+        if main_process:
+            result = knn_evaluate(net.backbone, args.dataset, args.data_dir, args.global_size, device,
+                                  args.knn_k, args.knn_temperature, args.workers)
+        if dist.is_initialized():
+            dist.barrier()
+        return result
 
     def save():
-        save_checkpoint(checkpoint_path, checkpoint_state(model, optimizer, scaler, step, steps_per_epoch, args))
+        if main_process:
+            save_checkpoint(checkpoint_path, checkpoint_state(net, optimizer, scaler, step, steps_per_epoch, args))
 
     # ---- training
     started = time.time()
-    # The first non-finite loss, as (step, loss terms), recorded on the device: no synchronisation per step.
     logged = LOGGED[args.method]
+    # The first non-finite loss, as (step, loss terms), recorded on the device: no synchronisation per step.
     first_nonfinite = torch.full((1 + len(logged),), -1.0, device=device)
     device_step = torch.tensor(float(step), device=device)         # float32 counts steps exactly up to 2^24
     with StopSignals() as stop:
@@ -433,14 +535,18 @@ def main(argv=None):
             order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
             sums = torch.zeros(len(logged), device=device)          # loss terms summed over this epoch's steps
             epoch_start, epoch_steps = time.time(), 0
-            out_of_time = False
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+            stopping = out_of_time = False
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=not main_process)
             try:
-                for views, labels in bar:
+                for inputs, labels in bar:
                     lr = learning_rate(args, step, steps_per_epoch)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    views = [v.to(device, non_blocking=True) for v in views]          # V tensors (B, 3, H, W)
+                    if crops is None:                                  # views made by the loading workers
+                        views = [v.to(device, non_blocking=True) for v in inputs]
+                    else:                                              # uint8 (B, 3, H, W) -> views on the device
+                        views = crops(inputs.to(device, non_blocking=True), augmentation_generator(args.seed, step, rank))
+                    views = [v.contiguous(memory_format=memory_format) for v in views]     # V tensors (B, 3, H, W)
                     labels = labels.to(device, non_blocking=True)     # (B,); used by --method supervised only
                     terms = training_step(model, views, labels, optimizer, scaler, autocast, args)
                     sums += terms
@@ -449,49 +555,69 @@ def main(argv=None):
                     device_step += 1
                     step += 1
                     epoch_steps += 1
-                    if epoch_steps % args.log_every == 0:       # the only host-device synchronisation
-                        stop_if_nonfinite(first_nonfinite, logged, checkpoint_path)
-                        means = dict(zip(logged, (sums / epoch_steps).tolist()))
+                    out_of_time = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
+                    log_now = epoch_steps % args.log_every == 0
+                    if log_now:                                        # the only host-device synchronisation
+                        stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device)
+                        means = dict(zip(logged, (reduced(sums, world_size) / epoch_steps).tolist()))
                         bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k != "mi"},
                                         img_s=f"{epoch_steps * args.batch_size / (time.time() - epoch_start):.0f}")
-                    out_of_time = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
-                    if stop.received or out_of_time:
+                    # Processes must stop at the same step: with several, they agree at log steps only.
+                    if world_size == 1 or log_now:
+                        stopping = any_process(stop.received is not None or out_of_time, device)
+                    if stopping:
                         break
             except DatasetError as error:       # an unreadable image, raised in a loading worker
                 raise SystemExit(f"error: {error_message(error)}; the last checkpoint {checkpoint_path} is intact")
             finally:
                 bar.close()
-            stop_if_nonfinite(first_nonfinite, logged, checkpoint_path)
+            stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device)
 
             # ---- end of the epoch, of the time budget or of a signalled stop: log, evaluate, checkpoint
             record = {"epoch": round(step / steps_per_epoch, 4), "step": step,
-                      **dict(zip(logged, (sums / max(1, epoch_steps)).tolist())),
+                      **dict(zip(logged, (reduced(sums, world_size) / max(1, epoch_steps)).tolist())),
                       "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                       "images_per_s": epoch_steps * args.batch_size / (time.time() - epoch_start),
                       "minutes": (time.time() - started) / 60}
-            last = out_of_time or epoch + 1 == args.epochs
-            if args.eval_every and not stop.received and ((epoch + 1) % args.eval_every == 0 or last):
-                record["knn_top1"], record["knn_top5"] = online_knn()
-            print(json.dumps(record))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            finished = epoch + 1 == args.epochs or (stopping and stop.received is None)     # done or out of time
+            if args.eval_every and (step % (args.eval_every * steps_per_epoch) == 0 or finished) and \
+                    not (stopping and stop.received is not None):
+                knn = online_knn()
+                if main_process:
+                    record["knn_top1"], record["knn_top5"] = knn
+            if main_process:
+                print(json.dumps(record))
+                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
             save()
-            if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
+            if main_process and args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
                 shutil.copyfile(checkpoint_path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
-            if stop.received:
+            if stopping and stop.received is not None:
                 name = signal.Signals(stop.received).name
-                print(f"{name}: stopped after step {step} and saved {checkpoint_path}; continue with\n"
-                      f"    python train.py --out {args.out} --resume")
+                if main_process:
+                    print(f"{name}: stopped after step {step} and saved {checkpoint_path}; continue with\n"
+                          f"    python train.py --out {args.out} --resume")
                 raise SystemExit(128 + stop.received)
-            if out_of_time:
-                print(f"stopped after {args.max_minutes} minutes at step {step}; checkpoint {checkpoint_path}")
+            if stopping:
+                if main_process:
+                    print(f"stopped after {args.max_minutes} minutes at step {step}; checkpoint {checkpoint_path}")
                 break
 
     if args.epochs == 0:    # the random-initialisation baseline: the same network, evaluated untrained
         save()
         if args.eval_every:
-            top1, top5 = online_knn()
-            print(json.dumps({"epoch": 0, "knn_top1": top1, "knn_top5": top5}))
+            knn = online_knn()
+            if main_process:
+                print(json.dumps({"epoch": 0, "knn_top1": knn[0], "knn_top5": knn[1]}))
+
+
+def reduced(sums, world_size):
+    """The loss terms summed over steps, averaged over processes (each holds its share of the batch's)."""
+    if world_size > 1:
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        sums /= world_size
+    return sums
 
 
 def drop_log_records_after(log_path, step):
@@ -504,10 +630,10 @@ def drop_log_records_after(log_path, step):
             f.writelines(lines)
 
 
-def stop_if_nonfinite(first_nonfinite, logged, checkpoint_path):
+def stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device):
     """Stop at the first non-finite loss, naming its step and terms; the weights it produced are never saved."""
     steps_before, *values = first_nonfinite.tolist()
-    if steps_before < 0:
+    if not any_process(steps_before >= 0, device):
         return
     terms = dict(zip(logged, values))
     others = ", ".join(f"{k} {v}" for k, v in terms.items() if k not in ("loss", "mi"))
