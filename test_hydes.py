@@ -769,10 +769,10 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
         assert 0 <= log[-1]["accuracy"] <= 1
         # the objective: cross-entropy of every view's logits against its image's label, averaged
         logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
-        out = train.objective(logits, labels, train.parse_args(["--method", "supervised"]))
+        terms = train.objective(logits, labels, train.parse_args(["--method", "supervised"]))
         per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
-        assert out["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
-        assert out["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
+        assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
+        assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
     else:                               # logged in HyDeS's terms: mi = h_global - h_local
         assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
         assert "projector.0.weight" in saved["model"]
