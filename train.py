@@ -595,8 +595,9 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
             if stopping and stop.received is not None:
                 name = signal.Signals(stop.received).name
                 if main_process:
+                    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
                     print(f"{name}: stopped after step {step} and saved {checkpoint_path}; continue with\n"
-                          f"    python train.py --out {args.out} --resume")
+                          f"    {launcher} train.py --out {args.out} --resume")
                 raise SystemExit(128 + stop.received)
             if stopping:
                 if main_process:
