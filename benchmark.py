@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+import train
 from data import BatchedMultiCrop, MultiCrop
+from models import HyDeSModel, build_backbone
 
-# (input side, global crop, local crop), the paper's settings for CIFAR-10/100 and STL-10
-INPUTS = {"cifar": (32, 32, 16), "stl10": (96, 96, 48)}
+# (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
+INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
 
 
 def parse_args(argv=None):
@@ -54,6 +56,9 @@ def parse_args(argv=None):
                         "more threads than idle cores make it slower, not faster")
     p.add_argument("--device", default="cpu", help="where the batched pipeline runs: cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-batch-size", type=int, default=128,
+                   help="images per training step (the paper's 128); the step columns use the full-size network")
+    p.add_argument("--no-steps", dest="steps", action="store_false", help="time the augmentations only")
     return p.parse_args(argv)
 
 
@@ -103,6 +108,34 @@ def augmentation_rates(side, global_size, local_size, args):
     return rates
 
 
+def training_step_rates(side, global_size, local_size, arch, args):
+    """Images/s of whole training steps as train.py runs them (bf16 autocast and channels_last on a GPU):
+    views made beforehand ("model"), and the batched multi-crop of a uint8 batch on the device followed by
+    the step ("with crops"). Their ratio is the share of a step the augmentation costs."""
+    device = torch.device(args.device)
+    settings = train.parse_args(["--arch", arch, "--device", args.device])
+    use_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
+    memory_format = torch.channels_last if use_cuda and arch.startswith("resnet") else torch.contiguous_format
+    net = HyDeSModel(build_backbone(arch, global_size)).to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    images, _ = noise_images(args.step_batch_size, side, args.seed)
+    images = images.to(device)
+    labels = torch.zeros(len(images), dtype=torch.int64, device=device)
+    crops, generator = BatchedMultiCrop(global_size, local_size), torch.Generator().manual_seed(args.seed)
+    ready = [v.contiguous(memory_format=memory_format) for v in crops(images, generator)]
+    synchronize = torch.cuda.synchronize if use_cuda else (lambda: None)
+
+    def step(views):
+        train.training_step(net, views, labels, optimizer, scaler, autocast, settings)
+
+    return {"model": images_per_second(lambda: step(ready), len(images), args.seconds, synchronize),
+            "with_crops": images_per_second(
+                lambda: step([v.contiguous(memory_format=memory_format) for v in crops(images, generator)]),
+                len(images), args.seconds, synchronize)}
+
+
 def markdown_table(rows):
     """rows: list of (input label, rates dict) -> Markdown table with the batched pipeline's speed-ups."""
     def rate(value):
@@ -120,19 +153,36 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def step_table(rows):
+    """rows: list of (input label, views, arch, step rates dict) -> Markdown table of training-step speed."""
+    lines = ["| input | views | network | step img/s (views ready) | step img/s (with batched crops) "
+             "| share of the step in the crops |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    for label, views, arch, r in rows:
+        lines.append(f"| {label} | {views} | {arch} | {r['model']:,.0f} | {r['with_crops']:,.0f} "
+                     f"| {1 - r['with_crops'] / r['model']:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {args.device}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores, "
           f"load average {load:.1f}, batch {args.batch_size}, torch {torch.__version__}")
-    rows = []
+    rows, step_rows = [], []
     for name in args.inputs:
-        side, global_size, local_size = INPUTS[name]
+        side, global_size, local_size, arch = INPUTS[name]
         views = f"2x{global_size} + 6x{local_size} from {side} px"
         rows.append((name, views, augmentation_rates(side, global_size, local_size, args)))
+        if args.steps:
+            step_rows.append((name, views, arch, training_step_rates(side, global_size, local_size, arch, args)))
     print(markdown_table(rows))
-    return rows
+    if step_rows:
+        print()
+        print(f"Training steps, batch {args.step_batch_size}, full-size networks:")
+        print(step_table(step_rows))
+    return rows, step_rows
 
 
 if __name__ == "__main__":

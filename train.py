@@ -2,6 +2,8 @@
 
     python train.py --dataset stl10 --arch vit_tiny --kappa 1        # the paper's ViT-T16 on STL-10
     python train.py --dataset cifar10 --arch resnet18                # the paper's CIFAR-10 ResNet-18
+    python train.py --dataset cifar10 --method supervised            # Table I's supervised baseline
+    torchrun --nproc_per_node=4 train.py --dataset imagenet --arch resnet50 --batch-size 512   # 4 GPUs
 
 The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, kappa = 1,
 alpha = beta = 1, DINO multi-crop with 2 global and 6 local views. The run's folder (--out) receives
@@ -9,6 +11,11 @@ args.json (every resolved setting), log.jsonl (one line per epoch: loss, H_globa
 images/s and, every --eval-every epochs, the online k-NN top-1 that Figures 6-8 plot) and ckpt.pt
 (model, optimiser, grad scaler, epoch, step, random-number states, data order and the arguments),
 rewritten after every epoch.
+
+Speed: the multi-crop views of a whole batch are made on the training device (data.BatchedMultiCrop),
+from images decoded once into its memory when they fit; bf16 autocast and channels_last on GPUs;
+--compile for torch.compile. Under torchrun each process embeds its share of the global batch and
+H_global spans all of it (hydes.GatherBatch).
 
 Reliability: `--resume` continues bit for bit on CPU (the data order and every augmentation are a function
 of --seed, epoch and step; the checkpoint holds the rest). Checkpoints are written to a temporary file
