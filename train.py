@@ -354,8 +354,10 @@ def resume_settings(args, argv, checkpoint_path):
         raise SystemExit(f"error: --resume takes the run's settings from its checkpoint; --{fixed[0].replace('_', '-')} "
                          f"cannot change from {saved.get(fixed[0])} (only {changeable} can); drop it, or start a "
                          f"new run with --out")
-    args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given},
-                                 "resume": True, "out": args.out})          # the folder may have moved
+    # Settings newer than the checkpoint take their defaults; the folder may have moved since.
+    defaults = vars(build_parser().parse_args([]))
+    args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in given},
+                                 "resume": True, "out": args.out})
     return args, checkpoint
 
 
