@@ -674,6 +674,10 @@ def read_curves(runs, metric):
     return curves
 
 
+AXIS_LABELS = {"knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)", "linear_top1": "linear top-1 (%)",
+               "linear_top5": "linear top-5 (%)", "mi": "MI estimate (nats)"}
+
+
 def plot_curves(curves, labels, metric, path):
     """One line with markers per run, a legend, the epoch on x; saved as PNG."""
     try:
@@ -686,7 +690,7 @@ def plot_curves(curves, labels, metric, path):
     for (epochs, values), label in zip(curves.values(), labels):
         axes.plot(epochs, values, marker="o", label=label)
     axes.set_xlabel("epoch")
-    axes.set_ylabel(metric.replace("_", " "))
+    axes.set_ylabel(AXIS_LABELS.get(metric, metric))
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
