@@ -13,19 +13,28 @@ these pipelines do the same work whatever the pixels. Images/s count source imag
 The per-image pipelines are single-threaded PIL code; in training they run in DataLoader workers, one
 per core, so on a k-core machine multiply their rate by at most k.
 
-Recorded with `python benchmark.py` (torch 2.14 CPU, 1 torch thread, batch 256) on a 2-core CPU shared
-with other jobs (load average 4.9 during the run, so every rate is below what an idle machine gives):
+Recorded on a 2-core x86 CPU (torch 2.14, batch 256, load average 1.8 from other work):
 
+    python benchmark.py               (1 torch thread)
     | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
-    | cifar | 2x32 + 6x16 from 32 px |         2,817 |             412 |           328 |         6.8x |       8.6x |
-    | stl10 | 2x96 + 6x48 from 96 px |           267 |             215 |           190 |         1.2x |       1.4x |
+    | cifar | 2x32 + 6x16 from 32 px |         3,030 |             420 |           339 |         7.2x |       8.9x |
+    | stl10 | 2x96 + 6x48 from 96 px |           306 |             218 |           188 |         1.4x |       1.6x |
+
+    python benchmark.py --threads 2   (both cores for the batched pipeline; the others are one process)
+    | cifar | 2x32 + 6x16 from 32 px |         4,787 |             415 |           335 |        11.5x |      14.3x |
+    | stl10 | 2x96 + 6x48 from 96 px |           481 |             214 |           189 |         2.2x |       2.5x |
+
+In training the per-image pipelines run in one DataLoader worker per core, so on these 2 cores they give
+at most twice their rate: 4,787 vs 2 x 335 is 7x at CIFAR size. The full-size training steps on this
+CPU (ResNet-18 at 32 px: 9 images/s; ViT-Tiny at 96 px: 24 images/s, batch 128) are far slower than
+either pipeline, so the crops' share of a step is within the timing noise here.
 
 At 32 px PIL's cost is per call, which batching removes; at 96 px it is per pixel, where PIL's uint8 C
 loops are about as fast as the some 30 float32 passes over each view here, so on a CPU the batched
 form gains little. It is meant for a GPU, where those passes are kernels over the whole batch (not
-measured here: this machine has none; `--device cuda` measures it). With 2 threads on this loaded
-machine the batched pipeline ran 3-40x slower than with 1 (threads waiting for a busy core), hence
-the default of 1.
+measured here: this machine has none; `--device cuda` measures it). On this machine loaded by other
+jobs, 2 threads ran 3-40x slower than 1 (threads waiting for a busy core), hence the default of 1;
+with the cores free, 2 threads are 1.6x faster, as above.
 """
 
 import argparse
