@@ -782,6 +782,21 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
     assert evaluate.method_name(None, "byol_resnet50.pth", {"train_args": None}) == "byol_resnet50"
 
 
+
+def test_torchrun_trains_with_the_global_batch_split_over_two_processes(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "2",
+               "--device", "cpu"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "x 2 processes" in finished.stdout and finished.stdout.count('"epoch": ') == 2   # process 0 prints
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 4            # 16 images, global batch 8 (4 per process): 2 steps per epoch
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [2, 4] and log[-1]["mi"] == pytest.approx(-log[-1]["loss"])
+
 # ----------------------------------------------------------------------------------------------------
 # VOC segmentation probe
 
