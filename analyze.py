@@ -667,10 +667,13 @@ def read_curves(runs, metric):
         if not os.path.exists(log):
             raise SystemExit(f"error: {run} has no log.jsonl; pass run folders written by train.py")
         records = [json.loads(line) for line in open(log)]
-        points = [(r["epoch"], r[metric]) for r in records if metric in r]
+        # By epoch, the last value of an epoch kept: eval.jsonl lists kept checkpoints in the order they
+        # were probed (a shell glob puts epoch 100 before epoch 20), and a probe may be repeated.
+        points = dict(sorted(((r["epoch"], r[metric]) for r in records if metric in r and r.get("epoch") is not None),
+                             key=lambda point: point[0]))        # a stable sort: the last probe of an epoch wins
         if not points:
             raise SystemExit(f"error: {log} logs no {metric}; train with --eval-every 1 to log the k-NN per epoch")
-        curves[run] = tuple(zip(*points))
+        curves[run] = (tuple(points), tuple(points.values()))
     return curves
 
 
@@ -707,7 +710,9 @@ def curves_main(argv):
     p.add_argument("--labels", nargs="+", help="legend entries, one per run (default: the folders' names)")
     p.add_argument("--out", default="curves.png", help="PNG file to write")
     args = p.parse_args(argv)
-    labels = args.labels or [os.path.basename(os.path.normpath(run)) for run in args.runs]
+    # A run folder, or the folder of a log file given directly (RUN/eval.jsonl), names its line.
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(run)) if os.path.isfile(run)
+                                              else os.path.normpath(run)) for run in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit(f"error: {len(labels)} --labels for {len(args.runs)} runs; give one label per run")
     curves = read_curves(args.runs, args.metric)

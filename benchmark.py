@@ -124,11 +124,12 @@ def training_step_rates(side, global_size, local_size, arch, args):
     device = torch.device(args.device)
     settings = train.parse_args(["--arch", arch, "--device", args.device])
     use_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda else torch.autocast("cpu", enabled=False)
     memory_format = torch.channels_last if use_cuda and arch.startswith("resnet") else torch.contiguous_format
     net = HyDeSModel(build_backbone(arch, global_size)).to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and amp_dtype == torch.float16)
     images, _ = noise_images(args.step_batch_size, side, args.seed)
     images = images.to(device)
     labels = torch.zeros(len(images), dtype=torch.int64, device=device)

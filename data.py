@@ -241,7 +241,10 @@ def resize_matrices(start, length, size, source_size, device):
     """
     widest = max(1.0, float((length / size).max()))
     taps = math.ceil(4 * widest) + 1                     # pixels under a kernel of support 2 * widening
-    start, length = start.to(device).view(-1, 1, 1), length.to(device).view(-1, 1, 1)   # (B, 1, 1)
+    # The parameters are drawn on the CPU. non_blocking spares PyTorch's stream synchronisation after
+    # each of these small copies (about a hundred a step), so the host can queue work ahead of the GPU.
+    start = start.to(device, non_blocking=True).view(-1, 1, 1)                          # (B, 1, 1)
+    length = length.to(device, non_blocking=True).view(-1, 1, 1)
     scale = length / size
     widening = scale.clamp_min(1.0)
     centre = start + (torch.arange(size, device=device).view(1, -1, 1) + 0.5) * scale  # (B, size, 1)
@@ -267,7 +270,7 @@ def resized_crop(images, boxes, size, flip):
     x0, y0, w, h = boxes.float().unbind(1)                                           # each (B,), CPU
     rows = resize_matrices(y0, h, size, images.shape[2], images.device)              # (B, size, H)
     columns = resize_matrices(x0, w, size, images.shape[3], images.device)           # (B, size, W)
-    columns = torch.where(flip.to(images.device).view(-1, 1, 1), columns.flip(1), columns)
+    columns = torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1), columns.flip(1), columns)
     out = rows[:, None] @ images @ columns[:, None].transpose(-1, -2)   # (B,1,s,H) (B,C,H,W) (B,1,W,s) -> (B,C,s,s)
     return out.clamp(0, 1)
 
@@ -283,14 +286,14 @@ def on_chosen(x, apply, operation, *per_image_args):
     """
     chosen = torch.nonzero(apply)[:, 0]                                        # (b,) CPU indices
     if len(chosen):
-        rows = chosen.to(x.device)
+        rows = chosen.to(x.device, non_blocking=True)
         x[rows] = operation(x[rows], *(arg[chosen] for arg in per_image_args))   # (b, 3, h, w)
     return x
 
 
 def per_image(values, x):
     """(B,) per-image values -> (B, 1, 1, 1) on x's device and dtype, to broadcast over (B, C, H, W)."""
-    return values.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    return values.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
 
 
 def luminance(x):
@@ -364,7 +367,7 @@ def blur_matrices(sigma, size, device):
     at sigma = 2), normalised, with the image border extended outwards as PIL's box filters do."""
     radius = math.ceil(3 * BLUR_SIGMA[1])
     offsets = torch.arange(-radius, radius + 1, device=device)                 # (K,)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma.to(device).view(-1, 1) ** 2))   # (B, K)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma.to(device, non_blocking=True).view(-1, 1) ** 2))   # (B, K)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     source = (torch.arange(size, device=device)[:, None] + offsets).clamp(0, size - 1)   # (size, K): pixel of tap k
     batch = len(sigma)
@@ -494,7 +497,8 @@ def uint8_dataset(name, root, global_size, labelled=False):
 
 def load_into_memory(dataset, device, workers=0, batch_size=256):
     """Decode every image of a uint8 dataset once -> images uint8 (N, 3, H, W), labels int64 (N,), on device.
-    The images are written into one preallocated tensor, so the host never holds them twice."""
+    The images are written into one preallocated tensor, not concatenated from batches (which would
+    hold them twice over); once the caller drops the dataset, this copy is the only one."""
     first, _ = dataset[0]
     images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)     # (N, 3, H, W)
     labels = torch.empty(len(dataset), dtype=torch.int64)
@@ -691,7 +695,7 @@ class InMemoryBatches:
 
     def __iter__(self):
         for batch in self.order:
-            index = torch.tensor([i for i, _ in batch], device=self.images.device)     # (B,)
+            index = torch.tensor([i for i, _ in batch]).to(self.images.device, non_blocking=True)     # (B,)
             yield self.images[index], self.labels[index]
 
 

@@ -1,6 +1,7 @@
 """Tests: the loss against closed forms and a brute-force loop, its invariances and numerics; the data,
 the backbones, and a real (tiny) training run on generated images. Run: python -m pytest -q"""
 
+import importlib.util
 import json
 import math
 import os
@@ -567,6 +568,26 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     assert [round(json.loads(line)["epoch"], 2) for line in open(out / "log.jsonl")] == [1, 1.5, 2]
 
 
+def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
+    # A cluster's pre-emption signals every process of the job, the loading worker included.
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--augment", "per-image",
+               "--workers", "1", "--epochs", "1000", "--out", str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is done
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM: stopped after step" in stdout and f"train.py --out {out} --resume" in stdout
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert f"stopped after step {saved['step']} " in stdout and saved["step"] >= 2
+
 def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained():
     order = data.EpochOrder(num_images=10, batch_size=3, seed=7)
     order.set_epoch(4)
@@ -663,9 +684,11 @@ BAD_TRAINING_ARGUMENTS = [
     (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--resume", "--force"], "pick one"),
-    (["--arch", "vit_tiny", "--local-size", "18"], "multiples of 4"),
+    (["--arch", "vit_tiny", "--heads", "2", "--local-size", "18"], "multiples of 4"),
     (["--global-size", "4"], "too small"),
     (["--batch-size", "64"], "less than one batch of 64"),
+    (["--depth", "3"], "--depth and --heads shape vit_tiny only"),
+    (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
 ]
 
 
@@ -788,8 +811,14 @@ def test_torchrun_trains_with_the_global_batch_split_over_two_processes(tmp_path
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "2",
                "--device", "cpu"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)          # torchrun and both of its processes
+        raise
+    finished = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "x 2 processes" in finished.stdout and finished.stdout.count('"epoch": ') == 2   # process 0 prints
     saved = torch.load(out / "ckpt.pt", weights_only=True)
@@ -1179,7 +1208,7 @@ def test_analyze_refuses_a_missing_checkpoint_in_one_line(tmp_path):
         analyze.main([str(tmp_path / "nothing.pt")])
 
 
-def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(tmp_path):
+def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(tmp_path, capsys):
     runs = []
     for i, kappa in enumerate((1, 10, 20)):
         run = tmp_path / f"kappa{kappa}"
@@ -1193,6 +1222,16 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
         runs.append(str(run))
     curves = analyze.read_curves(runs, "knn_top1")
     assert curves[runs[2]] == ((1, 3), (21, 23))
+    # eval.jsonl of kept checkpoints: probed in shell-glob order (10 before 2), epoch 2 probed twice
+    with open(tmp_path / "kappa1" / "eval.jsonl", "w") as f:
+        for epoch, top1 in ((10, 50.0), (2, 30.0), (2, 31.0), (None, 99.0)):
+            f.write(json.dumps({"epoch": epoch, "linear_top1": top1}) + "\n")
+    log = str(tmp_path / "kappa1" / "eval.jsonl")
+    assert analyze.read_curves([log], "linear_top1")[log] == ((2, 10), (31.0, 50.0))
+    if importlib.util.find_spec("matplotlib"):          # a log file's line is named after its run folder
+        capsys.readouterr()
+        analyze.main(["curves", log, "--metric", "linear_top1", "--out", str(tmp_path / "linear.png")])
+        assert capsys.readouterr().out.startswith("kappa1: epoch 2 31.00, epoch 10 50.00")
     with pytest.raises(SystemExit, match="logs no knn_top5"):
         analyze.read_curves(runs, "knn_top5")
     with pytest.raises(SystemExit, match="2 --labels for 3 runs"):

@@ -181,6 +181,10 @@ def check_args(args):
         (args.proj_hidden >= 1, f"--proj-hidden must be >= 1 (got {args.proj_hidden})"),
         (all(v is None or v >= 1 for v in (args.width, args.depth, args.heads)),
          "--width, --depth and --heads must be >= 1"),
+        (args.arch == "vit_tiny" or (args.depth is None and args.heads is None),
+         f"--depth and --heads shape vit_tiny only, not {args.arch}; drop them"),
+        (args.arch != "vit_tiny" or (args.width or 192) % (args.heads or 3) == 0,
+         f"a ViT of width {args.width or 192} cannot split into {args.heads or 3} heads; pick a width divisible by them"),
         (args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}; 0 evaluates the untrained network)"),
         (args.lr > 0 and args.weight_decay >= 0, "--lr must be > 0 and --weight-decay >= 0"),
         (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
@@ -231,8 +235,8 @@ def random_states():
 
 def restore_random_states(states):
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and torch.cuda.is_available():     # as many as this machine has GPUs
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
     n = states["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
                          n["cached_gauss"]))
@@ -293,6 +297,10 @@ class StopSignals:
     def handle(self, signum, frame):
         self.received = signum
         self.__exit__()
+        # PyTorch's DataLoader raises from a SIGCHLD handler, at whatever line runs, when a worker dies.
+        # A SIGTERM sent to the whole job ends the workers too; the step in progress and the save must
+        # not be cut short by that (a dead worker is still reported if another batch is asked for).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -302,7 +310,9 @@ class StopSignals:
 
 def ignore_interrupts_in_worker(worker_id):
     """Ctrl-C reaches every process of the terminal's group; data-loading workers ignore it so that the
-    training process decides when to stop (after its step and checkpoint), not a dying worker."""
+    training process decides when to stop (after its step and checkpoint), not a dying worker. SIGTERM
+    they must obey, for the DataLoader ends a stuck worker with it: when a cluster's pre-emption sends
+    it to all of a job's processes, the training loop sees its workers gone and saves (see `train`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -380,20 +390,22 @@ def distributed_setup(args):
     return dist.get_rank(), world_size, device
 
 
-def any_process(flag, device):
-    """`flag` agreed over all processes (true if true on any), so that they stop together; the flag
-    itself without data parallelism. One all_reduce, a host-device synchronisation: call it sparingly."""
+def agreed(flags, device):
+    """Each flag made true on every process if it is true on any, so that all stop together and take
+    the same path; the flags themselves without data parallelism. One all_reduce, a host-device
+    synchronisation: call it sparingly."""
     if not dist.is_initialized():
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+        return tuple(flags)
+    flags = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return tuple(f > 0 for f in flags.tolist())
 
 
 def training_batches(args, device, rank, world_size):
-    """The training data as (batches, order, crops, dataset): `batches` yields (inputs, labels) in the
+    """The training data as (batches, order, crops, classes): `batches` yields (inputs, labels) in the
     order of `order` (an EpochOrder); `crops` is the BatchedMultiCrop that turns uint8 inputs into views
-    on the device, or None when the inputs are already the views (--augment per-image).
+    on the device, or None when the inputs are already the views (--augment per-image). The dataset
+    object itself is not returned: in memory, its decoded copy is all that is kept.
 
     --augment batched: datasets that fit in IN_MEMORY_BYTES (CIFAR, STL-10, the folder copies) are
     decoded once into a uint8 tensor on the device, so an epoch needs no workers at all; bigger ones
@@ -409,6 +421,8 @@ def training_batches(args, device, rank, world_size):
     views = (args.global_size, args.local_size, args.global_crops, args.local_crops, tuple(args.global_scale),
              tuple(args.local_scale), args.blur)
     labelled = args.method == "supervised"    # labelled images only (STL-10: its 5k train, not the 100k unlabelled)
+    if world_size > 1 and rank > 0:
+        dist.barrier()               # process 0 downloads and extracts the dataset first, alone
     if args.augment == "per-image":
         transform, crops = MultiCrop(*views), None
         dataset = (dataset_split(args.dataset, args.data_dir, "train", transform) if labelled
@@ -417,6 +431,8 @@ def training_batches(args, device, rank, world_size):
         dataset, crops = uint8_dataset(args.dataset, args.data_dir, args.global_size, labelled), BatchedMultiCrop(*views)
     if args.eval_every:              # the k-NN monitor's labelled splits must exist before hours of training
         dataset_split(args.dataset, args.data_dir, "test", None)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
     if args.skip_bad_images:
         dropped = drop_unreadable_images(dataset, args.workers)
         if dropped and rank == 0:
@@ -428,11 +444,11 @@ def training_batches(args, device, rank, world_size):
                          f"lower --batch-size")
     if crops is not None and len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES:
         images, labels = load_into_memory(dataset, device, args.workers)       # (N, 3, H, W) uint8, once
-        return InMemoryBatches(images, labels, order), order, crops, dataset
+        return InMemoryBatches(images, labels, order), order, crops, dataset.classes
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset), batch_sampler=order, num_workers=args.workers, pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0, worker_init_fn=ignore_interrupts_in_worker)
-    return loader, order, crops, dataset
+    return loader, order, crops, dataset.classes
 
 
 def augmentation_generator(seed, step, rank):
@@ -474,21 +490,28 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
 
     # ---- data: the training images in an order fixed by (seed, epoch), and how they become views
     try:
-        batches, order, crops, dataset = training_batches(args, device, rank, world_size)
+        batches, order, crops, classes = training_batches(args, device, rank, world_size)
     except DatasetError as error:
         raise SystemExit(f"error: {error_message(error)}")
     steps_per_epoch = order.batches_per_epoch
 
     # ---- model and optimiser; `net` is the plain module (saved, evaluated), `model` what the step calls
     backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
-    num_classes = len(dataset.classes) if args.method == "supervised" else None
-    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes).to(device, memory_format=memory_format)
+    num_classes = len(classes) if args.method == "supervised" else None
+    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes)
+    if world_size > 1 and use_cuda:
+        # BatchNorm over the global batch too, so that K GPUs train the network one GPU would (same
+        # state_dict keys). PyTorch's SyncBatchNorm runs on GPUs only: with gloo on CPUs each process
+        # normalises its own share of the batch.
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     if checkpoint is not None:
         net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:      # empty when saved disabled (CPU, bf16), e.g. resumed on an fp16 GPU
+            scaler.load_state_dict(checkpoint["scaler"])
         restore_random_states(checkpoint["rng"])
         step = checkpoint["step"]
         if checkpoint["data_order"]["batches_per_epoch"] != steps_per_epoch:
@@ -505,15 +528,18 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
             print(f"resuming {checkpoint_path} at step {step} (epoch {step // steps_per_epoch + 1}, "
                   f"batch {step % steps_per_epoch + 1})")
             drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
-        elif args.force:
-            for name in ("ckpt.pt", "log.jsonl"):
+        elif args.force:            # the old run's checkpoints, logs and probe results, not the feature cache
+            old = ["ckpt.pt", "log.jsonl", "eval.jsonl", "segment.jsonl"]
+            if os.path.isdir(args.out):
+                old += [f for f in os.listdir(args.out) if f.startswith("ckpt-epoch")]
+            for name in old:
                 if os.path.exists(os.path.join(args.out, name)):
                     os.remove(os.path.join(args.out, name))
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} workers"
-        print(f"{args.dataset}: {len(dataset)} images ({source}, {args.augment} multi-crop), {steps_per_epoch} "
+        print(f"{args.dataset}: {order.num_images} images ({source}, {args.augment} multi-crop), {steps_per_epoch} "
               f"steps/epoch, views {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size}; "
               f"{args.arch} {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; device {device}"
               + (f" x {world_size} processes" if world_size > 1 else ""))
@@ -544,7 +570,7 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
             order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
             sums = torch.zeros(len(logged), device=device)          # loss terms summed over this epoch's steps
             epoch_start, epoch_steps = time.time(), 0
-            stopping = out_of_time = False
+            signalled = out_of_time = False
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=not main_process)
             try:
                 for inputs, labels in bar:
@@ -564,20 +590,27 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
                     device_step += 1
                     step += 1
                     epoch_steps += 1
-                    out_of_time = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
+                    over_budget = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
                     log_now = epoch_steps % args.log_every == 0
                     if log_now:                                        # the only host-device synchronisation
                         stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device)
                         means = dict(zip(logged, (reduced(sums, world_size) / epoch_steps).tolist()))
                         bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k != "mi"},
                                         img_s=f"{epoch_steps * args.batch_size / (time.time() - epoch_start):.0f}")
-                    # Processes must stop at the same step: with several, they agree at log steps only.
+                    # Processes must stop at the same step and take the same path after it (a signal skips the
+                    # k-NN, a time budget does not): with several, they agree at log steps only.
                     if world_size == 1 or log_now:
-                        stopping = any_process(stop.received is not None or out_of_time, device)
-                    if stopping:
+                        signalled, out_of_time = agreed((stop.received is not None, over_budget), device)
+                    if signalled or out_of_time:
                         break
             except DatasetError as error:       # an unreadable image, raised in a loading worker
                 raise SystemExit(f"error: {error_message(error)}; the last checkpoint {checkpoint_path} is intact")
+            except RuntimeError:
+                # A SIGTERM to the whole job also ended the loading workers, and the next batch never
+                # came. Every step taken is whole: save them, as for any other signalled stop.
+                if stop.received is None:
+                    raise
+                signalled = True
             finally:
                 bar.close()
             stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device)
@@ -588,9 +621,8 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
                       "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                       "images_per_s": epoch_steps * args.batch_size / (time.time() - epoch_start),
                       "minutes": (time.time() - started) / 60}
-            finished = epoch + 1 == args.epochs or (stopping and stop.received is None)     # done or out of time
-            if args.eval_every and (step % (args.eval_every * steps_per_epoch) == 0 or finished) and \
-                    not (stopping and stop.received is not None):
+            finished = epoch + 1 == args.epochs or out_of_time
+            if args.eval_every and not signalled and (step % (args.eval_every * steps_per_epoch) == 0 or finished):
                 knn = online_knn()
                 if main_process:
                     record["knn_top1"], record["knn_top5"] = knn
@@ -601,14 +633,16 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
             save()
             if main_process and args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
                 shutil.copyfile(checkpoint_path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
-            if stopping and stop.received is not None:
-                name = signal.Signals(stop.received).name
+            if signalled:
+                if dist.is_initialized():
+                    dist.barrier()          # nobody exits (prompting torchrun to stop the rest) before the save
+                signum = stop.received or signal.SIGTERM         # this process may have agreed without a signal
                 if main_process:
                     launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-                    print(f"{name}: stopped after step {step} and saved {checkpoint_path}; continue with\n"
-                          f"    {launcher} train.py --out {args.out} --resume")
-                raise SystemExit(128 + stop.received)
-            if stopping:
+                    print(f"{signal.Signals(signum).name}: stopped after step {step} and saved {checkpoint_path}; "
+                          f"continue with\n    {launcher} train.py --out {args.out} --resume")
+                raise SystemExit(128 + signum)
+            if out_of_time:
                 if main_process:
                     print(f"stopped after {args.max_minutes} minutes at step {step}; checkpoint {checkpoint_path}")
                 break
@@ -617,8 +651,11 @@ def train(args, checkpoint, checkpoint_path, rank, world_size, device):
         save()
         if args.eval_every:
             knn = online_knn()
-            if main_process:
-                print(json.dumps({"epoch": 0, "knn_top1": knn[0], "knn_top5": knn[1]}))
+            if main_process:          # epoch 0 of the learning curves
+                record = {"epoch": 0, "step": 0, "knn_top1": knn[0], "knn_top5": knn[1]}
+                print(json.dumps(record))
+                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
 
 def reduced(sums, world_size):
@@ -643,7 +680,7 @@ def drop_log_records_after(log_path, step):
 def stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device):
     """Stop at the first non-finite loss, naming its step and terms; the weights it produced are never saved."""
     steps_before, *values = first_nonfinite.tolist()
-    if not any_process(steps_before >= 0, device):
+    if not agreed((steps_before >= 0,), device)[0]:
         return
     terms = dict(zip(logged, values))
     others = ", ".join(f"{k} {v}" for k, v in terms.items() if k not in ("loss", "mi"))
