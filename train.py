@@ -130,7 +130,7 @@ def build_parser():
     g.add_argument("--out", help="run folder (default runs/DATASET-ARCH-kappaK)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
     g.add_argument("--force", action="store_true",
-                   help="start anew in an OUT that holds a run, deleting its ckpt.pt and log.jsonl")
+                   help="start anew in an OUT that holds a run, deleting its checkpoints, log and probe results")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="under torchrun, each process takes the GPU of its LOCAL_RANK")
