@@ -114,7 +114,7 @@ def build_parser():
                    help="constant: the paper states one learning rate; cosine: warm-up then cosine decay to 0")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule only)")
     g.add_argument("--max-minutes", type=float,
-                   help="stop after this many minutes of training, save, and run the final k-NN")
+                   help="stop after this many minutes of training in this session (a resumed run counts afresh), save, and run the final k-NN")
 
     g = p.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, default=1,
