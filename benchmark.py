@@ -1,4 +1,5 @@
-"""Augmentation throughput: the batched multi-crop against per-image pipelines, same views, one run.
+"""Throughput: the batched multi-crop against per-image pipelines (same views, one run), then whole
+training steps with the batched crops.
 
     python benchmark.py                         # CIFAR-sized and STL-10-sized inputs on the CPU, 1 thread
     python benchmark.py --device cuda --batch-size 512
@@ -7,6 +8,8 @@ For each input size it times, in one process and one after the other:
   batched     data.BatchedMultiCrop on uint8 batches already in the device's memory (CPU or GPU)
   MultiCrop   data.MultiCrop, DINO's per-image PIL recipe, one image at a time
   Lightly     lightly.transforms.DINOTransform with the same views, when lightly is installed
+  steps       train.training_step on the full-size network of the setting (CIFAR: ResNet-18, STL-10:
+              ViT-Tiny), on views made beforehand and with the batched crops in the step (--no-steps: skip)
 The views are the paper's multi-crop: 2 x 32 + 6 x 16 px from 32 px images (CIFAR), 2 x 96 + 6 x 48 px
 from 96 px images (STL-10), all with DINO's blur and solarisation. The images are seeded uniform noise:
 these pipelines do the same work whatever the pixels. Images/s count source images, each giving 8 views.

@@ -36,7 +36,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
