@@ -20,6 +20,9 @@ For the checkpoint's dataset (or --dataset), on the frozen backbone's features o
                                       SmoothGrad-CAM over all stages; ViT: CLS-to-patch attention
                                       averaged over heads and blocks)
 
+The file follows that list: Table III, Table IV, Fig. 5, Figs. 2 and 3, then the entry point (`main`, and
+`analyze_checkpoint`, which runs them in that order). The learning curves, a program of their own, come last.
+
 The definitions, where the paper names a metric without defining it, are ours and are stated beside the
 code; they were chosen to agree with the paper's own numbers (its anisotropy tracks cos of its mean
 pairwise angle, and its centre vector norm squared is close to its anisotropy, as for these definitions).
@@ -30,9 +33,13 @@ for the MiniLM column (pip install sentence-transformers). Without them the othe
 written and the skipped columns are named. Spearman correlation, average-linkage clustering and
 cophenetic distances are computed here in numpy.
 
+Every picture is drawn with PIL, already there for torchvision: no figure needs an optional package, and
+the heat map's cells, its colour bar and the saliency overlays are pixels computed here (and checked by
+the tests), not a plotting library's rendering. The learning curves are a small PIL line chart in
+matplotlib's default colours, so that they look like the usual plots.
+
 `analyze.py curves RUN ...` draws learning curves instead (Figs. 6-8): a metric of each run's log.jsonl
-per epoch (default the online k-NN top-1 that train.py logs), one labelled line per run, in one PNG. It
-needs matplotlib (pip install matplotlib), imported only there.
+per epoch (default the online k-NN top-1 that train.py logs), one labelled line per run, in one PNG.
 
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
 centroids.png (the paper's 0-1 colour scale), centroids_contrast.png (the scale stretched to the
@@ -53,15 +60,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import DatasetError, MultiCrop, dataset_split, default_crop_sizes, eval_transform
-from evaluate import (CheckpointError, add_checkpoint_arguments, append_markdown_row, cached_features,
-                      extract_features, file_digest, load_for_probing, markdown_header, markdown_row, method_name)
-from models import VisionTransformer
-from segment import save_png, unnormalise
-
-
-class MissingExtra(RuntimeError):
-    """An optional package (nltk, WordNet, sentence-transformers) is missing; the message says what to install."""
+from data import (GLOBAL_SCALE, DatasetError, MultiCrop, append_jsonl, dataset_split, default_crop_sizes,
+                  error_message, eval_transform, report_row, save_png, unnormalize)
+from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments, cached_features,
+                    extract_features, file_digest, load_for_probing)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,19 +102,20 @@ def angle_stats(cosines):
     return angles.mean().item(), angles.std().item()
 
 
-def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0):
+def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, centroids=None):
     """Table III's measurements of features (N, F) with integer labels (N,).
 
     pos_feats: (2, P, F), the features of two augmented views of P images (the training augmentation),
     for the positive-pair angle; None leaves it out. The all-pairs statistics (anisotropy, d', the
     pairwise angle) use a seeded random subset of max_points features: 4,000 give 8 million pairs, which
     pins a mean to well under 0.01 while an (N, N) matrix of 50,000 would need 20 GB. The other
-    statistics use every feature. Returns a dict of floats (ranks: effective ones as floats, numerical
-    ones as ints).
+    statistics use every feature. centroids: the class centroids (C, F) of the unit features, when the
+    caller has them (analyze_checkpoint computes them once, for Table IV and Fig. 5 too); None computes
+    them here, for the classes 0..max(labels). Returns a dict of floats (ranks: effective ones as floats,
+    numerical ones as ints).
     """
     feats, labels = feats.double(), labels.long()
     z = F.normalize(feats, dim=1)                                            # (N, F) on the sphere
-    num_classes = int(labels.max()) + 1
     result = {"points": len(z), "pair_points": min(max_points, len(z))}
 
     # Centre vector norm (Jha et al. 2024, the paper's [17]): |mean_i z_i|, 1 when all embeddings point the
@@ -134,7 +137,8 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0):
     # Ranks: of the centroid matrix (C, F) and of the embedding matrix (N, F), both effective (Roy &
     # Vetterli) and numerical. The paper's values (e.g. 316 of 1000 ImageNet centroids in 2048 dimensions,
     # where a numerical rank would give 1000) look like effective ranks; we report both.
-    centroids = class_centroids(z, labels, num_classes)
+    if centroids is None:
+        centroids = class_centroids(z, labels, int(labels.max()) + 1)        # (C, F)
     result["centroid_rank"], result["centroid_rank_numerical"] = matrix_ranks(centroids)
     result["embed_rank"], result["embed_rank_numerical"] = matrix_ranks(z)
 
@@ -169,7 +173,45 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rank statistics and hierarchical clustering, in numpy (no scipy)
+# Positive pairs: two views of one image under the training augmentation (Table III, Section VI-B)
+
+class TwoViews(torch.utils.data.Dataset):
+    """Item 2k is image k's first global crop, item 2k + 1 its second (DINO's two global recipes, as
+    data.MultiCrop makes them in training), so that extract_features returns pairs in adjacent rows."""
+
+    def __init__(self, dataset, indices, multicrop):
+        self.dataset, self.indices, self.views = dataset, indices, multicrop.transforms[:2]
+
+    def __len__(self):
+        return 2 * len(self.indices)
+
+    def __getitem__(self, item):
+        image, label = self.dataset[self.indices[item // 2]]
+        return self.views[item % 2](image), label
+
+
+def positive_pair_features(backbone, dataset, data_dir, split, train_args, image_size, count, device,
+                           workers=2, seed=0):
+    """Features (2, P, F) of two augmented views of P seeded random images of the split.
+
+    The augmentation is the checkpoint's training one (crop sizes, scales, blur); a torchvision-format
+    backbone, which carries no training arguments, gets the defaults of data.MultiCrop."""
+    args = train_args or {}
+    global_size, local_size = default_crop_sizes(image_size)
+    multicrop = MultiCrop(args.get("global_size", global_size), args.get("local_size", local_size),
+                          global_crops=2, local_crops=0, global_scale=tuple(args.get("global_scale", GLOBAL_SCALE)),
+                          blur=args.get("blur", True))
+    images = dataset_split(dataset, data_dir, split, transform=None)
+    indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    torch.manual_seed(seed)                                     # the crops are random: make them repeatable
+    random.seed(seed)
+    feats, _ = extract_features(backbone, TwoViews(images, indices, multicrop), device, workers=workers,
+                                desc="positive pairs")
+    return feats.view(len(indices), 2, -1).transpose(0, 1)      # (2P, F) -> (P, 2, F) -> (2, P, F)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rank statistics and hierarchical clustering, in numpy, no scipy (Table IV, Section VI-C)
 
 def rankdata(values):
     """Ranks 1..n with ties given the average of the ranks they span (scipy.stats.rankdata's default)."""
@@ -241,7 +283,11 @@ def average_linkage(distances):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Class names -> WordNet synsets, and similarities (Table IV, Section VI-C)
+# Class names -> WordNet and MiniLM similarities, and how well the centroids agree (Table IV, Section VI-C)
+
+class MissingExtra(RuntimeError):
+    """An optional package (nltk, WordNet, sentence-transformers) is missing; the message says what to install."""
+
 
 CIFAR10_SYNSETS = {
     "airplane": "airplane.n.01", "automobile": "car.n.01", "bird": "bird.n.01", "cat": "cat.n.01",
@@ -421,7 +467,7 @@ def heatmap_order(class_names, similarity, wup=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pictures: a colour map, the centroid heat map (Fig. 5), saliency (Figs. 2, 3)
+# The class-centroid heat map and its colour map (Fig. 5, Section VI-B)
 
 VIRIDIS = torch.tensor([[0x44, 0x01, 0x54], [0x3b, 0x52, 0x8b], [0x21, 0x91, 0x8c], [0x5e, 0xc9, 0x62],
                         [0xfd, 0xe7, 0x25]], dtype=torch.float32) / 255   # viridis at 0, 1/4, 1/2, 3/4, 1
@@ -470,6 +516,9 @@ def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
         draw.text((left - 6, margin + row * cell + cell // 2), name, fill="black", font=font, anchor="rm")
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Saliency: SmoothGrad-CAM for ResNets, CLS attention for ViTs (Figs. 2 and 3, Section VI-A)
 
 @torch.no_grad()
 def vit_attention_map(backbone, image):
@@ -535,7 +584,7 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
             heat = vit_attention_map(backbone, image).cpu()
         else:
             heat = smoothgrad_cam(backbone, image, samples, noise)
-        picture = unnormalise(image)
+        picture = unnormalize(image).clamp(0, 1).cpu()       # displayable RGB (3, S, S), where the heat map is
         overlay = 0.4 * picture + 0.6 * colormap(heat)
         rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
     grid = torch.cat(rows, dim=1)                                             # (3, n*S, 2S)
@@ -546,44 +595,7 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
 
 
 # ----------------------------------------------------------------------------------------------------
-# Positive pairs: two views of one image under the training augmentation
-
-class TwoViews(torch.utils.data.Dataset):
-    """Item 2k is image k's first global crop, item 2k + 1 its second (DINO's two global recipes, as
-    data.MultiCrop makes them in training), so that extract_features returns pairs in adjacent rows."""
-
-    def __init__(self, dataset, indices, multicrop):
-        self.dataset, self.indices, self.views = dataset, indices, multicrop.transforms[:2]
-
-    def __len__(self):
-        return 2 * len(self.indices)
-
-    def __getitem__(self, item):
-        image, label = self.dataset[self.indices[item // 2]]
-        return self.views[item % 2](image), label
-
-
-def positive_pair_features(backbone, dataset, data_dir, split, train_args, image_size, count, device,
-                           workers=2, seed=0):
-    """Features (2, P, F) of two augmented views of P seeded random images of the split.
-
-    The augmentation is the checkpoint's training one (crop sizes, scales, blur); a torchvision-format
-    backbone, which carries no training arguments, gets the defaults of data.MultiCrop."""
-    args = train_args or {}
-    global_size, local_size = default_crop_sizes(image_size)
-    multicrop = MultiCrop(args.get("global_size", global_size), args.get("local_size", local_size),
-                          global_crops=2, local_crops=0, global_scale=tuple(args.get("global_scale", (0.4, 1.0))),
-                          blur=args.get("blur", True))
-    images = dataset_split(dataset, data_dir, split, transform=None)
-    indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    torch.manual_seed(seed)                                     # the crops are random: make them repeatable
-    random.seed(seed)
-    feats, _ = extract_features(backbone, TwoViews(images, indices, multicrop), device, workers=workers,
-                                desc="positive pairs")
-    return feats.view(len(indices), 2, -1).transpose(0, 1)      # (2P, F) -> (P, 2, F) -> (2, P, F)
-
-
-# ----------------------------------------------------------------------------------------------------
+# Entry point: one checkpoint -> Tables III and IV, Figs. 2, 3 and 5
 
 TABLE3_COLUMNS = ("dataset", "method", "arch", "anisotropy", "correlation", "center_norm", "centroid_rank",
                   "embed_rank", "d_prime", "all_pairwise_angle", "positive_pairwise_angle")
@@ -629,34 +641,85 @@ def parse_args(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["curves"]:
+    if argv[:1] == ["curves"]:                   # the other program, at the end of the file
         return curves_main(argv[1:])
     args = parse_args(argv)
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
     try:
-        result, skipped = analyze_checkpoint(args, torch.device(args.device))
+        result = analyze_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
-        raise SystemExit(f"error: {error}")
-    print(markdown_header(TABLE3_COLUMNS))
-    print(markdown_row(table3_row(result), TABLE3_COLUMNS))
+        raise SystemExit(f"error: {error_message(error)}")
+    report_row(table3_row(result), TABLE3_COLUMNS, args.table3)
     print()
-    print(markdown_header(TABLE4_COLUMNS))
-    print(markdown_row(result, TABLE4_COLUMNS))
+    report_row(result, TABLE4_COLUMNS, args.table4)
     p_values = [f"{c} {result[c + '_p']:.3f}" for c in ("wup", "lch", "cophenetic", "minilm") if c + "_p" in result]
     if p_values:
         print(f"Mantel p-values ({args.permutations} permutations of the classes): " + ", ".join(p_values))
-    for reason in skipped:
+    for reason in result["skipped"]:
         print(f"skipped: {reason}")
-    with open(os.path.join(args.out, "analyze.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
-    if args.table3:
-        append_markdown_row(args.table3, table3_row(result), TABLE3_COLUMNS)
-    if args.table4:
-        append_markdown_row(args.table4, result, TABLE4_COLUMNS)
+    append_jsonl(os.path.join(args.out, "analyze.jsonl"), result)
+    return result
+
+
+def analyze_checkpoint(args, device):
+    """Load, extract (or read cached) features, measure, draw, in Section VI's order; returns the result
+    dict, whose "skipped" lists the reasons for the columns that could not be computed."""
+    backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
+    if args.pairs < 2:
+        raise DatasetError(f"--pairs {args.pairs}: the all-pairs statistics need at least 2 points")
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    feats, labels, _ = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
+                                       image_size, device, args.cache_dir or os.path.join(checkpoint_dir, "features"),
+                                       args.workers)
+    class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
+    if len(set(labels.tolist())) < 2:
+        raise DatasetError(f"{dataset} has fewer than 2 classes in its {args.split} split; the analysis compares classes")
+    result = {"dataset": dataset, "method": info["method"], "arch": info["arch"], "epoch": info["epoch"],
+              "checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "image_size": image_size}
+
+    # The class centroids of the unit features, computed once: Table III takes their rank, Table IV and
+    # Fig. 5 their cosine similarities.
+    centroids = class_centroids(F.normalize(feats.double(), dim=1), labels.long(), len(class_names))   # (C, F)
+
+    # Table III
+    pos_feats = None
+    if args.positive_images > 0:
+        pos_feats = positive_pair_features(backbone, dataset, data_dir, args.split, info["train_args"], image_size,
+                                           args.positive_images, device, args.workers, args.seed)
+    result.update(geometry_metrics(feats, labels, pos_feats, args.pairs, args.seed, centroids))
+
+    # Table IV
+    unit = F.normalize(centroids, dim=1)
+    similarity = (unit @ unit.T).numpy()                                      # (C, F) x (F, C) -> (C, C)
+    semantic, skipped, references = semantic_alignment(similarity, class_names, args.text_model, args.permutations)
+    result.update(semantic)
+
+    # Fig. 5, in two colour scales: the paper's 0 to 1 (comparable across checkpoints: darker = closer to 90
+    # degrees), and the off-diagonal range stretched to the whole map, which shows the structure of a
+    # checkpoint whose centroids all lie within a few degrees of each other.
+    order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
+    ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
+    off_diagonal = upper_triangle(similarity)
+    result["centroids_png"] = os.path.join(args.out, "centroids.png")
+    save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))), result["centroids_png"])
+    result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
+    save_png(heatmap_picture(ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())),
+             result["centroids_contrast_png"])
+
+    # Figs. 2 and 3
+    if args.images > 0:
+        result["saliency_png"] = os.path.join(args.out, "saliency.png")
+        data = dataset_split(dataset, data_dir, args.split, eval_transform(image_size))
+        indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
+        save_saliency_grid(backbone, data, indices, result["saliency_png"], device, args.smooth_samples,
+                           args.smooth_noise)
+    result["skipped"] = skipped
     return result
 
 
 # ----------------------------------------------------------------------------------------------------
-# Learning curves (Figs. 6-8): a logged metric per epoch, one line per run
+# Learning curves, a program of their own (Figs. 6-8, Section VII): a logged metric per epoch, a line per run
 
 def read_curves(runs, metric):
     """{run: (epochs, values)} from each RUN/log.jsonl (or a log file given directly), keeping the lines
@@ -681,24 +744,93 @@ AXIS_LABELS = {"knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)", "line
                "linear_top5": "linear top-5 (%)", "mi": "MI estimate (nats)"}
 
 
-def plot_curves(curves, labels, metric, path):
-    """One line with markers per run, a legend, the epoch on x; saved as PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")                    # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: learning curves need matplotlib: pip install matplotlib") from None
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for (epochs, values), label in zip(curves.values(), labels):
-        axes.plot(epochs, values, marker="o", label=label)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(AXIS_LABELS.get(metric, metric))
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+
+# The learning-curve chart, drawn with PIL like every other picture here (see the module docstring), in
+# matplotlib's default line colours ('tab10', in its order) so that it looks like the usual plots.
+TAB10 = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+         (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def axis_range(values):
+    """The data's range widened by 5 % at each end (matplotlib's margins), so that the markers at the ends
+    stay inside the axes; a single value gets 1 either side. Non-finite values (a diverged loss) are not
+    drawn, and do not count."""
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    low, high = min(finite), max(finite)
+    margin = 0.05 * (high - low) if high > low else 1
+    return low - margin, high + margin
+
+
+def round_ticks(low, high, count=8):
+    """Round-number ticks inside [low, high]: the multiples of the smallest step of 1, 2 or 5 times a power
+    of ten that gives at most `count` + 1 ticks. Returns (values, labels), the labels with as many
+    decimals as the step needs (step 0.5 -> '1.5', step 20 -> '40')."""
+    wanted = (high - low) / count
+    power = 10.0 ** math.floor(math.log10(wanted))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= wanted)
+    values = [i * step for i in range(math.ceil(low / step), math.floor(high / step) + 1)]
+    decimals = max(0, -math.floor(math.log10(step)))
+    return values, [f"{v:.{decimals}f}" for v in values]
+
+
+def plot_curves(curves, labels, metric, path, size=(720, 480)):
+    """One polyline with round markers per run, each in its TAB10 colour, on axes with round-number ticks
+    and a light grid; the epoch on x, AXIS_LABELS[metric] on y; the legend (one entry per run, in order)
+    to the right of the axes, where no line can run under it. Saved as PNG at `size` pixels."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_height = measure.textbbox((0, 0), "Ag(%)", font=font)[3]              # with descenders
+    pad, tick, swatch, line_width, radius = 8, 4, 24, 2, 4
+    x_low, x_high = axis_range([e for epochs, _ in curves.values() for e in epochs])
+    y_low, y_high = axis_range([v for _, values in curves.values() for v in values])
+    x_ticks, x_tick_labels = round_ticks(x_low, x_high)
+    y_ticks, y_tick_labels = round_ticks(y_low, y_high)
+    y_label = AXIS_LABELS.get(metric, metric)
+
+    # The axes' box in pixels, from the widths of what lies around it: on the left the y label (turned a
+    # quarter) and the y tick labels, below the x tick labels and the x label, on the right the legend.
+    left = pad + text_height + pad + max(measure.textlength(t, font=font) for t in y_tick_labels) + tick + 4
+    bottom = size[1] - (tick + 4 + text_height + pad + text_height + pad)
+    right = size[0] - (pad + swatch + 6 + max(measure.textlength(t, font=font) for t in labels) + pad)
+    top = 2 * pad
+    def to_pixel(x, y):
+        return (left + (x - x_low) / (x_high - x_low) * (right - left),
+                bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
+
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    for x, text in zip(x_ticks, x_tick_labels):
+        px = to_pixel(x, y_low)[0]
+        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))                      # grid
+        draw.line([(px, bottom), (px, bottom + tick)], fill="black")
+        draw.text((px, bottom + tick + 4), text, fill="black", font=font, anchor="mt")
+    for y, text in zip(y_ticks, y_tick_labels):
+        py = to_pixel(x_low, y)[1]
+        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
+        draw.line([(left - tick, py), (left, py)], fill="black")
+        draw.text((left - tick - 4, py), text, fill="black", font=font, anchor="rm")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) / 2, size[1] - pad), "epoch", fill="black", font=font, anchor="md")
+    # PIL draws text horizontally only: the y label is written on a mask, turned a quarter to the left
+    # (read from bottom to top) and stamped in black through it.
+    mask = Image.new("L", measure.textbbox((0, 0), y_label, font=font)[2:])
+    ImageDraw.Draw(mask).text((0, 0), y_label, fill=255, font=font)
+    mask = mask.rotate(90, expand=True)
+    canvas.paste("black", (pad, int((top + bottom - mask.height) / 2)), mask)
+
+    for i, ((epochs, values), label) in enumerate(zip(curves.values(), labels)):
+        colour = TAB10[i % len(TAB10)]
+        points = [to_pixel(x, y) for x, y in zip(epochs, values) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=line_width, joint="curve")
+        for x, y in points:
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+        # legend entry: a short stretch of the line with its marker, then the label
+        x, y = right + pad, top + pad + i * (text_height + 8)
+        draw.line([(x, y), (x + swatch, y)], fill=colour, width=line_width)
+        draw.ellipse([x + swatch / 2 - radius, y - radius, x + swatch / 2 + radius, y + radius], fill=colour)
+        draw.text((x + swatch + 6, y), label, fill="black", font=font, anchor="lm")
+    canvas.save(path)
 
 
 def curves_main(argv):
@@ -721,58 +853,6 @@ def curves_main(argv):
         print(f"{label}: " + ", ".join(f"epoch {e:g} {v:.2f}" for e, v in zip(epochs, values)))
     print(f"wrote {args.out}")
     return curves
-
-
-def analyze_checkpoint(args, device):
-    """Load, extract (or read cached) features, measure, draw; returns (result dict, skipped reasons)."""
-    backbone, info, dataset, data_dir, image_size = load_for_probing(args)
-    if args.pairs < 2:
-        raise DatasetError(f"--pairs {args.pairs}: the all-pairs statistics need at least 2 points")
-    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    args.out = args.out or os.path.join(checkpoint_dir, "analysis")
-    os.makedirs(args.out, exist_ok=True)
-    backbone = backbone.to(device).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)                  # saliency needs gradients of activations, never of weights
-
-    feats, labels = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
-                                    image_size, device, args.cache_dir or os.path.join(checkpoint_dir, "features"),
-                                    args.workers)
-    class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
-    if len(set(labels.tolist())) < 2:
-        raise DatasetError(f"{dataset} has fewer than 2 classes in its {args.split} split; the analysis compares classes")
-    pos_feats = None
-    if args.positive_images > 0:
-        pos_feats = positive_pair_features(backbone, dataset, data_dir, args.split, info["train_args"], image_size,
-                                           args.positive_images, device, args.workers, args.seed)
-    result = {"dataset": dataset, "method": method_name(args.method, args.checkpoint, info), "arch": info["arch"], "epoch": info["epoch"],
-              "checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "image_size": image_size}
-    result.update(geometry_metrics(feats, labels, pos_feats, args.pairs, args.seed))
-
-    centroids = class_centroids(F.normalize(feats.double(), dim=1), labels.long(), len(class_names))   # (C, F)
-    unit = F.normalize(centroids, dim=1)
-    similarity = (unit @ unit.T).numpy()                                      # (C, F) x (F, C) -> (C, C)
-    semantic, skipped, references = semantic_alignment(similarity, class_names, args.text_model, args.permutations)
-    result.update(semantic)
-    order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
-    # Two colour scales: the paper's 0 to 1 (comparable across checkpoints: darker = closer to 90 degrees),
-    # and the off-diagonal range stretched to the whole map, which shows the structure of a checkpoint
-    # whose centroids all lie within a few degrees of each other.
-    ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
-    off_diagonal = upper_triangle(similarity)
-    result["centroids_png"] = os.path.join(args.out, "centroids.png")
-    save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))), result["centroids_png"])
-    result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
-    save_png(heatmap_picture(ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())),
-             result["centroids_contrast_png"])
-    if args.images > 0:
-        result["saliency_png"] = os.path.join(args.out, "saliency.png")
-        data = dataset_split(dataset, data_dir, args.split, eval_transform(image_size))
-        indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
-        save_saliency_grid(backbone, data, indices, result["saliency_png"], device, args.smooth_samples,
-                           args.smooth_noise)
-    result["skipped"] = skipped
-    return result, skipped
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from PIL import Image
 
 import train
 from data import BatchedMultiCrop, MultiCrop
-from models import HyDeSModel, build_backbone
+from models import HyDeSModel, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
@@ -125,28 +125,23 @@ def training_step_rates(side, global_size, local_size, arch, args):
     views made beforehand ("model"), and the batched multi-crop of a uint8 batch on the device followed by
     the step ("with crops"). Their ratio is the share of a step the augmentation costs."""
     device = torch.device(args.device)
-    settings = train.parse_args(["--arch", arch, "--device", args.device])
-    use_cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda else torch.autocast("cpu", enabled=False)
-    memory_format = torch.channels_last if use_cuda and arch.startswith("resnet") else torch.contiguous_format
-    net = HyDeSModel(build_backbone(arch, global_size)).to(device, memory_format=memory_format)
+    settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device])
+    precision = precision_for(device, arch)                 # train.py's: bf16 autocast and channels_last on a GPU
+    net = HyDeSModel(build_backbone(arch, global_size)).to(device, memory_format=precision.memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and amp_dtype == torch.float16)
     images, _ = noise_images(args.step_batch_size, side, args.seed)
     images = images.to(device)
     labels = torch.zeros(len(images), dtype=torch.int64, device=device)
     crops, generator = BatchedMultiCrop(global_size, local_size), torch.Generator().manual_seed(args.seed)
-    ready = [v.contiguous(memory_format=memory_format) for v in crops(images, generator)]
-    synchronize = torch.cuda.synchronize if use_cuda else (lambda: None)
+    ready = crops(images, generator)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(views):
-        train.training_step(net, views, labels, optimizer, scaler, autocast, settings)
+        train.training_step(net, views, labels, optimizer, precision, settings)
 
     return {"model": images_per_second(lambda: step(ready), len(images), args.seconds, synchronize),
-            "with_crops": images_per_second(
-                lambda: step([v.contiguous(memory_format=memory_format) for v in crops(images, generator)]),
-                len(images), args.seconds, synchronize)}
+            "with_crops": images_per_second(lambda: step(crops(images, generator)), len(images), args.seconds,
+                                            synchronize)}
 
 
 def markdown_table(rows):

@@ -14,24 +14,30 @@ Pre-training uses the unlabelled images of a dataset; the probes use its labelle
 torchvision downloads CIFAR, STL-10 and Food-101 when the network is there; ImageNet must be put in place
 by hand. When a dataset is missing, `DatasetError` says which files are expected and where.
 
-The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image in
-DataLoader workers, and `BatchedMultiCrop`, per uint8 batch on the training device. The second is fed
-either from memory (`uint8_dataset` + `load_into_memory` + `InMemoryBatches`: CIFAR, STL-10,
-small folders) or by DataLoader workers that decode each image to one fixed size (ImageNet, Food-101).
-Either way the batches follow an `EpochOrder`, which makes the data order (and each image's augmentation
-seed) a function of the seed, the epoch and the step:
+The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image, the
+readable recipe that the tests hold the batched form against, and `BatchedMultiCrop`, per uint8 batch on
+the training device, which train.py uses. Its uint8 batches come either from memory (`uint8_dataset` +
+`load_into_memory` + `InMemoryBatches`: CIFAR, STL-10, small folders) or from DataLoader workers that
+decode each image to one fixed size (`WorkerBatches`: ImageNet, Food-101). Either way the batches follow
+an `EpochOrder`, which makes the data order a function of the seed and the epoch:
 
     dataset = uint8_dataset("cifar10", root, global_size=32)
     images, labels = load_into_memory(dataset, device)               # (N, 3, 32, 32) uint8, once
     order = EpochOrder(len(images), batch_size=128, seed=0)
-    crops = BatchedMultiCrop(32, 16)
+    crops, generator = BatchedMultiCrop(32, 16), torch.Generator().manual_seed(0)
     for batch, _ in InMemoryBatches(images, labels, order):          # (B, 3, 32, 32) uint8 on the device
         views = crops(batch, generator)                              # V tensors (B, 3, h, w), as MultiCrop's
+
+The end of the file holds the small helpers every script shares: normalising and saving pictures, and
+appending results as JSON lines and Markdown rows.
 """
 
+import json
 import math
 import os
 import random
+import signal
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +47,9 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# PIL image -> float tensor (3, H, W) normalised with ImageNet's statistics: the last step of every view
+# and of the evaluation transform (the batched crops use `normalize`, its tensor form).
+TO_NORMALISED_TENSOR = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 # The standard 100-class subset of ImageNet (Tian, Krishnan & Isola, "Contrastive Multiview Coding", 2019).
 IMAGENET100_CLASSES = """
@@ -123,14 +132,15 @@ class ViewRecipe(NamedTuple):
     solarize_p: float
 
 
-# DINO's photometric settings, shared by MultiCrop (per image, PIL) and BatchedMultiCrop (per batch, tensors)
+# DINO's settings, shared by MultiCrop (per image, PIL) and BatchedMultiCrop (per batch, tensors)
+GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)          # crop area, as fractions of the image's
 FLIP_P, JITTER_P, GRAYSCALE_P = 0.5, 0.8, 0.2
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1   # factors U(1 -+ 0.4), U(1 -+ 0.2); hue U(-+0.1) turns
 BLUR_SIGMA = (0.1, 2.0)                                      # pixels of the crop, whatever its size
 
 
 def dino_recipes(global_size, local_size, global_crops=2, local_crops=6,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
+                 global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, blur=True):
     """The V = global_crops + local_crops views, globals first; extra globals alternate recipes 1 and 2."""
     global_1 = ViewRecipe(global_size, tuple(global_scale), blur_p=1.0 if blur else 0.0, solarize_p=0.0)
     global_2 = ViewRecipe(global_size, tuple(global_scale), blur_p=0.1 if blur else 0.0, solarize_p=0.2)
@@ -148,19 +158,17 @@ class MultiCrop:
       global 2:    Gaussian blur p=0.1, solarisation p=0.2
       local:       Gaussian blur p=0.5
     With more than two global crops the extra ones alternate between the two global recipes.
+    options: those of `dino_recipes` (global_crops, local_crops, global_scale, local_scale, blur).
     The blur radius is DINO's, in pixels, whatever the crop size; `blur=False` drops blur entirely, as
     the CIFAR recipes of solo-learn and Lightly do (a 2 px blur erases much of a 32 px image).
     """
 
-    def __init__(self, global_size, local_size, global_crops=2, local_crops=6,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
+    def __init__(self, global_size, local_size, **options):
         photometric = T.Compose([
             T.RandomHorizontalFlip(p=FLIP_P),
             T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=JITTER_P),
             T.RandomGrayscale(p=GRAYSCALE_P),
         ])
-        to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
         def transform(recipe):
             steps = [T.RandomResizedCrop(recipe.size, scale=recipe.scale, interpolation=T.InterpolationMode.BICUBIC),
                      photometric]
@@ -168,10 +176,9 @@ class MultiCrop:
                 steps.append(RandomGaussianBlur(recipe.blur_p, BLUR_SIGMA))
             if recipe.solarize_p:
                 steps.append(RandomSolarize(recipe.solarize_p))
-            return T.Compose(steps + [to_tensor])
+            return T.Compose(steps + [TO_NORMALISED_TENSOR])
 
-        recipes = dino_recipes(global_size, local_size, global_crops, local_crops, global_scale, local_scale, blur)
-        self.transforms = [transform(recipe) for recipe in recipes]
+        self.transforms = [transform(recipe) for recipe in dino_recipes(global_size, local_size, **options)]
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
@@ -394,9 +401,9 @@ def solarize(x):
 
 
 def normalize(x):
-    """(x - mean) / std per channel with ImageNet's statistics, as T.Normalize after T.ToTensor."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    """(x - mean) / std per channel with ImageNet's statistics, as T.Normalize after T.ToTensor:
+    (..., 3, h, w) in [0, 1] -> the same shape, normalised."""
+    mean, std = imagenet_statistics(x.device, x.dtype)
     return (x - mean) / std
 
 
@@ -436,10 +443,8 @@ class BatchedMultiCrop:
         views = crops(images.to(device), generator)    # generator: a CPU torch.Generator, seeded once
     """
 
-    def __init__(self, global_size, local_size, global_crops=2, local_crops=6,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur=True):
-        self.recipes = dino_recipes(global_size, local_size, global_crops, local_crops, global_scale, local_scale,
-                                    blur)
+    def __init__(self, global_size, local_size, **options):
+        self.recipes = dino_recipes(global_size, local_size, **options)
 
     def __call__(self, images, generator):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -520,8 +525,7 @@ def eval_transform(image_size):
     return T.Compose([
         T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        TO_NORMALISED_TENSOR,
     ])
 
 
@@ -569,10 +573,6 @@ def dataset_split(name, root, split, transform):
                           os.path.join(root, "test"))
         return _image_folder(folder, name, transform)
     raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-
-
-def num_classes(dataset):
-    return len(dataset.classes)
 
 
 _EXPECTED_FILES = {
@@ -643,14 +643,14 @@ class ClassSubsetFolder(torchvision.datasets.ImageFolder):
 # Reproducible data order: exact resume at any step, whatever the number of loading processes
 
 class EpochOrder(torch.utils.data.Sampler):
-    """Batches of (index, seed) pairs for one epoch: the shuffled image order and one augmentation seed
-    per image, both drawn from a generator seeded by (seed, epoch) alone.
+    """Batches of image indices for one epoch, in an order drawn from a generator seeded by (seed, epoch)
+    alone.
 
-    The usual DataLoader shuffling draws its order from a generator whose state moves with every epoch,
-    and each worker's augmentations depend on which batches that worker happened to load. Here the
-    views of the b-th batch of epoch e are a pure function of (seed, e, b), so a run resumed at any step
-    (`start_batch`) sees exactly the batches an uninterrupted run would, with 0 or 16 workers alike.
-    The last incomplete batch is dropped, as the loss wants equal batches.
+    The usual DataLoader shuffling draws its order from a generator whose state moves with every epoch.
+    Here the b-th batch of epoch e is a pure function of (seed, e, b), so a run resumed at any step
+    (`start_batch`) sees exactly the images an uninterrupted run would, with 0 or 16 workers alike (train.py
+    seeds each step's augmentation from the step, likewise). The last incomplete batch is dropped, as the
+    loss wants equal batches.
 
     Under data parallelism every process draws the same order, and process `rank` takes its
     batch_size / world_size images of each global batch of `batch_size`: the global batch, and so
@@ -675,16 +675,14 @@ class EpochOrder(torch.utils.data.Sampler):
         mixed_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0])
         generator = torch.Generator().manual_seed(mixed_seed)
         order = torch.randperm(self.num_images, generator=generator)                   # (num_images,)
-        seeds = torch.randint(2**62, (self.num_images,), generator=generator)          # (num_images,)
         for b in range(self.start_batch, self.batches_per_epoch):
             first = b * self.batch_size + self.rank * self.per_process
-            rows = slice(first, first + self.per_process)
-            yield list(zip(order[rows].tolist(), seeds[rows].tolist()))
+            yield order[first:first + self.per_process].tolist()
 
 
 class InMemoryBatches:
-    """What a DataLoader would give for images already in (device) memory: for each batch of `order`,
-    (images (B, 3, H, W) uint8, labels (B,)), gathered by index on the device. No workers, no copies."""
+    """For each batch of `order`, (images (B, 3, H, W) uint8, labels (B,)) gathered by index from images
+    already in the training device's memory: what a DataLoader would give, with no workers and no copies."""
 
     def __init__(self, images, labels, order):
         self.images, self.labels, self.order = images, labels, order
@@ -694,32 +692,34 @@ class InMemoryBatches:
 
     def __iter__(self):
         for batch in self.order:
-            index = torch.tensor([i for i, _ in batch]).to(self.images.device, non_blocking=True)     # (B,)
+            index = torch.tensor(batch).to(self.images.device, non_blocking=True)     # (B,)
             yield self.images[index], self.labels[index]
 
 
-class SeededSamples(torch.utils.data.Dataset):
-    """Wraps a dataset so that item (index, seed) is its image `index` augmented with the random numbers
-    of `seed`. torchvision's transforms draw from torch's global CPU generator and the blur from Python's
-    `random`; both are seeded for the one image and restored afterwards, so the caller's streams are
-    left as they were (this matters with workers=0, where loading runs in the training process)."""
+class WorkerBatches:
+    """For each batch of `order`, (images (B, 3, H, W) uint8, labels (B,)) on `device`, decoded by
+    `workers` DataLoader processes: for datasets too large to hold in memory (ImageNet, Food-101)."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, order, device, workers):
+        self.order, self.device = order, device
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=order, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.order)
 
-    def __getitem__(self, index_and_seed):
-        index, seed = index_and_seed
-        torch_state, python_state = torch.get_rng_state(), random.getstate()
-        torch.default_generator.manual_seed(seed)       # the CPU generator only; CUDA's is left alone
-        random.seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(python_state)
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def ignore_interrupts(worker_id):
+    """Ctrl-C reaches every process of the terminal's group; loading workers ignore it so that the
+    training process decides when to stop (after its step and checkpoint), not a dying worker. SIGTERM
+    they must obey, for the DataLoader ends a stuck worker with it: when a cluster's pre-emption sends
+    it to all of a job's processes, train.py sees its workers gone and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _ReadCheck(torch.utils.data.Dataset):
@@ -758,3 +758,56 @@ def drop_unreadable_images(dataset, workers=0):
     dataset.samples = dataset.imgs = keep
     dataset.targets = [label for _, label in keep]
     return dropped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared by every script: pictures, and results as JSON lines and Markdown rows
+
+@lru_cache(maxsize=None)
+def imagenet_statistics(device, dtype):
+    """ImageNet's channel mean and std as (3, 1, 1) tensors, made once per device and dtype: a tensor
+    built from a Python list on a GPU is a copy the host waits for, which a training step should not."""
+    def column(values):
+        return torch.tensor(values, dtype=dtype).view(3, 1, 1).to(device)
+    return column(IMAGENET_MEAN), column(IMAGENET_STD)
+
+
+def unnormalize(x):
+    """The inverse of `normalize`: a normalised image (3, H, W) or batch (B, 3, H, W) back to [0, 1] RGB
+    (up to rounding, which save_png clips)."""
+    mean, std = imagenet_statistics(x.device, x.dtype)
+    return x * std + mean
+
+
+def save_png(picture, path):
+    """Write a (3, H, W) picture with values in [0, 1] as an 8-bit RGB PNG."""
+    pixels = (picture.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def append_jsonl(path, record):
+    """Append one result as a JSON line: the files every script appends to (log.jsonl, eval.jsonl, ...)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def markdown_header(columns):
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def markdown_row(result, columns):
+    """One table row: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not measured)."""
+    def cell(value):
+        return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+    return "| " + " | ".join(cell(result.get(c)) for c in columns) + " |"
+
+
+def report_row(result, columns, table=None):
+    """Print a result as a Markdown table of one row and, with `table`, append the row to that file, a
+    table that several runs share (its header written when the file is new)."""
+    print(markdown_header(columns))
+    print(markdown_row(result, columns))
+    if table:
+        new = not os.path.exists(table) or os.path.getsize(table) == 0
+        with open(table, "a") as f:
+            f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")

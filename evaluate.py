@@ -24,132 +24,19 @@ beside the checkpoint), and, with --table FILE, a Markdown row appended to a tab
 """
 
 import argparse
-import hashlib
-import json
 import math
 import os
-import pickle
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, DatasetError, dataset_split, error_message, eval_transform, native_image_size
-from models import ARCHS, build_backbone
+from data import DatasetError, append_jsonl, dataset_split, error_message, eval_transform, report_row
+from models import (CheckpointError, add_checkpoint_arguments, cached_features, extract_features, file_digest,
+                    load_for_probing)
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading a backbone
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
-
-
-def load_backbone(path, arch=None, image_size=None):
-    """A backbone from a train.py checkpoint or a torchvision-format state_dict.
-
-    Returns (backbone, info) with info holding arch, image_size and, for our checkpoints, the training
-    arguments and the number of completed epochs. torch.load(weights_only=True): a checkpoint is data,
-    never code.
-    """
-    checkpoint = safe_load(path)
-    if isinstance(checkpoint, dict) and "args" in checkpoint and "model" in checkpoint:
-        args = checkpoint["args"]
-        if arch is not None and arch != args["arch"]:
-            raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
-                                  f"which is only for torchvision-format state_dicts")
-        backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
-        prefix = "backbone."
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-        return backbone, {"arch": args["arch"], "image_size": args["global_size"], "train_args": args,
-                          "epoch": checkpoint["epoch"]}
-
-    if arch is None:
-        raise CheckpointError(f"{path} is not a train.py checkpoint; to load a torchvision-format state_dict, "
-                              f"name its architecture with --arch ({', '.join(ARCHS)})")
-    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
-    state = {_strip_prefixes(k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}     # the classifier is not probed
-    backbone = build_backbone(arch, image_size)
-    try:
-        backbone.load_state_dict(state)                                      # strict: a mismatch is an error
-    except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
-    return backbone, {"arch": arch, "image_size": image_size, "train_args": None, "epoch": None}
-
-
-def safe_load(path):
-    """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file
-    that holds anything else (a pickle that would import or call something) is refused, not executed."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise CheckpointError(f"no checkpoint file at {str(path)!r}; pass the ckpt.pt that train.py wrote") from None
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is refused "
-                              f"unread (loading it could run code); re-save its state_dict alone") from None
-    except (RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(error).splitlines()[0]})") from None
-
-
-def _strip_prefixes(key):
-    """Keys as other libraries save them: 'module.' (DataParallel), 'backbone.' or 'encoder.' wrappers."""
-    for prefix in ("module.", "backbone.", "encoder."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-# ----------------------------------------------------------------------------------------------------
-# Features, extracted once and cached
-
-@torch.no_grad()
-def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features"):
-    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for images, targets in tqdm(loader, desc=desc, leave=False):
-        with autocast:
-            features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(targets)
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
-
-
-def file_digest(path):
-    """SHA-256 of a file's bytes: the cache key follows the checkpoint's content, not its name or date."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
-                    workers=2):
-    """extract_features for one split, read from cache_dir when the same key was extracted before."""
-    key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
-           "split": split, "image_size": image_size}
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            return cached["features"], cached["labels"]
-    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
-    features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features")
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save({"key": key, "features": features, "labels": labels}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return features, labels
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,11 +88,7 @@ def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, tempera
                              workers=workers, desc="k-NN train features")
     test = extract_features(backbone, dataset_split(dataset, data_dir, "test", transform), device,
                             workers=workers, desc="k-NN test features")
-    return knn_accuracy(train[0].to(_compute_device(device)), train[1], test[0], test[1], k, temperature)
-
-
-def _compute_device(device):
-    return device if device.type == "cuda" else torch.device("cpu")
+    return knn_accuracy(train[0].to(device), train[1], test[0], test[1], k, temperature)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,56 +153,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reporting
+# The script: one row of Table I
 
 TABLE_COLUMNS = ("dataset", "method", "arch", "epoch", "linear_top1", "linear_top5", "knn_top1", "knn_top5")
-
-
-def markdown_row(result, columns=TABLE_COLUMNS):
-    """One table row: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not measured)."""
-    def cell(value):
-        return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
-    return "| " + " | ".join(cell(result.get(c)) for c in columns) + " |"
-
-
-def markdown_header(columns=TABLE_COLUMNS):
-    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-
-
-def append_markdown_row(path, result, columns=TABLE_COLUMNS):
-    """Append a row to a Markdown table that several runs share, writing the header when the file is new."""
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a") as f:
-        f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
-
-
-METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
-
-
-def method_name(given, checkpoint_path, info):
-    """The table's method column: --method if given, else the objective a train.py checkpoint was
-    trained with, else the file's name (resnet50_byol.pth -> resnet50_byol)."""
-    if given:
-        return given
-    if info["train_args"] is not None:
-        return METHOD_NAMES[info["train_args"].get("method", "hydes")]
-    return os.path.splitext(os.path.basename(checkpoint_path))[0]
-
-
-def add_checkpoint_arguments(p):
-    """The arguments that load_for_probing and cached_features read, shared with analyze.py."""
-    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
-    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
-    p.add_argument("--dataset", choices=DATASETS,
-                   help="probe another dataset than the one trained on (e.g. imagenet100 for an ImageNet backbone)")
-    p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
-    p.add_argument("--image-size", type=int,
-                   help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
-    p.add_argument("--method", help="name for the table's method column (default: HyDeS, InfoNCE or Supervised "
-                                     "for our checkpoints, the file name for a torchvision-format state_dict)")
-    p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args(argv=None):
@@ -336,77 +172,54 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
     try:
-        result = evaluate_checkpoint(args, device)
+        result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error_message(error)}")
-    print(markdown_header())
-    print(markdown_row(result))
-    with open(args.json, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    if args.table:
-        append_markdown_row(args.table, result)
+    report_row(result, TABLE_COLUMNS, args.table)
+    append_jsonl(args.json, result)
     return result
-
-
-def load_for_probing(args):
-    """The backbone and what to probe it on: (backbone, info, dataset, data_dir, image_size).
-
-    args holds checkpoint, arch, dataset, data_dir and image_size as the command line gave them; what is
-    not given comes from the checkpoint's training arguments (analyze.py shares these conventions).
-    """
-    foreign_size = args.image_size       # only used for a torchvision-format state_dict
-    if foreign_size is None and args.arch is not None and args.dataset is not None:
-        foreign_size = native_image_size(args.dataset, args.data_dir or "data")
-    backbone, info = load_backbone(args.checkpoint, args.arch, foreign_size or 224)
-    trained = info["train_args"] or {}
-    dataset = args.dataset or trained.get("dataset")
-    if dataset is None:
-        raise CheckpointError("a torchvision-format state_dict carries no dataset; pass --dataset and --data-dir")
-    data_dir = args.data_dir or trained.get("data_dir", "data")
-    return backbone, info, dataset, data_dir, args.image_size or info["image_size"]
 
 
 def evaluate_checkpoint(args, device):
     """Load, extract (or read cached) features, run the probes; returns the result dict."""
-    backbone, info, dataset, data_dir, image_size = load_for_probing(args)
+    backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)
     checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
     args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
 
-    backbone = backbone.to(device)
     digest = file_digest(args.checkpoint)
     timings = {}
     start = time.time()
-    train_feats, train_labels = cached_features(backbone, digest, dataset, data_dir, "train", image_size, device,
-                                                args.cache_dir, args.workers)
-    test_feats, test_labels = cached_features(backbone, digest, dataset, data_dir, "test", image_size, device,
-                                              args.cache_dir, args.workers)
+    train_feats, train_labels, train_cached = cached_features(backbone, digest, dataset, data_dir, "train", image_size,
+                                                              device, args.cache_dir, args.workers)
+    test_feats, test_labels, test_cached = cached_features(backbone, digest, dataset, data_dir, "test", image_size,
+                                                           device, args.cache_dir, args.workers)
     timings["features_s"] = time.time() - start
+    extracted = len(train_labels) * (not train_cached) + len(test_labels) * (not test_cached)
     if len(set(train_labels.tolist())) < 2:
         raise DatasetError(f"{dataset} has fewer than 2 classes in its training split; a probe needs at least 2")
 
-    compute = _compute_device(device)
-    result = {"dataset": dataset, "method": method_name(args.method, args.checkpoint, info), "arch": info["arch"], "epoch": info["epoch"],
+    result = {"dataset": dataset, "method": info["method"], "arch": info["arch"], "epoch": info["epoch"],
               "checkpoint": os.path.abspath(args.checkpoint), "image_size": image_size,
               "train_images": len(train_labels), "test_images": len(test_labels)}
     if args.probe in ("both", "knn"):
         start = time.time()
         result["knn_top1"], result["knn_top5"] = knn_accuracy(
-            train_feats.to(compute), train_labels, test_feats, test_labels, args.knn_k, args.knn_temperature)
+            train_feats.to(device), train_labels, test_feats, test_labels, args.knn_k, args.knn_temperature)
         timings["knn_s"] = time.time() - start
         result.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
     if args.probe in ("both", "linear"):
         start = time.time()
         result["linear_top1"], result["linear_top5"], result["linear_weight_decay"] = linear_probe(
-            train_feats.to(compute), train_labels.to(compute), test_feats.to(compute), test_labels.to(compute),
+            train_feats.to(device), train_labels.to(device), test_feats.to(device), test_labels.to(device),
             epochs=args.probe_epochs)
         timings["linear_s"] = time.time() - start
     result.update({k: round(v, 2) for k, v in timings.items()})
-    print(f"features {timings['features_s']:.1f} s ({(len(train_labels) + len(test_labels)) / timings['features_s']:.0f}"
-          f" images/s, 0 if cached)" + (f", k-NN {timings['knn_s']:.1f} s ({len(test_labels) / timings['knn_s']:.0f} "
-                                        f"queries/s)" if "knn_s" in timings else "")
+    speed = f"{extracted / timings['features_s']:.0f} images/s" if extracted else "read from the cache"
+    print(f"features {timings['features_s']:.1f} s ({speed})"
+          + (f", k-NN {timings['knn_s']:.1f} s ({len(test_labels) / timings['knn_s']:.0f} queries/s)"
+             if "knn_s" in timings else "")
           + (f", linear probe {timings['linear_s']:.1f} s" if "linear_s" in timings else ""))
     return result
 

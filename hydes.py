@@ -276,5 +276,9 @@ def infonce_loss(z, kappa=10.0):
         mean_positive_logit = (logits * positive).sum(dim=1) / (num_views - 1)                    # (V*B,)
         loss = (log_denominator - mean_positive_logit).mean()
         with torch.no_grad():
-            terms = hydes_loss(z, kappa)
-    return {"loss": loss, "h_global": terms["h_global"], "h_local": terms["h_local"], "mi": terms["mi"]}
+            # The denominator is Eq. (2)'s leave-one-out sum already: H_global without a second pass (or,
+            # under data parallelism, a second all_gather); H_local needs only each image's own views.
+            log_mean_kernel = log_denominator - math.log(num_views * images - 1)
+            h_global = -(log_vmf_normalizer(dim, kappa) + log_mean_kernel).mean()
+            h_local = local_entropy(z, kappa)
+    return {"loss": loss, "h_global": h_global, "h_local": h_local, "mi": h_global - h_local}

@@ -7,13 +7,26 @@ only for the loss.
 
 Every backbone has a size knob (ResNet base width, ViT width/depth/heads) so that a laptop configuration
 is the same code with smaller numbers.
+
+The end of the file holds what every script needs to run a network: the device's precision (autocast,
+grad scaling, memory layout), checkpoints written so that a kill never leaves a broken one and read so
+that a file never runs code, a frozen backbone loaded from one, and its features, extracted once and cached.
 """
 
+import hashlib
+import json
 import math
+import os
+import pickle
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DATASETS, dataset_split, eval_transform, native_image_size
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny")
 
@@ -318,3 +331,198 @@ class HyDeSModel(nn.Module):
         z = self.projector(features)                                       # (N, F) -> (N, D)
         z = F.normalize(z.float(), dim=-1)                                 # onto S^{D-1}, in float32
         return z.view(len(views), batch, -1)                               # (N, D) -> (V, B, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision: one set-up for training, the probes and the benchmark
+
+class Precision(NamedTuple):
+    autocast: object            # context manager for the forward pass
+    scaler: object              # torch.amp.GradScaler; a no-op unless fp16
+    memory_format: object       # torch.channels_last or torch.contiguous_format
+
+
+def precision_for(device, arch=None):
+    """How a network runs on `device`: bf16 autocast on GPUs that have it, fp16 with grad scaling on those
+    that do not (fp16's 5-bit exponent underflows small gradients without it), float32 on the CPU.
+    ResNets (`arch`) run with NHWC tensors on GPUs, the layout cuDNN's tensor-core convolutions want; on
+    the CPU the default layout is kept."""
+    if device.type != "cuda":
+        return Precision(nullcontext(), torch.amp.GradScaler("cuda", enabled=False), torch.contiguous_format)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    channels_last = arch is not None and arch.startswith("resnet")
+    return Precision(torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),
+                     torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read as data only
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+def save_checkpoint(path, state):
+    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies.
+
+    The bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
+    flushed and fsynced to the disk, and only then renamed over the previous checkpoint; the folder is
+    fsynced so the rename itself survives a power cut. A kill mid-write leaves a stray .tmp and the
+    previous checkpoint untouched.
+    """
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def safe_load(path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file
+    that holds anything else (a pickle that would import or call something) is refused, not executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}; pass the ckpt.pt that train.py wrote") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is refused "
+                              f"unread (loading it could run code); re-save its state_dict alone") from None
+    except (RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(error).splitlines()[0]})") from None
+
+
+METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
+
+
+def load_backbone(path, arch=None, image_size=None, device="cpu"):
+    """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint or a
+    torchvision-format state_dict.
+
+    Returns (backbone, info): info holds arch, image_size, method (the objective a train.py checkpoint
+    was trained with, else the file's name: resnet50_byol.pth -> resnet50_byol), the training arguments
+    and the number of completed epochs (None for a foreign state_dict).
+    """
+    checkpoint = safe_load(path)
+    if isinstance(checkpoint, dict) and "args" in checkpoint and "model" in checkpoint:
+        args = checkpoint["args"]
+        if arch is not None and arch != args["arch"]:
+            raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
+                                  f"which is only for torchvision-format state_dicts")
+        backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
+        prefix = "backbone."
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
+        info = {"arch": args["arch"], "image_size": args["global_size"], "method": METHOD_NAMES[args.get("method", "hydes")],
+                "train_args": args, "epoch": checkpoint["epoch"]}
+    else:
+        if arch is None:
+            raise CheckpointError(f"{path} is not a train.py checkpoint; to load a torchvision-format state_dict, "
+                                  f"name its architecture with --arch ({', '.join(ARCHS)})")
+        state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+        state = {_strip_prefixes(k): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}     # the classifier is not probed
+        backbone = build_backbone(arch, image_size)
+        try:
+            backbone.load_state_dict(state)                                      # strict: a mismatch is an error
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+            raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
+        info = {"arch": arch, "image_size": image_size, "method": os.path.splitext(os.path.basename(path))[0],
+                "train_args": None, "epoch": None}
+    # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.
+    return backbone.to(device).eval().requires_grad_(False), info
+
+
+def _strip_prefixes(key):
+    """Keys as other libraries save them: 'module.' (DataParallel), 'backbone.' or 'encoder.' wrappers."""
+    for prefix in ("module.", "backbone.", "encoder."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def add_checkpoint_arguments(p):
+    """The arguments that name a backbone and the data to probe it on (evaluate.py, analyze.py)."""
+    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
+    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="probe another dataset than the one trained on (e.g. imagenet100 for an ImageNet backbone)")
+    p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
+    p.add_argument("--image-size", type=int,
+                   help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
+    p.add_argument("--method", help="name for the table's method column (default: HyDeS, InfoNCE or Supervised "
+                                     "for our checkpoints, the file name for a torchvision-format state_dict)")
+    p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_probing(args, device):
+    """The frozen backbone and what to probe it on: (backbone, info, dataset, data_dir, image_size), from
+    the arguments of `add_checkpoint_arguments`; what is not given comes from the checkpoint's training
+    arguments. info["method"] is --method when given."""
+    foreign_size = args.image_size       # only used for a torchvision-format state_dict
+    if foreign_size is None and args.arch is not None and args.dataset is not None:
+        foreign_size = native_image_size(args.dataset, args.data_dir or "data")
+    backbone, info = load_backbone(args.checkpoint, args.arch, foreign_size or 224, device)
+    trained = info["train_args"] or {}
+    dataset = args.dataset or trained.get("dataset")
+    if dataset is None:
+        raise CheckpointError("a torchvision-format state_dict carries no dataset; pass --dataset and --data-dir")
+    info["method"] = args.method or info["method"]
+    data_dir = args.data_dir or trained.get("data_dir", "data")
+    return backbone, info, dataset, data_dir, args.image_size or info["image_size"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frozen features, extracted once and cached
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features"):
+    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    autocast = precision_for(device).autocast
+    for images, targets in tqdm(loader, desc=desc, leave=False):
+        with autocast:
+            features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(targets)
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes: the cache key follows the checkpoint's content, not its name or date."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
+                    workers=2):
+    """extract_features for one split, read from cache_dir when the same key was extracted before.
+    Returns (features (N, F), labels (N,), whether they came from the cache)."""
+    key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
+           "split": split, "image_size": image_size}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            return cached["features"], cached["labels"], True
+    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
+    features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features")
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save({"key": key, "features": features, "labels": labels}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return features, labels, False

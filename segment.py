@@ -28,7 +28,6 @@ to the finest stage's grid) are projected on their first three principal compone
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -39,10 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import IMAGENET_MEAN, IMAGENET_STD, error_message
-from evaluate import (CheckpointError, append_markdown_row, load_backbone, markdown_header, markdown_row,
-                      method_name)
-from models import ARCHS
+from data import TO_NORMALISED_TENSOR, append_jsonl, error_message, report_row, save_png, unnormalize
+from models import ARCHS, CheckpointError, load_backbone, precision_for
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -86,8 +83,6 @@ class VOCSegmentation(torch.utils.data.Dataset):
         if not self.ids:
             raise VOCError(f"{list_file} lists no images")
         self.root, self.image_size = root, image_size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self):
         return len(self.ids)
@@ -107,8 +102,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(NUM_CLASSES), VOID])
         if bad.size:
             raise VOCError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, S, S)
-        return (pixels - self.mean) / self.std, torch.from_numpy(mask)
+        return TO_NORMALISED_TENSOR(image), torch.from_numpy(mask)                 # (3, S, S), (S, S)
 
 
 def centre_square(img, size, resample):
@@ -149,8 +143,8 @@ class HypercolumnProbe(nn.Module):
 
 @torch.no_grad()
 def frozen_stages(backbone, images, device):
-    """The frozen backbone's stage outputs for a batch, under bf16 autocast on GPUs."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    """The frozen backbone's stage outputs for a batch, float32, computed under the device's autocast."""
+    with precision_for(device).autocast:
         return [f.float() for f in backbone.stages(images.to(device, non_blocking=True))]
 
 
@@ -244,32 +238,21 @@ def pca_picture(stages, output_size):
     return (rgb - low) / (high - low).clamp_min(1e-12)           # each component over the full [0, 1]
 
 
-def unnormalise(image):
-    """A normalised input (3, H, W) back to displayable [0, 1] RGB."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.cpu() * std + mean).clamp(0, 1)
-
-
-def save_png(picture, path):
-    """Write a (3, H, W) picture with values in [0, 1] as an 8-bit RGB PNG."""
-    pixels = (picture.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
 def save_pca_grid(backbone, dataset, count, path, device):
     """A PNG with one row per image: the input, then its hypercolumn PCA (Figure 4)."""
     rows = []
     for index in range(min(count, len(dataset))):
         image, _ = dataset[index]
-        stages = frozen_stages(backbone.eval(), image[None], device)
+        stages = frozen_stages(backbone, image[None], device)
         pca = pca_picture([f[0] for f in stages], image.shape[-2:]).cpu()
-        rows.append(torch.cat([unnormalise(image), pca], dim=2))     # side by side: (3, S, 2S)
+        rows.append(torch.cat([unnormalize(image), pca], dim=2))     # side by side: (3, S, 2S)
     grid = torch.cat(rows, dim=1)                                    # stacked: (3, n*S, 2S)
     save_png(grid, path)
     return grid
 
 
 # ----------------------------------------------------------------------------------------------------
+# The script: one row of Table II, and Figure 4
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,19 +278,16 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     try:
-        backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size)
+        backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device)
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
         val_set = VOCSegmentation(root, args.val_split, args.image_size)
-        backbone = backbone.to(device).eval()
-        for p in backbone.parameters():
-            p.requires_grad_(False)
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         os.makedirs(out, exist_ok=True)
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
         pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)
-        result = {"method": method_name(args.method, args.checkpoint, info), "arch": info["arch"], "pixel_accuracy": pixel_accuracy, "miou": miou,
+        result = {"method": args.method or info["method"], "arch": info["arch"], "pixel_accuracy": pixel_accuracy, "miou": miou,
                   "checkpoint": os.path.abspath(args.checkpoint), "image_size": args.image_size,
                   "train_images": len(train_set), "val_images": len(val_set), "epochs": args.epochs,
                   "minutes": round((time.time() - start) / 60, 2)}
@@ -316,12 +296,8 @@ def main(argv=None):
             save_pca_grid(backbone, val_set, args.pca_images, result["pca_png"], device)
     except (CheckpointError, VOCError) as error:
         raise SystemExit(f"error: {error_message(error)}")
-    print(markdown_header(TABLE_COLUMNS))
-    print(markdown_row(result, TABLE_COLUMNS))
-    with open(os.path.join(out, "segment.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
-    if args.table:
-        append_markdown_row(args.table, result, TABLE_COLUMNS)
+    report_row(result, TABLE_COLUMNS, args.table)
+    append_jsonl(os.path.join(out, "segment.jsonl"), result)
     return result
 
 

@@ -1,7 +1,6 @@
 """Tests: the loss against closed forms and a brute-force loop, its invariances and numerics; the data,
 the backbones, and a real (tiny) training run on generated images. Run: python -m pytest -q"""
 
-import importlib.util
 import json
 import math
 import os
@@ -389,13 +388,14 @@ def test_torchvision_state_dict_loads_with_arch(tmp_path):
     reference.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     for name in ("wrapped.pth", "plain.pth"):
-        backbone, info = evaluate.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
-        assert info["arch"] == "resnet18" and info["train_args"] is None
-        assert torch.allclose(backbone.eval()(x), reference.eval()(x), atol=1e-5)
-    with pytest.raises(evaluate.CheckpointError, match="does not match a resnet50"):
-        evaluate.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
-    with pytest.raises(evaluate.CheckpointError, match="--arch"):
-        evaluate.load_backbone(tmp_path / "plain.pth")
+        backbone, info = models.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
+        assert info["arch"] == "resnet18" and info["train_args"] is None and info["method"] == name[:-4]
+        assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())   # frozen
+        assert torch.allclose(backbone(x), reference.eval()(x), atol=1e-5)
+    with pytest.raises(models.CheckpointError, match="does not match a resnet50"):
+        models.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
+    with pytest.raises(models.CheckpointError, match="--arch"):
+        models.load_backbone(tmp_path / "plain.pth")
 
 
 class RunsCodeWhenUnpickled:
@@ -406,12 +406,12 @@ class RunsCodeWhenUnpickled:
 def test_checkpoints_that_would_run_code_are_refused_unread(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"model": RunsCodeWhenUnpickled()}, tmp_path / "evil.pt")
-    with pytest.raises(evaluate.CheckpointError, match="refused unread"):
-        evaluate.load_backbone(tmp_path / "evil.pt", arch="resnet18")
+    with pytest.raises(models.CheckpointError, match="refused unread"):
+        models.load_backbone(tmp_path / "evil.pt", arch="resnet18")
     assert not os.path.exists(tmp_path / "code_ran")
     (tmp_path / "truncated.pt").write_bytes(open(tmp_path / "evil.pt", "rb").read()[:20])
-    with pytest.raises(evaluate.CheckpointError, match="not a readable PyTorch file"):
-        evaluate.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
+    with pytest.raises(models.CheckpointError, match="not a readable PyTorch file"):
+        models.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
 
 
 def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, monkeypatch):
@@ -419,10 +419,10 @@ def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, m
         write_images(tmp_path / "images" / "train" / cls, 3)
     backbone = models.build_backbone("resnet18", 32, width=8)
     calls = []
-    real_extract = evaluate.extract_features
-    monkeypatch.setattr(evaluate, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
+    real_extract = models.extract_features
+    monkeypatch.setattr(models, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
     def features(digest):
-        return evaluate.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
+        return models.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
                                         torch.device("cpu"), str(tmp_path / "cache"), workers=0)
     first = features("digest-1")
     again = features("digest-1")
@@ -443,12 +443,12 @@ def write_images(folder, count, size=32, seed=0):
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
-    args = train.parse_args(["--schedule", "cosine", "--lr", "0.5", "--warmup-epochs", "2", "--epochs", "10"])
+    args = train.build_parser().parse_args(["--schedule", "cosine", "--lr", "0.5", "--warmup-epochs", "2", "--epochs", "10"])
     lr = [train.learning_rate(args, step, steps_per_epoch=5) for step in range(50)]
     assert lr[:10] == pytest.approx([0.05 * (i + 1) for i in range(10)])        # 2 epochs x 5 steps
     assert lr[30] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
     assert all(a > b for a, b in zip(lr[10:], lr[11:])) and lr[-1] < 0.01
-    assert train.learning_rate(train.parse_args([]), 1234, 5) == 1e-3       # the paper's constant rate
+    assert train.learning_rate(train.build_parser().parse_args([]), 1234, 5) == 1e-3       # the paper's constant rate
 
 
 def test_training_runs_saves_and_resumes(tmp_path):
@@ -483,7 +483,7 @@ def test_training_runs_saves_and_resumes(tmp_path):
                if first["model"][k].is_floating_point()]
     assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
 
-    backbone, info = evaluate.load_backbone(out / "ckpt.pt")
+    backbone, info = models.load_backbone(out / "ckpt.pt")
     assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
     assert backbone.conv1.weight.shape == (8, 3, 3, 3)
     assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
@@ -525,19 +525,21 @@ def assert_same_training_state(a, b):
             assert torch.equal(moments_a[name], moments_b[name]), name
 
 
-@pytest.mark.parametrize("augment", ["batched", "per-image"])
-def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, augment):
-    common = tiny_run(tmp_path) + ["--augment", augment]
+@pytest.mark.parametrize("source, other", [("memory", "workers"), ("workers", "memory")])
+def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other):
+    common = tiny_run(tmp_path) + ["--data-source", source]
     train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert straight["step"] == 4
     kept = torch.load(tmp_path / "straight" / "ckpt-epoch1.pt", weights_only=True)     # --keep-every 1
     assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"],
-                                              evaluate.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
+                                              models.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
 
-    # 1 epoch, then --resume for the second with a loading worker: the views do not depend on the workers
+    # 1 epoch, then --resume for the second from the other data source with a loading worker: the views
+    # depend neither on where the images come from nor on the workers
     train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--workers", "1"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--workers", "1",
+                         "--data-source", other])
     assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
 
     # Ctrl-C while step 3 (the first of epoch 2) prepares its views: that step finishes, is saved, the run exits
@@ -551,10 +553,7 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
             return real(*args)
         return wrapped
 
-    if augment == "batched":         # one augmentation generator per step
-        monkeypatch.setattr(train, "augmentation_generator", interrupting(train.augmentation_generator, 3))
-    else:                            # per-image views read their image: 16 per epoch, so read 20 is in step 3
-        monkeypatch.setattr(data, "read_rgb", interrupting(data.read_rgb, 20))
+    monkeypatch.setattr(train, "augmentation_generator", interrupting(train.augmentation_generator, 3))  # one a step
     out = tmp_path / "interrupted"
     with pytest.raises(SystemExit) as stopped:
         train.main(common + ["--out", str(out), "--epochs", "2"])
@@ -571,7 +570,7 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
 def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
     # A cluster's pre-emption signals every process of the job, the loading worker included.
     out = tmp_path / "run"
-    command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--augment", "per-image",
+    command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--data-source", "workers",
                "--workers", "1", "--epochs", "1000", "--out", str(out)]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -592,33 +591,20 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained(
     order = data.EpochOrder(num_images=10, batch_size=3, seed=7)
     order.set_epoch(4)
     full = list(order)
-    assert len(full) == 3 and sorted(i for batch in full for i, _ in batch) != list(range(9))  # shuffled, 9 of 10
-    assert len({i for batch in full for i, _ in batch}) == 9                                   # without repeats
+    assert len(full) == 3 and sorted(i for batch in full for i in batch) != list(range(9))  # shuffled, 9 of 10
+    assert len({i for batch in full for i in batch}) == 9                                   # without repeats
     order.set_epoch(4, start_batch=2)
     assert list(order) == full[2:] and len(order) == 1
     order.set_epoch(5)
     assert list(order) != full
 
 
-def test_seeded_samples_repeat_their_augmentation_and_leave_global_streams_alone():
-    images = [Image.fromarray(np.full((32, 32, 3), 100 * i, np.uint8)) for i in range(2)]
-    crops = data.SeededSamples([data.MultiCrop(16, 8)(img) for img in images])   # already-augmented views
-    augment = data.SeededSamples(type("D", (), {"__getitem__": lambda self, i: data.MultiCrop(16, 8)(images[i]),
-                                                "__len__": lambda self: 2})())
-    torch.manual_seed(0)
-    before = torch.get_rng_state()
-    a, b, c = augment[(1, 123)], augment[(1, 123)], augment[(1, 124)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
-    assert torch.equal(torch.get_rng_state(), before) and len(crops) == 2
-
-
 def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch, train\n"
+        "import sys, torch, models\n"
         "for i in range(1000):\n"
-        "    train.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
+        "    models.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
         "    print(i, flush=True)\n"), str(path)],
         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
     for _ in range(3):                   # let a few complete saves happen, then kill it mid-way into the next
@@ -633,7 +619,7 @@ def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"step": 1})
+    models.save_checkpoint(path, {"step": 1})
 
     def dies_half_way(state, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -641,7 +627,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"step": 2})
+        models.save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.path.exists(path + ".tmp")          # the stray partial file is left beside it, never loaded
 
@@ -713,9 +699,9 @@ def test_an_empty_class_folder_is_a_clear_error(tmp_path):
         train.main(common + ["--out", str(tmp_path / "run")])
 
 
-@pytest.mark.parametrize("augment, workers", [("batched", 0), ("batched", 1), ("per-image", 1)])
-def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, augment, workers, capsys):
-    common = tiny_run(tmp_path, extra=["--workers", str(workers), "--augment", augment])
+@pytest.mark.parametrize("source, workers", [("memory", 0), ("memory", 1), ("workers", 1)])
+def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, source, workers, capsys):
+    common = tiny_run(tmp_path, extra=["--workers", str(workers), "--data-source", source])
     bad = tmp_path / "images" / "train" / "b" / "003.jpg"
     bad.write_bytes(bad.read_bytes()[:300])                        # a download cut short
     with pytest.raises(SystemExit) as error:
@@ -723,7 +709,7 @@ def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, 
     message = str(error.value.code)
     assert message.startswith(f"error: cannot read image {bad} (") and "--skip-bad-images" in message
     assert "\n" not in message and "Traceback" not in message
-    if augment == "per-image":                    # met while training (batched: while loading into memory)
+    if source == "workers":                       # met while training (memory: while loading, before step 1)
         assert "is intact" in message
     train.main(common + ["--out", str(tmp_path / "run2"), "--epochs", "1", "--skip-bad-images"])
     assert f"skipping 1 unreadable image(s) of 16, for example {bad}" in capsys.readouterr().out
@@ -768,6 +754,9 @@ def test_infonce_matches_nt_xent_and_a_loop_and_differs_from_hydes_only_by_a_con
     nt_xent = F.cross_entropy(logits, partner)
     assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item(), abs=1e-5)
     assert hydes.hydes_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item() - math.log(n - 1), abs=1e-5)
+    logged, reference = hydes.infonce_loss(z, kappa), hydes.hydes_loss(z, kappa)      # logged in HyDeS's terms
+    for term in ("h_global", "h_local", "mi"):
+        assert logged[term].item() == pytest.approx(reference[term].item(), abs=1e-4), term
 
     z = random_sphere((4, 3, 5), seed=4)                         # more views: positives averaged outside the log
     v, b, _ = z.shape
@@ -792,17 +781,16 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
         assert 0 <= log[-1]["accuracy"] <= 1
         # the objective: cross-entropy of every view's logits against its image's label, averaged
         logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
-        terms = train.objective(logits, labels, train.parse_args(["--method", "supervised"]))
+        terms = train.objective(logits, labels, train.build_parser().parse_args(["--method", "supervised"]))
         per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
         assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
         assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
     else:                               # logged in HyDeS's terms: mi = h_global - h_local
         assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
         assert "projector.0.weight" in saved["model"]
-    backbone, info = evaluate.load_backbone(out / "ckpt.pt")
+    backbone, info = models.load_backbone(out / "ckpt.pt")
     assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
-    assert evaluate.method_name(None, out / "ckpt.pt", info) == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
-    assert evaluate.method_name(None, "byol_resnet50.pth", {"train_args": None}) == "byol_resnet50"
+    assert info["method"] == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
 
 
 
@@ -933,7 +921,8 @@ def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
 
 
 # ---- analyze.py
-# Geometry (Table III), rank statistics and clustering, WordNet and MiniLM (Table IV), pictures (Figs. 2, 3, 5)
+# In analyze.py's order: geometry (Table III); rank statistics and clustering, WordNet and MiniLM (Table IV);
+# the centroid heat map (Fig. 5); saliency (Figs. 2, 3); the entry point; the learning curves (Figs. 6-8)
 
 def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geometry():
     classes, per_class, dim = 5, 4, 16
@@ -949,6 +938,10 @@ def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geo
     assert metrics["anisotropy"] == pytest.approx(same_pairs / all_pairs)           # s = 1 within, 0 across
     assert metrics["center_norm"] == pytest.approx(1 / math.sqrt(classes))          # |mean of e_c| = sqrt(5)/5
     assert metrics["angle_mean"] == pytest.approx(90 * (1 - same_pairs / all_pairs))
+    # Centroids the caller computed once (analyze_checkpoint, with one row per class of the dataset, here
+    # a sixth class absent from the split) give the same numbers as those computed inside.
+    given = analyze.class_centroids(F.normalize(feats.double(), dim=1), labels, classes + 1)   # (6, F)
+    assert analyze.geometry_metrics(feats, labels, None, 4000, 0, given) == pytest.approx(metrics)
 
 
 def test_identical_embeddings_are_collapsed():
@@ -1059,47 +1052,6 @@ def test_mantel_p_value_is_small_for_related_matrices_and_not_for_unrelated_ones
     assert analyze.mantel_p_value(a, unrelated + unrelated.T, permutations=199) > 0.05
 
 
-def test_heatmap_picture_has_the_matrix_cells_in_the_colour_map_and_a_colour_bar():
-    matrix = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.25], [0.5, 0.25, 1.0]])
-    picture = analyze.heatmap_picture(matrix, ["a", "b", "c"], size=60)            # 20 px cells
-    assert picture.shape[0] == 3 and picture.shape[1] == 60 + 12 and picture.shape[2] > 60
-    assert picture.min() >= 0 and picture.max() <= 1
-    left = next(x for x in range(picture.shape[2]) if not torch.allclose(picture[:, 30, x], torch.ones(3)))
-    cell = lambda row, col: picture[:, 6 + 20 * row + 10, left + 20 * col + 10]    # centre of a cell
-    assert torch.allclose(cell(0, 0), analyze.VIRIDIS[-1], atol=1 / 255)           # 1 -> yellow
-    assert torch.allclose(cell(0, 1), analyze.VIRIDIS[0], atol=1 / 255)            # 0 -> dark purple
-    assert torch.allclose(cell(0, 2), analyze.VIRIDIS[2], atol=1 / 255)            # 0.5 -> teal
-    assert torch.allclose(cell(1, 2), cell(2, 1))                                  # a symmetric matrix
-    bar = picture[:, 6:66, left + 60 + 12 + 8]                                     # the colour bar, top to bottom
-    assert torch.allclose(bar[:, 0], analyze.VIRIDIS[-1], atol=0.03) and torch.allclose(bar[:, -1], analyze.VIRIDIS[0], atol=0.03)
-
-
-def test_vit_attention_weights_are_the_ones_the_block_uses():
-    vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    maps, grid = vit.attention_maps(x)
-    assert maps.shape == (2, 2, 2, 1 + 64, 1 + 64) and grid == (8, 8)
-    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 2, 65))                   # rows are distributions
-    tokens, _ = vit.embed(x)
-    out, weights = vit.blocks[0](tokens, return_attention=True)
-    assert torch.allclose(out, vit.blocks[0](tokens), atol=1e-5)                   # same output as the fused path
-    assert torch.equal(weights, maps[0])
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
-def test_saliency_overlay_png_has_the_expected_size_and_range(tmp_path, arch):
-    backbone = models.build_backbone(arch, 32, width=8 if arch == "resnet18" else 24,
-                                     depth=None if arch == "resnet18" else 2, heads=None if arch == "resnet18" else 2)
-    images = [(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)), 0) for i in range(3)]
-    heat = (analyze.smoothgrad_cam(backbone.eval(), images[0][0], samples=2) if arch == "resnet18"
-            else analyze.vit_attention_map(backbone.eval(), images[0][0]))
-    assert heat.shape == (32, 32) and heat.min() == 0 and heat.max() == pytest.approx(1)
-    grid = analyze.save_saliency_grid(backbone, images, [0, 2], tmp_path / "s.png", torch.device("cpu"), samples=2)
-    assert grid.shape == (3, 2 * 32 * 4, 2 * 32 * 4)                              # 2 rows of (input | overlay), x4
-    assert grid.min() >= 0 and grid.max() <= 1
-    assert Image.open(tmp_path / "s.png").size == (256, 256)
-
-
 def wordnet_or_skip():
     pytest.importorskip("nltk")
     try:
@@ -1169,8 +1121,49 @@ def test_minilm_similarities_put_animals_together(monkeypatch):
     assert sims[0, 1] > sims[0, 2] and sims[2, 3] > sims[1, 3]
 
 
+def test_heatmap_picture_has_the_matrix_cells_in_the_colour_map_and_a_colour_bar():
+    matrix = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.25], [0.5, 0.25, 1.0]])
+    picture = analyze.heatmap_picture(matrix, ["a", "b", "c"], size=60)            # 20 px cells
+    assert picture.shape[0] == 3 and picture.shape[1] == 60 + 12 and picture.shape[2] > 60
+    assert picture.min() >= 0 and picture.max() <= 1
+    left = next(x for x in range(picture.shape[2]) if not torch.allclose(picture[:, 30, x], torch.ones(3)))
+    cell = lambda row, col: picture[:, 6 + 20 * row + 10, left + 20 * col + 10]    # centre of a cell
+    assert torch.allclose(cell(0, 0), analyze.VIRIDIS[-1], atol=1 / 255)           # 1 -> yellow
+    assert torch.allclose(cell(0, 1), analyze.VIRIDIS[0], atol=1 / 255)            # 0 -> dark purple
+    assert torch.allclose(cell(0, 2), analyze.VIRIDIS[2], atol=1 / 255)            # 0.5 -> teal
+    assert torch.allclose(cell(1, 2), cell(2, 1))                                  # a symmetric matrix
+    bar = picture[:, 6:66, left + 60 + 12 + 8]                                     # the colour bar, top to bottom
+    assert torch.allclose(bar[:, 0], analyze.VIRIDIS[-1], atol=0.03) and torch.allclose(bar[:, -1], analyze.VIRIDIS[0], atol=0.03)
+
+
+def test_vit_attention_weights_are_the_ones_the_block_uses():
+    vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps, grid = vit.attention_maps(x)
+    assert maps.shape == (2, 2, 2, 1 + 64, 1 + 64) and grid == (8, 8)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 2, 65))                   # rows are distributions
+    tokens, _ = vit.embed(x)
+    out, weights = vit.blocks[0](tokens, return_attention=True)
+    assert torch.allclose(out, vit.blocks[0](tokens), atol=1e-5)                   # same output as the fused path
+    assert torch.equal(weights, maps[0])
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
-def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypatch):
+def test_saliency_overlay_png_has_the_expected_size_and_range(tmp_path, arch):
+    backbone = models.build_backbone(arch, 32, width=8 if arch == "resnet18" else 24,
+                                     depth=None if arch == "resnet18" else 2, heads=None if arch == "resnet18" else 2)
+    images = [(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)), 0) for i in range(3)]
+    heat = (analyze.smoothgrad_cam(backbone.eval(), images[0][0], samples=2) if arch == "resnet18"
+            else analyze.vit_attention_map(backbone.eval(), images[0][0]))
+    assert heat.shape == (32, 32) and heat.min() == 0 and heat.max() == pytest.approx(1)
+    grid = analyze.save_saliency_grid(backbone, images, [0, 2], tmp_path / "s.png", torch.device("cpu"), samples=2)
+    assert grid.shape == (3, 2 * 32 * 4, 2 * 32 * 4)                              # 2 rows of (input | overlay), x4
+    assert grid.min() >= 0 and grid.max() <= 1
+    assert Image.open(tmp_path / "s.png").size == (256, 256)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypatch, capsys):
     root = tmp_path / "images"
     classes = ("cat", "dog", "truck")                          # CIFAR-10 names: WordNet applies
     for split, count in (("train", 4), ("test", 6)):
@@ -1186,6 +1179,7 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
     except pytest.skip.Exception:
         text = ["--text-model", str(tmp_path / "no-model")]    # then the MiniLM column is skipped, not an error
     out, table3, table4 = tmp_path / "analysis", tmp_path / "t3.md", tmp_path / "t4.md"
+    capsys.readouterr()
     result = analyze.main([str(tmp_path / "run" / "ckpt.pt"), "--out", str(out), "--workers", "0", "--pairs", "10",
                            "--positive-images", "5", "--images", "2", "--smooth-samples", "2", "--permutations", "9",
                            "--table3", str(table3), "--table4", str(table4)] + text)
@@ -1195,6 +1189,11 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
     assert json.loads(open(out / "analyze.jsonl").read())["anisotropy"] == result["anisotropy"]
     assert open(table3).read().splitlines()[2].startswith(f"| folder | HyDeS | {arch} |")
     assert open(table4).read().splitlines()[0] == "| dataset | method | arch | wup | lch | cophenetic | minilm |"
+    printed = capsys.readouterr().out.splitlines()              # stdout: each table's header and row
+    for table in (table3, table4):
+        header, rule, row = open(table).read().splitlines()
+        assert [header, rule, row] == printed[printed.index(header):printed.index(header) + 3]
+    assert [line for line in printed if line.startswith("skipped: ")] == [f"skipped: {r}" for r in result["skipped"]]
     for column in ("wup", "lch", "cophenetic", "minilm"):     # each computed, or skipped with a reason
         assert -1 <= result.get(column, 0) <= 1
     assert len(result["skipped"]) == sum(c not in result for c in ("wup", "minilm"))
@@ -1228,19 +1227,31 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
             f.write(json.dumps({"epoch": epoch, "linear_top1": top1}) + "\n")
     log = str(tmp_path / "kappa1" / "eval.jsonl")
     assert analyze.read_curves([log], "linear_top1")[log] == ((2, 10), (31.0, 50.0))
-    if importlib.util.find_spec("matplotlib"):          # a log file's line is named after its run folder
-        capsys.readouterr()
-        analyze.main(["curves", log, "--metric", "linear_top1", "--out", str(tmp_path / "linear.png")])
-        assert capsys.readouterr().out.startswith("kappa1: epoch 2 31.00, epoch 10 50.00")
+    capsys.readouterr()                                  # a log file's line is named after its run folder
+    analyze.main(["curves", log, "--metric", "linear_top1", "--out", str(tmp_path / "linear.png")])
+    assert capsys.readouterr().out.startswith("kappa1: epoch 2 31.00, epoch 10 50.00")
     with pytest.raises(SystemExit, match="logs no knn_top5"):
         analyze.read_curves(runs, "knn_top5")
     with pytest.raises(SystemExit, match="2 --labels for 3 runs"):
         analyze.main(["curves", *runs, "--labels", "a", "b"])
-    pytest.importorskip("matplotlib")
     analyze.main(["curves", *runs, "--out", str(tmp_path / "curves.png")])
-    pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).reshape(-1, 3).astype(int)
-    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):      # matplotlib's first three line colours
-        assert (np.abs(pixels - colour).sum(axis=1) < 10).sum() > 50, colour
+    picture = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)      # (H, W, 3)
+    colours = ((31, 119, 180), (255, 127, 14), (44, 160, 44))  # matplotlib's first three line colours
+    def pixels_of(colour, part=picture):
+        return np.abs(part - colour).sum(axis=2) < 10                                            # (h, w)
+    for colour in colours:
+        assert pixels_of(colour).sum() > 50, colour
+    assert pixels_of((214, 39, 40)).sum() == 0                  # the fourth colour: no fourth line
+    # The axes' frame: its right side is the rightmost column that is dark over half the picture's height.
+    # Left of it the lines (run 3's values highest, so on top), right of it the legend: one entry per run
+    # in the run's colour, top to bottom in the runs' order, and the labels' text.
+    dark = picture.sum(axis=2) < 300
+    frame = np.nonzero(dark.sum(axis=0) > picture.shape[0] / 2)[0].max()
+    lines, legend = picture[:, :frame], picture[:, frame + 1:]
+    line_rows = [np.nonzero(pixels_of(colour, lines))[0].mean() for colour in colours]
+    legend_rows = [np.nonzero(pixels_of(colour, legend))[0].mean() for colour in colours]
+    assert line_rows == sorted(line_rows, reverse=True) and legend_rows == sorted(legend_rows)
+    assert all(pixels_of(colour, legend).sum() > 20 for colour in colours) and dark[:, frame + 1:].sum() > 30
 
 
 # ---- batched multi-crop and multi-process loss
@@ -1254,19 +1265,13 @@ def uint8_batch(pil_images):
     return torch.stack([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) for img in pil_images])
 
 
-def unnormalize(view):
-    """A normalised view (..., 3, h, w) back to [0, 1] pixel values, to compare with the PIL pipeline."""
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
-    return view * std + mean
-
-
 def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
-    for args in [(32, 16), (24, 12, 3, 2), (32, 16, 1, 0)]:
-        per_image = torch.utils.data.default_collate([data.MultiCrop(*args)(img) for img in images])
-        batched = data.BatchedMultiCrop(*args)(uint8_batch(images), torch.Generator().manual_seed(0))
+    for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
+                          ((32, 16), {"global_crops": 1, "local_crops": 0})]:
+        per_image = torch.utils.data.default_collate([data.MultiCrop(*sizes, **counts)(img) for img in images])
+        batched = data.BatchedMultiCrop(*sizes, **counts)(uint8_batch(images), torch.Generator().manual_seed(0))
         assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
     # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
     # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
@@ -1397,7 +1402,7 @@ def both_pipelines(image, count, crop_args, seed):
     crops = data.MultiCrop(*crop_args)
     per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
     batched = data.BatchedMultiCrop(*crop_args)(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
-    return [unnormalize(v) for v in per_image], [unnormalize(v) for v in batched]
+    return [data.unnormalize(v) for v in per_image], [data.unnormalize(v) for v in batched]
 
 
 def colour_features(colours):
@@ -1458,8 +1463,8 @@ def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_ba
     ranks = [data.EpochOrder(num_images=10, batch_size=4, seed=0, rank=r, world_size=2) for r in range(2)]
     for o in (one, *ranks):
         o.set_epoch(3)
-    whole = [[i for i, _ in batch] for batch in one]                  # 2 global batches of 4, 2 images dropped
-    halves = [[[i for i, _ in batch] for batch in r] for r in ranks]
+    whole = list(one)                                                 # 2 global batches of 4, 2 images dropped
+    halves = [list(r) for r in ranks]
     assert len(whole) == 2 and [h0 + h1 for h0, h1 in zip(*halves)] == whole
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
         data.EpochOrder(10, 4, 0, rank=0, world_size=3)

@@ -6,21 +6,21 @@
     torchrun --nproc_per_node=4 train.py --dataset imagenet --arch resnet50 --batch-size 512   # 4 GPUs
 
 The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, kappa = 1,
-alpha = beta = 1, DINO multi-crop with 2 global and 6 local views. The run's folder (--out) receives
-args.json (every resolved setting), log.jsonl (one line per epoch: loss, H_global, H_local, MI, lr,
-images/s and, every --eval-every epochs, the online k-NN top-1 that Figures 6-8 plot) and ckpt.pt
-(model, optimiser, grad scaler, epoch, step, random-number states, data order and the arguments),
-rewritten after every epoch.
+alpha = beta = 1, DINO multi-crop with 2 global and 6 local views.
 
-Speed: the multi-crop views of a whole batch are made on the training device (data.BatchedMultiCrop),
-from images decoded once into its memory when they fit; bf16 autocast and channels_last on GPUs;
---compile for torch.compile. Under torchrun each process embeds its share of the global batch and
-H_global spans all of it (hydes.GatherBatch).
+One step of `train()`: a batch of B uint8 images, already on the training device, becomes V = 8 views
+(data.BatchedMultiCrop); the backbone and projector map them to z (V, B, D) on the sphere S^{D-1}
+(models.HyDeSModel); AdamW takes a step on loss = beta H_local - alpha H_global (hydes.hydes_loss,
+Eqs. 2-4). Every epoch ends with a line in OUT/log.jsonl (loss, H_global, H_local, MI, lr, images/s and,
+every --eval-every epochs, the online k-NN top-1 that Figures 6-8 plot), and OUT/ckpt.pt is rewritten
+(model, optimiser, grad scaler, step, random-number states, data order and the arguments, in args.json
+too).
 
-Reliability: `--resume` continues bit for bit on CPU (the data order and every augmentation are a function
-of --seed, epoch and step; the checkpoint holds the rest). Checkpoints are written to a temporary file
-and renamed, so a crash or a kill during the write leaves the previous one intact. Ctrl-C or SIGTERM
-finishes the current step, saves, and exits with the command that resumes.
+The file reads in that order: the settings, main(), train(), the step, the helpers train() calls, and
+at the end, under its own heading, run control: what stops a run early (Ctrl-C, a cluster's SIGTERM,
+--max-minutes, a non-finite loss, dead loading workers), decided alike on every torchrun process.
+`--resume` continues bit for bit on CPU: the data order and every augmentation are functions of --seed
+and the step, and the checkpoint holds the rest.
 """
 
 import argparse
@@ -32,7 +32,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 
 import numpy as np
@@ -40,24 +40,28 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (DATASETS, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches, MultiCrop, SeededSamples,
-                  dataset_split, default_crop_sizes, drop_unreadable_images, error_message, load_into_memory,
-                  native_image_size, pretrain_dataset, uint8_dataset)
-from evaluate import CheckpointError, knn_evaluate, safe_load
+from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
+                  WorkerBatches, append_jsonl, dataset_split, default_crop_sizes, drop_unreadable_images,
+                  error_message, load_into_memory, native_image_size, uint8_dataset)
+from evaluate import knn_evaluate
 from hydes import hydes_loss, infonce_loss
-from models import ARCHS, HyDeSModel, build_backbone, vit_patch_size
+from models import (ARCHS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load, save_checkpoint,
+                    vit_patch_size)
 
-# Settings that --resume takes from the command line; every other one comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "device", "data_dir", "skip_bad_images",
-                       "log_every", "keep_every", "compile")
-# Datasets up to this size as uint8 are decoded once and kept on the training device (--augment batched):
-# CIFAR's 150 MB and STL-10's 2.9 GB are; ImageNet (250 GB at 256 px) and Food-101 (15 GB) are not.
-IN_MEMORY_BYTES = 4 * 2**30
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms.
 LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h_global", "h_local", "mi"),
           "supervised": ("loss", "accuracy")}
+# Settings that --resume takes from the command line; every other one comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "data_source", "device", "data_dir",
+                       "skip_bad_images", "log_every", "keep_every", "compile")
+# --data-source auto keeps the decoded training images on the device when they fit in this many bytes:
+# CIFAR's 150 MB and STL-10's 2.9 GB do; ImageNet (250 GB at 256 px) and Food-101 (15 GB) do not.
+IN_MEMORY_BYTES = 4 * 2**30
 
+
+# ----------------------------------------------------------------------------------------------------
+# Settings
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,17 +73,17 @@ def build_parser():
     g.add_argument("--local-crops", type=int, default=6, help="local views per image (paper: 6)")
     g.add_argument("--global-size", type=int, help="global crop side; default by resolution: 32, 96 or 224")
     g.add_argument("--local-size", type=int, help="local crop side; default by resolution: 16, 48 or 96")
-    g.add_argument("--global-scale", type=float, nargs=2, default=(0.4, 1.0), metavar=("MIN", "MAX"),
+    g.add_argument("--global-scale", type=float, nargs=2, default=GLOBAL_SCALE, metavar=("MIN", "MAX"),
                    help="area fraction of a global crop (paper: 0.4 1.0)")
-    g.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.4), metavar=("MIN", "MAX"),
+    g.add_argument("--local-scale", type=float, nargs=2, default=LOCAL_SCALE, metavar=("MIN", "MAX"),
                    help="area fraction of a local crop (paper: 0.05 0.4)")
     g.add_argument("--no-blur", dest="blur", action="store_false",
                    help="drop DINO's Gaussian blur (CIFAR recipes often do: it erases much of a 32 px image)")
+    g.add_argument("--data-source", default="auto", choices=("auto", "memory", "workers"),
+                   help="memory: decode the training images once and keep them on the training device; workers: "
+                        "decode every batch in --workers processes (for data larger than the device's memory); "
+                        "auto: memory when the decoded images fit in 4 GiB. The views are the same either way")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    g.add_argument("--augment", default="batched", choices=("batched", "per-image"),
-                   help="batched: the multi-crop of whole uint8 batches on the training device, images decoded "
-                        "once into memory when they fit (no data-loading bottleneck); per-image: DINO's PIL "
-                        "recipe in the loading workers, the reference the batched form is tested against")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="decode every image file once before training and leave out those that fail "
                         "(default: stop with an error naming the file)")
@@ -114,7 +118,8 @@ def build_parser():
                    help="constant: the paper states one learning rate; cosine: warm-up then cosine decay to 0")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule only)")
     g.add_argument("--max-minutes", type=float,
-                   help="stop after this many minutes of training in this session (a resumed run counts afresh), save, and run the final k-NN")
+                   help="stop after this many minutes of training in this session (a resumed run counts afresh), "
+                        "save, and run the final k-NN")
 
     g = p.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, default=1,
@@ -139,32 +144,314 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
+def main(argv=None):
+    try:
+        args, checkpoint = settings(argv)      # parsed, checked, crop sizes resolved; --resume: the saved ones
+        rank, world_size, device = distributed_setup(args)
+        with RunControl(args, rank, world_size, device) as control:
+            train(args, checkpoint, control)
+    except DatasetError as error:              # a dataset missing, or an image unreadable outside the steps
+        raise SystemExit(f"error: {error_message(error)}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training (Section III)
+
+def train(args, checkpoint, control):
+    """Pre-train for args.epochs; `control` decides when to stop early (see RunControl)."""
+    device, logged = control.device, LOGGED[args.method]
+    precision = precision_for(device, args.arch)      # autocast (bf16 on GPUs, none on CPUs), scaler, layout
+    seed_everything(args.seed)                                               # the initial weights
+
+    # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
+    batches, order, classes = training_data(args, control)
+    crops = BatchedMultiCrop(args.global_size, args.local_size, global_crops=args.global_crops,
+                             local_crops=args.local_crops, global_scale=args.global_scale,
+                             local_scale=args.local_scale, blur=args.blur)
+    steps_per_epoch = order.batches_per_epoch
+
+    # ---- model and optimiser: `net` is the plain module (saved, evaluated), `model` what the step calls
+    net = build_model(args, len(classes), control, precision.memory_format)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step = restore(checkpoint, net, optimizer, precision.scaler, steps_per_epoch) if checkpoint else 0
+    model = parallel(net, args, control)
+    if control.main_process:
+        open_run_folder(args, checkpoint, step)
+        source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} loading workers"
+        print(f"{args.dataset}: {order.num_images} images ({source}), {steps_per_epoch} steps/epoch, "
+              f"views {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size}; {args.arch} "
+              f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}"
+              + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
+
+    # ---- the loop: views -> embeddings -> loss -> AdamW step; each epoch: log, evaluate, save
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        model.train()
+        order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        first_step, epoch_start = step, time.time()
+        sums = torch.zeros(len(logged), device=device)         # the logged terms, summed over the epoch's steps
+        for images, labels in control.batches(batches, step, sums, f"epoch {epoch + 1}/{args.epochs}"):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, step, steps_per_epoch)
+            views = crops(images, augmentation_generator(args.seed, step, control.rank))   # V x (B, 3, h, w)
+            terms = training_step(model, views, labels, optimizer, precision, args)      # (len(logged),)
+            sums += terms
+            control.watch(terms)                  # the first non-finite loss, recorded on the device
+            step += 1
+        control.check_finite()
+
+        record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
+                  "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
+                  "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
+                  "minutes": control.minutes()}
+        last = epoch + 1 == args.epochs or control.out_of_time
+        if args.eval_every and not control.signalled and (step % (args.eval_every * steps_per_epoch) == 0 or last):
+            record.update(online_knn(net, args, control))
+        if control.main_process:
+            log(record, args)
+            save(net, optimizer, precision.scaler, step, steps_per_epoch, args)
+        if control.stop_after_save(step):
+            break
+
+    if args.epochs == 0:     # the random-initialisation baseline: the same network, saved and evaluated untrained
+        if control.main_process:
+            save(net, optimizer, precision.scaler, step, steps_per_epoch, args)
+        if args.eval_every:
+            record = {"epoch": 0, "step": 0, **online_knn(net, args, control)}   # epoch 0 of the learning curves
+            if control.main_process:
+                log(record, args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step
+
+def training_step(model, views, labels, optimizer, precision, args):
+    """One AdamW step on the V views (B, 3, h, w) of a batch; returns the LOGGED terms, detached, stacked."""
+    autocast, scaler, memory_format = precision
+    with autocast:
+        z = model([v.contiguous(memory_format=memory_format) for v in views])  # (V, B, D) on the sphere
+    out = objective(z, labels, args)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()          # scaled only for fp16; otherwise the loss itself
+    scaler.step(optimizer)
+    scaler.update()
+    return torch.stack([out[k].detach() for k in LOGGED[args.method]])
+
+
+def objective(z, labels, args):
+    """The loss of --method on the model's output, as a dict holding "loss" and the other LOGGED terms."""
+    if args.method == "hydes":
+        return hydes_loss(z, args.kappa, args.alpha, args.beta)              # Eq. (4) on z (V, B, D)
+    if args.method == "infonce":
+        return infonce_loss(z, args.kappa)
+    logits = z.flatten(0, 1)                                                 # (V, B, C) logits -> (V*B, C)
+    targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
+    return {"loss": torch.nn.functional.cross_entropy(logits, targets),
+            "accuracy": (logits.argmax(dim=1) == targets).float().mean()}
+
+
+def learning_rate(args, step, steps_per_epoch):
+    """Constant (the paper), or linear warm-up then cosine decay to zero over the whole run: a function of
+    the step alone, so that a resumed run continues the schedule."""
+    if args.schedule == "constant":
+        return args.lr
+    warmup = args.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augmentation_generator(seed, step, rank):
+    """The generator of step `step`'s augmentation on process `rank`: a function of the three, so that a
+    resumed run draws the views an uninterrupted one would, and processes draw different ones."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What train() calls: data, model, evaluation, log and checkpoint
+
+def training_data(args, control):
+    """(batches, order, classes): `batches` yields (images (B, 3, H, W) uint8, labels (B,)) on the training
+    device, in the order of `order` (an EpochOrder), from memory or from loading workers (--data-source)."""
+    with control.first_process_first():           # process 0 downloads and extracts the dataset alone
+        # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
+        dataset = uint8_dataset(args.dataset, args.data_dir, args.global_size, labelled=args.method == "supervised")
+        if args.eval_every:                       # the k-NN monitor's test split must exist before hours of training
+            dataset_split(args.dataset, args.data_dir, "test", None)
+    if args.skip_bad_images:
+        dropped = drop_unreadable_images(dataset, args.workers)
+        if dropped and control.main_process:
+            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
+                  f"for example {dropped[0]}")
+    order = EpochOrder(len(dataset), args.batch_size, args.seed, control.rank, control.world_size)
+    if order.batches_per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
+                         f"lower --batch-size")
+    fits = len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES
+    if args.data_source == "memory" or (args.data_source == "auto" and fits):
+        images, labels = load_into_memory(dataset, control.device, args.workers)   # (N, 3, H, W) uint8, once
+        return InMemoryBatches(images, labels, order), order, dataset.classes
+    return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
+
+
+def build_model(args, num_classes, control, memory_format):
+    """HyDeSModel on the device: backbone + projector onto the sphere, or + a linear classifier for
+    --method supervised."""
+    backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
+    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes if args.method == "supervised" else None)
+    if control.world_size > 1 and control.device.type == "cuda":
+        # BatchNorm over the global batch too, so that K GPUs train the network one GPU would (same
+        # state_dict keys). PyTorch's SyncBatchNorm runs on GPUs only: with gloo on CPUs each process
+        # normalises its own share of the batch.
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net.to(control.device, memory_format=memory_format)
+
+
+def parallel(net, args, control):
+    """What the step calls: under torchrun, DDP (each process embeds its share of the batch; H_global still
+    spans all of it, hydes.GatherBatch); with --compile, torch.compile."""
+    model = net
+    if control.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[control.device.index] if control.device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def online_knn(net, args, control):
+    """The k-NN top-1 and top-5 of the backbone (evaluate.py's functions): process 0 evaluates while the
+    others wait for it."""
+    result = {}
+    if control.main_process:
+        result["knn_top1"], result["knn_top5"] = knn_evaluate(
+            net.backbone, args.dataset, args.data_dir, args.global_size, control.device, args.knn_k,
+            args.knn_temperature, args.workers)
+    control.barrier()
+    return result
+
+
+def log(record, args):
+    print(json.dumps(record))
+    append_jsonl(os.path.join(args.out, "log.jsonl"), record)
+
+
+def save(net, optimizer, scaler, step, steps_per_epoch, args):
+    """Rewrite OUT/ckpt.pt, and with --keep-every keep a copy of it as OUT/ckpt-epochE.pt."""
+    path = os.path.join(args.out, "ckpt.pt")
+    save_checkpoint(path, checkpoint_state(net, optimizer, scaler, step, steps_per_epoch, args))
+    if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
+        shutil.copyfile(path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
+
+
+def checkpoint_state(model, optimizer, scaler, step, steps_per_epoch, args):
+    """One dict with everything to resume or evaluate the run.
+
+    `epoch` counts completed epochs (evaluate.py reports it); `data_order` says where in which epoch's
+    order the next batch starts. The learning-rate schedule is a function of the step, so the step
+    restores it; the optimiser state holds AdamW's moments and step counts.
+    """
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "rng": random_states(),
+            "data_order": {"seed": args.seed, "epoch": step // steps_per_epoch,
+                           "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch}}
+
+
+def restore(checkpoint, net, optimizer, scaler, steps_per_epoch):
+    """Load a checkpoint's weights, optimiser, scaler and random states; returns the step to continue at."""
+    if checkpoint["data_order"]["batches_per_epoch"] != steps_per_epoch:
+        raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
+                         f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
+                         f"data (and the same --skip-bad-images)")
+    net.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["scaler"]:          # empty when saved disabled (CPU, bf16), e.g. resumed on an fp16 GPU
+        scaler.load_state_dict(checkpoint["scaler"])
+    restore_random_states(checkpoint["rng"])
+    return checkpoint["step"]
+
+
+def open_run_folder(args, checkpoint, step):
+    """Make OUT ready: on --resume, forget log lines the checkpoint does not hold; with --force, delete the
+    old run's checkpoints, log and probe results (not the feature cache); write args.json."""
+    if checkpoint is not None:
+        print(f"resuming {os.path.join(args.out, 'ckpt.pt')} at step {step}")
+        drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
+    elif args.force and os.path.isdir(args.out):
+        for name in os.listdir(args.out):
+            if name in ("ckpt.pt", "log.jsonl", "eval.jsonl", "segment.jsonl") or name.startswith("ckpt-epoch"):
+                os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+
+def drop_log_records_after(log_path, step):
+    """On resume, forget log lines of steps the checkpoint does not hold (a run killed between writing
+    its log line and its checkpoint), so that the resumed run's lines replace them rather than repeat them."""
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def random_states():
+    """Every random-number stream a run could draw from, in a form torch.load(weights_only=True) accepts
+    (numpy's state is an array and a few numbers, kept as a tensor and plain values)."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "cached_gauss": cached_gauss},
+            "python": random.getstate()}
+
+
+def restore_random_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():     # as many as this machine has GPUs
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking the settings, and --resume's
+
+def settings(argv):
+    """The run's settings: parsed, merged with the checkpoint's on --resume, checked, and the crop sizes
+    resolved from the data's resolution, all before any image is decoded or weight built.
+    Returns (args, checkpoint or None)."""
     args = build_parser().parse_args(argv)
     if args.out is None:
-        objective = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
-                     "supervised": "supervised"}[args.method]
-        args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective}")
-    return args
-
-
-def settings_given(argv):
-    """The settings typed on the command line, as opposed to left at their defaults. argparse fills in
-    a default only where the namespace it parses into lacks the attribute, so a namespace pre-filled
-    with a marker shows which ones the command line set."""
-    parser, unset = build_parser(), object()
-    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
-    return {k for k, v in vars(parsed).items() if v is not unset}
-
-
-def normalised(value):
-    """Settings compare equal whether argparse gave a list or a checkpoint a tuple."""
-    return list(value) if isinstance(value, tuple) else value
+        objective_name = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
+                          "supervised": "supervised"}[args.method]
+        args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective_name}")
+    args, checkpoint = resume_settings(args, argv)
+    problem = check_args(args)
+    if problem is None and (args.global_size is None or args.local_size is None):
+        default_global, default_local = default_crop_sizes(native_image_size(args.dataset, args.data_dir))
+        args.global_size = args.global_size or default_global
+        args.local_size = args.local_size or default_local
+    problem = problem or check_crop_sizes(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    return args, checkpoint
 
 
 def check_args(args):
-    """Every setting that can be checked without data, before any image is read or weight built.
-    Returns the first problem as a one-line message, or None."""
+    """Every setting that can be checked without data. Returns the first problem as a one-line message,
+    or None."""
     (global_min, global_max), (local_min, local_max) = args.global_scale, args.local_scale
     rules = [
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
@@ -211,138 +498,10 @@ def check_crop_sizes(args):
     return None
 
 
-def learning_rate(args, step, steps_per_epoch):
-    """Constant, or linear warm-up then cosine decay to zero over the whole run."""
-    if args.schedule == "constant":
-        return args.lr
-    warmup = args.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def random_states():
-    """Every random-number stream a run could draw from, in a form torch.load(weights_only=True) accepts
-    (numpy's state is an array and a few numbers, kept as a tensor and plain values)."""
-    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                      "has_gauss": has_gauss, "cached_gauss": cached_gauss},
-            "python": random.getstate()}
-
-
-def restore_random_states(states):
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():     # as many as this machine has GPUs
-        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
-    n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                         n["cached_gauss"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def checkpoint_state(model, optimizer, scaler, step, steps_per_epoch, args):
-    """One dict with everything to resume or evaluate the run.
-
-    `epoch` counts completed epochs (evaluate.py reports it); `data_order` says where in which epoch's
-    order the next batch starts. The learning-rate schedule is a function of the step, so the step
-    restores it; the optimiser state holds AdamW's moments and step counts.
-    """
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "rng": random_states(),
-            "data_order": {"seed": args.seed, "epoch": step // steps_per_epoch,
-                           "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch}}
-
-
-def save_checkpoint(path, state):
-    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies.
-
-    The bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
-    flushed and fsynced to the disk, and only then renamed over the previous checkpoint; the folder is
-    fsynced so the rename itself survives a power cut. A kill mid-write leaves a stray .tmp and the
-    previous checkpoint untouched.
-    """
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-class StopSignals:
-    """Turns the first SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption) into a request to stop after
-    the current step; the handlers are then restored, so a second Ctrl-C stops at once (the checkpoint on
-    disk is still whole, by save_checkpoint's rename)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():    # handlers can only be set there
-            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        self.received = signum
-        self.__exit__()
-        # PyTorch's DataLoader raises from a SIGCHLD handler, at whatever line runs, when a worker dies.
-        # A SIGTERM sent to the whole job ends the workers too; the step in progress and the save must
-        # not be cut short by that (a dead worker is still reported if another batch is asked for).
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
-
-
-def ignore_interrupts_in_worker(worker_id):
-    """Ctrl-C reaches every process of the terminal's group; data-loading workers ignore it so that the
-    training process decides when to stop (after its step and checkpoint), not a dying worker. SIGTERM
-    they must obey, for the DataLoader ends a stuck worker with it: when a cluster's pre-emption sends
-    it to all of a job's processes, the training loop sees its workers gone and saves (see `train`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def objective(z, labels, args):
-    """The loss of --method on the model's output, as a dict holding "loss" and the other LOGGED terms."""
-    if args.method == "hydes":
-        return hydes_loss(z, args.kappa, args.alpha, args.beta)              # Eq. (4) on z (V, B, D)
-    if args.method == "infonce":
-        return infonce_loss(z, args.kappa)
-    logits = z.flatten(0, 1)                                                 # (V, B, C) -> (V*B, C)
-    targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
-    return {"loss": torch.nn.functional.cross_entropy(logits, targets),
-            "accuracy": (logits.argmax(dim=1) == targets).float().mean()}
-
-
-def training_step(model, views, labels, optimizer, scaler, autocast, args):
-    """One AdamW step on the multi-crop views of a batch; returns the LOGGED terms, detached, stacked."""
-    with autocast:
-        z = model(views)                                      # (V, B, D) on the sphere, or (V, B, C) logits
-    out = objective(z, labels, args)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out["loss"]).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return torch.stack([out[k].detach() for k in LOGGED[args.method]])
-
-
-def resume_settings(args, argv, checkpoint_path):
+def resume_settings(args, argv):
     """--resume: the checkpoint and the run's settings, with the ones typed again that may change.
     Without --resume: refuses an OUT that holds a run, unless --force. Returns (args, checkpoint or None)."""
+    checkpoint_path = os.path.join(args.out, "ckpt.pt")
     if args.resume and args.force:
         raise SystemExit("error: --resume continues the run in OUT and --force deletes it: pick one")
     if not args.resume:
@@ -371,6 +530,23 @@ def resume_settings(args, argv, checkpoint_path):
     return args, checkpoint
 
 
+def settings_given(argv):
+    """The settings typed on the command line, as opposed to left at their defaults. argparse fills in
+    a default only where the namespace it parses into lacks the attribute, so a namespace pre-filled
+    with a marker shows which ones the command line set."""
+    parser, unset = build_parser(), object()
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return {k for k, v in vars(parsed).items() if v is not unset}
+
+
+def normalised(value):
+    """Settings compare equal whether argparse gave a list or a checkpoint a tuple."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run control: stopping early, alike on every process
+
 def distributed_setup(args):
     """torchrun starts one process per GPU with RANK, LOCAL_RANK and WORLD_SIZE set: join them in a process
     group (NCCL on GPUs, gloo on CPUs). Returns (rank, world_size, device); (0, 1, --device) without torchrun."""
@@ -390,305 +566,159 @@ def distributed_setup(args):
     return dist.get_rank(), world_size, device
 
 
-def agreed(flags, device):
-    """Each flag made true on every process if it is true on any, so that all stop together and take
-    the same path; the flags themselves without data parallelism. One all_reduce, a host-device
-    synchronisation: call it sparingly."""
-    if not dist.is_initialized():
-        return tuple(flags)
-    flags = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return tuple(f > 0 for f in flags.tolist())
+class RunControl:
+    """Decides when a run stops before its last epoch, and says so, alike on every process. The rules:
 
-
-def training_batches(args, device, rank, world_size):
-    """The training data as (batches, order, crops, classes): `batches` yields (inputs, labels) in the
-    order of `order` (an EpochOrder); `crops` is the BatchedMultiCrop that turns uint8 inputs into views
-    on the device, or None when the inputs are already the views (--augment per-image). The dataset
-    object itself is not returned: in memory, its decoded copy is all that is kept.
-
-    --augment batched: datasets that fit in IN_MEMORY_BYTES (CIFAR, STL-10, the folder copies) are
-    decoded once into a uint8 tensor on the device, so an epoch needs no workers at all; bigger ones
-    (ImageNet, Food-101) are decoded to one fixed size by DataLoader workers and cropped on the device.
+    - A signal: the first Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption) asks to stop after the
+      current step, so that no step is cut in half; the run saves and exits with the command that resumes.
+      The handlers are then restored, so a second Ctrl-C stops at once (the checkpoint on disk is whole,
+      by save_checkpoint's rename).
+    - Loading workers that died: a SIGTERM to the whole job ends them too, and the next batch never
+      comes. Every step taken is whole, so the run saves as for the signal. Without a signal it is an error.
+    - The time budget (--max-minutes): the run saves, runs the final k-NN and ends normally.
+    - A non-finite loss: the run stops naming the step and the terms, and its weights are never saved.
+      It is recorded on the device at every step (`watch`) and read only where the host waits anyway.
+    - Agreement: under torchrun all processes must stop after the same step and take the same path (a
+      signal skips the k-NN, the time budget does not). Agreeing is an all_reduce, which waits for every
+      process and for the device, so with several processes it happens at log steps only, where the
+      progress bar already waits for the device; a lone process checks its host-side flags every step.
     """
-    native = native_image_size(args.dataset, args.data_dir)
-    default_global, default_local = default_crop_sizes(native)
-    args.global_size = args.global_size or default_global
-    args.local_size = args.local_size or default_local
-    problem = check_crop_sizes(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    views = (args.global_size, args.local_size, args.global_crops, args.local_crops, tuple(args.global_scale),
-             tuple(args.local_scale), args.blur)
-    labelled = args.method == "supervised"    # labelled images only (STL-10: its 5k train, not the 100k unlabelled)
-    if world_size > 1 and rank > 0:
-        dist.barrier()               # process 0 downloads and extracts the dataset first, alone
-    if args.augment == "per-image":
-        transform, crops = MultiCrop(*views), None
-        dataset = (dataset_split(args.dataset, args.data_dir, "train", transform) if labelled
-                   else pretrain_dataset(args.dataset, args.data_dir, transform))
-    else:
-        dataset, crops = uint8_dataset(args.dataset, args.data_dir, args.global_size, labelled), BatchedMultiCrop(*views)
-    if args.eval_every:              # the k-NN monitor's labelled splits must exist before hours of training
-        dataset_split(args.dataset, args.data_dir, "test", None)
-    if world_size > 1 and rank == 0:
-        dist.barrier()
-    if args.skip_bad_images:
-        dropped = drop_unreadable_images(dataset, args.workers)
-        if dropped and rank == 0:
-            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
-                  f"for example {dropped[0]}")
-    order = EpochOrder(len(dataset), args.batch_size, args.seed, rank, world_size)
-    if order.batches_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
-                         f"lower --batch-size")
-    if crops is not None and len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES:
-        images, labels = load_into_memory(dataset, device, args.workers)       # (N, 3, H, W) uint8, once
-        return InMemoryBatches(images, labels, order), order, crops, dataset.classes
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset), batch_sampler=order, num_workers=args.workers, pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0, worker_init_fn=ignore_interrupts_in_worker)
-    return loader, order, crops, dataset.classes
 
+    def __init__(self, args, rank, world_size, device):
+        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
+        self.main_process = rank == 0              # the one that prints, logs, evaluates and saves
+        self.logged = LOGGED[args.method]
+        self.started = time.time()
+        self.received = None                       # the first signal received, if any
+        self.signalled = self.out_of_time = False  # the agreed reasons to stop
+        self.previous_handlers = {}
+        # (step, loss terms) of the first non-finite loss; step -1 while there is none.
+        self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
+        self.device_step = None
 
-def augmentation_generator(seed, step, rank):
-    """The generator of step `step`'s batched augmentation on process `rank`: a function of the three,
-    so that a resumed run draws the views an uninterrupted one would, and processes draw different ones."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():    # handlers can only be set there
+            self.previous_handlers = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
+    def __exit__(self, *exc):
+        for s, handler in self.previous_handlers.items():
+            signal.signal(s, handler)
+        self.previous_handlers = {}
 
-def main(argv=None):
-    args = parse_args(argv)
-    checkpoint_path = os.path.join(args.out, "ckpt.pt")
-    args, checkpoint = resume_settings(args, argv, checkpoint_path)
-    problem = check_args(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    rank, world_size, device = distributed_setup(args)
-    try:
-        train(args, checkpoint, checkpoint_path, rank, world_size, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def handle(self, signum, frame):
+        self.received = signum
+        self.__exit__()
+        # PyTorch's DataLoader raises from a SIGCHLD handler, at whatever line runs, when a worker dies.
+        # After a SIGTERM to the whole job the workers die too; the step in progress and the save must not
+        # be cut short by that (a dead worker is still reported if another batch is asked for).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
+    def batches(self, batches, step, sums, description):
+        """The epoch's batches with a progress bar, until the epoch ends or a stop is agreed. `step`: the
+        run's step at the first batch; `sums`: the logged terms summed so far, for the bar."""
+        self.device_step = torch.tensor(float(step), device=self.device)   # float32 counts steps exactly to 2^24
+        bar = tqdm(total=len(batches), desc=description, dynamic_ncols=True, disable=not self.main_process)
+        iterator, steps, start = iter(batches), 0, time.time()
+        try:
+            while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                except DatasetError as error:       # an unreadable image, met by a loading worker
+                    raise SystemExit(f"error: {error_message(error)}; the last checkpoint "
+                                     f"{os.path.join(self.args.out, 'ckpt.pt')} is intact")
+                except RuntimeError:                # the loading workers are gone: after a signal, a stop
+                    if self.received is None:
+                        raise
+                    self.signalled = True
+                    return
+                yield batch
+                steps += 1
+                bar.update()
+                log_now = steps % self.args.log_every == 0
+                if log_now:                         # the host waits for the device here, once per log_every steps
+                    self.check_finite()
+                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, steps).items() if k != "mi"},
+                                    img_s=f"{steps * self.args.batch_size / (time.time() - start):.0f}")
+                if self.world_size == 1 or log_now:
+                    over_budget = bool(self.args.max_minutes) and self.minutes() > self.args.max_minutes
+                    self.signalled, self.out_of_time = self.agreed(self.received is not None, over_budget)
+                if self.signalled or self.out_of_time:
+                    return
+        finally:
+            bar.close()
 
-def train(args, checkpoint, checkpoint_path, rank, world_size, device):
-    main_process = rank == 0             # the one that prints, logs, evaluates and saves
+    def watch(self, terms):
+        """Record the step and terms (len(logged),) if the loss is the first non-finite one, on the device."""
+        record_now = (self.first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
+        self.first_nonfinite = torch.where(record_now, torch.cat([self.device_step[None], terms]), self.first_nonfinite)
+        self.device_step += 1
 
-    # ---- device and precision: bf16 autocast on GPUs that have it, fp16 + grad scaling otherwise, fp32 on CPU
-    use_cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda else nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and amp_dtype == torch.float16)
-    # ResNets run faster with NHWC tensors on GPUs (cuDNN's tensor-core convolutions want them); on the
-    # CPU the default layout is kept, so CPU runs stay bit-exact across resumes.
-    memory_format = torch.channels_last if use_cuda and args.arch.startswith("resnet") else torch.contiguous_format
+    def check_finite(self):
+        """Stop at the first non-finite loss, naming its step and terms; the weights it produced are never saved."""
+        steps_before, *values = self.first_nonfinite.tolist()
+        if not self.agreed(steps_before >= 0)[0]:
+            return
+        terms = dict(zip(self.logged, values))
+        others = ", ".join(f"{k} {v}" for k, v in terms.items() if k not in ("loss", "mi"))
+        path = os.path.join(self.args.out, "ckpt.pt")
+        kept = f"the last good checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint had been written yet"
+        raise SystemExit(f"error: the loss became {terms['loss']} at step {int(steps_before) + 1} ({others}); "
+                         f"{kept}. Likely causes: a learning rate too high (lower --lr), or fp16 overflow at a "
+                         f"large --kappa on a GPU without bf16 (lower --kappa)")
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    def means(self, sums, steps):
+        """The logged terms summed over `steps` steps -> their means, averaged over the processes (each
+        holds its share of the batch's), as a dict."""
+        if self.world_size > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= self.world_size
+        return dict(zip(self.logged, (sums / max(1, steps)).tolist()))
 
-    # ---- data: the training images in an order fixed by (seed, epoch), and how they become views
-    try:
-        batches, order, crops, classes = training_batches(args, device, rank, world_size)
-    except DatasetError as error:
-        raise SystemExit(f"error: {error_message(error)}")
-    steps_per_epoch = order.batches_per_epoch
+    def minutes(self):
+        return (time.time() - self.started) / 60
 
-    # ---- model and optimiser; `net` is the plain module (saved, evaluated), `model` what the step calls
-    backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
-    num_classes = len(classes) if args.method == "supervised" else None
-    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes)
-    if world_size > 1 and use_cuda:
-        # BatchNorm over the global batch too, so that K GPUs train the network one GPU would (same
-        # state_dict keys). PyTorch's SyncBatchNorm runs on GPUs only: with gloo on CPUs each process
-        # normalises its own share of the batch.
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    if checkpoint is not None:
-        net.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:      # empty when saved disabled (CPU, bf16), e.g. resumed on an fp16 GPU
-            scaler.load_state_dict(checkpoint["scaler"])
-        restore_random_states(checkpoint["rng"])
-        step = checkpoint["step"]
-        if checkpoint["data_order"]["batches_per_epoch"] != steps_per_epoch:
-            raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
-                             f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
-                             f"data (and the same --skip-bad-images)")
-    model = net
-    if world_size > 1:      # each process its share of the batch; H_global still spans all (hydes.GatherBatch)
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if use_cuda else None)
-    if args.compile:
-        model = torch.compile(model)
-    if main_process:
-        if checkpoint is not None:
-            print(f"resuming {checkpoint_path} at step {step} (epoch {step // steps_per_epoch + 1}, "
-                  f"batch {step % steps_per_epoch + 1})")
-            drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
-        elif args.force:            # the old run's checkpoints, logs and probe results, not the feature cache
-            old = ["ckpt.pt", "log.jsonl", "eval.jsonl", "segment.jsonl"]
-            if os.path.isdir(args.out):
-                old += [f for f in os.listdir(args.out) if f.startswith("ckpt-epoch")]
-            for name in old:
-                if os.path.exists(os.path.join(args.out, name)):
-                    os.remove(os.path.join(args.out, name))
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} workers"
-        print(f"{args.dataset}: {order.num_images} images ({source}, {args.augment} multi-crop), {steps_per_epoch} "
-              f"steps/epoch, views {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size}; "
-              f"{args.arch} {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; device {device}"
-              + (f" x {world_size} processes" if world_size > 1 else ""))
+    def stop_after_save(self, step):
+        """After an epoch's checkpoint: exit if a signal asked to, naming the command that resumes; say so
+        and return True if the time budget is spent; else False."""
+        if self.signalled:
+            self.barrier()          # nobody exits (prompting torchrun to stop the rest) before the save
+            signum = self.received or signal.SIGTERM         # this process may have agreed without a signal
+            if self.main_process:
+                launcher = f"torchrun --nproc_per_node={self.world_size}" if self.world_size > 1 else "python"
+                print(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
+                      f"{os.path.join(self.args.out, 'ckpt.pt')}; continue with\n"
+                      f"    {launcher} train.py --out {self.args.out} --resume")
+            raise SystemExit(128 + signum)
+        if self.out_of_time and self.main_process:
+            print(f"stopped after {self.args.max_minutes} minutes at step {step}; checkpoint "
+                  f"{os.path.join(self.args.out, 'ckpt.pt')}")
+        return self.out_of_time
 
-    def online_knn():
-        """Process 0 evaluates; the others wait for it."""
-        result = None
-        if main_process:
-            result = knn_evaluate(net.backbone, args.dataset, args.data_dir, args.global_size, device,
-                                  args.knn_k, args.knn_temperature, args.workers)
-        if dist.is_initialized():
+    def agreed(self, *flags):
+        """Each flag made true on every process if it is true on any; the flags themselves without data
+        parallelism. One all_reduce, a host-device synchronisation: call it sparingly."""
+        if self.world_size == 1:
+            return flags
+        flags = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return tuple(f > 0 for f in flags.tolist())
+
+    def barrier(self):
+        if self.world_size > 1:
             dist.barrier()
-        return result
 
-    def save():
-        if main_process:
-            save_checkpoint(checkpoint_path, checkpoint_state(net, optimizer, scaler, step, steps_per_epoch, args))
-
-    # ---- training
-    started = time.time()
-    logged = LOGGED[args.method]
-    # The first non-finite loss, as (step, loss terms), recorded on the device: no synchronisation per step.
-    first_nonfinite = torch.full((1 + len(logged),), -1.0, device=device)
-    device_step = torch.tensor(float(step), device=device)         # float32 counts steps exactly up to 2^24
-    with StopSignals() as stop:
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            model.train()
-            order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-            sums = torch.zeros(len(logged), device=device)          # loss terms summed over this epoch's steps
-            epoch_start, epoch_steps = time.time(), 0
-            signalled = out_of_time = False
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=not main_process)
-            try:
-                for inputs, labels in bar:
-                    lr = learning_rate(args, step, steps_per_epoch)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    if crops is None:                                  # views made by the loading workers
-                        views = [v.to(device, non_blocking=True) for v in inputs]
-                    else:                                              # uint8 (B, 3, H, W) -> views on the device
-                        views = crops(inputs.to(device, non_blocking=True), augmentation_generator(args.seed, step, rank))
-                    views = [v.contiguous(memory_format=memory_format) for v in views]     # V tensors (B, 3, H, W)
-                    labels = labels.to(device, non_blocking=True)     # (B,); used by --method supervised only
-                    terms = training_step(model, views, labels, optimizer, scaler, autocast, args)
-                    sums += terms
-                    record_now = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
-                    first_nonfinite = torch.where(record_now, torch.cat([device_step[None], terms]), first_nonfinite)
-                    device_step += 1
-                    step += 1
-                    epoch_steps += 1
-                    over_budget = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
-                    log_now = epoch_steps % args.log_every == 0
-                    if log_now:                                        # the only host-device synchronisation
-                        stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device)
-                        means = dict(zip(logged, (reduced(sums, world_size) / epoch_steps).tolist()))
-                        bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k != "mi"},
-                                        img_s=f"{epoch_steps * args.batch_size / (time.time() - epoch_start):.0f}")
-                    # Processes must stop at the same step and take the same path after it (a signal skips the
-                    # k-NN, a time budget does not): with several, they agree at log steps only.
-                    if world_size == 1 or log_now:
-                        signalled, out_of_time = agreed((stop.received is not None, over_budget), device)
-                    if signalled or out_of_time:
-                        break
-            except DatasetError as error:       # an unreadable image, raised in a loading worker
-                raise SystemExit(f"error: {error_message(error)}; the last checkpoint {checkpoint_path} is intact")
-            except RuntimeError:
-                # A SIGTERM to the whole job also ended the loading workers, and the next batch never
-                # came. Every step taken is whole: save them, as for any other signalled stop.
-                if stop.received is None:
-                    raise
-                signalled = True
-            finally:
-                bar.close()
-            stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device)
-
-            # ---- end of the epoch, of the time budget or of a signalled stop: log, evaluate, checkpoint
-            record = {"epoch": round(step / steps_per_epoch, 4), "step": step,
-                      **dict(zip(logged, (reduced(sums, world_size) / max(1, epoch_steps)).tolist())),
-                      "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
-                      "images_per_s": epoch_steps * args.batch_size / (time.time() - epoch_start),
-                      "minutes": (time.time() - started) / 60}
-            finished = epoch + 1 == args.epochs or out_of_time
-            if args.eval_every and not signalled and (step % (args.eval_every * steps_per_epoch) == 0 or finished):
-                knn = online_knn()
-                if main_process:
-                    record["knn_top1"], record["knn_top5"] = knn
-            if main_process:
-                print(json.dumps(record))
-                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            save()
-            if main_process and args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
-                shutil.copyfile(checkpoint_path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
-            if signalled:
-                if dist.is_initialized():
-                    dist.barrier()          # nobody exits (prompting torchrun to stop the rest) before the save
-                signum = stop.received or signal.SIGTERM         # this process may have agreed without a signal
-                if main_process:
-                    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-                    print(f"{signal.Signals(signum).name}: stopped after step {step} and saved {checkpoint_path}; "
-                          f"continue with\n    {launcher} train.py --out {args.out} --resume")
-                raise SystemExit(128 + signum)
-            if out_of_time:
-                if main_process:
-                    print(f"stopped after {args.max_minutes} minutes at step {step}; checkpoint {checkpoint_path}")
-                break
-
-    if args.epochs == 0:    # the random-initialisation baseline: the same network, evaluated untrained
-        save()
-        if args.eval_every:
-            knn = online_knn()
-            if main_process:          # epoch 0 of the learning curves
-                record = {"epoch": 0, "step": 0, "knn_top1": knn[0], "knn_top5": knn[1]}
-                print(json.dumps(record))
-                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-
-
-def reduced(sums, world_size):
-    """The loss terms summed over steps, averaged over processes (each holds its share of the batch's)."""
-    if world_size > 1:
-        sums = sums.clone()
-        dist.all_reduce(sums)
-        sums /= world_size
-    return sums
-
-
-def drop_log_records_after(log_path, step):
-    """On resume, forget log lines of steps the checkpoint does not hold (a run killed between writing
-    its log line and its checkpoint), so that the resumed run's lines replace them rather than repeat them."""
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
-
-
-def stop_if_nonfinite(first_nonfinite, logged, checkpoint_path, device):
-    """Stop at the first non-finite loss, naming its step and terms; the weights it produced are never saved."""
-    steps_before, *values = first_nonfinite.tolist()
-    if not agreed((steps_before >= 0,), device)[0]:
-        return
-    terms = dict(zip(logged, values))
-    others = ", ".join(f"{k} {v}" for k, v in terms.items() if k not in ("loss", "mi"))
-    kept = (f"the last good checkpoint {checkpoint_path} is kept" if os.path.exists(checkpoint_path)
-            else "no checkpoint had been written yet")
-    raise SystemExit(f"error: the loss became {terms['loss']} at step {int(steps_before) + 1} ({others}); "
-                     f"{kept}. Likely causes: a learning rate too high (lower --lr), or fp16 overflow at a "
-                     f"large --kappa on a GPU without bf16 (lower --kappa)")
+    @contextmanager
+    def first_process_first(self):
+        """Process 0 runs the block alone (a download, say) before the others run it."""
+        if self.rank > 0:
+            dist.barrier()
+        yield
+        if self.rank == 0 and self.world_size > 1:
+            dist.barrier()
 
 
 if __name__ == "__main__":
