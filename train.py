@@ -186,27 +186,33 @@ def train(args, checkpoint, control):
               f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}"
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
-    # ---- the loop: views -> embeddings -> loss -> AdamW step; each epoch: log, evaluate, save
-    for epoch in range(step // steps_per_epoch, args.epochs):
+    # ---- the loop. Each step: multi-crop views -> z on the sphere -> loss (Eq. 4) -> AdamW. Each epoch: a
+    # line in the log, the online k-NN every --eval-every epochs, a checkpoint.
+    for epoch in range(step // steps_per_epoch, args.epochs):           # a resumed run starts in its epoch
         model.train()
-        order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)   # skip the batches already trained
         first_step, epoch_start = step, time.time()
-        sums = torch.zeros(len(logged), device=device)         # the logged terms, summed over the epoch's steps
+        # The logged terms are summed on the device: reading them every step would make the host wait for
+        # the GPU every step. The progress bar reads them every --log-every steps, the log once an epoch.
+        sums = torch.zeros(len(logged), device=device)
         for images, labels in control.batches(batches, step, sums, f"epoch {epoch + 1}/{args.epochs}"):
-            for group in optimizer.param_groups:
+            for group in optimizer.param_groups:        # the schedule is a function of the step: resumable
                 group["lr"] = learning_rate(args, step, steps_per_epoch)
-            views = crops(images, augmentation_generator(args.seed, step, control.rank))   # V x (B, 3, h, w)
-            terms = training_step(model, views, labels, optimizer, precision, args)      # (len(logged),)
+            # uint8 images (B, 3, H, W) -> V views (B, 3, h, w), globals first, drawn from a generator seeded
+            # by (seed, step, rank): a resumed run draws the views an uninterrupted one would.
+            views = crops(images, augmentation_generator(args.seed, step, control.rank))
+            terms = training_step(model, views, labels, optimizer, precision, args)   # (len(logged),), detached
             sums += terms
-            control.watch(terms)                  # the first non-finite loss, recorded on the device
+            control.watch(terms)       # a non-finite loss is recorded on the device, read at the next log step
             step += 1
-        control.check_finite()
+        control.check_finite()         # before anything is saved: a non-finite loss never reaches a checkpoint
 
+        # ---- the end of an epoch, or of a run stopped early (the epoch is then fractional)
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
                   "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                   "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
                   "minutes": control.minutes()}
-        last = epoch + 1 == args.epochs or control.out_of_time
+        last = epoch + 1 == args.epochs or control.out_of_time      # a signalled stop skips the k-NN: be quick
         if args.eval_every and not control.signalled and (step % (args.eval_every * steps_per_epoch) == 0 or last):
             record.update(online_knn(net, args, control))
         if control.main_process:
@@ -230,13 +236,16 @@ def train(args, checkpoint, control):
 def training_step(model, views, labels, optimizer, precision, args):
     """One AdamW step on the V views (B, 3, h, w) of a batch; returns the LOGGED terms, detached, stacked."""
     autocast, scaler, memory_format = precision
-    with autocast:
-        z = model([v.contiguous(memory_format=memory_format) for v in views])  # (V, B, D) on the sphere
+    # The input in the network's layout (NHWC for ResNets on GPUs), else every convolution converts it.
+    views = [v.contiguous(memory_format=memory_format) for v in views]
+    with autocast:                                # bf16 matmuls on GPUs; the loss itself runs in float32
+        z = model(views)                          # (V, B, D) on the sphere (supervised: (V, B, C) logits)
     out = objective(z, labels, args)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()          # scaled only for fp16; otherwise the loss itself
-    scaler.step(optimizer)
+    scaler.step(optimizer)                        # AdamW (fp16: skipped if the scaled gradients overflowed)
     scaler.update()
+    # Kept on the device, stacked (len(LOGGED),): the caller sums them without waiting for the GPU.
     return torch.stack([out[k].detach() for k in LOGGED[args.method]])
 
 
@@ -430,7 +439,8 @@ def restore_random_states(states):
 
 def settings(argv):
     """The run's settings: parsed, merged with the checkpoint's on --resume, checked, and the crop sizes
-    resolved from the data's resolution, all before any image is decoded or weight built.
+    resolved from the data's resolution, all before any image is decoded or weight built, so that a
+    mistake costs a second, not a dataset's decoding, and the settings never change once training starts.
     Returns (args, checkpoint or None)."""
     args = build_parser().parse_args(argv)
     if args.out is None:
