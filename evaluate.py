@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DatasetError, append_jsonl, dataset_split, error_message, eval_transform, report_row
+from data import (DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
+                  report_row)
 from models import (CheckpointError, add_checkpoint_arguments, cached_features, extract_features, file_digest,
                     load_for_probing)
 
@@ -81,13 +82,16 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
     return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n
 
 
-def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, temperature=0.1, workers=2):
-    """train.py's online monitor: extract (uncached: the weights change every epoch) and score k-NN."""
-    transform = eval_transform(image_size)
-    train = extract_features(backbone, dataset_split(dataset, data_dir, "train", transform), device,
-                             workers=workers, desc="k-NN train features")
-    test = extract_features(backbone, dataset_split(dataset, data_dir, "test", transform), device,
-                            workers=workers, desc="k-NN test features")
+def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, temperature=0.1, workers=2,
+                 skip_bad_images=False):
+    """train.py's online monitor: extract (uncached: the weights change every epoch) and score k-NN.
+    skip_bad_images: leave out the files that fail to decode, as training does with --skip-bad-images."""
+    train, test = (dataset_split(dataset, data_dir, split, eval_transform(image_size)) for split in ("train", "test"))
+    if skip_bad_images:
+        drop_unreadable_images(train, workers)
+        drop_unreadable_images(test, workers)
+    train = extract_features(backbone, train, device, workers=workers, desc="k-NN train features")
+    test = extract_features(backbone, test, device, workers=workers, desc="k-NN test features")
     return knn_accuracy(train[0].to(device), train[1], test[0], test[1], k, temperature)
 
 

@@ -237,7 +237,7 @@ def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
     for wnid in wnids + ["n99999999"]:
         for split in ("train", "val"):
             write_images(tmp_path / split / wnid, 2, size=8)
-    subset = data.ClassSubsetFolder(str(tmp_path / "train"), wnids)
+    subset = data.NamedClassFolder(str(tmp_path / "train"), wnids)
     assert subset.classes == sorted(wnids) and len(subset) == 6
     assert sorted(set(subset.targets)) == [0, 1, 2]
     with pytest.raises(data.DatasetError, match="classes are missing"):
@@ -629,7 +629,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         models.save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True) == {"step": 1}
-    assert os.path.exists(path + ".tmp")          # the stray partial file is left beside it, never loaded
+    assert os.listdir(tmp_path) == ["ckpt.pt"]     # the partial file is removed, the previous one kept
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
