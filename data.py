@@ -872,6 +872,26 @@ def write_atomically(path, write):
         os.close(folder)
 
 
+def first_problem(rules):
+    """The message of the first rule (ok, message) that fails, or None: every script checks all its
+    arguments this way before any work, so that a mistake costs a second and reads as one line."""
+    return next((message for ok, message in rules if not ok), None)
+
+
+def unwritable(folder, option):
+    """Why `folder` cannot take this run's outputs (it cannot be made, or a file cannot be written in it:
+    read-only media, a path through a file), as a one-line message naming `option`; None if it can."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "x"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        return f"cannot write in {folder} ({error.strerror or error}); pass {option} with a writable folder"
+    return None
+
+
 def markdown_header(columns):
     return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
 

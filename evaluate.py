@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
-                  report_row)
+                  first_problem, report_row, unwritable)
 from models import (CheckpointError, add_checkpoint_arguments, cached_features, extract_features, file_digest,
                     load_for_probing)
 
@@ -171,11 +171,30 @@ def parse_args(argv=None):
     p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit (default 100)")
     p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table I row to")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
+    args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
+    return args
+
+
+def check_args(args):
+    """Every argument, before any work: the first problem as a one-line message, or None."""
+    return first_problem([
+        (args.knn_k >= 1 and args.knn_temperature > 0,
+         f"--knn-k must be >= 1 and --knn-temperature > 0 (got {args.knn_k} and {args.knn_temperature:g})"),
+        (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
+                                 f"scores nothing"),
+        (args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
+        (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})"),
+    ]) or unwritable(args.cache_dir, "--cache-dir") or unwritable(os.path.dirname(os.path.abspath(args.json)), "--json")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     try:
         result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
@@ -188,10 +207,6 @@ def main(argv=None):
 def evaluate_checkpoint(args, device):
     """Load, extract (or read cached) features, run the probes; returns the result dict."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)
-    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
-    args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
-
     digest = file_digest(args.checkpoint)
     timings = {}
     start = time.time()

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
                   WorkerBatches, append_jsonl, dataset_split, default_crop_sizes, drop_unreadable_images,
-                  error_message, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
+                  error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
                   uint8_dataset, write_atomically)
 from evaluate import knn_evaluate
 from hydes import hydes_loss, infonce_loss
@@ -512,7 +512,7 @@ def check_args(args):
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
     ]
-    return next((message for ok, message in rules if not ok), None)
+    return first_problem(rules)
 
 
 def check_crop_sizes(args):
