@@ -459,6 +459,10 @@ def settings(argv):
         objective_name = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
                           "supervised": "supervised"}[args.method]
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective_name}")
+    holder = process_holding(args.out)
+    if holder:
+        raise SystemExit(f"error: another train.py (process {holder}) is running in {args.out}; wait for it to end, "
+                         f"or pick another --out")
     args, checkpoint = resume_settings(args, argv)
     problem = check_args(args)
     if problem is None and (args.global_size is None or args.local_size is None):
@@ -587,7 +591,7 @@ def lock_run_folder(out):
         raise SystemExit(f"error: cannot write in {out} ({error.strerror}); pick a writable --out") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError:         # it was free when the settings were checked: a race, which it lost
         handle.seek(0)
         raise SystemExit(f"error: another train.py (process {handle.read().strip() or '?'}) is running in {out}; "
                          f"wait for it to end, or pick another --out") from None
@@ -595,6 +599,20 @@ def lock_run_folder(out):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def process_holding(out):
+    """The process id written in OUT/.lock if a live process holds that lock, else None. Asked before
+    anything else, so that a second run is told at once, not after its data are loaded."""
+    try:
+        with open(os.path.join(out, ".lock")) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)     # released when the file closes
+            except BlockingIOError:
+                return handle.read().strip() or "?"
+    except OSError:                 # no lock file: no run has claimed this folder yet
+        pass
+    return None
 
 
 def distributed_setup(args):
