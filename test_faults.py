@@ -47,10 +47,14 @@ def test_test_labels_follow_the_train_splits_class_names_and_an_unknown_class_is
         data.dataset_split("folder", str(tmp_path), "test", None)
 
 
-def test_a_folders_resolution_is_the_median_of_all_its_headers_and_unreadable_files_are_passed_over(tmp_path):
+def test_a_folders_resolution_is_the_median_of_all_its_headers_and_unreadable_files_are_passed_over(tmp_path, capsys):
     write_images(tmp_path / "train" / "a", 5, size=32)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "train" / "a" / "000-small.jpg")  # sorts first
     assert data.native_image_size("folder", str(tmp_path)) == 32
+    args, _ = train.settings(["--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert (args.global_size, args.local_size) == (32, 16) and not (tmp_path / "run").exists()
+    assert "holds images of 2 sizes (shorter sides 16 to 32 px); crops follow the median shorter side, 32 px" \
+        in capsys.readouterr().out
     (tmp_path / "train" / "a" / "0-empty.jpg").write_bytes(b"")                  # unreadable, and first
     (tmp_path / "train" / "a" / "0-bomb.png").write_bytes(png_header_claiming(30000, 30000))
     assert data.native_image_size("folder", str(tmp_path)) == 32
