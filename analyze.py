@@ -48,7 +48,6 @@ Markdown files that several runs share.
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -61,7 +60,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, append_jsonl, dataset_split, default_crop_sizes,
-                  error_message, eval_transform, report_row, save_png, unnormalize)
+                  error_message, eval_transform, first_problem, read_jsonl, report_row, save_png, unnormalize,
+                  unwritable)
 from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments, cached_features,
                     extract_features, file_digest, load_for_probing)
 
@@ -636,7 +636,24 @@ def parse_args(argv=None):
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
     p.add_argument("--table4", help="Markdown file to append a Table IV row to")
     p.epilog = "Learning curves of several runs (Figs. 6-8): python analyze.py curves --help"
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.out = args.out or os.path.join(checkpoint_dir, "analysis")
+    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
+    return args
+
+
+def check_args(args):
+    """Every argument, before any work: the first problem as a one-line message, or None."""
+    return first_problem([
+        (args.pairs >= 2, f"--pairs must be >= 2 (got {args.pairs}): the all-pairs statistics need two points"),
+        (args.positive_images >= 0 and args.images >= 0, "--positive-images and --images must be >= 0 (0 skips)"),
+        (args.smooth_samples >= 1 and args.smooth_noise >= 0,
+         "--smooth-samples must be >= 1 and --smooth-noise >= 0 (Smilkov et al. use 0.1-0.2)"),
+        (args.permutations >= 1, f"--permutations must be >= 1 (got {args.permutations}); 999 gives p down to 0.001"),
+        (args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
+        (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})"),
+    ]) or unwritable(args.out, "--out") or unwritable(args.cache_dir, "--cache-dir")
 
 
 def main(argv=None):
@@ -644,7 +661,9 @@ def main(argv=None):
     if argv[:1] == ["curves"]:                   # the other program, at the end of the file
         return curves_main(argv[1:])
     args = parse_args(argv)
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
+    problem = check_args(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     try:
         result = analyze_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
@@ -665,13 +684,8 @@ def analyze_checkpoint(args, device):
     """Load, extract (or read cached) features, measure, draw, in Section VI's order; returns the result
     dict, whose "skipped" lists the reasons for the columns that could not be computed."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
-    if args.pairs < 2:
-        raise DatasetError(f"--pairs {args.pairs}: the all-pairs statistics need at least 2 points")
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     feats, labels, _ = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
-                                       image_size, device, args.cache_dir or os.path.join(checkpoint_dir, "features"),
-                                       args.workers)
+                                       image_size, device, args.cache_dir, args.workers)
     class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
     if len(set(labels.tolist())) < 2:
         raise DatasetError(f"{dataset} has fewer than 2 classes in its {args.split} split; the analysis compares classes")
@@ -729,7 +743,7 @@ def read_curves(runs, metric):
         log = run if os.path.isfile(run) else os.path.join(run, "log.jsonl")
         if not os.path.exists(log):
             raise SystemExit(f"error: {run} has no log.jsonl; pass run folders written by train.py")
-        records = [json.loads(line) for line in open(log)]
+        records = read_jsonl(log)          # a last line cut short by a kill is dropped, with a warning
         # By epoch, the last value of an epoch kept: eval.jsonl lists kept checkpoints in the order they
         # were probed (a shell glob puts epoch 100 before epoch 20), and a probe may be repeated.
         points = dict(sorted(((r["epoch"], r[metric]) for r in records if metric in r and r.get("epoch") is not None),
@@ -847,7 +861,10 @@ def curves_main(argv):
                                               else os.path.normpath(run)) for run in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit(f"error: {len(labels)} --labels for {len(args.runs)} runs; give one label per run")
-    curves = read_curves(args.runs, args.metric)
+    try:
+        curves = read_curves(args.runs, args.metric)
+    except DatasetError as error:              # a log with a broken line inside it
+        raise SystemExit(f"error: {error}")
     plot_curves(curves, labels, args.metric, args.out)
     for (epochs, values), label in zip(curves.values(), labels):
         print(f"{label}: " + ", ".join(f"epoch {e:g} {v:.2f}" for e, v in zip(epochs, values)))

@@ -70,7 +70,7 @@ NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "food101": 224, "imag
 
 
 class DatasetError(RuntimeError):
-    """A dataset that cannot be found or read; the message says what to do."""
+    """A dataset (or a results file) that cannot be found or read; the message says what to do."""
 
 
 def error_message(error):
@@ -485,14 +485,7 @@ def uint8_dataset(name, root, global_size, labelled=False):
     if name in ("cifar10", "cifar100", "stl10"):
         return dataset
     if name == "folder":
-        sizes = set()
-        for path, _ in dataset.samples:
-            try:
-                with Image.open(path) as img:          # reads the header only, not the pixels
-                    sizes.add(img.size)
-            except OSError:                            # unreadable: read_rgb names it when it is loaded
-                continue
-        if len(sizes) > 1:
+        if len(folder_image_sizes(root)) > 1:
             dataset.transform = fixed_size_uint8(global_size)
         return dataset
     dataset.transform = fixed_size_uint8(round(global_size * 8 / 7))
@@ -541,12 +534,43 @@ def default_crop_sizes(image_size):
 # Datasets by name
 
 def native_image_size(name, root):
-    """The side of the dataset's images: fixed for the named datasets, read from a file for `folder`."""
+    """The side of the dataset's images: fixed for the named datasets; for `folder`, the median shorter
+    side over the headers of all of train/'s images (one file alone could be a thumbnail or a poster)."""
     if name in NATIVE_SIZE:
         return NATIVE_SIZE[name]
-    dataset = _image_folder(os.path.join(root, "train"), name)
-    with Image.open(dataset.samples[0][0]) as img:
-        return min(img.size)
+    sizes = folder_image_sizes(root)
+    shorter_sides = sorted((min(size), count) for size, count in sizes.items())
+    middle, seen = sum(sizes.values()) // 2, 0
+    for side, count in shorter_sides:           # the weighted median
+        seen += count
+        if seen > middle:
+            return side
+
+
+def folder_image_sizes(root):
+    """{(width, height): count} over the headers of every image in ROOT/train of a `folder` dataset.
+    Files whose header cannot be read are left out here (they are named when they are decoded)."""
+    dataset = _image_folder(os.path.join(root, "train"), "folder")
+    sizes = _header_sizes(tuple(path for path, _ in dataset.samples))
+    if not sizes:
+        raise DatasetError(f"folder: no readable image in {os.path.join(root, 'train')!r}; every file failed to "
+                           f"open (replace them, or point --data-dir elsewhere)")
+    return sizes
+
+
+@lru_cache(maxsize=4)
+def _header_sizes(paths):
+    """The sizes of the images at `paths`, from their headers only (no pixels are decoded), read once per
+    process for a given list of files: the resolution and the in-memory decoding both need them, and
+    50,000 small JPEGs take seconds."""
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes[img.size] = sizes.get(img.size, 0) + 1
+        except (OSError, ValueError, Image.DecompressionBombError):   # a bomb's header claims a huge size
+            continue
+    return sizes
 
 
 def pretrain_dataset(name, root, transform):
@@ -562,16 +586,20 @@ def dataset_split(name, root, split, transform):
         raise ValueError(f"split must be train or test, got {split!r}")
     if name in ("cifar10", "cifar100", "stl10", "food101"):
         return _torchvision_dataset(name, root, split, transform)
-    if name in ("imagenet", "imagenet100"):
-        folder = os.path.join(root, "train" if split == "train" else "val")
-        classes = IMAGENET100_CLASSES if name == "imagenet100" else None
-        return _image_folder(folder, name, transform, classes)
-    if name == "folder":
-        folder = os.path.join(root, "train")
-        if split == "test":
-            folder = next((os.path.join(root, s) for s in ("test", "val") if os.path.isdir(os.path.join(root, s))),
-                          os.path.join(root, "test"))
-        return _image_folder(folder, name, transform)
+    if name in ("imagenet", "imagenet100", "folder"):
+        train_folder = os.path.join(root, "train")
+        if split == "train":
+            return _image_folder(train_folder, name, transform, IMAGENET100_CLASSES if name == "imagenet100" else None)
+        test_folder = os.path.join(root, "val")
+        if name == "folder":
+            test_folder = next((os.path.join(root, s) for s in ("test", "val") if os.path.isdir(os.path.join(root, s))),
+                               os.path.join(root, "test"))
+        # Labels are indices into a class list: the test split's must be the train split's, matched by
+        # name. Two ImageFolders would each number their own sorted folders, so a test split lacking one
+        # class would shift every label after it, and the probes would score right answers as wrong.
+        train_classes = (IMAGENET100_CLASSES if name == "imagenet100"
+                         else _image_folder(train_folder, name, classes_only=True))
+        return _image_folder(test_folder, name, transform, train_classes, subset=name == "imagenet100")
     raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -607,36 +635,50 @@ def _torchvision_dataset(name, root, split, transform):
         ) from None
 
 
-def _image_folder(folder, name, transform=None, classes=None):
-    """An ImageFolder (folder/<class>/<image>), optionally restricted to a list of class folders."""
+def _image_folder(folder, name, transform=None, classes=None, subset=True, classes_only=False):
+    """An ImageFolder (folder/<class>/<image>) whose labels index `classes` (sorted), or its own sorted
+    class folders when None. subset: the folder may hold other classes, which are ignored (ImageNet-100
+    inside an ImageNet tree), and all of `classes` must be there; otherwise every class folder must be in
+    `classes`, which need not all be there (a test split labelled by its train split's classes).
+    classes_only: just the class names (no file listed)."""
     if not os.path.isdir(folder):
         raise DatasetError(
             f"{name}: folder {folder!r} does not exist; --data-dir must hold train/<class>/*.jpg and "
             f"test/<class>/*.jpg (or val/)"
         )
+    present = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if classes_only:
+        return present
     if classes is not None:
-        missing = sorted(set(classes) - set(os.listdir(folder)))
+        missing = sorted(set(classes) - set(present)) if subset else []
         if missing:
             raise DatasetError(f"{name}: {len(missing)} of its classes are missing from {folder!r}, "
                                f"for example {missing[0]}; it needs ImageNet's train/ and val/ in wnid folders")
+        unknown = [] if subset else sorted(set(present) - set(classes))
+        if unknown:
+            raise DatasetError(f"{name}: {folder!r} has a class the training split lacks, {unknown[0]!r} "
+                               f"({len(unknown)} in all); the splits must name their class folders alike")
     try:
         if classes is None:
             return torchvision.datasets.ImageFolder(folder, transform=transform, loader=read_rgb)
-        return ClassSubsetFolder(folder, classes, transform=transform)
+        return NamedClassFolder(folder, classes, transform=transform)
     except FileNotFoundError as error:
         raise DatasetError(f"{name}: {error}") from None
 
 
-class ClassSubsetFolder(torchvision.datasets.ImageFolder):
-    """An ImageFolder over some of its class folders only (ImageNet-100 inside an ImageNet tree).
-    ImageFolder's documented hook for this is find_classes; labels are 0..len(classes)-1 in sorted order."""
+class NamedClassFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder whose labels index a given class list rather than its own folders: ImageNet-100
+    inside an ImageNet tree, or a test split labelled by its train split's classes. Class folders not
+    in the list are ignored; listed classes without a folder have no images. ImageFolder's documented
+    hook for this is find_classes. `.classes` is the whole list, so that label i is always classes[i]."""
 
     def __init__(self, folder, classes, transform=None):
-        self.subset = sorted(classes)
+        self.named = sorted(classes)
         super().__init__(folder, transform=transform, loader=read_rgb)
 
     def find_classes(self, directory):
-        return self.subset, {c: i for i, c in enumerate(self.subset)}
+        index = {c: i for i, c in enumerate(self.named)}
+        return self.named, {c: index[c] for c in self.named if os.path.isdir(os.path.join(directory, c))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -789,6 +831,65 @@ def append_jsonl(path, record):
     """Append one result as a JSON line: the files every script appends to (log.jsonl, eval.jsonl, ...)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A last line cut short (a kill while appending) is dropped, with a
+    warning; a broken line anywhere else is an error naming it."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DatasetError(f"{path}, line {number}, is not JSON; repair or delete that line") from None
+            print(f"warning: {path} ends in a line cut short (a run killed while writing it); it is ignored")
+    return records
+
+
+def write_atomically(path, write):
+    """Call write(f) on a new file beside `path`, flush and fsync it, then rename it over `path`: readers
+    see the old file or the new one, never half of one, whenever the process dies. The temporary name
+    is unique (a second process writing the same path never touches this one's bytes); after a failure
+    the temporary file is removed and the error raised (`path` is left as it was)."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)       # atomic: same folder, same file system
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)            # so that the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def first_problem(rules):
+    """The message of the first rule (ok, message) that fails, or None: every script checks all its
+    arguments this way before any work, so that a mistake costs a second and reads as one line."""
+    return next((message for ok, message in rules if not ok), None)
+
+
+def unwritable(folder, option):
+    """Why `folder` cannot take this run's outputs (it cannot be made, or a file cannot be written in it:
+    read-only media, a path through a file), as a one-line message naming `option`; None if it can."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "x"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        return f"cannot write in {folder} ({error.strerror or error}); pass {option} with a writable folder"
+    return None
 
 
 def markdown_header(columns):

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DatasetError, append_jsonl, dataset_split, error_message, eval_transform, report_row
+from data import (DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
+                  first_problem, report_row, unwritable)
 from models import (CheckpointError, add_checkpoint_arguments, cached_features, extract_features, file_digest,
                     load_for_probing)
 
@@ -81,13 +82,16 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
     return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n
 
 
-def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, temperature=0.1, workers=2):
-    """train.py's online monitor: extract (uncached: the weights change every epoch) and score k-NN."""
-    transform = eval_transform(image_size)
-    train = extract_features(backbone, dataset_split(dataset, data_dir, "train", transform), device,
-                             workers=workers, desc="k-NN train features")
-    test = extract_features(backbone, dataset_split(dataset, data_dir, "test", transform), device,
-                            workers=workers, desc="k-NN test features")
+def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, temperature=0.1, workers=2,
+                 skip_bad_images=False):
+    """train.py's online monitor: extract (uncached: the weights change every epoch) and score k-NN.
+    skip_bad_images: leave out the files that fail to decode, as training does with --skip-bad-images."""
+    train, test = (dataset_split(dataset, data_dir, split, eval_transform(image_size)) for split in ("train", "test"))
+    if skip_bad_images:
+        drop_unreadable_images(train, workers)
+        drop_unreadable_images(test, workers)
+    train = extract_features(backbone, train, device, workers=workers, desc="k-NN train features")
+    test = extract_features(backbone, test, device, workers=workers, desc="k-NN test features")
     return knn_accuracy(train[0].to(device), train[1], test[0], test[1], k, temperature)
 
 
@@ -167,11 +171,30 @@ def parse_args(argv=None):
     p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit (default 100)")
     p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table I row to")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
+    args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
+    return args
+
+
+def check_args(args):
+    """Every argument, before any work: the first problem as a one-line message, or None."""
+    return first_problem([
+        (args.knn_k >= 1 and args.knn_temperature > 0,
+         f"--knn-k must be >= 1 and --knn-temperature > 0 (got {args.knn_k} and {args.knn_temperature:g})"),
+        (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
+                                 f"scores nothing"),
+        (args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
+        (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})"),
+    ]) or unwritable(args.cache_dir, "--cache-dir") or unwritable(os.path.dirname(os.path.abspath(args.json)), "--json")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     try:
         result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
@@ -184,10 +207,6 @@ def main(argv=None):
 def evaluate_checkpoint(args, device):
     """Load, extract (or read cached) features, run the probes; returns the result dict."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)
-    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
-    args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
-
     digest = file_digest(args.checkpoint)
     timings = {}
     start = time.time()

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, dataset_split, eval_transform, native_image_size
+from data import DATASETS, dataset_split, eval_transform, native_image_size, write_atomically
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny")
 
@@ -363,24 +363,15 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path, state):
-    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies.
-
-    The bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
-    flushed and fsynced to the disk, and only then renamed over the previous checkpoint; the folder is
-    fsynced so the rename itself survives a power cut. A kill mid-write leaves a stray .tmp and the
-    previous checkpoint untouched.
-    """
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies: the
+    bytes go to a temporary file beside it, fsynced, then renamed over it (data.write_atomically). A
+    kill mid-write leaves a stray PATH.*.tmp, never read, and the previous checkpoint untouched; a write
+    that fails (a full disk) removes its temporary file and says why."""
     try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        write_atomically(path, lambda f: torch.save(state, f))
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path} ({error.strerror or error}); the previous checkpoint, if any, "
+                              f"is intact: free disk space or fix the folder, then continue with --resume") from None
 
 
 def safe_load(path):
@@ -409,7 +400,10 @@ def load_backbone(path, arch=None, image_size=None, device="cpu"):
     and the number of completed epochs (None for a foreign state_dict).
     """
     checkpoint = safe_load(path)
-    if isinstance(checkpoint, dict) and "args" in checkpoint and "model" in checkpoint:
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save the "
+                              f"backbone's model.state_dict() instead")
+    if "args" in checkpoint and "model" in checkpoint:
         args = checkpoint["args"]
         if arch is not None and arch != args["arch"]:
             raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
@@ -508,21 +502,37 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+def split_fingerprint(data):
+    """A digest of what a split holds: its class names and, for image folders, every file's path, size
+    and modification time, so that adding, removing or replacing an image changes it. (Datasets stored
+    as arrays, CIFAR and STL-10, are fixed files: their class names and length stand for them.)"""
+    digest = hashlib.sha256(json.dumps([list(data.classes), len(data)]).encode())
+    for path, label in getattr(data, "samples", []):
+        stat = os.stat(path)
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
                     workers=2):
     """extract_features for one split, read from cache_dir when the same key was extracted before.
-    Returns (features (N, F), labels (N,), whether they came from the cache)."""
+    Returns (features (N, F), labels (N,), whether they came from the cache).
+
+    The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, and the split's
+    files (split_fingerprint). A cache file that cannot be read (cut short, say) is extracted anew."""
+    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
     key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
-           "split": split, "image_size": image_size}
+           "split": split, "image_size": image_size, "files": split_fingerprint(data)}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
     if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            return cached["features"], cached["labels"], True
-    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["key"] == key:
+                return cached["features"], cached["labels"], True
+        except Exception as error:   # any unreadable file (zip, pickle, EOF errors): extract anew, say so
+            print(f"warning: the feature cache {path} is unreadable ({type(error).__name__}); extracting anew")
     features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features")
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save({"key": key, "features": features, "labels": labels}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: torch.save({"key": key, "features": features, "labels": labels}, f))
     return features, labels, False

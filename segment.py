@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import TO_NORMALISED_TENSOR, append_jsonl, error_message, report_row, save_png, unnormalize
+from data import (TO_NORMALISED_TENSOR, append_jsonl, error_message, first_problem, report_row, save_png, unnormalize,
+                  unwritable)
 from models import ARCHS, CheckpointError, load_backbone, precision_for
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -97,6 +98,9 @@ class VOCSegmentation(torch.utils.data.Dataset):
             raise VOCError(f"cannot read {error.filename or image_path}: {error}") from None
         if mask.mode not in ("P", "L"):
             raise VOCError(f"{mask_path} is a {mask.mode} image; VOC masks are palette (P) PNGs of class indices")
+        if mask.size != image.size:       # resized apart, the two would no longer line up pixel for pixel
+            raise VOCError(f"{mask_path} is {mask.size[0]}x{mask.size[1]} px but its image is {image.size[0]}x"
+                           f"{image.size[1]}; a mask must match its image (re-export it at the image's size)")
         image = centre_square(image, self.image_size, Image.BICUBIC)
         mask = np.array(centre_square(mask, self.image_size, Image.NEAREST), dtype=np.int64)
         bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(NUM_CLASSES), VOID])
@@ -271,19 +275,32 @@ def parse_args(argv=None):
     p.add_argument("--table", help="Markdown file to append a Table II row to")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    return args
+
+
+def check_args(args):
+    """Every argument, before any work: the first problem as a one-line message, or None."""
+    return first_problem([
+        (args.image_size >= 32, f"--image-size must be >= 32 (got {args.image_size}): ResNets halve it five times"),
+        (args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0,
+         "--epochs and --batch-size must be >= 1 and --lr > 0 (the paper: 20 epochs, batch 32, lr 1e-3)"),
+        (args.pca_images >= 0 and args.workers >= 0, "--pca-images and --workers must be >= 0"),
+    ]) or unwritable(args.out, "--out")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     device = torch.device(args.device)
     try:
         backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device)
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
         val_set = VOCSegmentation(root, args.val_split, args.image_size)
-        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        os.makedirs(out, exist_ok=True)
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
         pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)
@@ -292,12 +309,12 @@ def main(argv=None):
                   "train_images": len(train_set), "val_images": len(val_set), "epochs": args.epochs,
                   "minutes": round((time.time() - start) / 60, 2)}
         if args.pca_images:
-            result["pca_png"] = os.path.join(out, "pca_hypercolumns.png")
+            result["pca_png"] = os.path.join(args.out, "pca_hypercolumns.png")
             save_pca_grid(backbone, val_set, args.pca_images, result["pca_png"], device)
     except (CheckpointError, VOCError) as error:
         raise SystemExit(f"error: {error_message(error)}")
     report_row(result, TABLE_COLUMNS, args.table)
-    append_jsonl(os.path.join(out, "segment.jsonl"), result)
+    append_jsonl(os.path.join(args.out, "segment.jsonl"), result)
     return result
 
 

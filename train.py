@@ -24,6 +24,7 @@ and the step, and the checkpoint holds the rest.
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -42,7 +43,8 @@ from tqdm import tqdm
 
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
                   WorkerBatches, append_jsonl, dataset_split, default_crop_sizes, drop_unreadable_images,
-                  error_message, load_into_memory, native_image_size, uint8_dataset)
+                  error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
+                  uint8_dataset, write_atomically)
 from evaluate import knn_evaluate
 from hydes import hydes_loss, infonce_loss
 from models import (ARCHS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load, save_checkpoint,
@@ -152,6 +154,8 @@ def main(argv=None):
             train(args, checkpoint, control)
     except DatasetError as error:              # a dataset missing, or an image unreadable outside the steps
         raise SystemExit(f"error: {error_message(error)}")
+    except CheckpointError as error:           # a checkpoint that cannot be written: a full disk, say
+        raise SystemExit(f"error: {error}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -179,6 +183,7 @@ def train(args, checkpoint, control):
     step = restore(checkpoint, net, optimizer, precision.scaler, steps_per_epoch) if checkpoint else 0
     model = parallel(net, args, control)
     if control.main_process:
+        control.claim_run_folder()                 # a second train.py on OUT is refused from here on
         open_run_folder(args, checkpoint, step)
         source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} loading workers"
         print(f"{args.dataset}: {order.num_images} images ({source}), {steps_per_epoch} steps/epoch, "
@@ -207,27 +212,21 @@ def train(args, checkpoint, control):
             step += 1
         control.check_finite()         # before anything is saved: a non-finite loss never reaches a checkpoint
 
-        # ---- the end of an epoch, or of a run stopped early (the epoch is then fractional)
+        # ---- the end of an epoch, or of a run stopped early (the epoch is then fractional): save, then
+        # evaluate (a fault or a signal during the k-NN must not cost the epoch), then log
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
                   "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                   "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
                   "minutes": control.minutes()}
         last = epoch + 1 == args.epochs or control.out_of_time      # a signalled stop skips the k-NN: be quick
-        if args.eval_every and not control.signalled and (step % (args.eval_every * steps_per_epoch) == 0 or last):
-            record.update(online_knn(net, args, control))
-        if control.main_process:
-            log(record, args)
-            save(net, optimizer, precision.scaler, step, steps_per_epoch, args)
+        due = args.eval_every and not control.signalled and (step % (args.eval_every * steps_per_epoch) == 0 or last)
+        end_of_epoch(record, due, net, optimizer, precision.scaler, steps_per_epoch, args, control)
         if control.stop_after_save(step):
             break
 
     if args.epochs == 0:     # the random-initialisation baseline: the same network, saved and evaluated untrained
-        if control.main_process:
-            save(net, optimizer, precision.scaler, step, steps_per_epoch, args)
-        if args.eval_every:
-            record = {"epoch": 0, "step": 0, **online_knn(net, args, control)}   # epoch 0 of the learning curves
-            if control.main_process:
-                log(record, args)
+        end_of_epoch({"epoch": 0, "step": 0}, args.eval_every, net, optimizer, precision.scaler, steps_per_epoch,
+                     args, control)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +328,19 @@ def parallel(net, args, control):
     return torch.compile(model) if args.compile else model
 
 
+def end_of_epoch(record, evaluate_now, net, optimizer, scaler, steps_per_epoch, args, control):
+    """Save, evaluate, log, in that order. The checkpoint comes first and carries the epoch's log record,
+    so that whatever happens during the k-NN (an unreadable test image, a signal, a kill) the epoch is
+    kept, and a resumed run writes the record's line if the log lacks it."""
+    if control.main_process:
+        save(net, optimizer, scaler, record, steps_per_epoch, args)
+    if evaluate_now:
+        record.update(control.evaluation(lambda: online_knn(net, args, control)))
+    if control.main_process:
+        print(json.dumps(record))
+        append_jsonl(os.path.join(args.out, "log.jsonl"), record)
+
+
 def online_knn(net, args, control):
     """The k-NN top-1 and top-5 of the backbone (evaluate.py's functions): process 0 evaluates while the
     others wait for it."""
@@ -336,35 +348,33 @@ def online_knn(net, args, control):
     if control.main_process:
         result["knn_top1"], result["knn_top5"] = knn_evaluate(
             net.backbone, args.dataset, args.data_dir, args.global_size, control.device, args.knn_k,
-            args.knn_temperature, args.workers)
+            args.knn_temperature, args.workers, args.skip_bad_images)
     control.barrier()
     return result
 
 
-def log(record, args):
-    print(json.dumps(record))
-    append_jsonl(os.path.join(args.out, "log.jsonl"), record)
-
-
-def save(net, optimizer, scaler, step, steps_per_epoch, args):
+def save(net, optimizer, scaler, record, steps_per_epoch, args):
     """Rewrite OUT/ckpt.pt, and with --keep-every keep a copy of it as OUT/ckpt-epochE.pt."""
-    path = os.path.join(args.out, "ckpt.pt")
-    save_checkpoint(path, checkpoint_state(net, optimizer, scaler, step, steps_per_epoch, args))
+    path, step = os.path.join(args.out, "ckpt.pt"), record["step"]
+    save_checkpoint(path, checkpoint_state(net, optimizer, scaler, record, steps_per_epoch, args))
     if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
         shutil.copyfile(path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
 
 
-def checkpoint_state(model, optimizer, scaler, step, steps_per_epoch, args):
+def checkpoint_state(model, optimizer, scaler, record, steps_per_epoch, args):
     """One dict with everything to resume or evaluate the run.
 
     `epoch` counts completed epochs (evaluate.py reports it); `data_order` says where in which epoch's
     order the next batch starts. The learning-rate schedule is a function of the step, so the step
-    restores it; the optimiser state holds AdamW's moments and step counts.
+    restores it; the optimiser state holds AdamW's moments and step counts. `log_record` is the epoch's
+    line of log.jsonl as it stood before the k-NN.
     """
+    step = record["step"]
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "rng": random_states(),
             "data_order": {"seed": args.seed, "epoch": step // steps_per_epoch,
-                           "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch}}
+                           "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch},
+            "log_record": dict(record)}
 
 
 def restore(checkpoint, net, optimizer, scaler, steps_per_epoch):
@@ -386,7 +396,7 @@ def open_run_folder(args, checkpoint, step):
     old run's checkpoints, log and probe results (not the feature cache); write args.json."""
     if checkpoint is not None:
         print(f"resuming {os.path.join(args.out, 'ckpt.pt')} at step {step}")
-        drop_log_records_after(os.path.join(args.out, "log.jsonl"), step)
+        resume_log(os.path.join(args.out, "log.jsonl"), checkpoint)
     elif args.force and os.path.isdir(args.out):
         for name in os.listdir(args.out):
             if name in ("ckpt.pt", "log.jsonl", "eval.jsonl", "segment.jsonl") or name.startswith("ckpt-epoch"):
@@ -396,14 +406,16 @@ def open_run_folder(args, checkpoint, step):
         json.dump(vars(args), f, indent=2)
 
 
-def drop_log_records_after(log_path, step):
-    """On resume, forget log lines of steps the checkpoint does not hold (a run killed between writing
-    its log line and its checkpoint), so that the resumed run's lines replace them rather than repeat them."""
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
+def resume_log(log_path, checkpoint):
+    """On resume, make the log agree with the checkpoint: forget lines of steps it does not hold (a run
+    killed after it logged but before it saved), so that the resumed run's lines replace them rather than
+    repeat them; add the checkpoint's own line if it is missing (a run killed during the k-NN that
+    follows the save). Rewritten atomically; a last line cut short by a kill is dropped (read_jsonl)."""
+    step = checkpoint["step"]
+    records = [r for r in read_jsonl(log_path) if r["step"] <= step] if os.path.exists(log_path) else []
+    if "log_record" in checkpoint and not any(r["step"] == step for r in records):
+        records.append(checkpoint["log_record"])
+    write_atomically(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 def seed_everything(seed):
@@ -447,12 +459,23 @@ def settings(argv):
         objective_name = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
                           "supervised": "supervised"}[args.method]
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective_name}")
+    holder = process_holding(args.out)
+    if holder:
+        raise SystemExit(f"error: another train.py (process {holder}) is running in {args.out}; wait for it to end, "
+                         f"or pick another --out")
     args, checkpoint = resume_settings(args, argv)
     problem = check_args(args)
     if problem is None and (args.global_size is None or args.local_size is None):
-        default_global, default_local = default_crop_sizes(native_image_size(args.dataset, args.data_dir))
+        native = native_image_size(args.dataset, args.data_dir)
+        default_global, default_local = default_crop_sizes(native)
         args.global_size = args.global_size or default_global
         args.local_size = args.local_size or default_local
+        sizes = folder_image_sizes(args.data_dir) if args.dataset == "folder" else {}
+        if len(sizes) > 1:                     # say what a folder of mixed sizes trains at
+            sides = [min(size) for size in sizes]
+            print(f"note: {args.data_dir}/train holds images of {len(sizes)} sizes (shorter sides {min(sides)} to "
+                  f"{max(sides)} px); crops follow the median shorter side, {native} px: "
+                  f"{args.global_size} and {args.local_size} px (--global-size and --local-size set them)")
     problem = problem or check_crop_sizes(args)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -493,7 +516,7 @@ def check_args(args):
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
     ]
-    return next((message for ok, message in rules if not ok), None)
+    return first_problem(rules)
 
 
 def check_crop_sizes(args):
@@ -557,6 +580,41 @@ def normalised(value):
 # ----------------------------------------------------------------------------------------------------
 # Run control: stopping early, alike on every process
 
+def lock_run_folder(out):
+    """Make OUT and hold an exclusive lock on OUT/.lock for as long as this process lives, so that a second
+    train.py on the same folder is refused rather than interleaving two runs' checkpoints and logs. The
+    operating system drops the lock when the process ends, however it ends: a crash never leaves it stuck."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        handle = open(os.path.join(out, ".lock"), "a+")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write in {out} ({error.strerror}); pick a writable --out") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:         # it was free when the settings were checked: a race, which it lost
+        handle.seek(0)
+        raise SystemExit(f"error: another train.py (process {handle.read().strip() or '?'}) is running in {out}; "
+                         f"wait for it to end, or pick another --out") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def process_holding(out):
+    """The process id written in OUT/.lock if a live process holds that lock, else None. Asked before
+    anything else, so that a second run is told at once, not after its data are loaded."""
+    try:
+        with open(os.path.join(out, ".lock")) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)     # released when the file closes
+            except BlockingIOError:
+                return handle.read().strip() or "?"
+    except OSError:                 # no lock file: no run has claimed this folder yet
+        pass
+    return None
+
+
 def distributed_setup(args):
     """torchrun starts one process per GPU with RANK, LOCAL_RANK and WORLD_SIZE set: join them in a process
     group (NCCL on GPUs, gloo on CPUs). Returns (rank, world_size, device); (0, 1, --device) without torchrun."""
@@ -601,7 +659,7 @@ class RunControl:
         self.started = time.time()
         self.received = None                       # the first signal received, if any
         self.signalled = self.out_of_time = False  # the agreed reasons to stop
-        self.previous_handlers = {}
+        self.previous_handlers, self.lock = {}, None
         # (step, loss terms) of the first non-finite loss; step -1 while there is none.
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
@@ -612,13 +670,23 @@ class RunControl:
         return self
 
     def __exit__(self, *exc):
+        self.restore_handlers()
+        if self.lock is not None:
+            self.lock.close()               # releases the run folder
+            self.lock = None
+
+    def claim_run_folder(self):
+        """Lock OUT for this run, before anything is written in it (see lock_run_folder)."""
+        self.lock = lock_run_folder(self.args.out)
+
+    def restore_handlers(self):
         for s, handler in self.previous_handlers.items():
             signal.signal(s, handler)
         self.previous_handlers = {}
 
     def handle(self, signum, frame):
         self.received = signum
-        self.__exit__()
+        self.restore_handlers()
         # PyTorch's DataLoader raises from a SIGCHLD handler, at whatever line runs, when a worker dies.
         # After a SIGTERM to the whole job the workers die too; the step in progress and the save must not
         # be cut short by that (a dead worker is still reported if another batch is asked for).
@@ -690,6 +758,23 @@ class RunControl:
 
     def minutes(self):
         return (time.time() - self.started) / 60
+
+    def evaluation(self, evaluate):
+        """Run evaluate() after the epoch's checkpoint is saved -> its result, or {} when a signal cut it
+        short (the loading workers die with a SIGTERM to the whole job); a signal received during it
+        stops the run after the log line, as one during a step does. An unreadable image is an error
+        naming the saved checkpoint."""
+        try:
+            result = evaluate()
+        except DatasetError as error:
+            raise SystemExit(f"error: {error_message(error)}; the checkpoint {os.path.join(self.args.out, 'ckpt.pt')} "
+                             f"was saved before the k-NN: mend the image or add --skip-bad-images, then --resume")
+        except RuntimeError:
+            if self.received is None:
+                raise
+            result = {}
+        self.signalled = self.agreed(self.signalled or self.received is not None)[0]
+        return result
 
     def stop_after_save(self, step):
         """After an epoch's checkpoint: exit if a signal asked to, naming the command that resumes; say so
