@@ -60,10 +60,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, append_jsonl, dataset_split, default_crop_sizes,
-                  error_message, eval_transform, first_problem, read_jsonl, report_row, save_png, unnormalize,
-                  unwritable)
+                  error_message, eval_transform, first_problem, read_jsonl, refuse, report_row, save_png,
+                  unnormalize, unwritable)
 from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments, cached_features,
-                    extract_features, file_digest, load_for_probing)
+                    checkpoint_argument_rules, extract_features, file_digest, load_for_probing,
+                    parse_checkpoint_arguments)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -636,10 +637,8 @@ def parse_args(argv=None):
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
     p.add_argument("--table4", help="Markdown file to append a Table IV row to")
     p.epilog = "Learning curves of several runs (Figs. 6-8): python analyze.py curves --help"
-    args = p.parse_args(argv)
-    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    args.out = args.out or os.path.join(checkpoint_dir, "analysis")
-    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
+    args = parse_checkpoint_arguments(p, argv)
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
     return args
 
 
@@ -651,8 +650,7 @@ def check_args(args):
         (args.smooth_samples >= 1 and args.smooth_noise >= 0,
          "--smooth-samples must be >= 1 and --smooth-noise >= 0 (Smilkov et al. use 0.1-0.2)"),
         (args.permutations >= 1, f"--permutations must be >= 1 (got {args.permutations}); 999 gives p down to 0.001"),
-        (args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
-        (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})"),
+        *checkpoint_argument_rules(args),
     ]) or unwritable(args.out, "--out") or unwritable(args.cache_dir, "--cache-dir")
 
 
@@ -661,9 +659,7 @@ def main(argv=None):
     if argv[:1] == ["curves"]:                   # the other program, at the end of the file
         return curves_main(argv[1:])
     args = parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
+    refuse(check_args(args))
     try:
         result = analyze_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:

@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 import train
-from data import BatchedMultiCrop, MultiCrop, first_problem
+from data import BatchedMultiCrop, MultiCrop, first_problem, refuse
 from models import HyDeSModel, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
@@ -174,12 +174,10 @@ def step_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    problem = first_problem([
+    refuse(first_problem([
         (args.batch_size >= 1 and args.step_batch_size >= 2, "--batch-size must be >= 1 and --step-batch-size >= 2"),
         (args.seconds > 0 and args.threads >= 1, "--seconds must be > 0 and --threads >= 1"),
-    ])
-    if problem:
-        raise SystemExit(f"error: {problem}")
+    ]))
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {args.device}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores, "

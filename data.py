@@ -878,6 +878,12 @@ def first_problem(rules):
     return next((message for ok, message in rules if not ok), None)
 
 
+def refuse(problem):
+    """Stop the script with `problem` as its one-line error message; no problem (None), no stop."""
+    if problem:
+        raise SystemExit(f"error: {problem}")
+
+
 def unwritable(folder, option):
     """Why `folder` cannot take this run's outputs (it cannot be made, or a file cannot be written in it:
     read-only media, a path through a file), as a one-line message naming `option`; None if it can."""

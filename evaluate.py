@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
-                  first_problem, report_row, unwritable)
-from models import (CheckpointError, add_checkpoint_arguments, cached_features, extract_features, file_digest,
-                    load_for_probing)
+                  first_problem, refuse, report_row, unwritable)
+from models import (CheckpointError, add_checkpoint_arguments, cached_features, checkpoint_argument_rules,
+                    extract_features, file_digest, load_for_probing, parse_checkpoint_arguments)
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -171,10 +171,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit (default 100)")
     p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table I row to")
-    args = p.parse_args(argv)
-    checkpoint_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    args.cache_dir = args.cache_dir or os.path.join(checkpoint_dir, "features")
-    args.json = args.json or os.path.join(checkpoint_dir, "eval.jsonl")
+    args = parse_checkpoint_arguments(p, argv)
+    args.json = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.jsonl")
     return args
 
 
@@ -185,16 +183,13 @@ def check_args(args):
          f"--knn-k must be >= 1 and --knn-temperature > 0 (got {args.knn_k} and {args.knn_temperature:g})"),
         (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
                                  f"scores nothing"),
-        (args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
-        (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})"),
+        *checkpoint_argument_rules(args),
     ]) or unwritable(args.cache_dir, "--cache-dir") or unwritable(os.path.dirname(os.path.abspath(args.json)), "--json")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
+    refuse(check_args(args))
     try:
         result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:

@@ -411,7 +411,8 @@ def load_backbone(path, arch=None, image_size=None, device="cpu"):
         backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-        info = {"arch": args["arch"], "image_size": args["global_size"], "method": METHOD_NAMES[args.get("method", "hydes")],
+        info = {"arch": args["arch"], "image_size": args["global_size"],
+                "method": METHOD_NAMES[args.get("method", "hydes")],
                 "train_args": args, "epoch": checkpoint["epoch"]}
     else:
         if arch is None:
@@ -454,6 +455,19 @@ def add_checkpoint_arguments(p):
     p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_checkpoint_arguments(parser, argv):
+    """parser.parse_args, then the defaults that follow the checkpoint's folder (the feature cache)."""
+    args = parser.parse_args(argv)
+    args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "features")
+    return args
+
+
+def checkpoint_argument_rules(args):
+    """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for data.first_problem."""
+    return [(args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
+            (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")]
 
 
 def load_for_probing(args, device):

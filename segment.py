@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (TO_NORMALISED_TENSOR, append_jsonl, error_message, first_problem, report_row, save_png, unnormalize,
-                  unwritable)
+from data import (TO_NORMALISED_TENSOR, append_jsonl, error_message, first_problem, refuse, report_row, save_png,
+                  unnormalize, unwritable)
 from models import ARCHS, CheckpointError, load_backbone, precision_for
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -292,9 +292,7 @@ def check_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
+    refuse(check_args(args))
     device = torch.device(args.device)
     try:
         backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device)
@@ -304,7 +302,8 @@ def main(argv=None):
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
         pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)
-        result = {"method": args.method or info["method"], "arch": info["arch"], "pixel_accuracy": pixel_accuracy, "miou": miou,
+        result = {"method": args.method or info["method"], "arch": info["arch"], "pixel_accuracy": pixel_accuracy,
+                  "miou": miou,
                   "checkpoint": os.path.abspath(args.checkpoint), "image_size": args.image_size,
                   "train_images": len(train_set), "val_images": len(val_set), "epochs": args.epochs,
                   "minutes": round((time.time() - start) / 60, 2)}

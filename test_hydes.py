@@ -884,43 +884,31 @@ def test_a_file_holding_a_bare_tensor_is_refused_in_one_line(tmp_path):
 
 # ---- the frozen-feature cache
 
-def test_feature_cache_is_reused_and_invalidated_by_a_new_checkpoint(tmp_path, monkeypatch):
+def test_the_feature_cache_is_reused_and_renewed_by_a_new_checkpoint_new_files_or_an_unreadable_cache(
+        tmp_path, monkeypatch, capsys):
     for cls in ("a", "b"):
         write_images(tmp_path / "images" / "train" / cls, 3)
     backbone = models.build_backbone("resnet18", 32, width=8)
     calls = []
     real_extract = models.extract_features
     monkeypatch.setattr(models, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
-    def features(digest):
+
+    def features(digest="digest-1"):
         return models.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
-                                        torch.device("cpu"), str(tmp_path / "cache"), workers=0)
-    first = features("digest-1")
-    again = features("digest-1")
+                                      torch.device("cpu"), str(tmp_path / "cache"), workers=0)
+
+    first, again = features(), features()
     assert len(calls) == 1 and torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[2] is False and again[2] is True
     assert first[0].shape == (6, backbone.num_features) and first[1].tolist() == [0, 0, 0, 1, 1, 1]
     features("digest-2")                                      # another checkpoint: extracted anew
     assert len(calls) == 2
-
-
-def test_the_feature_cache_follows_the_files_and_an_unreadable_cache_is_extracted_anew(tmp_path, monkeypatch, capsys):
-    for cls in ("a", "b"):
-        write_images(tmp_path / "images" / "train" / cls, 3)
-    backbone = models.build_backbone("resnet18", 32, width=8)
-    calls = []
-    real_extract = models.extract_features
-    monkeypatch.setattr(models, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
-
-    def features():
-        return models.cached_features(backbone, "digest", "folder", str(tmp_path / "images"), "train", 32,
-                                      torch.device("cpu"), str(tmp_path / "cache"), workers=0)
-
-    assert features()[2] is False and features()[2] is True and len(calls) == 1
     write_images(tmp_path / "images" / "train" / "b", 4, seed=1)     # 3 images replaced and one added
     feats, labels, cached = features()
-    assert not cached and len(calls) == 2 and len(labels) == 7
+    assert not cached and len(calls) == 3 and len(labels) == 7
     for cache_file in os.listdir(tmp_path / "cache"):                # cache files that cannot be read
         (tmp_path / "cache" / cache_file).write_bytes(b"cut short")
-    assert features()[2] is False and len(calls) == 3 and "unreadable" in capsys.readouterr().out
+    assert features()[2] is False and len(calls) == 4 and "unreadable" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------

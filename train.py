@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
                   WorkerBatches, append_jsonl, dataset_split, default_crop_sizes, drop_unreadable_images,
-                  error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
+                  error_message, first_problem, refuse, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
                   uint8_dataset, write_atomically)
 from evaluate import knn_evaluate
 from hydes import hydes_loss, infonce_loss
@@ -476,9 +476,7 @@ def settings(argv):
             print(f"note: {args.data_dir}/train holds images of {len(sizes)} sizes (shorter sides {min(sides)} to "
                   f"{max(sides)} px); crops follow the median shorter side, {native} px: "
                   f"{args.global_size} and {args.local_size} px (--global-size and --local-size set them)")
-    problem = problem or check_crop_sizes(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
+    refuse(problem or check_crop_sizes(args))
     return args, checkpoint
 
 
