@@ -58,8 +58,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
-from data import (GLOBAL_SCALE, DatasetError, MultiCrop, append_jsonl, dataset_split, default_crop_sizes,
+from data import (HelpFormatter, GLOBAL_SCALE, DatasetError, MultiCrop, append_jsonl, dataset_split, default_crop_sizes,
                   error_message, eval_transform, first_problem, read_jsonl, refuse, report_row, save_png,
                   unnormalize, unwritable)
 from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments, cached_features,
@@ -250,7 +251,8 @@ def mantel_p_value(a, b, permutations=999, seed=0):
     rank_matrix += rank_matrix.T                                  # (C, C) symmetric ranks of b's pairs
     observed = pearson(ranks_a, upper_triangle(rank_matrix))
     exceed = sum(pearson(ranks_a, upper_triangle(rank_matrix[np.ix_(order, order)])) >= observed
-                 for order in (rng.permutation(len(b)) for _ in range(permutations)))
+                 for order in (rng.permutation(len(b)) for _ in tqdm(range(permutations), desc="Mantel permutations",
+                                                                     leave=False, mininterval=1)))
     return (1 + exceed) / (1 + permutations)
 
 
@@ -375,7 +377,7 @@ def wordnet_similarities(names):
     synsets = [wordnet.synset(name) for name in names]
     count = len(synsets)
     wup, lch = np.ones((count, count)), np.zeros((count, count))
-    for i in range(count):
+    for i in tqdm(range(count), desc="WordNet similarities", leave=False, mininterval=1):   # 500k pairs for 1,000
         for j in range(i + 1, count):
             wup[i, j] = wup[j, i] = synsets[i].wup_similarity(synsets[j])
             lch[i, j] = lch[j, i] = synsets[i].lch_similarity(synsets[j])
@@ -615,7 +617,7 @@ def table3_row(result):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_arguments(p)
     p.add_argument("--split", choices=("train", "test"), default="test",
                    help="labelled split whose features are measured (default test, as the paper's held-out view)")

@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 import train
-from data import BatchedMultiCrop, MultiCrop, first_problem, refuse
+from data import HelpFormatter, BatchedMultiCrop, MultiCrop, first_problem, refuse
 from models import HyDeSModel, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
@@ -57,7 +57,7 @@ INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS), help="input sizes to time")
     p.add_argument("--batch-size", type=int, default=256,
                    help="images per batched call; larger amortises Python overhead, up to memory")
@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="torch intra-op threads for the batched pipeline; on a CPU shared with other jobs "
                         "more threads than idle cores make it slower, not faster")
     p.add_argument("--device", default="cpu", help="where the batched pipeline runs: cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise images and of the crops")
     p.add_argument("--step-batch-size", type=int, default=128,
                    help="images per training step (the paper's 128); the step columns use the full-size network")
     p.add_argument("--no-steps", dest="steps", action="store_false", help="time the augmentations only")

@@ -32,6 +32,7 @@ The end of the file holds the small helpers every script shares: normalising and
 appending results as JSON lines and Markdown rows.
 """
 
+import argparse
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import torch
 import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
+from tqdm import tqdm
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # PIL image -> float tensor (3, H, W) normalised with ImageNet's statistics: the last step of every view
@@ -501,7 +503,7 @@ def load_into_memory(dataset, device, workers=0, batch_size=256):
     labels = torch.empty(len(dataset), dtype=torch.int64)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     start = 0
-    for batch_images, batch_labels in loader:
+    for batch_images, batch_labels in tqdm(loader, desc="decoding the training images into memory", leave=False):
         images[start:start + len(batch_images)] = batch_images
         labels[start:start + len(batch_images)] = batch_labels
         start += len(batch_images)
@@ -564,7 +566,7 @@ def _header_sizes(paths):
     process for a given list of files: the resolution and the in-memory decoding both need them, and
     50,000 small JPEGs take seconds."""
     sizes = {}
-    for path in paths:
+    for path in tqdm(paths, desc="reading the images' sizes", leave=False, mininterval=1):
         try:
             with Image.open(path) as img:
                 sizes[img.size] = sizes.get(img.size, 0) + 1
@@ -794,7 +796,8 @@ def drop_unreadable_images(dataset, workers=0):
     paths = [path for path, _ in dataset.samples]
     loader = torch.utils.data.DataLoader(_ReadCheck(paths), batch_size=256, num_workers=workers,
                                          collate_fn=list)
-    problems = [message for batch in loader for message in batch]
+    problems = [message for batch in tqdm(loader, desc="checking that every image decodes", leave=False)
+                for message in batch]
     keep = [sample for sample, message in zip(dataset.samples, problems) if not message]
     dropped = [path for path, message in zip(paths, problems) if message]
     dataset.samples = dataset.imgs = keep
@@ -876,6 +879,17 @@ def first_problem(rules):
     """The message of the first rule (ok, message) that fails, or None: every script checks all its
     arguments this way before any work, so that a mistake costs a second and reads as one line."""
     return next((message for ok, message in rules if not ok), None)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: the module docstring as written, and each flag's default after its help
+    (unless the help already says it, or there is none to show)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in help:
+            help += " (default: %(default)s)"
+        return help
 
 
 def refuse(problem):

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
+from data import (HelpFormatter, DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
                   first_problem, refuse, report_row, unwritable)
 from models import (CheckpointError, add_checkpoint_arguments, cached_features, checkpoint_argument_rules,
-                    extract_features, file_digest, load_for_probing, parse_checkpoint_arguments)
+                    export_backbone, extract_features, file_digest, load_for_probing, parse_checkpoint_arguments)
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -163,14 +163,17 @@ TABLE_COLUMNS = ("dataset", "method", "arch", "epoch", "linear_top1", "linear_to
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_arguments(p)
-    p.add_argument("--probe", choices=("both", "linear", "knn"), default="both")
-    p.add_argument("--knn-k", type=int, default=200, help="neighbours that vote (default 200)")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="T in the vote weight exp(s/T) (default 0.1)")
-    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit (default 100)")
+    p.add_argument("--probe", choices=("both", "linear", "knn"), default="both", help="which probes to run")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours that vote")
+    p.add_argument("--knn-temperature", type=float, default=0.1, help="T in the vote weight exp(s/T)")
+    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each linear-probe fit")
     p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table I row to")
+    p.add_argument("--export", metavar="FILE",
+                   help="write the backbone as a plain state_dict in torchvision's layout (ResNets) or timm's "
+                        "(ViT-Tiny), print the lines of Python that load it, and probe nothing")
     args = parse_checkpoint_arguments(p, argv)
     args.json = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.jsonl")
     return args
@@ -191,6 +194,9 @@ def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
     try:
+        if args.export:
+            print(export_backbone(args.checkpoint, args.export, args.arch, args.image_size or 224))
+            return None
         result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error_message(error)}")

@@ -13,6 +13,7 @@ grad scaling, memory layout), checkpoints written so that a kill never leaves a 
 that a file never runs code, a frozen backbone loaded from one, and its features, extracted once and cached.
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -374,6 +375,12 @@ def save_checkpoint(path, state):
                               f"is intact: free disk space or fix the folder, then continue with --resume") from None
 
 
+# DINO saves its settings as an argparse.Namespace: plain data, rebuilt without running code, so it is
+# allowed beside tensors, numbers, strings and containers (torch 2.4 and newer).
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 def safe_load(path):
     """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file
     that holds anything else (a pickle that would import or call something) is refused, not executed."""
@@ -391,23 +398,23 @@ def safe_load(path):
 METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
 
 
-def load_backbone(path, arch=None, image_size=None, device="cpu"):
-    """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint or a
-    torchvision-format state_dict.
+def load_backbone(path, arch=None, image_size=None, device="cpu", checkpoint_key=None):
+    """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint, or from another
+    library's checkpoint or state_dict with `arch` (see `foreign_backbone_state`).
 
     Returns (backbone, info): info holds arch, image_size, method (the objective a train.py checkpoint
     was trained with, else the file's name: resnet50_byol.pth -> resnet50_byol), the training arguments
-    and the number of completed epochs (None for a foreign state_dict).
+    and the number of completed epochs (None for a foreign checkpoint).
     """
     checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save the "
                               f"backbone's model.state_dict() instead")
-    if "args" in checkpoint and "model" in checkpoint:
+    if "args" in checkpoint and "model" in checkpoint and isinstance(checkpoint["args"], dict):
         args = checkpoint["args"]
         if arch is not None and arch != args["arch"]:
             raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
-                                  f"which is only for torchvision-format state_dicts")
+                                  f"which is only for other libraries' checkpoints")
         backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
@@ -416,35 +423,115 @@ def load_backbone(path, arch=None, image_size=None, device="cpu"):
                 "train_args": args, "epoch": checkpoint["epoch"]}
     else:
         if arch is None:
-            raise CheckpointError(f"{path} is not a train.py checkpoint; to load a torchvision-format state_dict, "
-                                  f"name its architecture with --arch ({', '.join(ARCHS)})")
-        state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
-        state = {_strip_prefixes(k): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}     # the classifier is not probed
+            raise CheckpointError(f"{path} is not a train.py checkpoint; to load another library's checkpoint or "
+                                  f"state_dict, name its architecture with --arch ({', '.join(ARCHS)})")
         backbone = build_backbone(arch, image_size)
+        state, taken = foreign_backbone_state(checkpoint, backbone, checkpoint_key, path)
         try:
             backbone.load_state_dict(state)                                      # strict: a mismatch is an error
         except RuntimeError as error:
             first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
             raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
+        print(f"{path}: {taken}")
+        if arch.startswith("resnet") and state["conv1.weight"].shape[-1] == 3:
+            print("note: a CIFAR-stem ResNet (3x3 conv1). solo-learn's pads its conv1 by 2, this project's by 1: "
+                  "its weights load, but its features are not quite the ones it was trained to give")
         info = {"arch": arch, "image_size": image_size, "method": os.path.splitext(os.path.basename(path))[0],
                 "train_args": None, "epoch": None}
     # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.
     return backbone.to(device).eval().requires_grad_(False), info
 
 
-def _strip_prefixes(key):
-    """Keys as other libraries save them: 'module.' (DataParallel), 'backbone.' or 'encoder.' wrappers."""
-    for prefix in ("module.", "backbone.", "encoder."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
+# Where other libraries keep the backbone: bare (torchvision, timm, exported), under DataParallel's module.,
+# Lightly's and solo-learn's backbone. (Lightning's state_dict), DINO's (module.)backbone., and others'
+# encoder. or model.backbone. The first prefix that fills the most of the backbone's keys wins, so that a
+# momentum copy (backbone_momentum., momentum_backbone.) is never taken over the backbone itself.
+BACKBONE_PREFIXES = ("", "backbone.", "module.", "module.backbone.", "encoder.", "module.encoder.", "model.backbone.")
+# The containers checkpoints keep their weights in, tried in this order: Lightning and solo-learn's
+# state_dict, torchvision's reference scripts' model, DINO's teacher (the network DINO evaluates).
+CHECKPOINT_KEYS = ("state_dict", "model", "teacher")
+
+
+def foreign_backbone_state(checkpoint, backbone, key=None, path="the checkpoint"):
+    """The backbone's weights in another library's checkpoint -> (state_dict for `backbone`, a line that
+    says what was taken and what left out). key: the container to read (DINO: teacher or student), by
+    default the first of CHECKPOINT_KEYS present, else the checkpoint itself. ViT weights in timm's
+    layout (timm, DINO) are renamed to this project's."""
+    if key is not None and not isinstance(checkpoint.get(key), dict):
+        raise CheckpointError(f"{path} has no {key!r}; its keys are {', '.join(map(str, checkpoint))}")
+    key = key or next((k for k in CHECKPOINT_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    container = checkpoint[key] if key else checkpoint
+    wanted = set(backbone.state_dict())
+    best_prefix, best = None, {}
+    for prefix in BACKBONE_PREFIXES:
+        state = {k[len(prefix):]: v for k, v in container.items() if k.startswith(prefix)}
+        if isinstance(backbone, VisionTransformer):
+            state = from_timm(state)
+        if len(wanted & set(state)) > len(wanted & set(best)):
+            best_prefix, best = prefix, state
+    state = {k: v for k, v in best.items() if k in wanted}
+    left_out = sorted({k.split(".")[0] + "." for k in container if not k.startswith(best_prefix or "")} |
+                      {best_prefix + k.split(".")[0] + "." for k in best if k not in wanted})
+    where = f"under {best_prefix!r}" if best_prefix else "at the top level"
+    return state, (f"took {len(state)} tensors {where} of {key!r}" if key else f"took {len(state)} tensors {where}") + (
+        f"; left out {', '.join(left_out[:6])}{' ...' if len(left_out) > 6 else ''}" if left_out else "")
+
+
+# Our ViT's names, and timm's (which DINO's ViT shares): the patch embedding is a bare convolution here,
+# and the MLP an nn.Sequential. Every other key is the same, and so are the computations.
+TIMM_NAMES = (("patch_embed.", "patch_embed.proj."), (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."))
+
+
+def to_timm(state):
+    """A VisionTransformer state_dict in timm's layout (loads strictly into timm's vit_tiny_patch16_224)."""
+    return {_renamed(key, TIMM_NAMES): value for key, value in state.items()}
+
+
+def from_timm(state):
+    """timm's (or DINO's) ViT names -> this project's."""
+    return {_renamed(key, [(theirs, ours) for ours, theirs in TIMM_NAMES]): value for key, value in state.items()}
+
+
+def _renamed(key, pairs):
+    for old, new in pairs:
+        if old.startswith("."):                 # a part inside the key: blocks.3.mlp.0.weight
+            key = key.replace(old, new)
+        elif key.startswith(old):               # the key's first part: patch_embed.weight
+            key = new + key[len(old):]
     return key
+
+
+def export_backbone(checkpoint_path, out_path, arch=None, image_size=None):
+    """Write the backbone of a checkpoint as a plain state_dict in the layout the field loads: torchvision's
+    for ResNets, timm's for ViT-Tiny. Returns the lines of Python that load it (the README shows them)."""
+    backbone, info = load_backbone(checkpoint_path, arch, image_size)
+    state, size = backbone.state_dict(), info["image_size"]
+    if isinstance(backbone, VisionTransformer):
+        state = to_timm(state)
+        how = (f'import timm, torch\nmodel = timm.create_model("vit_tiny_patch16_224", img_size={size}, '
+               f'patch_size={backbone.patch_size}, num_classes=0)\nmodel.load_state_dict(torch.load("{out_path}"))')
+    else:
+        width = backbone.conv1.out_channels
+        stem = ("" if backbone.conv1.kernel_size[0] == 7 else
+                "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()\n")
+        how = (f'import torch, torchvision\nmodel = torchvision.models.{info["arch"]}(); model.fc = torch.nn.Identity()\n'
+               f'{stem}model.load_state_dict(torch.load("{out_path}"))')
+        if width != 64:
+            how = (f"# a width-{width} ResNet: torchvision's ResNets have width 64; load it with this project's\n"
+                   f'import models, torch\nmodel = models.build_backbone("{info["arch"]}", {size}, width={width})\n'
+                   f'model.load_state_dict(torch.load("{out_path}"))')
+    write_atomically(out_path, lambda f: torch.save(state, f))
+    return how
 
 
 def add_checkpoint_arguments(p):
     """The arguments that name a backbone and the data to probe it on (evaluate.py, analyze.py)."""
     p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
-    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
+    p.add_argument("--arch", choices=ARCHS,
+                   help="architecture of another library's checkpoint or state_dict (torchvision, timm, Lightly, "
+                        "solo-learn, DINO): its backbone is found under the usual prefixes, its heads left out")
+    p.add_argument("--checkpoint-key", help="which network of another library's checkpoint to load, e.g. teacher or "
+                                            "student for DINO (default: state_dict, model or teacher, if present)")
     p.add_argument("--dataset", choices=DATASETS,
                    help="probe another dataset than the one trained on (e.g. imagenet100 for an ImageNet backbone)")
     p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
@@ -454,7 +541,7 @@ def add_checkpoint_arguments(p):
                                      "for our checkpoints, the file name for a torchvision-format state_dict)")
     p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 
 
 def parse_checkpoint_arguments(parser, argv):
@@ -477,7 +564,7 @@ def load_for_probing(args, device):
     foreign_size = args.image_size       # only used for a torchvision-format state_dict
     if foreign_size is None and args.arch is not None and args.dataset is not None:
         foreign_size = native_image_size(args.dataset, args.data_dir or "data")
-    backbone, info = load_backbone(args.checkpoint, args.arch, foreign_size or 224, device)
+    backbone, info = load_backbone(args.checkpoint, args.arch, foreign_size or 224, device, args.checkpoint_key)
     trained = info["train_args"] or {}
     dataset = args.dataset or trained.get("dataset")
     if dataset is None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (TO_NORMALISED_TENSOR, append_jsonl, error_message, first_problem, refuse, report_row, save_png,
+from data import (HelpFormatter, TO_NORMALISED_TENSOR, append_jsonl, error_message, first_problem, refuse, report_row, save_png,
                   unnormalize, unwritable)
 from models import ARCHS, CheckpointError, load_backbone, precision_for
 
@@ -259,9 +259,11 @@ def save_pca_grid(backbone, dataset, count, path, device):
 # The script: one row of Table II, and Figure 4
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
-    p.add_argument("--arch", choices=ARCHS, help="architecture of a torchvision-format state_dict")
+    p.add_argument("--arch", choices=ARCHS, help="architecture of another library's checkpoint or state_dict")
+    p.add_argument("--checkpoint-key", help="which network of another library's checkpoint to load (DINO: teacher "
+                                            "or student)")
     p.add_argument("--data-dir", default="data", help="VOCdevkit, or the VOC2012 folder itself")
     p.add_argument("--train-split", default="train", help="list in ImageSets/Segmentation to fit on")
     p.add_argument("--val-split", default="val", help="list to report on")
@@ -273,8 +275,8 @@ def parse_args(argv=None):
     p.add_argument("--method", help="name for the table's method column (default: from the checkpoint)")
     p.add_argument("--out", help="folder for segment.jsonl and the PCA PNG (default: beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table II row to")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = p.parse_args(argv)
     args.out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     return args
@@ -295,7 +297,7 @@ def main(argv=None):
     refuse(check_args(args))
     device = torch.device(args.device)
     try:
-        backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device)
+        backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device, args.checkpoint_key)
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
         val_set = VOCSegmentation(root, args.val_split, args.image_size)

@@ -3,6 +3,7 @@ numerics and data parallelism; the data; the backbones and checkpoints; the k-NN
 the analysis; training and its reliability; then real (tiny) end-to-end runs on generated images.
 Run: python -m pytest -q"""
 
+import argparse
 import errno
 import json
 import math
@@ -790,6 +791,94 @@ def test_torchvision_state_dict_loads_with_arch(tmp_path):
         models.load_backbone(tmp_path / "plain.pth")
 
 
+# ---- weights in and out: torchvision, timm, Lightly, solo-learn, DINO
+
+def our_checkpoint(path, arch, image_size, width=None):
+    """A checkpoint laid out as train.py writes it (the fields load_backbone reads), around a new backbone."""
+    backbone = models.build_backbone(arch, image_size, width).eval()
+    args = {"arch": arch, "global_size": image_size, "width": width, "depth": None, "heads": None, "method": "hydes"}
+    torch.save({"args": args, "epoch": 0, "model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}},
+               path)
+    return backbone
+
+
+def readme_snippets():
+    """The Python blocks of the README's "Export and import weights" section."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "README.md")).read()
+    section = readme.split("## Export and import weights")[1].split("\n## ")[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_exported_backbones_load_strictly_into_torchvision_and_timm_as_the_readme_shows(tmp_path, capsys):
+    imagenet_stem, cifar_stem, vit = readme_snippets()
+    x = torch.randn(2, 3, 64, 64)
+    for snippet, image_size in ((imagenet_stem, 224), (cifar_stem, 32)):
+        ours = our_checkpoint(tmp_path / "ckpt.pt", "resnet18", image_size)
+        capsys.readouterr()
+        evaluate.main([str(tmp_path / "ckpt.pt"), "--export", str(tmp_path / "backbone.pth")])
+        printed = capsys.readouterr().out
+        assert printed.count("model.conv1 = ") == (image_size == 32)          # the stem swap, where it is needed
+        for code in (snippet.replace('"backbone.pth"', repr(str(tmp_path / "backbone.pth"))), printed):
+            space = {}
+            exec(code, space)                                                  # strict load_state_dict
+            assert torch.allclose(space["model"].eval()(x), ours(x), atol=1e-5)
+    our_checkpoint(tmp_path / "narrow.pt", "resnet18", 32, width=8)
+    evaluate.main([str(tmp_path / "narrow.pt"), "--export", str(tmp_path / "narrow.pth")])
+    assert "a width-8 ResNet" in capsys.readouterr().out
+    pytest.importorskip("timm", reason="timm is an optional extra (pip install timm)")
+    for image_size, patch in ((96, 16), (32, 4)):
+        ours = our_checkpoint(tmp_path / "vit.pt", "vit_tiny", image_size)
+        evaluate.main([str(tmp_path / "vit.pt"), "--export", str(tmp_path / "backbone.pth")])
+        printed = capsys.readouterr().out
+        code = vit.replace("img_size=96, patch_size=16", f"img_size={image_size}, patch_size={patch}")
+        for code in (code.replace('"backbone.pth"', repr(str(tmp_path / "backbone.pth"))), printed):
+            space = {}
+            exec(code, space)
+            x = torch.randn(2, 3, image_size, image_size)
+            assert torch.allclose(space["model"].eval()(x), ours(x), atol=1e-5)
+
+
+def test_lightly_solo_learn_and_dino_checkpoints_give_their_backbone(tmp_path, capsys):
+    resnet = models.build_backbone("resnet18", 32).eval()
+    state = resnet.state_dict()
+    noise = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    head = {"weight": torch.zeros(4, 512)}
+    layouts = {   # Lightning (Lightly), solo-learn: a state_dict with momentum copies and heads
+        "lightly.ckpt": {"state_dict": {**{f"backbone.{k}": v for k, v in state.items()},
+                                        **{f"backbone_momentum.{k}": v for k, v in noise.items()},
+                                        **{f"projection_head.layers.0.{k}": v for k, v in head.items()}},
+                         "epoch": 3, "global_step": 300},
+        "solo.ckpt": {"state_dict": {**{f"momentum_backbone.{k}": v for k, v in noise.items()},
+                                     **{f"backbone.{k}": v for k, v in state.items()},
+                                     **{f"classifier.{k}": v for k, v in head.items()}}},
+    }
+    x = torch.randn(2, 3, 32, 32)
+    for name, checkpoint in layouts.items():
+        torch.save(checkpoint, tmp_path / name)
+        loaded, _ = models.load_backbone(tmp_path / name, "resnet18", 32)
+        assert torch.allclose(loaded(x), resnet(x), atol=1e-6), name
+        printed = capsys.readouterr().out
+        assert "took 120 tensors under 'backbone.' of 'state_dict'; left out " in printed
+        assert "momentum" in printed and "CIFAR-stem ResNet" in printed          # solo-learn's padding, noted
+
+    vit = models.build_backbone("vit_tiny", 96).eval()
+    timm_layout = models.to_timm(vit.state_dict())
+    assert "blocks.0.mlp.fc1.weight" in timm_layout and "patch_embed.proj.weight" in timm_layout
+    other = {k: torch.randn_like(v) for k, v in timm_layout.items()}
+    torch.save({"teacher": {**{f"backbone.{k}": v for k, v in timm_layout.items()}, "head.last_layer.weight": torch.ones(2)},
+                "student": {f"module.backbone.{k}": v for k, v in other.items()},
+                "args": argparse.Namespace(arch="vit_tiny", lr=0.0005), "epoch": 100}, tmp_path / "dino.pth")
+    x = torch.randn(2, 3, 96, 96)
+    teacher, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96)       # a Namespace inside: allowed
+    assert torch.allclose(teacher(x), vit(x), atol=1e-6)
+    assert "took 150 tensors under 'backbone.' of 'teacher'; left out head." in capsys.readouterr().out
+    student, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="student")
+    reference = models.build_backbone("vit_tiny", 96).eval()
+    reference.load_state_dict(models.from_timm(other))
+    assert torch.allclose(student(x), reference(x), atol=1e-6)
+    with pytest.raises(models.CheckpointError, match="has no 'momentum'; its keys are teacher, student, args, epoch"):
+        models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="momentum")
+
 # ---- checkpoints: refused unread if they would run code, saved atomically
 
 def test_checkpoints_that_would_run_code_are_refused_unread(tmp_path, monkeypatch):
@@ -1413,6 +1502,45 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
     backbone, info = models.load_backbone(out / "ckpt.pt")
     assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
     assert info["method"] == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
+
+
+def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it(tmp_path, capsys):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--resume", "auto"]
+    train.main(common + ["--epochs", "1"])                   # a cluster's first start: nothing to resume
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+    train.main(common + ["--epochs", "2"])                   # requeued: continues
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 4]
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--resume", "yes"])
+    assert "argument --resume: invalid choice: 'yes'" in capsys.readouterr().err
+
+
+def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(capsys):
+    control = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
+    control.total_steps = 200 * 390                          # the paper's CIFAR-10 run: 200 epochs of 390 steps
+    control.estimate_once(seconds_per_step=2.0, step=20)      # 128 images in 2 s on a laptop
+    printed = capsys.readouterr().out
+    assert "at 64 images/s this run needs about 43 more hours" in printed and "--width 16" in printed
+    control.estimate_once(seconds_per_step=2.0, step=40)      # said once only
+    quick = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
+    quick.total_steps = 2 * 390
+    quick.estimate_once(seconds_per_step=2.0, step=20)        # 25 minutes: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_every_flag_of_every_script_has_help_and_shows_its_default(monkeypatch, capsys):
+    for script in (train, evaluate, segment, analyze, benchmark):
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        text = capsys.readouterr().out
+        options = re.findall(r"^  (--[a-z-]+)(.*)\n((?:\s{10,}.*\n)*)", text, re.M)
+        assert len(options) >= 8, script.__name__
+        for flag, rest, continuation in options:
+            assert (rest + continuation).strip(" {}[]A-Z_,.") != "", f"{script.__name__} {flag} has no help"
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    assert re.search(r"neighbours that vote \(default:\s+200\)", capsys.readouterr().out)
 
 
 # ---- bad arguments and inputs, refused before any work

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
+from data import (HelpFormatter, DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
                   WorkerBatches, append_jsonl, dataset_split, default_crop_sizes, drop_unreadable_images,
                   error_message, first_problem, refuse, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
                   uint8_dataset, write_atomically)
@@ -66,7 +66,7 @@ IN_MEMORY_BYTES = 4 * 2**30
 # Settings
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="folder = any DATA_DIR with train/<class>/* and test/<class>/* (or val/)")
@@ -91,7 +91,8 @@ def build_parser():
                         "(default: stop with an error naming the file)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=ARCHS)
+    g.add_argument("--arch", default="resnet18", choices=ARCHS,
+                   help="the paper's: resnet18 (CIFAR, STL-10, Food-101), resnet50 (ImageNet), vit_tiny (STL-10)")
     g.add_argument("--width", type=int, help="ResNet base width (64) or ViT width (192); smaller for laptops")
     g.add_argument("--depth", type=int, help="ViT blocks (12)")
     g.add_argument("--heads", type=int, help="ViT attention heads (3)")
@@ -111,7 +112,8 @@ def build_parser():
                    help="weight of H_local (1 = the MI estimate; lower learns faster early, Section VII-C)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--epochs", type=int, default=200,
+                   help="passes over the training set (paper: 200); 0 saves and evaluates the untrained network")
     g.add_argument("--batch-size", type=int, default=128, help="images per step (each gives V views)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01,
@@ -126,8 +128,8 @@ def build_parser():
     g = p.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, default=1,
                    help="online k-NN every N epochs and at the end (0: never); costs a pass over train+test")
-    g.add_argument("--knn-k", type=int, default=200)
-    g.add_argument("--knn-temperature", type=float, default=0.1)
+    g.add_argument("--knn-k", type=int, default=200, help="neighbours that vote in the online k-NN")
+    g.add_argument("--knn-temperature", type=float, default=0.1, help="T in the k-NN vote weight exp(s/T)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates")
     g.add_argument("--keep-every", type=int, default=0,
                    help="also keep OUT/ckpt-epochE.pt every N epochs (0: never), for linear-probe curves "
@@ -135,12 +137,15 @@ def build_parser():
 
     g = p.add_argument_group("system")
     g.add_argument("--out", help="run folder (default runs/DATASET-ARCH-kappaK)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt with its saved settings")
+    g.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue from OUT/ckpt.pt with its saved settings; --resume auto: continue if there is a "
+                        "checkpoint, else start (for a cluster's requeue script)")
     g.add_argument("--force", action="store_true",
                    help="start anew in an OUT that holds a run, deleting its checkpoints, log and probe results")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="fixes the initial weights, the data order and every augmentation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="under torchrun, each process takes the GPU of its LOCAL_RANK")
+                   help="cuda or cpu; under torchrun, each process takes the GPU of its LOCAL_RANK")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two")
     return p
@@ -176,6 +181,7 @@ def train(args, checkpoint, control):
                              local_crops=args.local_crops, global_scale=args.global_scale,
                              local_scale=args.local_scale, blur=args.blur)
     steps_per_epoch = order.batches_per_epoch
+    control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
     # ---- model and optimiser: `net` is the plain module (saved, evaluated), `model` what the step calls
     net = build_model(args, len(classes), control, precision.memory_format)
@@ -533,6 +539,8 @@ def resume_settings(args, argv):
     """--resume: the checkpoint and the run's settings, with the ones typed again that may change.
     Without --resume: refuses an OUT that holds a run, unless --force. Returns (args, checkpoint or None)."""
     checkpoint_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume == "auto":                  # a requeued job: continue where there is a checkpoint, else start
+        args.resume = os.path.exists(checkpoint_path)
     if args.resume and args.force:
         raise SystemExit("error: --resume continues the run in OUT and --force deletes it: pick one")
     if not args.resume:
@@ -661,6 +669,7 @@ class RunControl:
         # (step, loss terms) of the first non-finite loss; step -1 while there is none.
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
+        self.total_steps, self.estimated = None, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():    # handlers can only be set there
@@ -715,6 +724,7 @@ class RunControl:
                 bar.update()
                 log_now = steps % self.args.log_every == 0
                 if log_now:                         # the host waits for the device here, once per log_every steps
+                    self.estimate_once((time.time() - start) / steps, step + steps)
                     self.check_finite()
                     bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, steps).items() if k != "mi"},
                                     img_s=f"{steps * self.args.batch_size / (time.time() - start):.0f}")
@@ -725,6 +735,18 @@ class RunControl:
                     return
         finally:
             bar.close()
+
+    def estimate_once(self, seconds_per_step, step):
+        """Once the first steps are timed: if the whole run would take more than a few hours here, say so,
+        and how to try the method in minutes (a fresh machine runs the paper's 200 full-width epochs)."""
+        if self.estimated or not self.main_process or not self.total_steps:
+            return
+        self.estimated = True
+        hours = seconds_per_step * (self.total_steps - step) / 3600
+        if hours > 3:
+            tqdm.write(f"note: at {self.args.batch_size / seconds_per_step:.0f} images/s this run needs about "
+                       f"{hours:.0f} more hours on {self.device}. To try the method in minutes here, train the "
+                       f"README's laptop network: --width 16 --proj-hidden 512 --kappa 10 --no-blur --epochs 3")
 
     def watch(self, terms):
         """Record the step and terms (len(logged),) if the loss is the first non-finite one, on the device."""
