@@ -88,8 +88,9 @@ def knn_evaluate(backbone, dataset, data_dir, image_size, device, k=200, tempera
     skip_bad_images: leave out the files that fail to decode, as training does with --skip-bad-images."""
     train, test = (dataset_split(dataset, data_dir, split, eval_transform(image_size)) for split in ("train", "test"))
     if skip_bad_images:
-        drop_unreadable_images(train, workers)
-        drop_unreadable_images(test, workers)
+        dropped = drop_unreadable_images(train, workers) + drop_unreadable_images(test, workers)
+        if dropped:
+            print(f"warning: the k-NN leaves out {len(dropped)} unreadable image(s), for example {dropped[0]}")
     train = extract_features(backbone, train, device, workers=workers, desc="k-NN train features")
     test = extract_features(backbone, test, device, workers=workers, desc="k-NN test features")
     return knn_accuracy(train[0].to(device), train[1], test[0], test[1], k, temperature)

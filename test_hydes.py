@@ -1703,6 +1703,7 @@ def test_skip_bad_images_also_skips_them_in_the_monitors_k_nn(tmp_path, capsys):
     train.main(common + ["--skip-bad-images"])
     (record,) = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert 0 <= record["knn_top1"] <= 100
+    assert "the k-NN leaves out 1 unreadable image(s), for example " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
