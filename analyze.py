@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (HelpFormatter, GLOBAL_SCALE, DatasetError, MultiCrop, append_jsonl, dataset_split, default_crop_sizes,
-                  error_message, eval_transform, first_problem, read_jsonl, refuse, report_row, save_png,
-                  unnormalize, unwritable)
+from data import (GLOBAL_SCALE, DatasetError, HelpFormatter, MultiCrop, append_jsonl, dataset_split,
+                  default_crop_sizes, error_message, eval_transform, first_problem, read_jsonl, refuse, report_row,
+                  save_png, unnormalize, unwritable)
 from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments, cached_features,
                     checkpoint_argument_rules, extract_features, file_digest, load_for_probing,
                     parse_checkpoint_arguments)
@@ -178,8 +178,9 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, cen
 # Positive pairs: two views of one image under the training augmentation (Table III, Section VI-B)
 
 class TwoViews(torch.utils.data.Dataset):
-    """Item 2k is image k's first global crop, item 2k + 1 its second (DINO's two global recipes, as
-    data.MultiCrop makes them in training), so that extract_features returns pairs in adjacent rows."""
+    """Item 2k is image k's first global crop, item 2k + 1 its second (DINO's two global recipes, made by
+    data.MultiCrop, the PIL form of the batched crops training uses, from the image at its own size), so
+    that extract_features returns pairs in adjacent rows."""
 
     def __init__(self, dataset, indices, multicrop):
         self.dataset, self.indices, self.views = dataset, indices, multicrop.transforms[:2]
@@ -196,7 +197,7 @@ def positive_pair_features(backbone, dataset, data_dir, split, train_args, image
                            workers=2, seed=0):
     """Features (2, P, F) of two augmented views of P seeded random images of the split.
 
-    The augmentation is the checkpoint's training one (crop sizes, scales, blur); a torchvision-format
+    The augmentation is the checkpoint's training one (crop sizes, scales, blur); another library's
     backbone, which carries no training arguments, gets the defaults of data.MultiCrop."""
     args = train_args or {}
     global_size, local_size = default_crop_sizes(image_size)
@@ -682,6 +683,7 @@ def analyze_checkpoint(args, device):
     """Load, extract (or read cached) features, measure, draw, in Section VI's order; returns the result
     dict, whose "skipped" lists the reasons for the columns that could not be computed."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
+    os.makedirs(args.out, exist_ok=True)
     feats, labels, _ = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
                                        image_size, device, args.cache_dir, args.workers)
     class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
@@ -846,7 +848,7 @@ def plot_curves(curves, labels, metric, path, size=(720, 480)):
 
 
 def curves_main(argv):
-    p = argparse.ArgumentParser(prog="analyze.py curves",
+    p = argparse.ArgumentParser(prog="analyze.py curves", formatter_class=HelpFormatter,
                                 description="Learning curves of several train.py runs in one PNG (Figs. 6-8).")
     p.add_argument("runs", nargs="+", help="run folders (each with its log.jsonl)")
     p.add_argument("--metric", default="knn_top1",

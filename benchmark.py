@@ -13,8 +13,8 @@ For each input size it times, in one process and one after the other:
 The views are the paper's multi-crop: 2 x 32 + 6 x 16 px from 32 px images (CIFAR), 2 x 96 + 6 x 48 px
 from 96 px images (STL-10), all with DINO's blur and solarisation. The images are seeded uniform noise:
 these pipelines do the same work whatever the pixels. Images/s count source images, each giving 8 views.
-The per-image pipelines are single-threaded PIL code; in training they run in DataLoader workers, one
-per core, so on a k-core machine multiply their rate by at most k.
+The per-image pipelines are single-threaded PIL code; where other projects train with them they run in
+DataLoader workers, one per core, so on a k-core machine multiply their rate by at most k.
 
 Recorded on a 2-core x86 CPU (torch 2.14, batch 256, load average 1.8 from other work):
 
@@ -27,7 +27,7 @@ Recorded on a 2-core x86 CPU (torch 2.14, batch 256, load average 1.8 from other
     | cifar | 2x32 + 6x16 from 32 px |         4,787 |             415 |           335 |        11.5x |      14.3x |
     | stl10 | 2x96 + 6x48 from 96 px |           481 |             214 |           189 |         2.2x |       2.5x |
 
-In training the per-image pipelines run in one DataLoader worker per core, so on these 2 cores they give
+Run as other projects train, one DataLoader worker per core, on these 2 cores the per-image pipelines give
 at most twice their rate: 4,787 vs 2 x 335 is 7x at CIFAR size. The full-size training steps on this
 CPU (ResNet-18 at 32 px: 9 images/s; ViT-Tiny at 96 px: 24 images/s, batch 128) are far slower than
 either pipeline, so the crops' share of a step is within the timing noise here.
@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 import train
-from data import HelpFormatter, BatchedMultiCrop, MultiCrop, first_problem, refuse
+from data import BatchedMultiCrop, HelpFormatter, MultiCrop, first_problem, refuse
 from models import HyDeSModel, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10

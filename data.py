@@ -832,6 +832,7 @@ def save_png(picture, path):
 
 def append_jsonl(path, record):
     """Append one result as a JSON line: the files every script appends to (log.jsonl, eval.jsonl, ...)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -899,16 +900,16 @@ def refuse(problem):
 
 
 def unwritable(folder, option):
-    """Why `folder` cannot take this run's outputs (it cannot be made, or a file cannot be written in it:
-    read-only media, a path through a file), as a one-line message naming `option`; None if it can."""
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "x"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        return f"cannot write in {folder} ({error.strerror or error}); pass {option} with a writable folder"
+    """Why `folder` could not take a script's outputs (a path through a file, a read-only file system, no
+    permission), as a one-line message naming `option`; None if it could. Nothing is created: the nearest
+    folder that exists is asked."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot write in {folder} ({existing} is a file); pass {option} with a writable folder"
+    if not os.access(existing, os.W_OK):
+        return f"cannot write in {folder} (read-only or no permission); pass {option} with a writable folder"
     return None
 
 

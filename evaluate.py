@@ -3,11 +3,13 @@
     python evaluate.py runs/cifar10-resnet18-kappa1/ckpt.pt
     python evaluate.py resnet50_supervised.pth --arch resnet50 --dataset imagenet --data-dir /data/imagenet
 
-The checkpoint is one written by train.py (architecture and dataset read from it), or a plain
-torchvision-format backbone state_dict with --arch, so that other methods' published ResNets are probed
-by the same code. Features are extracted once with the evaluation transform (no augmentation) and cached
-on disk, keyed by the checkpoint's content, the dataset, its folder, the split and the resolution: a
-second probe of the same checkpoint costs nothing, a changed checkpoint is extracted anew.
+The checkpoint is one written by train.py (architecture and dataset read from it), or another library's
+with --arch (torchvision and timm state_dicts, Lightly, solo-learn, DINO: models.load_backbone finds the
+backbone and leaves the heads out), so that other methods' published networks are probed by the same
+code. Features are extracted once with the evaluation transform (no augmentation) and cached on disk,
+keyed by the checkpoint's content, the dataset, its folder, the split, its files and the resolution: a
+second probe of the same checkpoint extracts nothing, a changed checkpoint or split is extracted anew.
+`--export FILE` writes the backbone in torchvision's or timm's layout instead of probing it.
 
 k-NN (Wu et al. 2018, InstDisc; DINO): each test feature finds its k most similar training features by
 cosine similarity s; each neighbour votes for its class with weight exp(s / T); classes are ranked by
@@ -32,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (HelpFormatter, DatasetError, append_jsonl, dataset_split, drop_unreadable_images, error_message, eval_transform,
-                  first_problem, refuse, report_row, unwritable)
+from data import (DatasetError, HelpFormatter, append_jsonl, dataset_split, drop_unreadable_images, error_message,
+                  eval_transform, first_problem, refuse, report_row, unwritable)
 from models import (CheckpointError, add_checkpoint_arguments, cached_features, checkpoint_argument_rules,
                     export_backbone, extract_features, file_digest, load_for_probing, parse_checkpoint_arguments)
 
@@ -188,7 +190,8 @@ def check_args(args):
         (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
                                  f"scores nothing"),
         *checkpoint_argument_rules(args),
-    ]) or unwritable(args.cache_dir, "--cache-dir") or unwritable(os.path.dirname(os.path.abspath(args.json)), "--json")
+    ]) or (unwritable(os.path.dirname(os.path.abspath(args.export)), "--export") if args.export else
+           unwritable(args.cache_dir, "--cache-dir") or unwritable(os.path.dirname(os.path.abspath(args.json)), "--json"))
 
 
 def main(argv=None):
@@ -196,7 +199,7 @@ def main(argv=None):
     refuse(check_args(args))
     try:
         if args.export:
-            print(export_backbone(args.checkpoint, args.export, args.arch, args.image_size or 224))
+            print(export_backbone(args.checkpoint, args.export, args.arch, args.image_size or 224, args.checkpoint_key))
             return None
         result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:

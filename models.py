@@ -10,7 +10,9 @@ is the same code with smaller numbers.
 
 The end of the file holds what every script needs to run a network: the device's precision (autocast,
 grad scaling, memory layout), checkpoints written so that a kill never leaves a broken one and read so
-that a file never runs code, a frozen backbone loaded from one, and its features, extracted once and cached.
+that a file never runs code, a frozen backbone loaded from one (ours, or torchvision's, timm's, Lightly's,
+solo-learn's and DINO's), a backbone exported to torchvision's or timm's layout, and its features,
+extracted once and cached.
 """
 
 import argparse
@@ -427,6 +429,11 @@ def load_backbone(path, arch=None, image_size=None, device="cpu", checkpoint_key
                                   f"state_dict, name its architecture with --arch ({', '.join(ARCHS)})")
         backbone = build_backbone(arch, image_size)
         state, taken = foreign_backbone_state(checkpoint, backbone, checkpoint_key, path)
+        if "pos_embed" in state and state["pos_embed"].shape != backbone.pos_embed.shape:
+            # A ViT trained at another size (DINO's and timm's at 224 px) keeps its own grid of positions,
+            # resized at each forward pass to the probe's (VisionTransformer.positional_embedding).
+            patch, tokens = state["patch_embed.weight"].shape[-1], state["pos_embed"].shape[1]
+            backbone = build_backbone(arch, math.isqrt(tokens - 1) * patch)
         try:
             backbone.load_state_dict(state)                                      # strict: a mismatch is an error
         except RuntimeError as error:
@@ -434,8 +441,8 @@ def load_backbone(path, arch=None, image_size=None, device="cpu", checkpoint_key
             raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
         print(f"{path}: {taken}")
         if arch.startswith("resnet") and state["conv1.weight"].shape[-1] == 3:
-            print("note: a CIFAR-stem ResNet (3x3 conv1). solo-learn's pads its conv1 by 2, this project's by 1: "
-                  "its weights load, but its features are not quite the ones it was trained to give")
+            print("note: a CIFAR-stem ResNet (3x3 conv1), which this project pads by 1. If it comes from "
+                  "solo-learn, whose conv1 pads by 2, its weights load but its features differ from solo-learn's")
         info = {"arch": arch, "image_size": image_size, "method": os.path.splitext(os.path.basename(path))[0],
                 "train_args": None, "epoch": None}
     # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.
@@ -444,8 +451,8 @@ def load_backbone(path, arch=None, image_size=None, device="cpu", checkpoint_key
 
 # Where other libraries keep the backbone: bare (torchvision, timm, exported), under DataParallel's module.,
 # Lightly's and solo-learn's backbone. (Lightning's state_dict), DINO's (module.)backbone., and others'
-# encoder. or model.backbone. The first prefix that fills the most of the backbone's keys wins, so that a
-# momentum copy (backbone_momentum., momentum_backbone.) is never taken over the backbone itself.
+# encoder. or model.backbone. The prefix that fills most of the backbone's keys wins (the first, on a tie).
+# Momentum copies (backbone_momentum., momentum_backbone.) are under none of them, so never taken.
 BACKBONE_PREFIXES = ("", "backbone.", "module.", "module.backbone.", "encoder.", "module.encoder.", "model.backbone.")
 # The containers checkpoints keep their weights in, tried in this order: Lightning and solo-learn's
 # state_dict, torchvision's reference scripts' model, DINO's teacher (the network DINO evaluates).
@@ -501,15 +508,21 @@ def _renamed(key, pairs):
     return key
 
 
-def export_backbone(checkpoint_path, out_path, arch=None, image_size=None):
+def export_backbone(checkpoint_path, out_path, arch=None, image_size=224, checkpoint_key=None):
     """Write the backbone of a checkpoint as a plain state_dict in the layout the field loads: torchvision's
-    for ResNets, timm's for ViT-Tiny. Returns the lines of Python that load it (the README shows them)."""
-    backbone, info = load_backbone(checkpoint_path, arch, image_size)
+    for ResNets, timm's for ViT-Tiny. Returns the lines of Python that load it (the README shows them).
+    arch, image_size, checkpoint_key: for another library's checkpoint, as in load_backbone."""
+    backbone, info = load_backbone(checkpoint_path, arch, image_size, checkpoint_key=checkpoint_key)
     state, size = backbone.state_dict(), info["image_size"]
     if isinstance(backbone, VisionTransformer):
         state = to_timm(state)
+        shape = ""                  # a narrower or shallower ViT than ViT-Tiny says so to timm
+        dim, depth, heads = backbone.num_features, len(backbone.blocks), backbone.blocks[0].attn.heads
+        if (dim, depth, heads) != (192, 12, 3):
+            shape = f", embed_dim={dim}, depth={depth}, num_heads={heads}"
         how = (f'import timm, torch\nmodel = timm.create_model("vit_tiny_patch16_224", img_size={size}, '
-               f'patch_size={backbone.patch_size}, num_classes=0)\nmodel.load_state_dict(torch.load("{out_path}"))')
+               f'patch_size={backbone.patch_size}{shape}, num_classes=0)\n'
+               f'model.load_state_dict(torch.load("{out_path}"))')
     else:
         width = backbone.conv1.out_channels
         stem = ("" if backbone.conv1.kernel_size[0] == 7 else
@@ -526,7 +539,7 @@ def export_backbone(checkpoint_path, out_path, arch=None, image_size=None):
 
 def add_checkpoint_arguments(p):
     """The arguments that name a backbone and the data to probe it on (evaluate.py, analyze.py)."""
-    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
+    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or another library's checkpoint (with --arch)")
     p.add_argument("--arch", choices=ARCHS,
                    help="architecture of another library's checkpoint or state_dict (torchvision, timm, Lightly, "
                         "solo-learn, DINO): its backbone is found under the usual prefixes, its heads left out")

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (HelpFormatter, TO_NORMALISED_TENSOR, append_jsonl, error_message, first_problem, refuse, report_row, save_png,
-                  unnormalize, unwritable)
+from data import (TO_NORMALISED_TENSOR, HelpFormatter, append_jsonl, error_message, first_problem, refuse, report_row,
+                  save_png, unnormalize, unwritable)
 from models import ARCHS, CheckpointError, load_backbone, precision_for
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -301,6 +301,7 @@ def main(argv=None):
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
         val_set = VOCSegmentation(root, args.val_split, args.image_size)
+        os.makedirs(args.out, exist_ok=True)
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
         pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)

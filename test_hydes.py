@@ -871,6 +871,8 @@ def test_lightly_solo_learn_and_dino_checkpoints_give_their_backbone(tmp_path, c
     x = torch.randn(2, 3, 96, 96)
     teacher, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96)       # a Namespace inside: allowed
     assert torch.allclose(teacher(x), vit(x), atol=1e-6)
+    at_320, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 320)      # segment.py's size: its own grid
+    assert torch.allclose(at_320(x), vit(x), atol=1e-6)
     assert "took 150 tensors under 'backbone.' of 'teacher'; left out head." in capsys.readouterr().out
     student, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="student")
     reference = models.build_backbone("vit_tiny", 96).eval()
@@ -1511,6 +1513,13 @@ def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it
     train.main(common + ["--epochs", "2"])                   # requeued: continues
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 4]
+    capsys.readouterr()
+    train.main(common + ["--epochs", "0"])                   # nothing left to train: the run is left as it was
+    assert "has trained 2 epochs already; raise --epochs" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2, 4]
+    with pytest.raises(SystemExit, match="pick one"):       # refused on the first start and on every requeue
+        train.main(common + ["--epochs", "2", "--force"])
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--resume", "yes"])
     assert "argument --resume: invalid choice: 'yes'" in capsys.readouterr().err
@@ -1801,11 +1810,12 @@ def test_benchmark_arguments_are_checked():
 def test_an_output_folder_that_cannot_be_written_is_named_in_one_line(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     blocked = str(tmp_path / "file" / "out")                   # a path through a file: nothing can be made there
-    with pytest.raises(SystemExit, match=rf"^error: cannot write in {blocked} \(Not a directory\); pick a writable --out"):
+    with pytest.raises(SystemExit, match=rf"^error: cannot write in {blocked} \({tmp_path / 'file'} is a file\); pass --out"):
         train.main(tiny_run(tmp_path) + ["--out", blocked, "--epochs", "1"])
     for script, option in ((evaluate, "--cache-dir"), (analyze, "--out"), (segment, "--out")):
         with pytest.raises(SystemExit, match=f"^error: cannot write in .*; pass {option} with a writable folder"):
             script.main([str(tmp_path / "ckpt.pt"), option, blocked])
+    assert sorted(os.listdir(tmp_path)) == ["file", "images"]     # nothing made while checking
 
 
 # ---- whole runs

@@ -11,14 +11,15 @@ alpha = beta = 1, DINO multi-crop with 2 global and 6 local views.
 One step of `train()`: a batch of B uint8 images, already on the training device, becomes V = 8 views
 (data.BatchedMultiCrop); the backbone and projector map them to z (V, B, D) on the sphere S^{D-1}
 (models.HyDeSModel); AdamW takes a step on loss = beta H_local - alpha H_global (hydes.hydes_loss,
-Eqs. 2-4). Every epoch ends with a line in OUT/log.jsonl (loss, H_global, H_local, MI, lr, images/s and,
-every --eval-every epochs, the online k-NN top-1 that Figures 6-8 plot), and OUT/ckpt.pt is rewritten
-(model, optimiser, grad scaler, step, random-number states, data order and the arguments, in args.json
-too).
+Eqs. 2-4). Every epoch ends with OUT/ckpt.pt rewritten (model, optimiser, grad scaler, step, random-number
+states, data order, the arguments, which args.json holds too, and the epoch's log line), then, every
+--eval-every epochs, the online k-NN that Figures 6-8 plot, then a line in OUT/log.jsonl (loss, H_global,
+H_local, MI, lr, images/s, k-NN top-1 and top-5).
 
-The file reads in that order: the settings, main(), train(), the step, the helpers train() calls, and
-at the end, under its own heading, run control: what stops a run early (Ctrl-C, a cluster's SIGTERM,
---max-minutes, a non-finite loss, dead loading workers), decided alike on every torchrun process.
+The file reads in that order: the parser, main(), train(), the step, the helpers train() calls, the
+checks of the settings, and at the end, under its own heading, run control: what stops a run early
+(Ctrl-C, a cluster's SIGTERM, --max-minutes, a non-finite loss, dead loading workers), decided alike on
+every torchrun process, and the lock that keeps a second run out of the folder.
 `--resume` continues bit for bit on CPU: the data order and every augmentation are functions of --seed
 and the step, and the checkpoint holds the rest.
 """
@@ -41,10 +42,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (HelpFormatter, DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, InMemoryBatches,
-                  WorkerBatches, append_jsonl, dataset_split, default_crop_sizes, drop_unreadable_images,
-                  error_message, first_problem, refuse, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
-                  uint8_dataset, write_atomically)
+from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, HelpFormatter,
+                  InMemoryBatches, WorkerBatches, append_jsonl, dataset_split, default_crop_sizes,
+                  drop_unreadable_images, error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
+                  refuse, uint8_dataset, unwritable, write_atomically)
 from evaluate import knn_evaluate
 from hydes import hydes_loss, infonce_loss
 from models import (ARCHS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load, save_checkpoint,
@@ -63,7 +64,7 @@ IN_MEMORY_BYTES = 4 * 2**30
 
 
 # ----------------------------------------------------------------------------------------------------
-# Settings
+# The settings (checked further down, in `settings`)
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -173,7 +174,6 @@ def train(args, checkpoint, control):
     """Pre-train for args.epochs; `control` decides when to stop early (see RunControl)."""
     device, logged = control.device, LOGGED[args.method]
     precision = precision_for(device, args.arch)      # autocast (bf16 on GPUs, none on CPUs), scaler, layout
-    seed_everything(args.seed)                                               # the initial weights
 
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
     batches, order, classes = training_data(args, control)
@@ -184,6 +184,7 @@ def train(args, checkpoint, control):
     control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
     # ---- model and optimiser: `net` is the plain module (saved, evaluated), `model` what the step calls
+    seed_everything(args.seed)     # here, not earlier: DataLoaders draw from torch's stream as data load
     net = build_model(args, len(classes), control, precision.memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = restore(checkpoint, net, optimizer, precision.scaler, steps_per_epoch) if checkpoint else 0
@@ -198,7 +199,7 @@ def train(args, checkpoint, control):
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
     # ---- the loop. Each step: multi-crop views -> z on the sphere -> loss (Eq. 4) -> AdamW. Each epoch: a
-    # line in the log, the online k-NN every --eval-every epochs, a checkpoint.
+    # checkpoint, the online k-NN every --eval-every epochs, a line in the log.
     for epoch in range(step // steps_per_epoch, args.epochs):           # a resumed run starts in its epoch
         model.train()
         order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)   # skip the batches already trained
@@ -230,7 +231,9 @@ def train(args, checkpoint, control):
         if control.stop_after_save(step):
             break
 
-    if args.epochs == 0:     # the random-initialisation baseline: the same network, saved and evaluated untrained
+    if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
+        print(f"{args.out} has trained {step // steps_per_epoch} epochs already; raise --epochs to train further")
+    if args.epochs == 0 and checkpoint is None:     # the untrained baseline: the same network, saved and evaluated
         end_of_epoch({"epoch": 0, "step": 0}, args.eval_every, net, optimizer, precision.scaler, steps_per_epoch,
                      args, control)
 
@@ -351,11 +354,13 @@ def online_knn(net, args, control):
     """The k-NN top-1 and top-5 of the backbone (evaluate.py's functions): process 0 evaluates while the
     others wait for it."""
     result = {}
-    if control.main_process:
-        result["knn_top1"], result["knn_top5"] = knn_evaluate(
-            net.backbone, args.dataset, args.data_dir, args.global_size, control.device, args.knn_k,
-            args.knn_temperature, args.workers, args.skip_bad_images)
-    control.barrier()
+    try:
+        if control.main_process:
+            result["knn_top1"], result["knn_top5"] = knn_evaluate(
+                net.backbone, args.dataset, args.data_dir, args.global_size, control.device, args.knn_k,
+                args.knn_temperature, args.workers, args.skip_bad_images)
+    finally:
+        control.barrier()    # reached by every process, also when process 0's k-NN was cut short
     return result
 
 
@@ -482,7 +487,7 @@ def settings(argv):
             print(f"note: {args.data_dir}/train holds images of {len(sizes)} sizes (shorter sides {min(sides)} to "
                   f"{max(sides)} px); crops follow the median shorter side, {native} px: "
                   f"{args.global_size} and {args.local_size} px (--global-size and --local-size set them)")
-    refuse(problem or check_crop_sizes(args))
+    refuse(problem or check_crop_sizes(args) or unwritable(args.out, "--out"))
     return args, checkpoint
 
 
@@ -539,10 +544,10 @@ def resume_settings(args, argv):
     """--resume: the checkpoint and the run's settings, with the ones typed again that may change.
     Without --resume: refuses an OUT that holds a run, unless --force. Returns (args, checkpoint or None)."""
     checkpoint_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume == "auto":                  # a requeued job: continue where there is a checkpoint, else start
-        args.resume = os.path.exists(checkpoint_path)
     if args.resume and args.force:
         raise SystemExit("error: --resume continues the run in OUT and --force deletes it: pick one")
+    if args.resume == "auto":                  # a requeued job: continue where there is a checkpoint, else start
+        args.resume = os.path.exists(checkpoint_path)
     if not args.resume:
         if not args.force and any(os.path.exists(os.path.join(args.out, f)) for f in ("ckpt.pt", "log.jsonl")):
             raise SystemExit(f"error: {args.out} holds a run; pass --resume to continue it, --force to replace it, "
@@ -645,8 +650,10 @@ class RunControl:
 
     - A signal: the first Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption) asks to stop after the
       current step, so that no step is cut in half; the run saves and exits with the command that resumes.
-      The handlers are then restored, so a second Ctrl-C stops at once (the checkpoint on disk is whole,
-      by save_checkpoint's rename).
+      Ctrl-C's handler is then restored, so a second Ctrl-C stops at once (the checkpoint on disk is
+      whole, by save_checkpoint's rename); a second SIGTERM (torchrun forwards the one it receives) is
+      ignored, for it must not kill the process before its save. A signal before the first step, while
+      the data load, stops the run at once: there is nothing to save yet.
     - Loading workers that died: a SIGTERM to the whole job ends them too, and the next batch never
       comes. Every step taken is whole, so the run saves as for the signal. Without a signal it is an error.
     - The time budget (--max-minutes): the run saves, runs the final k-NN and ends normally.
@@ -665,7 +672,7 @@ class RunControl:
         self.started = time.time()
         self.received = None                       # the first signal received, if any
         self.signalled = self.out_of_time = False  # the agreed reasons to stop
-        self.previous_handlers, self.lock = {}, None
+        self.previous_handlers, self.lock, self.training = {}, None, False
         # (step, loss terms) of the first non-finite loss; step -1 while there is none.
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
@@ -692,16 +699,23 @@ class RunControl:
         self.previous_handlers = {}
 
     def handle(self, signum, frame):
+        if not self.training:       # still loading data or building the model: nothing to save, stop at once
+            raise SystemExit(128 + signum)
+        if self.received is not None:               # a second SIGTERM: torchrun forwards the one it got
+            return
         self.received = signum
-        self.restore_handlers()
+        # A second Ctrl-C stops at once (the checkpoint on disk is whole, by save_checkpoint's rename).
+        signal.signal(signal.SIGINT, self.previous_handlers.get(signal.SIGINT, signal.default_int_handler))
         # PyTorch's DataLoader raises from a SIGCHLD handler, at whatever line runs, when a worker dies.
         # After a SIGTERM to the whole job the workers die too; the step in progress and the save must not
-        # be cut short by that (a dead worker is still reported if another batch is asked for).
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # be cut short by that (a dead worker is still reported if another batch is asked for). The
+        # handler comes back with the others in __exit__.
+        self.previous_handlers.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
     def batches(self, batches, step, sums, description):
         """The epoch's batches with a progress bar, until the epoch ends or a stop is agreed. `step`: the
         run's step at the first batch; `sums`: the logged terms summed so far, for the bar."""
+        self.training = True
         self.device_step = torch.tensor(float(step), device=self.device)   # float32 counts steps exactly to 2^24
         bar = tqdm(total=len(batches), desc=description, dynamic_ncols=True, disable=not self.main_process)
         iterator, steps, start = iter(batches), 0, time.time()
@@ -763,6 +777,8 @@ class RunControl:
         others = ", ".join(f"{k} {v}" for k, v in terms.items() if k not in ("loss", "mi"))
         path = os.path.join(self.args.out, "ckpt.pt")
         kept = f"the last good checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint had been written yet"
+        if not self.main_process:   # process 0 names the step and terms it saw; the others stop quietly
+            raise SystemExit(1)
         raise SystemExit(f"error: the loss became {terms['loss']} at step {int(steps_before) + 1} ({others}); "
                          f"{kept}. Likely causes: a learning rate too high (lower --lr), or fp16 overflow at a "
                          f"large --kappa on a GPU without bf16 (lower --kappa)")
@@ -793,7 +809,7 @@ class RunControl:
             if self.received is None:
                 raise
             result = {}
-        self.signalled = self.agreed(self.signalled or self.received is not None)[0]
+        self.signalled = self.agreed(self.received is not None)[0]
         return result
 
     def stop_after_save(self, step):
