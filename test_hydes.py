@@ -1506,6 +1506,17 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
     assert info["method"] == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
 
 
+def test_the_time_budget_stops_after_a_step_saves_and_still_runs_the_k_nn(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "5", "--max-minutes", "1e-6", "--eval-every", "5",
+                                     "--knn-k", "3"])            # returns normally, unlike a signalled stop
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    (record,) = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert saved["step"] == 1 and record["step"] == 1 and record["epoch"] == 0.5   # one step of a 2-step epoch
+    assert 0 <= record["knn_top1"] <= 100                        # the final k-NN, though not an --eval-every epoch
+    assert f"stopped after 1e-06 minutes at step 1; checkpoint {out / 'ckpt.pt'}" in capsys.readouterr().out
+
+
 def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it(tmp_path, capsys):
     common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--resume", "auto"]
     train.main(common + ["--epochs", "1"])                   # a cluster's first start: nothing to resume

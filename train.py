@@ -659,10 +659,11 @@ class RunControl:
     - The time budget (--max-minutes): the run saves, runs the final k-NN and ends normally.
     - A non-finite loss: the run stops naming the step and the terms, and its weights are never saved.
       It is recorded on the device at every step (`watch`) and read only where the host waits anyway.
-    - Agreement: under torchrun all processes must stop after the same step and take the same path (a
-      signal skips the k-NN, the time budget does not). Agreeing is an all_reduce, which waits for every
-      process and for the device, so with several processes it happens at log steps only, where the
-      progress bar already waits for the device; a lone process checks its host-side flags every step.
+    - Agreement: under torchrun all processes must stop before the same step and take the same path (a
+      signal skips the k-NN, the time budget does not), or one would wait forever in a collective the
+      others never reach: a process whose loading workers died, say, while the others still have batches.
+      So before every step the processes agree on (no batch, a stop asked, out of time), by an all_reduce
+      of three numbers over a CPU (gloo) group: it waits for the other processes' hosts, never for a GPU.
     """
 
     def __init__(self, args, rank, world_size, device):
@@ -677,6 +678,9 @@ class RunControl:
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
         self.total_steps, self.estimated = None, False
+        # Host-side agreement between processes: a gloo group over the same processes (NCCL's would wait
+        # for the GPU). Every process builds it here, in the same order, as new_group requires.
+        self.host_group = dist.new_group(backend="gloo") if world_size > 1 else None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():    # handlers can only be set there
@@ -715,38 +719,38 @@ class RunControl:
     def batches(self, batches, step, sums, description):
         """The epoch's batches with a progress bar, until the epoch ends or a stop is agreed. `step`: the
         run's step at the first batch; `sums`: the logged terms summed so far, for the bar."""
-        self.training = True
+        if not self.training:       # the time budget counts training, not the data's loading
+            self.training, self.started = True, time.time()
         self.device_step = torch.tensor(float(step), device=self.device)   # float32 counts steps exactly to 2^24
         bar = tqdm(total=len(batches), desc=description, dynamic_ncols=True, disable=not self.main_process)
         iterator, steps, start = iter(batches), 0, time.time()
         try:
             while True:
+                batch, workers_gone = None, False
                 try:
                     batch = next(iterator)
                 except StopIteration:
-                    return
+                    pass
                 except DatasetError as error:       # an unreadable image, met by a loading worker
                     raise SystemExit(f"error: {error_message(error)}; the last checkpoint "
                                      f"{os.path.join(self.args.out, 'ckpt.pt')} is intact")
                 except RuntimeError:                # the loading workers are gone: after a signal, a stop
                     if self.received is None:
                         raise
-                    self.signalled = True
+                    workers_gone = True
+                over_budget = steps > 0 and bool(self.args.max_minutes) and self.minutes() > self.args.max_minutes
+                ended, self.signalled, self.out_of_time = self.agreed(
+                    batch is None and not workers_gone, self.received is not None or workers_gone, over_budget)
+                if ended or self.signalled or self.out_of_time:
                     return
                 yield batch
                 steps += 1
                 bar.update()
-                log_now = steps % self.args.log_every == 0
-                if log_now:                         # the host waits for the device here, once per log_every steps
+                if steps % self.args.log_every == 0:    # the host waits for the device here, once in log_every steps
                     self.estimate_once((time.time() - start) / steps, step + steps)
                     self.check_finite()
                     bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, steps).items() if k != "mi"},
                                     img_s=f"{steps * self.args.batch_size / (time.time() - start):.0f}")
-                if self.world_size == 1 or log_now:
-                    over_budget = bool(self.args.max_minutes) and self.minutes() > self.args.max_minutes
-                    self.signalled, self.out_of_time = self.agreed(self.received is not None, over_budget)
-                if self.signalled or self.out_of_time:
-                    return
         finally:
             bar.close()
 
@@ -830,12 +834,12 @@ class RunControl:
         return self.out_of_time
 
     def agreed(self, *flags):
-        """Each flag made true on every process if it is true on any; the flags themselves without data
-        parallelism. One all_reduce, a host-device synchronisation: call it sparingly."""
+        """Each flag (a host-side bool) made true on every process if it is true on any; the flags
+        themselves without data parallelism. One small all_reduce on the CPU group: no GPU involved."""
         if self.world_size == 1:
             return flags
-        flags = torch.tensor([float(f) for f in flags], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = torch.tensor([float(f) for f in flags])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.host_group)
         return tuple(f > 0 for f in flags.tolist())
 
     def barrier(self):
