@@ -198,6 +198,9 @@ def train(args, checkpoint, control):
               f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}"
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
+    if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
+        print(f"{args.out} has trained {step // steps_per_epoch} epochs already; raise --epochs to train further")
+
     # ---- the loop. Each step: multi-crop views -> z on the sphere -> loss (Eq. 4) -> AdamW. Each epoch: a
     # checkpoint, the online k-NN every --eval-every epochs, a line in the log.
     for epoch in range(step // steps_per_epoch, args.epochs):           # a resumed run starts in its epoch
@@ -231,8 +234,6 @@ def train(args, checkpoint, control):
         if control.stop_after_save(step):
             break
 
-    if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
-        print(f"{args.out} has trained {step // steps_per_epoch} epochs already; raise --epochs to train further")
     if args.epochs == 0 and checkpoint is None:     # the untrained baseline: the same network, saved and evaluated
         end_of_epoch({"epoch": 0, "step": 0}, args.eval_every, net, optimizer, precision.scaler, steps_per_epoch,
                      args, control)
