@@ -5,7 +5,7 @@
     python analyze.py curves runs/kappa0.1 runs/kappa1 runs/kappa10 --out fig7.png     # Figs. 6-8
 
 For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
-(default test; extracted once and cached, shared with evaluate.py), it reports:
+(default test; extracted once in float32 and cached, shared with evaluate.py on a CPU), it reports:
 
   Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank
                                       and embedding rank (effective and numerical), d', mean +- std
@@ -209,7 +209,7 @@ def positive_pair_features(backbone, dataset, data_dir, split, train_args, image
     torch.manual_seed(seed)                                     # the crops are random: make them repeatable
     random.seed(seed)
     feats, _ = extract_features(backbone, TwoViews(images, indices, multicrop), device, workers=workers,
-                                desc="positive pairs")
+                                desc="positive pairs", exact=True)
     return feats.view(len(indices), 2, -1).transpose(0, 1)      # (2P, F) -> (P, 2, F) -> (2, P, F)
 
 
@@ -684,8 +684,9 @@ def analyze_checkpoint(args, device):
     dict, whose "skipped" lists the reasons for the columns that could not be computed."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
     os.makedirs(args.out, exist_ok=True)
+    # float32 features (exact): the numerical ranks of Table III count singular values above float32 noise
     feats, labels, _ = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
-                                       image_size, device, args.cache_dir, args.workers)
+                                       image_size, device, args.cache_dir, args.workers, exact=True)
     class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
     if len(set(labels.tolist())) < 2:
         raise DatasetError(f"{dataset} has fewer than 2 classes in its {args.split} split; the analysis compares classes")

@@ -591,14 +591,19 @@ def load_for_probing(args, device):
 # Frozen features, extracted once and cached
 
 @torch.no_grad()
-def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features"):
-    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64."""
+def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False):
+    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64.
+
+    exact=False: under the device's autocast (bf16 on most GPUs), fast and enough for the probes, whose
+    accuracies do not move with the last bits. exact=True: in float32 throughout, for analyze.py, whose
+    numerical ranks count singular values above float32 rounding: bf16's 8-bit mantissa rounds every
+    feature by ~0.4% and fills the null space, so a rank-16 matrix comes out as rank 200 or more."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    autocast = precision_for(device).autocast
+    autocast = nullcontext() if exact else precision_for(device).autocast
     for images, targets in tqdm(loader, desc=desc, leave=False):
         with autocast:
             features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
@@ -628,15 +633,19 @@ def split_fingerprint(data):
 
 
 def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
-                    workers=2):
+                    workers=2, exact=False):
     """extract_features for one split, read from cache_dir when the same key was extracted before.
     Returns (features (N, F), labels (N,), whether they came from the cache).
 
-    The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, and the split's
-    files (split_fingerprint). A cache file that cannot be read (cut short, say) is extracted anew."""
+    The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, the split's files
+    (split_fingerprint), and the precision of the forward pass (exact: see extract_features), so that
+    features extracted under a GPU's bf16 never stand in for float32 ones. A cache file that cannot be
+    read (cut short, say) is extracted anew."""
     data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
     key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
-           "split": split, "image_size": image_size, "files": split_fingerprint(data)}
+           "split": split, "image_size": image_size, "files": split_fingerprint(data),
+           "precision": str(torch.float32 if exact else getattr(precision_for(device).autocast, "fast_dtype",
+                                                                torch.float32))}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
     if os.path.exists(path):
@@ -646,7 +655,8 @@ def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image
                 return cached["features"], cached["labels"], True
         except Exception as error:   # any unreadable file (zip, pickle, EOF errors): extract anew, say so
             print(f"warning: the feature cache {path} is unreadable ({type(error).__name__}); extracting anew")
-    features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features")
+    features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features",
+                                        exact=exact)
     os.makedirs(cache_dir, exist_ok=True)
     write_atomically(path, lambda f: torch.save({"key": key, "features": features, "labels": labels}, f))
     return features, labels, False

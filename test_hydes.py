@@ -975,6 +975,32 @@ def test_a_file_holding_a_bare_tensor_is_refused_in_one_line(tmp_path):
 
 # ---- the frozen-feature cache
 
+def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps_precisions_apart(tmp_path,
+                                                                                                  monkeypatch):
+    # Why: bf16 rounding fills a low-rank matrix's null space, and Table III's numerical rank counts it.
+    generator = torch.Generator().manual_seed(0)
+    rank_16 = torch.randn(500, 16, generator=generator) @ torch.randn(16, 256, generator=generator)   # (500, 256)
+    assert analyze.matrix_ranks(rank_16)[1] == 16 and analyze.matrix_ranks(rank_16.bfloat16().float())[1] > 100
+    # A device whose autocast is bf16 (a GPU's), emulated on the CPU
+    monkeypatch.setattr(models, "precision_for", lambda device, arch=None: models.Precision(
+        torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False), torch.contiguous_format))
+    for cls in ("a", "b"):
+        write_images(tmp_path / "images" / "train" / cls, 3)
+    backbone = models.build_backbone("resnet18", 32, width=8).eval()
+
+    def features(exact):
+        return models.cached_features(backbone, "digest", "folder", str(tmp_path / "images"), "train", 32,
+                                      torch.device("cpu"), str(tmp_path / "cache"), workers=0, exact=exact)
+
+    fast, exact = features(False), features(True)
+    assert exact[2] is False and len(os.listdir(tmp_path / "cache")) == 2     # never read from the bf16 cache
+    split = data.dataset_split("folder", str(tmp_path / "images"), "train", data.eval_transform(32))
+    with torch.no_grad():
+        reference = backbone(torch.stack([split[i][0] for i in range(len(split))]))    # float32, no autocast
+    assert torch.allclose(exact[0], reference, atol=1e-5) and not torch.allclose(fast[0], reference, atol=1e-5)
+    assert analyze.matrix_ranks(exact[0]) == analyze.matrix_ranks(reference)
+
+
 def test_the_feature_cache_is_reused_and_renewed_by_a_new_checkpoint_new_files_or_an_unreadable_cache(
         tmp_path, monkeypatch, capsys):
     for cls in ("a", "b"):
