@@ -342,7 +342,7 @@ def adjust_hue(x, shift):
     hue = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * chroma, r - g + 4 * chroma))
     hue = hue / chroma.clamp_min(1e-12) + 6 * per_image(shift, x)[:, 0]       # (B, h, w), in [-1.6, 5.6]
     hue = torch.where(hue < 0, hue + 6, hue)                                   # -> [0, 6)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)           # R, G, B
     k = n + hue.unsqueeze(1)                                                   # (B, 3, h, w), in [1, 11)
     k = torch.where(k >= 6, k - 6, k)                                          # mod 6, cheaper than fmod
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
@@ -809,12 +809,15 @@ def drop_unreadable_images(dataset, workers=0):
 # Shared by every script: pictures, and results as JSON lines and Markdown rows
 
 @lru_cache(maxsize=None)
+def constant(values, device, dtype):
+    """A small tensor of `values` (a tuple) on `device`, made once per device and dtype: a tensor built
+    from a Python list on a GPU is a copy the host waits for, which a training step should not."""
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
 def imagenet_statistics(device, dtype):
-    """ImageNet's channel mean and std as (3, 1, 1) tensors, made once per device and dtype: a tensor
-    built from a Python list on a GPU is a copy the host waits for, which a training step should not."""
-    def column(values):
-        return torch.tensor(values, dtype=dtype).view(3, 1, 1).to(device)
-    return column(IMAGENET_MEAN), column(IMAGENET_STD)
+    """ImageNet's channel mean and std as (3, 1, 1) tensors on `device`."""
+    return constant(IMAGENET_MEAN, device, dtype).view(3, 1, 1), constant(IMAGENET_STD, device, dtype).view(3, 1, 1)
 
 
 def unnormalize(x):

@@ -1589,6 +1589,45 @@ def test_every_flag_of_every_script_has_help_and_shows_its_default(monkeypatch, 
     assert re.search(r"neighbours that vote \(default:\s+200\)", capsys.readouterr().out)
 
 
+# ---- no host waits in the step
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_for_the_device(arch, monkeypatch):
+    # Tensors on the meta device have shapes but no values: any read of a device value on the host (.item(),
+    # .tolist(), bool(), a nonzero() the next step depends on) raises there. The step, its crops, every
+    # objective, AdamW and the loop's bookkeeping must run without one, or a GPU's host would wait for it.
+    class AutocastOnMeta(torch.autocast):          # torch.autocast knows no meta device: off, as on the CPU
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", AutocastOnMeta)
+    meta = torch.device("meta")
+    shape = ["--width", "16"] if arch == "resnet18" else ["--width", "24", "--depth", "2", "--heads", "2"]
+    for method in ("hydes", "infonce", "supervised"):
+        args = train.build_parser().parse_args(["--arch", arch, "--method", method, "--proj-hidden", "64",
+                                                "--proj-dim", "16", *shape])
+        net = models.HyDeSModel(models.build_backbone(arch, 32, args.width, args.depth, args.heads), 64, 16,
+                                10 if method == "supervised" else None).to(meta)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        control = train.RunControl(args, 0, 1, meta)
+        control.device_step = torch.tensor(0.0, device=meta)
+        crops, precision = data.BatchedMultiCrop(32, 16), models.precision_for(torch.device("cpu"), arch)
+        images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=meta)
+        labels = torch.empty(8, dtype=torch.int64, device=meta)
+        sums = torch.zeros(len(train.LOGGED[method]), device=meta)
+        for step in range(2):                      # the loop body of train(), step for step
+            for group in optimizer.param_groups:
+                group["lr"] = train.learning_rate(args, step, 10)
+            views = crops(images, train.augmentation_generator(0, step, 0))
+            terms = train.training_step(net, views, labels, optimizer, precision, args)
+            sums += terms
+            control.watch(terms)
+        assert terms.device == meta and sums.shape == (len(train.LOGGED[method]),)
+        assert [v.shape for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 6
+        with pytest.raises(Exception):             # the test would catch a host read: here is one
+            sums.tolist()
+
+
 # ---- bad arguments and inputs, refused before any work
 
 BAD_TRAINING_ARGUMENTS = [
