@@ -96,8 +96,8 @@ def read_rgb(path):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise DatasetError(f"cannot read image {path} ({str(error).splitlines()[0]}); delete or replace the "
-                           f"file (train.py --skip-bad-images leaves such files out)") from None
+        raise DatasetError(f"cannot read image {path} ({str(error).splitlines()[0]}); delete or replace the file "
+                           f"(train.py --skip-bad-images leaves such files out of training and of its k-NN)") from None
 
 
 # ----------------------------------------------------------------------------------------------------
