@@ -671,7 +671,7 @@ class RunControl:
         self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
         self.main_process = rank == 0              # the one that prints, logs, evaluates and saves
         self.logged = LOGGED[args.method]
-        self.started = time.time()
+        self.started = time.time()                 # restarted at the first step: the budget counts training
         self.received = None                       # the first signal received, if any
         self.signalled = self.out_of_time = False  # the agreed reasons to stop
         self.previous_handlers, self.lock, self.training = {}, None, False
