@@ -90,15 +90,16 @@ def _shortcut(in_planes, out_planes, stride):
 class ResNet(nn.Module):
     """ResNet backbone returning the globally pooled feature (B, C).
 
-    small_images: the CIFAR stem (3x3 stride-1 conv, no max-pool) used for images of at most 64 px,
-    where the ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 32 px image to 8 px at once.
-    With the ImageNet stem and width 64 the state_dict loads, strictly, into
-    torchvision.models.resnet18/50() once its fc is replaced by nn.Identity().
+    stem "imagenet": the 7x7 stride-2 convolution and 3x3 max-pool of He et al. (torchvision's and timm's
+    resnet18/50), which shrink a 32 px image to 8 px before the first block. stem "cifar": a 3x3 stride-1
+    convolution and no max-pool, the usual choice for 32-64 px images. With the ImageNet stem and width
+    64 the state_dict loads, strictly, into torchvision.models.resnet18/50() once its fc is replaced by
+    nn.Identity().
     """
 
-    def __init__(self, block, layers, width=64, small_images=False):
+    def __init__(self, block, layers, width=64, stem="imagenet"):
         super().__init__()
-        if small_images:
+        if stem == "cifar":
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
         else:
@@ -264,17 +265,22 @@ def vit_patch_size(image_size):
     return 16 if image_size >= 96 else 4
 
 
-def build_backbone(arch, image_size, width=None, depth=None, heads=None):
+STEMS = ("imagenet", "cifar")
+
+
+def build_backbone(arch, image_size, width=None, depth=None, heads=None, stem=None):
     """A backbone by name. width/depth/heads shrink it for laptops; None keeps the standard size.
 
-    arch: resnet18 | resnet50 | vit_tiny. image_size: the global crop size, which picks the ResNet stem
-    and the ViT patch size and positional grid.
+    arch: resnet18 | resnet50 | vit_tiny. image_size: the global crop size, which picks the ViT's patch
+    size and positional grid. stem (ResNets): "imagenet" or "cifar" (see ResNet); None picks by size,
+    the CIFAR stem up to 64 px, which is what another library's small-image ResNet usually has.
     """
     if arch in ("resnet18", "resnet50"):
         if depth is not None or heads is not None:
             raise ValueError(f"--depth and --heads apply to vit_tiny only, not {arch}")
         block, layers = (BasicBlock, [2, 2, 2, 2]) if arch == "resnet18" else (Bottleneck, [3, 4, 6, 3])
-        return ResNet(block, layers, width=width or 64, small_images=image_size <= 64)
+        stem = stem or ("cifar" if image_size <= 64 else "imagenet")
+        return ResNet(block, layers, width=width or 64, stem=stem)
     if arch == "vit_tiny":
         dim, heads = width or 192, heads or 3
         if dim % heads:
@@ -301,39 +307,51 @@ class HyDeSModel(nn.Module):
     """Backbone + projector + L2 normalisation: a list of views -> embeddings z of shape (V, B, D).
 
     With `num_classes` the head is instead a linear classifier and the output its logits (V, B, C),
-    unnormalised: the supervised baseline of Table I, same backbone, same views (train.py --method).
+    unnormalised: the supervised baseline of Table I, same backbone (train.py --method).
+
+    per_view: how the views go through the network, which matters only through BatchNorm, whose
+    training-mode statistics are those of the batch it is given:
+    - True, one call per view (the paper's setup: its Lightly training steps embed each view on its
+      own), so every BatchNorm layer, in the backbone and in the projector, normalises B images of one
+      view at a time;
+    - False, one backbone call per resolution (DINO's official code), so BatchNorm sees the 2B global
+      crops together, then the 6B local crops, and the projector's BatchNorm all N = V*B embeddings at
+      once: fewer, larger calls, faster on a GPU. Which trains better is measured in the README.
+    In eval mode the two give the same output.
     """
 
-    def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None):
+    def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None, per_view=True):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
+        self.per_view = per_view
         if num_classes is None:
             self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
         else:
             self.classifier = nn.Linear(backbone.num_features, num_classes)
 
     def forward(self, views):
-        """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals).
-
-        As DINO does, consecutive views of the same resolution are concatenated and go through the
-        backbone in one call: two calls for 2 global + 6 local crops, instead of eight. BatchNorm thus
-        sees one batch per resolution. The head then runs once over all N = V*B features.
-        """
+        """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals)."""
         batch = views[0].shape[0]
-        features, start = [], 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(views[start:end])))   # (k*B, 3, H, W) -> (k*B, F)
-            start = end
-        features = torch.cat(features)                                     # (N, F), N = V*B
+        if self.per_view:
+            out = torch.cat([self.head(self.backbone(v)) for v in views])     # V x (B, D) -> (N, D), N = V*B
+        else:
+            features, start = [], 0
+            while start < len(views):                # the run of views that share views[start]'s size
+                end = start
+                while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                    end += 1
+                features.append(self.backbone(torch.cat(views[start:end])))   # (k*B, 3, H, W) -> (k*B, F)
+                start = end
+            out = self.head(torch.cat(features))                               # (N, F) -> (N, D)
+        return out.view(len(views), batch, -1)                                 # (N, D) -> (V, B, D)
+
+    def head(self, features):
+        """Backbone features (n, F) -> points on S^{D-1} (n, D), in float32; or, for the supervised
+        baseline, logits (n, C)."""
         if self.num_classes is not None:
-            return self.classifier(features).float().view(len(views), batch, -1)   # logits (V, B, C)
-        z = self.projector(features)                                       # (N, F) -> (N, D)
-        z = F.normalize(z.float(), dim=-1)                                 # onto S^{D-1}, in float32
-        return z.view(len(views), batch, -1)                               # (N, D) -> (V, B, D)
+            return self.classifier(features).float()
+        return F.normalize(self.projector(features).float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,7 +435,8 @@ def load_backbone(path, arch=None, image_size=None, device="cpu", checkpoint_key
         if arch is not None and arch != args["arch"]:
             raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
                                   f"which is only for other libraries' checkpoints")
-        backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"])
+        backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"],
+                                  args.get("stem"))
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
         info = {"arch": args["arch"], "image_size": args["global_size"],

@@ -749,28 +749,62 @@ def test_vit_positional_embedding_is_the_table_at_the_base_grid_and_resized_else
     assert torch.equal(small[:, 0], vit.pos_embed[:, 0])     # the CLS position is never resized
 
 
-def test_hydes_model_runs_one_backbone_call_per_resolution():
+def counted_model(per_view):
+    """A small HyDeSModel whose backbone records the shape of each batch it is called on."""
+    torch.manual_seed(0)
     backbone = models.build_backbone("resnet18", 32, width=8)
-    calls = []
-    original_forward = backbone.forward
+    calls, original_forward = [], backbone.forward
     backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
-    model = models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16)
-    z = model([torch.randn(3, 3, 32, 32)] * 2 + [torch.randn(3, 3, 16, 16)] * 6)
-    assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
-    assert z.shape == (8, 3, 16)
-    assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
+    return models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16, per_view=per_view), calls
+
+
+def test_hydes_model_calls_the_backbone_once_per_view_or_once_per_resolution():
+    views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(6)]
+    for per_view, expected in ((True, [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6),
+                               (False, [(6, 3, 32, 32), (18, 3, 16, 16)])):
+        model, calls = counted_model(per_view)
+        z = model(views)
+        assert calls == expected
+        assert z.shape == (8, 3, 16)
+        assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
+
+
+def test_per_view_forward_equals_a_loop_over_views_and_differs_from_per_resolution_only_through_batchnorm():
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    per_view, _ = counted_model(per_view=True)
+    per_resolution, _ = counted_model(per_view=False)
+    per_resolution.load_state_dict(per_view.state_dict())
+    # Training mode: each view on its own is what the paper's setup computes (BatchNorm over B images)
+    loop = torch.stack([per_view([v])[0] for v in views])                         # V x (B, D) -> (V, B, D)
+    assert torch.equal(per_view(views), loop)
+    assert not torch.allclose(per_resolution(views), loop, atol=1e-3)          # BatchNorm over 2B, then 3B
+    # Eval mode: BatchNorm uses its running statistics, and the two forwards agree
+    per_view.eval(), per_resolution.eval()
+    per_resolution.load_state_dict(per_view.state_dict())                       # the same running statistics
+    assert torch.allclose(per_view(views), per_resolution(views), atol=1e-5)
 
 
 # ---- torchvision state_dicts
 
-def test_resnet_state_dict_loads_into_torchvision():
-    for name in ("resnet18", "resnet50"):
-        ours = models.build_backbone(name, 224).eval()
-        reference = getattr(torchvision.models, name)()
-        reference.fc = torch.nn.Identity()
-        reference.load_state_dict(ours.state_dict())         # strict: every key and shape matches
-        x = torch.randn(1, 3, 64, 64)
-        assert torch.allclose(reference.eval()(x), ours(x), atol=1e-5)
+@pytest.mark.parametrize("name, image_size", [("resnet18", 224), ("resnet50", 224), ("resnet18", 32)])
+def test_resnet_with_the_imagenet_stem_loads_into_torchvision(name, image_size):
+    # 32 px: the paper's CIFAR-10 ResNet-18, timm's resnet18 with the ImageNet stem (train.py's default)
+    ours = models.build_backbone(name, image_size, stem="imagenet").eval()
+    reference = getattr(torchvision.models, name)()
+    reference.fc = torch.nn.Identity()
+    reference.load_state_dict(ours.state_dict())         # strict: every key and shape matches
+    x = torch.randn(1, 3, image_size, image_size)
+    assert torch.allclose(reference.eval()(x), ours(x), atol=1e-5)
+
+
+def test_train_py_builds_the_stem_it_is_asked_for_and_evaluation_rebuilds_it(tmp_path):
+    for stem, kernel in (("imagenet", 7), ("cifar", 3)):
+        out = tmp_path / stem
+        train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1", "--stem", stem])
+        saved = torch.load(out / "ckpt.pt", weights_only=True)
+        assert saved["model"]["backbone.conv1.weight"].shape[-1] == kernel
+        backbone, _ = models.load_backbone(str(out / "ckpt.pt"))
+        assert backbone.conv1.kernel_size == (kernel, kernel)
 
 
 def test_torchvision_state_dict_loads_with_arch(tmp_path):
@@ -1102,6 +1136,49 @@ def test_linear_probe_separates_separable_features_and_is_at_chance_on_random_la
     random_test = torch.randint(0, num_classes, (500,), generator=g)
     top1, top5, _ = evaluate.linear_probe(train_x, random_train, test_x, random_test, epochs=50)
     assert 3 < top1 < 20 and 35 < top5 < 65                 # chance: 10% and 50%
+
+
+def test_the_papers_probe_equals_a_hand_written_adam_loop_that_keeps_its_moments_across_evaluations():
+    # The cited setup: one linear layer on raw features, Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, no
+    # decay), batches of 256 in one order per evaluation, 2 epochs over the same batches, kept across
+    # evaluations. Written out: the cross-entropy gradient (softmax - one-hot) / b and Adam's update.
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(300, 6, generator=g) * 4, torch.randint(0, 3, (300,), generator=g)
+    probe = evaluate.PaperLinearProbe(6, 3, torch.device("cpu"), seed=5)
+    w, b = probe.layer.weight.detach().clone(), probe.layer.bias.detach().clone()
+    moments = {name: [torch.zeros_like(p), torch.zeros_like(p)] for name, p in (("w", w), ("b", b))}
+    step = 0
+    for evaluation in range(2):
+        probe.train_round(feats, labels, torch.Generator().manual_seed(evaluation))
+        order = torch.randperm(300, generator=torch.Generator().manual_seed(evaluation))
+        for epoch in range(2):
+            for batch in (order[:256], order[256:]):                   # 300 = 256 + 44: the last batch is kept
+                x, y = feats[batch], labels[batch]
+                error = (torch.softmax(x @ w.T + b, dim=1) - F.one_hot(y, 3)) / len(batch)   # (b, C)
+                step += 1
+                for name, grad in (("w", error.T @ x), ("b", error.sum(0))):
+                    m, v = moments[name]
+                    m.mul_(0.9).add_(0.1 * grad)
+                    v.mul_(0.999).add_(0.001 * grad ** 2)
+                    update = 1e-3 * (m / (1 - 0.9 ** step)) / ((v / (1 - 0.999 ** step)).sqrt() + 1e-8)
+                    (w if name == "w" else b).sub_(update)
+    assert torch.allclose(probe.layer.weight, w, atol=1e-6) and torch.allclose(probe.layer.bias, b, atol=1e-6)
+    assert torch.allclose(probe.optimizer.state[probe.layer.weight]["exp_avg"], moments["w"][0], atol=1e-7)
+    top1, _ = probe.score(feats, labels)
+    assert top1 == pytest.approx(100 * ((feats @ w.T + b).argmax(1) == labels).float().mean().item())
+
+
+def test_the_papers_probe_of_a_finished_network_separates_separable_features():
+    g = torch.Generator().manual_seed(1234)
+    directions = torch.randn(10, 32, generator=g)
+    def sample(n):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        return directions[labels] * 3 + torch.randn(n, 32, generator=g), labels
+    (train_x, train_y), (test_x, test_y) = sample(2000), sample(500)
+    top1, top5 = evaluate.paper_linear_probe(train_x, train_y, test_x, test_y)
+    assert top1 > 97 and top5 == 100.0
+    few_rounds, _ = evaluate.paper_linear_probe(train_x, train_y, test_x, test_y, evaluations=1)
+    assert few_rounds < top1                        # 2 epochs of Adam at 1e-3 are far from converged
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1490,12 +1567,17 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
 # train.py: settings, schedule and objectives, bad arguments, reliability (resume, signals, bad data)
 
 def assert_same_training_state(a, b):
+    """The same weights, AdamW moments, and online linear probe (layer and Adam moments), bit for bit."""
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for moments_a, moments_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for name in moments_a:
-            assert torch.equal(moments_a[name], moments_b[name]), name
+    for optimizer_a, optimizer_b in ((a["optimizer"], b["optimizer"]),
+                                     (a["linear_probe"]["optimizer"], b["linear_probe"]["optimizer"])):
+        for moments_a, moments_b in zip(optimizer_a["state"].values(), optimizer_b["state"].values()):
+            for name in moments_a:
+                assert torch.equal(moments_a[name], moments_b[name]), name
+    for key in a["linear_probe"]["layer"]:
+        assert torch.equal(a["linear_probe"]["layer"][key], b["linear_probe"]["layer"][key]), key
 
 
 # ---- settings, the learning-rate schedule, and the baselines of Table I on the same backbone and views
@@ -1675,7 +1757,8 @@ def test_an_empty_class_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("source, other", [("memory", "workers"), ("workers", "memory")])
 def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other):
-    common = tiny_run(tmp_path) + ["--data-source", source]
+    # --eval-every 1: the online probe trains after each epoch, and must resume exactly too
+    common = tiny_run(tmp_path) + ["--data-source", source, "--eval-every", "1", "--knn-k", "3"]
     train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert straight["step"] == 4
@@ -1712,7 +1795,10 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     monkeypatch.undo()
     train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])
     assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
-    assert [round(json.loads(line)["epoch"], 2) for line in open(out / "log.jsonl")] == [1, 1.5, 2]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [round(r["epoch"], 2) for r in log] == [1, 1.5, 2] and "linear_top1" not in log[1]
+    straight_log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]
+    assert [r["linear_top1"] for r in straight_log] == [log[0]["linear_top1"], log[2]["linear_top1"]]
 
 
 def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
@@ -1770,16 +1856,16 @@ def test_a_bad_test_image_stops_the_monitor_after_the_epoch_is_saved_and_resume_
     with pytest.raises(SystemExit) as error:
         train.main(common + ["--epochs", "2"])
     message = str(error.value.code)
-    assert message.startswith(f"error: cannot read image {bad}") and "was saved before the k-NN" in message
+    assert message.startswith(f"error: cannot read image {bad}") and "was saved before the evaluation" in message
     assert "\n" not in message
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert saved["step"] == 2 and saved["log_record"]["step"] == 2 and "knn_top1" not in saved["log_record"]
-    assert not (tmp_path / "run" / "log.jsonl").exists()       # the epoch's line was due after the k-NN
+    assert saved["step"] == 2 and saved["log_record"]["evaluation_pending"] and "knn_top1" not in saved["log_record"]
+    assert not (tmp_path / "run" / "log.jsonl").exists()       # the epoch's line was due after the evaluation
     bad.write_bytes(good)
-    train.main(common + ["--epochs", "2", "--resume"])
+    train.main(common + ["--epochs", "2", "--resume"])          # evaluates the saved epoch first, then trains
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in log] == [2, 4] and log[0]["loss"] == saved["log_record"]["loss"]
-    assert "knn_top1" in log[1]
+    assert "knn_top1" in log[0] and "linear_top1" in log[1] and "evaluation_pending" not in log[0]
 
 
 def test_skip_bad_images_also_skips_them_in_the_monitors_k_nn(tmp_path, capsys):
@@ -1788,12 +1874,12 @@ def test_skip_bad_images_also_skips_them_in_the_monitors_k_nn(tmp_path, capsys):
     train.main(common + ["--skip-bad-images"])
     (record,) = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert 0 <= record["knn_top1"] <= 100
-    assert "the k-NN leaves out 1 unreadable image(s), for example " in capsys.readouterr().out
+    assert "the monitor leaves out 1 unreadable image(s), for example " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_path, monkeypatch, signum, dies):
-    real = train.knn_evaluate
+    real = train.labelled_features
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signum)
@@ -1801,7 +1887,7 @@ def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_pat
             raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "knn_evaluate", signalled)
+    monkeypatch.setattr(train, "labelled_features", signalled)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "3", "--epochs", "3"])
@@ -1809,6 +1895,16 @@ def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_pat
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     (record,) = [json.loads(line) for line in open(out / "log.jsonl")]
     assert record["step"] == 2 and ("knn_top1" in record) != dies
+    if dies:        # the evaluation cut short is made up on resume: probe and log as if never stopped
+        monkeypatch.undo()
+        train.main(tiny_run(tmp_path) + ["--out", str(out), "--resume", "--eval-every", "1"])
+        straight = tmp_path / "straight"
+        train.main(tiny_run(tmp_path) + ["--out", str(straight), "--eval-every", "1", "--knn-k", "3", "--epochs", "3"])
+        assert_same_training_state(torch.load(straight / "ckpt.pt", weights_only=True),
+                                   torch.load(out / "ckpt.pt", weights_only=True))
+        log, straight_log = ([json.loads(line) for line in open(folder / "log.jsonl")] for folder in (out, straight))
+        assert [r["step"] for r in log] == [2, 4, 6]          # the line without figures replaced by the evaluated one
+        assert [r["linear_top1"] for r in log] == [r["linear_top1"] for r in straight_log]
 
 
 def test_a_log_cut_short_by_a_kill_is_mended_on_resume_and_read_by_the_curves(tmp_path, capsys):
@@ -1926,7 +2022,7 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
 
     backbone, info = models.load_backbone(out / "ckpt.pt")
     assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
-    assert backbone.conv1.weight.shape == (8, 3, 3, 3)
+    assert backbone.conv1.weight.shape == (8, 3, 7, 7)      # the paper's setup's ImageNet stem, even at 32 px
     assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
 
     # evaluate.py on the same checkpoint: the k-NN equals train.py's online monitor, the rows append

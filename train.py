@@ -46,10 +46,10 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, Dataset
                   InMemoryBatches, WorkerBatches, append_jsonl, dataset_split, default_crop_sizes,
                   drop_unreadable_images, error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
                   refuse, uint8_dataset, unwritable, write_atomically)
-from evaluate import knn_evaluate
+from evaluate import PaperLinearProbe, knn_accuracy, labelled_features
 from hydes import hydes_loss, infonce_loss
-from models import (ARCHS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load, save_checkpoint,
-                    vit_patch_size)
+from models import (ARCHS, STEMS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load,
+                    save_checkpoint, vit_patch_size)
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms.
@@ -58,6 +58,10 @@ LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "data_source", "device", "data_dir",
                        "skip_bad_images", "log_every", "keep_every", "compile")
+# How checkpoints written before a flag existed were trained, where that differs from the flag's default:
+# the ResNet stem followed the crop size, and the views went through the network by resolution.
+SETTINGS_BEFORE_THEIR_FLAGS = {"stem": lambda saved: "cifar" if saved["global_size"] <= 64 else "imagenet",
+                               "forward": lambda saved: "per-resolution"}
 # --data-source auto keeps the decoded training images on the device when they fit in this many bytes:
 # CIFAR's 150 MB and STL-10's 2.9 GB do; ImageNet (250 GB at 256 px) and Food-101 (15 GB) do not.
 IN_MEMORY_BYTES = 4 * 2**30
@@ -94,6 +98,13 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS,
                    help="the paper's: resnet18 (CIFAR, STL-10, Food-101), resnet50 (ImageNet), vit_tiny (STL-10)")
+    g.add_argument("--stem", default="imagenet", choices=STEMS,
+                   help="ResNet stem. imagenet: 7x7 stride-2 conv + max-pool (timm's resnet18, which the paper's "
+                        "setup builds, we infer, even for 32 px images); cifar: 3x3 stride-1 conv, no max-pool, "
+                        "which keeps 4x more resolution and trains far better on 32-96 px images (README)")
+    g.add_argument("--forward", default="per-view", choices=("per-view", "per-resolution"),
+                   help="per-view: one network call per view, BatchNorm over one view's batch (the paper's setup); "
+                        "per-resolution: one backbone call per crop size, as DINO (fewer, larger calls)")
     g.add_argument("--width", type=int, help="ResNet base width (64) or ViT width (192); smaller for laptops")
     g.add_argument("--depth", type=int, help="ViT blocks (12)")
     g.add_argument("--heads", type=int, help="ViT attention heads (3)")
@@ -117,8 +128,8 @@ def build_parser():
                    help="passes over the training set (paper: 200); 0 saves and evaluates the untrained network")
     g.add_argument("--batch-size", type=int, default=128, help="images per step (each gives V views)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01,
-                   help="AdamW weight decay; the paper names none, so PyTorch's AdamW default")
+    g.add_argument("--weight-decay", type=float, default=1e-6,
+                   help="AdamW weight decay; the paper names none, its evaluation setup's configurations use 1e-6")
     g.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
                    help="constant: the paper states one learning rate; cosine: warm-up then cosine decay to 0")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule only)")
@@ -127,8 +138,9 @@ def build_parser():
                         "save, and run the final k-NN")
 
     g = p.add_argument_group("monitoring")
-    g.add_argument("--eval-every", type=int, default=1,
-                   help="online k-NN every N epochs and at the end (0: never); costs a pass over train+test")
+    g.add_argument("--eval-every", type=int, default=5,
+                   help="the online k-NN and linear probe after epochs 1, 1+N, 1+2N, ... and the last (the paper's "
+                        "cadence at N = 5; 0: never); each costs a forward pass over the labelled train and test splits")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours that vote in the online k-NN")
     g.add_argument("--knn-temperature", type=float, default=0.1, help="T in the k-NN vote weight exp(s/T)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates")
@@ -187,7 +199,11 @@ def train(args, checkpoint, control):
     seed_everything(args.seed)     # here, not earlier: DataLoaders draw from torch's stream as data load
     net = build_model(args, len(classes), control, precision.memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = restore(checkpoint, net, optimizer, precision.scaler, steps_per_epoch) if checkpoint else 0
+    # The online linear probe of the paper's setup: one layer on the frozen features, trained 2 epochs at
+    # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
+    probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
+    state = (net, optimizer, precision.scaler, probe)                # what a checkpoint saves and restores
+    step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
     model = parallel(net, args, control)
     if control.main_process:
         control.claim_run_folder()                 # a second train.py on OUT is refused from here on
@@ -200,9 +216,13 @@ def train(args, checkpoint, control):
 
     if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
         print(f"{args.out} has trained {step // steps_per_epoch} epochs already; raise --epochs to train further")
+    if checkpoint is not None and checkpoint.get("log_record", {}).get("evaluation_pending") and args.eval_every:
+        # The run was stopped during (or just before) an evaluation: do it now, on the very network and
+        # probe it would have evaluated, so that the log and the probe continue as if it never stopped.
+        end_of_epoch(dict(checkpoint["log_record"]), True, state, steps_per_epoch, args, control)
 
     # ---- the loop. Each step: multi-crop views -> z on the sphere -> loss (Eq. 4) -> AdamW. Each epoch: a
-    # checkpoint, the online k-NN every --eval-every epochs, a line in the log.
+    # checkpoint, the online k-NN and linear probe every --eval-every epochs, a line in the log.
     for epoch in range(step // steps_per_epoch, args.epochs):           # a resumed run starts in its epoch
         model.train()
         order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)   # skip the batches already trained
@@ -223,20 +243,18 @@ def train(args, checkpoint, control):
         control.check_finite()         # before anything is saved: a non-finite loss never reaches a checkpoint
 
         # ---- the end of an epoch, or of a run stopped early (the epoch is then fractional): save, then
-        # evaluate (a fault or a signal during the k-NN must not cost the epoch), then log
+        # evaluate (a fault or a signal during the evaluation must not cost the epoch), then log
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
                   "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                   "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
                   "minutes": control.minutes()}
-        last = epoch + 1 == args.epochs or control.out_of_time      # a signalled stop skips the k-NN: be quick
-        due = args.eval_every and not control.signalled and (step % (args.eval_every * steps_per_epoch) == 0 or last)
-        end_of_epoch(record, due, net, optimizer, precision.scaler, steps_per_epoch, args, control)
+        due = evaluation_due(step, steps_per_epoch, args, last=step == control.total_steps or control.out_of_time)
+        end_of_epoch(record, due, state, steps_per_epoch, args, control)
         if control.stop_after_save(step):
             break
 
     if args.epochs == 0 and checkpoint is None:     # the untrained baseline: the same network, saved and evaluated
-        end_of_epoch({"epoch": 0, "step": 0}, args.eval_every, net, optimizer, precision.scaler, steps_per_epoch,
-                     args, control)
+        end_of_epoch({"epoch": 0, "step": 0}, bool(args.eval_every), state, steps_per_epoch, args, control)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,8 +336,9 @@ def training_data(args, control):
 def build_model(args, num_classes, control, memory_format):
     """HyDeSModel on the device: backbone + projector onto the sphere, or + a linear classifier for
     --method supervised."""
-    backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads)
-    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes if args.method == "supervised" else None)
+    backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads, args.stem)
+    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes if args.method == "supervised" else None,
+                     per_view=args.forward == "per-view")
     if control.world_size > 1 and control.device.type == "cuda":
         # BatchNorm over the global batch too, so that K GPUs train the network one GPU would (same
         # state_dict keys). PyTorch's SyncBatchNorm runs on GPUs only: with gloo on CPUs each process
@@ -338,59 +357,91 @@ def parallel(net, args, control):
     return torch.compile(model) if args.compile else model
 
 
-def end_of_epoch(record, evaluate_now, net, optimizer, scaler, steps_per_epoch, args, control):
-    """Save, evaluate, log, in that order. The checkpoint comes first and carries the epoch's log record,
-    so that whatever happens during the k-NN (an unreadable test image, a signal, a kill) the epoch is
-    kept, and a resumed run writes the record's line if the log lacks it."""
+def evaluation_due(step, steps_per_epoch, args, last):
+    """Whether the monitor evaluates at `step`: after epochs 1, 1 + N, 1 + 2N, ... (N = --eval-every), the
+    cadence of the paper's setup, whose code evaluates when the 0-based epoch is a multiple of 5, and
+    after the last epoch (`last`, also a run stopped by --max-minutes), which it evaluates only when 5
+    divides the 0-based epoch. A fractional epoch (a stop) is evaluated only when last."""
+    if not args.eval_every:
+        return False
+    epochs_done, fraction = divmod(step, steps_per_epoch)
+    return last or (fraction == 0 and (epochs_done - 1) % args.eval_every == 0)
+
+
+def end_of_epoch(record, evaluate_now, state, steps_per_epoch, args, control):
+    """Save, evaluate, save again, log. The first checkpoint carries the epoch's log record, marked
+    `evaluation_pending` when an evaluation is due, so that whatever happens during the evaluation (an
+    unreadable test image, a signal, a kill) the epoch is kept, and a resumed run evaluates it first (see
+    train). The second, once the evaluation is done, holds the probe it trained and the record with its
+    figures. A signal received during the epoch skips the evaluation, to stop quickly; the resumed run
+    makes up for it."""
+    record["evaluation_pending"] = bool(evaluate_now)
+    evaluate_now = evaluate_now and not control.signalled
     if control.main_process:
-        save(net, optimizer, scaler, record, steps_per_epoch, args)
+        save(*state, record, steps_per_epoch, args)
     if evaluate_now:
-        record.update(control.evaluation(lambda: online_knn(net, args, control)))
+        result = control.evaluation(lambda: online_evaluation(state[0], state[3], record["step"], args, control))
+        if result:                                # {}: cut short by a signal; the checkpoint still says pending
+            record.update(result, evaluation_pending=False)
+            if control.main_process:
+                save(*state, record, steps_per_epoch, args)
     if control.main_process:
-        print(json.dumps(record))
-        append_jsonl(os.path.join(args.out, "log.jsonl"), record)
+        line = {k: v for k, v in record.items() if k != "evaluation_pending"}
+        print(json.dumps(line))
+        append_jsonl(os.path.join(args.out, "log.jsonl"), line)
 
 
-def online_knn(net, args, control):
-    """The k-NN top-1 and top-5 of the backbone (evaluate.py's functions): process 0 evaluates while the
-    others wait for it."""
+def online_evaluation(net, probe, step, args, control):
+    """The monitor, on the frozen backbone: k-NN top-1 and top-5 (evaluate.knn_accuracy) and one round of
+    the paper's persistent linear probe, top-1 and top-5 on test, from one pass over the labelled train
+    and test splits. Process 0 evaluates while the others wait for it."""
     result = {}
     try:
         if control.main_process:
-            result["knn_top1"], result["knn_top5"] = knn_evaluate(
-                net.backbone, args.dataset, args.data_dir, args.global_size, control.device, args.knn_k,
-                args.knn_temperature, args.workers, args.skip_bad_images)
+            device = control.device
+            train_feats, train_labels, test_feats, test_labels = (t.to(device) for t in labelled_features(
+                net.backbone, args.dataset, args.data_dir, args.global_size, device, args.workers,
+                args.skip_bad_images))
+            result["knn_top1"], result["knn_top5"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels,
+                                                                  args.knn_k, args.knn_temperature)
+            # The probe's batches are drawn from (seed, step): a resumed run draws the same ones.
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
+            probe.train_round(train_feats, train_labels, generator)
+            result["linear_top1"], result["linear_top5"] = probe.score(test_feats, test_labels)
     finally:
-        control.barrier()    # reached by every process, also when process 0's k-NN was cut short
+        control.barrier()    # reached by every process, also when process 0's evaluation was cut short
     return result
 
 
-def save(net, optimizer, scaler, record, steps_per_epoch, args):
+def save(net, optimizer, scaler, probe, record, steps_per_epoch, args):
     """Rewrite OUT/ckpt.pt, and with --keep-every keep a copy of it as OUT/ckpt-epochE.pt."""
     path, step = os.path.join(args.out, "ckpt.pt"), record["step"]
-    save_checkpoint(path, checkpoint_state(net, optimizer, scaler, record, steps_per_epoch, args))
+    save_checkpoint(path, checkpoint_state(net, optimizer, scaler, probe, record, steps_per_epoch, args))
     if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
         shutil.copyfile(path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
 
 
-def checkpoint_state(model, optimizer, scaler, record, steps_per_epoch, args):
+def checkpoint_state(model, optimizer, scaler, probe, record, steps_per_epoch, args):
     """One dict with everything to resume or evaluate the run.
 
     `epoch` counts completed epochs (evaluate.py reports it); `data_order` says where in which epoch's
     order the next batch starts. The learning-rate schedule is a function of the step, so the step
-    restores it; the optimiser state holds AdamW's moments and step counts. `log_record` is the epoch's
-    line of log.jsonl as it stood before the k-NN.
+    restores it; the optimiser state holds AdamW's moments and step counts; `linear_probe` the online
+    probe's layer and Adam state. `log_record` is the epoch's line of log.jsonl, with
+    `evaluation_pending` while a due evaluation has not run.
     """
     step = record["step"]
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "linear_probe": probe.state_dict(),
             "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "rng": random_states(),
             "data_order": {"seed": args.seed, "epoch": step // steps_per_epoch,
                            "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch},
             "log_record": dict(record)}
 
 
-def restore(checkpoint, net, optimizer, scaler, steps_per_epoch):
-    """Load a checkpoint's weights, optimiser, scaler and random states; returns the step to continue at."""
+def restore(checkpoint, net, optimizer, scaler, probe, steps_per_epoch):
+    """Load a checkpoint's weights, optimiser, scaler, online probe and random states; returns the step to
+    continue at."""
     if checkpoint["data_order"]["batches_per_epoch"] != steps_per_epoch:
         raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
                          f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
@@ -399,6 +450,8 @@ def restore(checkpoint, net, optimizer, scaler, steps_per_epoch):
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:          # empty when saved disabled (CPU, bf16), e.g. resumed on an fp16 GPU
         scaler.load_state_dict(checkpoint["scaler"])
+    if "linear_probe" in checkpoint:  # absent from checkpoints written before the probe was online
+        probe.load_state_dict(checkpoint["linear_probe"])
     restore_random_states(checkpoint["rng"])
     return checkpoint["step"]
 
@@ -423,10 +476,12 @@ def resume_log(log_path, checkpoint):
     killed after it logged but before it saved), so that the resumed run's lines replace them rather than
     repeat them; add the checkpoint's own line if it is missing (a run killed during the k-NN that
     follows the save). Rewritten atomically; a last line cut short by a kill is dropped (read_jsonl)."""
-    step = checkpoint["step"]
+    step, saved = checkpoint["step"], checkpoint.get("log_record", {})
     records = [r for r in read_jsonl(log_path) if r["step"] <= step] if os.path.exists(log_path) else []
-    if "log_record" in checkpoint and not any(r["step"] == step for r in records):
-        records.append(checkpoint["log_record"])
+    if saved.get("evaluation_pending"):           # train() evaluates it and logs the line with its figures
+        records = [r for r in records if r["step"] < step]
+    elif saved and not any(r["step"] == step for r in records):
+        records.append({k: v for k, v in saved.items() if k != "evaluation_pending"})
     write_atomically(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
@@ -568,9 +623,11 @@ def resume_settings(args, argv):
         raise SystemExit(f"error: --resume takes the run's settings from its checkpoint; --{fixed[0].replace('_', '-')} "
                          f"cannot change from {saved.get(fixed[0])} (only {changeable} can); drop it, or start a "
                          f"new run with --out")
-    # Settings newer than the checkpoint take their defaults; the folder may have moved since.
+    # Settings newer than the checkpoint take their defaults, or the value it was trained with where the
+    # default has changed since (SETTINGS_BEFORE_THEIR_FLAGS); the folder may have moved since.
     defaults = vars(build_parser().parse_args([]))
-    args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in given},
+    before = {k: rule(saved) for k, rule in SETTINGS_BEFORE_THEIR_FLAGS.items() if k not in saved}
+    args = argparse.Namespace(**{**defaults, **before, **saved, **{k: getattr(args, k) for k in given},
                                  "resume": True, "out": args.out})
     return args, checkpoint
 
@@ -809,7 +866,7 @@ class RunControl:
             result = evaluate()
         except DatasetError as error:
             raise SystemExit(f"error: {error_message(error)}; the checkpoint {os.path.join(self.args.out, 'ckpt.pt')} "
-                             f"was saved before the k-NN: mend the image or add --skip-bad-images, then --resume")
+                             f"was saved before the evaluation: mend the image or add --skip-bad-images, then --resume")
         except RuntimeError:
             if self.received is None:
                 raise
