@@ -8,10 +8,25 @@ resolution and concatenated ("hypercolumns"); a linear classifier over the 21 VO
 each pixel with AdamW, learning rate 1e-3, batch 32, 20 epochs, cross-entropy ignoring the void label
 255. Pixel accuracy and mIoU are computed on the val list from an accumulated 21 x 21 confusion matrix.
 
-Choices the paper leaves open, and ours:
-  - Resolution. Images are resized (bicubic; masks nearest) so the shorter side is --image-size
-    (default 320) and centre-cropped to a square; the metrics are computed on those pixels. No
-    augmentation: the probe sees the same pixels every epoch.
+Choices the paper leaves open, and ours. The paper gives neither the training resolution, nor crops or
+augmentation, nor whether val is scored on whole images at the masks' own resolution.
+  - Training. Images are resized (bicubic; masks nearest) so the shorter side is --image-size (default
+    320) and centre-cropped to a square, so that they batch; no augmentation: the probe sees the same
+    pixels every epoch. A 4:3 image loses a quarter of its pixels to the crop, which only costs the
+    probe some training pixels.
+  - Validation, scored as VOC's own benchmark does: every non-void pixel of every val mask, at the
+    mask's full resolution. The whole image is resized to the training scale (shorter side
+    --image-size, so objects look as large as the probe saw them) with each side rounded to a multiple
+    of the backbone's stride (`input_stride`: 32 for an ImageNet-stem ResNet, the patch for a ViT), so
+    every stage's grid covers the image exactly: a ViT's patch convolution would otherwise drop the
+    right and bottom remainder, and a ResNet's odd-sized grids would sit up to half a cell off. A
+    500 x 375 image becomes 416 x 320 px for a ResNet-50 (2.5% narrower, undone below). A ViT's
+    positional table, learned on a square grid, is resized bicubically to the image's grid (27 x 20
+    patches of 16 px), as for any input of another size (models.VisionTransformer.positional_embedding).
+    The probe's logits are upsampled bilinearly straight to the mask's size (500 x 375 for most VOC
+    images) before the argmax. Val images run one at a time, since their sizes differ: 1,449 forward
+    passes at batch 1, against 20 epochs of forward passes over 1,464 training images, so grouping
+    images by size would add a sampler to save little time.
   - Scale of the stages. Each stage's channels are standardised by an affine-free BatchNorm inside the
     probe (the stages differ in scale by orders of magnitude); at evaluation it is a fixed affine map,
     so the head stays linear.
@@ -40,7 +55,7 @@ from tqdm import tqdm
 
 from data import (TO_NORMALISED_TENSOR, HelpFormatter, append_jsonl, error_message, first_problem, refuse, report_row,
                   save_png, unnormalize, unwritable)
-from models import ARCHS, CheckpointError, load_backbone, precision_for
+from models import ARCHS, CheckpointError, VisionTransformer, load_backbone, precision_for
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -73,9 +88,14 @@ def find_voc_root(data_dir):
 
 
 class VOCSegmentation(torch.utils.data.Dataset):
-    """(image (3, S, S) normalised, mask (S, S) int64 with 0-20 and 255) for the ids of one list file."""
+    """(normalised image, int64 mask with 0-20 and 255) for the ids of one list file.
 
-    def __init__(self, root, split, image_size):
+    whole_image_stride None: the centre S x S square of both, S = image_size: (3, S, S), (S, S) (training).
+    whole_image_stride an int: the whole image, shorter side about S and both sides multiples of the stride,
+    (3, h, w), and the mask untouched at the file's resolution, (H, W) (validation; see the module docstring).
+    """
+
+    def __init__(self, root, split, image_size, whole_image_stride=None):
         list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
         if not os.path.exists(list_file):
             raise VOCError(f"missing {list_file}: the VOC layout needs ImageSets/Segmentation/{split}.txt")
@@ -83,7 +103,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
             self.ids = [line.strip() for line in f if line.strip()]
         if not self.ids:
             raise VOCError(f"{list_file} lists no images")
-        self.root, self.image_size = root, image_size
+        self.root, self.image_size, self.whole_image_stride = root, image_size, whole_image_stride
 
     def __len__(self):
         return len(self.ids)
@@ -101,12 +121,16 @@ class VOCSegmentation(torch.utils.data.Dataset):
         if mask.size != image.size:       # resized apart, the two would no longer line up pixel for pixel
             raise VOCError(f"{mask_path} is {mask.size[0]}x{mask.size[1]} px but its image is {image.size[0]}x"
                            f"{image.size[1]}; a mask must match its image (re-export it at the image's size)")
-        image = centre_square(image, self.image_size, Image.BICUBIC)
-        mask = np.array(centre_square(mask, self.image_size, Image.NEAREST), dtype=np.int64)
+        if self.whole_image_stride is None:
+            image = centre_square(image, self.image_size, Image.BICUBIC)
+            mask = centre_square(mask, self.image_size, Image.NEAREST)
+        else:
+            image = image.resize(whole_image_size(image.size, self.image_size, self.whole_image_stride), Image.BICUBIC)
+        mask = np.array(mask, dtype=np.int64)
         bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(NUM_CLASSES), VOID])
         if bad.size:
             raise VOCError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
-        return TO_NORMALISED_TENSOR(image), torch.from_numpy(mask)                 # (3, S, S), (S, S)
+        return TO_NORMALISED_TENSOR(image), torch.from_numpy(mask)     # (3, S, S), (S, S) or (3, h, w), (H, W)
 
 
 def centre_square(img, size, resample):
@@ -117,6 +141,13 @@ def centre_square(img, size, resample):
     img = img.resize((new_w, new_h), resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+def whole_image_size(original_size, size, stride):
+    """(w, h) to resize a whole (w, h) image to: shorter side about `size`, aspect kept, each side rounded
+    to the nearest multiple of `stride` (at least one stride). 500 x 375 at 320, stride 32 -> 416 x 320."""
+    scale = size / min(original_size)
+    return tuple(max(stride, round(side * scale / stride) * stride) for side in original_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,6 +174,14 @@ class HypercolumnProbe(nn.Module):
             logits = logits + F.interpolate(head(norm(f.float())), size=output_size, mode="bilinear",
                                             align_corners=False)
         return logits
+
+
+def input_stride(backbone):
+    """Input pixels per cell of the backbone's coarsest output grid: a ViT's patch side; a ResNet's 32
+    (stride-2 stem convolution, max-pool, three stride-2 stages), or 8 with the CIFAR stem (neither)."""
+    if isinstance(backbone, VisionTransformer):
+        return backbone.patch_size
+    return 8 if isinstance(backbone.maxpool, nn.Identity) else 32
 
 
 @torch.no_grad()
@@ -208,15 +247,23 @@ def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, 
 
 
 @torch.no_grad()
-def evaluate_probe(backbone, probe, val_set, device, batch_size=32, workers=2):
-    """Accumulate the confusion matrix over the val list and return (pixel accuracy, mIoU)."""
-    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers)
+def predict(backbone, probe, images, mask_size, device):
+    """The predicted class of every mask pixel: (B, H, W) for images (B, 3, h, w) and mask_size (H, W).
+
+    The logits are upsampled from each stage's grid straight to the mask's size, so a val image resized
+    for the network is scored at its mask's full resolution."""
+    return probe(frozen_stages(backbone, images, device), mask_size).argmax(1)      # (B, 21, H, W) -> (B, H, W)
+
+
+@torch.no_grad()
+def evaluate_probe(backbone, probe, val_set, device, workers=2):
+    """The (21, 21) confusion matrix over the val list, one image at a time (their sizes differ)."""
+    loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=workers)
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
-    for images, masks in tqdm(loader, desc="val", leave=False):
-        masks = masks.to(device)
-        prediction = probe(frozen_stages(backbone, images, device), masks.shape[-2:]).argmax(1)   # (B, S, S)
-        update_confusion(confusion, prediction, masks)
-    return segmentation_metrics(confusion.cpu())
+    for image, mask in tqdm(loader, desc="val", leave=False):                # (1, 3, h, w), (1, H, W)
+        mask = mask.to(device)
+        update_confusion(confusion, predict(backbone, probe, image, mask.shape[-2:], device), mask)
+    return confusion.cpu()
 
 
 @torch.no_grad()
@@ -267,7 +314,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="VOCdevkit, or the VOC2012 folder itself")
     p.add_argument("--train-split", default="train", help="list in ImageSets/Segmentation to fit on")
     p.add_argument("--val-split", default="val", help="list to report on")
-    p.add_argument("--image-size", type=int, default=320, help="probe resolution: shorter side, centre square")
+    p.add_argument("--image-size", type=int, default=320, help="shorter side in px that images are resized to: "
+                   "training crops the centre square, val keeps the whole image and scores its full-size mask")
     p.add_argument("--epochs", type=int, default=20, help="probe epochs (paper: 20)")
     p.add_argument("--batch-size", type=int, default=32, help="images per probe step (paper: 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (paper: 1e-3)")
@@ -300,19 +348,22 @@ def main(argv=None):
         backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device, args.checkpoint_key)
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
-        val_set = VOCSegmentation(root, args.val_split, args.image_size)
+        val_set = VOCSegmentation(root, args.val_split, args.image_size, whole_image_stride=input_stride(backbone))
         os.makedirs(args.out, exist_ok=True)
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
-        pixel_accuracy, miou = evaluate_probe(backbone, probe, val_set, device, args.batch_size, args.workers)
+        confusion = evaluate_probe(backbone, probe, val_set, device, args.workers)
+        pixel_accuracy, miou = segmentation_metrics(confusion)
         result = {"method": args.method or info["method"], "arch": info["arch"], "pixel_accuracy": pixel_accuracy,
                   "miou": miou,
                   "checkpoint": os.path.abspath(args.checkpoint), "image_size": args.image_size,
-                  "train_images": len(train_set), "val_images": len(val_set), "epochs": args.epochs,
+                  "train_images": len(train_set), "val_images": len(val_set),
+                  "val_pixels_scored": int(confusion.sum()), "epochs": args.epochs,
                   "minutes": round((time.time() - start) / 60, 2)}
-        if args.pca_images:
+        if args.pca_images:      # Figure 4 as a grid of equal tiles: the val images' centre squares
             result["pca_png"] = os.path.join(args.out, "pca_hypercolumns.png")
-            save_pca_grid(backbone, val_set, args.pca_images, result["pca_png"], device)
+            pca_set = VOCSegmentation(root, args.val_split, args.image_size)
+            save_pca_grid(backbone, pca_set, args.pca_images, result["pca_png"], device)
     except (CheckpointError, VOCError) as error:
         raise SystemExit(f"error: {error_message(error)}")
     report_row(result, TABLE_COLUMNS, args.table)

@@ -1206,6 +1206,30 @@ def test_void_pixels_are_never_counted():
     assert torch.equal(confusion, other)                      # whatever is predicted on void
 
 
+def test_confusion_metrics_match_a_brute_force_count_over_pixels():
+    # Two maps of different sizes, accumulated; per class, IoU = |truth c and predicted c| / |truth c or
+    # predicted c| counted pixel by pixel over the non-void pixels, averaged over the classes that occur.
+    g = torch.Generator().manual_seed(0)
+    targets = [torch.randint(0, 4, (7, 9), generator=g), torch.randint(0, 4, (5, 3), generator=g)]
+    targets = [torch.where(t == 3, segment.VOID, t) for t in targets]          # truth: 0, 1, 2 and void
+    predictions = [torch.randint(0, 5, t.shape, generator=g) for t in targets]  # 3, 4: predicted, never true
+    confusion = torch.zeros(21, 21, dtype=torch.int64)
+    for prediction, target in zip(predictions, targets):
+        segment.update_confusion(confusion, prediction, target)
+    pixels = [(p, t) for prediction, target in zip(predictions, targets)
+              for p, t in zip(prediction.flatten().tolist(), target.flatten().tolist()) if t != segment.VOID]
+    ious = []
+    for c in range(21):
+        both = sum(p == c and t == c for p, t in pixels)
+        either = sum(p == c or t == c for p, t in pixels)
+        if either:
+            ious.append(both / either)
+    pixel_accuracy, miou = segment.segmentation_metrics(confusion)
+    assert confusion.sum() == len(pixels) and len(ious) == 5 and ious[3] == ious[4] == 0
+    assert pixel_accuracy == pytest.approx(100 * sum(p == t for p, t in pixels) / len(pixels))
+    assert miou == pytest.approx(100 * sum(ious) / len(ious))
+
+
 def test_hypercolumn_head_equals_a_linear_map_of_upsampled_concatenated_stages():
     g = torch.Generator().manual_seed(0)
     stages = [torch.randn(2, c, s, s, generator=g) * 3 + 1 for c, s in ((4, 16), (6, 8), (8, 4))]
@@ -1240,10 +1264,47 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
                            "--workers", "0", "--out", str(tmp_path / "seg"), "--table", str(table)])
     assert 0 <= result["miou"] <= 100 and 0 <= result["pixel_accuracy"] <= 100
     assert result["train_images"] == 8 and result["val_images"] == 3
+    val_masks = [np.array(Image.open(voc / "SegmentationClass" / f"v{i}.png")) for i in range(3)]   # 48 x 56
+    assert result["val_pixels_scored"] == sum((m != 255).sum() for m in val_masks)
     picture = Image.open(result["pca_png"])
     assert picture.size == (2 * 48, 2 * 48)                   # 2 rows of (input | PCA), each 48 x 48
     assert json.loads(open(tmp_path / "seg" / "segment.jsonl").read())["miou"] == result["miou"]
     assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
+
+
+def test_whole_image_sizes_keep_the_aspect_at_the_training_scale_in_multiples_of_the_stride():
+    assert segment.whole_image_size((500, 375), 320, 32) == (416, 320)       # 426.7 -> 416
+    assert segment.whole_image_size((500, 375), 320, 16) == (432, 320)       # ViT-T/16: 27 x 20 patches
+    assert segment.whole_image_size((375, 500), 320, 32) == (320, 416)
+    assert segment.whole_image_size((513, 513), 320, 32) == (320, 320)
+    assert segment.whole_image_size((300, 20), 32, 8) == (480, 32)
+    assert segment.input_stride(models.build_backbone("resnet18", 224, width=8)) == 32
+    assert segment.input_stride(models.build_backbone("resnet18", 32, width=8)) == 8      # CIFAR stem
+    assert segment.input_stride(models.build_backbone("vit_tiny", 224, depth=1)) == 16
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_val_scores_every_non_void_pixel_of_whole_non_square_masks_at_their_own_size(tmp_path, arch):
+    write_voc(tmp_path, ["t0"], ["wide", "tall"])
+    masks = {}
+    rng = np.random.default_rng(0)
+    for name, (height, width) in (("wide", (45, 60)), ("tall", (61, 37))):       # 4:3 and an odd portrait
+        masks[name] = rng.choice([0, 1, 2, 255], (height, width)).astype(np.uint8)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+            tmp_path / "JPEGImages" / f"{name}.jpg")
+        palette_png(masks[name]).save(tmp_path / "SegmentationClass" / f"{name}.png")
+    small = {"resnet18": {"width": 8}, "vit_tiny": {"width": 12, "depth": 4}}[arch]
+    backbone = models.build_backbone(arch, 48, **small).eval()               # 48 px: CIFAR stem, 4-px patches
+    stride = segment.input_stride(backbone)
+    val_set = segment.VOCSegmentation(str(tmp_path), "val", 32, whole_image_stride=stride)
+    probe = segment.HypercolumnProbe([f.shape[1] for f in backbone.stages(torch.zeros(1, 3, 32, 32))]).eval()
+    cpu = torch.device("cpu")
+    for (image, mask), name in zip(val_set, ("wide", "tall")):
+        assert min(image.shape[1:]) == 32 and image.shape[1] % stride == image.shape[2] % stride == 0
+        assert np.array_equal(mask.numpy(), masks[name])                     # the mask as stored, uncropped
+        assert segment.predict(backbone, probe, image[None], mask.shape, cpu).shape == (1, *masks[name].shape)
+    confusion = segment.evaluate_probe(backbone, probe, val_set, cpu, workers=0)
+    assert confusion.sum() == sum((m != 255).sum() for m in masks.values())  # a centre square would drop some
 
 
 def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
