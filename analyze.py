@@ -7,9 +7,10 @@
 For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
 (default test; extracted once in float32 and cached, shared with evaluate.py on a CPU), it reports:
 
-  Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank
-                                      and embedding rank (effective and numerical), d', mean +- std
-                                      pairwise angle over all pairs and over positive pairs
+  Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank,
+                                      embedding rank, d', mean +- std pairwise angle over all pairs and
+                                      over positive pairs; then extra columns of ours: mean cosine,
+                                      effective and numerical rank of the unit embeddings
   Table IV (semantics, Section VI-C)  Spearman correlation of the class centroids' similarities with
                                       WordNet's Wu-Palmer and Leacock-Chodorow similarities, the
                                       cophenetic correlation against WordNet, and Spearman with the
@@ -23,9 +24,9 @@ For the checkpoint's dataset (or --dataset), on the frozen backbone's features o
 The file follows that list: Table III, Table IV, Fig. 5, Figs. 2 and 3, then the entry point (`main`, and
 `analyze_checkpoint`, which runs them in that order). The learning curves, a program of their own, come last.
 
-The definitions, where the paper names a metric without defining it, are ours and are stated beside the
-code; they were chosen to agree with the paper's own numbers (its anisotropy tracks cos of its mean
-pairwise angle, and its centre vector norm squared is close to its anisotropy, as for these definitions).
+Anisotropy, embedding rank and correlation follow the evaluation code that the paper cites (Kalapos &
+Gyires-Tóth 2024, SSL-Whitening's pretrain/metrics.py; the notes above `anisotropy` say what was read
+there). The other columns, which the paper names without defining, are ours, each stated beside the code.
 
 Optional extras, imported only where needed: nltk with WordNet for the WordNet columns and the WordNet
 ordering of the heat map (pip install nltk && python -m nltk.downloader wordnet), sentence-transformers
@@ -71,24 +72,104 @@ from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments
 # ----------------------------------------------------------------------------------------------------
 # Geometry (Table III, Section VI-B)
 #
-# Legend: N features f_i (raw backbone output, (N, F)); z_i = f_i / |f_i| on the sphere; C classes with
-# centroids mu_c = mean of the z_i of class c, (C, F); s_ij = z_i . z_j the cosine similarity.
+# Legend: N features f_i, the raw backbone output (pooled, neither centred nor normalised), rows of the
+# matrix X (N, F); sigma_1 >= sigma_2 >= ... its singular values; z_i = f_i / |f_i| on the sphere; C classes
+# with centroids mu_c = mean of the z_i of class c, (C, F); s_ij = z_i . z_j the cosine similarity.
+#
+# Whose definitions. The paper measures with the evaluation setup of Kalapos & Gyires-Tóth 2024 (its
+# [19]), whose code (github.com/kaland313/SSL-Whitening, pretrain/metrics.py: eval_feature_descriptors
+# and compute_feature_descriptors) defines three of Table III's columns: `anisotropy`, `rank` (the
+# paper's "Embed. Rank") and `correlation`. Read from that file:
+#   - what is measured: the pooled backbone features of every image of the held-out split (the whole
+#     validation set, backbone in eval mode, no gradient), raw: not normalised, not centred;
+#   - anisotropy = sigma_1^2 / sum_k sigma_k^2 of that raw matrix;
+#   - rank = the number of its singular values above 0.1, an absolute tolerance (torch.matrix_rank with
+#     tol=0.1, which applies no relative tolerance; torch.linalg.matrix_rank(X, atol=0.1, rtol=0) today);
+#   - correlation = the mean |Pearson correlation| over the F(F-1) ordered pairs of different dimensions.
+# Where we differ, and why: (i) that file's images are resized to the input size and normalised, with no
+# centre crop; ours go through data.eval_transform, so that the probes' cached features serve here too
+# (the same at CIFAR's and STL-10's native sizes; a 224 centre crop for ImageNet-sized data). (ii) It
+# computes in float32; we compute in float64 from the float32 features, which changes the numbers only by
+# rounding. (iii) A constant dimension (a dead ReLU channel) has no Pearson correlation (0/0): that
+# file's main value then turns into -1, and its "nan-safe" value counts the dimension's pairs as 0 while
+# keeping F(F-1) in the denominator; we compute the latter, which is the former whenever no dimension is
+# constant, and report how many dimensions were constant.
+# (iv) That file calls torch.matrix_rank, deprecated since PyTorch 1.9 and since removed (2.14 raises):
+# its container has 1.10; on a PyTorch without it, its try/except reports a rank of -1.
+#
+# The other columns of Table III (CVN, centroid rank, d', the angles) are not in that file: their
+# definitions are ours, each stated with its reference beside the code. So are three extra columns kept
+# for comparison: `mean_cosine` (Ethayarajh's anisotropy, the mean cosine of two embeddings), and the
+# `effective_rank` and `numerical_rank` of the unit embeddings. Which rank the paper's Centroid Rank
+# holds is not stated anywhere (the cited file has none, and the paper's text speaks of an "effective
+# rank" when it discusses its rank columns): Table III shows our effective rank there, an open choice.
 
-def matrix_ranks(matrix):
-    """(effective rank, numerical rank) of a matrix, from one SVD.
+def anisotropy(sigma):
+    """Table III's anisotropy: sigma_1^2 / sum_k sigma_k^2, from the singular values sigma (largest first)
+    of the raw, uncentred feature matrix X (N, F).
 
-    Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values,
-    p_k = sigma_k / sum sigma; between 1 (one direction) and min(rows, columns) (all singular values
-    equal), it counts how many directions the rows really use. The matrix is used as is, uncentred, as
-    RankMe (Garrido et al. 2023) does for embeddings. Numerical rank: the singular values above
-    sigma_max * max(rows, columns) * eps(float32), numpy's matrix_rank rule with the float32 epsilon
-    because the features are float32 (below that is rounding noise); it counts any direction above noise.
+    Source: SSL-Whitening, pretrain/metrics.py (see the notes above). sum_k sigma_k^2 = |X|_F^2 =
+    sum_i |f_i|^2, so this is the share of the features' energy along their top direction: 1 when every f_i
+    lies on one line, 1/F when the energy is spread equally over F orthogonal directions. Uncentred, a
+    common mean direction counts: taking the unit mean direction as a candidate for the top singular
+    vector gives anisotropy >= |mean f|^2 / mean |f|^2, which is CVN^2 when all norms are equal.
     """
-    sigma = torch.linalg.svdvals(matrix.double())
-    p = sigma / sigma.sum()
+    energy = sigma.double().pow(2)
+    return (energy.max() / energy.sum()).item()
+
+
+def rank_above(sigma, tol=0.1):
+    """The number of singular values strictly above tol: torch.linalg.matrix_rank(X, atol=tol, rtol=0).
+
+    With tol = 0.1 this is Table III's rank, computed on the raw features X (N, F). Source: SSL-Whitening,
+    pretrain/metrics.py, whose tolerance is absolute: a direction counts when sigma_k > 0.1, whatever the
+    features' scale (scaling X by c scales every sigma_k by c), so it is a rank "above 0.1", not a count of
+    directions above rounding noise; numerical_rank is that count.
+    """
+    return int((sigma > tol).sum())
+
+
+def effective_rank(sigma):
+    """Effective rank (Roy & Vetterli 2007), ours: exp(-sum_k p_k log p_k) with p_k = sigma_k / sum sigma.
+
+    Between 1 (one direction) and the number of singular values (all equal), it counts how many
+    directions the rows really use, weighting each by its singular value. Applied to the uncentred unit
+    embeddings, as RankMe (Garrido et al. 2023) does, and to the class centroids.
+    """
+    p = sigma.double() / sigma.sum()
     p = p[p > 0]                                                  # 0 log 0 = 0
-    numerical = int((sigma > sigma.max() * max(matrix.shape) * torch.finfo(torch.float32).eps).sum())
-    return math.exp(-(p * p.log()).sum().item()), numerical
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def numerical_rank(sigma, shape):
+    """Numerical rank, ours: the singular values above sigma_max * max(rows, columns) * eps(float32),
+    numpy's matrix_rank rule with the float32 epsilon because the features are float32 (below that is
+    rounding noise). sigma: the singular values of a matrix of that shape. Unlike Table III's rank
+    (rank_above), the tolerance scales with the matrix, so every direction above noise counts.
+    """
+    return rank_above(sigma, sigma.max().item() * max(shape) * torch.finfo(torch.float32).eps)
+
+
+def feature_correlation(feats):
+    """Table III's correlation: (1 / (F(F-1))) sum_{a != b} |r_ab|, the mean absolute Pearson correlation
+    between two different dimensions a, b of the raw features (N, F), over all N features.
+
+    Source: SSL-Whitening, pretrain/metrics.py. r_ab = cov_ab / (std_a std_b) over the N features (the
+    1/N or 1/(N-1) of the covariance cancels). 0 for decorrelated dimensions, the target of Barlow Twins
+    and VICReg. A constant dimension (a dead ReLU channel) has no correlation: its pairs count as 0 and
+    stay in the F(F-1) (see the notes above). Returns (correlation, the number of constant dimensions);
+    the correlation is nan for a single dimension.
+    """
+    feats = feats.double()
+    centred = feats - feats.mean(0)                                          # (N, F)
+    std = centred.pow(2).mean(0).sqrt()                                      # (F,)
+    constant = std <= 1e-12 * std.max()              # constant up to the rounding of the mean
+    standard = torch.where(constant, 0.0, centred / std)                     # (N, F), constant columns 0
+    corr = standard.T @ standard / len(standard)                             # (F, N) x (N, F) -> (F, F)
+    dims = corr.shape[0]
+    off_diagonal = ~torch.eye(dims, dtype=torch.bool)
+    mean = corr[off_diagonal].abs().sum().item() / (dims * (dims - 1)) if dims > 1 else float("nan")
+    return mean, int(constant.sum())
 
 
 def class_centroids(z, labels, num_classes):
@@ -105,44 +186,40 @@ def angle_stats(cosines):
 
 
 def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, centroids=None):
-    """Table III's measurements of features (N, F) with integer labels (N,).
+    """Table III's measurements of raw features (N, F) with integer labels (N,), and our extra columns.
 
     pos_feats: (2, P, F), the features of two augmented views of P images (the training augmentation),
-    for the positive-pair angle; None leaves it out. The all-pairs statistics (anisotropy, d', the
+    for the positive-pair angle; None leaves it out. The all-pairs statistics (mean_cosine, d', the
     pairwise angle) use a seeded random subset of max_points features: 4,000 give 8 million pairs, which
     pins a mean to well under 0.01 while an (N, N) matrix of 50,000 would need 20 GB. The other
-    statistics use every feature. centroids: the class centroids (C, F) of the unit features, when the
-    caller has them (analyze_checkpoint computes them once, for Table IV and Fig. 5 too); None computes
-    them here, for the classes 0..max(labels). Returns a dict of floats (ranks: effective ones as floats,
-    numerical ones as ints).
+    statistics use every feature, as the cited code does for its three. centroids: the class centroids
+    (C, F) of the unit features, when the caller has them (analyze_checkpoint computes them once, for
+    Table IV and Fig. 5 too); None computes them here, for the classes 0..max(labels). Returns a dict of
+    floats (ranks: effective ones as floats, the others as ints).
     """
     feats, labels = feats.double(), labels.long()
     z = F.normalize(feats, dim=1)                                            # (N, F) on the sphere
     result = {"points": len(z), "pair_points": min(max_points, len(z))}
 
+    # The cited columns (Kalapos & Gyires-Tóth's definitions, see above), on the raw features.
+    sigma = torch.linalg.svdvals(feats)                                      # (min(N, F),) of X (N, F)
+    result["anisotropy"] = anisotropy(sigma)
+    result["rank"] = rank_above(sigma, 0.1)
+    result["correlation"], result["constant_dims"] = feature_correlation(feats)
+
     # Centre vector norm (Jha et al. 2024, the paper's [17]): |mean_i z_i|, 1 when all embeddings point the
     # same way, about 1/sqrt(N) for embeddings spread uniformly over the sphere.
     result["center_norm"] = z.mean(0).norm().item()
 
-    # Feature correlation: mean |Pearson correlation| between two different feature dimensions, over all
-    # N features; 0 for decorrelated features (the target of Barlow Twins and VICReg). Dimensions that are
-    # constant over the data (dead ReLU channels) have no correlation and are left out, and counted.
-    centred = feats - feats.mean(0)
-    std = centred.pow(2).mean(0).sqrt()
-    alive = std > 1e-12 * std.max()
-    standard = centred[:, alive] / std[alive]                                # (N, F')
-    corr = standard.T @ standard / len(standard)                             # (F', N) x (N, F') -> (F', F')
-    off_diagonal = ~torch.eye(len(corr), dtype=torch.bool)
-    result["correlation"] = corr[off_diagonal].abs().mean().item() if len(corr) > 1 else float("nan")
-    result["constant_dims"] = int((~alive).sum())
-
-    # Ranks: of the centroid matrix (C, F) and of the embedding matrix (N, F), both effective (Roy &
-    # Vetterli) and numerical. The paper's values (e.g. 316 of 1000 ImageNet centroids in 2048 dimensions,
-    # where a numerical rank would give 1000) look like effective ranks; we report both.
+    # Ranks of ours: of the centroid matrix (C, F) and of the unit embeddings (N, F), effective and
+    # numerical. Table III's "Centroid Rank" is the effective one (see the notes above for the doubt).
     if centroids is None:
         centroids = class_centroids(z, labels, int(labels.max()) + 1)        # (C, F)
-    result["centroid_rank"], result["centroid_rank_numerical"] = matrix_ranks(centroids)
-    result["embed_rank"], result["embed_rank_numerical"] = matrix_ranks(z)
+    sigma_centroids, sigma_unit = torch.linalg.svdvals(centroids.double()), torch.linalg.svdvals(z)
+    result["centroid_effective_rank"] = effective_rank(sigma_centroids)
+    result["centroid_numerical_rank"] = numerical_rank(sigma_centroids, centroids.shape)
+    result["effective_rank"] = effective_rank(sigma_unit)
+    result["numerical_rank"] = numerical_rank(sigma_unit, z.shape)
 
     # All pairs i != j of the subset.
     generator = torch.Generator().manual_seed(seed)
@@ -153,9 +230,10 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, cen
     pair_sims = sims[upper]
     same_class = (ls[:, None] == ls[None, :])[upper]
 
-    # Anisotropy (Ethayarajh 2019): the expected cosine similarity of two random embeddings, E[s_ij],
-    # i != j: 0 for an isotropic distribution, 1 for a collapsed one.
-    result["anisotropy"] = pair_sims.mean().item()
+    # Mean cosine, ours (Ethayarajh 2019 calls it anisotropy): E[s_ij] over pairs i != j, 0 for an
+    # isotropic distribution, 1 for a collapsed one. Over n points it is a function of the CVN of those
+    # points: sum_{i != j} s_ij = |sum_i z_i|^2 - n, so mean_cosine = (n CVN^2 - 1) / (n - 1).
+    result["mean_cosine"] = pair_sims.mean().item()
 
     # Sensitivity index d' (signal detection theory) between the similarities of same-class pairs and of
     # different-class pairs: (mean_same - mean_diff) / sqrt((var_same + var_diff) / 2). Higher = the
@@ -601,19 +679,24 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
 # ----------------------------------------------------------------------------------------------------
 # Entry point: one checkpoint -> Tables III and IV, Figs. 2, 3 and 5
 
-TABLE3_COLUMNS = ("dataset", "method", "arch", "anisotropy", "correlation", "center_norm", "centroid_rank",
-                  "embed_rank", "d_prime", "all_pairwise_angle", "positive_pairwise_angle")
+# Table III's columns in the paper's order (anisotropy, rank and correlation by the cited definitions; the
+# paper's "Centroid Rank" by ours, the effective rank), then our extra columns (see the Geometry notes).
+TABLE3_COLUMNS = ("dataset", "method", "arch", "anisotropy", "correlation", "center_norm", "centroid_effective_rank",
+                  "rank", "d_prime", "all_pairwise_angle", "positive_pairwise_angle",
+                  "mean_cosine", "effective_rank", "numerical_rank")
 TABLE4_COLUMNS = ("dataset", "method", "arch", "wup", "lch", "cophenetic", "minilm")
 
 
 def table3_row(result):
-    """Table III's cells: angles as 'mean° ± std°', effective ranks with the numerical rank after a slash."""
+    """Table III's cells: angles as 'mean° ± std°', the correlation with three decimals (as the paper's
+    Food-101 rows), effective ranks with one; the other floats with two (markdown_row)."""
     row = dict(result)
     row["all_pairwise_angle"] = f"{result['angle_mean']:.2f}° ± {result['angle_std']:.2f}°"
     if "positive_angle_mean" in result:
         row["positive_pairwise_angle"] = f"{result['positive_angle_mean']:.2f}° ± {result['positive_angle_std']:.2f}°"
-    for rank in ("centroid_rank", "embed_rank"):
-        row[rank] = f"{result[rank]:.1f} / {result[rank + '_numerical']}"
+    row["correlation"] = f"{result['correlation']:.3f}"
+    for rank in ("centroid_effective_rank", "effective_rank"):
+        row[rank] = f"{result[rank]:.1f}"
     return row
 
 
@@ -623,7 +706,7 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=("train", "test"), default="test",
                    help="labelled split whose features are measured (default test, as the paper's held-out view)")
     p.add_argument("--pairs", type=int, default=4000,
-                   help="random subset for all-pairs statistics (anisotropy, d', angles): n(n-1)/2 pairs; "
+                   help="random subset for all-pairs statistics (mean cosine, d', angles): n(n-1)/2 pairs; "
                         "4000 gives 8M pairs in ~1 s, the (n, n) matrix takes 8n^2 bytes")
     p.add_argument("--positive-images", type=int, default=2000,
                    help="images whose two augmented views give the positive-pair angle (0: skip)")
@@ -684,7 +767,7 @@ def analyze_checkpoint(args, device):
     dict, whose "skipped" lists the reasons for the columns that could not be computed."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
     os.makedirs(args.out, exist_ok=True)
-    # float32 features (exact): the numerical ranks of Table III count singular values above float32 noise
+    # float32 features (exact): Table III's numerical ranks count singular values above float32 noise
     feats, labels, _ = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
                                        image_size, device, args.cache_dir, args.workers, exact=True)
     class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes

@@ -1014,7 +1014,10 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
     # Why: bf16 rounding fills a low-rank matrix's null space, and Table III's numerical rank counts it.
     generator = torch.Generator().manual_seed(0)
     rank_16 = torch.randn(500, 16, generator=generator) @ torch.randn(16, 256, generator=generator)   # (500, 256)
-    assert analyze.matrix_ranks(rank_16)[1] == 16 and analyze.matrix_ranks(rank_16.bfloat16().float())[1] > 100
+    def numerical_rank(matrix):
+        return analyze.numerical_rank(torch.linalg.svdvals(matrix.double()), matrix.shape)
+
+    assert numerical_rank(rank_16) == 16 and numerical_rank(rank_16.bfloat16().float()) > 100
     # A device whose autocast is bf16 (a GPU's), emulated on the CPU
     monkeypatch.setattr(models, "precision_for", lambda device, arch=None: models.Precision(
         torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False), torch.contiguous_format))
@@ -1032,7 +1035,7 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
     with torch.no_grad():
         reference = backbone(torch.stack([split[i][0] for i in range(len(split))]))    # float32, no autocast
     assert torch.allclose(exact[0], reference, atol=1e-5) and not torch.allclose(fast[0], reference, atol=1e-5)
-    assert analyze.matrix_ranks(exact[0]) == analyze.matrix_ranks(reference)
+    assert numerical_rank(exact[0]) == numerical_rank(reference)
 
 
 def test_the_feature_cache_is_reused_and_renewed_by_a_new_checkpoint_new_files_or_an_unreadable_cache(
@@ -1370,6 +1373,82 @@ def hand_similarities(a, b):
 
 # ---- geometry (Table III)
 
+def matrix_with_singular_values(sigma, rows, columns, seed=0):
+    """U diag(sigma) V^T (rows, columns) in float64, U and V random with orthonormal columns."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, len(sigma), generator=generator, dtype=torch.float64))[0]  # (rows, k)
+    v = torch.linalg.qr(torch.randn(columns, len(sigma), generator=generator, dtype=torch.float64))[0]
+    return u @ torch.diag(torch.as_tensor(sigma, dtype=torch.float64)) @ v.T           # (rows, columns)
+
+
+def test_rank_counts_singular_values_above_an_absolute_tolerance_of_0_1():
+    chosen = [5.0, 2.0, 0.5, 0.11, 0.09, 0.01, 0.0, 0.0]
+    matrix = matrix_with_singular_values(chosen, 40, 8)
+    sigma = torch.linalg.svdvals(matrix)
+    assert analyze.rank_above(sigma) == 4 == torch.linalg.matrix_rank(matrix, atol=0.1, rtol=0)   # 0.09 not
+    assert analyze.numerical_rank(sigma, matrix.shape) == 6                       # every value above noise
+    assert analyze.numerical_rank(sigma, matrix.shape) == torch.linalg.matrix_rank(matrix.float())
+    # The tolerance is absolute: shrinking the features by 10 drops 0.5 and 0.11 below it, and leaves the
+    # numerical rank, whose tolerance scales with sigma_max, as it was.
+    small = torch.linalg.svdvals(matrix / 10)
+    assert analyze.rank_above(small) == 2 and analyze.numerical_rank(small, matrix.shape) == 6
+    # A rank-7 product: Table III's rank and ours both 7, through geometry_metrics
+    generator = torch.Generator().manual_seed(1)
+    rank_7 = torch.randn(200, 7, generator=generator) @ torch.randn(7, 64, generator=generator)   # (200, 64)
+    metrics = analyze.geometry_metrics(rank_7, torch.arange(200) % 4, max_points=50)
+    assert metrics["rank"] == 7 and metrics["numerical_rank"] == 7
+
+
+def test_anisotropy_is_the_top_singular_value_share_of_the_raw_features():
+    chosen = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])
+    matrix = matrix_with_singular_values(chosen, 30, 6)
+    assert analyze.anisotropy(torch.linalg.svdvals(matrix)) == pytest.approx(9 / (9 + 4 + 1 + 0.25))
+    dominant = torch.linalg.svdvals(matrix_with_singular_values([100.0, 1.0, 1.0, 1.0], 30, 6))
+    assert analyze.anisotropy(dominant) == pytest.approx(10000 / 10003)          # one direction: near 1
+    # Orthogonal columns of equal norm (isotropic energy): 1/D, whatever the common scale; uncentred
+    dim = 8
+    orthogonal = 3 * torch.linalg.qr(torch.randn(50, dim, generator=torch.Generator().manual_seed(2)))[0]
+    metrics = analyze.geometry_metrics(orthogonal, torch.arange(50) % 2)
+    assert metrics["anisotropy"] == pytest.approx(1 / dim)
+    assert metrics["rank"] == dim and metrics["effective_rank"] <= dim
+    # Gaussian features (N, D): sigma_1^2 -> (sqrt(N) + sqrt(D))^2 (Marchenko-Pastur's edge), sum -> N D
+    n, dim = 2000, 128
+    gaussian = torch.linalg.svdvals(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)).double())
+    assert analyze.anisotropy(gaussian) == pytest.approx((math.sqrt(n) + math.sqrt(dim)) ** 2 / (n * dim), rel=0.03)
+    # The bound in the docstring: the unit mean direction is one candidate for the top singular vector
+    shifted = torch.randn(300, 16, generator=torch.Generator().manual_seed(3)).double() + 0.5
+    bound = shifted.mean(0).norm() ** 2 / shifted.norm(dim=1).pow(2).mean()
+    assert analyze.anisotropy(torch.linalg.svdvals(shifted)) >= bound.item() > 0.1
+
+
+def test_correlation_matches_a_loop_over_ordered_pairs_of_dimensions():
+    generator = torch.Generator().manual_seed(4)
+    feats = torch.randn(60, 5, generator=generator).double()
+    feats[:, 1] += 2 * feats[:, 0]                                              # correlated dimensions
+    feats[:, 4] = 7.0                                                           # a constant (dead) one
+    columns = feats.numpy()
+    total = 0.0
+    for a in range(5):
+        for b in range(5):
+            if a != b and columns[:, a].std() > 0 and columns[:, b].std() > 0:
+                total += abs(np.corrcoef(columns[:, a], columns[:, b])[0, 1])  # a constant one's pairs add 0
+    assert analyze.feature_correlation(feats) == (pytest.approx(total / (5 * 4)), 1)
+    live = feats[:, :4]                                                         # torch.corrcoef agrees
+    reference = torch.corrcoef(live.T).abs()
+    assert analyze.feature_correlation(live)[0] == pytest.approx(((reference.sum() - 4) / 12).item())
+
+
+def test_correlation_is_one_for_perfectly_correlated_and_near_zero_for_independent_dimensions():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(100, 1, generator=generator)
+    affine = x * torch.tensor([1.0, -2.0, 0.5, 3.0]) + torch.tensor([0.0, 1.0, -4.0, 2.0])   # (100, 4)
+    assert analyze.feature_correlation(affine) == (pytest.approx(1), 0)
+    n = 2000
+    independent = torch.randn(n, 64, generator=generator)
+    # |Pearson r| of independent normals over n samples: E|r| = sqrt(2 / (pi n))
+    assert analyze.feature_correlation(independent)[0] == pytest.approx(math.sqrt(2 / (math.pi * n)), rel=0.05)
+
+
 def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geometry():
     classes, per_class, dim = 5, 4, 16
     labels = torch.arange(classes).repeat_interleave(per_class)                    # (20,)
@@ -1378,12 +1457,16 @@ def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geo
     metrics = analyze.geometry_metrics(feats, labels)
     centroids = F.normalize(analyze.class_centroids(F.normalize(feats, dim=1), labels, classes), dim=1)
     assert torch.allclose(centroids @ centroids.T, torch.eye(classes), atol=1e-12)  # off-diagonal cosine 0
-    assert metrics["centroid_rank_numerical"] == classes
-    assert metrics["centroid_rank"] == pytest.approx(classes)                      # equal singular values
+    assert metrics["centroid_numerical_rank"] == classes
+    assert metrics["centroid_effective_rank"] == pytest.approx(classes)            # equal singular values
     same_pairs, all_pairs = classes * math.comb(per_class, 2), math.comb(len(labels), 2)
-    assert metrics["anisotropy"] == pytest.approx(same_pairs / all_pairs)           # s = 1 within, 0 across
+    assert metrics["mean_cosine"] == pytest.approx(same_pairs / all_pairs)          # s = 1 within, 0 across
     assert metrics["center_norm"] == pytest.approx(1 / math.sqrt(classes))          # |mean of e_c| = sqrt(5)/5
     assert metrics["angle_mean"] == pytest.approx(90 * (1 - same_pairs / all_pairs))
+    # The raw features' singular values are the classes' energies sqrt(sum of scale^2): all above 0.1
+    energy = torch.zeros(classes).index_add_(0, labels, scales.squeeze(1) ** 2)
+    assert metrics["anisotropy"] == pytest.approx((energy.max() / energy.sum()).item())
+    assert metrics["rank"] == classes
     # Centroids the caller computed once (analyze_checkpoint, with one row per class of the dataset, here
     # a sixth class absent from the split) give the same numbers as those computed inside.
     given = analyze.class_centroids(F.normalize(feats.double(), dim=1), labels, classes + 1)   # (6, F)
@@ -1394,30 +1477,37 @@ def test_identical_embeddings_are_collapsed():
     feats = torch.tensor([[3.0, -1.0, 2.0, 0.5]]).repeat(50, 1) * torch.linspace(1, 2, 50).unsqueeze(1)
     labels = torch.arange(50) % 2
     metrics = analyze.geometry_metrics(feats, labels)
-    assert metrics["anisotropy"] == pytest.approx(1)
+    assert metrics["anisotropy"] == pytest.approx(1) and metrics["mean_cosine"] == pytest.approx(1)
     assert metrics["center_norm"] == pytest.approx(1)
     assert metrics["angle_mean"] == pytest.approx(0, abs=1e-5) and metrics["angle_std"] == pytest.approx(0, abs=1e-5)
-    assert metrics["embed_rank_numerical"] == 1 and metrics["embed_rank"] == pytest.approx(1)
+    assert metrics["rank"] == 1 and metrics["numerical_rank"] == 1 and metrics["effective_rank"] == pytest.approx(1)
+    assert metrics["constant_dims"] == 0 and metrics["correlation"] == pytest.approx(1)   # one common factor
 
 
 def test_isotropic_gaussians_in_high_dimension():
     n, dim = 2000, 128
     feats = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
     metrics = analyze.geometry_metrics(feats, torch.arange(n) % 10, max_points=800)
-    assert abs(metrics["anisotropy"]) < 0.005 and metrics["center_norm"] < 3 / math.sqrt(n)
+    assert abs(metrics["mean_cosine"]) < 0.005 and metrics["center_norm"] < 3 / math.sqrt(n)
     # the angle between random directions in R^D: mean 90 degrees, std (180/pi) / sqrt(D)
     assert metrics["angle_mean"] == pytest.approx(90, abs=0.1)
     assert metrics["angle_std"] == pytest.approx(math.degrees(1 / math.sqrt(dim)), rel=0.05)
-    # |Pearson r| of independent normals over n samples: E|r| = sqrt(2 / (pi n))
-    assert metrics["correlation"] == pytest.approx(math.sqrt(2 / (math.pi * n)), rel=0.05)
-    assert metrics["embed_rank"] > 0.85 * dim and metrics["embed_rank_numerical"] == dim
+    assert metrics["effective_rank"] > 0.85 * dim and metrics["numerical_rank"] == metrics["rank"] == dim
     assert abs(metrics["d_prime"]) < 0.1                                           # labels carry no signal
+
+
+def test_mean_cosine_is_a_function_of_the_centre_vector_norm():
+    feats = torch.randn(40, 6, generator=torch.Generator().manual_seed(6)) + 1.0
+    metrics = analyze.geometry_metrics(feats, torch.arange(40) % 2)                # every pair: n = 40
+    n, cvn = 40, metrics["center_norm"]
+    assert metrics["mean_cosine"] == pytest.approx((n * cvn ** 2 - 1) / (n - 1))
 
 
 def test_effective_rank_and_positive_angles_match_closed_forms():
     p = torch.tensor([0.25, 0.25, 0.5])                                            # singular values 1, 1, 2, 0
-    assert analyze.matrix_ranks(torch.diag(torch.tensor([1.0, 1.0, 2.0, 0.0]))) == pytest.approx(
-        (math.exp(-(p * p.log()).sum().item()), 3))
+    sigma = torch.linalg.svdvals(torch.diag(torch.tensor([1.0, 1.0, 2.0, 0.0])))
+    assert analyze.effective_rank(sigma) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert analyze.numerical_rank(sigma, (4, 4)) == 3
     degrees = torch.tensor([10.0, 20.0, 45.0, 90.0])                               # view 2 rotated in a plane
     first = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1)
     second = torch.stack([torch.cos(torch.deg2rad(degrees)), torch.sin(torch.deg2rad(degrees)), torch.zeros(4)], 1)
@@ -2157,7 +2247,7 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
                            "--table3", str(table3), "--table4", str(table4)] + text)
     assert result["points"] == 18 and result["pair_points"] == 10 and result["positive_pairs"] == 5
     assert 0 <= result["angle_mean"] <= 180 and 0 <= result["positive_angle_mean"] <= 180
-    assert 1 <= result["centroid_rank"] <= 3 and result["centroid_rank_numerical"] <= 3
+    assert 1 <= result["centroid_effective_rank"] <= 3 and result["centroid_numerical_rank"] <= 3
     assert json.loads(open(out / "analyze.jsonl").read())["anisotropy"] == result["anisotropy"]
     assert open(table3).read().splitlines()[2].startswith(f"| folder | HyDeS | {arch} |")
     assert open(table4).read().splitlines()[0] == "| dataset | method | arch | wup | lch | cophenetic | minilm |"
