@@ -38,6 +38,26 @@ kernel density estimate (a uniform density on S^{D-1} has entropy log|S^{D-1}|),
 constant. The constant log C never changes a gradient (kappa is fixed), and at alpha = beta it cancels
 from the loss value as well.
 
+Which pairs P(i) holds
+----------------------
+Eq. (3) says "another view" without saying which. We take every other view of the same image: a global
+crop's positives are the other global crop and the 6 local ones, a local crop's are the 2 globals and the
+5 other locals, so local-local pairs count as much as local-global ones. DINO, whose multi-crop the paper
+uses, compares each view with the global views only (its teacher sees only globals); restricting P(i) to
+global views would be the analogue here. The paper does not say; this is our reading of "the other views".
+
+The estimate's ceiling
+----------------------
+The image's own V-1 other views sit inside the batch mean of Eq. (2) too. Per anchor, the mean over the
+N-1 others is at least (V-1)/(N-1) times the mean over P(i) (the other images only add non-negative
+terms), so
+
+    MI = H_global - H_local <= log((N-1)/(V-1)),
+
+reached when every other image's kernel values vanish. At B = 128 and V = 8, N = 1024: log(1023/7) = 4.98
+nats, whatever kappa and D; under data parallelism N is the global R*V*B. A logged MI near that bound means
+the images are as far apart as the kernel can tell, not that the estimate can grow further.
+
 Neighbours
 ----------
 Wang & Isola's uniformity loss, log E_{i,j} exp(-t ||z_i - z_j||^2), is a log of a mean over all pairs: a

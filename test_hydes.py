@@ -266,6 +266,19 @@ def test_local_entropy_depends_on_pairing_of_views():
     assert a["h_local"].item() < b["h_local"].item() - 1.0
 
 
+def test_mutual_information_never_exceeds_log_of_n_minus_1_over_v_minus_1_and_reaches_it_when_images_separate():
+    views, batch = 4, 6
+    bound = math.log((views * batch - 1) / (views - 1))
+    g = torch.Generator().manual_seed(0)
+    for kappa in (1.0, 10.0):                                   # random points: under the ceiling
+        z = F.normalize(torch.randn(views, batch, 8, generator=g), dim=-1)
+        assert hydes.hydes_loss(z, kappa)["mi"].item() < bound
+    # every image's views at one point, the images on orthogonal axes: other images' kernel values are
+    # exp(-kappa) of the positives', negligible at kappa = 40, and the estimate meets its ceiling
+    z = torch.eye(8)[:batch].expand(views, batch, 8)
+    assert hydes.hydes_loss(z, 40.0)["mi"].item() == pytest.approx(bound, abs=1e-5)      # float32 rounding
+
+
 def test_loss_and_gradients_finite_at_kappa_100_under_bf16_autocast():
     # exp(100) = 2.7e43 overflows float32 (and exp(12) already overflows fp16): a naive exp-sum-log
     # would return inf here; the logsumexp in float32 does not.
