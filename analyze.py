@@ -821,7 +821,7 @@ def analyze_checkpoint(args, device):
 
 def read_curves(runs, metric):
     """{run: (epochs, values)} from each RUN/log.jsonl (or a log file given directly), keeping the lines
-    that hold `metric` (train.py logs the k-NN only every --eval-every epochs)."""
+    that hold `metric` (train.py logs the probes only at its evaluations, every --eval-every epochs)."""
     curves = {}
     for run in runs:
         log = run if os.path.isfile(run) else os.path.join(run, "log.jsonl")
@@ -833,7 +833,8 @@ def read_curves(runs, metric):
         points = dict(sorted(((r["epoch"], r[metric]) for r in records if metric in r and r.get("epoch") is not None),
                              key=lambda point: point[0]))        # a stable sort: the last probe of an epoch wins
         if not points:
-            raise SystemExit(f"error: {log} logs no {metric}; train with --eval-every 1 to log the k-NN per epoch")
+            raise SystemExit(f"error: {log} logs no {metric}; the probes are logged at train.py's evaluations "
+                             f"(--eval-every, not 0), the loss terms every epoch")
         curves[run] = (tuple(points), tuple(points.values()))
     return curves
 
@@ -935,8 +936,9 @@ def curves_main(argv):
     p = argparse.ArgumentParser(prog="analyze.py curves", formatter_class=HelpFormatter,
                                 description="Learning curves of several train.py runs in one PNG (Figs. 6-8).")
     p.add_argument("runs", nargs="+", help="run folders (each with its log.jsonl)")
-    p.add_argument("--metric", default="knn_top1",
-                   help="a key of log.jsonl: knn_top1 (default), knn_top5, loss, mi, h_global, h_local, accuracy")
+    p.add_argument("--metric", default="linear_top1",
+                   help="a key of log.jsonl: linear_top1 (default: the online linear probe, what Figs. 6-8 plot), "
+                        "linear_top5, knn_top1, knn_top5, loss, mi, h_global, h_local, accuracy")
     p.add_argument("--labels", nargs="+", help="legend entries, one per run (default: the folders' names)")
     p.add_argument("--out", default="curves.png", help="PNG file to write")
     args = p.parse_args(argv)

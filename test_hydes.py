@@ -1688,8 +1688,8 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
         with open(run / "log.jsonl", "w") as f:
             for epoch in (1, 2, 3):
                 record = {"epoch": epoch, "step": 10 * epoch, "loss": -epoch}
-                if epoch != 2:                                   # k-NN logged every other epoch only
-                    record["knn_top1"] = 10 * i + epoch
+                if epoch != 2:                                   # the probes logged every other epoch only
+                    record["knn_top1"] = record["linear_top1"] = 10 * i + epoch
                 f.write(json.dumps(record) + "\n")
         runs.append(str(run))
     curves = analyze.read_curves(runs, "knn_top1")
