@@ -42,10 +42,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, HelpFormatter,
-                  InMemoryBatches, WorkerBatches, append_jsonl, dataset_split, default_crop_sizes,
-                  drop_unreadable_images, error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
-                  refuse, uint8_dataset, unwritable, write_atomically)
+from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, FullImageCrops,
+                  HelpFormatter, InMemoryBatches, WorkerBatches, append_jsonl, augmentation_seed, dataset_split,
+                  default_crop_sizes, dino_recipes, drop_unreadable_images, error_message, first_problem,
+                  folder_image_sizes, load_into_memory, native_image_size, one_image_size, read_jsonl, refuse,
+                  uint8_dataset, unwritable, write_atomically)
 from evaluate import knn_evaluate
 from hydes import hydes_loss, infonce_loss
 from models import (ARCHS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load, save_checkpoint,
@@ -285,18 +286,26 @@ def learning_rate(args, step, steps_per_epoch):
 def augmentation_generator(seed, step, rank):
     """The generator of step `step`'s augmentation on process `rank`: a function of the three, so that a
     resumed run draws the views an uninterrupted one would, and processes draw different ones."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+    return torch.Generator().manual_seed(augmentation_seed(seed, step, rank))
 
 
 # ----------------------------------------------------------------------------------------------------
 # What train() calls: data, model, evaluation, log and checkpoint
 
 def training_data(args, control):
-    """(batches, order, classes): `batches` yields (images (B, 3, H, W) uint8, labels (B,)) on the training
-    device, in the order of `order` (an EpochOrder), from memory or from loading workers (--data-source)."""
+    """(batches, order, classes): `batches` yields (images, labels (B,)) on the training device, in the
+    order of `order` (an EpochOrder). Images of one size come whole, uint8 (B, 3, H, W), from memory or
+    from loading workers (--data-source), and their views are cut on the device; images of mixed sizes
+    come from the workers as the V uint8 views (B, 3, s, s) they cut from each whole image (FullImageCrops)."""
+    if args.data_source == "memory" and not one_image_size(args.dataset, args.data_dir):
+        raise SystemExit(f"error: --data-source memory holds images of one size, and {args.dataset}'s differ: the "
+                         f"loading workers cut their crops from each whole image; use --data-source workers or auto")
+    # The views' sides and scales, for workers that cut the crops (the blur is the device's business)
+    recipes = dino_recipes(args.global_size, args.local_size, args.global_crops, args.local_crops,
+                           args.global_scale, args.local_scale)
     with control.first_process_first():           # process 0 downloads and extracts the dataset alone
         # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
-        dataset = uint8_dataset(args.dataset, args.data_dir, args.global_size, labelled=args.method == "supervised")
+        dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")
         if args.eval_every:                       # the k-NN monitor's test split must exist before hours of training
             dataset_split(args.dataset, args.data_dir, "test", None)
     if args.skip_bad_images:
@@ -308,6 +317,8 @@ def training_data(args, control):
     if order.batches_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
                          f"lower --batch-size")
+    if isinstance(dataset, FullImageCrops):       # mixed sizes: the workers cut the crops
+        return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
     fits = len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES
     if args.data_source == "memory" or (args.data_source == "auto" and fits):
         images, labels = load_into_memory(dataset, control.device, args.workers)   # (N, 3, H, W) uint8, once
