@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 import train
-from data import BatchedMultiCrop, HelpFormatter, MultiCrop, first_problem, refuse
+from data import BatchedMultiCrop, HelpFormatter, MultiCrop, dino_recipes, first_problem, refuse
 from models import HyDeSModel, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
@@ -102,7 +102,7 @@ def augmentation_rates(side, global_size, local_size, args):
     device = torch.device(args.device)
     images, pil_images = noise_images(args.batch_size, side, args.seed)
     images = images.to(device)
-    batched = BatchedMultiCrop(global_size, local_size)
+    batched = BatchedMultiCrop(dino_recipes(global_size, local_size))
     generator = torch.Generator().manual_seed(args.seed)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rates = {"batched": images_per_second(lambda: batched(images, generator), len(images), args.seconds,
@@ -132,7 +132,7 @@ def training_step_rates(side, global_size, local_size, arch, args):
     images, _ = noise_images(args.step_batch_size, side, args.seed)
     images = images.to(device)
     labels = torch.zeros(len(images), dtype=torch.int64, device=device)
-    crops, generator = BatchedMultiCrop(global_size, local_size), torch.Generator().manual_seed(args.seed)
+    crops, generator = BatchedMultiCrop(dino_recipes(global_size, local_size)), torch.Generator().manual_seed(args.seed)
     ready = crops(images, generator)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

@@ -6,9 +6,9 @@ Pre-training uses the unlabelled images of a dataset; the probes use its labelle
     cifar10      train (50k)                  train / test                  32
     cifar100     train (50k)                  train / test                  32
     stl10        train+unlabeled (105k)       train / test                  96
-    food101      train (75.75k)               train / test                  224 (resized)
-    imagenet     ROOT/train (ImageFolder)     ROOT/train / ROOT/val         224 (resized)
-    imagenet100  ROOT/train, 100 classes      ROOT/train / ROOT/val         224 (resized)
+    food101      train (75.75k)               train / test                  mixed (crops 224)
+    imagenet     ROOT/train (ImageFolder)     ROOT/train / ROOT/val         mixed (crops 224)
+    imagenet100  ROOT/train, 100 classes      ROOT/train / ROOT/val         mixed (crops 224)
     folder       ROOT/train (ImageFolder)     ROOT/train / ROOT/test (or ROOT/val)   from the files
 
 torchvision downloads CIFAR, STL-10 and Food-101 when the network is there; ImageNet must be put in place
@@ -17,14 +17,16 @@ by hand. When a dataset is missing, `DatasetError` says which files are expected
 The multi-crop comes in two forms with one recipe (`dino_recipes`): `MultiCrop`, per PIL image, the
 readable recipe that the tests hold the batched form against, and `BatchedMultiCrop`, per uint8 batch on
 the training device, which train.py uses. Its uint8 batches come either from memory (`uint8_dataset` +
-`load_into_memory` + `InMemoryBatches`: CIFAR, STL-10, small folders) or from DataLoader workers that
-decode each image to one fixed size (`WorkerBatches`: ImageNet, Food-101). Either way the batches follow
-an `EpochOrder`, which makes the data order a function of the seed and the epoch:
+`load_into_memory` + `InMemoryBatches`: CIFAR, STL-10, folders of one image size) or from DataLoader
+workers (`WorkerBatches`). Images of mixed sizes (ImageNet, Food-101, such folders) come from workers
+only: each worker cuts an image's crops from the whole of it (`FullImageCrops`), and BatchedMultiCrop
+adds the photometric steps on the device. Either way the batches follow an `EpochOrder`, which makes the
+data order a function of the seed and the epoch:
 
-    dataset = uint8_dataset("cifar10", root, global_size=32)
+    crops, generator = BatchedMultiCrop(dino_recipes(32, 16)), torch.Generator().manual_seed(0)
+    dataset = uint8_dataset("cifar10", root, crops.recipes)
     images, labels = load_into_memory(dataset, device)               # (N, 3, 32, 32) uint8, once
     order = EpochOrder(len(images), batch_size=128, seed=0)
-    crops, generator = BatchedMultiCrop(32, 16), torch.Generator().manual_seed(0)
     for batch, _ in InMemoryBatches(images, labels, order):          # (B, 3, 32, 32) uint8 on the device
         views = crops(batch, generator)                              # V tensors (B, 3, h, w), as MultiCrop's
 
@@ -97,7 +99,7 @@ def read_rgb(path):
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         raise DatasetError(f"cannot read image {path} ({str(error).splitlines()[0]}); delete or replace the file "
-                           f"(train.py --skip-bad-images leaves such files out of training and of its k-NN)") from None
+                           f"(train.py --skip-bad-images leaves such files out of training and of its monitor)") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,20 +127,25 @@ class RandomSolarize:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
-class ViewRecipe(NamedTuple):
-    """One view of the multi-crop: crop side in pixels, crop area fraction (min, max), blur and
-    solarisation probabilities. Flip, colour jitter and grayscale are the same for every view."""
-    size: int
-    scale: tuple
-    blur_p: float
-    solarize_p: float
-
-
 # DINO's settings, shared by MultiCrop (per image, PIL) and BatchedMultiCrop (per batch, tensors)
 GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)          # crop area, as fractions of the image's
 FLIP_P, JITTER_P, GRAYSCALE_P = 0.5, 0.8, 0.2
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1   # factors U(1 -+ 0.4), U(1 -+ 0.2); hue U(-+0.1) turns
 BLUR_SIGMA = (0.1, 2.0)                                      # pixels of the crop, whatever its size
+# The supervised baseline of the paper's setup (SSL-Whitening's train_supervised.py): torchvision's
+# RandomResizedCrop at its default scale and a horizontal flip, nothing else
+SUPERVISED_SCALE = (0.08, 1.0)
+
+
+class ViewRecipe(NamedTuple):
+    """One view: crop side in pixels, crop area fraction (min, max), and the probabilities of its colour
+    jitter, grayscale, blur and solarisation. The flip (p = 0.5) is every view's."""
+    size: int
+    scale: tuple
+    blur_p: float
+    solarize_p: float
+    jitter_p: float = JITTER_P
+    grayscale_p: float = GRAYSCALE_P
 
 
 def dino_recipes(global_size, local_size, global_crops=2, local_crops=6,
@@ -148,6 +155,11 @@ def dino_recipes(global_size, local_size, global_crops=2, local_crops=6,
     global_2 = ViewRecipe(global_size, tuple(global_scale), blur_p=0.1 if blur else 0.0, solarize_p=0.2)
     local = ViewRecipe(local_size, tuple(local_scale), blur_p=0.5 if blur else 0.0, solarize_p=0.0)
     return [global_1 if i % 2 == 0 else global_2 for i in range(global_crops)] + [local] * local_crops
+
+
+def supervised_recipes(size):
+    """The supervised baseline's one view per image: a crop of 8-100% of the image and a flip, no colour."""
+    return [ViewRecipe(size, SUPERVISED_SCALE, blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0)]
 
 
 class MultiCrop:
@@ -166,14 +178,11 @@ class MultiCrop:
     """
 
     def __init__(self, global_size, local_size, **options):
-        photometric = T.Compose([
-            T.RandomHorizontalFlip(p=FLIP_P),
-            T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=JITTER_P),
-            T.RandomGrayscale(p=GRAYSCALE_P),
-        ])
         def transform(recipe):
             steps = [T.RandomResizedCrop(recipe.size, scale=recipe.scale, interpolation=T.InterpolationMode.BICUBIC),
-                     photometric]
+                     T.RandomHorizontalFlip(p=FLIP_P),
+                     T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=recipe.jitter_p),
+                     T.RandomGrayscale(p=recipe.grayscale_p)]
             if recipe.blur_p:
                 steps.append(RandomGaussianBlur(recipe.blur_p, BLUR_SIGMA))
             if recipe.solarize_p:
@@ -409,11 +418,21 @@ def normalize(x):
     return (x - mean) / std
 
 
-def augmented_view(images, recipe, generator):
-    """One view of each image by `recipe`: (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised.
-    The steps, their order and probabilities are MultiCrop's: crop and flip, jitter, grayscale, blur,
-    solarise, normalise. Every image draws its own parameters whether or not a step applies to it."""
+def cropped_view(images, recipe, generator):
+    """The geometry of one view of each image by `recipe`: RandomResizedCrop and the flip, MultiCrop's
+    first two steps. (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) float in [0, 1]. Draws each
+    image's box, then its flip; the loading workers draw the same for one image (FullImageCrops)."""
     batch, _, height, width = images.shape
+    boxes = sample_crop_boxes(batch, height, width, recipe.scale, generator)
+    flip = torch.rand(batch, generator=generator) < FLIP_P
+    return resized_crop(images, boxes, recipe.size, flip)
+
+
+def photometric_view(x, recipe, generator):
+    """The rest of the view, MultiCrop's steps after the flip: jitter, grayscale, blur, solarise,
+    normalise. x (B, 3, s, s) float in [0, 1], a fresh tensor (changed in place) -> normalised.
+    Every image draws its own parameters whether or not a step applies to it."""
+    batch = len(x)
 
     def coin(p):                                       # (B,) bool, each True with probability p
         return torch.rand(batch, generator=generator) < p
@@ -421,12 +440,10 @@ def augmented_view(images, recipe, generator):
     def uniform(low, high):                            # (B,) floats ~ U(low, high)
         return torch.empty(batch).uniform_(low, high, generator=generator)
 
-    boxes = sample_crop_boxes(batch, height, width, recipe.scale, generator)
-    x = resized_crop(images, boxes, recipe.size, flip=coin(FLIP_P))
     jitter = (uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS), uniform(1 - CONTRAST, 1 + CONTRAST),
               uniform(1 - SATURATION, 1 + SATURATION), uniform(-HUE, HUE))
-    x = on_chosen(x, coin(JITTER_P), color_jitter, *jitter)
-    x = on_chosen(x, coin(GRAYSCALE_P), grayscale)
+    x = on_chosen(x, coin(recipe.jitter_p), color_jitter, *jitter)
+    x = on_chosen(x, coin(recipe.grayscale_p), grayscale)
     if recipe.blur_p:
         x = on_chosen(x, coin(recipe.blur_p), gaussian_blur, uniform(*BLUR_SIGMA))
     if recipe.solarize_p:
@@ -434,21 +451,36 @@ def augmented_view(images, recipe, generator):
     return normalize(x)
 
 
+def augmented_view(images, recipe, generator):
+    """One view of each image by `recipe`, all of MultiCrop's steps in its order:
+    (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised."""
+    return photometric_view(cropped_view(images, recipe, generator), recipe, generator)
+
+
 class BatchedMultiCrop:
     """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
     (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
-    model code is the same. Same arguments and recipe as MultiCrop; where it deviates (fixed jitter
-    order, sampled Gaussian blur, float arithmetic between steps, one clip after the crop's two passes)
-    the functions above say so.
+    model code is the same. `recipes`: MultiCrop's (dino_recipes) or the supervised baseline's
+    (supervised_recipes). Where it deviates from MultiCrop (fixed jitter order, sampled Gaussian blur,
+    float arithmetic between steps, one clip after the crop's two passes) the functions above say so.
 
-        crops = BatchedMultiCrop(32, 16)
-        views = crops(images.to(device), generator)    # generator: a CPU torch.Generator, seeded once
+        crops = BatchedMultiCrop(dino_recipes(32, 16))   # or supervised_recipes(32): Table I's baseline
+        views = crops(images.to(device), generator)     # generator: a CPU torch.Generator, seeded once
+
+    Images of mixed sizes cannot share a batch: the loading workers cut their crops (FullImageCrops), and
+    the call takes the list of V uint8 views (B, 3, s, s) instead, and adds the photometric steps.
     """
 
-    def __init__(self, global_size, local_size, **options):
-        self.recipes = dino_recipes(global_size, local_size, **options)
+    def __init__(self, recipes):
+        self.recipes = recipes
 
     def __call__(self, images, generator):
+        if isinstance(images, (list, tuple)):                      # views already cut by the loading workers
+            sizes = [r.size for r in self.recipes]
+            if [tuple(v.shape[1:]) for v in images] != [(3, s, s) for s in sizes] or images[0].dtype != torch.uint8:
+                raise ValueError(f"BatchedMultiCrop expects {len(sizes)} uint8 views (B, 3, s, s) of sides {sizes}, "
+                                 f"got {[(v.dtype, tuple(v.shape)) for v in images]}")
+            return [photometric_view(v.float() / 255, recipe, generator) for v, recipe in zip(images, self.recipes)]
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"BatchedMultiCrop expects a uint8 batch (B, 3, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -461,37 +493,77 @@ class BatchedMultiCrop:
 #
 # CIFAR-10/100 (50k x 3 KB) and STL-10 (105k x 27 KB, 2.9 GB) fit in a GPU's memory as uint8: decode
 # them once, keep them there, and an epoch is a permutation and index operations, with no workers at
-# all. ImageNet and Food-101 do not fit; DataLoader workers decode them to one fixed size, uint8 (4x
-# fewer bytes than floats to pin and copy), and the crops are cut on the device.
+# all; every view is cut on the device. ImageNet, Food-101 and folders of mixed sizes neither fit nor
+# share one size, so their images cannot even be stacked into a batch. DataLoader workers decode each
+# image and cut its V crops from the whole of it, as MultiCrop does (FullImageCrops); the photometric
+# steps stay on the device, batched. Cropping a fixed-size centre square on the device instead would lose
+# the ends of the long side (a quarter of a 500 x 375 image) and make a 5% local crop a 57 px patch of
+# a 256 px square, upscaled to 96. The views travel as uint8 (4x fewer bytes than floats to pin and
+# copy): 2 x 224^2 + 6 x 96^2 = 155,648 pixels an image, 2.4x the 65,536 of one 256 px square.
 
-def fixed_size_uint8(side):
-    """PIL image -> uint8 (3, side, side): shorter side resized to `side` (bicubic, antialiased), centre kept.
-    The crops are then cut from that square: the ends of the long side are lost, as in evaluation."""
-    return T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side),
-                      T.PILToTensor()])
-
-
-def uint8_dataset(name, root, global_size, labelled=False):
-    """The training images (`pretrain_dataset`, or with `labelled` the labelled train split that the
-    supervised baseline needs) as uint8 tensors (3, H, W), all of one size.
-
-    CIFAR and STL-10, and a `folder` whose images all have one size, stay at their native size, as
-    MultiCrop sees them. Every other image is resized with `fixed_size_uint8`: ImageNet and Food-101 to
-    8/7 of the global crop (256 px for 224, the evaluation's resize), a folder of mixed sizes to the
-    global crop size (which then equals its largest crop).
-    """
-    if labelled:
-        dataset = dataset_split(name, root, "train", T.PILToTensor())
-    else:
-        dataset = pretrain_dataset(name, root, T.PILToTensor())
+def one_image_size(name, root):
+    """Whether all the training images of a dataset have one size: CIFAR's and STL-10's do, ImageNet's
+    and Food-101's do not, a `folder`'s are asked (their headers, read once per process)."""
     if name in ("cifar10", "cifar100", "stl10"):
-        return dataset
-    if name == "folder":
-        if len(folder_image_sizes(root)) > 1:
-            dataset.transform = fixed_size_uint8(global_size)
-        return dataset
-    dataset.transform = fixed_size_uint8(round(global_size * 8 / 7))
-    return dataset
+        return True
+    return name == "folder" and len(folder_image_sizes(root)) == 1
+
+
+def uint8_dataset(name, root, recipes, labelled=False):
+    """The training images (`pretrain_dataset`, or with `labelled` the labelled train split that the
+    supervised baseline needs) for BatchedMultiCrop with these `recipes` (dino_recipes), in uint8:
+
+    - images of one size (`one_image_size`): item i is (image (3, H, W), label) at native size, as
+      MultiCrop sees it; BatchedMultiCrop cuts the crops of a batch on the device.
+    - images of mixed sizes: a FullImageCrops, whose item (i, seed) is (V views (3, s, s), label),
+      each cut from the whole image by the loading worker.
+    """
+    whole = one_image_size(name, root)
+    transform = T.PILToTensor() if whole else None               # None: PIL images, for FullImageCrops
+    dataset = dataset_split(name, root, "train", transform) if labelled else pretrain_dataset(name, root, transform)
+    return dataset if whole else FullImageCrops(dataset, recipes)
+
+
+class FullImageCrops(torch.utils.data.Dataset):
+    """The multi-crop's geometry in the loading workers, for images of mixed sizes: item (index, seed)
+    -> (V views uint8 (3, s, s), globals first; label), from `images`, a dataset of (PIL image, label).
+
+    Each view is MultiCrop's first two steps on the whole decoded image: a box drawn by sample_crop_boxes,
+    the function the device uses, so torchvision's RandomResizedCrop.get_params; the box cut and resized
+    by PIL's antialiased bicubic, exactly as T.RandomResizedCrop does; a mirror with probability 1/2.
+    Every draw comes from a generator seeded by `seed`, so the views are a function of (index, seed)
+    alone, never of which worker made them; `CropSeeds` gives each image of a step its seed.
+    BatchedMultiCrop then adds the photometric steps on the device.
+    """
+
+    def __init__(self, images, recipes):
+        self.images, self.recipes, self.classes = images, recipes, images.classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.images[index]                              # PIL image, RGB, of any size
+        boxes, flips = self.geometry(*image.size, self.recipes, torch.Generator().manual_seed(seed))
+        views = []
+        for (x0, y0, w, h), flip, recipe in zip(boxes, flips, self.recipes):
+            view = image.crop((x0, y0, x0 + w, y0 + h)).resize((recipe.size, recipe.size), Image.BICUBIC)
+            views.append(T.functional.pil_to_tensor(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view))
+        return views, label
+
+    @staticmethod
+    def geometry(width, height, recipes, generator):
+        """The views' boxes and flips on a width x height image: V boxes [x0, y0, w, h] and V bools.
+        sample_crop_boxes runs once per crop scale (globals, locals) for all the views of that scale:
+        each call costs some 25 small tensor operations, so one call per view would cost as much time
+        as decoding the image."""
+        boxes = torch.empty(len(recipes), 4, dtype=torch.long)                     # (V, 4)
+        for scale in dict.fromkeys(recipe.scale for recipe in recipes):           # each scale once, in order
+            chosen = [i for i, recipe in enumerate(recipes) if recipe.scale == scale]
+            boxes[chosen] = sample_crop_boxes(len(chosen), height, width, scale, generator)
+        flips = torch.rand(len(recipes), generator=generator) < FLIP_P            # (V,)
+        return boxes.tolist(), flips.tolist()
 
 
 def load_into_memory(dataset, device, workers=0, batch_size=256):
@@ -724,6 +796,36 @@ class EpochOrder(torch.utils.data.Sampler):
             yield order[first:first + self.per_process].tolist()
 
 
+def augmentation_seed(seed, step, rank, position=None):
+    """The 64-bit seed of step `step`'s augmentation on process `rank` (train.py's generator of the
+    step), or, with `position`, of the crops of the image at that position of the step's batch
+    (FullImageCrops). The image's seed is a child of the step's numpy SeedSequence (spawn key
+    (position,)), an independent stream; [seed, step, rank, position] would not do, for SeedSequence
+    pads short entropy with zeros, which makes [seed, step, rank, 0] the step's own seed."""
+    spawn_key = () if position is None else (position,)
+    return int(np.random.SeedSequence([seed, step, rank], spawn_key=spawn_key).generate_state(1, np.uint64)[0])
+
+
+class CropSeeds(torch.utils.data.Sampler):
+    """The batches of `order` (an EpochOrder) as [(index, seed)] for FullImageCrops: image p of the batch
+    of step t on process r gets augmentation_seed(seed, t, r, p), so its crops are a function of (seed,
+    step, rank, position) like the rest of the step's augmentation, with any number of workers, and a
+    resumed run cuts the crops an uninterrupted one would. The step is the order's epoch times its
+    batches per epoch plus the batch, as train.py counts them."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        order = self.order
+        for b, batch in enumerate(order, start=order.start_batch):
+            step = order.epoch * order.batches_per_epoch + b
+            yield [(index, augmentation_seed(order.seed, step, order.rank, p)) for p, index in enumerate(batch)]
+
+
 class InMemoryBatches:
     """For each batch of `order`, (images (B, 3, H, W) uint8, labels (B,)) gathered by index from images
     already in the training device's memory: what a DataLoader would give, with no workers and no copies."""
@@ -741,21 +843,28 @@ class InMemoryBatches:
 
 
 class WorkerBatches:
-    """For each batch of `order`, (images (B, 3, H, W) uint8, labels (B,)) on `device`, decoded by
-    `workers` DataLoader processes: for datasets too large to hold in memory (ImageNet, Food-101)."""
+    """For each batch of `order`, (images, labels (B,)) on `device`, decoded by `workers` DataLoader
+    processes: for datasets too large to hold in memory. The images are a uint8 batch (B, 3, H, W), or,
+    from a FullImageCrops (images of mixed sizes), the V uint8 views (B, 3, s, s) its workers cut, each
+    image's crops seeded by CropSeeds."""
 
     def __init__(self, dataset, order, device, workers):
         self.order, self.device = order, device
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=order, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
+            dataset, batch_sampler=CropSeeds(order) if isinstance(dataset, FullImageCrops) else order,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=ignore_interrupts)
 
     def __len__(self):
         return len(self.order)
 
     def __iter__(self):
         for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            if isinstance(images, list):                      # V views (B, 3, s, s)
+                images = [view.to(self.device, non_blocking=True) for view in images]
+            else:                                             # (B, 3, H, W)
+                images = images.to(self.device, non_blocking=True)
+            yield images, labels.to(self.device, non_blocking=True)
 
 
 def ignore_interrupts(worker_id):
@@ -789,8 +898,10 @@ def drop_unreadable_images(dataset, workers=0):
     Done before training rather than by swapping in another image on the fly: the count is exact, the
     data order stays a function of the seed, and nothing surprises the run hours later. The cost is
     one decoding pass (about 10 s for 60k small JPEGs on one core). Returns the dropped paths.
-    Datasets stored as arrays (CIFAR, STL-10) have no files to check.
+    Datasets stored as arrays (CIFAR, STL-10) have no files to check; a FullImageCrops's folder is checked.
     """
+    if isinstance(dataset, FullImageCrops):
+        dataset = dataset.images
     if not hasattr(dataset, "samples"):
         return []
     paths = [path for path, _ in dataset.samples]

@@ -386,7 +386,7 @@ def both_pipelines(image, count, crop_args, seed):
     random.seed(seed)                           # RandomGaussianBlur and RandomSolarize from Python's
     crops = data.MultiCrop(*crop_args)
     per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
-    batched = data.BatchedMultiCrop(*crop_args)(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
+    batched = data.BatchedMultiCrop(data.dino_recipes(*crop_args))(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
     return [data.unnormalize(v) for v in per_image], [data.unnormalize(v) for v in batched]
 
 
@@ -457,13 +457,13 @@ def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
     for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
                           ((32, 16), {"global_crops": 1, "local_crops": 0})]:
         per_image = torch.utils.data.default_collate([data.MultiCrop(*sizes, **counts)(img) for img in images])
-        batched = data.BatchedMultiCrop(*sizes, **counts)(uint8_batch(images), torch.Generator().manual_seed(0))
+        batched = data.BatchedMultiCrop(data.dino_recipes(*sizes, **counts))(uint8_batch(images), torch.Generator().manual_seed(0))
         assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
     # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
     # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
     colour = Image.new("RGB", (16, 16), (255, 120, 30))
     expected = data.MultiCrop(8, 4).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
-    views = data.BatchedMultiCrop(8, 4, blur=False)(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
+    views = data.BatchedMultiCrop(data.dino_recipes(8, 4, blur=False))(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
     for view in views:
         untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < 1e-5               # (B,)
         assert 0 < untouched.sum() < 64
@@ -472,13 +472,33 @@ def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
 def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
     images = uint8_batch([Image.new("RGB", (32, 32), (200, 100, 50))] * 2 +
                          [Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))] * 2)
-    crops = data.BatchedMultiCrop(32, 16)
+    crops = data.BatchedMultiCrop(data.dino_recipes(32, 16))
     first, again = (crops(images, torch.Generator().manual_seed(5)) for _ in range(2))
     other = crops(images, torch.Generator().manual_seed(6))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert all(not torch.equal(a, b) for a, b in zip(first, other))
     # two copies of one image get their own parameters, so different views
     assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[2], v[3]) for v in first)
+
+
+def test_the_supervised_baseline_sees_one_crop_and_flip_per_image_and_never_a_colour_change():
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (64, 3))
+    # left half one colour, right half another: a flip swaps them, a colour step changes them
+    halves = [np.concatenate([np.full((32, 16, 3), a), np.full((32, 16, 3), b)], axis=1).astype(np.uint8)
+              for a, b in zip(colours, colours[::-1])]
+    images = uint8_batch([Image.fromarray(h) for h in halves])
+    (view,) = data.BatchedMultiCrop(data.supervised_recipes(32))(images, torch.Generator().manual_seed(0))
+    pixels = data.unnormalize(view).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255         # (B, h*w, 3)
+    allowed = torch.tensor(np.stack([colours, colours[::-1]], 1), dtype=torch.float32)  # (B, 2, 3)
+    nearest = (pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1)           # (B, h*w)
+    edges = nearest > 1                                    # the bicubic blend where the halves meet
+    assert edges.float().mean() < 0.15                     # every other pixel keeps one of the two colours
+    dino = data.BatchedMultiCrop(data.dino_recipes(32, 16, blur=False))(images, torch.Generator().manual_seed(0))[0]
+    dino_pixels = data.unnormalize(dino).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255
+    assert ((dino_pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1) > 1).float().mean() > 0.5
+    left_is_first = (pixels[:, 0] - allowed[:, 0]).abs().amax(-1) <= 1            # the top-left pixel's colour
+    assert 15 < left_is_first.sum() < 49                   # flipped about half the time (64 draws of p = 0.5)
 
 
 @pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (120, 300, (0.4, 1.0))])
@@ -495,6 +515,28 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale
     assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
     if height == width:
         assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
+
+
+def test_the_workers_crop_boxes_on_a_500_by_375_image_are_torchvisions_not_a_centre_squares():
+    # Boxes of a global and a local view of 2000 images, drawn as the loading workers draw them (one
+    # generator per image), against torchvision's on the whole image: the KS statistic of two samples of
+    # one distribution exceeds 0.07 with probability ~1e-4. Boxes drawn on the 375 px centre square (the
+    # crops of a fixed-size square) cover 3/4 of the area fraction and never reach the image's ends:
+    # KS about 0.3 for the area, 0.14-0.16 for the box's centre.
+    recipes = [data.ViewRecipe(224, data.GLOBAL_SCALE, 0, 0), data.ViewRecipe(96, data.LOCAL_SCALE, 0, 0)]
+    ours = np.array([data.FullImageCrops.geometry(500, 375, recipes, torch.Generator().manual_seed(seed))[0]
+                     for seed in range(2000)])                                            # (2000, 2, 4)
+    area = lambda boxes: boxes[:, 2] * boxes[:, 3] / (500 * 375)
+    log_aspect = lambda boxes: np.log(boxes[:, 2] / boxes[:, 3])
+    centre = lambda boxes: boxes[:, 0] + boxes[:, 2] / 2                                  # x of the box's centre
+    torch.manual_seed(0)
+    for view, recipe in enumerate(recipes):
+        reference = np.array([torchvision_crop_box(375, 500, recipe.scale) for _ in range(2000)])  # (2000, 4)
+        square = data.sample_crop_boxes(2000, 375, 375, recipe.scale, torch.Generator().manual_seed(1)).numpy()
+        square[:, 0] += (500 - 375) // 2
+        for statistic in (area, log_aspect, centre):
+            assert ks_distance(statistic(ours[:, view]), statistic(reference)) < 0.07
+        assert ks_distance(area(square), area(reference)) > 0.2 and ks_distance(centre(square), centre(reference)) > 0.1
 
 
 def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
@@ -690,6 +732,20 @@ def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_ba
     assert batches == whole
 
 
+def test_crop_seeds_are_a_function_of_seed_step_rank_and_position_and_follow_the_order():
+    order = data.EpochOrder(num_images=10, batch_size=4, seed=3, rank=1, world_size=2)    # 2 steps an epoch
+    order.set_epoch(5)
+    seeded = list(data.CropSeeds(order))
+    assert [[index for index, _ in batch] for batch in seeded] == list(order)
+    assert [[seed for _, seed in batch] for batch in seeded] == [
+        [data.augmentation_seed(3, 5 * 2 + b, 1, p) for p in range(2)] for b in range(2)]
+    order.set_epoch(5, start_batch=1)                                # a run resumed at step 11
+    assert list(data.CropSeeds(order)) == seeded[1:] and len(data.CropSeeds(order)) == 1
+    # The images' seeds are children of the step's: none equals it, nor another's
+    seeds = {data.augmentation_seed(3, 11, 1, p) for p in range(100)} | {data.augmentation_seed(3, 11, 1)}
+    assert len(seeds) == 101
+
+
 # ---- reading images
 
 def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
@@ -704,20 +760,48 @@ def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected), name
 
 
-def test_folder_decodes_once_into_memory_at_native_or_global_size(tmp_path):
+def test_a_folder_of_one_image_size_decodes_once_into_memory_at_native_size(tmp_path):
     for cls in ("a", "b"):
-        write_images(tmp_path / "same" / "train" / cls, 3, size=24)
-    dataset = data.uint8_dataset("folder", str(tmp_path / "same"), global_size=32)
+        write_images(tmp_path / "train" / cls, 3, size=24)
+    dataset = data.uint8_dataset("folder", str(tmp_path), data.dino_recipes(32, 16))
     images, labels = data.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
     assert images.shape == (6, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
     for image, (path, _) in zip(images, dataset.samples):            # exactly the decoded file, no resize
         assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
-    # images of different sizes are resized to the global crop size, the short side first
-    write_images(tmp_path / "mixed" / "train" / "a", 2, size=24)
-    Image.new("RGB", (60, 40), (10, 200, 30)).save(tmp_path / "mixed" / "train" / "a" / "wide.png")
-    dataset = data.uint8_dataset("folder", str(tmp_path / "mixed"), global_size=32)
-    images, _ = data.load_into_memory(dataset, torch.device("cpu"))
-    assert images.shape == (3, 3, 32, 32) and (images[2] == torch.tensor([10, 200, 30]).view(3, 1, 1)).all()
+
+
+def test_a_folder_of_mixed_sizes_gives_views_cut_from_each_whole_image_by_its_seed(tmp_path):
+    # A smooth 100 x 75 image (no edges, so PIL's clipping between its two passes never acts) among 24 px
+    # ones: each view the dataset gives is the device's crop of the whole image at the box and flip that
+    # FullImageCrops.geometry draws from the seed, to PIL's rounding (1.2/255, as the resize test, + 0.5/255).
+    write_images(tmp_path / "train" / "a", 2, size=24)
+    yy, xx = np.mgrid[0:75, 0:100]
+    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
+    wide = tmp_path / "train" / "a" / "wide.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(wide)
+    recipes = data.dino_recipes(32, 16, global_crops=2, local_crops=3)
+    dataset = data.uint8_dataset("folder", str(tmp_path), recipes)
+    assert isinstance(dataset, data.FullImageCrops) and len(dataset) == 3 and dataset.classes == ["a"]
+    index = [path for path, _ in dataset.images.samples].index(str(wide))
+    whole = uint8_batch([Image.open(wide)]).float() / 255                                   # (1, 3, 75, 100)
+    for seed in range(4):
+        views, label = dataset[(index, seed)]
+        assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2 + [(torch.uint8, (3, 16, 16))] * 3
+        boxes, flips = data.FullImageCrops.geometry(100, 75, recipes, torch.Generator().manual_seed(seed))
+        for view, box, flip, recipe in zip(views, boxes, flips, recipes):
+            expected = data.resized_crop(whole, torch.tensor([box]), recipe.size, torch.tensor([flip]))[0]
+            assert (view / 255 - expected).abs().max() < 1.7 / 255
+    assert all(not torch.equal(a, b) for a, b in zip(dataset[(index, 0)][0], dataset[(index, 1)][0]))
+    # The device adds the photometric steps to the collated views: MultiCrop's layout; other sides are refused.
+    views, _ = torch.utils.data.default_collate([dataset[(i, i)] for i in range(3)])       # V tensors (3, 3, s, s)
+    crops = data.BatchedMultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=3))
+    out = crops(views, torch.Generator().manual_seed(0))
+    assert [(v.dtype, tuple(v.shape)) for v in out] == [(torch.float32, (3, 3, 32, 32))] * 2 + [(torch.float32, (3, 3, 16, 16))] * 3
+    with pytest.raises(ValueError, match="expects 5 uint8 views"):
+        crops(views[:4], torch.Generator())
+    # --skip-bad-images checks the folder the crops are cut from
+    (tmp_path / "train" / "a" / "000.jpg").write_bytes(b"")
+    assert data.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 2
 
 
 def test_a_log_cut_short_loses_only_its_last_line_and_a_broken_middle_line_is_named(tmp_path, capsys):
@@ -1857,7 +1941,7 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
         control = train.RunControl(args, 0, 1, meta)
         control.device_step = torch.tensor(0.0, device=meta)
-        crops, precision = data.BatchedMultiCrop(32, 16), models.precision_for(torch.device("cpu"), arch)
+        crops, precision = data.BatchedMultiCrop(data.dino_recipes(32, 16)), models.precision_for(torch.device("cpu"), arch)
         images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=meta)
         labels = torch.empty(8, dtype=torch.int64, device=meta)
         sums = torch.zeros(len(train.LOGGED[method]), device=meta)
@@ -1919,10 +2003,20 @@ def test_an_empty_class_folder_is_a_clear_error(tmp_path):
 
 # ---- reliability: exact resume, signals, a non-finite loss, unreadable images
 
-@pytest.mark.parametrize("source, other", [("memory", "workers"), ("workers", "memory")])
-def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other):
+@pytest.mark.parametrize("source, other, mixed_sizes", [("memory", "workers", False), ("workers", "memory", False),
+                                                        ("workers", "workers", True)])
+def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other,
+                                                                        mixed_sizes):
     # --eval-every 1: the online probe trains after each epoch, and must resume exactly too
     common = tiny_run(tmp_path) + ["--data-source", source, "--eval-every", "1", "--knn-k", "3"]
+    if mixed_sizes:        # the loading workers cut the crops, each image's seeded by (seed, step, rank, position)
+        for cls in ("a", "b"):
+            for name, size in (("000.jpg", (48, 36)), ("001.jpg", (28, 40))):
+                path = tmp_path / "images" / "train" / cls / name
+                Image.open(path).resize(size).save(path)
+        with pytest.raises(SystemExit, match="--data-source memory holds images of one size, and folder's differ"):
+            train.main(common + ["--out", str(tmp_path / "memory"), "--data-source", "memory"])
+        assert not (tmp_path / "memory").exists()
     train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert straight["step"] == 4
@@ -1930,11 +2024,11 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"],
                                               models.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
 
-    # 1 epoch, then --resume for the second from the other data source with a loading worker: the views
+    # 1 epoch, then --resume for the second from the other data source with loading workers: the views
     # depend neither on where the images come from nor on the workers
     train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--workers", "1",
-                         "--data-source", other])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
+                         "--workers", "2" if mixed_sizes else "1", "--data-source", other])
     assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
 
     # Ctrl-C while step 3 (the first of epoch 2) prepares its views: that step finishes, is saved, the run exits

@@ -34,6 +34,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -42,10 +43,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, HelpFormatter,
-                  InMemoryBatches, WorkerBatches, append_jsonl, dataset_split, default_crop_sizes,
-                  drop_unreadable_images, error_message, first_problem, folder_image_sizes, load_into_memory, native_image_size, read_jsonl,
-                  refuse, uint8_dataset, unwritable, write_atomically)
+from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, DatasetError, EpochOrder, FullImageCrops,
+                  HelpFormatter, InMemoryBatches, WorkerBatches, append_jsonl, augmentation_seed, dataset_split,
+                  default_crop_sizes, dino_recipes, drop_unreadable_images, error_message, first_problem,
+                  folder_image_sizes, load_into_memory, native_image_size, one_image_size, read_jsonl, refuse,
+                  supervised_recipes, uint8_dataset, unwritable, write_atomically)
 from evaluate import PaperLinearProbe, knn_accuracy, labelled_features
 from hydes import hydes_loss, infonce_loss
 from models import (ARCHS, STEMS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load,
@@ -89,7 +91,9 @@ def build_parser():
     g.add_argument("--data-source", default="auto", choices=("auto", "memory", "workers"),
                    help="memory: decode the training images once and keep them on the training device; workers: "
                         "decode every batch in --workers processes (for data larger than the device's memory); "
-                        "auto: memory when the decoded images fit in 4 GiB. The views are the same either way")
+                        "auto: memory when the decoded images fit in 4 GiB and share one size (images of mixed "
+                        "sizes always go through the workers, which crop each whole image). The views are the "
+                        "same either way")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="decode every image file once before training and leave out those that fail "
@@ -116,7 +120,8 @@ def build_parser():
     g.add_argument("--method", default="hydes", choices=tuple(LOGGED),
                    help="hydes: the paper's objective; infonce: multi-positive InfoNCE (SimCLR) on the same views "
                         "with temperature 1/kappa; supervised: a linear classifier on the backbone, cross-entropy "
-                        "on every view (Table I's baselines, same backbone and augmentation)")
+                        "on one RandomResizedCrop (8-100%%) and flip per labelled image, the paper's setup's "
+                        "supervised baseline (Table I)")
     g.add_argument("--kappa", type=float, default=1.0,
                    help="vMF concentration: higher learns faster early and stalls later (Section VII-B)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of H_global (1 = the MI estimate)")
@@ -188,10 +193,9 @@ def train(args, checkpoint, control):
     precision = precision_for(device, args.arch)      # autocast (bf16 on GPUs, none on CPUs), scaler, layout
 
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
-    batches, order, classes = training_data(args, control)
-    crops = BatchedMultiCrop(args.global_size, args.local_size, global_crops=args.global_crops,
-                             local_crops=args.local_crops, global_scale=args.global_scale,
-                             local_scale=args.local_scale, blur=args.blur)
+    recipes = view_recipes(args)
+    batches, order, classes = training_data(args, recipes, control)
+    crops = BatchedMultiCrop(recipes)
     steps_per_epoch = order.batches_per_epoch
     control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
@@ -210,7 +214,7 @@ def train(args, checkpoint, control):
         open_run_folder(args, checkpoint, step)
         source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} loading workers"
         print(f"{args.dataset}: {order.num_images} images ({source}), {steps_per_epoch} steps/epoch, "
-              f"views {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size}; {args.arch} "
+              f"views {' + '.join(f'{n}x{size}' for size, n in Counter(r.size for r in recipes).items())}; {args.arch} "
               f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}"
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
@@ -233,8 +237,9 @@ def train(args, checkpoint, control):
         for images, labels in control.batches(batches, step, sums, f"epoch {epoch + 1}/{args.epochs}"):
             for group in optimizer.param_groups:        # the schedule is a function of the step: resumable
                 group["lr"] = learning_rate(args, step, steps_per_epoch)
-            # uint8 images (B, 3, H, W) -> V views (B, 3, h, w), globals first, drawn from a generator seeded
-            # by (seed, step, rank): a resumed run draws the views an uninterrupted one would.
+            # uint8 images (B, 3, H, W), or the V uint8 crops the workers cut from images of mixed sizes ->
+            # V views (B, 3, h, w), globals first, drawn from a generator seeded by (seed, step, rank): a
+            # resumed run draws the views an uninterrupted one would.
             views = crops(images, augmentation_generator(args.seed, step, control.rank))
             terms = training_step(model, views, labels, optimizer, precision, args)   # (len(logged),), detached
             sums += terms
@@ -303,18 +308,32 @@ def learning_rate(args, step, steps_per_epoch):
 def augmentation_generator(seed, step, rank):
     """The generator of step `step`'s augmentation on process `rank`: a function of the three, so that a
     resumed run draws the views an uninterrupted one would, and processes draw different ones."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
+    return torch.Generator().manual_seed(augmentation_seed(seed, step, rank))
 
 
 # ----------------------------------------------------------------------------------------------------
 # What train() calls: data, model, evaluation, log and checkpoint
 
-def training_data(args, control):
-    """(batches, order, classes): `batches` yields (images (B, 3, H, W) uint8, labels (B,)) on the training
-    device, in the order of `order` (an EpochOrder), from memory or from loading workers (--data-source)."""
+def view_recipes(args):
+    """The views of each image: DINO's multi-crop (data.dino_recipes) for the self-supervised objectives,
+    one RandomResizedCrop and flip for the supervised baseline, as in the paper's setup."""
+    if args.method == "supervised":
+        return supervised_recipes(args.global_size)
+    return dino_recipes(args.global_size, args.local_size, args.global_crops, args.local_crops,
+                        args.global_scale, args.local_scale, args.blur)
+
+
+def training_data(args, recipes, control):
+    """(batches, order, classes): `batches` yields (images, labels (B,)) on the training device, in the
+    order of `order` (an EpochOrder). Images of one size come whole, uint8 (B, 3, H, W), from memory or
+    from loading workers (--data-source), and their views are cut on the device; images of mixed sizes
+    come from the workers as the V uint8 views (B, 3, s, s) they cut from each whole image (FullImageCrops)."""
+    if args.data_source == "memory" and not one_image_size(args.dataset, args.data_dir):
+        raise SystemExit(f"error: --data-source memory holds images of one size, and {args.dataset}'s differ: the "
+                         f"loading workers cut their crops from each whole image; use --data-source workers or auto")
     with control.first_process_first():           # process 0 downloads and extracts the dataset alone
         # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
-        dataset = uint8_dataset(args.dataset, args.data_dir, args.global_size, labelled=args.method == "supervised")
+        dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")
         if args.eval_every:                       # the k-NN monitor's test split must exist before hours of training
             dataset_split(args.dataset, args.data_dir, "test", None)
     if args.skip_bad_images:
@@ -326,6 +345,8 @@ def training_data(args, control):
     if order.batches_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
                          f"lower --batch-size")
+    if isinstance(dataset, FullImageCrops):       # mixed sizes: the workers cut the crops
+        return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
     fits = len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES
     if args.data_source == "memory" or (args.data_source == "auto" and fits):
         images, labels = load_into_memory(dataset, control.device, args.workers)   # (N, 3, H, W) uint8, once
