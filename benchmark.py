@@ -137,7 +137,8 @@ def training_step_rates(side, global_size, local_size, arch, args):
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(views):
-        train.training_step(net, views, labels, optimizer, precision, settings)
+        train.training_step(net, views, labels, optimizer, precision, "hydes", settings.kappa, settings.alpha,
+                            settings.beta)
 
     return {"model": images_per_second(lambda: step(ready), len(images), args.seconds, synchronize),
             "with_crops": images_per_second(lambda: step(crops(images, generator)), len(images), args.seconds,

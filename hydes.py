@@ -58,6 +58,17 @@ reached when every other image's kernel values vanish. At B = 128 and V = 8, N =
 nats, whatever kappa and D; under data parallelism N is the global R*V*B. A logged MI near that bound means
 the images are as far apart as the kernel can tell, not that the estimate can grow further.
 
+A kappa that changes during training
+------------------------------------
+kappa is the inverse bandwidth of the density estimate. Section VII-B finds that a sharp kernel (kappa =
+10 or 20) learns faster in the first epochs and then stalls, while kappa = 1 starts slowly and ends
+higher; Section VIII asks for a way to "learn fast and also get better" and suggests relaxing the global
+term as training goes on. train.py's --kappa-final (and --beta-final, for the weight of H_local that
+Section VII-C varies) move kappa from --kappa to that value over the run: a bandwidth that starts narrow,
+where the embeddings are still close to uniform and only a sharp kernel tells neighbours apart, and widens
+as the density concentrates. Nothing here changes for it: every call takes the kappa of its step, and
+log C_D(kappa) follows it (the cache above keeps the last 4096 values).
+
 Neighbours
 ----------
 Wang & Isola's uniformity loss, log E_{i,j} exp(-t ||z_i - z_j||^2), is a log of a mean over all pairs: a
@@ -104,7 +115,7 @@ def log_bessel_iv(nu, x):
     return nu * math.log(x / 2.0) + _log_bessel_series(nu, x)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=4096)      # bounded: a kappa schedule (train.py --kappa-final) brings a new kappa each step
 def log_vmf_normalizer(dim, kappa):
     """Eq. (1): log C_D(kappa) = (D/2 - 1) log kappa - (D/2) log 2 pi - log I_{D/2-1}(kappa).
 

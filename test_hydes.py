@@ -1830,6 +1830,52 @@ def assert_same_training_state(a, b):
 
 # ---- settings, the learning-rate schedule, and the baselines of Table I on the same backbone and views
 
+def test_kappa_and_beta_schedules_start_pass_the_midpoint_and_end_where_asked():
+    args = train.build_parser().parse_args(["--kappa", "10", "--kappa-final", "1", "--beta", "0.1",
+                                            "--beta-final", "1"])
+    total = 101                                                 # steps 0..100: the middle is step 50
+    assert train.loss_schedule(args, 0, total) == pytest.approx((10, 0.1))
+    assert train.loss_schedule(args, 50, total) == pytest.approx((5.5, 0.55))
+    assert train.loss_schedule(args, 100, total) == pytest.approx((1, 1))
+    kappas = [train.loss_schedule(args, step, total)[0] for step in range(total)]
+    assert all(a > b for a, b in zip(kappas, kappas[1:]))       # monotone from start to end
+    assert kappas[25] == pytest.approx(1 + 9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    constant = train.build_parser().parse_args(["--kappa", "3", "--beta", "0.5"])
+    assert {train.loss_schedule(constant, step, total) for step in range(total)} == {(3, 0.5)}
+
+
+def test_the_loss_at_a_scheduled_kappa_is_the_constant_kappa_loss_at_that_kappa():
+    z = F.normalize(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    args = train.build_parser().parse_args(["--kappa", "20", "--kappa-final", "1", "--beta-final", "0.5"])
+    kappa, beta = train.loss_schedule(args, 7, 20)
+    scheduled = train.objective(z, None, "hydes", kappa, args.alpha, beta)
+    constant = hydes.hydes_loss(z, kappa, 1.0, beta)
+    for term in ("loss", "h_global", "h_local"):
+        assert scheduled[term].item() == constant[term].item()
+    # H_global carries log C_D(kappa) of this kappa: against a brute-force mean of kernel values
+    s = z.reshape(-1, 8) @ z.reshape(-1, 8).T                                       # (N, N) cosines
+    off = ~torch.eye(64, dtype=torch.bool)
+    kernel_mean = (torch.exp(kappa * s.double()) * off).sum(1) / 63                 # (N,)
+    h_global = -(hydes.log_vmf_normalizer(8, kappa) + kernel_mean.log()).mean()
+    assert scheduled["h_global"].item() == pytest.approx(h_global.item(), rel=1e-5)
+
+
+def test_a_scheduled_run_resumes_bit_exact_and_logs_each_epochs_kappa_and_beta(tmp_path):
+    common = tiny_run(tmp_path) + ["--kappa-final", "1", "--beta", "0.2", "--beta-final", "1"]
+    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "3"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "3", "--max-minutes", "1e-9"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "3", "--resume", "--max-minutes", "100"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+    log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]
+    # 2 steps an epoch, 6 in all: the last step of epoch e is 2e - 1, t = (2e - 1) / 5
+    assert [r["kappa"] for r in log] == pytest.approx([1 + 9 * 0.5 * (1 + math.cos(math.pi * (2 * e - 1) / 5))
+                                                       for e in (1, 2, 3)])
+    assert log[-1]["kappa"] == pytest.approx(1) and log[-1]["beta"] == pytest.approx(1)
+    resumed_log = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
+    assert resumed_log[-1]["kappa"] == log[-1]["kappa"] and resumed_log[-1]["loss"] == log[-1]["loss"]
+
+
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     args = train.build_parser().parse_args(["--schedule", "cosine", "--lr", "0.5", "--warmup-epochs", "2", "--epochs", "10"])
     lr = [train.learning_rate(args, step, steps_per_epoch=5) for step in range(50)]
@@ -1850,7 +1896,7 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
         assert 0 <= log[-1]["accuracy"] <= 1
         # the objective: cross-entropy of every view's logits against its image's label, averaged
         logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
-        terms = train.objective(logits, labels, train.build_parser().parse_args(["--method", "supervised"]))
+        terms = train.objective(logits, labels, "supervised", 1.0, 1.0, 1.0)
         per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
         assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
         assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
@@ -1935,7 +1981,7 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
     shape = ["--width", "16"] if arch == "resnet18" else ["--width", "24", "--depth", "2", "--heads", "2"]
     for method in ("hydes", "infonce", "supervised"):
         args = train.build_parser().parse_args(["--arch", arch, "--method", method, "--proj-hidden", "64",
-                                                "--proj-dim", "16", *shape])
+                                                "--proj-dim", "16", "--kappa-final", "2", *shape])
         net = models.HyDeSModel(models.build_backbone(arch, 32, args.width, args.depth, args.heads), 64, 16,
                                 10 if method == "supervised" else None).to(meta)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -1949,7 +1995,8 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
             for group in optimizer.param_groups:
                 group["lr"] = train.learning_rate(args, step, 10)
             views = crops(images, train.augmentation_generator(0, step, 0))
-            terms = train.training_step(net, views, labels, optimizer, precision, args)
+            kappa, beta = train.loss_schedule(args, step, 10)
+            terms = train.training_step(net, views, labels, optimizer, precision, method, kappa, args.alpha, beta)
             sums += terms
             control.watch(terms)
         assert terms.device == meta and sums.shape == (len(train.LOGGED[method]),)

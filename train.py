@@ -127,6 +127,11 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=1.0, help="weight of H_global (1 = the MI estimate)")
     g.add_argument("--beta", type=float, default=1.0,
                    help="weight of H_local (1 = the MI estimate; lower learns faster early, Section VII-C)")
+    g.add_argument("--kappa-final", type=float,
+                   help="move kappa from --kappa to this value over the run, by a cosine of the step (default: "
+                        "constant); e.g. --kappa 10 --kappa-final 1 for kappa 10's fast start and kappa 1's finish")
+    g.add_argument("--beta-final", type=float,
+                   help="move beta from --beta to this value over the run, likewise (default: constant)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=200,
@@ -241,7 +246,8 @@ def train(args, checkpoint, control):
             # V views (B, 3, h, w), globals first, drawn from a generator seeded by (seed, step, rank): a
             # resumed run draws the views an uninterrupted one would.
             views = crops(images, augmentation_generator(args.seed, step, control.rank))
-            terms = training_step(model, views, labels, optimizer, precision, args)   # (len(logged),), detached
+            kappa, beta = loss_schedule(args, step, control.total_steps)
+            terms = training_step(model, views, labels, optimizer, precision, args.method, kappa, args.alpha, beta)
             sums += terms
             control.watch(terms)       # a non-finite loss is recorded on the device, read at the next log step
             step += 1
@@ -251,6 +257,7 @@ def train(args, checkpoint, control):
         # evaluate (a fault or a signal during the evaluation must not cost the epoch), then log
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
                   "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
+                  **dict(zip(("kappa", "beta"), loss_schedule(args, max(0, step - 1), control.total_steps))),
                   "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
                   "minutes": control.minutes()}
         due = evaluation_due(step, steps_per_epoch, args, last=step == control.total_steps or control.out_of_time)
@@ -265,28 +272,29 @@ def train(args, checkpoint, control):
 # ----------------------------------------------------------------------------------------------------
 # The step
 
-def training_step(model, views, labels, optimizer, precision, args):
-    """One AdamW step on the V views (B, 3, h, w) of a batch; returns the LOGGED terms, detached, stacked."""
+def training_step(model, views, labels, optimizer, precision, method, kappa, alpha, beta):
+    """One AdamW step of --method's loss on the V views (B, 3, h, w) of a batch, at this step's kappa and
+    beta (loss_schedule); returns the LOGGED terms, detached, stacked (len(LOGGED[method]),)."""
     autocast, scaler, memory_format = precision
     # The input in the network's layout (NHWC for ResNets on GPUs), else every convolution converts it.
     views = [v.contiguous(memory_format=memory_format) for v in views]
     with autocast:                                # bf16 matmuls on GPUs; the loss itself runs in float32
         z = model(views)                          # (V, B, D) on the sphere (supervised: (V, B, C) logits)
-    out = objective(z, labels, args)
+    out = objective(z, labels, method, kappa, alpha, beta)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()          # scaled only for fp16; otherwise the loss itself
     scaler.step(optimizer)                        # AdamW (fp16: skipped if the scaled gradients overflowed)
     scaler.update()
     # Kept on the device, stacked (len(LOGGED),): the caller sums them without waiting for the GPU.
-    return torch.stack([out[k].detach() for k in LOGGED[args.method]])
+    return torch.stack([out[k].detach() for k in LOGGED[method]])
 
 
-def objective(z, labels, args):
-    """The loss of --method on the model's output, as a dict holding "loss" and the other LOGGED terms."""
-    if args.method == "hydes":
-        return hydes_loss(z, args.kappa, args.alpha, args.beta)              # Eq. (4) on z (V, B, D)
-    if args.method == "infonce":
-        return infonce_loss(z, args.kappa)
+def objective(z, labels, method, kappa, alpha, beta):
+    """The loss of `method` on the model's output, as a dict holding "loss" and the other LOGGED terms."""
+    if method == "hydes":
+        return hydes_loss(z, kappa, alpha, beta)                             # Eq. (4) on z (V, B, D)
+    if method == "infonce":
+        return infonce_loss(z, kappa)
     logits = z.flatten(0, 1)                                                 # (V, B, C) logits -> (V*B, C)
     targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
     return {"loss": torch.nn.functional.cross_entropy(logits, targets),
@@ -303,6 +311,18 @@ def learning_rate(args, step, steps_per_epoch):
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def loss_schedule(args, step, total_steps):
+    """(kappa, beta) at `step`: constant, or with --kappa-final / --beta-final a cosine from the start value
+    at step 0 to the final one at the last step, value = final + (start - final) (1 + cos(pi t)) / 2 with
+    t = step / (total_steps - 1). A function of the step alone, so a resumed run continues the schedule;
+    `total_steps` is --epochs' steps (raising --epochs on --resume stretches what is left of it)."""
+    t = min(1.0, step / max(1, total_steps - 1))
+
+    def cosine(start, final):
+        return start if final is None else final + (start - final) * 0.5 * (1 + math.cos(math.pi * t))
+    return cosine(args.kappa, args.kappa_final), cosine(args.beta, args.beta_final)
 
 
 def augmentation_generator(seed, step, rank):
@@ -574,6 +594,8 @@ def check_args(args):
     (global_min, global_max), (local_min, local_max) = args.global_scale, args.local_scale
     rules = [
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
+        (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
+        (args.beta_final is None or args.beta_final >= 0, f"--beta-final must be >= 0 (got {args.beta_final})"),
         (args.alpha >= 0 and args.beta >= 0, "--alpha and --beta must be >= 0 (the paper uses 1 and 1)"),
         (args.alpha > 0 or args.beta > 0, "--alpha and --beta are both 0, which leaves no loss to train on"),
         (args.batch_size >= 2, f"--batch-size must be >= 2 (got {args.batch_size}): H_global compares images"),
