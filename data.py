@@ -582,17 +582,19 @@ def load_into_memory(dataset, device, workers=0, batch_size=256):
     return images.to(device), labels.to(device)
 
 
-def eval_transform(image_size):
+def eval_transform(image_size, normalised=True):
     """Deterministic transform for the probes: resize, centre crop, normalise (no augmentation).
 
     ImageNet-sized data follow the usual 256 -> 224 protocol (resize the short side to size * 8/7, crop
     the centre); small images (CIFAR, STL-10) are resized to the crop size, a no-op at native size.
+    normalised=False stops before the tensor: uint8 (3, size, size), which `normalize(x / 255)` turns into
+    exactly what the full transform gives (train.py's monitor keeps such images in memory).
     """
     resize = round(image_size * 8 / 7) if image_size >= 128 else image_size
     return T.Compose([
         T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
-        TO_NORMALISED_TENSOR,
+        TO_NORMALISED_TENSOR if normalised else T.PILToTensor(),
     ])
 
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from data import (DatasetError, HelpFormatter, append_jsonl, dataset_split, drop_unreadable_images, error_message,
                   eval_transform, first_problem, refuse, report_row, unwritable)
 from models import (CheckpointError, add_checkpoint_arguments, cached_features, checkpoint_argument_rules,
-                    export_backbone, extract_features, file_digest, load_for_probing, parse_checkpoint_arguments)
+                    export_backbone, file_digest, load_for_probing, parse_checkpoint_arguments)
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -89,19 +89,16 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
     return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n
 
 
-def labelled_features(backbone, dataset, data_dir, image_size, device, workers=2, skip_bad_images=False):
-    """train.py's online monitor: features of the labelled train split and of the test split, extracted
-    anew (the weights change between evaluations, so nothing is cached) with the evaluation transform.
-    Returns (train features (M, F), train labels (M,), test features (Q, F), test labels (Q,)), on the CPU.
-    skip_bad_images: leave out the files that fail to decode, as training does with --skip-bad-images."""
-    train, test = (dataset_split(dataset, data_dir, split, eval_transform(image_size)) for split in ("train", "test"))
+def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, skip_bad_images=False):
+    """The labelled train split and the test split with the evaluation transform (eval_transform), for
+    train.py's monitor. skip_bad_images: leave out the files that fail to decode, as training does."""
+    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised))
+              for split in ("train", "test")]
     if skip_bad_images:
-        dropped = drop_unreadable_images(train, workers) + drop_unreadable_images(test, workers)
+        dropped = drop_unreadable_images(splits[0], workers) + drop_unreadable_images(splits[1], workers)
         if dropped:
             print(f"warning: the monitor leaves out {len(dropped)} unreadable image(s), for example {dropped[0]}")
-    train = extract_features(backbone, train, device, workers=workers, desc="monitor: train features")
-    test = extract_features(backbone, test, device, workers=workers, desc="monitor: test features")
-    return (*train, *test)
+    return splits
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, dataset_split, eval_transform, native_image_size, write_atomically
+from data import DATASETS, dataset_split, eval_transform, native_image_size, normalize, write_atomically
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny")
 
@@ -611,7 +611,8 @@ def load_for_probing(args, device):
 
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False):
-    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64.
+    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64. The dataset
+    gives normalised images (eval_transform), or uint8 ones, normalised here on the device.
 
     exact=False: under the device's autocast (bf16 on most GPUs), fast and enough for the probes, whose
     accuracies do not move with the last bits. exact=True: in float32 throughout, for analyze.py, whose
@@ -624,8 +625,11 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     features, labels = [], []
     autocast = nullcontext() if exact else precision_for(device).autocast
     for images, targets in tqdm(loader, desc=desc, leave=False):
+        images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:           # eval_transform(size, normalised=False): normalise here
+            images = normalize(images.float() / 255)
         with autocast:
-            features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+            features.append(backbone(images).float().cpu())
         labels.append(targets)
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import zlib
 
@@ -2182,9 +2183,31 @@ def test_skip_bad_images_also_skips_them_in_the_monitors_k_nn(tmp_path, capsys):
     assert "the monitor leaves out 1 unreadable image(s), for example " in capsys.readouterr().out
 
 
+def test_the_monitor_decodes_the_labelled_splits_once_and_its_features_are_those_of_the_files(tmp_path, monkeypatch):
+    args = train.build_parser().parse_args(tiny_run(tmp_path) + ["--global-size", "32", "--local-size", "16"])
+    calls = []
+    monkeypatch.setattr(train, "labelled_splits", lambda *a, **k: calls.append(a) or evaluate.labelled_splits(*a, **k))
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    net = models.HyDeSModel(models.build_backbone("resnet18", 32, width=8), 32, 16)
+    probe = evaluate.PaperLinearProbe(net.backbone.num_features, 2, cpu)
+    control = types.SimpleNamespace(main_process=True, barrier=lambda: None)
+    monitor = train.Monitor(args, cpu)
+    first = monitor.evaluate(net, probe, 0, control)
+    second = monitor.evaluate(net, probe, 1, control)
+    assert len(calls) == 1 and set(first) == set(second) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    kept, workers = monitor.splits()
+    assert workers == 0 and kept[0].tensors[0].dtype == torch.uint8 and len(kept[1]) == 8     # 2 classes x 4
+    for split, decoded in zip(("train", "test"), kept):
+        files = data.dataset_split("folder", args.data_dir, split, data.eval_transform(32))
+        through_files = models.extract_features(net.backbone, files, cpu, workers=0)
+        from_memory = models.extract_features(net.backbone, decoded, cpu, workers=0)
+        assert torch.equal(through_files[0], from_memory[0]) and torch.equal(through_files[1], from_memory[1])
+
+
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_path, monkeypatch, signum, dies):
-    real = train.labelled_features
+    real = train.labelled_splits
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signum)
@@ -2192,7 +2215,7 @@ def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_pat
             raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "labelled_features", signalled)
+    monkeypatch.setattr(train, "labelled_splits", signalled)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "3", "--epochs", "3"])

@@ -48,10 +48,10 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, Dataset
                   default_crop_sizes, dino_recipes, drop_unreadable_images, error_message, first_problem,
                   folder_image_sizes, load_into_memory, native_image_size, one_image_size, read_jsonl, refuse,
                   supervised_recipes, uint8_dataset, unwritable, write_atomically)
-from evaluate import PaperLinearProbe, knn_accuracy, labelled_features
+from evaluate import PaperLinearProbe, knn_accuracy, labelled_splits
 from hydes import hydes_loss, infonce_loss
-from models import (ARCHS, STEMS, CheckpointError, HyDeSModel, build_backbone, precision_for, safe_load,
-                    save_checkpoint, vit_patch_size)
+from models import (ARCHS, STEMS, CheckpointError, HyDeSModel, build_backbone, extract_features, precision_for,
+                    safe_load, save_checkpoint, vit_patch_size)
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms.
@@ -212,6 +212,7 @@ def train(args, checkpoint, control):
     # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
     probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
     state = (net, optimizer, precision.scaler, probe)                # what a checkpoint saves and restores
+    monitor = Monitor(args, device)
     step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
     model = parallel(net, args, control)
     if control.main_process:
@@ -228,7 +229,7 @@ def train(args, checkpoint, control):
     if checkpoint is not None and checkpoint.get("log_record", {}).get("evaluation_pending") and args.eval_every:
         # The run was stopped during (or just before) an evaluation: do it now, on the very network and
         # probe it would have evaluated, so that the log and the probe continue as if it never stopped.
-        end_of_epoch(dict(checkpoint["log_record"]), True, state, steps_per_epoch, args, control)
+        end_of_epoch(dict(checkpoint["log_record"]), True, state, monitor, steps_per_epoch, args, control)
 
     # ---- the loop. Each step: multi-crop views -> z on the sphere -> loss (Eq. 4) -> AdamW. Each epoch: a
     # checkpoint, the online k-NN and linear probe every --eval-every epochs, a line in the log.
@@ -261,12 +262,12 @@ def train(args, checkpoint, control):
                   "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
                   "minutes": control.minutes()}
         due = evaluation_due(step, steps_per_epoch, args, last=step == control.total_steps or control.out_of_time)
-        end_of_epoch(record, due, state, steps_per_epoch, args, control)
+        end_of_epoch(record, due, state, monitor, steps_per_epoch, args, control)
         if control.stop_after_save(step):
             break
 
     if args.epochs == 0 and checkpoint is None:     # the untrained baseline: the same network, saved and evaluated
-        end_of_epoch({"epoch": 0, "step": 0}, bool(args.eval_every), state, steps_per_epoch, args, control)
+        end_of_epoch({"epoch": 0, "step": 0}, bool(args.eval_every), state, monitor, steps_per_epoch, args, control)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ def evaluation_due(step, steps_per_epoch, args, last):
     return last or (fraction == 0 and (epochs_done - 1) % args.eval_every == 0)
 
 
-def end_of_epoch(record, evaluate_now, state, steps_per_epoch, args, control):
+def end_of_epoch(record, evaluate_now, state, monitor, steps_per_epoch, args, control):
     """Save, evaluate, save again, log. The first checkpoint carries the epoch's log record, marked
     `evaluation_pending` when an evaluation is due, so that whatever happens during the evaluation (an
     unreadable test image, a signal, a kill) the epoch is kept, and a resumed run evaluates it first (see
@@ -421,7 +422,7 @@ def end_of_epoch(record, evaluate_now, state, steps_per_epoch, args, control):
     if control.main_process:
         save(*state, record, steps_per_epoch, args)
     if evaluate_now:
-        result = control.evaluation(lambda: online_evaluation(state[0], state[3], record["step"], args, control))
+        result = control.evaluation(lambda: monitor.evaluate(state[0], state[3], record["step"], control))
         if result:                                # {}: cut short by a signal; the checkpoint still says pending
             record.update(result, evaluation_pending=False)
             if control.main_process:
@@ -432,26 +433,54 @@ def end_of_epoch(record, evaluate_now, state, steps_per_epoch, args, control):
         append_jsonl(os.path.join(args.out, "log.jsonl"), line)
 
 
-def online_evaluation(net, probe, step, args, control):
-    """The monitor, on the frozen backbone: k-NN top-1 and top-5 (evaluate.knn_accuracy) and one round of
-    the paper's persistent linear probe, top-1 and top-5 on test, from one pass over the labelled train
-    and test splits. Process 0 evaluates while the others wait for it."""
-    result = {}
-    try:
-        if control.main_process:
-            device = control.device
-            train_feats, train_labels, test_feats, test_labels = (t.to(device) for t in labelled_features(
-                net.backbone, args.dataset, args.data_dir, args.global_size, device, args.workers,
-                args.skip_bad_images))
-            result["knn_top1"], result["knn_top5"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels,
-                                                                  args.knn_k, args.knn_temperature)
-            # The probe's batches are drawn from (seed, step): a resumed run draws the same ones.
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
-            probe.train_round(train_feats, train_labels, generator)
-            result["linear_top1"], result["linear_top5"] = probe.score(test_feats, test_labels)
-    finally:
-        control.barrier()    # reached by every process, also when process 0's evaluation was cut short
-    return result
+class Monitor:
+    """The online evaluation: k-NN top-1 and top-5 (evaluate.knn_accuracy) and a round of the paper's
+    persistent linear probe (evaluate.PaperLinearProbe), top-1 and top-5 on test, from one forward pass of
+    the frozen backbone over the labelled train split and the test split (eval_transform, no augmentation).
+
+    Splits whose evaluation-size images fit in IN_MEMORY_BYTES as uint8 (CIFAR's 184 MB, STL-10's 360 MB)
+    are decoded at the first evaluation and kept: every later one is a forward pass over tensors, with no
+    image decoded again. The features are the same as through the files: the uint8 images are those of
+    eval_transform before its tensor conversion, normalised on the device. ImageNet and Food-101 are
+    decoded by the loading workers at each evaluation.
+    """
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.decoded = None             # [train, test] as TensorDatasets of uint8 images, once they are kept
+
+    def splits(self):
+        """The two labelled splits, giving uint8 images, and the loading workers to read them with."""
+        args = self.args
+        if self.decoded is not None:
+            return self.decoded, 0
+        splits = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
+                                 workers=args.workers, skip_bad_images=args.skip_bad_images)
+        if sum(len(split) for split in splits) * 3 * args.global_size ** 2 > IN_MEMORY_BYTES:
+            return splits, args.workers
+        self.decoded = [torch.utils.data.TensorDataset(*load_into_memory(split, "cpu", args.workers))
+                        for split in splits]
+        return self.decoded, 0
+
+    def evaluate(self, net, probe, step, control):
+        """The monitor's figures as a dict. Process 0 evaluates while the others wait for it."""
+        args, device, result = self.args, self.device, {}
+        try:
+            if control.main_process:
+                splits, workers = self.splits()
+                train_feats, train_labels, test_feats, test_labels = (
+                    t.to(device) for split, name in zip(splits, ("train", "test"))
+                    for t in extract_features(net.backbone, split, device, workers=workers,
+                                              desc=f"monitor: {name} features"))
+                result["knn_top1"], result["knn_top5"] = knn_accuracy(
+                    train_feats, train_labels, test_feats, test_labels, args.knn_k, args.knn_temperature)
+                # The probe's batches are drawn from (seed, step): a resumed run draws the same ones.
+                generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
+                probe.train_round(train_feats, train_labels, generator)
+                result["linear_top1"], result["linear_top5"] = probe.score(test_feats, test_labels)
+        finally:
+            control.barrier()    # reached by every process, also when process 0's evaluation was cut short
+        return result
 
 
 def save(net, optimizer, scaler, probe, record, steps_per_epoch, args):
