@@ -11,10 +11,12 @@ alpha = beta = 1, DINO multi-crop with 2 global and 6 local views.
 One step of `train()`: a batch of B uint8 images, already on the training device, becomes V = 8 views
 (data.BatchedMultiCrop); the backbone and projector map them to z (V, B, D) on the sphere S^{D-1}
 (models.HyDeSModel); AdamW takes a step on loss = beta H_local - alpha H_global (hydes.hydes_loss,
-Eqs. 2-4). Every epoch ends with OUT/ckpt.pt rewritten (model, optimiser, grad scaler, step, random-number
-states, data order, the arguments, which args.json holds too, and the epoch's log line), then, every
---eval-every epochs, the online k-NN that Figures 6-8 plot, then a line in OUT/log.jsonl (loss, H_global,
-H_local, MI, lr, images/s, k-NN top-1 and top-5).
+Eqs. 2-4). Every epoch ends with OUT/ckpt.pt rewritten (model, optimiser, grad scaler, the online linear
+probe, step, random-number states, data order, the arguments, which args.json holds too, and the epoch's
+log line); then, after epochs 1, 6, 11, ... and the last (--eval-every 5, the paper's setup's cadence),
+the monitor: the k-NN and a round of the persistent linear probe whose curves Figures 6-8 plot, and the
+checkpoint once more; then a line in OUT/log.jsonl (loss, H_global, H_local, MI, lr, kappa, beta,
+images/s, and at evaluations linear and k-NN top-1 and top-5).
 
 The file reads in that order: the parser, main(), train(), the step, the helpers train() calls, the
 checks of the settings, and at the end, under its own heading, run control: what stops a run early
@@ -145,7 +147,7 @@ def build_parser():
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule only)")
     g.add_argument("--max-minutes", type=float,
                    help="stop after this many minutes of training in this session (a resumed run counts afresh), "
-                        "save, and run the final k-NN")
+                        "save, and run the final evaluation")
 
     g = p.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, default=5,
@@ -355,7 +357,7 @@ def training_data(args, recipes, control):
     with control.first_process_first():           # process 0 downloads and extracts the dataset alone
         # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
         dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")
-        if args.eval_every:                       # the k-NN monitor's test split must exist before hours of training
+        if args.eval_every:                       # the monitor's test split must exist before hours of training
             dataset_split(args.dataset, args.data_dir, "test", None)
     if args.skip_bad_images:
         dropped = drop_unreadable_images(dataset, args.workers)
@@ -544,8 +546,9 @@ def open_run_folder(args, checkpoint, step):
 def resume_log(log_path, checkpoint):
     """On resume, make the log agree with the checkpoint: forget lines of steps it does not hold (a run
     killed after it logged but before it saved), so that the resumed run's lines replace them rather than
-    repeat them; add the checkpoint's own line if it is missing (a run killed during the k-NN that
-    follows the save). Rewritten atomically; a last line cut short by a kill is dropped (read_jsonl)."""
+    repeat them; add the checkpoint's own line if it is missing (a run killed during the evaluation that
+    follows the save), unless its evaluation is pending: train() runs it and logs the line with its
+    figures. Rewritten atomically; a last line cut short by a kill is dropped (read_jsonl)."""
     step, saved = checkpoint["step"], checkpoint.get("log_record", {})
     records = [r for r in read_jsonl(log_path) if r["step"] <= step] if os.path.exists(log_path) else []
     if saved.get("evaluation_pending"):           # train() evaluates it and logs the line with its figures
@@ -769,7 +772,7 @@ def distributed_setup(args):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    # While process 0 runs the online k-NN the others wait at a barrier; the default 10-minute timeout
+    # While process 0 runs the monitor the others wait at a barrier; the default 10-minute timeout
     # would kill an ImageNet run there.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return dist.get_rank(), world_size, device
@@ -786,11 +789,11 @@ class RunControl:
       the data load, stops the run at once: there is nothing to save yet.
     - Loading workers that died: a SIGTERM to the whole job ends them too, and the next batch never
       comes. Every step taken is whole, so the run saves as for the signal. Without a signal it is an error.
-    - The time budget (--max-minutes): the run saves, runs the final k-NN and ends normally.
+    - The time budget (--max-minutes): the run saves, runs the final evaluation and ends normally.
     - A non-finite loss: the run stops naming the step and the terms, and its weights are never saved.
       It is recorded on the device at every step (`watch`) and read only where the host waits anyway.
     - Agreement: under torchrun all processes must stop before the same step and take the same path (a
-      signal skips the k-NN, the time budget does not), or one would wait forever in a collective the
+      signal skips the evaluation, the time budget does not), or one would wait forever in a collective the
       others never reach: a process whose loading workers died, say, while the others still have batches.
       So before every step the processes agree on (no batch, a stop asked, out of time), by an all_reduce
       of three numbers over a CPU (gloo) group: it waits for the other processes' hosts, never for a GPU.
