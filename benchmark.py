@@ -4,6 +4,8 @@ training steps with the batched crops.
     python benchmark.py                         # CIFAR-sized and STL-10-sized inputs on the CPU, 1 thread
     python benchmark.py --device cuda --batch-size 512
 
+It first counts the device operations (kernel launches on a GPU) of one call of the batched crops, which
+bound a GPU's step at CIFAR size more than their arithmetic (crop_device_operations, on the meta device).
 For each input size it times, in one process and one after the other:
   batched     data.BatchedMultiCrop on uint8 batches already in the device's memory (CPU or GPU)
   MultiCrop   data.MultiCrop, DINO's per-image PIL recipe, one image at a time
@@ -47,6 +49,8 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import train
 from data import BatchedMultiCrop, HelpFormatter, MultiCrop, dino_recipes, first_problem, refuse
@@ -54,6 +58,43 @@ from models import HyDeSModel, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
+# Device operations of one BatchedMultiCrop call with dino_recipes(32, 16) and a batch of 128, counted as
+# crop_device_operations does, when each view was made on its own (a crop, jitter, grayscale, blur,
+# solarisation and normalisation per view, the chosen images of each step gathered; 105 of them
+# host-to-device copies of parameters). The same for any image size and batch.
+CROP_OPERATIONS_BEFORE = 1528
+
+
+class DeviceOperations(TorchDispatchMode):
+    """Counts the ATen operations dispatched on one device type: those with a tensor there among their
+    arguments or results. Views (view, expand, slice, permute, ...) are left out: they change a tensor's
+    shape and strides and launch nothing. Copies from another device are also counted apart."""
+
+    def __init__(self, device_type):
+        super().__init__()
+        self.device_type, self.count, self.transfers = device_type, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        devices = {t.device.type for t in tree_flatten((args, kwargs, result))[0] if isinstance(t, torch.Tensor)}
+        # _unsafe_view is a view that the schema does not mark as one (matmul reshapes its result with it)
+        if self.device_type in devices and not (func.is_view or func == torch.ops.aten._unsafe_view.default):
+            self.count += 1
+            self.transfers += len(devices) > 1 and func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+        return result
+
+
+def crop_device_operations(recipes, batch, side):
+    """The device operations of one BatchedMultiCrop call on a (batch, 3, side, side) uint8 batch ->
+    (operations, of which host-to-device copies). Counted on the meta device, which stands for a GPU:
+    its tensors have shapes but no values, the parameters are drawn on the CPU as for a GPU, and every
+    operation on the images' device is one a GPU would launch. A call before the count fills the
+    per-device caches of constants (data.constant), as the first training step does."""
+    crops, images = BatchedMultiCrop(recipes), torch.empty(batch, 3, side, side, dtype=torch.uint8, device="meta")
+    crops(images, torch.Generator().manual_seed(0))
+    with DeviceOperations("meta") as counter:
+        crops(images, torch.Generator().manual_seed(1))
+    return counter.count, counter.transfers
 
 
 def parse_args(argv=None):
@@ -183,6 +224,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {args.device}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores, "
           f"load average {load:.1f}, batch {args.batch_size}, torch {torch.__version__}")
+    operations, _ = crop_device_operations(dino_recipes(32, 16), batch=128, side=32)   # any size: the same
+    print(f"device operations per step in the crops: {operations} (was {CROP_OPERATIONS_BEFORE})")
     rows, step_rows = [], []
     for name in args.inputs:
         side, global_size, local_size, arch = INPUTS[name]

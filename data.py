@@ -199,10 +199,33 @@ class MultiCrop:
 # Batched multi-crop on the training device: MultiCrop's recipe for a whole uint8 batch at once
 #
 # Eight PIL views per image on CPU workers starve a GPU; here every step is one tensor operation over
-# the batch with per-image random parameters, on whatever device holds the images. The parameters (a
-# few numbers per image) are drawn on the CPU from a torch.Generator and then moved to the device, so a
-# seed gives the same views on any device. Images are floats in [0, 1] from the crop on; PIL rounds to
-# uint8 after every step, which moves values by up to ~1/255 per step.
+# the batch with per-image random parameters, on whatever device holds the images. At CIFAR size a GPU
+# runs each such operation in microseconds, so a step's cost is the number of operations the host
+# launches, not their arithmetic. Four choices keep that number small, and independent of the image
+# size and the batch (benchmark.py counts them: 195 per step for DINO's 8 views, where a call per view
+# took 1,528, 105 of them copies of parameters to the device):
+#   - the views that share a size and a crop scale are one batch: the 6 local views of B images are one
+#     (6B, ...) tensor, each image with its own parameters;
+#   - the random parameters (a few numbers per image) are drawn on the CPU from a torch.Generator, so a
+#     seed gives the same views on any device, and they reach the device in ONE copy;
+#   - a step with probability p runs on every image, with an identity parameter for the images it skips
+#     (factor 1, hue shift 0, grey weight 0), but for the blur and the solarisation, whose work is worth
+#     gathering the chosen images (`on_chosen_`);
+#   - brightness, contrast and saturation are blends, and contrast and saturation fold into one.
+# Images are floats in [0, 1] from the crop on. PIL rounds to uint8 after every step, which moves values
+# by up to ~1/255 per step.
+
+LUMA = (0.299, 0.587, 0.114)        # ITU-R 601 weights, PIL's convert("L") and torchvision's grayscale
+
+
+def view_groups(recipes):
+    """The views made as one batch, those of one crop size and scale: lists of view indices, in order of
+    first appearance (DINO's: [0, 1], the globals, and [2, ..., 7], the locals)."""
+    groups = {}
+    for i, recipe in enumerate(recipes):
+        groups.setdefault((recipe.size, recipe.scale), []).append(i)
+    return list(groups.values())
+
 
 def sample_crop_boxes(batch, height, width, scale, generator, ratio=(3 / 4, 4 / 3), attempts=10):
     """torchvision's RandomResizedCrop.get_params for `batch` images at once -> (B, 4) int64 boxes
@@ -238,172 +261,175 @@ def sample_crop_boxes(batch, height, width, scale, generator, ratio=(3 / 4, 4 / 
     return torch.stack([x0, y0, w, h], dim=1)
 
 
+def crop_geometry(boxes, flip, size):
+    """Where the output pixels of each crop lie in its image, on the CPU: boxes (N, 4) (x0, y0, w, h),
+    flip (N,) bool -> dict of (2, N) float tensors, [0] along the rows (y), [1] along the columns (x):
+
+        first, step   output pixel i is centred on source position first + i step, where source pixel j
+                      is centred on j: as PIL's Resample.c, on start + (i + 1/2) length / size - 1/2
+        widening      max(1, length / size): when shrinking, PIL widens the kernel by this factor, so that
+                      it also filters out the detail too fine for the output (antialiasing)
+        middle, half  source pixel j lies in the crop when |j - middle| < half
+
+    A mirrored crop reads its columns from the right (output i at output size-1-i's centre, a negative
+    step), so the flip costs nothing on the device.
+    """
+    x0, y0, w, h = boxes.float().unbind(1)
+    start, length = torch.stack([y0, x0]), torch.stack([h, w])                  # (2, N), rows then columns
+    scale = length / size                                                       # source pixels per output pixel
+    mirrored = torch.stack([torch.zeros_like(flip), flip])                      # (2, N); rows never mirror
+    first = start - 0.5 + torch.where(mirrored, size - 0.5, 0.5) * scale
+    return {"first": first, "step": torch.where(mirrored, -scale, scale), "widening": scale.clamp_min(1.0),
+            "middle": start + (length - 1) / 2, "half": length / 2}
+
+
 def cubic_kernel(t, a=-0.5):
-    """PIL's bicubic filter (Keys' cubic convolution, a = -0.5): weight of a pixel t pixels away, |t| < 2."""
-    t = t.abs()
+    """PIL's bicubic filter (Keys' cubic convolution, a = -0.5): weight of a pixel t pixels away, 0 from |t| = 2."""
+    t = t.abs().clamp_max(2)                                      # far(2) = 0, so the clamp zeroes |t| > 2
     near = ((a + 2) * t - (a + 3)) * t * t + 1                    # |t| < 1
-    far = (((t - 5) * t + 8) * t - 4) * a                         # 1 <= |t| < 2
-    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+    far = (((t - 5) * t + 8) * t - 4) * a                         # 1 <= |t| <= 2
+    return torch.where(t < 1, near, far)
 
 
-def resize_matrices(start, length, size, source_size, device):
-    """The weights of PIL's bicubic resize of a crop, along one axis: (B,) crop starts and lengths in
-    pixels (CPU) -> (B, size, source_size) on `device`, row i the weights output pixel i gives each
-    source pixel.
+def resize_matrices(geometry, size, source_size):
+    """The weights of PIL's bicubic resize of each crop, along the rows and the columns at once:
+    geometry (crop_geometry's, on the device) -> (2, N, size, source_size), row i of matrix [a, n] the
+    weights output pixel i of crop n gives each source pixel along axis a; each row sums to one.
 
-    As PIL's Resample.c: output pixel i is centred on start + (i + 1/2) length / size; when shrinking,
-    the kernel is widened by the factor length / size, so that it also filters out the detail too fine
-    for the output (antialiasing); source pixels outside the crop get no weight; each row sums to one.
-    Only the few pixels under the kernel (taps) are evaluated, then scattered into the full rows.
+    Source pixels outside the crop get no weight, as PIL resizes the cut crop. Only the pixels under the
+    kernel (taps) are evaluated, then added into the full rows. The kernel reaches less than 2 widening
+    pixels, and no crop is wider than the image, so 2 ceil(2 source_size / size) taps around the centre
+    cover it: a bound known without reading the boxes on the host.
     """
-    widest = max(1.0, float((length / size).max()))
-    taps = math.ceil(4 * widest) + 1                     # pixels under a kernel of support 2 * widening
-    # The parameters are drawn on the CPU. non_blocking spares PyTorch's stream synchronisation after
-    # each of these small copies (about a hundred a step), so the host can queue work ahead of the GPU.
-    start = start.to(device, non_blocking=True).view(-1, 1, 1)                          # (B, 1, 1)
-    length = length.to(device, non_blocking=True).view(-1, 1, 1)
-    scale = length / size
-    widening = scale.clamp_min(1.0)
-    centre = start + (torch.arange(size, device=device).view(1, -1, 1) + 0.5) * scale  # (B, size, 1)
-    first = torch.floor(centre - 2 * widening)
-    source = first + torch.arange(taps, device=device)                                  # (B, size, taps)
-    weights = cubic_kernel((source + 0.5 - centre) / widening)
-    weights = weights * ((source >= start) & (source < start + length))
-    weights = weights / weights.sum(dim=2, keepdim=True)
-    matrices = torch.zeros(len(start), size, source_size, device=device)
+    reach = math.ceil(2 * source_size / size)
+    device = geometry["first"].device
+    positions = constant(tuple(range(size)), device, torch.float32).view(-1, 1)              # (size, 1)
+    taps = constant(tuple(range(1 - reach, reach + 1)), device, torch.float32)                # (T,)
+    first, step, widening, middle, half = (geometry[k][..., None, None] for k in
+                                           ("first", "step", "widening", "middle", "half"))  # each (2, N, 1, 1)
+    centre = torch.addcmul(first, step, positions)                                           # (2, N, size, 1)
+    source = torch.floor(centre) + taps                                                      # (2, N, size, T)
+    weights = cubic_kernel((source - centre) / widening) * ((source - middle).abs() < half)
+    weights = weights / weights.sum(dim=3, keepdim=True)
+    matrices = torch.zeros(*centre.shape[:3], source_size, device=device)
     # taps outside the image have weight 0 (outside the crop), so clamping their index changes nothing
-    return matrices.scatter_add_(2, source.clamp(0, source_size - 1).long(), weights)
+    return matrices.scatter_add_(3, source.clamp(0, source_size - 1).long(), weights)
 
 
-def resized_crop(images, boxes, size, flip):
-    """Cut each image's box, resize it to size x size and mirror it where flip (B,) is True:
-    (B, C, H, W) float in [0, 1], boxes (B, 4) (x0, y0, w, h) -> (B, C, size, size).
+def resized_crops(source, geometry, size):
+    """Cut each crop from its image, resize it to size x size, mirror it where crop_geometry says:
+    source (B, H, 3, W) float in [0, 1], the image's channels side by side in each row; n crops per image
+    (geometry (2, n B), crop b of view v at v B + b) -> (n B, 3, size, size).
 
-    PIL's crop-then-bicubic-resize is separable, so it is one matrix per axis and image: R_y X R_x^T,
-    two batched matrix products for the whole batch. A mirrored crop is the same with R_x's rows in
-    reverse order, so the flip costs nothing. PIL clips the cubic's overshoot to [0, 255] after each
-    of its two passes; here once, at the end (a difference only next to sharp edges).
+    PIL's crop-then-bicubic-resize is separable: R X C^T, one matrix per axis and crop. Along the rows
+    all n crops and 3 channels of an image at once, (B, n size, H) @ (B, H, 3 W); then, channels first,
+    along the columns one product per crop, (n B, 3 size, W) @ (n B, W, size). PIL clips the cubic's
+    overshoot to [0, 255] after each of its two passes; here once, at the end (a difference only next to
+    sharp edges).
     """
-    x0, y0, w, h = boxes.float().unbind(1)                                           # each (B,), CPU
-    rows = resize_matrices(y0, h, size, images.shape[2], images.device)              # (B, size, H)
-    columns = resize_matrices(x0, w, size, images.shape[3], images.device)           # (B, size, W)
-    columns = torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1), columns.flip(1), columns)
-    out = rows[:, None] @ images @ columns[:, None].transpose(-1, -2)   # (B,1,s,H) (B,C,H,W) (B,1,W,s) -> (B,C,s,s)
-    return out.clamp(0, 1)
+    batch, height, _, width = source.shape
+    rows, columns = resize_matrices(geometry, size, max(height, width))        # each (n B, size, max(H, W))
+    views = len(rows) // batch
+    rows = rows[..., :height].view(views, batch, size, height).transpose(0, 1).reshape(batch, -1, height)
+    crops = torch.bmm(rows, source.view(batch, height, 3 * width))             # (B, n size, 3 W)
+    crops = crops.view(batch, views, size, 3, width).permute(1, 0, 3, 2, 4).reshape(-1, 3 * size, width)
+    crops = torch.bmm(crops, columns[..., :width].transpose(1, 2))             # (n B, 3 size, size)
+    return crops.view(-1, 3, size, size).clamp_(0, 1)
 
 
-def on_chosen(x, apply, operation, *per_image_args):
-    """Apply `operation` to the images where apply (B,) is True, in place: x (B, 3, h, w) is returned.
+# The photometric steps change their input in place (the trailing _ of PyTorch's in-place methods): the
+# batch of a view group is large (6 x 256 local crops of 48 px: 42 MB), and on a CPU a fresh tensor of
+# that size is fresh memory from the system at every operation (glibc serves allocations above 32 MB
+# that way), which made each operation several times slower than its arithmetic. Temporaries are kept
+# to one channel.
 
-    The chosen images are gathered into one smaller batch, so an operation with probability p costs
-    p of the work, with no per-image loop, and written back in place (x is always a fresh tensor of
-    augmented_view's, so nothing else sees the change, and no full copy of x is made per step). The
-    indices are found on the CPU, where `apply` was drawn, so a GPU never waits for a nonzero().
-    per_image_args: (B,) tensors, cut down to the chosen images.
-    """
-    chosen = torch.nonzero(apply)[:, 0]                                        # (b,) CPU indices
-    if len(chosen):
-        rows = chosen.to(x.device, non_blocking=True)
-        x[rows] = operation(x[rows], *(arg[chosen] for arg in per_image_args))   # (b, 3, h, w)
-    return x
-
-
-def per_image(values, x):
-    """(B,) per-image values -> (B, 1, 1, 1) on x's device and dtype, to broadcast over (B, C, H, W)."""
-    return values.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+def per_image(values):
+    """(N,) per-image values -> (N, 1, 1, 1), to broadcast over (N, 3, h, w)."""
+    return values.view(-1, 1, 1, 1)
 
 
 def luminance(x):
-    """ITU-R 601 luma, PIL's convert("L") weights: (B, 3, h, w) -> (B, 1, h, w)."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    """The luma: (N, 3, h, w) -> (N, 1, h, w)."""
+    r, g, b = x.split(1, dim=1)
+    return (r * LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2])
 
 
-def adjust_brightness(x, factor):
-    """Blend with black: factor (B,) * x, clipped to [0, 1] (PIL ImageEnhance.Brightness)."""
-    return (per_image(factor, x) * x).clamp(0, 1)
+def color_jitter_(x, brightness, contrast, saturation, hue):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) in place, with each image's own factors (N,) (identity: 1, 1, 1,
+    0), in the fixed order brightness, contrast, saturation, hue: (N, 3, h, w) in [0, 1] -> x.
 
-
-def adjust_contrast(x, factor):
-    """Blend with the image's mean grey level (PIL ImageEnhance.Contrast): f x + (1 - f) mean, clipped."""
-    mean = luminance(x).mean(dim=(1, 2, 3), keepdim=True)                     # (B, 1, 1, 1)
-    f = per_image(factor, x)
-    return (f * x + (1 - f) * mean).clamp(0, 1)
-
-
-def adjust_saturation(x, factor):
-    """Blend with the image's own grey version (PIL ImageEnhance.Color): f x + (1 - f) luma, clipped."""
-    f = per_image(factor, x)
-    return (f * x + (1 - f) * luminance(x)).clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """Rotate the hue by shift (B,) turns through HSV, as torchvision does; saturation and value kept.
-
-    RGB -> HSV with the hue in sixths of a turn, as torchvision: by the largest channel R, G or B,
-    hue = (g - b) / chroma, 2 + (b - r) / chroma or 4 + (r - g) / chroma. Back with the closed form for
-    each channel n = 5, 3, 1 (R, G, B): c = v - chroma clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6,
-    where chroma = v s. Grey pixels (chroma 0) are unchanged whatever their hue. Valid for |shift| <= 1/6
-    turn (here at most 0.1), where one conditional subtraction does the modulo.
+    Deviation: torchvision draws a new order of the four operations at every call; here it is always
+    the same. Why that changes little: the first three are blends of the image with black, with its mean
+    grey level m and with its own grey version, and each keeps the grey levels the others blend with (in
+    proportion), so they commute exactly until a value is clipped at 0 or 1 (test_hydes.py checks this).
+    The same fact folds contrast f and saturation g into one blend, as lum(f x + (1 - f) m) = f lum(x) +
+    (1 - f) m:   g (f x + (1 - f) m) + (1 - g) lum(f x + (1 - f) m) = g f x + (1 - g) f lum(x) + (1 - f) m,
+    clipped once where PIL clips after each. On 2,000 CIFAR images with random factors it moves the mean
+    difference from PIL's recipe from 1.36/255 to 1.38/255 (PIL's uint8 rounding is the rest); folding
+    the brightness in too would make it 1.77/255, as its clipping changes the mean m, so it stays apart.
     """
-    r, g, b = x.unbind(1)                                                      # each (B, h, w)
-    value = torch.maximum(torch.maximum(r, g), b)
-    chroma = value - torch.minimum(torch.minimum(r, g), b)
-    hue = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * chroma, r - g + 4 * chroma))
-    hue = hue / chroma.clamp_min(1e-12) + 6 * per_image(shift, x)[:, 0]       # (B, h, w), in [-1.6, 5.6]
-    hue = torch.where(hue < 0, hue + 6, hue)                                   # -> [0, 6)
-    n = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)           # R, G, B
-    k = n + hue.unsqueeze(1)                                                   # (B, 3, h, w), in [1, 11)
-    k = torch.where(k >= 6, k - 6, k)                                          # mod 6, cheaper than fmod
-    return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+    f, g = per_image(contrast), per_image(saturation)
+    x.mul_(per_image(brightness)).clamp_max_(1)                    # the blend with black (x >= 0)
+    grey = luminance(x)                                            # (N, 1, h, w)
+    mean = grey.mean(dim=(1, 2, 3), keepdim=True)                  # (N, 1, 1, 1), m
+    x.mul_(g * f).add_(torch.addcmul((1 - f) * mean, (1 - g) * f, grey)).clamp_(0, 1)
+    return adjust_hue_(x, hue)
 
 
-def color_jitter(x, brightness, contrast, saturation, hue):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) with each image's own factors (B,), in a fixed order.
+def adjust_hue_(x, shift):
+    """Rotate the hue by shift (N,) turns through HSV in place, as torchvision does; saturation and value
+    kept: (N, 3, h, w) -> x.
 
-    Deviation: torchvision draws a new order of the four operations at every call; here the order is
-    always brightness, contrast, saturation, hue. Why that changes little: the first three are blends
-    of the image with black, with its mean grey level and with its own grey version, and each keeps the
-    grey levels the others blend with (in proportion), so they commute exactly until a value is
-    clipped at 0 or 1 (test_hydes.py checks this). Only the hue's place and the clipping differ from a
-    random order; a random order per image would cost a gather and a scatter per step.
+    RGB -> HSV with the hue in sixths of a turn, as torchvision: by the largest channel R, G or B (on ties
+    the first), hue = (g - b) / chroma, 2 + (b - r) / chroma or 4 + (r - g) / chroma. Back with the
+    closed form for each channel n = 5, 3, 1 (R, G, B): value - chroma clamp(min(k, 4 - k), 0, 1),
+    k = (n + hue) mod 6, which is value - chroma (2 - clamp(d, 1, 2)) with d the distance from k to the
+    nearest of 2 + 6 Z. Here k = n + hue + 6 shift lies in (-1, 11) for |shift| < 1/6 turn (at most 0.1),
+    where d = ||k - 5| - 3|, the distance to the nearer of 2 and 8 (the others are 3 or more away, and
+    any d above 2 counts as 2): no modulo, no branch. Grey pixels (chroma 0) are unchanged whatever their hue.
     """
-    x = adjust_brightness(x, brightness)
-    x = adjust_contrast(x, contrast)
-    x = adjust_saturation(x, saturation)
-    return adjust_hue(x, hue)
+    r, g, b = x.split(1, dim=1)                                                  # each (N, 1, h, w)
+    value = x.amax(dim=1, keepdim=True)
+    chroma = value - x.amin(dim=1, keepdim=True)
+    hue = torch.where(value == r, g - b, torch.where(value == g, (b - r).add_(chroma, alpha=2),
+                                                     (r - g).add_(chroma, alpha=4)))
+    hue = hue / chroma.clamp_min(1e-12)                                          # (N, 1, h, w), in [-1, 5)
+    n = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(3, 1, 1)               # R, G, B
+    k = x.copy_(hue).add_(6 * per_image(shift) + n)                              # (N, 3, h, w), x's memory
+    return k.sub_(5).abs_().sub_(3).abs_().clamp_(1, 2).mul_(chroma).add_(value - 2 * chroma)
 
 
-def grayscale(x):
-    """The luma in all three channels (PIL convert("L") then back to RGB): (B, 3, h, w) -> (B, 3, h, w)."""
-    return luminance(x).expand_as(x)
+def grayscale_(x, weight):
+    """In place, the luma in all three channels (PIL convert("L") then back to RGB) where weight (N,) is
+    1, the image where it is 0: (N, 3, h, w) -> x."""
+    return x.lerp_(luminance(x), per_image(weight))                            # exact at weights 0 and 1
 
 
-def blur_matrices(sigma, size, device):
-    """(B,) sigmas in pixels -> (B, size, size) matrices M on `device` with (M x)_i = sum_k g_k x_clamp(i+k),
-    the sampled Gaussian g of radius 3 sigma_max = 6 px (13 taps; the cut tails hold 0.3% of the weight
-    at sigma = 2), normalised, with the image border extended outwards as PIL's box filters do."""
+def blur_kernels(sigma):
+    """(N,) sigmas in pixels -> (N, 13) sampled Gaussians of radius 3 sigma_max = 6 px (the cut tails hold
+    0.3% of the weight at sigma = 2), normalised. Drawn on the CPU with the other parameters."""
     radius = math.ceil(3 * BLUR_SIGMA[1])
-    offsets = torch.arange(-radius, radius + 1, device=device)                 # (K,)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma.to(device, non_blocking=True).view(-1, 1) ** 2))   # (B, K)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    source = (torch.arange(size, device=device)[:, None] + offsets).clamp(0, size - 1)   # (size, K): pixel of tap k
-    batch = len(sigma)
-    matrices = torch.zeros(batch, size, size, device=device)
-    return matrices.scatter_add_(2, source.expand(batch, -1, -1), kernel[:, None, :].expand(-1, size, -1))
+    kernels = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma.view(-1, 1) ** 2))   # (N, 13)
+    return kernels / kernels.sum(dim=1, keepdim=True)
 
 
-def gaussian_blur(x, sigma):
-    """Blur each square image with its own sigma (B,) in pixels: (B, 3, s, s) -> (B, 3, s, s).
+def gaussian_blur(x, kernels):
+    """Blur each square image with its own kernel (blur_kernels'): (N, 3, s, s) -> (N, 3, s, s).
 
     PIL's GaussianBlur(radius) takes the standard deviation in pixels of the image it is given, so the
-    same sigma ~ U(0.1, 2.0) applies to 96 and 16 px crops alike, as here. The blur is separable, so it
-    is M x M^T with one (s, s) matrix per image: two batched matrix products, faster on a CPU than a
-    grouped convolution with a kernel per image.
+    same sigma ~ U(0.1, 2.0) applies to 96 and 16 px crops alike, as here. The blur is separable: M X M^T
+    with one (s, s) matrix per image, (M x)_i = sum_k g_k x_clamp(i+k), the image border extended outwards
+    as PIL's box filters do; two batched matrix products, faster on a CPU than a grouped convolution.
     Deviation: PIL approximates the Gaussian by three extended box filters; this is the sampled Gaussian
     (inside the image they agree to ~1/255 at sigma = 2; below sigma ~1 PIL's blurs noticeably more).
     """
-    matrices = blur_matrices(sigma, x.shape[-1], x.device).to(x.dtype)[:, None]   # (B, 1, s, s)
-    return matrices @ x @ matrices.transpose(-1, -2)                           # along h, then along w
+    count, size, radius = len(x), x.shape[-1], kernels.shape[1] // 2
+    pixels = constant(tuple(range(size)), x.device, torch.long).view(-1, 1)
+    source = (pixels + constant(tuple(range(-radius, radius + 1)), x.device, torch.long)).clamp(0, size - 1)   # (s, 13)
+    matrices = torch.zeros(count, size, size, device=x.device, dtype=x.dtype).scatter_add_(
+        2, source.expand(count, -1, -1), kernels[:, None, :].expand(-1, size, -1))   # (N, s, s)
+    x = torch.bmm(x.reshape(count, 3 * size, size), matrices.transpose(1, 2))    # along w: (N, 3 s, s)
+    return matrices[:, None] @ x.view(count, 3, size, size)                      # along h: (N, 1, s, s) @ (N, 3, s, s)
 
 
 def solarize(x):
@@ -411,58 +437,98 @@ def solarize(x):
     return torch.where(x >= 128 / 255, 1 - x, x)
 
 
-def normalize(x):
-    """(x - mean) / std per channel with ImageNet's statistics, as T.Normalize after T.ToTensor:
-    (..., 3, h, w) in [0, 1] -> the same shape, normalised."""
-    mean, std = imagenet_statistics(x.device, x.dtype)
-    return (x - mean) / std
+def on_chosen_(x, chosen, operation, *per_image_args):
+    """x[chosen] = operation(x[chosen], *per_image_args), in place: for the steps whose work is worth
+    gathering the chosen images (the blur, p = 0.1 to 1; the solarisation, 0.2 in one view), where the
+    others run on every image with an identity parameter. chosen: (b,) indices as floats, on x's device
+    (draw_parameters'); per_image_args: tensors (b, ...) of the chosen images. -> x"""
+    if len(chosen):                                    # a shape, known on the host: no device read
+        rows = chosen.long()
+        x[rows] = operation(x[rows], *per_image_args)
+    return x
 
 
-def cropped_view(images, recipe, generator):
-    """The geometry of one view of each image by `recipe`: RandomResizedCrop and the flip, MultiCrop's
-    first two steps. (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) float in [0, 1]. Draws each
-    image's box, then its flip; the loading workers draw the same for one image (FullImageCrops)."""
-    batch, _, height, width = images.shape
-    boxes = sample_crop_boxes(batch, height, width, recipe.scale, generator)
-    flip = torch.rand(batch, generator=generator) < FLIP_P
-    return resized_crop(images, boxes, recipe.size, flip)
+def normalize_(x):
+    """In place, x / std - mean / std per channel with ImageNet's statistics, as T.Normalize after
+    T.ToTensor: (N, 3, h, w) in [0, 1] -> x, normalised."""
+    scale = constant(tuple(1 / s for s in IMAGENET_STD), x.device, x.dtype).view(3, 1, 1)
+    shift = constant(tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)), x.device, x.dtype).view(3, 1, 1)
+    return x.mul_(scale).add_(shift)
 
 
-def photometric_view(x, recipe, generator):
-    """The rest of the view, MultiCrop's steps after the flip: jitter, grayscale, blur, solarise,
-    normalise. x (B, 3, s, s) float in [0, 1], a fresh tensor (changed in place) -> normalised.
-    Every image draws its own parameters whether or not a step applies to it."""
-    batch = len(x)
+def draw_parameters(recipes, batch, image_size, generator):
+    """Every random choice of one view group (view_groups), drawn on the CPU: `recipes` the group's n
+    views, `image_size` (H, W) to cut the crops from, or None for views already cut (FullImageCrops)
+    -> dict of float tensors, crop b of view v at v B + b:
 
-    def coin(p):                                       # (B,) bool, each True with probability p
-        return torch.rand(batch, generator=generator) < p
+        first ... half                 crop_geometry's (2, n B), when cutting crops
+        brightness, contrast,          (n B,) jitter factors, the identity (1, 1, 1, 0) where no jitter
+        saturation, hue
+        grey                           (n B,) 1 for grayscale, else 0
+        blurred, kernels               (b,) indices of the crops to blur, (b, 13) their kernels
+        solarised                      indices of the crops to solarise
 
-    def uniform(low, high):                            # (B,) floats ~ U(low, high)
-        return torch.empty(batch).uniform_(low, high, generator=generator)
+    Every crop draws all its parameters whether or not a step applies, in an order set by the generator
+    alone: the boxes (MultiCrop's RandomResizedCrop), the flips, then one (n B, 9) uniform draw. The
+    chosen crops' indices are found here, on the CPU, so a GPU never waits for a nonzero().
+    """
+    count = batch * len(recipes)
+    parameters = {}
+    if image_size is not None:
+        boxes = sample_crop_boxes(count, *image_size, recipes[0].scale, generator)
+        flip = torch.rand(count, generator=generator) < FLIP_P
+        parameters.update(crop_geometry(boxes, flip, recipes[0].size))
 
-    jitter = (uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS), uniform(1 - CONTRAST, 1 + CONTRAST),
-              uniform(1 - SATURATION, 1 + SATURATION), uniform(-HUE, HUE))
-    x = on_chosen(x, coin(recipe.jitter_p), color_jitter, *jitter)
-    x = on_chosen(x, coin(recipe.grayscale_p), grayscale)
-    if recipe.blur_p:
-        x = on_chosen(x, coin(recipe.blur_p), gaussian_blur, uniform(*BLUR_SIGMA))
-    if recipe.solarize_p:
-        x = on_chosen(x, coin(recipe.solarize_p), solarize)
-    return normalize(x)
+    def chance(name):                                  # (n B,) the probability of the step in each crop's view
+        return torch.tensor([getattr(recipe, name) for recipe in recipes]).repeat_interleave(batch)
+
+    def between(u, low, high):
+        return low + (high - low) * u
+
+    u = torch.rand(count, 9, generator=generator).unbind(1)  # jitter, its 4 factors, grey, blur, sigma, solarise
+    jitter = u[0] < chance("jitter_p")
+    for column, (name, spread) in enumerate((("brightness", BRIGHTNESS), ("contrast", CONTRAST),
+                                             ("saturation", SATURATION), ("hue", HUE)), start=1):
+        identity = 0.0 if name == "hue" else 1.0
+        parameters[name] = torch.where(jitter, between(u[column], identity - spread, identity + spread), identity)
+    parameters["grey"] = (u[5] < chance("grayscale_p")).float()
+    blurred = u[6] < chance("blur_p")
+    parameters["blurred"] = torch.nonzero(blurred)[:, 0].float()        # exact as floats below 2^24
+    parameters["kernels"] = blur_kernels(between(u[7][blurred], *BLUR_SIGMA))
+    parameters["solarised"] = torch.nonzero(u[8] < chance("solarize_p"))[:, 0].float()
+    return parameters
 
 
-def augmented_view(images, recipe, generator):
-    """One view of each image by `recipe`, all of MultiCrop's steps in its order:
-    (B, 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised."""
-    return photometric_view(cropped_view(images, recipe, generator), recipe, generator)
+def to_device(parameters, device):
+    """A list of dicts of small CPU float tensors -> the same on `device`, moved by ONE copy: on a GPU
+    each copy is a transfer with a launch of its own."""
+    tensors = [t for group in parameters for t in group.values()]
+    packed = torch.cat([t.reshape(-1) for t in tensors]).to(device, non_blocking=True)
+    parts = iter(packed.split([t.numel() for t in tensors]))                    # views of the one copy
+    return [{name: next(parts).view(t.shape) for name, t in group.items()} for group in parameters]
+
+
+def photometric_views_(x, recipes, parameters):
+    """MultiCrop's steps after the flip for one view group, in place: jitter, grayscale, blur, solarise,
+    normalise. x (N, 3, h, w) float in [0, 1]; parameters: draw_parameters', on x's device -> (N, 3, h, w)
+    normalised. A step that no view of the group takes is skipped (the supervised baseline takes none)."""
+    p = parameters
+    if any(recipe.jitter_p for recipe in recipes):
+        x = color_jitter_(x, p["brightness"], p["contrast"], p["saturation"], p["hue"])
+    if any(recipe.grayscale_p for recipe in recipes):
+        x = grayscale_(x, p["grey"])
+    x = on_chosen_(x, p["blurred"], gaussian_blur, p["kernels"])
+    x = on_chosen_(x, p["solarised"], solarize)
+    return normalize_(x)
 
 
 class BatchedMultiCrop:
     """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
     (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
     model code is the same. `recipes`: MultiCrop's (dino_recipes) or the supervised baseline's
-    (supervised_recipes). Where it deviates from MultiCrop (fixed jitter order, sampled Gaussian blur,
-    float arithmetic between steps, one clip after the crop's two passes) the functions above say so.
+    (supervised_recipes). Where it deviates from MultiCrop (fixed jitter order, one clip for contrast and
+    saturation, sampled Gaussian blur, float arithmetic between steps, one clip after the crop's two
+    passes) the functions above say so.
 
         crops = BatchedMultiCrop(dino_recipes(32, 16))   # or supervised_recipes(32): Table I's baseline
         views = crops(images.to(device), generator)     # generator: a CPU torch.Generator, seeded once
@@ -473,19 +539,35 @@ class BatchedMultiCrop:
 
     def __init__(self, recipes):
         self.recipes = recipes
+        self.groups = view_groups(recipes)
 
     def __call__(self, images, generator):
-        if isinstance(images, (list, tuple)):                      # views already cut by the loading workers
+        cut = isinstance(images, (list, tuple))                    # views already cut by the loading workers
+        if cut:
             sizes = [r.size for r in self.recipes]
             if [tuple(v.shape[1:]) for v in images] != [(3, s, s) for s in sizes] or images[0].dtype != torch.uint8:
                 raise ValueError(f"BatchedMultiCrop expects {len(sizes)} uint8 views (B, 3, s, s) of sides {sizes}, "
                                  f"got {[(v.dtype, tuple(v.shape)) for v in images]}")
-            return [photometric_view(v.float() / 255, recipe, generator) for v, recipe in zip(images, self.recipes)]
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        elif images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"BatchedMultiCrop expects a uint8 batch (B, 3, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
-        x = images.float() / 255                                   # (B, 3, H, W) uint8 -> float in [0, 1]
-        return [augmented_view(x, recipe, generator) for recipe in self.recipes]
+        batch, device = len(images[0]) if cut else len(images), images[0].device
+        recipes = [[self.recipes[i] for i in group] for group in self.groups]
+        parameters = to_device([draw_parameters(r, batch, None if cut else tuple(images.shape[2:]), generator)
+                                for r in recipes], device)
+        if not cut:       # (B, 3, H, W) uint8 -> (B, H, 3, W) float in [0, 1] (resized_crops'), once for all views
+            source = images.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format) / 255
+        views = [None] * len(self.recipes)
+        for group, group_recipes, p in zip(self.groups, recipes, parameters):
+            size = group_recipes[0].size
+            if cut:       # n views (B, 3, s, s) uint8 -> (n B, 3, s, s) float, crop b of view v at v B + b
+                x = torch.cat([images[i] for i in group]).float().div_(255)
+            else:
+                x = resized_crops(source, p, size)
+            x = photometric_views_(x, group_recipes, p)                              # (n B, 3, s, s)
+            for i, view in zip(group, x.split(batch)):                               # contiguous (B, 3, s, s)
+                views[i] = view
+        return views
 
 
 # ----------------------------------------------------------------------------------------------------
