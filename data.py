@@ -1015,6 +1015,14 @@ def imagenet_statistics(device, dtype):
     return constant(IMAGENET_MEAN, device, dtype).view(3, 1, 1), constant(IMAGENET_STD, device, dtype).view(3, 1, 1)
 
 
+def normalize(x):
+    """(x - mean) / std per channel with ImageNet's statistics, in T.Normalize's own arithmetic, so that
+    uint8 images / 255 normalised here give exactly the tensors of ToTensor + Normalize (the probes'
+    features; the crops use the faster in-place normalize_): (..., 3, h, w) -> the same shape."""
+    mean, std = imagenet_statistics(x.device, x.dtype)
+    return (x - mean) / std
+
+
 def unnormalize(x):
     """The inverse of `normalize`: a normalised image (3, H, W) or batch (B, 3, H, W) back to [0, 1] RGB
     (up to rounding, which save_png clips)."""
