@@ -1,50 +1,99 @@
-"""Throughput: the batched multi-crop against per-image pipelines (same views, one run), then whole
-training steps with the batched crops.
+"""Training-step throughput and numerics on one device, in one table; or, with --augmentations, the
+batched multi-crop against per-image pipelines.
 
-    python benchmark.py                         # CIFAR-sized and STL-10-sized inputs on the CPU, 1 thread
-    python benchmark.py --device cuda --batch-size 512
+    python benchmark.py --device cuda               # the paper's networks, every precision, eager and compiled
+    python benchmark.py --device cpu --width 16     # the same on a CPU, with a laptop-sized ResNet
+    python benchmark.py --augmentations             # batched multi-crop vs DINO's PIL recipe vs Lightly
 
-It first counts the device operations (kernel launches on a GPU) of one call of the batched crops, which
-bound a GPU's step at CIFAR size more than their arithmetic (crop_device_operations, on the meta device).
-For each input size it times, in one process and one after the other:
+It first prints the device operations (kernel launches on a GPU) of one call of the batched crops, which
+bound a GPU's step at CIFAR size more than their arithmetic: 195 per step, against 1,528 when every view
+was made on its own (crop_device_operations, counted on the meta device, the same for any image size).
+
+The settings are the paper's: CIFAR-10's ResNet-18 with 2 x 32 + 6 x 16 px views of 32 px images, and
+STL-10's ViT-Tiny with 2 x 96 + 6 x 48 px views of 96 px images, batch 128, train.py's defaults for
+everything else. The images are seeded uniform noise (no download): a step does the same work
+whatever the pixels. For each setting, each precision the device offers (bf16 autocast, fp16 autocast
+with gradient scaling, float32), each layout of a ResNet's tensors (channels_last, contiguous) and, on
+a GPU, eager and torch.compile'd (with train.py's layout), one row:
+  img/s            whole training steps as train.py runs them: the batched crops of a uint8 batch on the
+                   device, the forward pass, the loss, backward and AdamW (train.training_step); images/s
+                   count source images, 8 views each
+  host syncs/step  times the host waited for the GPU in a steady-state step, counted by CUDA's sync debug
+                   mode (torch.cuda.set_sync_debug_mode("warn") warns at each synchronising call; its
+                   documentation warns that a few kinds of synchronisation go unseen). 0 is the goal: the
+                   host then queues the next step while the GPU computes this one
+  peak memory      torch.cuda.max_memory_allocated over the row's steps (n/a on a CPU)
+  gradient error   ||g - g64|| / ||g64||: the gradient of one step on the same weights and views, against
+                   the same step in float64 (the loss itself runs in float32 in both, as hydes.py does
+                   by design; that moves the reference by about 2e-7). An untrained network's gradient on
+                   noise images is ill-conditioned, a sum over many pixels that BatchNorm makes cancel:
+                   float32 lands anywhere from 1e-6 to 1e-2, and bf16 at 0.1 to 0.5 (rounding the views
+                   alone to bf16 moves a width-16 ResNet's gradient by 23%). What the column catches is a
+                   row orders of magnitude above the others of its precision, or nan: a kernel that
+                   computes the wrong thing, as bf16 convolutions on the CPU below do
+The row marked * is what train.py uses by default on that device (--precision auto).
+
+Recorded on a 2-core x86 CPU with AVX-512 BF16 (torch 2.14, 1 torch thread, load average 3-4 from other
+jobs; the peak-memory and host-sync columns, n/a on a CPU, left out):
+
+    python benchmark.py --device cpu --width 16 --proj-hidden 512
+    | setting        | network                      | precision | layout        | mode  | img/s | gradient error |
+    | cifar 32/16 px | resnet18 w16, imagenet stem  | bf16      | channels_last | eager |   306 |        1.1e+19 |
+    | cifar 32/16 px | resnet18 w16, imagenet stem  | bf16      | contiguous    | eager |   315 |        4.7e-01 |
+    | cifar 32/16 px | resnet18 w16, imagenet stem  | fp32*     | channels_last | eager |   303 |        2.5e-03 |
+    | cifar 32/16 px | resnet18 w16, imagenet stem  | fp32      | contiguous    | eager |   250 |        2.9e-03 |
+    | stl10 96/48 px | vit_tiny                     | bf16      | contiguous    | eager |    12 |        1.3e-01 |
+    | stl10 96/48 px | vit_tiny                     | fp32*     | contiguous    | eager |    15 |        2.4e-06 |
+
+    python benchmark.py --device cpu --width 16 --proj-hidden 512 --stem cifar --inputs cifar
+    | cifar 32/16 px | resnet18 w16, cifar stem     | bf16      | channels_last | eager |   146 |        3.7e-01 |
+    | cifar 32/16 px | resnet18 w16, cifar stem     | bf16      | contiguous    | eager |   126 |        3.6e-01 |
+    | cifar 32/16 px | resnet18 w16, cifar stem     | fp32*     | channels_last | eager |    99 |        8.0e-03 |
+    | cifar 32/16 px | resnet18 w16, cifar stem     | fp32      | contiguous    | eager |    75 |        1.5e-03 |
+
+The 1.1e+19 comes from oneDNN's bf16 weight gradient of layer4's stride-2 convolution, which the
+ImageNet stem meets at 1 x 1 on 16 px crops: in every case tried, a bf16 convolution whose stride
+exceeds its input's side has a wrong weight gradient, by amounts (or nan) that change from call to
+call, so it lands in one bf16 row or the other from run to run. Hence train.py's float32 on CPUs
+(README). Where the convolutions are right (the CIFAR stem) bf16 is 1.5x faster; channels_last makes
+float32 1.2-1.3x faster; ViT-Tiny is slower in bf16 on this CPU.
+
+No GPU was available to record a GPU table here.
+
+--augmentations times, in one process and one after the other:
   batched     data.BatchedMultiCrop on uint8 batches already in the device's memory (CPU or GPU)
   MultiCrop   data.MultiCrop, DINO's per-image PIL recipe, one image at a time
   Lightly     lightly.transforms.DINOTransform with the same views, when lightly is installed
-  steps       train.training_step on the full-size network of the setting (CIFAR: ResNet-18, STL-10:
-              ViT-Tiny), on views made beforehand and with the batched crops in the step (--no-steps: skip)
-The views are the paper's multi-crop: 2 x 32 + 6 x 16 px from 32 px images (CIFAR), 2 x 96 + 6 x 48 px
-from 96 px images (STL-10), all with DINO's blur and solarisation. The images are seeded uniform noise:
-these pipelines do the same work whatever the pixels. Images/s count source images, each giving 8 views.
-The per-image pipelines are single-threaded PIL code; where other projects train with them they run in
-DataLoader workers, one per core, so on a k-core machine multiply their rate by at most k.
+with all of DINO's blur and solarisation. The per-image pipelines are single-threaded PIL code; where
+other projects train with them they run in DataLoader workers, one per core, so on a k-core machine
+multiply their rate by at most k.
 
 Recorded on a 2-core x86 CPU (torch 2.14, batch 256, load average 1.8 from other work):
 
-    python benchmark.py               (1 torch thread)
+    python benchmark.py --augmentations               (1 torch thread)
     | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
     | cifar | 2x32 + 6x16 from 32 px |         3,030 |             420 |           339 |         7.2x |       8.9x |
     | stl10 | 2x96 + 6x48 from 96 px |           306 |             218 |           188 |         1.4x |       1.6x |
 
-    python benchmark.py --threads 2   (both cores for the batched pipeline; the others are one process)
+    python benchmark.py --augmentations --threads 2   (both cores for the batched pipeline)
     | cifar | 2x32 + 6x16 from 32 px |         4,787 |             415 |           335 |        11.5x |      14.3x |
     | stl10 | 2x96 + 6x48 from 96 px |           481 |             214 |           189 |         2.2x |       2.5x |
 
 Run as other projects train, one DataLoader worker per core, on these 2 cores the per-image pipelines give
-at most twice their rate: 4,787 vs 2 x 335 is 7x at CIFAR size. The full-size training steps on this
-CPU (ResNet-18 at 32 px: 9 images/s; ViT-Tiny at 96 px: 24 images/s, batch 128) are far slower than
-either pipeline, so the crops' share of a step is within the timing noise here.
-
-At 32 px PIL's cost is per call, which batching removes; at 96 px it is per pixel, where PIL's uint8 C
-loops are about as fast as the some 30 float32 passes over each view here, so on a CPU the batched
-form gains little. It is meant for a GPU, where those passes are kernels over the whole batch (not
-measured here: this machine has none; `--device cuda` measures it). On this machine loaded by other
-jobs, 2 threads ran 3-40x slower than 1 (threads waiting for a busy core), hence the default of 1;
-with the cores free, 2 threads are 1.6x faster, as above.
+at most twice their rate: 4,787 vs 2 x 335 is 7x at CIFAR size. At 32 px PIL's cost is per call, which
+batching removes; at 96 px it is per pixel, where PIL's uint8 C loops are about as fast as the some 30
+float32 passes over each view here, so on a CPU the batched form gains little. It is meant for a GPU,
+where those passes are kernels over the whole batch. On this machine loaded by other jobs, 2 threads ran
+3-40x slower than 1 (threads waiting for a busy core), hence the default of 1; with the cores free, 2
+threads are 1.6x faster, as above.
 """
 
 import argparse
+import copy
+import itertools
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -54,10 +103,11 @@ from torch.utils._pytree import tree_flatten
 
 import train
 from data import BatchedMultiCrop, HelpFormatter, MultiCrop, dino_recipes, first_problem, refuse
-from models import HyDeSModel, build_backbone, precision_for
+from models import PRECISIONS, STEMS, HyDeSModel, auto_precision, build_backbone, cpu_has_native_bf16, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
+LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous"}
 # Device operations of one BatchedMultiCrop call with dino_recipes(32, 16) and a batch of 128, counted as
 # crop_device_operations does, when each view was made on its own (a crop, jitter, grayscale, blur,
 # solarisation and normalisation per view, the chosen images of each step gathered; 105 of them
@@ -99,19 +149,29 @@ def crop_device_operations(recipes, batch, side):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS), help="input sizes to time")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="images per batched call; larger amortises Python overhead, up to memory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS), help="settings to time")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS,
+                   help="precisions to time (auto: train.py's default on the device); default: every one the "
+                        "device offers: bf16 where native on a GPU, fp16 (GPUs only) and fp32; on a CPU bf16 and fp32")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile rows (GPUs only: each compiles for a minute or so)")
+    p.add_argument("--width", type=int,
+                   help="ResNet-18's base width (the paper's 64); 16 makes the CIFAR setting laptop-sized")
+    p.add_argument("--stem", default="imagenet", choices=STEMS,
+                   help="ResNet-18's stem (train.py's --stem): cifar for the README's laptop network")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="hidden width of the projector MLP")
+    p.add_argument("--step-batch-size", type=int, default=128, help="images per training step (the paper's 128)")
     p.add_argument("--seconds", type=float, default=5.0,
-                   help="time each pipeline for at least this long (after one warm-up call); more is steadier")
+                   help="time each row (or pipeline) for at least this long, after its warm-up; more is steadier")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for the batched pipeline; on a CPU shared with other jobs "
-                        "more threads than idle cores make it slower, not faster")
-    p.add_argument("--device", default="cpu", help="where the batched pipeline runs: cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise images and of the crops")
-    p.add_argument("--step-batch-size", type=int, default=128,
-                   help="images per training step (the paper's 128); the step columns use the full-size network")
-    p.add_argument("--no-steps", dest="steps", action="store_false", help="time the augmentations only")
+                   help="torch intra-op threads on a CPU; on a CPU shared with other jobs more threads than idle "
+                        "cores make it slower, not faster")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise images, the weights and the crops")
+    p.add_argument("--augmentations", action="store_true",
+                   help="time the multi-crop pipelines instead of training steps: batched, MultiCrop, Lightly")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="--augmentations: images per batched call; larger amortises Python overhead, up to memory")
     return p.parse_args(argv)
 
 
@@ -132,6 +192,161 @@ def images_per_second(run_once, images_per_call, seconds, synchronize=lambda: No
     synchronize()
     return calls * images_per_call / (time.perf_counter() - start)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Training steps
+
+def precisions_to_time(args, device):
+    """The precisions of the table's rows, auto resolved to what it means on `device`."""
+    if args.precision:
+        names = [auto_precision(device) if name == "auto" else name for name in args.precision]
+    elif device.type == "cuda":
+        names = ["bf16"] * (auto_precision(device) == "bf16") + ["fp16", "fp32"]
+    else:
+        names = ["bf16", "fp32"]
+    return list(dict.fromkeys(names))
+
+
+def step_rows(name, args, device):
+    """The table's rows for one setting (INPUTS[name]): every precision, layout and (on a GPU) compiled or
+    not, each a dict; see the module docstring for what each column measures."""
+    side, global_size, local_size, arch = INPUTS[name]
+    resnet = ["--stem", args.stem] + (["--width", str(args.width)] if args.width else [])
+    settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device, "--proj-hidden",
+                                                str(args.proj_hidden), *(resnet if arch.startswith("resnet") else [])])
+    torch.manual_seed(args.seed)
+    base = HyDeSModel(build_backbone(arch, global_size, settings.width, stem=settings.stem), settings.proj_hidden,
+                      settings.proj_dim, per_view=settings.forward == "per-view")     # on the CPU, copied per row
+    images, _ = noise_images(args.step_batch_size, side, args.seed)
+    images = images.to(device)
+    labels = torch.zeros(len(images), dtype=torch.int64, device=device)
+    crops = BatchedMultiCrop(dino_recipes(global_size, local_size))
+    check_views = crops(images, train.augmentation_generator(args.seed, 0, 0))     # the views of the gradient check
+    reference = float64_gradient(base, check_views, labels, settings, device)
+
+    default = precision_for(device, arch)                       # train.py's --precision auto
+    layouts = [default.memory_format] + [torch.contiguous_format] * (default.memory_format != torch.contiguous_format)
+    rows = []
+    for precision_name in precisions_to_time(args, device):
+        for layout in layouts:
+            for compiled in (False, True) if device.type == "cuda" and args.compile else (False,):
+                if compiled and layout != default.memory_format:
+                    continue                                    # compiled: train.py's layout only
+                row = {"setting": f"{name} {global_size}/{local_size} px", "network": describe(arch, settings),
+                       "precision": precision_name, "layout": LAYOUTS[layout], "mode": "compiled" if compiled else "eager",
+                       "default": (precision_name, layout, compiled) == (auto_precision(device), default.memory_format,
+                                                                         False)}
+                row.update(time_row(base, precision_for(device, arch, precision_name)._replace(memory_format=layout),
+                                    compiled, crops, images, labels, check_views, reference, settings, args, device))
+                rows.append(row)
+    return rows
+
+
+def describe(arch, settings):
+    """The network as the table names it, e.g. "resnet18 w16, cifar stem"."""
+    return f"{arch} w{settings.width or 64}, {settings.stem} stem" if arch.startswith("resnet") else arch
+
+
+def time_row(base, precision, compiled, crops, images, labels, check_views, reference, settings, args, device):
+    """One row's measurements: a copy of the base network in the precision's layout, its gradient check,
+    then whole training steps timed, then a few more with the host's waits counted."""
+    if device.type == "cuda":
+        torch.compiler.reset()                 # compiled code of an earlier row never serves this one
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    net = copy.deepcopy(base).to(device, memory_format=precision.memory_format)
+    model = torch.compile(net) if compiled else net
+    # The gradient check first: for a compiled row, its first call compiles the model
+    error = gradient_error(net, model, check_views, labels, precision, settings, reference)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                  fused=device.type == "cuda")                       # as train.py's
+    step_index = itertools.count(1)
+
+    def one_step():                        # train()'s loop body: the step's crops, then training_step
+        views = crops(images, train.augmentation_generator(args.seed, next(step_index), 0))
+        training_step(model, views, labels, optimizer, precision, settings)
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rate = images_per_second(one_step, len(images), args.seconds, synchronize)
+    syncs = host_syncs_per_step(one_step, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"images_per_s": rate, "host_syncs": syncs, "peak_bytes": peak, "gradient_error": error}
+
+
+def training_step(model, views, labels, optimizer, precision, settings):
+    """train.training_step with the objective, kappa, alpha and beta of `settings` (train.py's defaults)."""
+    return train.training_step(model, views, labels, optimizer, precision, settings.method, settings.kappa,
+                               settings.alpha, settings.beta)
+
+
+def flat_gradient(net):
+    """Every parameter's gradient, flattened and concatenated, float64 on the CPU (zeros where none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double().cpu()
+                      for p in net.parameters()])
+
+
+def float64_gradient(base, views, labels, settings, device):
+    """The gradient of train.training_step on `views` in float64 (but for the float32 loss), on a copy of
+    `base`: the reference of every row's gradient check."""
+    net = copy.deepcopy(base).to(device, torch.float64)
+    precision = precision_for(device, None, "fp32")       # no autocast, no scaling, contiguous
+    training_step(net, [v.double() for v in views], labels, torch.optim.SGD(net.parameters(), lr=0.0),
+                        precision, settings)
+    return flat_gradient(net)
+
+
+def gradient_error(net, model, views, labels, precision, settings, reference, tries=40):
+    """||g - g64|| / ||g64|| for one train.training_step of `model` (whose parameters are net's). The step
+    goes to SGD at learning rate 0, so that the weights stay those of every other row, and the gradient
+    is read where the scaler left it: unscaled, in place (a fused optimizer would keep it scaled). Under
+    fp16 the first steps overflow at GradScaler's initial scale of 2^16 and are skipped, as in training;
+    the check repeats the step until the scaler has come down to a scale that does not overflow."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    for _ in range(tries):
+        training_step(model, views, labels, optimizer, precision, settings)
+        gradient = flat_gradient(net)
+        if torch.isfinite(gradient).all():
+            return float((gradient - reference).norm() / reference.norm())
+    return float("nan")
+
+
+def host_syncs_per_step(run_once, device, steps=5):
+    """How many times per step the host waits for the GPU: CUDA's sync debug mode warns at each
+    synchronising call (a copy to the host, .item(), a pageable copy to the device, a stream
+    synchronisation), and the warnings of `steps` steady-state steps are counted. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")                  # every warning, not the first per source line
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                run_once()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
+def step_table(rows):
+    """rows (step_rows) -> the Markdown table, with * on train.py's default row."""
+    def memory(peak):
+        return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"
+
+    def syncs(count):
+        return "n/a" if count is None else f"{count:g}"
+
+    lines = ["| setting | network | precision | layout | mode | img/s | host syncs/step | peak memory "
+             "| gradient error vs float64 |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['network']} | {r['precision']}{'*' * r['default']} | {r['layout']} "
+                     f"| {r['mode']} | {r['images_per_s']:,.0f} | {syncs(r['host_syncs'])} | {memory(r['peak_bytes'])} "
+                     f"| {r['gradient_error']:.1e} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The multi-crop pipelines (--augmentations)
 
 def per_image_rate(transform, pil_images, seconds):
     """Images per second of a per-image transform (PIL image -> list of views), over the given images."""
@@ -161,31 +376,6 @@ def augmentation_rates(side, global_size, local_size, args):
     return rates
 
 
-def training_step_rates(side, global_size, local_size, arch, args):
-    """Images/s of whole training steps as train.py runs them (bf16 autocast and channels_last on a GPU):
-    views made beforehand ("model"), and the batched multi-crop of a uint8 batch on the device followed by
-    the step ("with crops"). Their ratio is the share of a step the augmentation costs."""
-    device = torch.device(args.device)
-    settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device])
-    precision = precision_for(device, arch)                 # train.py's: bf16 autocast and channels_last on a GPU
-    net = HyDeSModel(build_backbone(arch, global_size)).to(device, memory_format=precision.memory_format)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr)
-    images, _ = noise_images(args.step_batch_size, side, args.seed)
-    images = images.to(device)
-    labels = torch.zeros(len(images), dtype=torch.int64, device=device)
-    crops, generator = BatchedMultiCrop(dino_recipes(global_size, local_size)), torch.Generator().manual_seed(args.seed)
-    ready = crops(images, generator)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step(views):
-        train.training_step(net, views, labels, optimizer, precision, "hydes", settings.kappa, settings.alpha,
-                            settings.beta)
-
-    return {"model": images_per_second(lambda: step(ready), len(images), args.seconds, synchronize),
-            "with_crops": images_per_second(lambda: step(crops(images, generator)), len(images), args.seconds,
-                                            synchronize)}
-
-
 def markdown_table(rows):
     """rows: list of (input label, rates dict) -> Markdown table with the batched pipeline's speed-ups."""
     def rate(value):
@@ -203,42 +393,52 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def step_table(rows):
-    """rows: list of (input label, views, arch, step rates dict) -> Markdown table of training-step speed."""
-    lines = ["| input | views | network | step img/s (views ready) | step img/s (with batched crops) "
-             "| share of the step in the crops |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
-    for label, views, arch, r in rows:
-        lines.append(f"| {label} | {views} | {arch} | {r['model']:,.0f} | {r['with_crops']:,.0f} "
-                     f"| {1 - r['with_crops'] / r['model']:.0%} |")
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+def describe_device(device, threads):
+    """One line: the device, and what a CPU's bf16 is (native or emulated), the load, torch's version."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        what = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    else:
+        what = (f"CPU, {threads} torch thread(s) of {os.cpu_count()} cores, bf16 "
+                f"{'native (AVX-512 BF16 or AMX)' if cpu_has_native_bf16() else 'emulated (no AVX-512 BF16 or AMX)'}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"device {device}: {what}; load average {load:.1f}; torch {torch.__version__}"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cuda = args.device.startswith("cuda")
     refuse(first_problem([
         (args.batch_size >= 1 and args.step_batch_size >= 2, "--batch-size must be >= 1 and --step-batch-size >= 2"),
         (args.seconds > 0 and args.threads >= 1, "--seconds must be > 0 and --threads >= 1"),
+        (args.width is None or args.width >= 1, "--width must be >= 1"),
+        (args.proj_hidden >= 1, "--proj-hidden must be >= 1"),
+        (not cuda or torch.cuda.is_available(), f"--device {args.device} but PyTorch sees no CUDA GPU here; "
+                                                f"pass --device cpu"),
+        (cuda or "fp16" not in (args.precision or ()), "--precision fp16 is for GPUs (train.py refuses it on a "
+                                                        "CPU); time fp32 or bf16"),
     ]))
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {args.device}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores, "
-          f"load average {load:.1f}, batch {args.batch_size}, torch {torch.__version__}")
+    device = torch.device(args.device)
+    print(describe_device(device, torch.get_num_threads()))
     operations, _ = crop_device_operations(dino_recipes(32, 16), batch=128, side=32)   # any size: the same
     print(f"device operations per step in the crops: {operations} (was {CROP_OPERATIONS_BEFORE})")
-    rows, step_rows = [], []
-    for name in args.inputs:
-        side, global_size, local_size, arch = INPUTS[name]
-        views = f"2x{global_size} + 6x{local_size} from {side} px"
-        rows.append((name, views, augmentation_rates(side, global_size, local_size, args)))
-        if args.steps:
-            step_rows.append((name, views, arch, training_step_rates(side, global_size, local_size, arch, args)))
-    print(markdown_table(rows))
-    if step_rows:
-        print()
-        print(f"Training steps, batch {args.step_batch_size}, full-size networks:")
-        print(step_table(step_rows))
-    return rows, step_rows
+    if args.augmentations:
+        rows = []
+        for name in args.inputs:
+            side, global_size, local_size, _ = INPUTS[name]
+            rows.append((name, f"2x{global_size} + 6x{local_size} from {side} px",
+                         augmentation_rates(side, global_size, local_size, args)))
+        print(f"batch {args.batch_size}")
+        print(markdown_table(rows))
+        return rows
+    rows = [row for name in args.inputs for row in step_rows(name, args, device)]
+    print(f"Training steps, batch {args.step_batch_size} (* train.py's default here: --precision auto):")
+    print(step_table(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -357,23 +357,58 @@ class HyDeSModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Precision: one set-up for training, the probes and the benchmark
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.py's and benchmark.py's --precision
+
+
 class Precision(NamedTuple):
     autocast: object            # context manager for the forward pass
     scaler: object              # torch.amp.GradScaler; a no-op unless fp16
     memory_format: object       # torch.channels_last or torch.contiguous_format
 
 
-def precision_for(device, arch=None):
-    """How a network runs on `device`: bf16 autocast on GPUs that have it, fp16 with grad scaling on those
-    that do not (fp16's 5-bit exponent underflows small gradients without it), float32 on the CPU.
-    ResNets (`arch`) run with NHWC tensors on GPUs, the layout cuDNN's tensor-core convolutions want; on
-    the CPU the default layout is kept."""
-    if device.type != "cuda":
-        return Precision(nullcontext(), torch.amp.GradScaler("cuda", enabled=False), torch.contiguous_format)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def precision_for(device, arch=None, precision="auto"):
+    """How a network runs on `device` at `precision` (PRECISIONS): the forward pass under bf16 or fp16
+    autocast or in float32, and the layout of ResNets' tensors.
+
+    auto, on a GPU: bf16 where it is native (Ampere and later), fp16 with gradient scaling on older ones
+    (fp16's 5-bit exponent underflows small gradients without it; their bf16 is emulated, and slow).
+    auto, on a CPU: float32. bf16 runs natively on CPUs with AVX-512 BF16 or AMX (cpu_has_native_bf16),
+    and there it trained the README's laptop network 1.4x faster to the same k-NN accuracy; but oneDNN
+    (in torch 2.14) returns garbage bf16 weight gradients for convolutions whose stride exceeds their
+    input, which the ImageNet stem reaches on 16 px crops, so bf16 is used only when asked for (--precision
+    bf16, after benchmark.py's gradient check). fp16 is for GPUs only (train.py refuses it on a CPU).
+
+    ResNets (`arch`) run with NHWC tensors (channels_last): cuDNN's tensor-core convolutions want that
+    layout, and oneDNN's CPU convolutions are faster with it too (benchmark.py measures both)."""
+    if precision == "auto":
+        precision = auto_precision(device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=dtype == torch.float16)
     channels_last = arch is not None and arch.startswith("resnet")
-    return Precision(torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),
-                     torch.channels_last if channels_last else torch.contiguous_format)
+    return Precision(autocast, scaler, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def auto_precision(device):
+    """What --precision auto means on `device`: "bf16", "fp16" or "fp32" (see precision_for)."""
+    if device.type == "cuda":
+        # including_emulation=False: pre-Ampere GPUs accept bf16 tensors but compute them slowly
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "fp32"
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 dot products in hardware: the avx512_bf16 (Cooper Lake, Zen 4 and
+    later) or amx_bf16 (Sapphire Rapids and later) flags of /proc/cpuinfo, on Linux; False elsewhere.
+    torch.backends.cpu.get_cpu_capability() does not tell: it names the widest vector instruction set
+    PyTorch's own kernels use ("AVX512", "AVX2"), and Skylake's AVX-512 has no bf16, which oneDNN then
+    emulates through float32 with conversions (so it saves little there, if anything; not measured)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------------------------------

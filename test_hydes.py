@@ -910,6 +910,25 @@ def test_per_view_forward_equals_a_loop_over_views_and_differs_from_per_resoluti
     assert torch.allclose(per_view(views), per_resolution(views), atol=1e-5)
 
 
+# ---- precision
+
+def test_precision_follows_the_setting_and_auto_picks_by_device(monkeypatch):
+    cpu = torch.device("cpu")
+    auto = models.precision_for(cpu, "resnet18")
+    assert not hasattr(auto.autocast, "fast_dtype") and not auto.scaler.is_enabled()      # float32 on a CPU
+    assert auto.memory_format == torch.channels_last                                      # NHWC ResNets
+    assert models.precision_for(cpu, "vit_tiny").memory_format == torch.contiguous_format
+    bf16 = models.precision_for(cpu, "resnet18", "bf16")
+    with bf16.autocast:
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert not bf16.scaler.is_enabled()
+    # A GPU with native bf16 (Ampere and later), and one that only emulates it (a T4, a V100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert models.auto_precision(torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert models.auto_precision(torch.device("cuda")) == "fp16"
+
+
 # ---- torchvision state_dicts
 
 @pytest.mark.parametrize("name, image_size", [("resnet18", 224), ("resnet50", 224), ("resnet18", 32)])
@@ -2053,6 +2072,7 @@ BAD_TRAINING_ARGUMENTS = [
     (["--batch-size", "64"], "less than one batch of 64"),
     (["--depth", "3"], "--depth and --heads shape vit_tiny only"),
     (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs without bf16"),
 ]
 
 
@@ -2133,6 +2153,26 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     assert [round(r["epoch"], 2) for r in log] == [1, 1.5, 2] and "linear_top1" not in log[1]
     straight_log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]
     assert [r["linear_top1"] for r in straight_log] == [log[0]["linear_top1"], log[2]["linear_top1"]]
+
+
+def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refused(tmp_path):
+    # The CIFAR stem: with the ImageNet stem, 16 px crops reach layer4's stride-2 convolution at 1 x 1, whose
+    # bf16 weight gradient oneDNN miscomputes on some CPUs (README: precision), differently from call to call.
+    common = tiny_run(tmp_path, extra=["--device", "cpu", "--stem", "cifar"])
+    train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--precision", "bf16"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert straight["args"]["precision"] == "bf16"
+    out = tmp_path / "resumed"
+    train.main(common + ["--out", str(out), "--epochs", "1", "--precision", "bf16"])
+    with pytest.raises(SystemExit, match="--precision cannot change from bf16"):
+        train.main(common + ["--out", str(out), "--epochs", "2", "--resume", "--precision", "fp32"])
+    first_epoch = torch.load(out / "ckpt.pt", weights_only=True)
+    train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])       # bf16, from the checkpoint
+    assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
+    # ... and bf16 was used: float32 trains other weights
+    train.main(common + ["--out", str(tmp_path / "fp32"), "--epochs", "1"])
+    fp32 = torch.load(tmp_path / "fp32" / "ckpt.pt", weights_only=True)
+    assert not torch.equal(fp32["model"]["backbone.conv1.weight"], first_epoch["model"]["backbone.conv1.weight"])
 
 
 def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
@@ -2333,6 +2373,26 @@ def test_probe_arguments_are_checked_before_any_work(tmp_path, script, extra, me
 def test_benchmark_arguments_are_checked():
     with pytest.raises(SystemExit, match="--seconds must be > 0"):
         benchmark.main(["--seconds", "0"])
+    with pytest.raises(SystemExit, match="--precision fp16 is for GPUs"):
+        benchmark.main(["--device", "cpu", "--precision", "fp16"])
+
+
+def test_the_benchmark_times_each_cpu_precision_and_layout_in_one_table_and_checks_each_gradient(capsys):
+    rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "4", "--stem", "cifar",
+                           "--proj-hidden", "16", "--step-batch-size", "4", "--seconds", "0.01"])
+    assert sorted((r["precision"], r["layout"], r["mode"]) for r in rows) == [
+        (precision, layout, "eager") for precision in ("bf16", "fp32") for layout in ("channels_last", "contiguous")]
+    assert [(r["precision"], r["layout"]) for r in rows if r["default"]] == [("fp32", "channels_last")]
+    assert all(r["images_per_s"] > 0 and r["host_syncs"] is None and r["peak_bytes"] is None for r in rows)
+    error = {(r["precision"], r["layout"]): r["gradient_error"] for r in rows}
+    # float32 against float64 differs by rounding alone (an untrained network on noise is ill-conditioned:
+    # up to ~1e-2); bf16's 8-bit mantissa moves the gradient at least ten times more
+    fp32, bf16 = (max(error[p, "channels_last"], error[p, "contiguous"]) for p in ("fp32", "bf16"))
+    assert fp32 < 2e-2 and 10 * fp32 < min(error["bf16", "channels_last"], error["bf16", "contiguous"])
+    assert bf16 < 10
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and "| fp32* | channels_last |" in table[2 + rows.index(
+        next(r for r in rows if r["default"]))]
 
 
 def test_an_output_folder_that_cannot_be_written_is_named_in_one_line(tmp_path):

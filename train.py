@@ -52,7 +52,8 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, Dataset
                   supervised_recipes, uint8_dataset, unwritable, write_atomically)
 from evaluate import PaperLinearProbe, knn_accuracy, labelled_splits
 from hydes import hydes_loss, infonce_loss
-from models import (ARCHS, STEMS, CheckpointError, HyDeSModel, build_backbone, extract_features, precision_for,
+from models import (ARCHS, PRECISIONS, STEMS, CheckpointError, HyDeSModel, build_backbone, extract_features,
+                    precision_for,
                     safe_load, save_checkpoint, vit_patch_size)
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
@@ -173,6 +174,11 @@ def build_parser():
                    help="cuda or cpu; under torchrun, each process takes the GPU of its LOCAL_RANK")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="arithmetic of the forward pass (the loss is float32 whatever this says). auto: bf16 "
+                        "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs, float32 on "
+                        "CPUs (bf16 is faster on CPUs with AVX-512 BF16 or AMX, but its convolutions can be wrong "
+                        "there: README); fp16 runs on GPUs only. --resume keeps the run's")
     return p
 
 
@@ -197,7 +203,7 @@ def main(argv=None):
 def train(args, checkpoint, control):
     """Pre-train for args.epochs; `control` decides when to stop early (see RunControl)."""
     device, logged = control.device, LOGGED[args.method]
-    precision = precision_for(device, args.arch)      # autocast (bf16 on GPUs, none on CPUs), scaler, layout
+    precision = precision_for(device, args.arch, args.precision)     # autocast, grad scaler, tensor layout
 
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
     recipes = view_recipes(args)
@@ -209,7 +215,8 @@ def train(args, checkpoint, control):
     # ---- model and optimiser: `net` is the plain module (saved, evaluated), `model` what the step calls
     seed_everything(args.seed)     # here, not earlier: DataLoaders draw from torch's stream as data load
     net = build_model(args, len(classes), control, precision.memory_format)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")     # one kernel, and no host wait under fp16
     # The online linear probe of the paper's setup: one layer on the frozen features, trained 2 epochs at
     # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
     probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
@@ -655,6 +662,9 @@ def check_args(args):
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
+        (args.precision != "fp16" or args.device.startswith("cuda"),
+         "--precision fp16 is for GPUs without bf16 (on a CPU, bf16 gives its speed without gradient scaling); "
+         "use fp32 or bf16"),
     ]
     return first_problem(rules)
 
