@@ -673,6 +673,13 @@ def check_crop_sizes(args):
     """Crop sizes, once they are resolved from the data's resolution: a ViT needs whole patches."""
     if min(args.global_size, args.local_size) < 8:
         return f"crops of {args.global_size} and {args.local_size} px are too small; use at least 8 px"
+    smallest = min(args.global_size, args.local_size)
+    if (args.precision == "bf16" and not args.device.startswith("cuda") and args.arch.startswith("resnet")
+            and args.stem == "imagenet" and smallest < 32):
+        # layer4's stride-2 convolution meets a (smallest / 16)-pixel input: oneDNN's bf16 weight gradient
+        # of a convolution whose stride exceeds its input's side is wrong in PyTorch 2.14 (see README)
+        return (f"--precision bf16 on a CPU computes wrong gradients for the ImageNet stem's last stage on "
+                f"{smallest} px crops; use --precision fp32, or --stem cifar")
     if args.arch.startswith("vit"):
         patch = vit_patch_size(args.global_size)
         if args.global_size % patch or args.local_size % patch:
