@@ -40,7 +40,8 @@ the tests), not a plotting library's rendering. The learning curves are a small 
 matplotlib's default colours, so that they look like the usual plots.
 
 `analyze.py curves RUN ...` draws learning curves instead (Figs. 6-8): a metric of each run's log.jsonl
-per epoch (default the online k-NN top-1 that train.py logs), one labelled line per run, in one PNG.
+per epoch (default the online linear probe's top-1 that train.py logs, what the figures plot), one
+labelled line per run, in one PNG.
 
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
 centroids.png (the paper's 0-1 colour scale), centroids_contrast.png (the scale stretched to the
