@@ -46,19 +46,64 @@ jobs; the peak-memory and host-sync columns, n/a on a CPU, left out):
     | stl10 96/48 px | vit_tiny                     | fp32*     | contiguous    | eager |    15 |        2.4e-06 |
 
     python benchmark.py --device cpu --width 16 --proj-hidden 512 --stem cifar --inputs cifar
-    | cifar 32/16 px | resnet18 w16, cifar stem     | bf16      | channels_last | eager |   146 |        3.7e-01 |
+    | cifar 32/16 px | resnet18 w16, cifar stem     | bf16*     | channels_last | eager |   146 |        3.7e-01 |
     | cifar 32/16 px | resnet18 w16, cifar stem     | bf16      | contiguous    | eager |   126 |        3.6e-01 |
-    | cifar 32/16 px | resnet18 w16, cifar stem     | fp32*     | channels_last | eager |    99 |        8.0e-03 |
+    | cifar 32/16 px | resnet18 w16, cifar stem     | fp32      | channels_last | eager |    99 |        8.0e-03 |
     | cifar 32/16 px | resnet18 w16, cifar stem     | fp32      | contiguous    | eager |    75 |        1.5e-03 |
 
 The 1.1e+19 comes from oneDNN's bf16 weight gradient of layer4's stride-2 convolution, which the
 ImageNet stem meets at 1 x 1 on 16 px crops: in every case tried, a bf16 convolution whose stride
 exceeds its input's side has a wrong weight gradient, by amounts (or nan) that change from call to
-call, so it lands in one bf16 row or the other from run to run. Hence train.py's float32 on CPUs
-(README). Where the convolutions are right (the CIFAR stem) bf16 is 1.5x faster; channels_last makes
-float32 1.2-1.3x faster; ViT-Tiny is slower in bf16 on this CPU.
+call, so it lands in one bf16 row or the other from run to run. Where the convolutions are right (the
+CIFAR stem) bf16 is 1.5x faster; channels_last makes float32 1.2-1.3x faster; ViT-Tiny is slower in
+bf16 on this CPU. Hence train.py's --precision auto on such a CPU: bf16 for a ResNet whose strided
+convolutions all meet inputs at least as wide as their stride (models.cpu_bf16_convolutions_are_right),
+float32 otherwise (README).
 
-No GPU was available to record a GPU table here.
+Recorded on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, 16 CPU cores, --seconds 2 or 3), by the four
+commands below, one after the other, the last two on a second machine of the same kind:
+
+    python benchmark.py --device cuda --modes eager
+    | setting        | network                                 | precision | layout        | mode     | img/s | host syncs/step | peak memory | gradient error | first step |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16*     | channels_last | eager    | 2,336 |             0.2 |    0.51 GiB |        4.2e-01 |      8.8 s |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16      | contiguous    | eager    | 1,951 |               0 |    0.50 GiB |        4.3e-01 |      9.1 s |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp16      | channels_last | eager    | 2,063 |               0 |    0.51 GiB |        1.5e-01 |      8.5 s |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp16      | contiguous    | eager    | 2,095 |               0 |    0.50 GiB |        1.6e-01 |      8.8 s |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp32      | channels_last | eager    | 2,377 |               0 |    3.34 GiB |        1.2e-01 |     11.2 s |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp32      | contiguous    | eager    | 2,183 |               0 |    3.34 GiB |        1.2e-01 |     12.1 s |
+    | stl10 96/48 px | vit_tiny, per-view                      | bf16*     | contiguous    | eager    |   936 |               0 |    1.77 GiB |        1.3e-01 |      1.4 s |
+    | stl10 96/48 px | vit_tiny, per-view                      | fp16      | contiguous    | eager    | 1,007 |               0 |    1.77 GiB |        4.7e-02 |      1.3 s |
+    | stl10 96/48 px | vit_tiny, per-view                      | fp32      | contiguous    | eager    | 1,110 |               0 |    2.76 GiB |        7.5e-05 |      0.5 s |
+    python benchmark.py --device cuda --modes compiled --inputs cifar
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16      | channels_last | compiled | 3,240 |             0.2 |    0.50 GiB |        4.3e-01 |     79.8 s |
+    python benchmark.py --device cuda --precision auto --forward per-resolution --modes eager
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16      | channels_last | eager    | 4,071 |            0.05 |    0.51 GiB |        4.1e-01 |     12.5 s |
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16      | contiguous    | eager    | 4,233 |               0 |    0.50 GiB |        4.1e-01 |     13.4 s |
+    | stl10 96/48 px | vit_tiny, per-resolution                | bf16      | contiguous    | eager    | 2,430 |               0 |    1.75 GiB |        1.2e-01 |      1.7 s |
+    python benchmark.py --device cuda --forward per-resolution --modes compiled
+    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16      | channels_last | compiled | 4,917 |            0.05 |    0.50 GiB |        4.1e-01 |      5.2 s |
+    | stl10 96/48 px | vit_tiny, per-resolution                | bf16      | contiguous    | compiled | 3,052 |               0 |    1.74 GiB |        1.3e-01 |     41.5 s |
+
+(The ViT's per-view compiled row did not finish compiling within the time the run was given. The 5.2 s
+first step of the last ResNet row reused a compilation that a train.py run had just cached.)
+
+What the table says:
+- The step is bound by the host, not by the GPU's arithmetic: float32 runs as fast as bf16 (2,377 and
+  2,336 images/s), and a step of 128 images (1,024 views of 16-32 px, about 0.1 TFLOP with the backward)
+  takes 55 ms. The number of launches is what counts: one network call per crop size instead of per view
+  (--forward per-resolution) is 1.7x faster for the ResNet and 2.6x for the ViT; torch.compile adds
+  1.2-1.4x.
+- The crops are not the bound: on their own they made 53,917 images/s at CIFAR size and 46,159 at
+  STL-10 size (--augmentations, batch 256), about 2.4 ms of a step.
+- No host waits in the steady state. The 0.2 and 0.05 of the first row of each process are one wait in
+  its first counted steps (1 of 5, then 1 of 20 steps counted), and none in any later row; a one-time
+  event (we have not identified which) rather than a wait every step.
+- The gradient errors are those of the precision: float32 rows on a GPU come out near 1e-1 for the
+  ResNet because cuDNN's float32 convolutions use TF32 by PyTorch's default (the ViT's matrix products
+  do not, hence 7.5e-05); no row is off by orders of magnitude, and none is nan.
+- The goal of 10,000 images/s for either setting is not reached: 4,917 (ResNet-18) and 3,052 (ViT-Tiny)
+  are the best rows. CUDA graphs (torch.compile's mode="reduce-overhead", or capturing the whole step)
+  are the next thing to try; they were not tried here.
 
 --augmentations times, in one process and one after the other:
   batched     data.BatchedMultiCrop on uint8 batches already in the device's memory (CPU or GPU)
@@ -93,6 +138,7 @@ import copy
 import itertools
 import os
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -108,6 +154,8 @@ from models import PRECISIONS, STEMS, HyDeSModel, auto_precision, build_backbone
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
 LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous"}
+MODES = ("eager", "compiled")
+FORWARDS = ("per-view", "per-resolution")          # train.py's --forward
 # Device operations of one BatchedMultiCrop call with dino_recipes(32, 16) and a batch of 128, counted as
 # crop_device_operations does, when each view was made on its own (a crop, jitter, grayscale, blur,
 # solarisation and normalisation per view, the chosen images of each step gathered; 105 of them
@@ -154,8 +202,13 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", choices=PRECISIONS,
                    help="precisions to time (auto: train.py's default on the device); default: every one the "
                         "device offers: bf16 where native on a GPU, fp16 (GPUs only) and fp32; on a CPU bf16 and fp32")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile rows (GPUs only: each compiles for a minute or so)")
+    p.add_argument("--modes", nargs="+", choices=MODES,
+                   help="eager: the network as written; compiled: torch.compile'd as train.py --compile runs it, "
+                        "in train.py's precision and layout only (each compiles for a minute or so); default: "
+                        "both on a GPU, eager on a CPU")
+    p.add_argument("--forward", nargs="+", default=["per-view"], choices=FORWARDS,
+                   help="train.py's --forward to time: per-view (the paper's setup, train.py's default) runs the "
+                        "network once per view, per-resolution once per crop size: 4x fewer launches")
     p.add_argument("--width", type=int,
                    help="ResNet-18's base width (the paper's 64); 16 makes the CIFAR setting laptop-sized")
     p.add_argument("--stem", default="imagenet", choices=STEMS,
@@ -168,6 +221,9 @@ def parse_args(argv=None):
                    help="torch intra-op threads on a CPU; on a CPU shared with other jobs more threads than idle "
                         "cores make it slower, not faster")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise images, the weights and the crops")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row, torch.profiler's table of the operations that took most time over 5 steps, "
+                        "and on a GPU its busy share of the step: what bounds the step")
     p.add_argument("--augmentations", action="store_true",
                    help="time the multi-crop pipelines instead of training steps: batched, MultiCrop, Lightly")
     p.add_argument("--batch-size", type=int, default=256,
@@ -196,24 +252,27 @@ def images_per_second(run_once, images_per_call, seconds, synchronize=lambda: No
 # ----------------------------------------------------------------------------------------------------
 # Training steps
 
-def precisions_to_time(args, device):
-    """The precisions of the table's rows, auto resolved to what it means on `device`."""
+def precisions_to_time(args, device, auto):
+    """The precisions of the table's rows, "auto" replaced by `auto`, what it means for this network on
+    `device` (models.auto_precision)."""
     if args.precision:
-        names = [auto_precision(device) if name == "auto" else name for name in args.precision]
+        names = [auto if name == "auto" else name for name in args.precision]
     elif device.type == "cuda":
-        names = ["bf16"] * (auto_precision(device) == "bf16") + ["fp16", "fp32"]
+        names = ["bf16"] * (auto == "bf16") + ["fp16", "fp32"]
     else:
         names = ["bf16", "fp32"]
     return list(dict.fromkeys(names))
 
 
-def step_rows(name, args, device):
-    """The table's rows for one setting (INPUTS[name]): every precision, layout and (on a GPU) compiled or
-    not, each a dict; see the module docstring for what each column measures."""
+def step_rows(name, forward, args, device):
+    """The table's rows for one setting (INPUTS[name]), yielded one by one as each is measured, each a dict:
+    every precision and layout eager, and train.py's precision and layout compiled; see the module
+    docstring for what each column measures. A row that fails records its error and the next one runs."""
     side, global_size, local_size, arch = INPUTS[name]
     resnet = ["--stem", args.stem] + (["--width", str(args.width)] if args.width else [])
-    settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device, "--proj-hidden",
-                                                str(args.proj_hidden), *(resnet if arch.startswith("resnet") else [])])
+    settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device, "--forward", forward,
+                                                "--proj-hidden", str(args.proj_hidden),
+                                                *(resnet if arch.startswith("resnet") else [])])
     torch.manual_seed(args.seed)
     base = HyDeSModel(build_backbone(arch, global_size, settings.width, stem=settings.stem), settings.proj_hidden,
                       settings.proj_dim, per_view=settings.forward == "per-view")     # on the CPU, copied per row
@@ -224,27 +283,31 @@ def step_rows(name, args, device):
     check_views = crops(images, train.augmentation_generator(args.seed, 0, 0))     # the views of the gradient check
     reference = float64_gradient(base, check_views, labels, settings, device)
 
-    default = precision_for(device, arch)                       # train.py's --precision auto
+    auto = auto_precision(device, arch, settings.stem, local_size)     # train.py's --precision auto
+    default = precision_for(device, arch, auto)
     layouts = [default.memory_format] + [torch.contiguous_format] * (default.memory_format != torch.contiguous_format)
-    rows = []
-    for precision_name in precisions_to_time(args, device):
-        for layout in layouts:
-            for compiled in (False, True) if device.type == "cuda" and args.compile else (False,):
-                if compiled and layout != default.memory_format:
-                    continue                                    # compiled: train.py's layout only
-                row = {"setting": f"{name} {global_size}/{local_size} px", "network": describe(arch, settings),
-                       "precision": precision_name, "layout": LAYOUTS[layout], "mode": "compiled" if compiled else "eager",
-                       "default": (precision_name, layout, compiled) == (auto_precision(device), default.memory_format,
-                                                                         False)}
-                row.update(time_row(base, precision_for(device, arch, precision_name)._replace(memory_format=layout),
-                                    compiled, crops, images, labels, check_views, reference, settings, args, device))
-                rows.append(row)
-    return rows
+    modes = args.modes or (MODES if device.type == "cuda" else ("eager",))
+    variants = [(precision, layout, False) for precision in precisions_to_time(args, device, auto) for layout in layouts
+                if "eager" in modes]
+    variants += [(auto, default.memory_format, True)] * ("compiled" in modes)
+    for precision_name, layout, compiled in variants:
+        row = {"setting": f"{name} {global_size}/{local_size} px", "network": describe(arch, settings),
+               "precision": precision_name, "layout": LAYOUTS[layout], "mode": "compiled" if compiled else "eager",
+               "default": (precision_name, layout, compiled, forward) == (
+                   auto, default.memory_format, False, train.build_parser().get_default("forward"))}
+        try:
+            row.update(time_row(base, precision_for(device, arch, precision_name)._replace(memory_format=layout),
+                                compiled, crops, images, labels, check_views, reference, settings, args, device))
+        except Exception as error:              # a validation run reports every row it can, and each failure
+            traceback.print_exc()
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:120]
+        yield row
 
 
 def describe(arch, settings):
-    """The network as the table names it, e.g. "resnet18 w16, cifar stem"."""
-    return f"{arch} w{settings.width or 64}, {settings.stem} stem" if arch.startswith("resnet") else arch
+    """The network as the table names it, e.g. "resnet18 w16, cifar stem, per-view"."""
+    network = f"{arch} w{settings.width or 64}, {settings.stem} stem" if arch.startswith("resnet") else arch
+    return f"{network}, {settings.forward}"
 
 
 def time_row(base, precision, compiled, crops, images, labels, check_views, reference, settings, args, device):
@@ -254,10 +317,12 @@ def time_row(base, precision, compiled, crops, images, labels, check_views, refe
         torch.compiler.reset()                 # compiled code of an earlier row never serves this one
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
     net = copy.deepcopy(base).to(device, memory_format=precision.memory_format)
     model = torch.compile(net) if compiled else net
     # The gradient check first: for a compiled row, its first call compiles the model
     error = gradient_error(net, model, check_views, labels, precision, settings, reference)
+    first_step = time.perf_counter() - start               # compilation, cuDNN's autotuning, the fp16 retries
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                   fused=device.type == "cuda")                       # as train.py's
     step_index = itertools.count(1)
@@ -270,7 +335,8 @@ def time_row(base, precision, compiled, crops, images, labels, check_views, refe
     rate = images_per_second(one_step, len(images), args.seconds, synchronize)
     syncs = host_syncs_per_step(one_step, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"images_per_s": rate, "host_syncs": syncs, "peak_bytes": peak, "gradient_error": error}
+    return {"images_per_s": rate, "host_syncs": syncs, "peak_bytes": peak, "gradient_error": error,
+            "first_step_s": first_step, "profile": profile_steps(one_step, device, synchronize) if args.profile else None}
 
 
 def training_step(model, views, labels, optimizer, precision, settings):
@@ -310,7 +376,7 @@ def gradient_error(net, model, views, labels, precision, settings, reference, tr
     return float("nan")
 
 
-def host_syncs_per_step(run_once, device, steps=5):
+def host_syncs_per_step(run_once, device, steps=20):
     """How many times per step the host waits for the GPU: CUDA's sync debug mode warns at each
     synchronising call (a copy to the host, .item(), a pageable copy to the device, a stream
     synchronisation), and the warnings of `steps` steady-state steps are counted. None on a CPU."""
@@ -327,22 +393,42 @@ def host_syncs_per_step(run_once, device, steps=5):
     return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
-def step_table(rows):
-    """rows (step_rows) -> the Markdown table, with * on train.py's default row."""
-    def memory(peak):
-        return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"
+def profile_steps(run_once, device, synchronize, steps=5):
+    """--profile: torch.profiler over `steps` steady-state steps -> a table of the operations that took the
+    most time (on a GPU by their kernels' time, Self CUDA, with the host's time beside it), and the step's
+    wall time with the GPU's busy share of it. A share near 1 means the GPU's arithmetic bounds the step; far
+    below 1, the host (Python, dispatch, launches) does, and the table's top host rows say where."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+    synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_once()
+        synchronize()
+        wall = time.perf_counter() - start
+    events = profiler.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    summary = f"{wall / steps * 1e3:.1f} ms per step"
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in events) / 1e6          # microseconds -> seconds
+        summary += f", the GPU busy {busy / wall:.0%} of it"
+    return events.table(sort_by=sort, row_limit=15) + summary
 
-    def syncs(count):
-        return "n/a" if count is None else f"{count:g}"
 
-    lines = ["| setting | network | precision | layout | mode | img/s | host syncs/step | peak memory "
-             "| gradient error vs float64 |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['network']} | {r['precision']}{'*' * r['default']} | {r['layout']} "
-                     f"| {r['mode']} | {r['images_per_s']:,.0f} | {syncs(r['host_syncs'])} | {memory(r['peak_bytes'])} "
-                     f"| {r['gradient_error']:.1e} |")
-    return "\n".join(lines)
+STEP_COLUMNS = ("| setting | network | precision | layout | mode | img/s | host syncs/step | peak memory "
+                "| gradient error vs float64 | first step |\n"
+                "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+
+
+def step_line(r):
+    """One row (step_rows) of the Markdown table, with * on train.py's default row."""
+    head = f"| {r['setting']} | {r['network']} | {r['precision']}{'*' * r['default']} | {r['layout']} | {r['mode']} "
+    if "error" in r:
+        return head + f"| failed: {r['error']} | | | | |"
+    memory = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
+    syncs = "n/a" if r["host_syncs"] is None else f"{r['host_syncs']:g}"
+    return head + (f"| {r['images_per_s']:,.0f} | {syncs} | {memory} | {r['gradient_error']:.1e} "
+                   f"| {r['first_step_s']:.1f} s |")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,9 +521,19 @@ def main(argv=None):
         print(f"batch {args.batch_size}")
         print(markdown_table(rows))
         return rows
-    rows = [row for name in args.inputs for row in step_rows(name, args, device)]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True         # as train.py: each convolution's fastest algorithm
     print(f"Training steps, batch {args.step_batch_size} (* train.py's default here: --precision auto):")
-    print(step_table(rows))
+    print(STEP_COLUMNS, flush=True)
+    rows = []
+    for name, forward in itertools.product(args.inputs, args.forward):
+        for row in step_rows(name, forward, args, device):
+            print(step_line(row), flush=True)         # row by row: a run cut short keeps what it measured
+            if row.get("profile"):
+                print(f"profile of the row above:\n{row['profile']}\n", flush=True)
+            rows.append(row)
+    if any("error" in row for row in rows):
+        raise SystemExit(f"error: {sum('error' in row for row in rows)} row(s) failed (the tracebacks above)")
     return rows
 
 

@@ -503,7 +503,11 @@ def to_device(parameters, device):
     """A list of dicts of small CPU float tensors -> the same on `device`, moved by ONE copy: on a GPU
     each copy is a transfer with a launch of its own."""
     tensors = [t for group in parameters for t in group.values()]
-    packed = torch.cat([t.reshape(-1) for t in tensors]).to(device, non_blocking=True)
+    packed = torch.cat([t.reshape(-1) for t in tensors])
+    # From page-locked memory a GPU copies while the host goes on; from ordinary memory the copy may make
+    # the host wait for the GPU to finish the previous step's work first
+    packed = packed.pin_memory() if device.type == "cuda" else packed
+    packed = packed.to(device, non_blocking=True)
     parts = iter(packed.split([t.numel() for t in tensors]))                    # views of the one copy
     return [{name: next(parts).view(t.shape) for name, t in group.items()} for group in parameters]
 
@@ -922,7 +926,10 @@ class InMemoryBatches:
 
     def __iter__(self):
         for batch in self.order:
-            index = torch.tensor(batch).to(self.images.device, non_blocking=True)     # (B,)
+            index = torch.tensor(batch)                                              # (B,)
+            if self.images.device.type == "cuda":
+                index = index.pin_memory()          # copied while the host goes on (to_device says why)
+            index = index.to(self.images.device, non_blocking=True)
             yield self.images[index], self.labels[index]
 
 

@@ -366,22 +366,16 @@ class Precision(NamedTuple):
     memory_format: object       # torch.channels_last or torch.contiguous_format
 
 
-def precision_for(device, arch=None, precision="auto"):
+def precision_for(device, arch=None, precision="auto", stem=None, smallest_crop=None):
     """How a network runs on `device` at `precision` (PRECISIONS): the forward pass under bf16 or fp16
-    autocast or in float32, and the layout of ResNets' tensors.
-
-    auto, on a GPU: bf16 where it is native (Ampere and later), fp16 with gradient scaling on older ones
-    (fp16's 5-bit exponent underflows small gradients without it; their bf16 is emulated, and slow).
-    auto, on a CPU: float32. bf16 runs natively on CPUs with AVX-512 BF16 or AMX (cpu_has_native_bf16),
-    and there it trained the README's laptop network 1.4x faster to the same k-NN accuracy; but oneDNN
-    (in torch 2.14) returns garbage bf16 weight gradients for convolutions whose stride exceeds their
-    input, which the ImageNet stem reaches on 16 px crops, so bf16 is used only when asked for (--precision
-    bf16, after benchmark.py's gradient check). fp16 is for GPUs only (train.py refuses it on a CPU).
+    autocast or in float32, and the layout of ResNets' tensors. What "auto" means is auto_precision's
+    (the ResNet's stem and the smallest crop side matter on a CPU). fp16 is for GPUs only (train.py
+    refuses it on a CPU).
 
     ResNets (`arch`) run with NHWC tensors (channels_last): cuDNN's tensor-core convolutions want that
     layout, and oneDNN's CPU convolutions are faster with it too (benchmark.py measures both)."""
     if precision == "auto":
-        precision = auto_precision(device)
+        precision = auto_precision(device, arch, stem, smallest_crop)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=dtype == torch.float16)
@@ -389,12 +383,41 @@ def precision_for(device, arch=None, precision="auto"):
     return Precision(autocast, scaler, torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def auto_precision(device):
-    """What --precision auto means on `device`: "bf16", "fp16" or "fp32" (see precision_for)."""
+def auto_precision(device, arch=None, stem=None, smallest_crop=None):
+    """What --precision auto means: "bf16", "fp16" or "fp32".
+
+    On a GPU: bf16 where it is native (Ampere and later), fp16 with gradient scaling on older ones
+    (fp16's 5-bit exponent underflows small gradients without it; their bf16 is emulated, and slow).
+    On a CPU: bf16 for a ResNet on a CPU with native bf16 (cpu_has_native_bf16) whose convolutions are
+    all computed right on these crops (cpu_bf16_convolutions_are_right), float32 otherwise. There bf16
+    trained the README's laptop network 1.4x faster to the same k-NN accuracy; ViT-Tiny ran slower in
+    bf16 than in float32 on the CPU we measured (benchmark.py), hence float32 for it; and without a
+    network (the probes' features, arch None) float32."""
     if device.type == "cuda":
         # including_emulation=False: pre-Ampere GPUs accept bf16 tensors but compute them slowly
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if (arch is not None and arch.startswith("resnet") and smallest_crop is not None and cpu_has_native_bf16()
+            and cpu_bf16_convolutions_are_right(arch, stem, smallest_crop)):
+        return "bf16"
     return "fp32"
+
+
+def cpu_bf16_convolutions_are_right(arch, stem, smallest_crop):
+    """Whether every strided convolution of the ResNet `arch` (with `stem`) meets an input at least as
+    wide as its stride, on crops of smallest_crop px. oneDNN (in PyTorch 2.14) returns a wrong bf16
+    weight gradient for a convolution whose stride exceeds its input's side: values such as 1e+30 or
+    NaN that change from call to call (README). The ImageNet stem meets one on 16 px crops (layer4's
+    stride-2 convolution at 1 x 1); the CIFAR stem never does on 16 px or more. Found by a forward
+    pass on the meta device, which has shapes but no values (so costs next to nothing)."""
+    with torch.device("meta"):
+        backbone = build_backbone(arch, smallest_crop, stem=stem).eval()   # eval: BatchNorm takes a batch of 1
+    fits = []
+    for conv in backbone.modules():
+        if isinstance(conv, nn.Conv2d) and max(conv.stride) > 1:
+            conv.register_forward_pre_hook(
+                lambda conv, inputs: fits.append(min(inputs[0].shape[-2:]) >= max(conv.stride)))
+    backbone(torch.empty(1, 3, smallest_crop, smallest_crop, device="meta"))   # (1, 3, s, s): shapes only
+    return all(fits)
 
 
 def cpu_has_native_bf16():

@@ -4,6 +4,7 @@ the analysis; training and its reliability; then real (tiny) end-to-end runs on 
 Run: python -m pytest -q"""
 
 import argparse
+import itertools
 import errno
 import json
 import math
@@ -915,7 +916,7 @@ def test_per_view_forward_equals_a_loop_over_views_and_differs_from_per_resoluti
 def test_precision_follows_the_setting_and_auto_picks_by_device(monkeypatch):
     cpu = torch.device("cpu")
     auto = models.precision_for(cpu, "resnet18")
-    assert not hasattr(auto.autocast, "fast_dtype") and not auto.scaler.is_enabled()      # float32 on a CPU
+    assert not hasattr(auto.autocast, "fast_dtype") and not auto.scaler.is_enabled()      # no crops given: float32
     assert auto.memory_format == torch.channels_last                                      # NHWC ResNets
     assert models.precision_for(cpu, "vit_tiny").memory_format == torch.contiguous_format
     bf16 = models.precision_for(cpu, "resnet18", "bf16")
@@ -927,6 +928,47 @@ def test_precision_follows_the_setting_and_auto_picks_by_device(monkeypatch):
     assert models.auto_precision(torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert models.auto_precision(torch.device("cuda")) == "fp16"
+    # A CPU: bf16 only for a ResNet whose convolutions oneDNN computes right on these crops, and only where
+    # the CPU has native bf16
+    for native in (True, False):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+        assert models.auto_precision(cpu, "resnet18", "cifar", 16) == ("bf16" if native else "fp32")
+        assert models.auto_precision(cpu, "resnet18", "imagenet", 32) == ("bf16" if native else "fp32")
+        assert models.auto_precision(cpu, "resnet18", "imagenet", 16) == "fp32"     # layer4 at 1 x 1
+        assert models.auto_precision(cpu, "vit_tiny", None, 48) == "fp32"           # slower in bf16
+        assert models.auto_precision(cpu) == "fp32"                                 # no network: the probes
+    assert not hasattr(models.precision_for(cpu, "resnet18", "auto", "cifar", 16).autocast, "fast_dtype")
+
+
+def test_auto_precision_is_decided_once_per_run_and_kept_on_resume_on_the_same_kind_of_device(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    laptop = train.build_parser().parse_args(["--stem", "cifar", "--device", "cpu"])
+    laptop.global_size, laptop.local_size = 32, 16
+    assert train.run_arithmetic(laptop, None) == "bf16"                       # a new run: auto decides
+    paper = argparse.Namespace(**{**vars(laptop), "stem": "imagenet"})
+    assert train.run_arithmetic(paper, None) == "fp32"                        # layer4 would meet 1 x 1 inputs
+    # Resumed on a CPU: the run's own arithmetic, whatever auto would pick now; a checkpoint from before
+    # it was kept trained in float32, which auto always meant on CPUs then
+    for saved, kept in (({"arithmetic": "fp32"}, "fp32"), ({}, "fp32"), ({"arithmetic": "bf16"}, "bf16")):
+        checkpoint = {"args": {**vars(laptop), **saved}}
+        assert train.run_arithmetic(laptop, checkpoint) == kept
+    # Moved to another kind of device, auto is decided afresh; a precision typed is always taken as typed
+    moved = {"args": {**vars(laptop), "device": "cuda", "arithmetic": "fp16"}}
+    assert train.run_arithmetic(laptop, moved) == "bf16"
+    assert train.run_arithmetic(argparse.Namespace(**{**vars(laptop), "precision": "fp32"}), None) == "fp32"
+
+
+def test_cpu_bf16_is_ruled_out_exactly_where_a_strided_convolution_meets_a_one_pixel_input():
+    def down(side):                  # a stride-2 step: 7x7 pad 3, 3x3 pad 1 (convolution or max-pool), 1x1 pad 0
+        return (side - 1) // 2 + 1
+    for side in range(8, 41):
+        # The strided inputs: ImageNet stem: the stem (side), layer2, 3, 4 after the stem and max-pool
+        # halve it; CIFAR stem: layer2, 3, 4 (side, then halved twice)
+        imagenet = [side, down(down(side)), down(down(down(side))), down(down(down(down(side))))]
+        cifar = [side, down(side), down(down(side))]
+        for stem, inputs in (("imagenet", imagenet), ("cifar", cifar)):
+            for arch in ("resnet18", "resnet50"):
+                assert models.cpu_bf16_convolutions_are_right(arch, stem, side) == (min(inputs) >= 2), (arch, stem, side)
 
 
 # ---- torchvision state_dicts
@@ -2159,7 +2201,8 @@ def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refu
     # The CIFAR stem: with the ImageNet stem, 16 px crops reach layer4's stride-2 convolution at 1 x 1, whose
     # bf16 weight gradient oneDNN miscomputes on some CPUs (README: precision), differently from call to call.
     common = tiny_run(tmp_path, extra=["--device", "cpu", "--stem", "cifar"])
-    with pytest.raises(SystemExit, match="--precision bf16 on a CPU computes wrong gradients for the ImageNet stem"):
+    with pytest.raises(SystemExit, match="--precision bf16 on a CPU computes wrong gradients for resnet18's imagenet "
+                                         "stem on 16 px crops"):
         train.main(tiny_run(tmp_path, extra=["--device", "cpu"]) + ["--out", str(tmp_path / "no"), "--precision", "bf16"])
     train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--precision", "bf16"])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
@@ -2172,9 +2215,16 @@ def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refu
     train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])       # bf16, from the checkpoint
     assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
     # ... and bf16 was used: float32 trains other weights
-    train.main(common + ["--out", str(tmp_path / "fp32"), "--epochs", "1"])
+    train.main(common + ["--out", str(tmp_path / "fp32"), "--epochs", "1", "--precision", "fp32"])
     fp32 = torch.load(tmp_path / "fp32" / "ckpt.pt", weights_only=True)
     assert not torch.equal(fp32["model"]["backbone.conv1.weight"], first_epoch["model"]["backbone.conv1.weight"])
+    # --precision auto trains in what models.auto_precision picks for this network on this CPU, and says so
+    train.main(common + ["--out", str(tmp_path / "auto"), "--epochs", "1"])
+    auto = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)
+    picked = models.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
+    assert auto["args"]["precision"] == "auto" and auto["args"]["arithmetic"] == picked
+    assert torch.equal(auto["model"]["backbone.conv1.weight"],
+                       {"bf16": first_epoch, "fp32": fp32}[picked]["model"]["backbone.conv1.weight"])
 
 
 def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
@@ -2384,7 +2434,8 @@ def test_the_benchmark_times_each_cpu_precision_and_layout_in_one_table_and_chec
                            "--proj-hidden", "16", "--step-batch-size", "4", "--seconds", "0.01"])
     assert sorted((r["precision"], r["layout"], r["mode"]) for r in rows) == [
         (precision, layout, "eager") for precision in ("bf16", "fp32") for layout in ("channels_last", "contiguous")]
-    assert [(r["precision"], r["layout"]) for r in rows if r["default"]] == [("fp32", "channels_last")]
+    auto = models.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
+    assert [(r["precision"], r["layout"]) for r in rows if r["default"]] == [(auto, "channels_last")]
     assert all(r["images_per_s"] > 0 and r["host_syncs"] is None and r["peak_bytes"] is None for r in rows)
     error = {(r["precision"], r["layout"]): r["gradient_error"] for r in rows}
     # float32 against float64 differs by rounding alone (an untrained network on noise is ill-conditioned:
@@ -2393,8 +2444,37 @@ def test_the_benchmark_times_each_cpu_precision_and_layout_in_one_table_and_chec
     assert fp32 < 2e-2 and 10 * fp32 < min(error["bf16", "channels_last"], error["bf16", "contiguous"])
     assert bf16 < 10
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(rows) and "| fp32* | channels_last |" in table[2 + rows.index(
+    assert len(table) == 2 + len(rows) and f"| {auto}* | channels_last |" in table[2 + rows.index(
         next(r for r in rows if r["default"]))]
+
+
+def test_a_benchmark_row_that_fails_is_reported_the_others_still_run_and_each_can_be_profiled(capsys, monkeypatch):
+    real = benchmark.time_row
+
+    def fails_in_bf16(base, precision, *args):
+        if getattr(precision.autocast, "fast_dtype", None) == torch.bfloat16:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return real(base, precision, *args)
+
+    monkeypatch.setattr(benchmark, "time_row", fails_in_bf16)
+    with pytest.raises(SystemExit, match=r"^error: 4 row\(s\) failed"):       # bf16 in 2 layouts x 2 forwards
+        benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "4", "--stem", "cifar", "--proj-hidden", "16",
+                        "--step-batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
+                        "--forward", "per-view", "per-resolution", "--profile"])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    # --profile: after each measured row, the profiler's table, led by the convolutions' backward on a CPU
+    for i, line in enumerate(lines):
+        if line.startswith("| cifar") and "failed" not in line:
+            assert lines[i + 1] == "profile of the row above:" and "ms per step" in "\n".join(lines[i + 2:i + 25])
+            assert "convolution_backward" in "\n".join(lines[i + 2:i + 8])
+    table = [line for line in captured.out.splitlines() if line.startswith("| cifar")]
+    assert len(table) == 8 and "Traceback" in captured.err           # every row printed; the failures' tracebacks
+    for forward, layout in itertools.product(("per-view", "per-resolution"), ("channels_last", "contiguous")):
+        bf16, fp32 = (next(line for line in table if f"{forward} | {p}" in line and f"| {layout} |" in line)
+                      for p in ("bf16", "fp32"))
+        assert "| failed: RuntimeError: CUDA error: an illegal memory access was encountered |" in bf16
+        assert "failed" not in fp32 and " GiB" not in fp32 and fp32.endswith(" s |")     # measured, on a CPU
 
 
 def test_an_output_folder_that_cannot_be_written_is_named_in_one_line(tmp_path):

@@ -52,9 +52,9 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, BatchedMultiCrop, Dataset
                   supervised_recipes, uint8_dataset, unwritable, write_atomically)
 from evaluate import PaperLinearProbe, knn_accuracy, labelled_splits
 from hydes import hydes_loss, infonce_loss
-from models import (ARCHS, PRECISIONS, STEMS, CheckpointError, HyDeSModel, build_backbone, extract_features,
-                    precision_for,
-                    safe_load, save_checkpoint, vit_patch_size)
+from models import (ARCHS, PRECISIONS, STEMS, CheckpointError, HyDeSModel, auto_precision, build_backbone,
+                    cpu_bf16_convolutions_are_right, extract_features, precision_for, safe_load, save_checkpoint,
+                    vit_patch_size)
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms.
@@ -176,9 +176,9 @@ def build_parser():
                    help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass (the loss is float32 whatever this says). auto: bf16 "
-                        "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs, float32 on "
-                        "CPUs (bf16 is faster on CPUs with AVX-512 BF16 or AMX, but its convolutions can be wrong "
-                        "there: README); fp16 runs on GPUs only. --resume keeps the run's")
+                        "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs; on CPUs "
+                        "with AVX-512 BF16 or AMX, bf16 for ResNets whose convolutions oneDNN computes right on "
+                        "these crops (README), else float32; fp16 runs on GPUs only. --resume keeps the run's")
     return p
 
 
@@ -203,7 +203,10 @@ def main(argv=None):
 def train(args, checkpoint, control):
     """Pre-train for args.epochs; `control` decides when to stop early (see RunControl)."""
     device, logged = control.device, LOGGED[args.method]
-    precision = precision_for(device, args.arch, args.precision)     # autocast, grad scaler, tensor layout
+    precision = precision_for(device, args.arch, args.arithmetic)   # autocast, grad scaler, tensor layout
+    # cuDNN times its algorithms for each convolution shape once and keeps the fastest: a run has few shapes
+    # (two crop sizes), so this costs a moment at the first step and pays at every other
+    torch.backends.cudnn.benchmark = device.type == "cuda"
 
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
     recipes = view_recipes(args)
@@ -230,7 +233,7 @@ def train(args, checkpoint, control):
         source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} loading workers"
         print(f"{args.dataset}: {order.num_images} images ({source}), {steps_per_epoch} steps/epoch, "
               f"views {' + '.join(f'{n}x{size}' for size, n in Counter(r.size for r in recipes).items())}; {args.arch} "
-              f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}"
+              f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}, {args.arithmetic}"
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
     if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
@@ -624,7 +627,24 @@ def settings(argv):
                   f"{max(sides)} px); crops follow the median shorter side, {native} px: "
                   f"{args.global_size} and {args.local_size} px (--global-size and --local-size set them)")
     refuse(problem or check_crop_sizes(args) or unwritable(args.out, "--out"))
+    args.arithmetic = run_arithmetic(args, checkpoint)
     return args, checkpoint
+
+
+def run_arithmetic(args, checkpoint):
+    """What the run computes in: --precision, or for auto what models.auto_precision picks for this network,
+    crops and device. A resumed run on the same kind of device keeps the arithmetic it started in, so that
+    a change in what auto picks (a newer version of this file, say) never changes a run midway; on another
+    kind of device auto is decided afresh."""
+    if args.precision != "auto":
+        return args.precision
+    saved = checkpoint["args"] if checkpoint is not None else {}
+    if saved and torch.device(saved["device"]).type == torch.device(args.device).type:
+        if "arithmetic" in saved:
+            return saved["arithmetic"]
+        if torch.device(args.device).type == "cpu":
+            return "fp32"                  # auto meant float32 on every CPU before the arithmetic was kept
+    return auto_precision(torch.device(args.device), args.arch, args.stem, min(args.global_size, args.local_size))
 
 
 def check_args(args):
@@ -675,11 +695,12 @@ def check_crop_sizes(args):
         return f"crops of {args.global_size} and {args.local_size} px are too small; use at least 8 px"
     smallest = min(args.global_size, args.local_size)
     if (args.precision == "bf16" and not args.device.startswith("cuda") and args.arch.startswith("resnet")
-            and args.stem == "imagenet" and smallest < 32):
-        # layer4's stride-2 convolution meets a (smallest / 16)-pixel input: oneDNN's bf16 weight gradient
-        # of a convolution whose stride exceeds its input's side is wrong in PyTorch 2.14 (see README)
-        return (f"--precision bf16 on a CPU computes wrong gradients for the ImageNet stem's last stage on "
-                f"{smallest} px crops; use --precision fp32, or --stem cifar")
+            and not cpu_bf16_convolutions_are_right(args.arch, args.stem, smallest)):
+        # e.g. the ImageNet stem's layer4 meets 16 px crops at 1 x 1: oneDNN's bf16 weight gradient of a
+        # convolution whose stride exceeds its input's side is wrong in PyTorch 2.14 (see README)
+        return (f"--precision bf16 on a CPU computes wrong gradients for {args.arch}'s {args.stem} stem on "
+                f"{smallest} px crops (a strided convolution meets a 1-pixel input); use --precision fp32, "
+                f"or --stem cifar")
     if args.arch.startswith("vit"):
         patch = vit_patch_size(args.global_size)
         if args.global_size % patch or args.local_size % patch:
