@@ -318,6 +318,11 @@ class HyDeSModel(nn.Module):
       crops together, then the 6B local crops, and the projector's BatchNorm all N = V*B embeddings at
       once: fewer, larger calls, faster on a GPU. Which trains better is measured in the README.
     In eval mode the two give the same output.
+
+    A backbone without BatchNorm (the ViT: LayerNorm and attention act within each image) computes
+    every image on its own, so per_view calls it once per resolution too, and only the projector once
+    per view: the same result as one call per view (to float rounding), with a quarter of the backbone
+    calls, which is what bounds a GPU's step at these sizes (README: Speed).
     """
 
     def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None, per_view=True):
@@ -325,6 +330,7 @@ class HyDeSModel(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.per_view = per_view
+        self.backbone_mixes_images = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
         if num_classes is None:
             self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
         else:
@@ -333,17 +339,21 @@ class HyDeSModel(nn.Module):
     def forward(self, views):
         """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals)."""
         batch = views[0].shape[0]
-        if self.per_view:
+        if self.per_view and self.backbone_mixes_images:
             out = torch.cat([self.head(self.backbone(v)) for v in views])     # V x (B, D) -> (N, D), N = V*B
+            return out.view(len(views), batch, -1)                             # (N, D) -> (V, B, D)
+        features, start = [], 0
+        while start < len(views):                    # the run of views that share views[start]'s size
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(views[start:end])))       # (k*B, 3, H, W) -> (k*B, F)
+            start = end
+        features = torch.cat(features)                                         # (N, F), view v at rows v*B...
+        if self.per_view:                            # the projector's BatchNorm over one view at a time
+            out = torch.cat([self.head(f) for f in features.split(batch)])    # V x (B, D) -> (N, D)
         else:
-            features, start = [], 0
-            while start < len(views):                # the run of views that share views[start]'s size
-                end = start
-                while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                    end += 1
-                features.append(self.backbone(torch.cat(views[start:end])))   # (k*B, 3, H, W) -> (k*B, F)
-                start = end
-            out = self.head(torch.cat(features))                               # (N, F) -> (N, D)
+            out = self.head(features)                                          # (N, F) -> (N, D)
         return out.view(len(views), batch, -1)                                 # (N, D) -> (V, B, D)
 
     def head(self, features):

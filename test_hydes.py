@@ -4,6 +4,7 @@ the analysis; training and its reliability; then real (tiny) end-to-end runs on 
 Run: python -m pytest -q"""
 
 import argparse
+import copy
 import itertools
 import errno
 import json
@@ -909,6 +910,29 @@ def test_per_view_forward_equals_a_loop_over_views_and_differs_from_per_resoluti
     per_view.eval(), per_resolution.eval()
     per_resolution.load_state_dict(per_view.state_dict())                       # the same running statistics
     assert torch.allclose(per_view(views), per_resolution(views), atol=1e-5)
+
+
+def test_a_per_view_vit_calls_its_backbone_once_per_resolution_and_computes_what_a_loop_over_views_does():
+    # The ViT has no BatchNorm: each image is computed on its own, so batching the views of one size
+    # changes nothing but the rounding. The projector's BatchNorm still sees one view at a time.
+    torch.manual_seed(0)
+    views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(6)]
+    grouped = models.HyDeSModel(models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2), proj_hidden=32,
+                                proj_dim=16, per_view=True)
+    looped = copy.deepcopy(grouped)
+    calls, original_forward = [], grouped.backbone.forward
+    grouped.backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
+    z = grouped(views)                                                        # (V, B, D)
+    loop = torch.stack([looped([v])[0] for v in views])                       # one view per call
+    assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
+    assert torch.allclose(z, loop, atol=1e-5)
+    z.pow(3).sum().backward(), loop.pow(3).sum().backward()
+    gradient, reference = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (grouped, looped))
+    assert (gradient - reference).norm() < 1e-5 * reference.norm()                 # rounding alone
+    for (name, a), b in zip(grouped.named_buffers(), looped.buffers()):      # BatchNorm: updated once per view
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    assert not grouped.backbone_mixes_images                                  # a ResNet's BatchNorm does
+    assert models.HyDeSModel(models.build_backbone("resnet18", 32, width=8)).backbone_mixes_images
 
 
 # ---- precision
