@@ -85,10 +85,10 @@ commands below, one after the other, the last two on a second machine of the sam
     | stl10 96/48 px | vit_tiny, per-resolution                | bf16      | contiguous    | compiled | 3,052 |               0 |    1.74 GiB |        1.3e-01 |     41.5 s |
 
 (The ViT's per-view compiled row did not finish compiling within the time the run was given. The 5.2 s
-first step of the last ResNet row reused a compilation that a train.py run had just cached. The ViT's
-per-view rows were measured before a per-view ViT ran its backbone once per crop size, as it does now
-(models.HyDeSModel: the same result, 1,883 device operations a step instead of 6,103); we expect them
-near the per-resolution rows now, which is not yet measured.)
+first step of the last ResNet row reused a compilation that a train.py run had just cached. The per-view
+rows were measured before per-view ran the backbone once per crop size, as it does now (models.HyDeSModel
+and ViewBatchNorm2d: the same function, 1,678 device operations a ResNet step instead of 2,437, 1,883 a
+ViT step instead of 6,103); not yet measured since.)
 
 What the table says:
 - The step is bound by the host, not by the GPU's arithmetic: float32 runs as fast as bf16 (2,377 and
@@ -210,8 +210,8 @@ def parse_args(argv=None):
                         "in train.py's precision and layout only (each compiles for a minute or so); default: "
                         "both on a GPU, eager on a CPU")
     p.add_argument("--forward", nargs="+", default=["per-view"], choices=FORWARDS,
-                   help="train.py's --forward to time: per-view (the paper's setup, train.py's default) runs the "
-                        "network once per view, per-resolution once per crop size: 4x fewer launches")
+                   help="train.py's --forward to time: per-view (the paper's setup, train.py's default: BatchNorm "
+                        "over each view) or per-resolution (BatchNorm over all the views of a crop size)")
     p.add_argument("--width", type=int,
                    help="ResNet-18's base width (the paper's 64); 16 makes the CIFAR setting laptop-sized")
     p.add_argument("--stem", default="imagenet", choices=STEMS,

@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 from contextlib import nullcontext
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,58 @@ ARCHS = ("resnet18", "resnet50", "vit_tiny")
 
 
 # ----------------------------------------------------------------------------------------------------
+# BatchNorm that can hold several views in one call
+
+class ViewBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training-mode call may hold several views of the same B images: with
+    `views` = k (set by HyDeSModel for one call; rows v B to (v + 1) B - 1 are view v), each view is
+    normalised by its own statistics, and the running statistics move as k calls of one view each, in
+    order, would move them. So one call computes what the paper's setup computes with a call per view
+    (HyDeSModel, per_view), with k times fewer kernel launches, which is what bounds a GPU's step at
+    16-96 px. With views = 1, or in eval mode, it is nn.BatchNorm2d; its parameters and buffers are the
+    same, so state_dicts load into torchvision's ResNets and back."""
+
+    views = 1
+
+    def forward(self, x):
+        if self.views == 1 or not self.training:
+            return super().forward(x)
+        views, (count, channels, height, width) = self.views, x.shape
+        batch = count // views
+        # (k B, C, H, W) -> (B, k C, H, W): channel c of view v becomes channel v C + c, so that the
+        # statistics per channel over (B, H, W) are each view's own. One copy (views are the outer
+        # dimension), laid out channels-last, as x is in training: (k, B, H, W, C) -> (B, H, W, k, C).
+        grouped = (x.permute(0, 2, 3, 1).unflatten(0, (views, batch)).permute(1, 2, 3, 0, 4)
+                   .reshape(batch, height, width, views * channels).permute(0, 3, 1, 2))
+        # Each view's running statistics as if it came first, (1 - m) r_0 + m s_v: (k C,) each
+        running_mean, running_var = self.running_mean.repeat(views), self.running_var.repeat(views)
+        y = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(views), self.bias.repeat(views),
+                         training=True, momentum=self.momentum, eps=self.eps)
+        with torch.no_grad():                              # ... then as k updates in a row would leave them
+            start_weight, view_weights = in_sequence(views, self.momentum, x.device, self.running_mean.dtype)
+            for running, once in ((self.running_mean, running_mean), (self.running_var, running_var)):
+                running.copy_(torch.addmv(running, once.view(views, channels).T, view_weights, beta=start_weight))
+            self.num_batches_tracked.add_(views)
+        # (B, k C, H, W) -> (k B, C, H, W), one copy: (B, H, W, k, C) -> (k, B, H, W, C)
+        y = (y.permute(0, 2, 3, 1).unflatten(3, (views, channels)).permute(3, 0, 1, 2, 4)
+             .reshape(count, height, width, channels).permute(0, 3, 1, 2))
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.contiguous(memory_format=layout)          # x's layout (a copy only if x was not channels-last)
+
+
+@lru_cache(maxsize=64)
+def in_sequence(views, momentum, device, dtype):
+    """The running statistics after k = `views` updates in a row, r <- (1 - m) r + m s_v for v = 1..k, as
+    c r_0 + sum_v w_v u_v of the start r_0 and the one-view updates u_v = (1 - m) r_0 + m s_v:
+    r_k = (1 - m)^k r_0 + sum_v (1 - m)^(k - v) m s_v = c r_0 + sum_v w_v u_v, with w_v = (1 - m)^(k - v) and
+    c = (1 - m)^k - (1 - m) sum_v w_v. -> (c, w (k,) on `device`), made once per (k, m, device, dtype):
+    a tensor built from Python numbers on a GPU is a copy the host waits for."""
+    keep = 1 - momentum
+    weights = [keep ** (views - v) for v in range(1, views + 1)]
+    return keep ** views - keep * sum(weights), torch.tensor(weights, dtype=dtype).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
 # ResNet, with torchvision's attribute names so that state_dicts are interchangeable
 
 class BasicBlock(nn.Module):
@@ -44,9 +97,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = ViewBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = ViewBatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
 
@@ -64,11 +117,11 @@ class Bottleneck(nn.Module):
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = ViewBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = ViewBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = ViewBatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
 
@@ -84,7 +137,7 @@ def _shortcut(in_planes, out_planes, stride):
     """The projection shortcut (1x1 conv + BN) when the shape changes, else None (identity)."""
     if stride == 1 and in_planes == out_planes:
         return None
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), ViewBatchNorm2d(out_planes))
 
 
 class ResNet(nn.Module):
@@ -105,7 +158,7 @@ class ResNet(nn.Module):
         else:
             self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = ViewBatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         in_planes = width
         stages = []
@@ -311,18 +364,18 @@ class HyDeSModel(nn.Module):
 
     per_view: how the views go through the network, which matters only through BatchNorm, whose
     training-mode statistics are those of the batch it is given:
-    - True, one call per view (the paper's setup: its Lightly training steps embed each view on its
-      own), so every BatchNorm layer, in the backbone and in the projector, normalises B images of one
-      view at a time;
-    - False, one backbone call per resolution (DINO's official code), so BatchNorm sees the 2B global
+    - True, BatchNorm over one view at a time (the paper's setup: its Lightly training steps embed each
+      view on its own), in the backbone and in the projector. The backbone is still called once per
+      crop size: its BatchNorms (ViewBatchNorm2d) keep the views of a call apart, and a ViT's backbone
+      has no BatchNorm (LayerNorm and attention act within each image). That computes what a call per
+      view computes (to float rounding; tested), with a quarter of the calls, which is what bounds a
+      GPU's step at these sizes (README: Speed). The projector is called once per view. A backbone
+      whose BatchNorms cannot keep views apart (SyncBatchNorm, under torchrun on GPUs) is called once
+      per view instead.
+    - False, BatchNorm over all the views of a crop size (DINO's official code), so it sees the 2B global
       crops together, then the 6B local crops, and the projector's BatchNorm all N = V*B embeddings at
-      once: fewer, larger calls, faster on a GPU. Which trains better is measured in the README.
+      once. Which trains better is measured in REPRODUCE.md.
     In eval mode the two give the same output.
-
-    A backbone without BatchNorm (the ViT: LayerNorm and attention act within each image) computes
-    every image on its own, so per_view calls it once per resolution too, and only the projector once
-    per view: the same result as one call per view (to float rounding), with a quarter of the backbone
-    calls, which is what bounds a GPU's step at these sizes (README: Speed).
     """
 
     def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None, per_view=True):
@@ -330,7 +383,6 @@ class HyDeSModel(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.per_view = per_view
-        self.backbone_mixes_images = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
         if num_classes is None:
             self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
         else:
@@ -339,7 +391,8 @@ class HyDeSModel(nn.Module):
     def forward(self, views):
         """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals)."""
         batch = views[0].shape[0]
-        if self.per_view and self.backbone_mixes_images:
+        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.per_view and not all(isinstance(m, ViewBatchNorm2d) for m in norms):
             out = torch.cat([self.head(self.backbone(v)) for v in views])     # V x (B, D) -> (N, D), N = V*B
             return out.view(len(views), batch, -1)                             # (N, D) -> (V, B, D)
         features, start = [], 0
@@ -347,8 +400,12 @@ class HyDeSModel(nn.Module):
             end = start
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
+            for norm in norms:                       # per view: each BatchNorm keeps the run's views apart
+                norm.views = end - start if self.per_view else 1
             features.append(self.backbone(torch.cat(views[start:end])))       # (k*B, 3, H, W) -> (k*B, F)
             start = end
+        for norm in norms:
+            norm.views = 1
         features = torch.cat(features)                                         # (N, F), view v at rows v*B...
         if self.per_view:                            # the projector's BatchNorm over one view at a time
             out = torch.cat([self.head(f) for f in features.split(batch)])    # V x (B, D) -> (N, D)

@@ -4,7 +4,6 @@ the analysis; training and its reliability; then real (tiny) end-to-end runs on 
 Run: python -m pytest -q"""
 
 import argparse
-import copy
 import itertools
 import errno
 import json
@@ -877,62 +876,87 @@ def test_vit_positional_embedding_is_the_table_at_the_base_grid_and_resized_else
     assert torch.equal(small[:, 0], vit.pos_embed[:, 0])     # the CLS position is never resized
 
 
-def counted_model(per_view):
+def counted_model(per_view, arch="resnet18"):
     """A small HyDeSModel whose backbone records the shape of each batch it is called on."""
     torch.manual_seed(0)
-    backbone = models.build_backbone("resnet18", 32, width=8)
+    backbone = models.build_backbone(arch, 32, width=8) if arch == "resnet18" else \
+        models.build_backbone(arch, 32, width=24, depth=2, heads=2)
     calls, original_forward = [], backbone.forward
     backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
     return models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16, per_view=per_view), calls
 
 
-def test_hydes_model_calls_the_backbone_once_per_view_or_once_per_resolution():
+def test_hydes_model_calls_the_backbone_once_per_resolution_and_per_view_only_with_sync_batchnorm():
     views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(6)]
-    for per_view, expected in ((True, [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6),
-                               (False, [(6, 3, 32, 32), (18, 3, 16, 16)])):
+    for per_view in (True, False):
         model, calls = counted_model(per_view)
         z = model(views)
-        assert calls == expected
+        assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
         assert z.shape == (8, 3, 16)
         assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
+        assert all(m.views == 1 for m in model.modules() if isinstance(m, models.ViewBatchNorm2d))   # reset after
+    # SyncBatchNorm (torchrun on GPUs) cannot keep views apart within a call: then one call per view
+    model, calls = counted_model(per_view=True)
+    model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+    model(views)
+    assert calls == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6
 
 
-def test_per_view_forward_equals_a_loop_over_views_and_differs_from_per_resolution_only_through_batchnorm():
-    views = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(3)]
-    per_view, _ = counted_model(per_view=True)
-    per_resolution, _ = counted_model(per_view=False)
-    per_resolution.load_state_dict(per_view.state_dict())
-    # Training mode: each view on its own is what the paper's setup computes (BatchNorm over B images)
-    loop = torch.stack([per_view([v])[0] for v in views])                         # V x (B, D) -> (V, B, D)
-    assert torch.equal(per_view(views), loop)
-    assert not torch.allclose(per_resolution(views), loop, atol=1e-3)          # BatchNorm over 2B, then 3B
-    # Eval mode: BatchNorm uses its running statistics, and the two forwards agree
-    per_view.eval(), per_resolution.eval()
-    per_resolution.load_state_dict(per_view.state_dict())                       # the same running statistics
-    assert torch.allclose(per_view(views), per_resolution(views), atol=1e-5)
-
-
-def test_a_per_view_vit_calls_its_backbone_once_per_resolution_and_computes_what_a_loop_over_views_does():
-    # The ViT has no BatchNorm: each image is computed on its own, so batching the views of one size
-    # changes nothing but the rounding. The projector's BatchNorm still sees one view at a time.
-    torch.manual_seed(0)
-    views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(6)]
-    grouped = models.HyDeSModel(models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2), proj_hidden=32,
-                                proj_dim=16, per_view=True)
-    looped = copy.deepcopy(grouped)
-    calls, original_forward = [], grouped.backbone.forward
-    grouped.backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
-    z = grouped(views)                                                        # (V, B, D)
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_per_view_computes_what_one_call_per_view_does_and_differs_from_per_resolution_only_through_batchnorm(arch):
+    # Per view, the paper's setup: BatchNorm over each view's B images, whether the views of a crop size
+    # share a call (ViewBatchNorm2d; a ViT's backbone has none) or each view has its own. In float64, so
+    # that the two are seen to be the same function: an untrained network on noise is ill-conditioned
+    # enough for float32 rounding alone to move its gradient by 3e-4.
+    views = [torch.randn(4, 3, 32, 32, dtype=torch.float64) for _ in range(2)] + \
+        [torch.randn(4, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
+    grouped, calls = counted_model(True, arch)
+    looped, _ = counted_model(True, arch)                                    # the same weights (seeded)
+    grouped.double(), looped.double()
+    if arch == "resnet18":
+        grouped.to(memory_format=torch.channels_last)                          # train.py's layout for ResNets
+    z = grouped([v.contiguous(memory_format=torch.channels_last) for v in views])          # (V, B, D)
+    assert calls == [(8, 3, 32, 32), (12, 3, 16, 16)]
     loop = torch.stack([looped([v])[0] for v in views])                       # one view per call
-    assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
-    assert torch.allclose(z, loop, atol=1e-5)
+    assert torch.allclose(z, loop, rtol=0, atol=1e-12)
     z.pow(3).sum().backward(), loop.pow(3).sum().backward()
     gradient, reference = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (grouped, looped))
-    assert (gradient - reference).norm() < 1e-5 * reference.norm()                 # rounding alone
-    for (name, a), b in zip(grouped.named_buffers(), looped.buffers()):      # BatchNorm: updated once per view
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-    assert not grouped.backbone_mixes_images                                  # a ResNet's BatchNorm does
-    assert models.HyDeSModel(models.build_backbone("resnet18", 32, width=8)).backbone_mixes_images
+    assert (gradient - reference).norm() < 1e-12 * reference.norm()
+    for (name, a), b in zip(grouped.named_buffers(), looped.buffers()):      # running statistics, view by view
+        assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-12), name
+    views = [v.float() for v in views]
+    grouped.float()
+    # Per resolution (DINO's): BatchNorm over 2B, then 3B crops, a different function in training mode
+    per_resolution, _ = counted_model(False, arch)
+    per_resolution.load_state_dict(grouped.state_dict())
+    if arch == "resnet18":
+        assert not torch.allclose(per_resolution(views), grouped(views), atol=1e-3)
+    # Eval mode: BatchNorm uses its running statistics, and the two forwards agree
+    grouped.eval(), per_resolution.eval()
+    per_resolution.load_state_dict(grouped.state_dict())                    # the same running statistics
+    assert torch.allclose(grouped(views), per_resolution(views), atol=1e-5)
+
+
+def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
+    torch.manual_seed(0)
+    norm, reference = models.ViewBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(4 * 5, 3, 6, 6) * 3 + 1                                   # 4 views of 5 images
+    norm.views = 4
+    y = norm(x)
+    expected = torch.cat([reference(view) for view in x.split(5)])             # one view at a time, in order
+    assert torch.allclose(y, expected, atol=1e-5)
+    for name in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(norm, name), getattr(reference, name), atol=1e-6)
+    assert norm.num_batches_tracked.item() == reference.num_batches_tracked.item() == 4
+    assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    # c r_0 + sum_v w_v u_v, u_v = (1 - m) r_0 + m s_v, against the updates written out for k = 3
+    start_weight, weights = models.in_sequence(3, 0.1, torch.device("cpu"), torch.float64)
+    r0, s = 1.0, (5.0, 7.0, -2.0)
+    once = [0.9 * r0 + 0.1 * value for value in s]
+    in_a_row = 0.9 * (0.9 * (0.9 * r0 + 0.1 * s[0]) + 0.1 * s[1]) + 0.1 * s[2]
+    assert start_weight * r0 + sum(w * u for w, u in zip(weights.tolist(), once)) == pytest.approx(in_a_row, abs=1e-12)
 
 
 # ---- precision

@@ -111,9 +111,8 @@ def build_parser():
                         "which keeps 4x more resolution and trains far better on 32-96 px images (README)")
     g.add_argument("--forward", default="per-view", choices=("per-view", "per-resolution"),
                    help="per-view: BatchNorm over one view's batch, as one network call per view computes (the "
-                        "paper's setup; a ViT, whose backbone has no BatchNorm, runs its backbone once per crop size "
-                        "and its projector per view); per-resolution: one backbone call per crop size, as DINO "
-                        "(fewer, larger calls)")
+                        "paper's setup), in one backbone call per crop size whose BatchNorms keep the views apart; "
+                        "per-resolution: BatchNorm over all the views of a crop size, as DINO")
     g.add_argument("--width", type=int, help="ResNet base width (64) or ViT width (192); smaller for laptops")
     g.add_argument("--depth", type=int, help="ViT blocks (12)")
     g.add_argument("--heads", type=int, help="ViT attention heads (3)")
