@@ -87,8 +87,8 @@ commands below, one after the other, the last two on a second machine of the sam
 (The ViT's per-view compiled row did not finish compiling within the time the run was given. The 5.2 s
 first step of the last ResNet row reused a compilation that a train.py run had just cached. The per-view
 rows were measured before per-view ran the backbone once per crop size, as it does now (models.HyDeSModel
-and ViewBatchNorm2d: the same function, 1,678 device operations a ResNet step instead of 2,437, 1,883 a
-ViT step instead of 6,103); not yet measured since.)
+and ViewBatchNorm2d/1d: the same function, 1,303 device operations a ResNet step instead of 2,437, 1,588
+a ViT step instead of 6,103); not yet measured since.)
 
 What the table says:
 - The step is bound by the host, not by the GPU's arithmetic: float32 runs as fast as bf16 (2,377 and

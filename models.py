@@ -42,37 +42,55 @@ class ViewBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training-mode call may hold several views of the same B images: with
     `views` = k (set by HyDeSModel for one call; rows v B to (v + 1) B - 1 are view v), each view is
     normalised by its own statistics, and the running statistics move as k calls of one view each, in
-    order, would move them. So one call computes what the paper's setup computes with a call per view
-    (HyDeSModel, per_view), with k times fewer kernel launches, which is what bounds a GPU's step at
-    16-96 px. With views = 1, or in eval mode, it is nn.BatchNorm2d; its parameters and buffers are the
-    same, so state_dicts load into torchvision's ResNets and back."""
+    order, would move them (batch_norm_per_view). So one call computes what the paper's setup computes
+    with a call per view (HyDeSModel, per_view), with k times fewer kernel launches, which is what
+    bounds a GPU's step at 16-96 px. With views = 1, or in eval mode, it is nn.BatchNorm2d; its
+    parameters and buffers are the same, so state_dicts load into torchvision's ResNets and back."""
 
     views = 1
 
     def forward(self, x):
-        if self.views == 1 or not self.training:
-            return super().forward(x)
-        views, (count, channels, height, width) = self.views, x.shape
-        batch = count // views
-        # (k B, C, H, W) -> (B, k C, H, W): channel c of view v becomes channel v C + c, so that the
-        # statistics per channel over (B, H, W) are each view's own. One copy (views are the outer
-        # dimension), laid out channels-last, as x is in training: (k, B, H, W, C) -> (B, H, W, k, C).
-        grouped = (x.permute(0, 2, 3, 1).unflatten(0, (views, batch)).permute(1, 2, 3, 0, 4)
-                   .reshape(batch, height, width, views * channels).permute(0, 3, 1, 2))
-        # Each view's running statistics as if it came first, (1 - m) r_0 + m s_v: (k C,) each
-        running_mean, running_var = self.running_mean.repeat(views), self.running_var.repeat(views)
-        y = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(views), self.bias.repeat(views),
-                         training=True, momentum=self.momentum, eps=self.eps)
-        with torch.no_grad():                              # ... then as k updates in a row would leave them
-            start_weight, view_weights = in_sequence(views, self.momentum, x.device, self.running_mean.dtype)
-            for running, once in ((self.running_mean, running_mean), (self.running_var, running_var)):
-                running.copy_(torch.addmv(running, once.view(views, channels).T, view_weights, beta=start_weight))
-            self.num_batches_tracked.add_(views)
-        # (B, k C, H, W) -> (k B, C, H, W), one copy: (B, H, W, k, C) -> (k, B, H, W, C)
-        y = (y.permute(0, 2, 3, 1).unflatten(3, (views, channels)).permute(3, 0, 1, 2, 4)
-             .reshape(count, height, width, channels).permute(0, 3, 1, 2))
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return y.contiguous(memory_format=layout)          # x's layout (a copy only if x was not channels-last)
+        return batch_norm_per_view(self, x) if self.views > 1 and self.training else super().forward(x)
+
+
+class ViewBatchNorm1d(nn.BatchNorm1d):
+    """The same for (k B, C) inputs (the projector's BatchNorms), else nn.BatchNorm1d."""
+
+    views = 1
+
+    def forward(self, x):
+        return batch_norm_per_view(self, x) if self.views > 1 and self.training else super().forward(x)
+
+
+VIEW_NORMS = (ViewBatchNorm2d, ViewBatchNorm1d)
+
+
+def batch_norm_per_view(norm, x):
+    """Training-mode BatchNorm of `norm` (a ViewBatchNorm) on x (k B, C, *spatial), k = norm.views, each
+    view v (rows v B to (v + 1) B - 1) by its own statistics; the running statistics updated as by k
+    calls of one view each, in order. -> (k B, C, *spatial), in x's memory layout."""
+    views, channels, spatial = norm.views, x.shape[1], x.shape[2:]
+    batch = x.shape[0] // views
+    # (k B, C, *S) -> (B, k C, *S): channel c of view v becomes channel v C + c, so that the statistics per
+    # channel over (B, *S) are each view's own. One copy (views are the outer dimension), channels last
+    # in memory, as x is for ResNets: (k, B, *S, C) -> (B, *S, k, C).
+    channels_last = x.movedim(1, -1).unflatten(0, (views, batch))                    # (k, B, *S, C)
+    grouped = channels_last.movedim(0, -2).reshape(batch, *spatial, views * channels).movedim(-1, 1)
+    # Each view's running statistics as if it came first, u_v = (1 - m) r_0 + m s_v: (k C,) each
+    running_mean, running_var = norm.running_mean.repeat(views), norm.running_var.repeat(views)
+    y = F.batch_norm(grouped, running_mean, running_var, norm.weight.repeat(views), norm.bias.repeat(views),
+                     training=True, momentum=norm.momentum, eps=norm.eps)
+    with torch.no_grad():                                  # ... then as k updates in a row would leave them
+        start_weight, view_weights = in_sequence(views, norm.momentum, x.device, norm.running_mean.dtype)
+        for running, once in ((norm.running_mean, running_mean), (norm.running_var, running_var)):
+            running.addmv_(once.view(views, channels).T, view_weights, beta=start_weight)   # c r_0 + sum_v w_v u_v
+        norm.num_batches_tracked.add_(views)
+    # (B, k C, *S) -> (k B, C, *S), one copy: (B, *S, k, C) -> (k, B, *S, C)
+    y = y.movedim(1, -1).unflatten(-1, (views, channels)).movedim(-2, 0).reshape(x.shape[0], *spatial, channels)
+    y = y.movedim(-1, 1)
+    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    return y.contiguous(memory_format=layout)              # x's layout (a copy only if x was not channels-last)
 
 
 @lru_cache(maxsize=64)
@@ -350,8 +368,8 @@ def projector(in_dim, hidden_dim=2048, out_dim=256):
     onto S^{D-1} in HyDeSModel.forward.
     """
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, hidden_dim, bias=False), ViewBatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim, bias=False), ViewBatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
 
@@ -366,12 +384,12 @@ class HyDeSModel(nn.Module):
     training-mode statistics are those of the batch it is given:
     - True, BatchNorm over one view at a time (the paper's setup: its Lightly training steps embed each
       view on its own), in the backbone and in the projector. The backbone is still called once per
-      crop size: its BatchNorms (ViewBatchNorm2d) keep the views of a call apart, and a ViT's backbone
-      has no BatchNorm (LayerNorm and attention act within each image). That computes what a call per
-      view computes (to float rounding; tested), with a quarter of the calls, which is what bounds a
-      GPU's step at these sizes (README: Speed). The projector is called once per view. A backbone
-      whose BatchNorms cannot keep views apart (SyncBatchNorm, under torchrun on GPUs) is called once
-      per view instead.
+      crop size and the projector once: their BatchNorms (ViewBatchNorm2d/1d) keep the views of a call
+      apart, and a ViT's backbone has no BatchNorm (LayerNorm and attention act within each image).
+      That computes what a call per view computes (to float rounding; tested), with a quarter of the
+      calls, which is what bounds a GPU's step at these sizes (README: Speed). A network whose
+      BatchNorms cannot keep views apart (SyncBatchNorm, under torchrun on GPUs) is called once per
+      view instead.
     - False, BatchNorm over all the views of a crop size (DINO's official code), so it sees the 2B global
       crops together, then the 6B local crops, and the projector's BatchNorm all N = V*B embeddings at
       once. Which trains better is measured in REPRODUCE.md.
@@ -391,8 +409,8 @@ class HyDeSModel(nn.Module):
     def forward(self, views):
         """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals)."""
         batch = views[0].shape[0]
-        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if self.per_view and not all(isinstance(m, ViewBatchNorm2d) for m in norms):
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.per_view and not all(isinstance(m, VIEW_NORMS) for m in norms):
             out = torch.cat([self.head(self.backbone(v)) for v in views])     # V x (B, D) -> (N, D), N = V*B
             return out.view(len(views), batch, -1)                             # (N, D) -> (V, B, D)
         features, start = [], 0
@@ -400,17 +418,12 @@ class HyDeSModel(nn.Module):
             end = start
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            for norm in norms:                       # per view: each BatchNorm keeps the run's views apart
-                norm.views = end - start if self.per_view else 1
+            keep_views_apart(norms, end - start if self.per_view else 1)
             features.append(self.backbone(torch.cat(views[start:end])))       # (k*B, 3, H, W) -> (k*B, F)
             start = end
-        for norm in norms:
-            norm.views = 1
-        features = torch.cat(features)                                         # (N, F), view v at rows v*B...
-        if self.per_view:                            # the projector's BatchNorm over one view at a time
-            out = torch.cat([self.head(f) for f in features.split(batch)])    # V x (B, D) -> (N, D)
-        else:
-            out = self.head(features)                                          # (N, F) -> (N, D)
+        keep_views_apart(norms, len(views) if self.per_view else 1)            # the projector's BatchNorms
+        out = self.head(torch.cat(features))                                   # (N, F) -> (N, D), view v at v*B
+        keep_views_apart(norms, 1)
         return out.view(len(views), batch, -1)                                 # (N, D) -> (V, B, D)
 
     def head(self, features):
@@ -419,6 +432,13 @@ class HyDeSModel(nn.Module):
         if self.num_classes is not None:
             return self.classifier(features).float()
         return F.normalize(self.projector(features).float(), dim=-1)
+
+
+def keep_views_apart(norms, views):
+    """Tell each ViewBatchNorm of `norms` how many views its next training-mode call holds (1: plain
+    BatchNorm over the whole call)."""
+    for norm in norms:
+        norm.views = views
 
 
 # ----------------------------------------------------------------------------------------------------

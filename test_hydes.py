@@ -951,6 +951,12 @@ def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
         assert torch.allclose(getattr(norm, name), getattr(reference, name), atol=1e-6)
     assert norm.num_batches_tracked.item() == reference.num_batches_tracked.item() == 4
     assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    # The projector's (k B, C) BatchNorm1d, likewise
+    norm, reference = models.ViewBatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    x = torch.randn(4 * 5, 3) * 3 + 1
+    norm.views = 4
+    assert torch.allclose(norm(x), torch.cat([reference(view) for view in x.split(5)]), atol=1e-5)
+    assert torch.allclose(norm.running_var, reference.running_var, atol=1e-6)
     # c r_0 + sum_v w_v u_v, u_v = (1 - m) r_0 + m s_v, against the updates written out for k = 3
     start_weight, weights = models.in_sequence(3, 0.1, torch.device("cpu"), torch.float64)
     r0, s = 1.0, (5.0, 7.0, -2.0)
