@@ -2545,6 +2545,30 @@ def test_an_output_folder_that_cannot_be_written_is_named_in_one_line(tmp_path):
 # ---- whole runs
 
 
+def test_the_logged_rate_leaves_out_the_sessions_first_step_and_logs_its_seconds_apart(tmp_path, monkeypatch):
+    # The first step of a session holds torch.compile's compilation and cuDNN's autotuning (a minute on a
+    # GPU), which would make epoch 1's images/s and the estimate of the run's time meaningless
+    real, calls = train.training_step, []
+
+    def slow_first_step(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)                           # a compilation, say
+        return real(*args)
+
+    monkeypatch.setattr(train, "training_step", slow_first_step)
+    out = tmp_path / "run"
+    train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "2"])   # 4 steps an epoch
+    first, second = (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    assert first["first_step_s"] >= 1.0 and "first_step_s" not in second
+    # The other 3 steps of 8 images took well under 0.4 s; with the first one counted, the epoch's 32 images
+    # would take over 1 s
+    assert first["images_per_s"] > 2 * 32 / 1.0
+    # ... and a resumed session logs its own first step
+    train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "3", "--resume"])
+    assert "first_step_s" in json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+
+
 def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_refuses_other_data(tmp_path):
     out = tmp_path / "run"
     common = tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "5"]

@@ -16,7 +16,8 @@ probe, step, random-number states, data order, the arguments, which args.json ho
 log line); then, after epochs 1, 6, 11, ... and the last (--eval-every 5, the paper's setup's cadence),
 the monitor: the k-NN and a round of the persistent linear probe whose curves Figures 6-8 plot, and the
 checkpoint once more; then a line in OUT/log.jsonl (loss, H_global, H_local, MI, lr, kappa, beta,
-images/s, and at evaluations linear and k-NN top-1 and top-5).
+images/s after the session's first step, that step's seconds where it fell, and at evaluations linear
+and k-NN top-1 and top-5).
 
 The file reads in that order: the parser, main(), train(), the step, the helpers train() calls, the
 checks of the settings, and at the end, under its own heading, run control: what stops a run early
@@ -272,7 +273,7 @@ def train(args, checkpoint, control):
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
                   "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                   **dict(zip(("kappa", "beta"), loss_schedule(args, max(0, step - 1), control.total_steps))),
-                  "images_per_s": (step - first_step) * args.batch_size / (time.time() - epoch_start),
+                  **epoch_rate(step - first_step, epoch_start, control, args.batch_size),
                   "minutes": control.minutes()}
         due = evaluation_due(step, steps_per_epoch, args, last=step == control.total_steps or control.out_of_time)
         end_of_epoch(record, due, state, monitor, steps_per_epoch, args, control)
@@ -313,6 +314,15 @@ def objective(z, labels, method, kappa, alpha, beta):
     targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
     return {"loss": torch.nn.functional.cross_entropy(logits, targets),
             "accuracy": (logits.argmax(dim=1) == targets).float().mean()}
+
+
+def epoch_rate(steps, epoch_start, control, batch_size):
+    """The log's images_per_s for an epoch of `steps` steps begun at `epoch_start`: of the steps after
+    this session's first when the epoch holds it (its compilation and set-up logged apart, first_step_s)."""
+    if control.first_step_ended is None or control.first_step_ended < epoch_start or steps < 2:
+        return {"images_per_s": steps * batch_size / (time.time() - epoch_start)}
+    return {"images_per_s": (steps - 1) * batch_size / (time.time() - control.first_step_ended),
+            "first_step_s": control.first_step_seconds}
 
 
 def learning_rate(args, step, steps_per_epoch):
@@ -850,6 +860,10 @@ class RunControl:
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
         self.total_steps, self.estimated = None, False
+        # When this session's first step ended, and what it took: compilation (--compile), cuDNN's choice of
+        # algorithms and lazy set-up all happen in it, so the rates (progress bar, log) and the estimate of
+        # the run's time count from its end
+        self.first_step_ended, self.first_step_seconds = None, None
         # Host-side agreement between processes: a gloo group over the same processes (NCCL's would wait
         # for the GPU). Every process builds it here, in the same order, as new_group requires.
         self.host_group = dist.new_group(backend="gloo") if world_size > 1 else None
@@ -918,11 +932,18 @@ class RunControl:
                 yield batch
                 steps += 1
                 bar.update()
+                if self.first_step_ended is None:
+                    self.first_step_ended = time.time()
+                    self.first_step_seconds, start = self.first_step_ended - start, self.first_step_ended
+                    timed_from = 1                      # the steps after the first are timed from here
+                elif steps == 1:
+                    timed_from = 0
                 if steps % self.args.log_every == 0:    # the host waits for the device here, once in log_every steps
-                    self.estimate_once((time.time() - start) / steps, step + steps)
+                    seconds_per_step = (time.time() - start) / max(1, steps - timed_from)
+                    self.estimate_once(seconds_per_step, step + steps)
                     self.check_finite()
                     bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, steps).items() if k != "mi"},
-                                    img_s=f"{steps * self.args.batch_size / (time.time() - start):.0f}")
+                                    img_s=f"{self.args.batch_size / seconds_per_step:.0f}")
         finally:
             bar.close()
 
