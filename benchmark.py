@@ -413,7 +413,10 @@ def profile_steps(run_once, device, synchronize, steps=5):
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     summary = f"{wall / steps * 1e3:.1f} ms per step"
     if device.type == "cuda":
-        busy = sum(e.self_device_time_total for e in events) / 1e6          # microseconds -> seconds
+        # Kernels only: the profiler also books each kernel's time on the host call that launched it, and
+        # on user annotations around it, so a sum over every row would count it twice or more
+        busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)) / 1e6      # microseconds -> seconds
         summary += f", the GPU busy {busy / wall:.0%} of it"
     return events.table(sort_by=sort, row_limit=15) + summary
 

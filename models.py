@@ -68,7 +68,10 @@ VIEW_NORMS = (ViewBatchNorm2d, ViewBatchNorm1d)
 def batch_norm_per_view(norm, x):
     """Training-mode BatchNorm of `norm` (a ViewBatchNorm) on x (k B, C, *spatial), k = norm.views, each
     view v (rows v B to (v + 1) B - 1) by its own statistics; the running statistics updated as by k
-    calls of one view each, in order. -> (k B, C, *spatial), in x's memory layout."""
+    calls of one view each, in order. -> (k B, C, *spatial), in x's memory layout. For the BatchNorms
+    the networks here build: affine, with running statistics and a momentum."""
+    if not (norm.affine and norm.track_running_stats and norm.momentum is not None):
+        raise ValueError("batch_norm_per_view needs an affine BatchNorm with running statistics and a momentum")
     views, channels, spatial = norm.views, x.shape[1], x.shape[2:]
     batch = x.shape[0] // views
     # (k B, C, *S) -> (B, k C, *S): channel c of view v becomes channel v C + c, so that the statistics per
@@ -414,16 +417,18 @@ class HyDeSModel(nn.Module):
             out = torch.cat([self.head(self.backbone(v)) for v in views])     # V x (B, D) -> (N, D), N = V*B
             return out.view(len(views), batch, -1)                             # (N, D) -> (V, B, D)
         features, start = [], 0
-        while start < len(views):                    # the run of views that share views[start]'s size
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            keep_views_apart(norms, end - start if self.per_view else 1)
-            features.append(self.backbone(torch.cat(views[start:end])))       # (k*B, 3, H, W) -> (k*B, F)
-            start = end
-        keep_views_apart(norms, len(views) if self.per_view else 1)            # the projector's BatchNorms
-        out = self.head(torch.cat(features))                                   # (N, F) -> (N, D), view v at v*B
-        keep_views_apart(norms, 1)
+        try:
+            while start < len(views):                # the run of views that share views[start]'s size
+                end = start
+                while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                    end += 1
+                keep_views_apart(norms, end - start if self.per_view else 1)
+                features.append(self.backbone(torch.cat(views[start:end])))   # (k*B, 3, H, W) -> (k*B, F)
+                start = end
+            keep_views_apart(norms, len(views) if self.per_view else 1)        # the projector's BatchNorms
+            out = self.head(torch.cat(features))                               # (N, F) -> (N, D), view v at v*B
+        finally:
+            keep_views_apart(norms, 1)               # whatever happens, a later call is plain BatchNorm
         return out.view(len(views), batch, -1)                                 # (N, D) -> (V, B, D)
 
     def head(self, features):

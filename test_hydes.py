@@ -951,6 +951,10 @@ def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
         assert torch.allclose(getattr(norm, name), getattr(reference, name), atol=1e-6)
     assert norm.num_batches_tracked.item() == reference.num_batches_tracked.item() == 4
     assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    unsupported = models.ViewBatchNorm2d(3, momentum=None)             # a cumulative average: not written
+    unsupported.views = 2
+    with pytest.raises(ValueError, match="needs an affine BatchNorm with running statistics and a momentum"):
+        unsupported(x)
     # The projector's (k B, C) BatchNorm1d, likewise
     norm, reference = models.ViewBatchNorm1d(3), torch.nn.BatchNorm1d(3)
     x = torch.randn(4 * 5, 3) * 3 + 1
@@ -2558,7 +2562,8 @@ def test_the_logged_rate_leaves_out_the_sessions_first_step_and_logs_its_seconds
 
     monkeypatch.setattr(train, "training_step", slow_first_step)
     out = tmp_path / "run"
-    train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "2"])   # 4 steps an epoch
+    train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "2",   # 4 steps an epoch
+                                                          "--log-every", "1"])  # the bar's rate at every step
     first, second = (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
     assert first["first_step_s"] >= 1.0 and "first_step_s" not in second
     # The other 3 steps of 8 images took well under 0.4 s; with the first one counted, the epoch's 32 images

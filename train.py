@@ -933,12 +933,15 @@ class RunControl:
                 steps += 1
                 bar.update()
                 if self.first_step_ended is None:
+                    if self.device.type == "cuda":      # once a session: the step's queued GPU work is its own
+                        torch.cuda.synchronize(self.device)
                     self.first_step_ended = time.time()
                     self.first_step_seconds, start = self.first_step_ended - start, self.first_step_ended
                     timed_from = 1                      # the steps after the first are timed from here
                 elif steps == 1:
                     timed_from = 0
-                if steps % self.args.log_every == 0:    # the host waits for the device here, once in log_every steps
+                if steps % self.args.log_every == 0 and steps > timed_from:   # the host waits for the device
+                    # here, once in log_every steps
                     seconds_per_step = (time.time() - start) / max(1, steps - timed_from)
                     self.estimate_once(seconds_per_step, step + steps)
                     self.check_finite()
