@@ -909,7 +909,7 @@ class RunControl:
             self.training, self.started = True, time.time()
         self.device_step = torch.tensor(float(step), device=self.device)   # float32 counts steps exactly to 2^24
         bar = tqdm(total=len(batches), desc=description, dynamic_ncols=True, disable=not self.main_process)
-        iterator, steps, start = iter(batches), 0, time.time()
+        iterator, steps, start, untimed = iter(batches), 0, time.time(), 0
         try:
             while True:
                 batch, workers_gone = None, False
@@ -932,23 +932,25 @@ class RunControl:
                 yield batch
                 steps += 1
                 bar.update()
-                if self.first_step_ended is None:
-                    if self.device.type == "cuda":      # once a session: the step's queued GPU work is its own
-                        torch.cuda.synchronize(self.device)
-                    self.first_step_ended = time.time()
-                    self.first_step_seconds, start = self.first_step_ended - start, self.first_step_ended
-                    timed_from = 1                      # the steps after the first are timed from here
-                elif steps == 1:
-                    timed_from = 0
-                if steps % self.args.log_every == 0 and steps > timed_from:   # the host waits for the device
-                    # here, once in log_every steps
-                    seconds_per_step = (time.time() - start) / max(1, steps - timed_from)
+                if self.first_step_ended is None:       # this session's first step: the rates count from its end
+                    start, untimed = self.end_first_step(start), 1
+                if steps % self.args.log_every == 0 and steps > untimed:   # the host waits for the device here,
+                    seconds_per_step = max(time.time() - start, 1e-9) / (steps - untimed)   # once in log_every steps
                     self.estimate_once(seconds_per_step, step + steps)
                     self.check_finite()
                     bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, steps).items() if k != "mi"},
                                     img_s=f"{self.args.batch_size / seconds_per_step:.0f}")
         finally:
             bar.close()
+
+    def end_first_step(self, start):
+        """Note the end of this session's first step, begun at `start` (its GPU work waited for: one wait a
+        session), and what it took; -> the time it ended."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.first_step_ended = time.time()
+        self.first_step_seconds = self.first_step_ended - start
+        return self.first_step_ended
 
     def estimate_once(self, seconds_per_step, step):
         """Once the first steps are timed: if the whole run would take more than a few hours here, say so,
