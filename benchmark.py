@@ -6,7 +6,7 @@ batched multi-crop against per-image pipelines.
     python benchmark.py --augmentations             # batched multi-crop vs DINO's PIL recipe vs Lightly
 
 It first prints the device operations (kernel launches on a GPU) of one call of the batched crops, which
-bound a GPU's step at CIFAR size more than their arithmetic: 195 per step, against 1,528 when every view
+bound a GPU's step at CIFAR size more than their arithmetic: 196 per step, against 1,528 when every view
 was made on its own (crop_device_operations, counted on the meta device, the same for any image size).
 
 The settings are the paper's: CIFAR-10's ResNet-18 with 2 x 32 + 6 x 16 px views of 32 px images, and

@@ -202,7 +202,7 @@ class MultiCrop:
 # the batch with per-image random parameters, on whatever device holds the images. At CIFAR size a GPU
 # runs each such operation in microseconds, so a step's cost is the number of operations the host
 # launches, not their arithmetic. Four choices keep that number small, and independent of the image
-# size and the batch (benchmark.py counts them: 195 per step for DINO's 8 views, where a call per view
+# size and the batch (benchmark.py counts them: 196 per step for DINO's 8 views, where a call per view
 # took 1,528, 105 of them copies of parameters to the device):
 #   - the views that share a size and a crop scale are one batch: the 6 local views of B images are one
 #     (6B, ...) tensor, each image with its own parameters;
@@ -316,25 +316,54 @@ def resize_matrices(geometry, size, source_size):
     return matrices.scatter_add_(3, source.clamp(0, source_size - 1).long(), weights)
 
 
+@lru_cache(maxsize=None)
+def products_dtype(device):
+    """The dtype of the crops' matrix products (the resize and the blur) on `device`: bf16 on a CPU that
+    multiplies it natively (AVX-512 BF16 or AMX), where they run 3-4x faster than in float32 (this
+    project's 2-core Zen 4, 96 px crops); float32 elsewhere: on CPUs without it bf16 is emulated, and on a
+    GPU the products are a sliver of a step bound by launches, which the casts would add to."""
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+def in_float32(products, rows, columns, divisor=1):
+    """The output (N, 3, s, s) of a separable product R X C^T, in float32 and divided by `divisor`,
+    from its weight matrices rows and columns (N, s, ·), in the products' dtype. Rounded to bf16 the
+    weights of an output pixel (i, j) no longer sum to one, which would darken or brighten a flat region
+    by up to a grey level: dividing by the sums r_i c_j of the rounded weights restores that, as PIL
+    normalises its own weights. In float32 they sum to one already."""
+    if products.dtype == torch.float32:
+        return products.div_(divisor) if divisor != 1 else products
+    sums = torch.einsum("ni,nj->nij", rows.float().sum(2), columns.float().sum(2))        # (N, s, s): r_i c_j
+    # .float() then in place: torch.mul(bf16, float32) takes a slow path on a CPU (20x at these sizes)
+    return products.float().div_(sums.mul_(divisor)[:, None])
+
+
 def resized_crops(source, geometry, size):
     """Cut each crop from its image, resize it to size x size, mirror it where crop_geometry says:
-    source (B, H, 3, W) float in [0, 1], the image's channels side by side in each row; n crops per image
-    (geometry (2, n B), crop b of view v at v B + b) -> (n B, 3, size, size).
+    source (B, H, 3, W) pixel values 0 ... 255 in the products' dtype (products_dtype), the image's
+    channels side by side in each row; n crops per image (geometry (2, n B), crop b of view v at v B + b)
+    -> (n B, 3, size, size) float32 in [0, 1].
 
     PIL's crop-then-bicubic-resize is separable: R X C^T, one matrix per axis and crop. Along the rows
     all n crops and 3 channels of an image at once, (B, n size, H) @ (B, H, 3 W); then, channels first,
     along the columns one product per crop, (n B, 3 size, W) @ (n B, W, size). PIL clips the cubic's
     overshoot to [0, 255] after each of its two passes; here once, at the end (a difference only next to
     sharp edges).
+
+    In bf16 (products_dtype) the source is exact, as bf16 holds the integers 0 ... 255 exactly; what it
+    rounds is each weight, by up to 2^-9 of itself, and the first pass's output, by up to 2^-9 of its value:
+    half a grey level at 128 and above, where PIL rounds to a whole level. On 200 CIFAR-10 images against
+    PIL: 0.29 grey levels apart on average in float32, 0.35 in bf16.
     """
     batch, height, _, width = source.shape
-    rows, columns = resize_matrices(geometry, size, max(height, width))        # each (n B, size, max(H, W))
+    rows, columns = resize_matrices(geometry, size, max(height, width)).to(source.dtype)   # each (n B, size, max(H, W))
+    rows_of_crops, columns = rows[..., :height], columns[..., :width]          # (n B, size, H), (n B, size, W)
     views = len(rows) // batch
-    rows = rows[..., :height].view(views, batch, size, height).transpose(0, 1).reshape(batch, -1, height)
+    rows = rows_of_crops.reshape(views, batch, size, height).transpose(0, 1).reshape(batch, -1, height)
     crops = torch.bmm(rows, source.view(batch, height, 3 * width))             # (B, n size, 3 W)
     crops = crops.view(batch, views, size, 3, width).permute(1, 0, 3, 2, 4).reshape(-1, 3 * size, width)
-    crops = torch.bmm(crops, columns[..., :width].transpose(1, 2))             # (n B, 3 size, size)
-    return crops.view(-1, 3, size, size).clamp_(0, 1)
+    crops = torch.bmm(crops, columns.transpose(1, 2)).view(-1, 3, size, size)  # (n B, 3 size, size)
+    return in_float32(crops, rows_of_crops, columns, 255).clamp_(0, 1)       # (n B, 3, size, size) in [0, 1]
 
 
 # The photometric steps change their input in place (the trailing _ of PyTorch's in-place methods): the
@@ -419,17 +448,21 @@ def gaussian_blur(x, kernels):
     PIL's GaussianBlur(radius) takes the standard deviation in pixels of the image it is given, so the
     same sigma ~ U(0.1, 2.0) applies to 96 and 16 px crops alike, as here. The blur is separable: M X M^T
     with one (s, s) matrix per image, (M x)_i = sum_k g_k x_clamp(i+k), the image border extended outwards
-    as PIL's box filters do; two batched matrix products, faster on a CPU than a grouped convolution.
+    as PIL's box filters do; two batched matrix products, faster on a CPU than a grouped convolution, in
+    bf16 where the device has it natively (products_dtype; x rounded to bf16 first, by up to 2^-9 of its
+    value, and the rounded weights' sums divided out as in resized_crops).
     Deviation: PIL approximates the Gaussian by three extended box filters; this is the sampled Gaussian
     (inside the image they agree to ~1/255 at sigma = 2; below sigma ~1 PIL's blurs noticeably more).
     """
     count, size, radius = len(x), x.shape[-1], kernels.shape[1] // 2
     pixels = constant(tuple(range(size)), x.device, torch.long).view(-1, 1)
     source = (pixels + constant(tuple(range(-radius, radius + 1)), x.device, torch.long)).clamp(0, size - 1)   # (s, 13)
-    matrices = torch.zeros(count, size, size, device=x.device, dtype=x.dtype).scatter_add_(
+    matrices = torch.zeros(count, size, size, device=x.device).scatter_add_(
         2, source.expand(count, -1, -1), kernels[:, None, :].expand(-1, size, -1))   # (N, s, s)
-    x = torch.bmm(x.reshape(count, 3 * size, size), matrices.transpose(1, 2))    # along w: (N, 3 s, s)
-    return matrices[:, None] @ x.view(count, 3, size, size)                      # along h: (N, 1, s, s) @ (N, 3, s, s)
+    matrices = matrices.to(products_dtype(x.device))        # bf16 or float32, as resized_crops' products
+    blurred = torch.bmm(x.reshape(count, 3 * size, size).to(matrices.dtype), matrices.transpose(1, 2))  # along w: (N, 3 s, s)
+    blurred = matrices[:, None] @ blurred.view(count, 3, size, size)           # along h: (N, 1, s, s) @ (N, 3, s, s)
+    return in_float32(blurred, matrices, matrices)
 
 
 def solarize(x):
@@ -526,6 +559,9 @@ def photometric_views_(x, recipes, parameters):
     return normalize_(x)
 
 
+CPU_CHUNK_VALUES = 4_000_000    # float32 values of the views a CPU makes at once (16 MB): 41 STL-10 images, 372 CIFAR
+
+
 class BatchedMultiCrop:
     """A uint8 batch (B, 3, H, W), all images the same size, on any device -> list of V float tensors
     (B, 3, h, w), globals first, normalised: what MultiCrop gives after DataLoader collation, so the
@@ -557,21 +593,59 @@ class BatchedMultiCrop:
                              f"{tuple(images.shape)}")
         batch, device = len(images[0]) if cut else len(images), images[0].device
         recipes = [[self.recipes[i] for i in group] for group in self.groups]
-        parameters = to_device([draw_parameters(r, batch, None if cut else tuple(images.shape[2:]), generator)
-                                for r in recipes], device)
-        if not cut:       # (B, 3, H, W) uint8 -> (B, H, 3, W) float in [0, 1] (resized_crops'), once for all views
-            source = images.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format) / 255
+        parameters = [draw_parameters(r, batch, None if cut else tuple(images.shape[2:]), generator) for r in recipes]
+        # On a GPU the whole batch at once (fewer launches). On a CPU a few images at a time: each step's
+        # output then stays in the caches, and under glibc's 32 MB threshold for fresh memory from the
+        # system (whose first touch of every page costs more than the arithmetic); the same views, as
+        # every parameter was drawn for the whole batch.
+        values = sum(3 * r.size ** 2 for r in self.recipes)                    # float32 values of one image's views
+        chunk = max(1, CPU_CHUNK_VALUES // values) if device.type == "cpu" else batch
+        views = [torch.empty(batch, 3, r.size, r.size, device=device) for r in self.recipes] if chunk < batch else None
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            part = [parameters_of_images(p, len(r), batch, start, stop) for p, r in zip(parameters, recipes)]
+            made = self.views([v[start:stop] for v in images] if cut else images[start:stop],
+                              to_device(part, device), cut)
+            if views is None:
+                return made
+            for view, part_view in zip(views, made):
+                view[start:stop] = part_view
+        return views
+
+    def views(self, images, parameters, cut):
+        """The V views of images (a uint8 batch (b, 3, H, W), or V uint8 views (b, 3, s, s) when `cut`),
+        with parameters drawn for them (draw_parameters', one dict per view group, on their device)."""
+        batch, device = len(images[0]) if cut else len(images), images[0].device
+        if not cut:       # (b, 3, H, W) uint8 -> (b, H, 3, W) 0 ... 255 in bf16 or float32 (resized_crops'), once
+            source = images.permute(0, 2, 1, 3).to(products_dtype(device), memory_format=torch.contiguous_format)
         views = [None] * len(self.recipes)
-        for group, group_recipes, p in zip(self.groups, recipes, parameters):
-            size = group_recipes[0].size
-            if cut:       # n views (B, 3, s, s) uint8 -> (n B, 3, s, s) float, crop b of view v at v B + b
+        for group, p in zip(self.groups, parameters):
+            group_recipes = [self.recipes[i] for i in group]
+            if cut:       # n views (b, 3, s, s) uint8 -> (n b, 3, s, s) float, crop b of view v at v b + b
                 x = torch.cat([images[i] for i in group]).float().div_(255)
             else:
-                x = resized_crops(source, p, size)
-            x = photometric_views_(x, group_recipes, p)                              # (n B, 3, s, s)
-            for i, view in zip(group, x.split(batch)):                               # contiguous (B, 3, s, s)
+                x = resized_crops(source, p, group_recipes[0].size)
+            x = photometric_views_(x, group_recipes, p)                              # (n b, 3, s, s)
+            for i, view in zip(group, x.split(batch)):                               # contiguous (b, 3, s, s)
                 views[i] = view
         return views
+
+
+def parameters_of_images(parameters, views, batch, start, stop):
+    """draw_parameters' dict for the n = `views` crops of each of `batch` images -> the same for images
+    start ... stop-1 alone, crop b of view v at v (stop - start) + b - start. Made on the CPU."""
+    if (start, stop) == (0, batch):
+        return parameters
+    per_crop = {name: t.unflatten(-1, (views, batch))[..., start:stop].flatten(-2)
+                for name, t in parameters.items() if name not in ("blurred", "kernels", "solarised")}
+    for name, extra in (("blurred", "kernels"), ("solarised", None)):
+        crop = parameters[name].long()                                              # (k,) crop indices v B + b
+        view, image = crop // batch, crop % batch
+        kept = (image >= start) & (image < stop)
+        per_crop[name] = (view * (stop - start) + image - start)[kept].float()
+        if extra:
+            per_crop[extra] = parameters[extra][kept]
+    return per_crop
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1009,6 +1083,20 @@ def drop_unreadable_images(dataset, workers=0):
 
 # ----------------------------------------------------------------------------------------------------
 # Shared by every script: pictures, and results as JSON lines and Markdown rows
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 dot products in hardware: the avx512_bf16 (Cooper Lake, Zen 4 and
+    later) or amx_bf16 (Sapphire Rapids and later) flags of /proc/cpuinfo, on Linux; False elsewhere.
+    torch.backends.cpu.get_cpu_capability() does not tell: it names the widest vector instruction set
+    PyTorch's own kernels use ("AVX512", "AVX2"), and Skylake's AVX-512 has no bf16, which oneDNN then
+    emulates through float32 with conversions (so it saves little there, if anything; not measured)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
 
 @lru_cache(maxsize=None)
 def constant(values, device, dtype):

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, dataset_split, eval_transform, native_image_size, normalize, write_atomically
+from data import (DATASETS, cpu_has_native_bf16, dataset_split, eval_transform, native_image_size, normalize,
+                  write_atomically)
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny")
 
@@ -510,20 +511,6 @@ def cpu_bf16_convolutions_are_right(arch, stem, smallest_crop):
                 lambda conv, inputs: fits.append(min(inputs[0].shape[-2:]) >= max(conv.stride)))
     backbone(torch.empty(1, 3, smallest_crop, smallest_crop, device="meta"))   # (1, 3, s, s): shapes only
     return all(fits)
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU computes bf16 dot products in hardware: the avx512_bf16 (Cooper Lake, Zen 4 and
-    later) or amx_bf16 (Sapphire Rapids and later) flags of /proc/cpuinfo, on Linux; False elsewhere.
-    torch.backends.cpu.get_cpu_capability() does not tell: it names the widest vector instruction set
-    PyTorch's own kernels use ("AVX512", "AVX2"), and Skylake's AVX-512 has no bf16, which oneDNN then
-    emulates through float32 with conversions (so it saves little there, if anything; not measured)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -374,10 +374,10 @@ def ks_distance(a, b):
     return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
 
 
-def resized_crop(images, boxes, size, flip):
-    """data.resized_crops with one crop per image: images (N, 3, H, W) float in [0, 1], boxes (N, 4),
-    flip (N,) -> (N, 3, size, size)."""
-    source = images.permute(0, 2, 1, 3).contiguous()                              # (N, H, 3, W)
+def resized_crop(images, boxes, size, flip, dtype=torch.float32):
+    """data.resized_crops with one crop per image, its products in `dtype`: images (N, 3, H, W) uint8,
+    boxes (N, 4), flip (N,) -> (N, 3, size, size) float32 in [0, 1]."""
+    source = images.permute(0, 2, 1, 3).to(dtype, memory_format=torch.contiguous_format)   # (N, H, 3, W) 0 ... 255
     return data.resized_crops(source, data.crop_geometry(boxes, flip, size), size)
 
 
@@ -460,7 +460,7 @@ def test_eval_transform_sizes():
 
 # ---- batched multi-crop against the PIL recipe
 
-def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
+def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation(monkeypatch):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
     for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
@@ -470,12 +470,15 @@ def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation():
         assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
     # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
     # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
+    # With the resize's products in bf16 (products_dtype: this CPU's, if it has bf16), to a grey level.
     colour = Image.new("RGB", (16, 16), (255, 120, 30))
     expected = data.MultiCrop(8, 4).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
-    views = data.BatchedMultiCrop(data.dino_recipes(8, 4, blur=False))(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
-    for view in views:
-        untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < 1e-5               # (B,)
-        assert 0 < untouched.sum() < 64
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1.01 / 255 / min(data.IMAGENET_STD))):
+        monkeypatch.setattr(data, "products_dtype", lambda device: dtype)
+        views = data.BatchedMultiCrop(data.dino_recipes(8, 4, blur=False))(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
+        for view in views:
+            untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < tolerance           # (B,)
+            assert 0 < untouched.sum() < 64
 
 
 def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
@@ -488,6 +491,28 @@ def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
     assert all(not torch.equal(a, b) for a, b in zip(first, other))
     # two copies of one image get their own parameters, so different views
     assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[2], v[3]) for v in first)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_cpu_makes_the_same_views_a_few_images_at_a_time(monkeypatch, cut):
+    # On a CPU the batch is cut into pieces of CPU_CHUNK_VALUES values (cache-sized); every parameter is
+    # drawn for the whole batch first, so the pieces give the views of one call, blur and solarisation
+    # (indices into the batch, renumbered for each piece) included. 13 images in pieces of 3, 3, 3, 3, 1.
+    rng = np.random.default_rng(2)
+    images = uint8_batch([Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(13)])
+    recipes = data.dino_recipes(16, 8, global_crops=2, local_crops=3)
+    if cut:                                    # views cut by the loading workers: the photometric steps only
+        images = [images[:, :, :r.size, :r.size].contiguous() for r in recipes]
+    crops = data.BatchedMultiCrop(recipes)
+    whole = crops(images, torch.Generator().manual_seed(3))
+    per_image = sum(3 * r.size ** 2 for r in recipes)
+    monkeypatch.setattr(data, "CPU_CHUNK_VALUES", 3 * per_image + 1)
+    pieces = crops(images, torch.Generator().manual_seed(3))
+    assert [v.shape for v in pieces] == [v.shape for v in whole] == [(13, 3, r.size, r.size) for r in recipes]
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(pieces, whole))
+    # the piece boundaries are not where all the views' blur and solarisation happen to agree
+    chosen = data.draw_parameters(recipes[:2], 13, (24, 24), torch.Generator().manual_seed(3))
+    assert len(chosen["blurred"]) > 4 and len(chosen["solarised"]) > 0
 
 
 def test_the_supervised_baseline_sees_one_crop_and_flip_per_image_and_never_a_colour_change():
@@ -548,9 +573,12 @@ def test_the_workers_crop_boxes_on_a_500_by_375_image_are_torchvisions_not_a_cen
         assert ks_distance(area(square), area(reference)) > 0.2 and ks_distance(centre(square), centre(reference)) > 0.1
 
 
-def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
+@pytest.mark.parametrize("dtype, worst", [(torch.float32, 1.2), (torch.bfloat16, 2.2)])
+def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror(dtype, worst):
     # A smooth image (no edges, so PIL's clipping between its two passes never acts): each output pixel
-    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk.
+    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk, 0.3/255
+    # on average (PIL's rounding to whole grey levels). Products in bf16 round the first pass's output
+    # and each weight by up to 2^-9 of itself, half a grey level at most at each pass: within 2.2/255.
     yy, xx = np.mgrid[0:64, 0:64]
     pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
     image = Image.fromarray(pixels.astype(np.uint8))
@@ -558,12 +586,17 @@ def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror():
     for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
         boxes = data.sample_crop_boxes(8, 64, 64, scale, g)
         flip = torch.arange(8) % 2 == 1
-        crops = resized_crop(uint8_batch([image] * 8).float() / 255, boxes, size, flip)         # (8, 3, s, s)
+        crops = resized_crop(uint8_batch([image] * 8), boxes, size, flip, dtype)               # (8, 3, s, s)
         for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
             expected = image.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BICUBIC)
             if mirrored:
                 expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
-            assert (crop - uint8_batch([expected])[0] / 255).abs().max() < 1.2 / 255
+            difference = (crop - uint8_batch([expected])[0] / 255).abs()
+            assert difference.max() < worst / 255 and difference.mean() < 0.4 / 255
+    # bf16 holds the source's grey levels 0 ... 255 exactly, and the rounded weights' sums are divided
+    # out: a one-colour image stays that colour to a grey level, not darkened by weights summing to 0.99
+    flat = resized_crop(torch.full((8, 3, 64, 64), 255, dtype=torch.uint8), boxes, 24, flip, dtype)
+    assert (flat - 1).abs().max() <= (1e-6 if dtype == torch.float32 else 1 / 255)
 
 
 def test_jitter_operations_match_pil_and_commute_until_clipped():
@@ -601,7 +634,10 @@ def test_jitter_operations_match_pil_and_commute_until_clipped():
     assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
 
 
-def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders():
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -8)])
+def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders(monkeypatch, dtype, tolerance):
+    # in bf16 (products_dtype) the image and the output are rounded by up to 2^-9 of their values (<= 1)
+    monkeypatch.setattr(data, "products_dtype", lambda device: dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 20, 20, generator=g)
     sigma = torch.tensor([0.1, 1.0, 2.0])
@@ -613,8 +649,8 @@ def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders():
         padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")
         expected = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, 13).expand(3, 1, 1, 13), groups=3),
                             kernel.view(1, 1, 13, 1).expand(3, 1, 13, 1), groups=3)[0]
-        assert torch.allclose(out, expected, atol=1e-5)
-    assert torch.allclose(blurred[0], x[0], atol=1e-6)                # sigma 0.1 leaves pixels alone
+        assert torch.allclose(out, expected, atol=tolerance, rtol=0) and out.dtype == torch.float32
+    assert torch.allclose(blurred[0], x[0], atol=max(tolerance, 1e-6), rtol=0)   # sigma 0.1 leaves pixels alone
     # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
@@ -813,7 +849,7 @@ def test_a_folder_of_mixed_sizes_gives_views_cut_from_each_whole_image_by_its_se
     dataset = data.uint8_dataset("folder", str(tmp_path), recipes)
     assert isinstance(dataset, data.FullImageCrops) and len(dataset) == 3 and dataset.classes == ["a"]
     index = [path for path, _ in dataset.images.samples].index(str(wide))
-    whole = uint8_batch([Image.open(wide)]).float() / 255                                   # (1, 3, 75, 100)
+    whole = uint8_batch([Image.open(wide)])                                                 # (1, 3, 75, 100)
     for seed in range(4):
         views, label = dataset[(index, seed)]
         assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2 + [(torch.uint8, (3, 16, 16))] * 3
