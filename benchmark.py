@@ -116,24 +116,26 @@ with all of DINO's blur and solarisation. The per-image pipelines are single-thr
 other projects train with them they run in DataLoader workers, one per core, so on a k-core machine
 multiply their rate by at most k.
 
-Recorded on a 2-core x86 CPU (torch 2.14, batch 256, load average 1.8 from other work):
-
-    python benchmark.py --augmentations               (1 torch thread)
-    | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
-    | cifar | 2x32 + 6x16 from 32 px |         3,030 |             420 |           339 |         7.2x |       8.9x |
-    | stl10 | 2x96 + 6x48 from 96 px |           306 |             218 |           188 |         1.4x |       1.6x |
+Recorded on a 2-core x86 CPU with AVX-512 BF16 (torch 2.14, batch 256, nothing else running):
 
     python benchmark.py --augmentations --threads 2   (both cores for the batched pipeline)
-    | cifar | 2x32 + 6x16 from 32 px |         4,787 |             415 |           335 |        11.5x |      14.3x |
-    | stl10 | 2x96 + 6x48 from 96 px |           481 |             214 |           189 |         2.2x |       2.5x |
+    | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
+    | cifar | 2x32 + 6x16 from 32 px |         8,443 |             290 |           238 |        29.1x |      35.4x |
+    | stl10 | 2x96 + 6x48 from 96 px |         1,146 |             152 |           134 |         7.5x |       8.5x |
 
-Run as other projects train, one DataLoader worker per core, on these 2 cores the per-image pipelines give
-at most twice their rate: 4,787 vs 2 x 335 is 7x at CIFAR size. At 32 px PIL's cost is per call, which
-batching removes; at 96 px it is per pixel, where PIL's uint8 C loops are about as fast as the some 30
-float32 passes over each view here, so on a CPU the batched form gains little. It is meant for a GPU,
-where those passes are kernels over the whole batch. On this machine loaded by other jobs, 2 threads ran
-3-40x slower than 1 (threads waiting for a busy core), hence the default of 1; with the cores free, 2
-threads are 1.6x faster, as above.
+    python benchmark.py --augmentations               (1 torch thread)
+    | cifar | 2x32 + 6x16 from 32 px |         4,188 |             216 |           200 |        19.4x |      20.9x |
+    | stl10 | 2x96 + 6x48 from 96 px |           540 |             146 |           122 |         3.7x |       4.4x |
+
+A second run with 2 threads gave 7,007 and 885 (33.8x and 7.4x); the code before the CPU's bf16
+products and cache-sized pieces (data.products_dtype, BatchedMultiCrop), run just before: 5,929 and 455
+(25.7x and 3.2x). Run as other projects train, one DataLoader worker per core, on these 2 cores the
+per-image pipelines give at most twice their rate: 8,443 vs 2 x 238 is 18x at CIFAR size, 1,146 vs
+2 x 134 is 4.3x at STL-10 size. At 32 px PIL's cost is per call, which batching removes; at 96 px it is
+per pixel, where PIL's uint8 C loops are about as fast as the some 30 float32 passes over each view
+here. The batched form is meant for a GPU, where those passes are kernels over the whole batch. On a
+machine loaded by other jobs, 2 threads ran 3-40x slower than 1 (threads waiting for a busy core),
+hence the default of 1.
 """
 
 import argparse

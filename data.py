@@ -600,14 +600,14 @@ class BatchedMultiCrop:
         # every parameter was drawn for the whole batch.
         values = sum(3 * r.size ** 2 for r in self.recipes)                    # float32 values of one image's views
         chunk = max(1, CPU_CHUNK_VALUES // values) if device.type == "cpu" else batch
-        views = [torch.empty(batch, 3, r.size, r.size, device=device) for r in self.recipes] if chunk < batch else None
+        if chunk >= batch:
+            return self.views(images, to_device(parameters, device), cut)
+        views = [torch.empty(batch, 3, r.size, r.size, device=device) for r in self.recipes]
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
             part = [parameters_of_images(p, len(r), batch, start, stop) for p, r in zip(parameters, recipes)]
             made = self.views([v[start:stop] for v in images] if cut else images[start:stop],
                               to_device(part, device), cut)
-            if views is None:
-                return made
             for view, part_view in zip(views, made):
                 view[start:stop] = part_view
         return views
@@ -621,7 +621,7 @@ class BatchedMultiCrop:
         views = [None] * len(self.recipes)
         for group, p in zip(self.groups, parameters):
             group_recipes = [self.recipes[i] for i in group]
-            if cut:       # n views (b, 3, s, s) uint8 -> (n b, 3, s, s) float, crop b of view v at v b + b
+            if cut:       # n views (b, 3, s, s) uint8 -> (n b, 3, s, s) float, crop i of view v at v b + i
                 x = torch.cat([images[i] for i in group]).float().div_(255)
             else:
                 x = resized_crops(source, p, group_recipes[0].size)
@@ -634,8 +634,6 @@ class BatchedMultiCrop:
 def parameters_of_images(parameters, views, batch, start, stop):
     """draw_parameters' dict for the n = `views` crops of each of `batch` images -> the same for images
     start ... stop-1 alone, crop b of view v at v (stop - start) + b - start. Made on the CPU."""
-    if (start, stop) == (0, batch):
-        return parameters
     per_crop = {name: t.unflatten(-1, (views, batch))[..., start:stop].flatten(-2)
                 for name, t in parameters.items() if name not in ("blurred", "kernels", "solarised")}
     for name, extra in (("blurred", "kernels"), ("solarised", None)):
