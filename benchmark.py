@@ -153,8 +153,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import train
-from data import BatchedMultiCrop, HelpFormatter, MultiCrop, dino_recipes, first_problem, refuse
-from models import PRECISIONS, STEMS, HyDeSModel, auto_precision, build_backbone, cpu_has_native_bf16, precision_for
+from data import BatchedMultiCrop, HelpFormatter, MultiCrop, cpu_has_native_bf16, dino_recipes, first_problem, refuse
+from models import PRECISIONS, STEMS, HyDeSModel, auto_precision, build_backbone, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
