@@ -227,7 +227,10 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
         loss      beta H_local - alpha H_global   (minimise this)
         h_global  Eq. (2), nats
         h_local   Eq. (3), nats
-        mi        alpha H_global - beta H_local, the mutual-information estimate of Eq. (4)
+        mi        H_global - H_local, the mutual-information estimate of Eq. (4) with alpha = beta = 1,
+                  whatever weights the loss uses: with beta = 0.5 the loss is no longer minus an MI
+                  estimate (the paper: only alpha = beta = 1 maximises it), and a logged "mi" of
+                  alpha H_global - beta H_local (about -170 nats there) would read as one
 
     Precision: the similarities and logsumexps run in float32 even under autocast. In bf16 a cosine
     near 1 carries only ~3 significant digits, and in fp16 exp(kappa s) overflows once kappa s >
@@ -261,8 +264,8 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
         else:
             h_global = global_entropy(z, kappa)
         h_local = local_entropy(z, kappa)
-    mi = alpha * h_global - beta * h_local
-    return {"loss": -mi, "h_global": h_global, "h_local": h_local, "mi": mi}
+    return {"loss": beta * h_local - alpha * h_global, "h_global": h_global, "h_local": h_local,
+            "mi": h_global - h_local}
 
 
 # ----------------------------------------------------------------------------------------------------

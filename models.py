@@ -746,25 +746,43 @@ def load_for_probing(args, device):
 # ----------------------------------------------------------------------------------------------------
 # Frozen features, extracted once and cached
 
+def features_precision(device, backbone):
+    """The forward pass of extract_features(exact=False) and segment.py: bf16 autocast where training's
+    --precision auto would train this kind of network in it (fp16 on GPUs without bf16), float32
+    otherwise, and a ResNet's channels_last layout.
+
+    On a CPU with native bf16 that is bf16 for ResNets. On the README's laptop network after its 10
+    minutes (2 threads), CIFAR-10's 60,000 images took 13.6 s against 32.6 s in float32 (42.9 s with
+    contiguous tensors), and the k-NN top-1 was 56.43% against 56.41%. The oneDNN fault that keeps some
+    ResNets' training in float32 (cpu_bf16_convolutions_are_right) is in the weight gradient, which a
+    forward pass never computes."""
+    resnet = "resnet" if isinstance(backbone, ResNet) else None      # precision_for's layout follows it
+    if device.type == "cuda":
+        return precision_for(device, resnet)
+    return precision_for(device, resnet, "bf16" if resnet and cpu_has_native_bf16() else "fp32")
+
+
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False):
     """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64. The dataset
     gives normalised images (eval_transform), or uint8 ones, normalised here on the device.
 
-    exact=False: under the device's autocast (bf16 on most GPUs), fast and enough for the probes, whose
-    accuracies do not move with the last bits. exact=True: in float32 throughout, for analyze.py, whose
-    numerical ranks count singular values above float32 rounding: bf16's 8-bit mantissa rounds every
-    feature by ~0.4% and fills the null space, so a rank-16 matrix comes out as rank 200 or more."""
+    exact=False: in features_precision, fast and enough for the probes, whose accuracies do not move with
+    the last bits. exact=True: in float32 throughout, for analyze.py, whose numerical ranks count singular
+    values above float32 rounding: bf16's 8-bit mantissa rounds every feature by ~0.4% and fills the null
+    space, so a rank-16 matrix comes out as rank 200 or more."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    autocast = nullcontext() if exact else precision_for(device).autocast
+    autocast, _, memory_format = (Precision(nullcontext(), None, torch.contiguous_format) if exact
+                                  else features_precision(device, backbone))
     for images, targets in tqdm(loader, desc=desc, leave=False):
         images = images.to(device, non_blocking=True)
         if images.dtype == torch.uint8:           # eval_transform(size, normalised=False): normalise here
             images = normalize(images.float() / 255)
+        images = images.contiguous(memory_format=memory_format)     # (B, 3, H, W), NHWC in memory for ResNets
         with autocast:
             features.append(backbone(images).float().cpu())
         labels.append(targets)
@@ -799,13 +817,13 @@ def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image
 
     The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, the split's files
     (split_fingerprint), and the precision of the forward pass (exact: see extract_features), so that
-    features extracted under a GPU's bf16 never stand in for float32 ones. A cache file that cannot be
+    features extracted under bf16 never stand in for float32 ones. A cache file that cannot be
     read (cut short, say) is extracted anew."""
     data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
     key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
            "split": split, "image_size": image_size, "files": split_fingerprint(data),
-           "precision": str(torch.float32 if exact else getattr(precision_for(device).autocast, "fast_dtype",
-                                                                torch.float32))}
+           "precision": str(torch.float32 if exact else getattr(features_precision(device, backbone).autocast,
+                                                                "fast_dtype", torch.float32))}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
     if os.path.exists(path):

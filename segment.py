@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from data import (TO_NORMALISED_TENSOR, HelpFormatter, append_jsonl, error_message, first_problem, refuse, report_row,
                   save_png, unnormalize, unwritable)
-from models import ARCHS, CheckpointError, VisionTransformer, load_backbone, precision_for
+from models import ARCHS, CheckpointError, VisionTransformer, features_precision, load_backbone
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -186,9 +186,12 @@ def input_stride(backbone):
 
 @torch.no_grad()
 def frozen_stages(backbone, images, device):
-    """The frozen backbone's stage outputs for a batch, float32, computed under the device's autocast."""
-    with precision_for(device).autocast:
-        return [f.float() for f in backbone.stages(images.to(device, non_blocking=True))]
+    """The frozen backbone's stage outputs for a batch, float32, computed in models.features_precision (bf16
+    on GPUs and, for ResNets, on CPUs with native bf16), as the probes' features are."""
+    autocast, _, memory_format = features_precision(device, backbone)
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)   # (B, 3, H, W)
+    with autocast:
+        return [f.float() for f in backbone.stages(images)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_hydes_loss_matches_brute_force_loop(num_views, batch, dim, kappa):
     out = hydes.hydes_loss(z.float(), kappa, alpha=0.7, beta=0.3)
     assert out["h_global"].item() == pytest.approx(h_global, abs=1e-4)
     assert out["h_local"].item() == pytest.approx(h_local, abs=1e-4)
-    assert out["mi"].item() == pytest.approx(0.7 * h_global - 0.3 * h_local, abs=1e-4)
+    assert out["mi"].item() == pytest.approx(h_global - h_local, abs=1e-4)      # the MI estimate, unweighted
     assert out["loss"].item() == pytest.approx(0.3 * h_local - 0.7 * h_global, abs=1e-4)
 
 
@@ -1302,9 +1302,9 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
         return analyze.numerical_rank(torch.linalg.svdvals(matrix.double()), matrix.shape)
 
     assert numerical_rank(rank_16) == 16 and numerical_rank(rank_16.bfloat16().float()) > 100
-    # A device whose autocast is bf16 (a GPU's), emulated on the CPU
-    monkeypatch.setattr(models, "precision_for", lambda device, arch=None: models.Precision(
-        torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False), torch.contiguous_format))
+    # Fast features in bf16 (a GPU's, or a CPU's with native bf16), whatever this CPU has
+    monkeypatch.setattr(models, "features_precision", lambda device, backbone: models.Precision(
+        torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False), torch.channels_last))
     for cls in ("a", "b"):
         write_images(tmp_path / "images" / "train" / cls, 3)
     backbone = models.build_backbone("resnet18", 32, width=8).eval()
@@ -1320,6 +1320,27 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
         reference = backbone(torch.stack([split[i][0] for i in range(len(split))]))    # float32, no autocast
     assert torch.allclose(exact[0], reference, atol=1e-5) and not torch.allclose(fast[0], reference, atol=1e-5)
     assert numerical_rank(exact[0]) == numerical_rank(reference)
+
+
+def test_probe_features_are_bf16_for_a_resnet_on_a_cpu_with_native_bf16_and_close_to_float32(monkeypatch):
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    resnet = models.build_backbone("resnet18", 32, width=8)
+    vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2)
+    for native in (True, False):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+        for backbone in (resnet, vit):
+            autocast, _, memory_format = models.features_precision(cpu, backbone)
+            fast = native and backbone is resnet
+            assert getattr(autocast, "fast_dtype", None) == (torch.bfloat16 if fast else None)
+            assert memory_format == (torch.channels_last if backbone is resnet else torch.contiguous_format)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(64) % 2)
+    fast, _ = models.extract_features(resnet, dataset, cpu, batch_size=16, workers=0)
+    exact, _ = models.extract_features(resnet, dataset, cpu, batch_size=16, workers=0, exact=True)
+    relative = ((fast - exact).norm() / exact.norm()).item()
+    assert fast.dtype == exact.dtype == torch.float32 and 0 < relative < 2e-2      # bf16 rounding, nothing worse
 
 
 def test_the_feature_cache_is_reused_and_renewed_by_a_new_checkpoint_new_files_or_an_unreadable_cache(
