@@ -776,8 +776,7 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    autocast, _, memory_format = (Precision(nullcontext(), None, torch.contiguous_format) if exact
-                                  else features_precision(device, backbone))
+    autocast, _, memory_format = precision_for(device, None, "fp32") if exact else features_precision(device, backbone)
     for images, targets in tqdm(loader, desc=desc, leave=False):
         images = images.to(device, non_blocking=True)
         if images.dtype == torch.uint8:           # eval_transform(size, normalised=False): normalise here

@@ -2152,6 +2152,11 @@ def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(
     control.estimate_once(seconds_per_step=2.0, step=20)      # 128 images in 2 s on a laptop
     printed = capsys.readouterr().out
     assert "at 64 images/s this run needs about 43 more hours" in printed and "--width 16" in printed
+    readme = " ".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read().split())
+    laptop = readme[readme.index("### A laptop run"):]
+    laptop = laptop[laptop.index("python train.py"):laptop.index("--out")]         # the README's command
+    hint = re.findall(r"(--[a-z-]+)(?: ([^-\s]\S*))?", printed[printed.index("laptop run:"):])
+    assert len(hint) >= 8 and all(f"{flag} {value}".strip() + " " in laptop + " " for flag, value in hint)
     control.estimate_once(seconds_per_step=2.0, step=40)      # said once only
     quick = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
     quick.total_steps = 2 * 390

@@ -962,7 +962,7 @@ class RunControl:
         if hours > 3:
             tqdm.write(f"note: at {self.args.batch_size / seconds_per_step:.0f} images/s this run needs about "
                        f"{hours:.0f} more hours on {self.device}. To try the method in minutes here, train the "
-                       f"README's laptop run: --width 16 --proj-hidden 512 --kappa 10 --lr 3e-3 --no-blur --stem cifar "
+                       f"README's laptop run: --width 16 --proj-hidden 512 --kappa 10 --beta 0.5 --lr 3e-3 --no-blur --stem cifar "
                        f"--forward per-resolution --max-minutes 10")
 
     def watch(self, terms):
