@@ -187,7 +187,8 @@ def input_stride(backbone):
 @torch.no_grad()
 def frozen_stages(backbone, images, device):
     """The frozen backbone's stage outputs for a batch, float32, computed in models.features_precision (bf16
-    on GPUs and, for ResNets, on CPUs with native bf16), as the probes' features are."""
+    on GPUs, fp16 on those without bf16, and bf16 for ResNets on CPUs with native bf16), as the probes'
+    features are."""
     autocast, _, memory_format = features_precision(device, backbone)
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)   # (B, 3, H, W)
     with autocast:

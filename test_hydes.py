@@ -1322,7 +1322,7 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
     assert numerical_rank(exact[0]) == numerical_rank(reference)
 
 
-def test_probe_features_are_bf16_for_a_resnet_on_a_cpu_with_native_bf16_and_close_to_float32(monkeypatch):
+def test_probe_features_are_bf16_for_a_resnet_on_a_cpu_with_native_bf16_and_close_to_float32(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     resnet = models.build_backbone("resnet18", 32, width=8)
@@ -1341,6 +1341,13 @@ def test_probe_features_are_bf16_for_a_resnet_on_a_cpu_with_native_bf16_and_clos
     exact, _ = models.extract_features(resnet, dataset, cpu, batch_size=16, workers=0, exact=True)
     relative = ((fast - exact).norm() / exact.norm()).item()
     assert fast.dtype == exact.dtype == torch.float32 and 0 < relative < 2e-2      # bf16 rounding, nothing worse
+    # The cache keeps them apart: bf16 features never stand in for analyze.py's float32 ones
+    for cls in ("a", "b"):
+        write_images(tmp_path / "images" / "train" / cls, 3)
+    cached = [models.cached_features(resnet, "digest", "folder", str(tmp_path / "images"), "train", 32, cpu,
+                                     str(tmp_path / "cache"), workers=0, exact=exact) for exact in (False, True)]
+    assert cached[1][2] is False and len(os.listdir(tmp_path / "cache")) == 2
+    assert not torch.equal(cached[0][0], cached[1][0])
 
 
 def test_the_feature_cache_is_reused_and_renewed_by_a_new_checkpoint_new_files_or_an_unreadable_cache(
@@ -2152,11 +2159,17 @@ def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(
     control.estimate_once(seconds_per_step=2.0, step=20)      # 128 images in 2 s on a laptop
     printed = capsys.readouterr().out
     assert "at 64 images/s this run needs about 43 more hours" in printed and "--width 16" in printed
+    # The hint names the README's laptop settings, both ways, in both places the README gives the command
     readme = " ".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read().split())
-    laptop = readme[readme.index("### A laptop run"):]
-    laptop = laptop[laptop.index("python train.py"):laptop.index("--out")]         # the README's command
-    hint = re.findall(r"(--[a-z-]+)(?: ([^-\s]\S*))?", printed[printed.index("laptop run:"):])
-    assert len(hint) >= 8 and all(f"{flag} {value}".strip() + " " in laptop + " " for flag, value in hint)
+    hint = dict(re.findall(r"(--[a-z-]+)(?: ([^-\s]\S*))?", printed[printed.index("laptop run:"):]))
+    settings = ("--width", "--proj-hidden", "--kappa", "--beta", "--lr", "--batch-size", "--no-blur", "--stem",
+                "--forward", "--max-minutes")
+    for section in ("## A first run", "### A laptop run"):
+        command = readme[readme.index(section):]
+        command = dict(re.findall(r"(--[a-z-]+)(?: ([^-\s]\S*))?",
+                                  command[command.index("python train.py"):command.index("--out")]))
+        assert len(hint) >= 8 and all(command.get(flag) == value for flag, value in hint.items()), section
+        assert all(hint.get(flag) == value for flag, value in command.items() if flag in settings), section
     control.estimate_once(seconds_per_step=2.0, step=40)      # said once only
     quick = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
     quick.total_steps = 2 * 390
