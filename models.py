@@ -753,9 +753,9 @@ def features_precision(device, backbone):
 
     On a CPU with native bf16 that is bf16 for ResNets. On the README's laptop network after its 10
     minutes (2 threads), CIFAR-10's 60,000 images took 13.6 s against 32.6 s in float32 (42.9 s in
-    float32 with contiguous tensors), and the k-NN top-1 was 56.43% against 56.41%. The oneDNN fault that keeps some
-    ResNets' training in float32 (cpu_bf16_convolutions_are_right) is in the weight gradient, which a
-    forward pass never computes."""
+    float32 with contiguous tensors), and the k-NN top-1 was 56.43% against 56.41%. The oneDNN fault
+    that keeps some ResNets' training in float32 (cpu_bf16_convolutions_are_right) is in the weight
+    gradient, which a forward pass never computes."""
     resnet = "resnet" if isinstance(backbone, ResNet) else None      # precision_for's layout follows it
     if device.type == "cuda":
         return precision_for(device, resnet)
