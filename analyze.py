@@ -5,7 +5,8 @@
     python analyze.py curves runs/kappa0.1 runs/kappa1 runs/kappa10 --out fig7.png     # Figs. 6-8
 
 For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
-(default test; extracted once in float32 and cached, shared with evaluate.py where its features are float32), it reports:
+(default test; extracted once in float32 and cached, shared with evaluate.py where its features are
+float32), it reports:
 
   Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank,
                                       embedding rank, d', mean +- std pairwise angle over all pairs and

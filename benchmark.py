@@ -127,14 +127,14 @@ Recorded on a 2-core x86 CPU with AVX-512 BF16 (torch 2.14, batch 256, nothing e
     | cifar | 2x32 + 6x16 from 32 px |         4,188 |             216 |           200 |        19.4x |      20.9x |
     | stl10 | 2x96 + 6x48 from 96 px |           540 |             146 |           122 |         3.7x |       4.4x |
 
-Two more runs with 2 threads gave 7,007 and 885 (33.8x and 7.4x), 8,623 and 1,003 (40.5x and 7.2x);
-the code before the CPU's bf16 products and cache-sized pieces (data.products_dtype, BatchedMultiCrop),
-run just before: 5,929 and 455 (25.7x and 3.2x). Run as other projects train, one DataLoader worker per core, on these 2 cores the
-per-image pipelines give at most twice their rate: 8,443 vs 2 x 238 is 18x at CIFAR size, 1,146 vs
-2 x 134 is 4.3x at STL-10 size. At 32 px PIL's cost is per call, which batching removes; at 96 px it is
-per pixel, where PIL's uint8 C loops are about as fast as the some 30 float32 passes over each view
-here. The batched form is meant for a GPU, where those passes are kernels over the whole batch. On a
-machine loaded by other jobs, 2 threads ran 3-40x slower than 1 (threads waiting for a busy core),
+Two more runs with 2 threads gave 7,007 and 885 (33.8x and 7.4x), 8,623 and 1,003 (40.5x and 7.2x); the
+code before the CPU's bf16 products and cache-sized pieces (data.products_dtype, BatchedMultiCrop), run
+just before: 5,929 and 455 (25.7x and 3.2x). Run as other projects train, one DataLoader worker per core,
+on these 2 cores the per-image pipelines give at most twice their rate: 8,443 vs 2 x 238 is 18x at CIFAR
+size, 1,146 vs 2 x 134 is 4.3x at STL-10 size. At 32 px PIL's cost is per call, which batching removes;
+at 96 px it is per pixel, where PIL's uint8 C loops are about as fast as the some 30 float32 passes over
+each view here. The batched form is meant for a GPU, where those passes are kernels over the whole batch.
+On a machine loaded by other jobs, 2 threads ran 3-40x slower than 1 (threads waiting for a busy core),
 hence the default of 1.
 """
 

@@ -340,11 +340,11 @@ def resized_crops(source, geometry, size):
     In bf16 (products_dtype) the source is exact, as bf16 holds the integers 0 ... 255 exactly; what it
     rounds is each weight, by up to 2^-8 of itself (so a pixel's weights sum to one within about 0.4%),
     and each pass's output, to bf16's grid: whole grey levels from 128 to 256, as PIL rounds, finer below,
-    steps of 2 levels above 256 (the cubic's overshoot, clipped at the end). Where the weights' sum is near one the rounded output mostly lands back
-    on the source's level: on 200 CIFAR-10 images, 0.29 grey levels from PIL on average in float32, 0.32
-    in bf16; at most 2 levels off on a smooth image, 1.1 in float32. (Dividing by the rounded weights'
-    sums halved the worst case, a flat region's, but moved the average to 0.35: such outputs no longer
-    land on whole levels.)
+    steps of 2 levels above 256 (the cubic's overshoot, clipped at the end). Where the weights' sum is
+    near one the rounded output mostly lands back on the source's level: on 200 CIFAR-10 images, 0.29
+    grey levels from PIL on average in float32, 0.32 in bf16; at most 2 levels off on a smooth image,
+    1.1 in float32. (Dividing by the rounded weights' sums halved the worst case, a flat region's, but
+    moved the average to 0.35: such outputs no longer land on whole levels.)
     """
     batch, height, _, width = source.shape
     rows, columns = resize_matrices(geometry, size, max(height, width)).to(source.dtype)   # each (n B, size, max(H, W))
@@ -603,7 +603,8 @@ class BatchedMultiCrop:
         views = [torch.empty(batch, 3, r.size, r.size, device=device) for r in self.recipes]
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
-            part = [parameters_of_images(p, len(r), batch, start, stop) for p, r in zip(parameters, self.group_recipes)]
+            part = [parameters_of_images(p, len(r), batch, start, stop)
+                    for p, r in zip(parameters, self.group_recipes)]
             made = self.views([v[start:stop] for v in images] if cut else images[start:stop],
                               to_device(part, device), cut)
             for view, part_view in zip(views, made):
