@@ -14,7 +14,8 @@ STL-10's ViT-Tiny with 2 x 96 + 6 x 48 px views of 96 px images, batch 128, trai
 everything else. The images are seeded uniform noise (no download): a step does the same work
 whatever the pixels. For each setting, each precision the device offers (bf16 autocast, fp16 autocast
 with gradient scaling, float32), each layout of a ResNet's tensors (channels_last, contiguous) and, on
-a GPU, eager and torch.compile'd (with train.py's layout), one row:
+a GPU, eager, torch.compile'd (with train.py's precision and layout) and torch.compile'd with CUDA
+graphs (mode "reduce-overhead", train.py --compile reduce-overhead), one row:
   img/s            whole training steps as train.py runs them: the batched crops of a uint8 batch on the
                    device, the forward pass, the loss, backward and AdamW (train.training_step); images/s
                    count source images, 8 views each
@@ -159,7 +160,9 @@ from models import PRECISIONS, STEMS, HyDeSModel, auto_precision, build_backbone
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
 LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous"}
-MODES = ("eager", "compiled")
+# The table's modes -> torch.compile's mode (None: not compiled): train.py's --compile and --compile
+# reduce-overhead (CUDA graphs)
+MODES = {"eager": None, "compiled": "default", "reduce-overhead": "reduce-overhead"}
 FORWARDS = ("per-view", "per-resolution")          # train.py's --forward
 # Device operations of one BatchedMultiCrop call with dino_recipes(32, 16) and a batch of 128, counted as
 # crop_device_operations does, when each view was made on its own (a crop, jitter, grayscale, blur,
@@ -207,10 +210,11 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", choices=PRECISIONS,
                    help="precisions to time (auto: train.py's default on the device); default: every one the "
                         "device offers: bf16 where native on a GPU, fp16 (GPUs only) and fp32; on a CPU bf16 and fp32")
-    p.add_argument("--modes", nargs="+", choices=MODES,
-                   help="eager: the network as written; compiled: torch.compile'd as train.py --compile runs it, "
-                        "in train.py's precision and layout only (each compiles for a minute or so); default: "
-                        "both on a GPU, eager on a CPU")
+    p.add_argument("--modes", nargs="+", choices=list(MODES),
+                   help="eager: the network as written; compiled: torch.compile'd as train.py --compile runs it; "
+                        "reduce-overhead: as train.py --compile reduce-overhead, compiled and replayed as CUDA "
+                        "graphs. Compiled rows in train.py's precision and layout only (each compiles for a minute "
+                        "or so), in the order given; default: all three on a GPU, eager on a CPU")
     p.add_argument("--forward", nargs="+", default=["per-view"], choices=FORWARDS,
                    help="train.py's --forward to time: per-view (the paper's setup, train.py's default: BatchNorm "
                         "over each view) or per-resolution (BatchNorm over all the views of a crop size)")
@@ -271,7 +275,7 @@ def precisions_to_time(args, device, auto):
 
 def step_rows(name, forward, args, device):
     """The table's rows for one setting (INPUTS[name]), yielded one by one as each is measured, each a dict:
-    every precision and layout eager, and train.py's precision and layout compiled; see the module
+    every precision and layout eager, and train.py's precision and layout compiled (--modes); see the module
     docstring for what each column measures. A row that fails records its error and the next one runs."""
     side, global_size, local_size, arch = INPUTS[name]
     resnet = ["--stem", args.stem] + (["--width", str(args.width)] if args.width else [])
@@ -291,18 +295,22 @@ def step_rows(name, forward, args, device):
     auto = auto_precision(device, arch, settings.stem, local_size)     # train.py's --precision auto
     default = precision_for(device, arch, auto)
     layouts = [default.memory_format] + [torch.contiguous_format] * (default.memory_format != torch.contiguous_format)
-    modes = args.modes or (MODES if device.type == "cuda" else ("eager",))
-    variants = [(precision, layout, False) for precision in precisions_to_time(args, device, auto) for layout in layouts
-                if "eager" in modes]
-    variants += [(auto, default.memory_format, True)] * ("compiled" in modes)
-    for precision_name, layout, compiled in variants:
+    modes = args.modes or (list(MODES) if device.type == "cuda" else ["eager"])
+    variants = []                             # (precision, layout, mode), in the order of the modes
+    for mode in modes:
+        if mode == "eager":                   # every precision and layout
+            variants += [(precision, layout, mode) for precision in precisions_to_time(args, device, auto)
+                         for layout in layouts]
+        else:                                 # compiled: train.py's precision and layout only
+            variants.append((auto, default.memory_format, mode))
+    for precision_name, layout, mode in variants:
         row = {"setting": f"{name} {global_size}/{local_size} px", "network": describe(arch, settings),
-               "precision": precision_name, "layout": LAYOUTS[layout], "mode": "compiled" if compiled else "eager",
-               "default": (precision_name, layout, compiled, forward) == (
-                   auto, default.memory_format, False, train.build_parser().get_default("forward"))}
+               "precision": precision_name, "layout": LAYOUTS[layout], "mode": mode,
+               "default": (precision_name, layout, mode, forward) == (
+                   auto, default.memory_format, "eager", train.build_parser().get_default("forward"))}
         try:
             row.update(time_row(base, precision_for(device, arch, precision_name)._replace(memory_format=layout),
-                                compiled, crops, images, labels, check_views, reference, settings, args, device))
+                                MODES[mode], crops, images, labels, check_views, reference, settings, args, device))
         except Exception as error:              # a validation run reports every row it can, and each failure
             traceback.print_exc()
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:120]
@@ -315,16 +323,17 @@ def describe(arch, settings):
     return f"{network}, {settings.forward}"
 
 
-def time_row(base, precision, compiled, crops, images, labels, check_views, reference, settings, args, device):
-    """One row's measurements: a copy of the base network in the precision's layout, its gradient check,
-    then whole training steps timed, then a few more with the host's waits counted."""
+def time_row(base, precision, compile_mode, crops, images, labels, check_views, reference, settings, args, device):
+    """One row's measurements: a copy of the base network in the precision's layout, torch.compile'd in
+    `compile_mode` unless it is None, its gradient check, then whole training steps timed, then a few more
+    with the host's waits counted."""
     if device.type == "cuda":
         torch.compiler.reset()                 # compiled code of an earlier row never serves this one
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     net = copy.deepcopy(base).to(device, memory_format=precision.memory_format)
-    model = torch.compile(net) if compiled else net
+    model = torch.compile(net, mode=compile_mode) if compile_mode else net
     # The gradient check first: for a compiled row, its first call compiles the model
     error = gradient_error(net, model, check_views, labels, precision, settings, reference)
     first_step = time.perf_counter() - start               # compilation, cuDNN's autotuning, the fp16 retries

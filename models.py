@@ -85,7 +85,10 @@ def batch_norm_per_view(norm, x):
     y = F.batch_norm(grouped, running_mean, running_var, norm.weight.repeat(views), norm.bias.repeat(views),
                      training=True, momentum=norm.momentum, eps=norm.eps)
     with torch.no_grad():                                  # ... then as k updates in a row would leave them
-        start_weight, view_weights = in_sequence(views, norm.momentum, x.device, norm.running_mean.dtype)
+        # torch.compile traces the function itself, whose weights become constants of the graph: the cache
+        # serves eager calls (Dynamo cannot use an lru_cache, and warns of one)
+        sequence = in_sequence.__wrapped__ if torch.compiler.is_compiling() else in_sequence
+        start_weight, view_weights = sequence(views, norm.momentum, x.device, norm.running_mean.dtype)
         for running, once in ((norm.running_mean, running_mean), (norm.running_var, running_var)):
             running.addmv_(once.view(views, channels).T, view_weights, beta=start_weight)   # c r_0 + sum_v w_v u_v
         norm.num_batches_tracked.add_(views)

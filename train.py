@@ -71,6 +71,11 @@ SETTINGS_BEFORE_THEIR_FLAGS = {"stem": lambda saved: "cifar" if saved["global_si
 # --data-source auto keeps the decoded training images on the device when they fit in this many bytes:
 # CIFAR's 150 MB and STL-10's 2.9 GB do; ImageNet (250 GB at 256 px) and Food-101 (15 GB) do not.
 IN_MEMORY_BYTES = 4 * 2**30
+# torch.compile's modes that --compile offers. "default" fuses the network's operations into fewer, larger
+# kernels; "reduce-overhead" also records the compiled forward and backward as CUDA graphs and replays
+# them, so that the host launches one graph instead of each kernel: the remedy for a step bound by
+# launches, as the paper's small crops make it on a GPU (README, Speed).
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,8 +179,11 @@ def build_parser():
                    help="fixes the initial weights, the data order and every augmentation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; under torchrun, each process takes the GPU of its LOCAL_RANK")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two")
+    g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two. "
+                        "--compile alone is torch.compile's default mode; --compile reduce-overhead also replays "
+                        "the compiled forward and backward as CUDA graphs, one launch for hundreds of kernels "
+                        "(GPUs only; on a CPU it is the default mode)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass (the loss is float32 whatever this says). auto: bf16 "
                         "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs; on CPUs "
@@ -293,10 +301,14 @@ def training_step(model, views, labels, optimizer, precision, method, kappa, alp
     autocast, scaler, memory_format = precision
     # The input in the network's layout (NHWC for ResNets on GPUs), else every convolution converts it.
     views = [v.contiguous(memory_format=memory_format) for v in views]
+    # The last step's gradients are dropped before this step's forward pass, and CUDA graphs (--compile
+    # reduce-overhead) are told that a new step begins: their outputs, these gradients among them, live in
+    # memory that the next replay overwrites. Without CUDA graphs the second call does nothing.
+    optimizer.zero_grad(set_to_none=True)
+    torch.compiler.cudagraph_mark_step_begin()
     with autocast:                                # bf16 matmuls on GPUs; the loss itself runs in float32
         z = model(views)                          # (V, B, D) on the sphere (supervised: (V, B, C) logits)
     out = objective(z, labels, method, kappa, alpha, beta)
-    optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()          # scaled only for fp16; otherwise the loss itself
     scaler.step(optimizer)                        # AdamW (fp16: skipped if the scaled gradients overflowed)
     scaler.update()
@@ -419,7 +431,7 @@ def parallel(net, args, control):
     if control.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[control.device.index] if control.device.type == "cuda" else None)
-    return torch.compile(model) if args.compile else model
+    return torch.compile(model, mode=args.compile) if args.compile else model
 
 
 def evaluation_due(step, steps_per_epoch, args, last):
@@ -751,6 +763,8 @@ def resume_settings(args, argv):
     # default has changed since (SETTINGS_BEFORE_THEIR_FLAGS); the folder may have moved since.
     defaults = vars(build_parser().parse_args([]))
     before = {k: rule(saved) for k, rule in SETTINGS_BEFORE_THEIR_FLAGS.items() if k not in saved}
+    if isinstance(saved.get("compile"), bool):       # --compile was a switch before it took a mode
+        saved = {**saved, "compile": "default" if saved["compile"] else None}
     args = argparse.Namespace(**{**defaults, **before, **saved, **{k: getattr(args, k) for k in given},
                                  "resume": True, "out": args.out})
     return args, checkpoint
