@@ -2197,6 +2197,17 @@ def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(
     quick.total_steps = 2 * 390
     quick.estimate_once(seconds_per_step=2.0, step=20)        # 25 minutes: nothing to say
     assert capsys.readouterr().out == ""
+    # On one GPU: CUDA graphs are named unless in use; the laptop settings never (they are for CPUs)
+    for compile_mode, world_size, hours in ((None, 1, 43), ("default", 1, 0), ("reduce-overhead", 1, 43),
+                                            (None, 2, 43)):
+        gpu = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
+        gpu.device, gpu.world_size = torch.device("cuda"), world_size         # as under torchrun on GPUs
+        gpu.args.compile, gpu.total_steps = compile_mode, 20 + 1800 * hours   # 2 s a step: 1,800 an hour
+        gpu.estimate_once(seconds_per_step=2.0, step=20)
+        printed = capsys.readouterr().out
+        assert ("--compile reduce-overhead would run" in printed) == (compile_mode != "reduce-overhead"
+                                                                      and world_size == 1)
+        assert ("more hours on cuda." in printed) == (hours > 3) and "--width" not in printed
 
 
 def test_every_flag_of_every_script_has_help_and_shows_its_default(monkeypatch, capsys):
