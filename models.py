@@ -85,8 +85,9 @@ def batch_norm_per_view(norm, x):
     y = F.batch_norm(grouped, running_mean, running_var, norm.weight.repeat(views), norm.bias.repeat(views),
                      training=True, momentum=norm.momentum, eps=norm.eps)
     with torch.no_grad():                                  # ... then as k updates in a row would leave them
-        # torch.compile traces the function itself, whose weights become constants of the graph: the cache
-        # serves eager calls (Dynamo cannot use an lru_cache, and warns of one)
+        # Eager calls take c and w_v from the cache. torch.compile would ignore the cache, trace the
+        # function and warn that it did: it is given the function itself, whose c and w_v become constants
+        # of the graph.
         sequence = in_sequence.__wrapped__ if torch.compiler.is_compiling() else in_sequence
         start_weight, view_weights = sequence(views, norm.momentum, x.device, norm.running_mean.dtype)
         for running, once in ((norm.running_mean, running_mean), (norm.running_var, running_var)):
