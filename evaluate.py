@@ -89,13 +89,14 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
     return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n
 
 
-def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, skip_bad_images=False):
-    """The labelled train split and the test split with the evaluation transform (eval_transform), for
-    train.py's monitor. skip_bad_images: leave out the files that fail to decode, as training does."""
-    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised))
-              for split in ("train", "test")]
+def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, skip_bad_images=False,
+                    names=("train", "test")):
+    """The labelled splits `names` (the train split and the test split) with the evaluation transform
+    (eval_transform), for train.py's monitor. skip_bad_images: leave out the files that fail to decode, as
+    training does."""
+    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised)) for split in names]
     if skip_bad_images:
-        dropped = drop_unreadable_images(splits[0], workers) + drop_unreadable_images(splits[1], workers)
+        dropped = [path for split in splits for path in drop_unreadable_images(split, workers)]
         if dropped:
             print(f"warning: the monitor leaves out {len(dropped)} unreadable image(s), for example {dropped[0]}")
     return splits

@@ -2537,6 +2537,36 @@ def test_the_monitor_decodes_the_labelled_splits_once_and_its_features_are_those
         assert torch.equal(through_files[0], from_memory[0]) and torch.equal(through_files[1], from_memory[1])
 
 
+def test_the_monitor_takes_the_train_split_from_training_memory_and_decodes_only_the_test_split(tmp_path, monkeypatch):
+    # Each decoding pass: (images, made by the monitor's eval_transform rather than training's PILToTensor)
+    passes = []
+    monkeypatch.setattr(train, "load_into_memory", lambda dataset, *args, **kwargs: passes.append(
+        (len(dataset), isinstance(dataset.transform, torchvision.transforms.Compose)))
+        or data.load_into_memory(dataset, *args, **kwargs))
+    logs = {}
+    for source in ("memory", "workers"):
+        passes.clear()
+        out = tmp_path / source
+        train.main(tiny_run(tmp_path) + ["--data-source", source, "--eval-every", "1", "--knn-k", "3", "--epochs", "2",
+                                         "--out", str(out)])
+        logs[source] = [{k: v for k, v in json.loads(line).items() if k.startswith(("knn", "linear"))}
+                        for line in open(out / "log.jsonl")]
+        # 16 train and 8 test images: from memory, training decodes the train split and the monitor the
+        # test split alone; with loading workers the monitor decodes both, once for the two evaluations
+        assert passes == ([(16, False), (8, True)] if source == "memory" else [(16, True), (8, True)]), source
+    assert logs["memory"] == logs["workers"] and len(logs["memory"]) == 2 and "knn_top1" in logs["memory"][1]
+    # Which in-memory images stand for the labelled train split: not STL-10's unlabelled ones, not another size
+    images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)
+    memory = data.InMemoryBatches(images, labels, data.EpochOrder(4, 2, 0, 0, 1))
+    for dataset, method, size, batches, shared in (("cifar10", "hydes", 32, memory, True),
+                                                   ("stl10", "hydes", 32, memory, False),
+                                                   ("stl10", "supervised", 32, memory, True),
+                                                   ("cifar10", "hydes", 24, memory, False),
+                                                   ("cifar10", "hydes", 32, object(), False)):
+        args = argparse.Namespace(dataset=dataset, method=method, global_size=size)
+        assert (train.labelled_training_images(batches, args) is not None) == shared, (dataset, method, size)
+
+
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_path, monkeypatch, signum, dies):
     real = train.labelled_splits

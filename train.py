@@ -234,7 +234,7 @@ def train(args, checkpoint, control):
     # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
     probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
     state = (net, optimizer, precision.scaler, probe)                # what a checkpoint saves and restores
-    monitor = Monitor(args, device)
+    monitor = Monitor(args, device, labelled_training_images(batches, args))
     step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
     model = parallel(net, args, control)
     if control.main_process:
@@ -411,6 +411,17 @@ def training_data(args, recipes, control):
     return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
 
 
+def labelled_training_images(batches, args):
+    """(images, labels) that training holds in memory, when they are the labelled train split as the monitor
+    evaluates it: the same files (every dataset but STL-10, whose 100k unlabelled images are trained on
+    too; the supervised baseline trains on the labelled split itself) at the evaluation size, where
+    eval_transform changes nothing. Else None, and the monitor decodes its own copy."""
+    labelled = args.method == "supervised" or args.dataset != "stl10"
+    if isinstance(batches, InMemoryBatches) and labelled and batches.images.shape[-2:] == (args.global_size,) * 2:
+        return batches.images, batches.labels
+    return None
+
+
 def build_model(args, num_classes, control, memory_format):
     """HyDeSModel on the device: backbone + projector onto the sphere, or + a linear classifier for
     --method supervised."""
@@ -477,18 +488,27 @@ class Monitor:
     Splits whose evaluation-size images fit in IN_MEMORY_BYTES as uint8 (CIFAR's 184 MB, STL-10's 360 MB)
     are decoded at the first evaluation and kept: every later one is a forward pass over tensors, with no
     image decoded again. The features are the same as through the files: the uint8 images are those of
-    eval_transform before its tensor conversion, normalised on the device. ImageNet and Food-101 are
-    decoded by the loading workers at each evaluation.
+    eval_transform before its tensor conversion, normalised on the device. Where training keeps the
+    labelled train split in memory at the evaluation size (CIFAR, a folder of such images, not STL-10's
+    unlabelled images), those tensors are the monitor's train split and only the test split is decoded.
+    ImageNet and Food-101 are decoded by the loading workers at each evaluation.
     """
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, train_images=None):
         self.args, self.device = args, device
+        self.train_images = train_images  # (images, labels) of the labelled train split, if training holds them
         self.decoded = None             # [train, test] as TensorDatasets of uint8 images, once they are kept
 
     def splits(self):
         """The two labelled splits, giving uint8 images, and the loading workers to read them with."""
         args = self.args
         if self.decoded is not None:
+            return self.decoded, 0
+        if self.train_images is not None:             # training decoded the train split: the test split only
+            test, = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
+                                    workers=args.workers, skip_bad_images=args.skip_bad_images, names=("test",))
+            train = torch.utils.data.TensorDataset(*(t.cpu() for t in self.train_images))   # CPU, as below
+            self.decoded = [train, torch.utils.data.TensorDataset(*load_into_memory(test, "cpu", args.workers))]
             return self.decoded, 0
         splits = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
                                  workers=args.workers, skip_bad_images=args.skip_bad_images)
