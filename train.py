@@ -415,8 +415,8 @@ def labelled_training_images(batches, args):
     """(images, labels) that training holds in memory, when they are the labelled train split as the monitor
     evaluates it: the same files (every dataset but STL-10, whose 100k unlabelled images are trained on
     too, data.pretrain_dataset; the supervised baseline trains on the labelled split itself) at the
-    evaluation size, where
-    eval_transform changes nothing. Else None, and the monitor decodes its own copy."""
+    evaluation size, where eval_transform changes nothing. Else None, and the monitor decodes its own
+    copy."""
     labelled = args.method == "supervised" or args.dataset != "stl10"
     if isinstance(batches, InMemoryBatches) and labelled and batches.images.shape[-2:] == (args.global_size,) * 2:
         return batches.images, batches.labels
