@@ -63,12 +63,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (GLOBAL_SCALE, DatasetError, HelpFormatter, MultiCrop, append_jsonl, dataset_split,
-                  default_crop_sizes, error_message, eval_transform, first_problem, read_jsonl, refuse, report_row,
-                  save_png, unnormalize, unwritable)
-from models import (CheckpointError, VisionTransformer, add_checkpoint_arguments, cached_features,
-                    checkpoint_argument_rules, extract_features, file_digest, load_for_probing,
-                    parse_checkpoint_arguments)
+from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
+                         parse_checkpoint_arguments)
+from checks import HelpFormatter, error_message, first_problem, refuse, unwritable
+from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
+                  eval_transform, save_png, unnormalize)
+from features import cached_features, extract_features, file_digest
+from models import VisionTransformer
+from records import append_jsonl, read_jsonl, report_row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,9 +283,10 @@ def positive_pair_features(backbone, dataset, data_dir, split, train_args, image
     backbone, which carries no training arguments, gets the defaults of data.MultiCrop."""
     args = train_args or {}
     global_size, local_size = default_crop_sizes(image_size)
-    multicrop = MultiCrop(args.get("global_size", global_size), args.get("local_size", local_size),
-                          global_crops=2, local_crops=0, global_scale=tuple(args.get("global_scale", GLOBAL_SCALE)),
-                          blur=args.get("blur", True))
+    multicrop = MultiCrop(dino_recipes(args.get("global_size", global_size), args.get("local_size", local_size),
+                                       global_crops=2, local_crops=0,
+                                       global_scale=tuple(args.get("global_scale", GLOBAL_SCALE)),
+                                       blur=args.get("blur", True)))
     images = dataset_split(dataset, data_dir, split, transform=None)
     indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     torch.manual_seed(seed)                                     # the crops are random: make them repeatable

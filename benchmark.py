@@ -34,142 +34,15 @@ graphs (mode "reduce-overhead", train.py --compile reduce-overhead), one row:
                    computes the wrong thing, as bf16 convolutions on the CPU below do
 The row marked * is what train.py uses by default on that device (--precision auto).
 
-Recorded on a 2-core x86 CPU with AVX-512 BF16 (torch 2.14, 1 torch thread, load average 3-4 from other
-jobs; the peak-memory and host-sync columns, n/a on a CPU, left out):
-
-    python benchmark.py --device cpu --width 16 --proj-hidden 512
-    | setting        | network                      | precision | layout        | mode  | img/s | gradient error |
-    | cifar 32/16 px | resnet18 w16, imagenet stem  | bf16      | channels_last | eager |   306 |        1.1e+19 |
-    | cifar 32/16 px | resnet18 w16, imagenet stem  | bf16      | contiguous    | eager |   315 |        4.7e-01 |
-    | cifar 32/16 px | resnet18 w16, imagenet stem  | fp32*     | channels_last | eager |   303 |        2.5e-03 |
-    | cifar 32/16 px | resnet18 w16, imagenet stem  | fp32      | contiguous    | eager |   250 |        2.9e-03 |
-    | stl10 96/48 px | vit_tiny                     | bf16      | contiguous    | eager |    12 |        1.3e-01 |
-    | stl10 96/48 px | vit_tiny                     | fp32*     | contiguous    | eager |    15 |        2.4e-06 |
-
-    python benchmark.py --device cpu --width 16 --proj-hidden 512 --stem cifar --inputs cifar
-    | cifar 32/16 px | resnet18 w16, cifar stem     | bf16*     | channels_last | eager |   146 |        3.7e-01 |
-    | cifar 32/16 px | resnet18 w16, cifar stem     | bf16      | contiguous    | eager |   126 |        3.6e-01 |
-    | cifar 32/16 px | resnet18 w16, cifar stem     | fp32      | channels_last | eager |    99 |        8.0e-03 |
-    | cifar 32/16 px | resnet18 w16, cifar stem     | fp32      | contiguous    | eager |    75 |        1.5e-03 |
-
-The 1.1e+19 comes from oneDNN's bf16 weight gradient of layer4's stride-2 convolution, which the
-ImageNet stem meets at 1 x 1 on 16 px crops: in every case tried, a bf16 convolution whose stride
-exceeds its input's side has a wrong weight gradient, by amounts (or nan) that change from call to
-call, so it lands in one bf16 row or the other from run to run. Where the convolutions are right (the
-CIFAR stem) bf16 is 1.5x faster; channels_last makes float32 1.2-1.3x faster; ViT-Tiny is slower in
-bf16 on this CPU. Hence train.py's --precision auto on such a CPU: bf16 for a ResNet whose strided
-convolutions all meet inputs at least as wide as their stride (models.cpu_bf16_convolutions_are_right),
-float32 otherwise (README).
-
-Recorded on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, 16 CPU cores, --seconds 2 or 3), by the four
-commands below, one after the other, the last two on a second machine of the same kind:
-
-    python benchmark.py --device cuda --modes eager
-    | setting        | network                                 | precision | layout        | mode     | img/s | host syncs/step | peak memory | gradient error | first step |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16*     | channels_last | eager    | 2,336 |             0.2 |    0.51 GiB |        4.2e-01 |      8.8 s |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16      | contiguous    | eager    | 1,951 |               0 |    0.50 GiB |        4.3e-01 |      9.1 s |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp16      | channels_last | eager    | 2,063 |               0 |    0.51 GiB |        1.5e-01 |      8.5 s |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp16      | contiguous    | eager    | 2,095 |               0 |    0.50 GiB |        1.6e-01 |      8.8 s |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp32      | channels_last | eager    | 2,377 |               0 |    3.34 GiB |        1.2e-01 |     11.2 s |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | fp32      | contiguous    | eager    | 2,183 |               0 |    3.34 GiB |        1.2e-01 |     12.1 s |
-    | stl10 96/48 px | vit_tiny, per-view                      | bf16*     | contiguous    | eager    |   936 |               0 |    1.77 GiB |        1.3e-01 |      1.4 s |
-    | stl10 96/48 px | vit_tiny, per-view                      | fp16      | contiguous    | eager    | 1,007 |               0 |    1.77 GiB |        4.7e-02 |      1.3 s |
-    | stl10 96/48 px | vit_tiny, per-view                      | fp32      | contiguous    | eager    | 1,110 |               0 |    2.76 GiB |        7.5e-05 |      0.5 s |
-    python benchmark.py --device cuda --modes compiled --inputs cifar
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16      | channels_last | compiled | 3,240 |             0.2 |    0.50 GiB |        4.3e-01 |     79.8 s |
-    python benchmark.py --device cuda --precision auto --forward per-resolution --modes eager
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16      | channels_last | eager    | 4,071 |            0.05 |    0.51 GiB |        4.1e-01 |     12.5 s |
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16      | contiguous    | eager    | 4,233 |               0 |    0.50 GiB |        4.1e-01 |     13.4 s |
-    | stl10 96/48 px | vit_tiny, per-resolution                | bf16      | contiguous    | eager    | 2,430 |               0 |    1.75 GiB |        1.2e-01 |      1.7 s |
-    python benchmark.py --device cuda --forward per-resolution --modes compiled
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16      | channels_last | compiled | 4,917 |            0.05 |    0.50 GiB |        4.1e-01 |      5.2 s |
-    | stl10 96/48 px | vit_tiny, per-resolution                | bf16      | contiguous    | compiled | 3,052 |               0 |    1.74 GiB |        1.3e-01 |     41.5 s |
-
-(The ViT's per-view compiled row did not finish compiling within the time the run was given. The 5.2 s
-first step of the last ResNet row reused a compilation that a train.py run had just cached. The per-view
-rows were measured before per-view ran the backbone once per crop size, as it does now (models.HyDeSModel
-and ViewBatchNorm2d/1d: the same function, 1,303 device operations a ResNet step instead of 2,437, 1,588
-a ViT step instead of 6,103); not yet measured since.)
-
-What the table says:
-- The step is bound by the host, not by the GPU's arithmetic: float32 runs as fast as bf16 (2,377 and
-  2,336 images/s), and a step of 128 images (1,024 views of 16-32 px, about 0.1 TFLOP with the backward)
-  takes 55 ms. The number of launches is what counts: one network call per crop size instead of per view
-  (--forward per-resolution) is 1.7x faster for the ResNet and 2.6x for the ViT; torch.compile adds
-  1.2-1.4x.
-- The crops are not the bound: on their own they made 53,917 images/s at CIFAR size and 46,159 at
-  STL-10 size (--augmentations, batch 256), about 2.4 ms of a step.
-- No host waits in the steady state. The 0.2 and 0.05 of the first row of each process are one wait in
-  its first counted steps (1 of 5, then 1 of 20 steps counted), and none in any later row; a one-time
-  event (we have not identified which) rather than a wait every step.
-- The gradient errors are those of the precision: float32 rows on a GPU come out near 1e-1 for the
-  ResNet because cuDNN's float32 convolutions use TF32 by PyTorch's default (the ViT's matrix products
-  do not, hence 7.5e-05); no row is off by orders of magnitude, and none is nan.
-- The goal of 10,000 images/s for either setting was not reached: 4,917 (ResNet-18) and 3,052 (ViT-Tiny)
-  are the best rows. CUDA graphs reached it (below).
-
-Recorded on one NVIDIA H200 (torch 2.11.0+cu130, 16 CPU cores, --seconds 2), later, with the compiled
-network replayed as CUDA graphs (train.py --compile reduce-overhead), by the commands below, one after
-the other; the last on a second machine of the same kind (the per-step profile lines are --profile's):
-
-    python benchmark.py --device cuda --seconds 2 --precision auto --forward per-resolution --modes reduce-overhead eager --profile
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16 | channels_last | reduce-overhead | 9,731 | 0.05 | 0.32 GiB | 4.1e-01 | 51.1 s |
-        24.8 ms per step (profiled), the GPU busy 12% of it
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16 | channels_last | eager           | 5,036 |    0 | 0.45 GiB | 4.1e-01 |  2.1 s |
-        30.3 ms per step (profiled), the GPU busy 14% of it
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16 | contiguous    | eager           | 3,748 |    0 | 0.45 GiB | 4.2e-01 |  9.8 s |
-    | stl10 96/48 px | vit_tiny, per-resolution                | bf16 | contiguous    | reduce-overhead | 8,029 |    0 | 1.63 GiB | 1.3e-01 | 43.7 s |
-        23.8 ms per step (profiled), the GPU busy 41% of it
-    | stl10 96/48 px | vit_tiny, per-resolution                | bf16 | contiguous    | eager           | 2,081 |    0 | 1.73 GiB | 1.2e-01 |  0.4 s |
-        74.9 ms per step (profiled), the GPU busy 20% of it
-    python benchmark.py --device cuda --seconds 2 --precision auto --forward per-view --modes reduce-overhead
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-view   | bf16 | channels_last | reduce-overhead | 10,166 | 0.05 | 0.32 GiB | 4.2e-01 | 61.2 s |
-    | stl10 96/48 px | vit_tiny, per-view                      | bf16 | contiguous    | reduce-overhead | 10,248 |    0 | 1.63 GiB | 1.3e-01 | 48.3 s |
-    python benchmark.py --device cuda --seconds 2 --precision auto --forward per-resolution --modes compiled
-    | cifar 32/16 px | resnet18 w64, imagenet stem, per-resol. | bf16 | channels_last | compiled        | 5,579 | 0.05 | 0.44 GiB | 4.1e-01 | 32.4 s |
-    | stl10 96/48 px | vit_tiny, per-resolution                | bf16 | contiguous    | compiled        | 2,925 |    0 | 1.71 GiB | 1.3e-01 | 39.0 s |
-    python benchmark.py --device cuda --seconds 2 --precision auto --inputs stl10 --forward per-view per-resolution --modes reduce-overhead
-    | stl10 96/48 px | vit_tiny, per-view                      | bf16 | contiguous    | reduce-overhead | 10,121 | 0.05 | 1.63 GiB | 1.3e-01 | 48.7 s |
-    | stl10 96/48 px | vit_tiny, per-resolution                | bf16 | contiguous    | reduce-overhead |  8,296 |    0 | 1.63 GiB | 1.3e-01 | 42.5 s |
-
-- CUDA graphs are what the host-bound step needed: 1.9x eager for the ResNet and 3.9x for the ViT in the
-  same process (per-resolution), where the default compilation, in a later process, gave 1.1x and 1.4x;
-  the paper's per-view forward reaches 10,166 and 10,121-10,248 images/s. Peak memory falls. The
-  gradient column of these rows came from the compiled network's first call, before any replay; the
-  check now reads the third step's gradient (gradient_error), not yet run on a GPU.
-- The host still bounds the ResNet step: about 3.0 ms of kernels (the profile) in a 13.2 ms step
-  (unprofiled, 9,731 images/s); the ViT's 9.8 ms in 15.9 ms. Left on the host: the crops (196
-  operations), the loss's forward and backward, fused AdamW and the graphs' own bookkeeping.
-- Per-view ran faster than per-resolution under CUDA graphs, for the ViT on both machines; not explained.
+SPEED.md records the tables this benchmark printed, with their machines and commands.
 
 --augmentations times, in one process and one after the other:
-  batched     data.BatchedMultiCrop on uint8 batches already in the device's memory (CPU or GPU)
+  batched     batched_crops.BatchedMultiCrop on uint8 batches already in the device's memory (CPU or GPU)
   MultiCrop   data.MultiCrop, DINO's per-image PIL recipe, one image at a time
   Lightly     lightly.transforms.DINOTransform with the same views, when lightly is installed
 with all of DINO's blur and solarisation. The per-image pipelines are single-threaded PIL code; where
 other projects train with them they run in DataLoader workers, one per core, so on a k-core machine
 multiply their rate by at most k.
-
-Recorded on a 2-core x86 CPU with AVX-512 BF16 (torch 2.14, batch 256, nothing else running):
-
-    python benchmark.py --augmentations --threads 2   (both cores for the batched pipeline)
-    | input | views                  | batched img/s | MultiCrop img/s | Lightly img/s | vs MultiCrop | vs Lightly |
-    | cifar | 2x32 + 6x16 from 32 px |         8,443 |             290 |           238 |        29.1x |      35.4x |
-    | stl10 | 2x96 + 6x48 from 96 px |         1,146 |             152 |           134 |         7.5x |       8.5x |
-
-    python benchmark.py --augmentations               (1 torch thread)
-    | cifar | 2x32 + 6x16 from 32 px |         4,188 |             216 |           200 |        19.4x |      20.9x |
-    | stl10 | 2x96 + 6x48 from 96 px |           540 |             146 |           122 |         3.7x |       4.4x |
-
-Two more runs with 2 threads gave 7,007 and 885 (33.8x and 7.4x), 8,623 and 1,003 (40.5x and 7.2x); the
-code before the CPU's bf16 products and cache-sized pieces (data.products_dtype, BatchedMultiCrop), run
-just before: 5,929 and 455 (25.7x and 3.2x). Run as other projects train, one DataLoader worker per core,
-on these 2 cores the per-image pipelines give at most twice their rate: 8,443 vs 2 x 238 is 18x at CIFAR
-size, 1,146 vs 2 x 134 is 4.3x at STL-10 size. At 32 px PIL's cost is per call, which batching removes;
-at 96 px it is per pixel, where PIL's uint8 C loops are about as fast as the some 30 float32 passes over
-each view here. The batched form is meant for a GPU, where those passes are kernels over the whole batch.
-On a machine loaded by other jobs, 2 threads ran 3-40x slower than 1 (threads waiting for a busy core),
-hence the default of 1.
 """
 
 import argparse
@@ -187,8 +60,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import train
-from data import BatchedMultiCrop, HelpFormatter, MultiCrop, cpu_has_native_bf16, dino_recipes, first_problem, refuse
-from models import PRECISIONS, STEMS, HyDeSModel, auto_precision, build_backbone, precision_for
+from batched_crops import BatchedMultiCrop
+from checks import NARROW_RESNET_ON_A_CPU, HelpFormatter, first_problem, narrow_resnet_on_a_cpu, refuse
+from data import MultiCrop, dino_recipes
+from models import STEMS, HyDeSModel, build_backbone
+from per_view_batchnorm import convert_per_view_batchnorm
+from precision import PRECISIONS, auto_precision, cpu_has_native_bf16, precision_for
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
@@ -317,7 +194,9 @@ def step_rows(name, forward, args, device):
                                                 *(resnet if arch.startswith("resnet") else [])])
     torch.manual_seed(args.seed)
     base = HyDeSModel(build_backbone(arch, global_size, settings.width, stem=settings.stem), settings.proj_hidden,
-                      settings.proj_dim, per_view=settings.forward == "per-view")     # on the CPU, copied per row
+                      settings.proj_dim)                                            # on the CPU, copied per row
+    if settings.forward == "per-view":                                              # as train.build_model
+        base = convert_per_view_batchnorm(base, images_per_view=args.step_batch_size)
     images, _ = noise_images(args.step_batch_size, side, args.seed)
     images = images.to(device)
     labels = torch.zeros(len(images), dtype=torch.int64, device=device)
@@ -554,6 +433,7 @@ def main(argv=None):
         (args.batch_size >= 1 and args.step_batch_size >= 2, "--batch-size must be >= 1 and --step-batch-size >= 2"),
         (args.seconds > 0 and args.threads >= 1, "--seconds must be > 0 and --threads >= 1"),
         (args.width is None or args.width >= 1, "--width must be >= 1"),
+        (not narrow_resnet_on_a_cpu("resnet18", args.width, args.device), NARROW_RESNET_ON_A_CPU.format(width=args.width)),
         (args.proj_hidden >= 1, "--proj-hidden must be >= 1"),
         (not cuda or torch.cuda.is_available(), f"--device {args.device} but PyTorch sees no CUDA GPU here; "
                                                 f"pass --device cpu"),

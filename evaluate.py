@@ -39,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DatasetError, HelpFormatter, append_jsonl, dataset_split, drop_unreadable_images, error_message,
-                  eval_transform, first_problem, refuse, report_row, unwritable)
-from models import (CheckpointError, add_checkpoint_arguments, cached_features, checkpoint_argument_rules,
-                    export_backbone, file_digest, load_for_probing, parse_checkpoint_arguments)
+from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, export_backbone,
+                         load_for_probing, parse_checkpoint_arguments)
+from checks import HelpFormatter, error_message, first_problem, refuse, unwritable
+from data import DatasetError
+from features import cached_features, file_digest
+from records import append_jsonl, report_row
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -87,19 +89,6 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
         correct_top5 += (ranked == truth).any(dim=1).sum().item()
     n = test_feats.shape[0]
     return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n
-
-
-def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, skip_bad_images=False,
-                    names=("train", "test")):
-    """The labelled splits `names` (the train split and the test split) with the evaluation transform
-    (eval_transform), for train.py's monitor. skip_bad_images: leave out the files that fail to decode, as
-    training does."""
-    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised)) for split in names]
-    if skip_bad_images:
-        dropped = [path for split in splits for path in drop_unreadable_images(split, workers)]
-        if dropped:
-            print(f"warning: the monitor leaves out {len(dropped)} unreadable image(s), for example {dropped[0]}")
-    return splits
 
 
 # ----------------------------------------------------------------------------------------------------

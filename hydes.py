@@ -67,7 +67,7 @@ term as training goes on. train.py's --kappa-final (and --beta-final, for the we
 Section VII-C varies) move kappa from --kappa to that value over the run: a bandwidth that starts narrow,
 where the embeddings are still close to uniform and only a sharp kernel tells neighbours apart, and widens
 as the density concentrates. Nothing here changes for it: every call takes the kappa of its step, and
-log C_D(kappa) follows it (the cache above keeps the last 4096 values).
+log C_D(kappa) follows it (the cache of log_vmf_normalizer, below, keeps the last 4096 values).
 
 Neighbours
 ----------

@@ -53,9 +53,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (TO_NORMALISED_TENSOR, HelpFormatter, append_jsonl, error_message, first_problem, refuse, report_row,
-                  save_png, unnormalize, unwritable)
-from models import ARCHS, CheckpointError, VisionTransformer, features_precision, load_backbone
+from checkpoints import CheckpointError, load_backbone
+from checks import HelpFormatter, error_message, first_problem, refuse, unwritable
+from data import TO_NORMALISED_TENSOR, save_png, unnormalize
+from models import ARCHS, VisionTransformer
+from precision import features_precision
+from records import append_jsonl, report_row
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

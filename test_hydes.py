@@ -1,7 +1,41 @@
 """Tests, in module order: the loss (hydes.py) against closed forms and brute-force loops, its invariances,
 numerics and data parallelism; the data; the backbones and checkpoints; the k-NN, linear and segmentation probes;
 the analysis; training and its reliability; then real (tiny) end-to-end runs on generated images.
-Run: python -m pytest -q"""
+Run: python -m pytest -q. Tests of optional extras (scipy, nltk with WordNet, sentence-transformers, timm)
+skip when these are not installed; .ci/run installs them.
+
+What they check:
+- The vMF normaliser log C_D(kappa) (Eq. 1) against closed forms and numerical quadrature, up to D = 8192.
+- The loss (Eqs. 2-4) against a brute-force loop and closed-form configurations; its invariances and its
+  ceiling log((N-1)/(V-1)); bf16 numerics at kappa = 100.
+- H_global over several processes: two gloo processes against one (loss and gradients on the
+  concatenated batch).
+- InfoNCE against NT-Xent and a loop.
+- The kappa and beta schedules.
+- The multi-crop geometry: whole-image crops against torchvision's RandomResizedCrop.
+- The batched multi-crop (batched_crops.BatchedMultiCrop) against the PIL recipe (data.MultiCrop), both
+  from one data.ViewRecipe, and its device-operation count (held under a fifth of the per-view count).
+- Where bf16 is safe on a CPU, against the closed form of the strided convolutions' input sides.
+- Every backbone and both forwards: per-view (batched by crop size, after
+  per_view_batchnorm.convert_per_view_batchnorm) against one call per view, and compiled into one graph
+  against eager.
+- The k-NN against a brute-force vote; the paper's linear probe against a hand-written Adam loop; the
+  validated probe.
+- The segmentation metrics on whole masks.
+- Table III's definitions on matrices of known spectrum.
+- Spearman correlation and average-linkage clustering against hand-computed and scipy references;
+  WordNet similarities against hypernym paths (Table IV).
+- Bit-exact resume, also after Ctrl-C mid-epoch; a kill during a checkpoint write.
+- Every bad input and fault of ERRORS.md's table (two processes on one run folder among them): each row
+  of that table is a test.
+- Exported backbones loaded strictly into torchvision and timm, as the README's "Export and import
+  weights" snippets show; Lightly, solo-learn and DINO checkpoints.
+- Real training, evaluation, segmentation and analysis runs on generated images (end to end, torchrun
+  included).
+
+Two tests read README.md: the three ```python blocks under "## Export and import weights" are run, and
+the laptop command after "## A first run" and "### A laptop run" is checked against train.py's hint.
+"""
 
 import argparse
 import copy
@@ -29,11 +63,20 @@ import torchvision
 from PIL import Image, ImageFilter, ImageOps
 
 import analyze
+import batched_crops
 import benchmark
+import checkpoints
 import data
 import evaluate
+import features
 import hydes
+import loading
 import models
+import per_view_batchnorm
+import precision
+import records
+import resume
+import runcontrol
 import segment
 import train
 
@@ -377,10 +420,10 @@ def ks_distance(a, b):
 
 
 def resized_crop(images, boxes, size, flip, dtype=torch.float32):
-    """data.resized_crops with one crop per image, its products in `dtype`: images (N, 3, H, W) uint8,
+    """batched_crops.resized_crops with one crop per image, its products in `dtype`: images (N, 3, H, W) uint8,
     boxes (N, 4), flip (N,) -> (N, 3, size, size) float32 in [0, 1]."""
     source = images.permute(0, 2, 1, 3).to(dtype, memory_format=torch.contiguous_format)   # (N, H, 3, W) 0 ... 255
-    return data.resized_crops(source, data.crop_geometry(boxes, flip, size), size)
+    return batched_crops.resized_crops(source, batched_crops.crop_geometry(boxes, flip, size), size)
 
 
 def torchvision_crop_box(height, width, scale):
@@ -395,9 +438,10 @@ def both_pipelines(image, count, crop_args, seed):
     V tensors (count, 3, h, w) of pixel values in [0, 1]."""
     torch.manual_seed(seed)                     # torchvision's transforms draw from torch's generator,
     random.seed(seed)                           # RandomGaussianBlur and RandomSolarize from Python's
-    crops = data.MultiCrop(*crop_args)
+    crops = data.MultiCrop(data.dino_recipes(*crop_args))
     per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
-    batched = data.BatchedMultiCrop(data.dino_recipes(*crop_args))(uint8_batch([image] * count), torch.Generator().manual_seed(seed))
+    batched = batched_crops.BatchedMultiCrop(data.dino_recipes(*crop_args))(uint8_batch([image] * count),
+                                                                           torch.Generator().manual_seed(seed))
     return [data.unnormalize(v) for v in per_image], [data.unnormalize(v) for v in batched]
 
 
@@ -421,11 +465,11 @@ def quantile_distance(a, b):
 
 def test_multicrop_gives_globals_then_locals_of_the_requested_sizes():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    views = data.MultiCrop(32, 16, global_crops=2, local_crops=6)(img)
+    views = data.MultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=6))(img)
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
     assert all(v.dtype == torch.float32 for v in views)
     assert len({v.sum().item() for v in views}) == 8             # eight different random views
-    views = data.MultiCrop(96, 48, global_crops=1, local_crops=0, blur=False)(img)
+    views = data.MultiCrop(data.dino_recipes(96, 48, global_crops=1, local_crops=0, blur=False))(img)
     assert [tuple(v.shape) for v in views] == [(3, 96, 96)]
 
 
@@ -435,7 +479,7 @@ def test_multicrop_crop_areas_follow_the_global_and_local_scales():
     torch.manual_seed(0)
     ramp = np.arange(250, dtype=np.uint8)
     img = np.stack([np.tile(ramp, (250, 1)), np.tile(ramp[:, None], (1, 250)), np.zeros((250, 250), np.uint8)], -1)
-    crops = data.MultiCrop(32, 16, global_crops=2, local_crops=6, blur=False)
+    crops = data.MultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=6, blur=False))
     crops.transforms = [t.transforms[0] for t in crops.transforms]   # only the RandomResizedCrop step
     areas = {"global": [], "local": []}
     for _ in range(100):
@@ -462,22 +506,65 @@ def test_eval_transform_sizes():
 
 # ---- batched multi-crop against the PIL recipe
 
+def test_both_multicrops_make_each_step_of_the_one_recipe_they_are_given():
+    # The recipe is written once (data.ViewRecipe): each of its fields reaches the readable form and the
+    # fast one alike. A crop of the whole image (scale 1: every aspect ratio but 1 overflows, so the
+    # fallback, the whole image) isolates each step, against its closed form.
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255      # (3, 24, 24)
+    grey = (pixels * torch.tensor(batched_crops.LUMA).view(3, 1, 1)).sum(0, keepdim=True).expand(3, -1, -1)
+    plain = data.ViewRecipe(24, (1.0, 1.0), blur_p=0.0, solarize_p=0.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    cases = [(plain, pixels), (plain._replace(flip_p=1.0), pixels.flip(-1)), (plain._replace(grayscale_p=1.0), grey),
+             (plain._replace(solarize_p=1.0), torch.where(pixels >= 128 / 255, 1 - pixels, pixels)),
+             (plain._replace(jitter_p=1.0, jitter=(0.0, 0.0, 0.0, 0.0)), pixels)]
+    for recipe, expected in cases:
+        torch.manual_seed(0), random.seed(0)
+        readable = data.unnormalize(data.MultiCrop([recipe])(image)[0])
+        fast = data.unnormalize(batched_crops.BatchedMultiCrop([recipe])(uint8_batch([image]),
+                                                                         torch.Generator().manual_seed(0))[0][0])
+        for made in (readable, fast):
+            assert (made - expected).abs().max() < 1.5 / 255, recipe
+    # A step's strength: brightness factors of U(1 -+ 0.9) spread the images' means several times more
+    # than U(1 -+ 0.1), and a blur of sigma 2 erases most of the differences between neighbouring pixels
+    # that one of sigma 0.1 keeps, in both forms
+    def spread(views):
+        return float(data.unnormalize(views).mean(dim=(1, 2, 3)).std())
+
+    def detail(views):
+        views = data.unnormalize(views)
+        return float((views[..., 1:] - views[..., :-1]).abs().mean())
+
+    for strong, weak, statistic in [
+            (plain._replace(jitter_p=1.0, jitter=(0.9, 0, 0, 0)), plain._replace(jitter_p=1.0, jitter=(0.1, 0, 0, 0)),
+             spread),
+            (plain._replace(blur_p=1.0, blur_sigma=(0.1, 0.1)), plain._replace(blur_p=1.0, blur_sigma=(2.0, 2.0)),
+             detail)]:
+        for make in (lambda r: torch.stack([data.MultiCrop([r])(image)[0] for _ in range(32)]),
+                     lambda r: batched_crops.BatchedMultiCrop([r])(uint8_batch([image] * 32),
+                                                                   torch.Generator().manual_seed(1))[0]):
+            torch.manual_seed(1), random.seed(1)
+            assert statistic(make(strong)) > 4 * statistic(make(weak))
+
+
+
 def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation(monkeypatch):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
     for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
                           ((32, 16), {"global_crops": 1, "local_crops": 0})]:
-        per_image = torch.utils.data.default_collate([data.MultiCrop(*sizes, **counts)(img) for img in images])
-        batched = data.BatchedMultiCrop(data.dino_recipes(*sizes, **counts))(uint8_batch(images), torch.Generator().manual_seed(0))
+        recipes = data.dino_recipes(*sizes, **counts)
+        per_image = torch.utils.data.default_collate([data.MultiCrop(recipes)(img) for img in images])
+        batched = batched_crops.BatchedMultiCrop(recipes)(uint8_batch(images), torch.Generator().manual_seed(0))
         assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
     # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
     # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
     # With the resize's products in bf16 (products_dtype, forced here), to two grey levels (its test).
     colour = Image.new("RGB", (16, 16), (255, 120, 30))
-    expected = data.MultiCrop(8, 4).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
+    expected = data.MultiCrop(data.dino_recipes(8, 4)).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2.01 / 255 / min(data.IMAGENET_STD))):
-        monkeypatch.setattr(data, "products_dtype", lambda device: dtype)
-        views = data.BatchedMultiCrop(data.dino_recipes(8, 4, blur=False))(uint8_batch([colour] * 64), torch.Generator().manual_seed(1))
+        monkeypatch.setattr(batched_crops, "products_dtype", lambda device: dtype)
+        views = batched_crops.BatchedMultiCrop(data.dino_recipes(8, 4, blur=False))(uint8_batch([colour] * 64),
+                                                                                   torch.Generator().manual_seed(1))
         for view in views:
             untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < tolerance           # (B,)
             assert 0 < untouched.sum() < 64
@@ -486,7 +573,7 @@ def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation(monk
 def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
     images = uint8_batch([Image.new("RGB", (32, 32), (200, 100, 50))] * 2 +
                          [Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))] * 2)
-    crops = data.BatchedMultiCrop(data.dino_recipes(32, 16))
+    crops = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16))
     first, again = (crops(images, torch.Generator().manual_seed(5)) for _ in range(2))
     other = crops(images, torch.Generator().manual_seed(6))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -505,18 +592,18 @@ def test_a_cpu_makes_the_same_views_a_few_images_at_a_time(monkeypatch, cut):
     recipes = data.dino_recipes(16, 8, global_crops=2, local_crops=3)
     if cut:                                    # views cut by the loading workers: the photometric steps only
         images = [images[:, :, :r.size, :r.size].contiguous() for r in recipes]
-    crops = data.BatchedMultiCrop(recipes)
+    crops = batched_crops.BatchedMultiCrop(recipes)
     whole = crops(images, torch.Generator().manual_seed(3))
     per_image = sum(3 * r.size ** 2 for r in recipes)
-    monkeypatch.setattr(data, "CPU_CHUNK_VALUES", 3 * per_image + 1)
+    monkeypatch.setattr(batched_crops, "CPU_CHUNK_VALUES", 3 * per_image + 1)
     pieces = crops(images, torch.Generator().manual_seed(3))
     assert [v.shape for v in pieces] == [v.shape for v in whole] == [(13, 3, r.size, r.size) for r in recipes]
     assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(pieces, whole))
     # the call's draws: some, not all, local crops are blurred and some globals solarised, so the pieces
     # hold different subsets to renumber
     generator = torch.Generator().manual_seed(3)
-    globals_, locals_ = (data.draw_parameters(recipes[:2], 13, None if cut else (24, 24), generator),
-                         data.draw_parameters(recipes[2:], 13, None if cut else (24, 24), generator))
+    globals_, locals_ = (batched_crops.draw_parameters(recipes[:2], 13, None if cut else (24, 24), generator),
+                         batched_crops.draw_parameters(recipes[2:], 13, None if cut else (24, 24), generator))
     assert 0 < len(locals_["blurred"]) < 3 * 13 and 0 < len(globals_["solarised"]) < 13
 
 
@@ -527,13 +614,13 @@ def test_the_supervised_baseline_sees_one_crop_and_flip_per_image_and_never_a_co
     halves = [np.concatenate([np.full((32, 16, 3), a), np.full((32, 16, 3), b)], axis=1).astype(np.uint8)
               for a, b in zip(colours, colours[::-1])]
     images = uint8_batch([Image.fromarray(h) for h in halves])
-    (view,) = data.BatchedMultiCrop(data.supervised_recipes(32))(images, torch.Generator().manual_seed(0))
+    (view,) = batched_crops.BatchedMultiCrop(data.supervised_recipes(32))(images, torch.Generator().manual_seed(0))
     pixels = data.unnormalize(view).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255         # (B, h*w, 3)
     allowed = torch.tensor(np.stack([colours, colours[::-1]], 1), dtype=torch.float32)  # (B, 2, 3)
     nearest = (pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1)           # (B, h*w)
     edges = nearest > 1                                    # the bicubic blend where the halves meet
     assert edges.float().mean() < 0.15                     # every other pixel keeps one of the two colours
-    dino = data.BatchedMultiCrop(data.dino_recipes(32, 16, blur=False))(images, torch.Generator().manual_seed(0))[0]
+    dino = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16, blur=False))(images, torch.Generator().manual_seed(0))[0]
     dino_pixels = data.unnormalize(dino).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255
     assert ((dino_pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1) > 1).float().mean() > 0.5
     left_is_first = (pixels[:, 0] - allowed[:, 0]).abs().amax(-1) <= 1            # the top-left pixel's colour
@@ -547,7 +634,7 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale
     # and fall back to the centred crop.
     torch.manual_seed(0)
     reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
-    ours = data.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
+    ours = batched_crops.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
     for column in range(4):                                                               # x0, y0, w, h
         assert ks_distance(ours[:, column], reference[:, column]) < 0.05
     area = ours[:, 2] * ours[:, 3] / (height * width)
@@ -563,7 +650,7 @@ def test_the_workers_crop_boxes_on_a_500_by_375_image_are_torchvisions_not_a_cen
     # crops of a fixed-size square) cover 3/4 of the area fraction and never reach the image's ends:
     # KS about 0.3 for the area, 0.14-0.16 for the box's centre.
     recipes = [data.ViewRecipe(224, data.GLOBAL_SCALE, 0, 0), data.ViewRecipe(96, data.LOCAL_SCALE, 0, 0)]
-    ours = np.array([data.FullImageCrops.geometry(500, 375, recipes, torch.Generator().manual_seed(seed))[0]
+    ours = np.array([loading.FullImageCrops.geometry(500, 375, recipes, torch.Generator().manual_seed(seed))[0]
                      for seed in range(2000)])                                            # (2000, 2, 4)
     area = lambda boxes: boxes[:, 2] * boxes[:, 3] / (500 * 375)
     log_aspect = lambda boxes: np.log(boxes[:, 2] / boxes[:, 3])
@@ -571,7 +658,7 @@ def test_the_workers_crop_boxes_on_a_500_by_375_image_are_torchvisions_not_a_cen
     torch.manual_seed(0)
     for view, recipe in enumerate(recipes):
         reference = np.array([torchvision_crop_box(375, 500, recipe.scale) for _ in range(2000)])  # (2000, 4)
-        square = data.sample_crop_boxes(2000, 375, 375, recipe.scale, torch.Generator().manual_seed(1)).numpy()
+        square = batched_crops.sample_crop_boxes(2000, 375, 375, recipe.scale, torch.Generator().manual_seed(1)).numpy()
         square[:, 0] += (500 - 375) // 2
         for statistic in (area, log_aspect, centre):
             assert ks_distance(statistic(ours[:, view]), statistic(reference)) < 0.07
@@ -591,7 +678,7 @@ def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror(dtype, wors
     image = Image.fromarray(pixels.astype(np.uint8))
     g = torch.Generator().manual_seed(0)
     for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
-        boxes = data.sample_crop_boxes(8, 64, 64, scale, g)
+        boxes = batched_crops.sample_crop_boxes(8, 64, 64, scale, g)
         flip = torch.arange(8) % 2 == 1
         crops = resized_crop(uint8_batch([image] * 8), boxes, size, flip, dtype)               # (8, 3, s, s)
         for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
@@ -609,24 +696,24 @@ def test_jitter_operations_match_pil_and_commute_until_clipped():
     as_float = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
     TF = torchvision.transforms.functional
 
-    def jitter(y, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):   # data.color_jitter_, one image
-        return data.color_jitter_(y.clone(), *(torch.tensor([v]) for v in (brightness, contrast, saturation, hue)))
+    def jitter(y, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):   # batched_crops.color_jitter_, one image
+        return batched_crops.color_jitter_(y.clone(), *(torch.tensor([v]) for v in (brightness, contrast, saturation, hue)))
 
     for name, theirs, factor in [("brightness", TF.adjust_brightness, 1.3), ("contrast", TF.adjust_contrast, 0.7),
                                  ("saturation", TF.adjust_saturation, 1.2)]:
         # PIL works in uint8 and rounds the contrast's mean grey to an integer: 1.5/255 apart at most
         assert (jitter(x, **{name: factor}) - as_float(theirs(pil, factor))).abs().max() < 1.5 / 255
     # PIL shifts the hue in 1/255 turns; torchvision's float implementation is the exact reference
-    assert torch.allclose(data.adjust_hue_(x.clone(), torch.tensor([0.08])), TF.adjust_hue(x, 0.08), atol=1e-5)
-    assert (data.grayscale_(x.clone(), torch.ones(1)) - as_float(pil.convert("L").convert("RGB"))).abs().max() < 1.01 / 255
-    assert torch.equal(data.grayscale_(x.clone(), torch.zeros(1)), x)                 # weight 0: the image untouched
-    assert torch.allclose(data.solarize(x), as_float(ImageOps.solarize(pil)), atol=1e-6)
+    assert torch.allclose(batched_crops.adjust_hue_(x.clone(), torch.tensor([0.08])), TF.adjust_hue(x, 0.08), atol=1e-5)
+    assert (batched_crops.grayscale_(x.clone(), torch.ones(1)) - as_float(pil.convert("L").convert("RGB"))).abs().max() < 1.01 / 255
+    assert torch.equal(batched_crops.grayscale_(x.clone(), torch.zeros(1)), x)                 # weight 0: the image untouched
+    assert torch.allclose(batched_crops.solarize(x), as_float(ImageOps.solarize(pil)), atol=1e-6)
     # the reason a fixed jitter order, and one blend for contrast and saturation, are harmless: away from
     # 0 and 1 brightness, contrast and saturation commute exactly, whatever the order (PIL's three blends,
     # in float and clipped after each, in all six orders; torchvision's grey weighs red 0.2989, not 0.299)
     mid = 0.3 + 0.4 * x
     blend = lambda y, other, factor: (factor * y + (1 - factor) * other).clamp(0, 1)
-    luma = lambda y: (y * torch.tensor(data.LUMA).view(3, 1, 1)).sum(dim=1, keepdim=True)
+    luma = lambda y: (y * torch.tensor(batched_crops.LUMA).view(3, 1, 1)).sum(dim=1, keepdim=True)
     ops = [lambda y: blend(y, 0, 1.1), lambda y: blend(y, luma(y).mean(), 0.8), lambda y: blend(y, luma(y), 1.15)]
     reference = jitter(mid, 1.1, 0.8, 1.15)
     for a, b, c in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
@@ -642,11 +729,11 @@ def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders(monkeypatch
     # In bf16 (products_dtype) three roundings of values below 1 by up to 2^-9 each (the image, then each
     # pass's output), and the weights' own, which the division by their sums mostly cancels (measured:
     # 1.43 x 2^-8 at worst over 200 random images and sigmas)
-    monkeypatch.setattr(data, "products_dtype", lambda device: dtype)
+    monkeypatch.setattr(batched_crops, "products_dtype", lambda device: dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 20, 20, generator=g)
     sigma = torch.tensor([0.1, 1.0, 2.0])
-    blurred = data.gaussian_blur(x, data.blur_kernels(sigma))
+    blurred = batched_crops.gaussian_blur(x, batched_crops.blur_kernels(sigma, 2.0))
     for image, s, out in zip(x, sigma, blurred):                    # brute force, one image at a time
         taps = torch.arange(-6, 7.0)
         kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
@@ -659,7 +746,7 @@ def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders(monkeypatch
     # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
-    ours = data.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, data.blur_kernels(torch.tensor([2.0])))
+    ours = batched_crops.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, batched_crops.blur_kernels(torch.tensor([2.0]), 2.0))
     assert np.abs(ours[0].permute(1, 2, 0).numpy() - pil)[8:-8, 8:-8].mean() < 1 / 255
 
 
@@ -777,7 +864,7 @@ def test_a_folders_resolution_is_the_median_of_all_its_headers_and_unreadable_fi
 # ---- epoch order and batches
 
 def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained():
-    order = data.EpochOrder(num_images=10, batch_size=3, seed=7)
+    order = loading.EpochOrder(num_images=10, batch_size=3, seed=7)
     order.set_epoch(4)
     full = list(order)
     assert len(full) == 3 and sorted(i for batch in full for i in batch) != list(range(9))  # shuffled, 9 of 10
@@ -789,31 +876,31 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_skips_what_was_trained(
 
 
 def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_batches_follow_it():
-    one = data.EpochOrder(num_images=10, batch_size=4, seed=0)
-    ranks = [data.EpochOrder(num_images=10, batch_size=4, seed=0, rank=r, world_size=2) for r in range(2)]
+    one = loading.EpochOrder(num_images=10, batch_size=4, seed=0)
+    ranks = [loading.EpochOrder(num_images=10, batch_size=4, seed=0, rank=r, world_size=2) for r in range(2)]
     for o in (one, *ranks):
         o.set_epoch(3)
     whole = list(one)                                                 # 2 global batches of 4, 2 images dropped
     halves = [list(r) for r in ranks]
     assert len(whole) == 2 and [h0 + h1 for h0, h1 in zip(*halves)] == whole
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
-        data.EpochOrder(10, 4, 0, rank=0, world_size=3)
+        loading.EpochOrder(10, 4, 0, rank=0, world_size=3)
     items = torch.arange(10).view(10, 1, 1, 1)                        # "images" that say which one they are
-    batches = [b.flatten().tolist() for b, _ in data.InMemoryBatches(items, torch.arange(10), one)]
+    batches = [b.flatten().tolist() for b, _ in loading.InMemoryBatches(items, torch.arange(10), one)]
     assert batches == whole
 
 
 def test_crop_seeds_are_a_function_of_seed_step_rank_and_position_and_follow_the_order():
-    order = data.EpochOrder(num_images=10, batch_size=4, seed=3, rank=1, world_size=2)    # 2 steps an epoch
+    order = loading.EpochOrder(num_images=10, batch_size=4, seed=3, rank=1, world_size=2)    # 2 steps an epoch
     order.set_epoch(5)
-    seeded = list(data.CropSeeds(order))
+    seeded = list(loading.CropSeeds(order))
     assert [[index for index, _ in batch] for batch in seeded] == list(order)
     assert [[seed for _, seed in batch] for batch in seeded] == [
-        [data.augmentation_seed(3, 5 * 2 + b, 1, p) for p in range(2)] for b in range(2)]
+        [loading.augmentation_seed(3, 5 * 2 + b, 1, p) for p in range(2)] for b in range(2)]
     order.set_epoch(5, start_batch=1)                                # a run resumed at step 11
-    assert list(data.CropSeeds(order)) == seeded[1:] and len(data.CropSeeds(order)) == 1
+    assert list(loading.CropSeeds(order)) == seeded[1:] and len(loading.CropSeeds(order)) == 1
     # The images' seeds are children of the step's: none equals it, nor another's
-    seeds = {data.augmentation_seed(3, 11, 1, p) for p in range(100)} | {data.augmentation_seed(3, 11, 1)}
+    seeds = {loading.augmentation_seed(3, 11, 1, p) for p in range(100)} | {loading.augmentation_seed(3, 11, 1)}
     assert len(seeds) == 101
 
 
@@ -834,8 +921,8 @@ def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
 def test_a_folder_of_one_image_size_decodes_once_into_memory_at_native_size(tmp_path):
     for cls in ("a", "b"):
         write_images(tmp_path / "train" / cls, 3, size=24)
-    dataset = data.uint8_dataset("folder", str(tmp_path), data.dino_recipes(32, 16))
-    images, labels = data.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
+    dataset = loading.uint8_dataset("folder", str(tmp_path), data.dino_recipes(32, 16))
+    images, labels = loading.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
     assert images.shape == (6, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
     for image, (path, _) in zip(images, dataset.samples):            # exactly the decoded file, no resize
         assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
@@ -851,38 +938,38 @@ def test_a_folder_of_mixed_sizes_gives_views_cut_from_each_whole_image_by_its_se
     wide = tmp_path / "train" / "a" / "wide.png"
     Image.fromarray(pixels.astype(np.uint8)).save(wide)
     recipes = data.dino_recipes(32, 16, global_crops=2, local_crops=3)
-    dataset = data.uint8_dataset("folder", str(tmp_path), recipes)
-    assert isinstance(dataset, data.FullImageCrops) and len(dataset) == 3 and dataset.classes == ["a"]
+    dataset = loading.uint8_dataset("folder", str(tmp_path), recipes)
+    assert isinstance(dataset, loading.FullImageCrops) and len(dataset) == 3 and dataset.classes == ["a"]
     index = [path for path, _ in dataset.images.samples].index(str(wide))
     whole = uint8_batch([Image.open(wide)])                                                 # (1, 3, 75, 100)
     for seed in range(4):
         views, label = dataset[(index, seed)]
         assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2 + [(torch.uint8, (3, 16, 16))] * 3
-        boxes, flips = data.FullImageCrops.geometry(100, 75, recipes, torch.Generator().manual_seed(seed))
+        boxes, flips = loading.FullImageCrops.geometry(100, 75, recipes, torch.Generator().manual_seed(seed))
         for view, box, flip, recipe in zip(views, boxes, flips, recipes):
             expected = resized_crop(whole, torch.tensor([box]), recipe.size, torch.tensor([flip]))[0]
             assert (view / 255 - expected).abs().max() < 1.7 / 255
     assert all(not torch.equal(a, b) for a, b in zip(dataset[(index, 0)][0], dataset[(index, 1)][0]))
     # The device adds the photometric steps to the collated views: MultiCrop's layout; other sides are refused.
     views, _ = torch.utils.data.default_collate([dataset[(i, i)] for i in range(3)])       # V tensors (3, 3, s, s)
-    crops = data.BatchedMultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=3))
+    crops = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=3))
     out = crops(views, torch.Generator().manual_seed(0))
     assert [(v.dtype, tuple(v.shape)) for v in out] == [(torch.float32, (3, 3, 32, 32))] * 2 + [(torch.float32, (3, 3, 16, 16))] * 3
     with pytest.raises(ValueError, match="expects 5 uint8 views"):
         crops(views[:4], torch.Generator())
     # --skip-bad-images checks the folder the crops are cut from
     (tmp_path / "train" / "a" / "000.jpg").write_bytes(b"")
-    assert data.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 2
+    assert loading.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 2
 
 
 def test_a_log_cut_short_loses_only_its_last_line_and_a_broken_middle_line_is_named(tmp_path, capsys):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"ste')
-    assert data.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert records.read_jsonl(path) == [{"step": 1}, {"step": 2}]
     assert "ends in a line cut short" in capsys.readouterr().out
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(data.DatasetError, match="line 2, is not JSON"):
-        data.read_jsonl(path)
+        records.read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -917,30 +1004,45 @@ def test_vit_positional_embedding_is_the_table_at_the_base_grid_and_resized_else
     assert torch.equal(small[:, 0], vit.pos_embed[:, 0])     # the CLS position is never resized
 
 
-def counted_model(per_view, arch="resnet18"):
-    """A small HyDeSModel whose backbone records the shape of each batch it is called on."""
+def counted_model(per_view, arch="resnet18", images_per_view=None, sync=False):
+    """A small HyDeSModel whose backbone records the shape of each batch it is called on; per_view: its
+    BatchNorms converted to normalise each view of `images_per_view` images apart (train.build_model)."""
     torch.manual_seed(0)
     backbone = models.build_backbone(arch, 32, width=8) if arch == "resnet18" else \
         models.build_backbone(arch, 32, width=24, depth=2, heads=2)
     calls, original_forward = [], backbone.forward
     backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
-    return models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16, per_view=per_view), calls
+    model = models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16)
+    if sync:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if per_view:
+        model = per_view_batchnorm.convert_per_view_batchnorm(model, images_per_view)
+    return model, calls
 
 
-def test_hydes_model_calls_the_backbone_once_per_resolution_and_per_view_only_with_sync_batchnorm():
+def test_hydes_model_calls_the_backbone_once_per_resolution_and_per_view_batchnorm_is_a_conversion():
     views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(6)]
+    plain, _ = counted_model(per_view=False)
     for per_view in (True, False):
-        model, calls = counted_model(per_view)
+        model, calls = counted_model(per_view, images_per_view=3)
         z = model(views)
         assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
         assert z.shape == (8, 3, 16)
         assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
-        assert all(m.views == 1 for m in model.modules() if isinstance(m, models.ViewBatchNorm2d))   # reset after
-    # SyncBatchNorm (torchrun on GPUs) cannot keep views apart within a call: then one call per view
-    model, calls = counted_model(per_view=True)
-    model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
-    model(views)
-    assert calls == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert len(norms) == 22 and all(isinstance(m, per_view_batchnorm.PER_VIEW_NORMS) == per_view for m in norms)
+        assert list(model.state_dict()) == list(plain.state_dict())          # the conversion keeps every key
+    # SyncBatchNorm (torchrun on GPUs): the backbone is still called once per crop size, and each of its
+    # BatchNorms normalises the views of a call one after the other, as one call per view would
+    synced, calls = counted_model(per_view=True, images_per_view=3, sync=True)
+    one_process, _ = counted_model(per_view=True, images_per_view=3)
+    assert all(isinstance(m, per_view_batchnorm.ViewSyncBatchNorm) for m in synced.modules()
+               if isinstance(m, torch.nn.SyncBatchNorm)) and isinstance(synced.backbone.bn1, torch.nn.SyncBatchNorm)
+    double = [v.double() for v in views]                                   # float64: the same function, seen as such
+    assert torch.allclose(synced.double()(double), one_process.double()(double), rtol=0, atol=1e-12)   # no group
+    assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
+    assert torch.allclose(synced.backbone.bn1.running_mean, one_process.backbone.bn1.running_mean, rtol=0, atol=1e-12)
+    assert synced.backbone.bn1.num_batches_tracked.item() == 8             # moved once by each of the 8 views
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
@@ -951,8 +1053,8 @@ def test_per_view_computes_what_one_call_per_view_does_and_differs_from_per_reso
     # enough for float32 rounding alone to move its gradient by 3e-4.
     views = [torch.randn(4, 3, 32, 32, dtype=torch.float64) for _ in range(2)] + \
         [torch.randn(4, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
-    grouped, calls = counted_model(True, arch)
-    looped, _ = counted_model(True, arch)                                    # the same weights (seeded)
+    grouped, calls = counted_model(True, arch, images_per_view=4)
+    looped, _ = counted_model(True, arch, images_per_view=4)                 # the same weights (seeded)
     grouped.double(), looped.double()
     if arch == "resnet18":
         grouped.to(memory_format=torch.channels_last)                          # train.py's layout for ResNets
@@ -982,10 +1084,11 @@ def test_the_per_view_network_compiles_into_one_graph_that_computes_what_eager_d
     # --compile reduce-overhead replays the network's forward and backward as CUDA graphs: a graph break
     # would split them, and a wrong trace of the view BatchNorms would train another network. One whole
     # graph (fullgraph), with no warning from Dynamo (it warns of an lru_cache it meets,
-    # models.in_sequence), the same embeddings, loss gradients and running statistics as eager. About a
+    # per_view_batchnorm.in_sequence), the same embeddings, loss gradients and running statistics as eager. About a
     # minute of compilation on a 2-core CPU.
     torch.manual_seed(0)
-    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 4), 16, 8, per_view=True)
+    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8), 16, 8)
+    net = per_view_batchnorm.convert_per_view_batchnorm(net, images_per_view=4)
     twin = copy.deepcopy(net)
     views = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
     torch.compiler.reset()
@@ -1006,11 +1109,11 @@ def test_the_per_view_network_compiles_into_one_graph_that_computes_what_eager_d
 
 def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
     torch.manual_seed(0)
-    norm, reference = models.ViewBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    norm, reference = per_view_batchnorm.ViewBatchNorm2d(3), torch.nn.BatchNorm2d(3)
     norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
     reference.load_state_dict(norm.state_dict())
     x = torch.randn(4 * 5, 3, 6, 6) * 3 + 1                                   # 4 views of 5 images
-    norm.views = 4
+    norm.images_per_view = 5
     y = norm(x)
     expected = torch.cat([reference(view) for view in x.split(5)])             # one view at a time, in order
     assert torch.allclose(y, expected, atol=1e-5)
@@ -1018,18 +1121,18 @@ def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
         assert torch.allclose(getattr(norm, name), getattr(reference, name), atol=1e-6)
     assert norm.num_batches_tracked.item() == reference.num_batches_tracked.item() == 4
     assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
-    unsupported = models.ViewBatchNorm2d(3, momentum=None)             # a cumulative average: not written
-    unsupported.views = 2
+    unsupported = per_view_batchnorm.ViewBatchNorm2d(3, momentum=None)             # a cumulative average: not written
+    unsupported.images_per_view = 10
     with pytest.raises(ValueError, match="needs an affine BatchNorm with running statistics and a momentum"):
         unsupported(x)
     # The projector's (k B, C) BatchNorm1d, likewise
-    norm, reference = models.ViewBatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    norm, reference = per_view_batchnorm.ViewBatchNorm1d(3), torch.nn.BatchNorm1d(3)
     x = torch.randn(4 * 5, 3) * 3 + 1
-    norm.views = 4
+    norm.images_per_view = 5
     assert torch.allclose(norm(x), torch.cat([reference(view) for view in x.split(5)]), atol=1e-5)
     assert torch.allclose(norm.running_var, reference.running_var, atol=1e-6)
     # c r_0 + sum_v w_v u_v, u_v = (1 - m) r_0 + m s_v, against the updates written out for k = 3
-    start_weight, weights = models.in_sequence(3, 0.1, torch.device("cpu"), torch.float64)
+    start_weight, weights = per_view_batchnorm.in_sequence(3, 0.1, torch.device("cpu"), torch.float64)
     r0, s = 1.0, (5.0, 7.0, -2.0)
     once = [0.9 * r0 + 0.1 * value for value in s]
     in_a_row = 0.9 * (0.9 * (0.9 * r0 + 0.1 * s[0]) + 0.1 * s[1]) + 0.1 * s[2]
@@ -1040,47 +1143,46 @@ def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
 
 def test_precision_follows_the_setting_and_auto_picks_by_device(monkeypatch):
     cpu = torch.device("cpu")
-    auto = models.precision_for(cpu, "resnet18")
+    auto = precision.precision_for(cpu, "resnet18")
     assert not hasattr(auto.autocast, "fast_dtype") and not auto.scaler.is_enabled()      # no crops given: float32
     assert auto.memory_format == torch.channels_last                                      # NHWC ResNets
-    assert models.precision_for(cpu, "vit_tiny").memory_format == torch.contiguous_format
-    bf16 = models.precision_for(cpu, "resnet18", "bf16")
+    assert precision.precision_for(cpu, "vit_tiny").memory_format == torch.contiguous_format
+    bf16 = precision.precision_for(cpu, "resnet18", "bf16")
     with bf16.autocast:
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     assert not bf16.scaler.is_enabled()
     # A GPU with native bf16 (Ampere and later), and one that only emulates it (a T4, a V100)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert models.auto_precision(torch.device("cuda")) == "bf16"
+    assert precision.auto_precision(torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert models.auto_precision(torch.device("cuda")) == "fp16"
+    assert precision.auto_precision(torch.device("cuda")) == "fp16"
     # A CPU: bf16 only for a ResNet whose convolutions oneDNN computes right on these crops, and only where
     # the CPU has native bf16
     for native in (True, False):
-        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
-        assert models.auto_precision(cpu, "resnet18", "cifar", 16) == ("bf16" if native else "fp32")
-        assert models.auto_precision(cpu, "resnet18", "imagenet", 32) == ("bf16" if native else "fp32")
-        assert models.auto_precision(cpu, "resnet18", "imagenet", 16) == "fp32"     # layer4 at 1 x 1
-        assert models.auto_precision(cpu, "vit_tiny", None, 48) == "fp32"           # slower in bf16
-        assert models.auto_precision(cpu) == "fp32"                                 # no network: the probes
-    assert not hasattr(models.precision_for(cpu, "resnet18", "auto", "cifar", 16).autocast, "fast_dtype")
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        assert precision.auto_precision(cpu, "resnet18", "cifar", 16) == ("bf16" if native else "fp32")
+        assert precision.auto_precision(cpu, "resnet18", "imagenet", 32) == ("bf16" if native else "fp32")
+        assert precision.auto_precision(cpu, "resnet18", "imagenet", 16) == "fp32"     # layer4 at 1 x 1
+        assert precision.auto_precision(cpu, "vit_tiny", None, 48) == "fp32"           # slower in bf16
+        assert precision.auto_precision(cpu) == "fp32"                                 # no network: the probes
+    assert not hasattr(precision.precision_for(cpu, "resnet18", "auto", "cifar", 16).autocast, "fast_dtype")
 
 
 def test_auto_precision_is_decided_once_per_run_and_kept_on_resume_on_the_same_kind_of_device(monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     laptop = train.build_parser().parse_args(["--stem", "cifar", "--device", "cpu"])
     laptop.global_size, laptop.local_size = 32, 16
-    assert train.run_arithmetic(laptop, None) == "bf16"                       # a new run: auto decides
+    assert precision.run_arithmetic(laptop, None) == "bf16"                       # a new run: auto decides
     paper = argparse.Namespace(**{**vars(laptop), "stem": "imagenet"})
-    assert train.run_arithmetic(paper, None) == "fp32"                        # layer4 would meet 1 x 1 inputs
-    # Resumed on a CPU: the run's own arithmetic, whatever auto would pick now; a checkpoint from before
-    # it was kept trained in float32, which auto always meant on CPUs then
-    for saved, kept in (({"arithmetic": "fp32"}, "fp32"), ({}, "fp32"), ({"arithmetic": "bf16"}, "bf16")):
+    assert precision.run_arithmetic(paper, None) == "fp32"                        # layer4 would meet 1 x 1 inputs
+    # Resumed on a CPU: the run's own arithmetic, whatever auto would pick now
+    for saved, kept in (({"arithmetic": "fp32"}, "fp32"), ({"arithmetic": "bf16"}, "bf16")):
         checkpoint = {"args": {**vars(laptop), **saved}}
-        assert train.run_arithmetic(laptop, checkpoint) == kept
+        assert precision.run_arithmetic(laptop, checkpoint) == kept
     # Moved to another kind of device, auto is decided afresh; a precision typed is always taken as typed
     moved = {"args": {**vars(laptop), "device": "cuda", "arithmetic": "fp16"}}
-    assert train.run_arithmetic(laptop, moved) == "bf16"
-    assert train.run_arithmetic(argparse.Namespace(**{**vars(laptop), "precision": "fp32"}), None) == "fp32"
+    assert precision.run_arithmetic(laptop, moved) == "bf16"
+    assert precision.run_arithmetic(argparse.Namespace(**{**vars(laptop), "precision": "fp32"}), None) == "fp32"
 
 
 def test_cpu_bf16_is_ruled_out_exactly_where_a_strided_convolution_meets_a_one_pixel_input():
@@ -1093,7 +1195,7 @@ def test_cpu_bf16_is_ruled_out_exactly_where_a_strided_convolution_meets_a_one_p
         cifar = [side, down(side), down(down(side))]
         for stem, inputs in (("imagenet", imagenet), ("cifar", cifar)):
             for arch in ("resnet18", "resnet50"):
-                assert models.cpu_bf16_convolutions_are_right(arch, stem, side) == (min(inputs) >= 2), (arch, stem, side)
+                assert precision.cpu_bf16_convolutions_are_right(arch, stem, side) == (min(inputs) >= 2), (arch, stem, side)
 
 
 # ---- torchvision state_dicts
@@ -1115,7 +1217,7 @@ def test_train_py_builds_the_stem_it_is_asked_for_and_evaluation_rebuilds_it(tmp
         train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1", "--stem", stem])
         saved = torch.load(out / "ckpt.pt", weights_only=True)
         assert saved["model"]["backbone.conv1.weight"].shape[-1] == kernel
-        backbone, _ = models.load_backbone(str(out / "ckpt.pt"))
+        backbone, _ = checkpoints.load_backbone(str(out / "ckpt.pt"))
         assert backbone.conv1.kernel_size == (kernel, kernel)
 
 
@@ -1127,14 +1229,14 @@ def test_torchvision_state_dict_loads_with_arch(tmp_path):
     reference.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     for name in ("wrapped.pth", "plain.pth"):
-        backbone, info = models.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
+        backbone, info = checkpoints.load_backbone(tmp_path / name, arch="resnet18", image_size=224)
         assert info["arch"] == "resnet18" and info["train_args"] is None and info["method"] == name[:-4]
         assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())   # frozen
         assert torch.allclose(backbone(x), reference.eval()(x), atol=1e-5)
-    with pytest.raises(models.CheckpointError, match="does not match a resnet50"):
-        models.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
-    with pytest.raises(models.CheckpointError, match="--arch"):
-        models.load_backbone(tmp_path / "plain.pth")
+    with pytest.raises(checkpoints.CheckpointError, match="does not match a resnet50"):
+        checkpoints.load_backbone(tmp_path / "plain.pth", arch="resnet50", image_size=224)
+    with pytest.raises(checkpoints.CheckpointError, match="--arch"):
+        checkpoints.load_backbone(tmp_path / "plain.pth")
 
 
 # ---- weights in and out: torchvision, timm, Lightly, solo-learn, DINO
@@ -1201,51 +1303,51 @@ def test_lightly_solo_learn_and_dino_checkpoints_give_their_backbone(tmp_path, c
     x = torch.randn(2, 3, 32, 32)
     for name, checkpoint in layouts.items():
         torch.save(checkpoint, tmp_path / name)
-        loaded, _ = models.load_backbone(tmp_path / name, "resnet18", 32)
+        loaded, _ = checkpoints.load_backbone(tmp_path / name, "resnet18", 32)
         assert torch.allclose(loaded(x), resnet(x), atol=1e-6), name
         printed = capsys.readouterr().out
         assert "took 120 tensors under 'backbone.' of 'state_dict'; left out " in printed
         assert "momentum" in printed and "CIFAR-stem ResNet" in printed          # solo-learn's padding, noted
 
     vit = models.build_backbone("vit_tiny", 96).eval()
-    timm_layout = models.to_timm(vit.state_dict())
+    timm_layout = checkpoints.to_timm(vit.state_dict())
     assert "blocks.0.mlp.fc1.weight" in timm_layout and "patch_embed.proj.weight" in timm_layout
     other = {k: torch.randn_like(v) for k, v in timm_layout.items()}
     torch.save({"teacher": {**{f"backbone.{k}": v for k, v in timm_layout.items()}, "head.last_layer.weight": torch.ones(2)},
                 "student": {f"module.backbone.{k}": v for k, v in other.items()},
                 "args": argparse.Namespace(arch="vit_tiny", lr=0.0005), "epoch": 100}, tmp_path / "dino.pth")
     x = torch.randn(2, 3, 96, 96)
-    teacher, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96)       # a Namespace inside: allowed
+    teacher, _ = checkpoints.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96)       # a Namespace inside: allowed
     assert torch.allclose(teacher(x), vit(x), atol=1e-6)
-    at_320, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 320)      # segment.py's size: its own grid
+    at_320, _ = checkpoints.load_backbone(tmp_path / "dino.pth", "vit_tiny", 320)      # segment.py's size: its own grid
     assert torch.allclose(at_320(x), vit(x), atol=1e-6)
     assert "took 150 tensors under 'backbone.' of 'teacher'; left out head." in capsys.readouterr().out
-    student, _ = models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="student")
+    student, _ = checkpoints.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="student")
     reference = models.build_backbone("vit_tiny", 96).eval()
-    reference.load_state_dict(models.from_timm(other))
+    reference.load_state_dict(checkpoints.from_timm(other))
     assert torch.allclose(student(x), reference(x), atol=1e-6)
-    with pytest.raises(models.CheckpointError, match="has no 'momentum'; its keys are teacher, student, args, epoch"):
-        models.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="momentum")
+    with pytest.raises(checkpoints.CheckpointError, match="has no 'momentum'; its keys are teacher, student, args, epoch"):
+        checkpoints.load_backbone(tmp_path / "dino.pth", "vit_tiny", 96, checkpoint_key="momentum")
 
 # ---- checkpoints: refused unread if they would run code, saved atomically
 
 def test_checkpoints_that_would_run_code_are_refused_unread(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"model": RunsCodeWhenUnpickled()}, tmp_path / "evil.pt")
-    with pytest.raises(models.CheckpointError, match="refused unread"):
-        models.load_backbone(tmp_path / "evil.pt", arch="resnet18")
+    with pytest.raises(checkpoints.CheckpointError, match="refused unread"):
+        checkpoints.load_backbone(tmp_path / "evil.pt", arch="resnet18")
     assert not os.path.exists(tmp_path / "code_ran")
     (tmp_path / "truncated.pt").write_bytes(open(tmp_path / "evil.pt", "rb").read()[:20])
-    with pytest.raises(models.CheckpointError, match="not a readable PyTorch file"):
-        models.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
+    with pytest.raises(checkpoints.CheckpointError, match="not a readable PyTorch file"):
+        checkpoints.load_backbone(tmp_path / "truncated.pt", arch="resnet18")
 
 
 def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch, models\n"
+        "import sys, torch, checkpoints\n"
         "for i in range(1000):\n"
-        "    models.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
+        "    checkpoints.save_checkpoint(sys.argv[1], {'step': i, 'weights': torch.full((1_000_000,), float(i))})\n"
         "    print(i, flush=True)\n"), str(path)],
         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
     for _ in range(3):                   # let a few complete saves happen, then kill it mid-way into the next
@@ -1260,7 +1362,7 @@ def test_a_kill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    models.save_checkpoint(path, {"step": 1})
+    checkpoints.save_checkpoint(path, {"step": 1})
 
     def dies_half_way(state, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -1268,22 +1370,22 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        models.save_checkpoint(path, {"step": 2})
+        checkpoints.save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]     # the partial file is removed, the previous one kept
 
 
 def test_a_full_disk_during_a_checkpoint_write_says_so_and_leaves_only_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    models.save_checkpoint(path, {"step": 1})
+    checkpoints.save_checkpoint(path, {"step": 1})
 
     def disk_full(state, f):
         f.write(b"PK\x03\x04 part of a zip file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(models.CheckpointError, match=r"cannot write .*ckpt.pt \(No space left on device\); the previous"):
-        models.save_checkpoint(path, {"step": 2})
+    with pytest.raises(checkpoints.CheckpointError, match=r"cannot write .*ckpt.pt \(No space left on device\); the previous"):
+        checkpoints.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -1299,11 +1401,11 @@ def test_a_second_writer_of_the_same_checkpoint_mid_write_breaks_neither(tmp_pat
         if state["writer"] == "A":
             f.write(b"PK\x03\x04")                                  # A has begun its file...
             f.seek(0)
-            models.save_checkpoint(path, {"writer": "B", "weights": torch.ones(1000)})   # ...B writes it all
+            checkpoints.save_checkpoint(path, {"writer": "B", "weights": torch.ones(1000)})   # ...B writes it all
         real_save(state, f)
 
     monkeypatch.setattr(torch, "save", interleaved)
-    models.save_checkpoint(path, {"writer": "A", "weights": torch.zeros(10)})
+    checkpoints.save_checkpoint(path, {"writer": "A", "weights": torch.zeros(10)})
     monkeypatch.undo()
     state = torch.load(path, weights_only=True)
     assert state["writer"] == "A" and torch.equal(state["weights"], torch.zeros(10))     # the last rename wins
@@ -1331,17 +1433,17 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
 
     assert numerical_rank(rank_16) == 16 and numerical_rank(rank_16.bfloat16().float()) > 100
     # Fast features in bf16 (a GPU's, or a CPU's with native bf16), whatever this CPU has
-    monkeypatch.setattr(models, "features_precision", lambda device, backbone: models.Precision(
+    monkeypatch.setattr(features, "features_precision", lambda device, backbone: precision.Precision(
         torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False), torch.channels_last))
     for cls in ("a", "b"):
         write_images(tmp_path / "images" / "train" / cls, 3)
     backbone = models.build_backbone("resnet18", 32, width=8).eval()
 
-    def features(exact):
-        return models.cached_features(backbone, "digest", "folder", str(tmp_path / "images"), "train", 32,
-                                      torch.device("cpu"), str(tmp_path / "cache"), workers=0, exact=exact)
+    def cached(exact):
+        return features.cached_features(backbone, "digest", "folder", str(tmp_path / "images"), "train", 32,
+                                        torch.device("cpu"), str(tmp_path / "cache"), workers=0, exact=exact)
 
-    fast, exact = features(False), features(True)
+    fast, exact = cached(False), cached(True)
     assert exact[2] is False and len(os.listdir(tmp_path / "cache")) == 2     # never read from the bf16 cache
     split = data.dataset_split("folder", str(tmp_path / "images"), "train", data.eval_transform(32))
     with torch.no_grad():
@@ -1356,23 +1458,23 @@ def test_probe_features_are_bf16_for_a_resnet_on_a_cpu_with_native_bf16_and_clos
     resnet = models.build_backbone("resnet18", 32, width=8)
     vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2)
     for native in (True, False):
-        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
         for backbone in (resnet, vit):
-            autocast, _, memory_format = models.features_precision(cpu, backbone)
+            autocast, _, memory_format = precision.features_precision(cpu, backbone)
             fast = native and backbone is resnet
             assert getattr(autocast, "fast_dtype", None) == (torch.bfloat16 if fast else None)
             assert memory_format == (torch.channels_last if backbone is resnet else torch.contiguous_format)
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     dataset = torch.utils.data.TensorDataset(images, torch.arange(64) % 2)
-    fast, _ = models.extract_features(resnet, dataset, cpu, batch_size=16, workers=0)
-    exact, _ = models.extract_features(resnet, dataset, cpu, batch_size=16, workers=0, exact=True)
+    fast, _ = features.extract_features(resnet, dataset, cpu, batch_size=16, workers=0)
+    exact, _ = features.extract_features(resnet, dataset, cpu, batch_size=16, workers=0, exact=True)
     relative = ((fast - exact).norm() / exact.norm()).item()
     assert fast.dtype == exact.dtype == torch.float32 and 0 < relative < 2e-2      # bf16 rounding, nothing worse
     # The cache keeps them apart: bf16 features never stand in for analyze.py's float32 ones
     for cls in ("a", "b"):
         write_images(tmp_path / "images" / "train" / cls, 3)
-    cached = [models.cached_features(resnet, "digest", "folder", str(tmp_path / "images"), "train", 32, cpu,
+    cached = [features.cached_features(resnet, "digest", "folder", str(tmp_path / "images"), "train", 32, cpu,
                                      str(tmp_path / "cache"), workers=0, exact=exact) for exact in (False, True)]
     assert cached[1][2] is False and len(os.listdir(tmp_path / "cache")) == 2
     assert not torch.equal(cached[0][0], cached[1][0])
@@ -1384,25 +1486,25 @@ def test_the_feature_cache_is_reused_and_renewed_by_a_new_checkpoint_new_files_o
         write_images(tmp_path / "images" / "train" / cls, 3)
     backbone = models.build_backbone("resnet18", 32, width=8)
     calls = []
-    real_extract = models.extract_features
-    monkeypatch.setattr(models, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
+    real_extract = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **kw: calls.append(1) or real_extract(*a, **kw))
 
-    def features(digest="digest-1"):
-        return models.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
-                                      torch.device("cpu"), str(tmp_path / "cache"), workers=0)
+    def cached(digest="digest-1"):
+        return features.cached_features(backbone, digest, "folder", str(tmp_path / "images"), "train", 32,
+                                        torch.device("cpu"), str(tmp_path / "cache"), workers=0)
 
-    first, again = features(), features()
+    first, again = cached(), cached()
     assert len(calls) == 1 and torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert first[2] is False and again[2] is True
     assert first[0].shape == (6, backbone.num_features) and first[1].tolist() == [0, 0, 0, 1, 1, 1]
-    features("digest-2")                                      # another checkpoint: extracted anew
+    cached("digest-2")                                        # another checkpoint: extracted anew
     assert len(calls) == 2
     write_images(tmp_path / "images" / "train" / "b", 4, seed=1)     # 3 images replaced and one added
-    feats, labels, cached = features()
-    assert not cached and len(calls) == 3 and len(labels) == 7
+    feats, labels, from_cache = cached()
+    assert not from_cache and len(calls) == 3 and len(labels) == 7
     for cache_file in os.listdir(tmp_path / "cache"):                # cache files that cannot be read
         (tmp_path / "cache" / cache_file).write_bytes(b"cut short")
-    assert features()[2] is False and len(calls) == 4 and "unreadable" in capsys.readouterr().out
+    assert cached()[2] is False and len(calls) == 4 and "unreadable" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2146,7 +2248,7 @@ def test_baseline_methods_train_on_the_same_views_and_evaluate(tmp_path, method)
     else:                               # logged in HyDeS's terms: mi = h_global - h_local
         assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
         assert "projector.0.weight" in saved["model"]
-    backbone, info = models.load_backbone(out / "ckpt.pt")
+    backbone, info = checkpoints.load_backbone(out / "ckpt.pt")
     assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
     assert info["method"] == {"infonce": "InfoNCE", "supervised": "Supervised"}[method]
 
@@ -2182,7 +2284,7 @@ def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it
 
 
 def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(capsys):
-    control = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
+    control = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
     control.total_steps = 200 * 390                          # the paper's CIFAR-10 run: 200 epochs of 390 steps
     control.estimate_once(seconds_per_step=2.0, step=20)      # 128 images in 2 s on a laptop
     printed = capsys.readouterr().out
@@ -2199,19 +2301,19 @@ def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(
         assert len(hint) >= 8 and all(command.get(flag) == value for flag, value in hint.items()), section
         assert all(hint.get(flag) == value for flag, value in command.items() if flag in settings), section
     control.estimate_once(seconds_per_step=2.0, step=40)      # said once only
-    quick = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
+    quick = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
     quick.total_steps = 2 * 390
     quick.estimate_once(seconds_per_step=2.0, step=20)        # 25 minutes: nothing to say
     assert capsys.readouterr().out == ""
     # On one GPU: CUDA graphs are named unless in use; the laptop settings never (they are for CPUs)
     for compile_mode, world_size, hours in ((None, 1, 43), ("default", 1, 0), ("reduce-overhead", 1, 43),
                                             (None, 2, 43)):
-        gpu = train.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"))
+        gpu = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
         gpu.device, gpu.world_size = torch.device("cuda"), world_size         # as under torchrun on GPUs
         gpu.args.compile, gpu.total_steps = compile_mode, 20 + 1800 * hours   # 2 s a step: 1,800 an hour
         gpu.estimate_once(seconds_per_step=2.0, step=20)
         printed = capsys.readouterr().out
-        assert ("--compile reduce-overhead runs the network" in printed) == (compile_mode != "reduce-overhead"
+        assert ("--compile reduce-overhead replays the network as CUDA graphs" in printed) == (compile_mode != "reduce-overhead"
                                                                       and world_size == 1)
         assert ("more hours on cuda." in printed) == (hours > 3) and "--width" not in printed
 
@@ -2250,9 +2352,10 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
         net = models.HyDeSModel(models.build_backbone(arch, 32, args.width, args.depth, args.heads), 64, 16,
                                 10 if method == "supervised" else None).to(meta)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        control = train.RunControl(args, 0, 1, meta)
+        control = runcontrol.RunControl(args, 0, 1, meta, train.LOGGED[method])
         control.device_step = torch.tensor(0.0, device=meta)
-        crops, precision = data.BatchedMultiCrop(data.dino_recipes(32, 16)), models.precision_for(torch.device("cpu"), arch)
+        crops = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16))
+        setup = precision.precision_for(torch.device("cpu"), arch)
         images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=meta)
         labels = torch.empty(8, dtype=torch.int64, device=meta)
         sums = torch.zeros(len(train.LOGGED[method]), device=meta)
@@ -2261,7 +2364,7 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
                 group["lr"] = train.learning_rate(args, step, 10)
             views = crops(images, train.augmentation_generator(0, step, 0))
             kappa, beta = train.loss_schedule(args, step, 10)
-            terms = train.training_step(net, views, labels, optimizer, precision, method, kappa, args.alpha, beta)
+            terms = train.training_step(net, views, labels, optimizer, setup, method, kappa, args.alpha, beta)
             sums += terms
             control.watch(terms)
         assert terms.device == meta and sums.shape == (len(train.LOGGED[method]),)
@@ -2272,7 +2375,7 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
 
 def test_compile_takes_a_mode_and_a_step_drops_the_last_gradients_before_cuda_graphs_replay(monkeypatch, tmp_path):
     # --compile alone is torch.compile's default mode, --compile reduce-overhead its CUDA graphs; the mode
-    # reaches torch.compile, and a checkpoint saved when --compile was a switch resumes with its meaning
+    # reaches torch.compile
     parse = train.build_parser().parse_args
     assert [parse(a).compile for a in ([], ["--compile"], ["--compile", "reduce-overhead"])] == [
         None, "default", "reduce-overhead"]
@@ -2282,18 +2385,12 @@ def test_compile_takes_a_mode_and_a_step_drops_the_last_gradients_before_cuda_gr
     for argv in ([], ["--compile"], ["--compile", "reduce-overhead"]):
         train.parallel(torch.nn.Linear(2, 2), parse(argv), control)
     assert compiled == ["default", "reduce-overhead"]
-    args = parse(["--out", str(tmp_path)])
-    for switch, mode in ((True, "default"), (False, None)):
-        torch.save({"args": {**vars(args), "compile": switch}}, tmp_path / "ckpt.pt")
-        resumed, _ = train.resume_settings(parse(["--out", str(tmp_path), "--resume"]),
-                                           ["--out", str(tmp_path), "--resume"])
-        assert resumed.compile == mode
     # CUDA graphs replay into the same memory every step, the parameters' gradients included: the step
     # must drop the last step's gradients and mark a new step before its forward pass, not after it
     events = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
     torch.manual_seed(0)
-    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 4), 16, 8)
+    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8), 16, 8)
     forward = net.forward
     monkeypatch.setattr(net, "forward", lambda views: events.append(
         "forward, gradients " + ("dropped" if all(p.grad is None for p in net.parameters()) else "kept"))
@@ -2301,7 +2398,7 @@ def test_compile_takes_a_mode_and_a_step_drops_the_last_gradients_before_cuda_gr
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     views = [torch.randn(4, 3, 16, 16)] * 2
     for _ in range(2):
-        train.training_step(net, views, None, optimizer, models.precision_for(torch.device("cpu"), "resnet18", "fp32"),
+        train.training_step(net, views, None, optimizer, precision.precision_for(torch.device("cpu"), "resnet18", "fp32"),
                             "hydes", 10.0, 1.0, 1.0)
     assert events == ["mark", "forward, gradients dropped"] * 2
     assert all(p.grad is not None for p in net.parameters())     # the step's own gradients stay for AdamW
@@ -2327,6 +2424,7 @@ BAD_TRAINING_ARGUMENTS = [
     (["--depth", "3"], "--depth and --heads shape vit_tiny only"),
     (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs without bf16"),
+    (["--width", "4", "--device", "cpu"], "a ResNet of --width 4 trains through a 1x1 stride-2 convolution"),
 ]
 
 
@@ -2372,7 +2470,7 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     assert straight["step"] == 4
     kept = torch.load(tmp_path / "straight" / "ckpt-epoch1.pt", weights_only=True)     # --keep-every 1
     assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"],
-                                              models.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
+                                              checkpoints.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")[0].conv1.weight)
 
     # 1 epoch, then --resume for the second from the other data source with loading workers: the views
     # depend neither on where the images come from nor on the workers
@@ -2411,7 +2509,7 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
 
 def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refused(tmp_path):
     # The CIFAR stem: with the ImageNet stem, 16 px crops reach layer4's stride-2 convolution at 1 x 1, whose
-    # bf16 weight gradient oneDNN miscomputes on some CPUs (README: precision), differently from call to call.
+    # bf16 weight gradient oneDNN miscomputes on some CPUs (SPEED.md: precision), differently from call to call.
     common = tiny_run(tmp_path, extra=["--device", "cpu", "--stem", "cifar"])
     with pytest.raises(SystemExit, match="--precision bf16 on a CPU computes wrong gradients for resnet18's imagenet "
                                          "stem on 16 px crops"):
@@ -2430,10 +2528,10 @@ def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refu
     train.main(common + ["--out", str(tmp_path / "fp32"), "--epochs", "1", "--precision", "fp32"])
     fp32 = torch.load(tmp_path / "fp32" / "ckpt.pt", weights_only=True)
     assert not torch.equal(fp32["model"]["backbone.conv1.weight"], first_epoch["model"]["backbone.conv1.weight"])
-    # --precision auto trains in what models.auto_precision picks for this network on this CPU, and says so
+    # --precision auto trains in what precision.auto_precision picks for this network on this CPU, and says so
     train.main(common + ["--out", str(tmp_path / "auto"), "--epochs", "1"])
     auto = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)
-    picked = models.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
+    picked = precision.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
     assert auto["args"]["precision"] == "auto" and auto["args"]["arithmetic"] == picked
     assert torch.equal(auto["model"]["backbone.conv1.weight"],
                        {"bf16": first_epoch, "fp32": fp32}[picked]["model"]["backbone.conv1.weight"])
@@ -2518,7 +2616,8 @@ def test_skip_bad_images_also_skips_them_in_the_monitors_k_nn(tmp_path, capsys):
 def test_the_monitor_decodes_the_labelled_splits_once_and_its_features_are_those_of_the_files(tmp_path, monkeypatch):
     args = train.build_parser().parse_args(tiny_run(tmp_path) + ["--global-size", "32", "--local-size", "16"])
     calls = []
-    monkeypatch.setattr(train, "labelled_splits", lambda *a, **k: calls.append(a) or evaluate.labelled_splits(*a, **k))
+    real_splits = loading.labelled_splits
+    monkeypatch.setattr(loading, "labelled_splits", lambda *a, **k: calls.append(a) or real_splits(*a, **k))
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     net = models.HyDeSModel(models.build_backbone("resnet18", 32, width=8), 32, 16)
@@ -2528,21 +2627,21 @@ def test_the_monitor_decodes_the_labelled_splits_once_and_its_features_are_those
     first = monitor.evaluate(net, probe, 0, control)
     second = monitor.evaluate(net, probe, 1, control)
     assert len(calls) == 1 and set(first) == set(second) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
-    kept, workers = monitor.splits()
+    kept, workers = monitor.images.splits()
     assert workers == 0 and kept[0].tensors[0].dtype == torch.uint8 and len(kept[1]) == 8     # 2 classes x 4
     for split, decoded in zip(("train", "test"), kept):
         files = data.dataset_split("folder", args.data_dir, split, data.eval_transform(32))
-        through_files = models.extract_features(net.backbone, files, cpu, workers=0)
-        from_memory = models.extract_features(net.backbone, decoded, cpu, workers=0)
+        through_files = features.extract_features(net.backbone, files, cpu, workers=0)
+        from_memory = features.extract_features(net.backbone, decoded, cpu, workers=0)
         assert torch.equal(through_files[0], from_memory[0]) and torch.equal(through_files[1], from_memory[1])
 
 
 def test_the_monitor_takes_the_train_split_from_training_memory_and_decodes_only_the_test_split(tmp_path, monkeypatch):
     # Each decoding pass: (images, made by the monitor's eval_transform rather than training's PILToTensor)
-    passes = []
-    monkeypatch.setattr(train, "load_into_memory", lambda dataset, *args, **kwargs: passes.append(
+    passes, real_load = [], loading.load_into_memory
+    monkeypatch.setattr(loading, "load_into_memory", lambda dataset, *args, **kwargs: passes.append(
         (len(dataset), isinstance(dataset.transform, torchvision.transforms.Compose)))
-        or data.load_into_memory(dataset, *args, **kwargs))
+        or real_load(dataset, *args, **kwargs))
     logs = {}
     for source in ("memory", "workers"):
         passes.clear()
@@ -2557,19 +2656,19 @@ def test_the_monitor_takes_the_train_split_from_training_memory_and_decodes_only
     assert logs["memory"] == logs["workers"] and len(logs["memory"]) == 2 and "knn_top1" in logs["memory"][1]
     # Which in-memory images stand for the labelled train split: not STL-10's unlabelled ones, not another size
     images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)
-    memory = data.InMemoryBatches(images, labels, data.EpochOrder(4, 2, 0, 0, 1))
+    memory = loading.InMemoryBatches(images, labels, loading.EpochOrder(4, 2, 0, 0, 1))
     for dataset, method, size, batches, shared in (("cifar10", "hydes", 32, memory, True),
                                                    ("stl10", "hydes", 32, memory, False),
                                                    ("stl10", "supervised", 32, memory, True),
                                                    ("cifar10", "hydes", 24, memory, False),
                                                    ("cifar10", "hydes", 32, object(), False)):
         args = argparse.Namespace(dataset=dataset, method=method, global_size=size)
-        assert (train.labelled_training_images(batches, args) is not None) == shared, (dataset, method, size)
+        assert (loading.labelled_training_images(batches, args) is not None) == shared, (dataset, method, size)
 
 
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_path, monkeypatch, signum, dies):
-    real = train.labelled_splits
+    real = loading.labelled_splits
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signum)
@@ -2577,7 +2676,7 @@ def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_pat
             raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "labelled_splits", signalled)
+    monkeypatch.setattr(loading, "labelled_splits", signalled)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "3", "--epochs", "3"])
@@ -2667,16 +2766,18 @@ def test_probe_arguments_are_checked_before_any_work(tmp_path, script, extra, me
 def test_benchmark_arguments_are_checked():
     with pytest.raises(SystemExit, match="--seconds must be > 0"):
         benchmark.main(["--seconds", "0"])
+    with pytest.raises(SystemExit, match="use --width 6 or more"):
+        benchmark.main(["--device", "cpu", "--width", "3"])
     with pytest.raises(SystemExit, match="--precision fp16 is for GPUs"):
         benchmark.main(["--device", "cpu", "--precision", "fp16"])
 
 
 def test_the_benchmark_times_each_cpu_precision_and_layout_in_one_table_and_checks_each_gradient(capsys):
-    rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "4", "--stem", "cifar",
+    rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
                            "--proj-hidden", "16", "--step-batch-size", "4", "--seconds", "0.01"])
     assert sorted((r["precision"], r["layout"], r["mode"]) for r in rows) == [
-        (precision, layout, "eager") for precision in ("bf16", "fp32") for layout in ("channels_last", "contiguous")]
-    auto = models.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
+        (name, layout, "eager") for name in ("bf16", "fp32") for layout in ("channels_last", "contiguous")]
+    auto = precision.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
     assert [(r["precision"], r["layout"]) for r in rows if r["default"]] == [(auto, "channels_last")]
     assert all(r["images_per_s"] > 0 and r["host_syncs"] is None and r["peak_bytes"] is None for r in rows)
     error = {(r["precision"], r["layout"]): r["gradient_error"] for r in rows}
@@ -2700,7 +2801,7 @@ def test_a_benchmark_row_that_fails_is_reported_the_others_still_run_and_each_ca
 
     monkeypatch.setattr(benchmark, "time_row", fails_in_bf16)
     with pytest.raises(SystemExit, match=r"^error: 4 row\(s\) failed"):       # bf16 in 2 layouts x 2 forwards
-        benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "4", "--stem", "cifar", "--proj-hidden", "16",
+        benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar", "--proj-hidden", "16",
                         "--step-batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
                         "--forward", "per-view", "per-resolution", "--profile"])
     captured = capsys.readouterr()
@@ -2785,7 +2886,7 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
                if first["model"][k].is_floating_point()]
     assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
 
-    backbone, info = models.load_backbone(out / "ckpt.pt")
+    backbone, info = checkpoints.load_backbone(out / "ckpt.pt")
     assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
     assert backbone.conv1.weight.shape == (8, 3, 7, 7)      # the paper's setup's ImageNet stem, even at 32 px
     assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])

@@ -1,0 +1,96 @@
+"""Frozen features of a whole dataset, extracted in the probes' precision and cached on disk.
+
+Machinery: a reader of the method may skip this file; what it computes is `backbone(images)` in eval
+mode over a split, under torch.no_grad. evaluate.py, analyze.py and train.py's monitor call
+`extract_features`; evaluate.py and analyze.py go through `cached_features`, whose key follows the
+checkpoint's bytes, the split's files and the precision, so that a second probe extracts nothing and a
+changed checkpoint or split is extracted anew.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from data import dataset_split, eval_transform, normalize
+from precision import features_precision, precision_for
+from records import write_atomically
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False):
+    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64. The dataset
+    gives normalised images (eval_transform), or uint8 ones, normalised here on the device.
+
+    exact=False: in features_precision, fast and enough for the probes, whose accuracies do not move with
+    the last bits. exact=True: in float32 throughout, for analyze.py, whose numerical ranks count singular
+    values above float32 rounding: bf16's 8-bit mantissa rounds every feature by ~0.4% and fills the null
+    space, so a rank-16 matrix comes out as rank 200 or more."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    autocast, _, memory_format = precision_for(device, None, "fp32") if exact else features_precision(device, backbone)
+    for images, targets in tqdm(loader, desc=desc, leave=False):
+        images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:           # eval_transform(size, normalised=False): normalise here
+            images = normalize(images.float() / 255)
+        images = images.contiguous(memory_format=memory_format)     # (B, 3, H, W), NHWC in memory for ResNets
+        with autocast:
+            features.append(backbone(images).float().cpu())
+        labels.append(targets)
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes: the cache key follows the checkpoint's content, not its name or date."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_fingerprint(data):
+    """A digest of what a split holds: its class names and, for image folders, every file's path, size
+    and modification time, so that adding, removing or replacing an image changes it. (Datasets stored
+    as arrays, CIFAR and STL-10, are fixed files: their class names and length stand for them.)"""
+    digest = hashlib.sha256(json.dumps([list(data.classes), len(data)]).encode())
+    for path, label in getattr(data, "samples", []):
+        stat = os.stat(path)
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
+                    workers=2, exact=False):
+    """extract_features for one split, read from cache_dir when the same key was extracted before.
+    Returns (features (N, F), labels (N,), whether they came from the cache).
+
+    The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, the split's files
+    (split_fingerprint), and the precision of the forward pass (exact: see extract_features), so that
+    features extracted under bf16 never stand in for float32 ones. A cache file that cannot be
+    read (cut short, say) is extracted anew."""
+    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
+    key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
+           "split": split, "image_size": image_size, "files": split_fingerprint(data),
+           "precision": str(torch.float32 if exact else getattr(features_precision(device, backbone).autocast,
+                                                                "fast_dtype", torch.float32))}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{dataset}-{split}-{name}.pt")
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["key"] == key:
+                return cached["features"], cached["labels"], True
+        except Exception as error:   # any unreadable file (zip, pickle, EOF errors): extract anew, say so
+            print(f"warning: the feature cache {path} is unreadable ({type(error).__name__}); extracting anew")
+    features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features",
+                                        exact=exact)
+    os.makedirs(cache_dir, exist_ok=True)
+    write_atomically(path, lambda f: torch.save({"key": key, "features": features, "labels": labels}, f))
+    return features, labels, False

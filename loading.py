@@ -1,0 +1,380 @@
+"""Feeding the training step: uint8 images in memory on the device, or decoded by loading workers, in an
+order fixed by (seed, epoch); and the labelled splits the monitor evaluates.
+
+Machinery: a reader of the method may skip this file; train.py reads `for images, labels in batches`.
+
+CIFAR-10/100 (50k x 3 KB) and STL-10 (105k x 27 KB, 2.9 GB) fit in a GPU's memory as uint8: decode
+them once, keep them there, and an epoch is a permutation and index operations, with no workers at
+all; every view is cut on the device (batched_crops.BatchedMultiCrop). ImageNet, Food-101 and folders of
+mixed sizes neither fit nor share one size, so their images cannot even be stacked into a batch.
+DataLoader workers decode each image and cut its V crops from the whole of it, as data.MultiCrop does
+(FullImageCrops); the photometric steps stay on the device, batched. Cropping a fixed-size centre square
+on the device instead would lose the ends of the long side (a quarter of a 500 x 375 image) and make a
+5% local crop a 57 px patch of a 256 px square, upscaled to 96. The views travel as uint8 (4x fewer
+bytes than floats to pin and copy).
+
+Either way the batches follow an `EpochOrder`, which makes the data order a function of the seed and
+the epoch, and every augmentation is seeded by (seed, step, rank) (`augmentation_seed`): a run resumed
+at any step sees the images and views an uninterrupted one would.
+"""
+
+import signal
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+from batched_crops import sample_crop_boxes
+from data import DatasetError, dataset_split, eval_transform, folder_image_sizes, pretrain_dataset, read_rgb
+
+# --data-source auto keeps the decoded training images on the device when they fit in this many bytes:
+# CIFAR's 150 MB and STL-10's 2.9 GB do; ImageNet (250 GB at 256 px) and Food-101 (15 GB) do not.
+IN_MEMORY_BYTES = 4 * 2**30
+
+
+def training_data(args, recipes, control):
+    """(batches, order, classes): `batches` yields (images, labels (B,)) on the training device, in the
+    order of `order` (an EpochOrder). Images of one size come whole, uint8 (B, 3, H, W), from memory or
+    from loading workers (--data-source), and their views are cut on the device; images of mixed sizes
+    come from the workers as the V uint8 views (B, 3, s, s) they cut from each whole image (FullImageCrops)."""
+    if args.data_source == "memory" and not one_image_size(args.dataset, args.data_dir):
+        raise SystemExit(f"error: --data-source memory holds images of one size, and {args.dataset}'s differ: the "
+                         f"loading workers cut their crops from each whole image; use --data-source workers or auto")
+    with control.first_process_first():           # process 0 downloads and extracts the dataset alone
+        # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
+        dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")
+        if args.eval_every:                       # the monitor's test split must exist before hours of training
+            dataset_split(args.dataset, args.data_dir, "test", None)
+    if args.skip_bad_images:
+        dropped = drop_unreadable_images(dataset, args.workers)
+        if dropped and control.main_process:
+            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
+                  f"for example {dropped[0]}")
+    order = EpochOrder(len(dataset), args.batch_size, args.seed, control.rank, control.world_size)
+    if order.batches_per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
+                         f"lower --batch-size")
+    if isinstance(dataset, FullImageCrops):       # mixed sizes: the workers cut the crops
+        return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
+    fits = len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES
+    if args.data_source == "memory" or (args.data_source == "auto" and fits):
+        images, labels = load_into_memory(dataset, control.device, args.workers)   # (N, 3, H, W) uint8, once
+        return InMemoryBatches(images, labels, order), order, dataset.classes
+    return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
+
+
+def labelled_training_images(batches, args):
+    """(images, labels) that training holds in memory, when they are the labelled train split as the monitor
+    evaluates it: the same files (every dataset but STL-10, whose 100k unlabelled images are trained on
+    too, data.pretrain_dataset; the supervised baseline trains on the labelled split itself) at the
+    evaluation size, where eval_transform changes nothing. Else None, and the monitor decodes its own
+    copy."""
+    labelled = args.method == "supervised" or args.dataset != "stl10"
+    if isinstance(batches, InMemoryBatches) and labelled and batches.images.shape[-2:] == (args.global_size,) * 2:
+        return batches.images, batches.labels
+    return None
+
+
+def note_mixed_sizes(args, native):
+    """Say what a folder of images of mixed sizes trains at: its crops follow the median shorter side."""
+    sizes = folder_image_sizes(args.data_dir) if args.dataset == "folder" else {}
+    if len(sizes) > 1:
+        sides = [min(size) for size in sizes]
+        print(f"note: {args.data_dir}/train holds images of {len(sizes)} sizes (shorter sides {min(sides)} to "
+              f"{max(sides)} px); crops follow the median shorter side, {native} px: "
+              f"{args.global_size} and {args.local_size} px (--global-size and --local-size set them)")
+
+
+def one_image_size(name, root):
+    """Whether all the training images of a dataset have one size: CIFAR's and STL-10's do, ImageNet's
+    and Food-101's do not, a `folder`'s are asked (their headers, read once per process)."""
+    if name in ("cifar10", "cifar100", "stl10"):
+        return True
+    return name == "folder" and len(folder_image_sizes(root)) == 1
+
+
+def uint8_dataset(name, root, recipes, labelled=False):
+    """The training images (`pretrain_dataset`, or with `labelled` the labelled train split that the
+    supervised baseline needs) for BatchedMultiCrop with these `recipes` (dino_recipes), in uint8:
+
+    - images of one size (`one_image_size`): item i is (image (3, H, W), label) at native size, as
+      MultiCrop sees it; BatchedMultiCrop cuts the crops of a batch on the device.
+    - images of mixed sizes: a FullImageCrops, whose item (i, seed) is (V views (3, s, s), label),
+      each cut from the whole image by the loading worker.
+    """
+    whole = one_image_size(name, root)
+    transform = T.PILToTensor() if whole else None               # None: PIL images, for FullImageCrops
+    dataset = dataset_split(name, root, "train", transform) if labelled else pretrain_dataset(name, root, transform)
+    return dataset if whole else FullImageCrops(dataset, recipes)
+
+
+class FullImageCrops(torch.utils.data.Dataset):
+    """The multi-crop's geometry in the loading workers, for images of mixed sizes: item (index, seed)
+    -> (V views uint8 (3, s, s), globals first; label), from `images`, a dataset of (PIL image, label).
+
+    Each view is MultiCrop's first two steps on the whole decoded image: a box drawn by sample_crop_boxes,
+    the function the device uses, so torchvision's RandomResizedCrop.get_params; the box cut and resized
+    by PIL's antialiased bicubic, exactly as T.RandomResizedCrop does; a mirror with probability 1/2.
+    Every draw comes from a generator seeded by `seed`, so the views are a function of (index, seed)
+    alone, never of which worker made them; `CropSeeds` gives each image of a step its seed.
+    BatchedMultiCrop then adds the photometric steps on the device.
+    """
+
+    def __init__(self, images, recipes):
+        self.images, self.recipes, self.classes = images, recipes, images.classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.images[index]                              # PIL image, RGB, of any size
+        boxes, flips = self.geometry(*image.size, self.recipes, torch.Generator().manual_seed(seed))
+        views = []
+        for (x0, y0, w, h), flip, recipe in zip(boxes, flips, self.recipes):
+            view = image.crop((x0, y0, x0 + w, y0 + h)).resize((recipe.size, recipe.size), Image.BICUBIC)
+            views.append(T.functional.pil_to_tensor(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view))
+        return views, label
+
+    @staticmethod
+    def geometry(width, height, recipes, generator):
+        """The views' boxes and flips on a width x height image: V boxes [x0, y0, w, h] and V bools.
+        sample_crop_boxes runs once per crop scale (globals, locals) for all the views of that scale:
+        each call costs some 25 small tensor operations, so one call per view would cost as much time
+        as decoding the image."""
+        boxes = torch.empty(len(recipes), 4, dtype=torch.long)                     # (V, 4)
+        for scale in dict.fromkeys(recipe.scale for recipe in recipes):           # each scale once, in order
+            chosen = [i for i, recipe in enumerate(recipes) if recipe.scale == scale]
+            boxes[chosen] = sample_crop_boxes(len(chosen), height, width, scale, generator)
+        flips = torch.rand(len(recipes), generator=generator) < torch.tensor([r.flip_p for r in recipes])  # (V,)
+        return boxes.tolist(), flips.tolist()
+
+
+def load_into_memory(dataset, device, workers=0, batch_size=256):
+    """Decode every image of a uint8 dataset once -> images uint8 (N, 3, H, W), labels int64 (N,), on device.
+    The images are written into one preallocated tensor, not concatenated from batches (which would
+    hold them twice over); once the caller drops the dataset, this copy is the only one."""
+    first, _ = dataset[0]
+    images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)     # (N, 3, H, W)
+    labels = torch.empty(len(dataset), dtype=torch.int64)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    start = 0
+    for batch_images, batch_labels in tqdm(loader, desc="decoding the training images into memory", leave=False):
+        images[start:start + len(batch_images)] = batch_images
+        labels[start:start + len(batch_images)] = batch_labels
+        start += len(batch_images)
+    return images.to(device), labels.to(device)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """Batches of image indices for one epoch, in an order drawn from a generator seeded by (seed, epoch)
+    alone.
+
+    The usual DataLoader shuffling draws its order from a generator whose state moves with every epoch.
+    Here the b-th batch of epoch e is a pure function of (seed, e, b), so a run resumed at any step
+    (`start_batch`) sees exactly the images an uninterrupted run would, with 0 or 16 workers alike (train.py
+    seeds each step's augmentation from the step, likewise). The last incomplete batch is dropped, as the
+    loss wants equal batches.
+
+    Under data parallelism every process draws the same order, and process `rank` takes its
+    batch_size / world_size images of each global batch of `batch_size`: the global batch, and so
+    H_global over it, is the same whatever the number of processes.
+    """
+
+    def __init__(self, num_images, batch_size, seed, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} does not split evenly over {world_size} processes")
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.rank, self.per_process = rank, batch_size // world_size
+        self.batches_per_epoch = num_images // batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        mixed_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(mixed_seed)
+        order = torch.randperm(self.num_images, generator=generator)                   # (num_images,)
+        for b in range(self.start_batch, self.batches_per_epoch):
+            first = b * self.batch_size + self.rank * self.per_process
+            yield order[first:first + self.per_process].tolist()
+
+
+def augmentation_seed(seed, step, rank, position=None):
+    """The 64-bit seed of step `step`'s augmentation on process `rank` (train.py's generator of the
+    step), or, with `position`, of the crops of the image at that position of the step's batch
+    (FullImageCrops). The image's seed is a child of the step's numpy SeedSequence (spawn key
+    (position,)), an independent stream; [seed, step, rank, position] would not do, for SeedSequence
+    pads short entropy with zeros, which makes [seed, step, rank, 0] the step's own seed."""
+    spawn_key = () if position is None else (position,)
+    return int(np.random.SeedSequence([seed, step, rank], spawn_key=spawn_key).generate_state(1, np.uint64)[0])
+
+
+class CropSeeds(torch.utils.data.Sampler):
+    """The batches of `order` (an EpochOrder) as [(index, seed)] for FullImageCrops: image p of the batch
+    of step t on process r gets augmentation_seed(seed, t, r, p), so its crops are a function of (seed,
+    step, rank, position) like the rest of the step's augmentation, with any number of workers, and a
+    resumed run cuts the crops an uninterrupted one would. The step is the order's epoch times its
+    batches per epoch plus the batch, as train.py counts them."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        order = self.order
+        for b, batch in enumerate(order, start=order.start_batch):
+            step = order.epoch * order.batches_per_epoch + b
+            yield [(index, augmentation_seed(order.seed, step, order.rank, p)) for p, index in enumerate(batch)]
+
+
+class InMemoryBatches:
+    """For each batch of `order`, (images (B, 3, H, W) uint8, labels (B,)) gathered by index from images
+    already in the training device's memory: what a DataLoader would give, with no workers and no copies."""
+
+    def __init__(self, images, labels, order):
+        self.images, self.labels, self.order = images, labels, order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        for batch in self.order:
+            index = torch.tensor(batch)                                              # (B,)
+            if self.images.device.type == "cuda":
+                index = index.pin_memory()          # copied while the host goes on (to_device says why)
+            index = index.to(self.images.device, non_blocking=True)
+            yield self.images[index], self.labels[index]
+
+
+class WorkerBatches:
+    """For each batch of `order`, (images, labels (B,)) on `device`, decoded by `workers` DataLoader
+    processes: for datasets too large to hold in memory. The images are a uint8 batch (B, 3, H, W), or,
+    from a FullImageCrops (images of mixed sizes), the V uint8 views (B, 3, s, s) its workers cut, each
+    image's crops seeded by CropSeeds."""
+
+    def __init__(self, dataset, order, device, workers):
+        self.order, self.device = order, device
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=CropSeeds(order) if isinstance(dataset, FullImageCrops) else order,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=ignore_interrupts)
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            if isinstance(images, list):                      # V views (B, 3, s, s)
+                images = [view.to(self.device, non_blocking=True) for view in images]
+            else:                                             # (B, 3, H, W)
+                images = images.to(self.device, non_blocking=True)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def ignore_interrupts(worker_id):
+    """Ctrl-C reaches every process of the terminal's group; loading workers ignore it so that the
+    training process decides when to stop (after its step and checkpoint), not a dying worker. SIGTERM
+    they must obey, for the DataLoader ends a stuck worker with it: when a cluster's pre-emption sends
+    it to all of a job's processes, train.py sees its workers gone and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _ReadCheck(torch.utils.data.Dataset):
+    """Item i is '' if file i of an image folder decodes, else the reason it does not."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            read_rgb(self.paths[i])
+            return ""
+        except DatasetError as error:
+            return str(error)
+
+
+def drop_unreadable_images(dataset, workers=0):
+    """--skip-bad-images: decode every file of an image folder once and drop those that fail.
+
+    Done before training rather than by swapping in another image on the fly: the count is exact, the
+    data order stays a function of the seed, and nothing surprises the run hours later. The cost is
+    one decoding pass. Returns the dropped paths.
+    Datasets stored as arrays (CIFAR, STL-10) have no files to check; a FullImageCrops's folder is checked.
+    """
+    if isinstance(dataset, FullImageCrops):
+        dataset = dataset.images
+    if not hasattr(dataset, "samples"):
+        return []
+    paths = [path for path, _ in dataset.samples]
+    loader = torch.utils.data.DataLoader(_ReadCheck(paths), batch_size=256, num_workers=workers,
+                                         collate_fn=list)
+    problems = [message for batch in tqdm(loader, desc="checking that every image decodes", leave=False)
+                for message in batch]
+    keep = [sample for sample, message in zip(dataset.samples, problems) if not message]
+    dropped = [path for path, message in zip(paths, problems) if message]
+    dataset.samples = dataset.imgs = keep
+    dataset.targets = [label for _, label in keep]
+    return dropped
+
+
+class MonitorImages:
+    """The labelled train and test splits that train.py's monitor evaluates, as uint8 images
+    (eval_transform(size, normalised=False)), normalised on the device by features.extract_features.
+
+    Splits whose evaluation-size images fit in IN_MEMORY_BYTES as uint8 (CIFAR's 184 MB, STL-10's 360 MB)
+    are decoded at the first evaluation and kept: every later one is a forward pass over tensors, with no
+    image decoded again. The features are the same as through the files: the uint8 images are those of
+    eval_transform before its tensor conversion. Where training keeps the labelled train split in memory at
+    the evaluation size (labelled_training_images: CIFAR, a folder of such images, not STL-10's unlabelled
+    images), those tensors are the train split and only the test split is decoded. ImageNet and Food-101
+    are decoded by the loading workers at each evaluation.
+    """
+
+    def __init__(self, args, train_images=None):
+        self.args = args
+        self.train_images = train_images  # (images, labels) of the labelled train split, if training holds them
+        self.decoded = None             # [train, test] as TensorDatasets of uint8 images, once they are kept
+
+    def splits(self):
+        """The two labelled splits, giving uint8 images, and the loading workers to read them with."""
+        args = self.args
+        if self.decoded is not None:
+            return self.decoded, 0
+        if self.train_images is not None:             # training decoded the train split: the test split only
+            test, = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
+                                    workers=args.workers, skip_bad_images=args.skip_bad_images, names=("test",))
+            train = torch.utils.data.TensorDataset(*(t.cpu() for t in self.train_images))   # CPU, as below
+            self.decoded = [train, torch.utils.data.TensorDataset(*load_into_memory(test, "cpu", args.workers))]
+            return self.decoded, 0
+        splits = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
+                                 workers=args.workers, skip_bad_images=args.skip_bad_images)
+        if sum(len(split) for split in splits) * 3 * args.global_size ** 2 > IN_MEMORY_BYTES:
+            return splits, args.workers
+        self.decoded = [torch.utils.data.TensorDataset(*load_into_memory(split, "cpu", args.workers))
+                        for split in splits]
+        return self.decoded, 0
+
+
+def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, skip_bad_images=False,
+                    names=("train", "test")):
+    """The labelled splits `names` (the train split and the test split) with the evaluation transform
+    (eval_transform), for train.py's monitor. skip_bad_images: leave out the files that fail to decode, as
+    training does."""
+    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised)) for split in names]
+    if skip_bad_images:
+        dropped = [path for split in splits for path in drop_unreadable_images(split, workers)]
+        if dropped:
+            print(f"warning: the monitor leaves out {len(dropped)} unreadable image(s), for example {dropped[0]}")
+    return splits

@@ -1,0 +1,79 @@
+"""Results files: JSON lines, Markdown tables, files replaced atomically.
+
+Machinery: a reader of the method may skip this file. Every script appends its figures as JSON lines
+(log.jsonl, eval.jsonl, segment.jsonl) and Markdown rows that several runs share, and rewrites a file it
+must not leave half-written (a checkpoint, the log on resume) by writing a copy and renaming it.
+"""
+
+import json
+import os
+
+from data import DatasetError
+
+
+def append_jsonl(path, record):
+    """Append one result as a JSON line: the files every script appends to (log.jsonl, eval.jsonl, ...)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A last line cut short (a kill while appending) is dropped, with a
+    warning; a broken line anywhere else is an error naming it."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DatasetError(f"{path}, line {number}, is not JSON; repair or delete that line") from None
+            print(f"warning: {path} ends in a line cut short (a run killed while writing it); it is ignored")
+    return records
+
+
+def write_atomically(path, write):
+    """Call write(f) on a new file beside `path`, flush and fsync it, then rename it over `path`: readers
+    see the old file or the new one, never half of one, whenever the process dies. The temporary name
+    is unique (a second process writing the same path never touches this one's bytes); after a failure
+    the temporary file is removed and the error raised (`path` is left as it was)."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)       # atomic: same folder, same file system
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)            # so that the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def markdown_header(columns):
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def markdown_row(result, columns):
+    """One table row: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not measured)."""
+    def cell(value):
+        return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+    return "| " + " | ".join(cell(result.get(c)) for c in columns) + " |"
+
+
+def report_row(result, columns, table=None):
+    """Print a result as a Markdown table of one row and, with `table`, append the row to that file, a
+    table that several runs share (its header written when the file is new)."""
+    print(markdown_header(columns))
+    print(markdown_row(result, columns))
+    if table:
+        new = not os.path.exists(table) or os.path.getsize(table) == 0
+        with open(table, "a") as f:
+            f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
