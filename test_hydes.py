@@ -75,7 +75,6 @@ import models
 import per_view_batchnorm
 import precision
 import records
-import resume
 import runcontrol
 import segment
 import train

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checks import HelpFormatter, check_crop_sizes, check_training_args, error_message, refuse, unwritable
-from checkpoints import CheckpointError, save_checkpoint
-from data import GLOBAL_SCALE, LOCAL_SCALE, DATASETS, DatasetError, default_crop_sizes, dino_recipes, \
-    native_image_size, supervised_recipes
 from batched_crops import BatchedMultiCrop
+from checkpoints import CheckpointError, save_checkpoint
+from checks import HelpFormatter, check_crop_sizes, check_training_args, error_message, refuse, unwritable
+from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes,
+                  native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
 from features import extract_features
 from hydes import hydes_loss, infonce_loss
@@ -57,8 +57,6 @@ from runcontrol import RunControl, distributed_setup
 # embeddings too, so that the two objectives can be compared in the same terms.
 LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h_global", "h_local", "mi"),
           "supervised": ("loss", "accuracy")}
-
-
 # torch.compile's modes that --compile offers. "default" fuses the network's operations into fewer, larger
 # kernels; "reduce-overhead" also records the compiled forward and backward as CUDA graphs and replays
 # them, so that the host launches one graph instead of each kernel: the remedy for a step bound by
