@@ -105,7 +105,7 @@ def crop_device_operations(recipes, batch, side):
     (operations, of which host-to-device copies). Counted on the meta device, which stands for a GPU:
     its tensors have shapes but no values, the parameters are drawn on the CPU as for a GPU, and every
     operation on the images' device is one a GPU would launch. A call before the count fills the
-    per-device caches of constants (data.constant), as the first training step does."""
+    per-device caches of constants (batched_crops.constant), as the first training step does."""
     crops, images = BatchedMultiCrop(recipes), torch.empty(batch, 3, side, side, dtype=torch.uint8, device="meta")
     crops(images, torch.Generator().manual_seed(0))
     with DeviceOperations("meta") as counter:
@@ -173,7 +173,7 @@ def images_per_second(run_once, images_per_call, seconds, synchronize=lambda: No
 
 def precisions_to_time(args, device, auto):
     """The precisions of the table's rows, "auto" replaced by `auto`, what it means for this network on
-    `device` (models.auto_precision)."""
+    `device` (precision.auto_precision)."""
     if args.precision:
         names = [auto if name == "auto" else name for name in args.precision]
     elif device.type == "cuda":

@@ -25,7 +25,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path, state):
     """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies: the
-    bytes go to a temporary file beside it, fsynced, then renamed over it (data.write_atomically). A
+    bytes go to a temporary file beside it, fsynced, then renamed over it (records.write_atomically). A
     kill mid-write leaves a stray PATH.*.tmp, never read, and the previous checkpoint untouched; a write
     that fails (a full disk) removes its temporary file and says why."""
     try:
@@ -226,7 +226,7 @@ def parse_checkpoint_arguments(parser, argv):
 
 
 def checkpoint_argument_rules(args):
-    """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for data.first_problem."""
+    """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for checks.first_problem."""
     return [(args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
             (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")]
 

@@ -4,7 +4,7 @@
     python evaluate.py resnet50_supervised.pth --arch resnet50 --dataset imagenet --data-dir /data/imagenet
 
 The checkpoint is one written by train.py (architecture and dataset read from it), or another library's
-with --arch (torchvision and timm state_dicts, Lightly, solo-learn, DINO: models.load_backbone finds the
+with --arch (torchvision and timm state_dicts, Lightly, solo-learn, DINO: checkpoints.load_backbone finds the
 backbone and leaves the heads out), so that other methods' published networks are probed by the same
 code. Features are extracted once with the evaluation transform (no augmentation) and cached on disk,
 keyed by the checkpoint's content, the dataset, its folder, the split, its files and the resolution: a

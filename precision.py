@@ -108,7 +108,7 @@ def features_precision(device, backbone):
 
 
 def run_arithmetic(args, checkpoint):
-    """What the run computes in: --precision, or for auto what models.auto_precision picks for this network,
+    """What the run computes in: --precision, or for auto what auto_precision picks for this network,
     crops and device. A resumed run on the same kind of device keeps the arithmetic it started in, so that
     a change in what auto picks (a newer version of this file, say) never changes a run midway; on another
     kind of device auto is decided afresh."""

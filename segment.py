@@ -189,7 +189,7 @@ def input_stride(backbone):
 
 @torch.no_grad()
 def frozen_stages(backbone, images, device):
-    """The frozen backbone's stage outputs for a batch, float32, computed in models.features_precision (bf16
+    """The frozen backbone's stage outputs for a batch, float32, computed in precision.features_precision (bf16
     on GPUs, fp16 on those without bf16, and bf16 for ResNets on CPUs with native bf16), as the probes'
     features are."""
     autocast, _, memory_format = features_precision(device, backbone)
