@@ -268,6 +268,30 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
             "mi": h_global - h_local}
 
 
+def mi_ceiling(num_views, num_embeddings):
+    """log((N - 1)/(V - 1)): the most MI = H_global - H_local can reach with V views per image among N
+    embeddings (see "The estimate's ceiling" above): 4.98 nats at B = 128, V = 8."""
+    return math.log((num_embeddings - 1) / (num_views - 1))
+
+
+@torch.no_grad()
+def own_view_share(z, kappa):
+    """The mean share of an anchor's kernel mass that falls on its own image's other views,
+    E_i [ sum_{j in P(i)} K_ij / sum_{j != i} K_ij ] for z (V, B, D) on the sphere: (V-1)/(N-1) when the
+    kernel cannot tell the images apart, 1 when the other images' kernel values vanish (the ceiling).
+    Per anchor, log(share_i) = log mean_P K - log mean_{j != i} K - log((N-1)/(V-1)), so the logged MI is
+    mi_ceiling + E_i[log share_i]: this is the same quantity's arithmetic mean, which one lagging anchor
+    moves less. A diagnostic only (no gradient): one more (N, N) product per call."""
+    num_views, batch, dim = z.shape
+    rows = z.float().reshape(num_views * batch, dim)                       # (V, B, D) -> (N, D), row v*B + b
+    logits = kappa * (rows @ rows.T)                                       # (N, N), kappa s_ij
+    logits.fill_diagonal_(float("-inf"))                                   # leave-one-out, as Eq. (2)
+    image = torch.arange(num_views * batch, device=z.device) % batch       # (N,), the image of row v*B + b
+    same_image = image[:, None] == image[None, :]                         # (N, N), P(i) and i itself
+    own = torch.logsumexp(logits.masked_fill(~same_image, float("-inf")), dim=1)   # log sum_{P(i)} exp(kappa s)
+    return (own - torch.logsumexp(logits, dim=1)).exp().mean()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The contrastive neighbour, for comparison (train.py --method infonce)
 

@@ -77,6 +77,7 @@ import precision
 import records
 import runcontrol
 import segment
+import sphere
 import train
 
 
@@ -401,6 +402,89 @@ def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path, objecti
     for parameter, grad_0, grad_1 in zip(model.parameters(), shares[0]["grads"], shares[1]["grads"]):
         assert torch.equal(grad_0, grad_1)                                              # DDP's average,
         assert torch.allclose(grad_0, parameter.grad, atol=1e-6, rtol=1e-5)             # the one-process gradient
+
+
+# ---- the loss on the sphere, in pictures (sphere.py) and its ceiling
+
+def test_uniform_points_on_s2_have_global_entropy_log_4pi():
+    # A uniform density on S^2 is 1 / (4 pi): its entropy is log(4 pi). The kernel estimate of a uniform
+    # density is uniform (a convolution), so only its noise remains, small with 6,000 points.
+    z = F.normalize(torch.randn(2, 3000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), dim=-1)
+    for kappa in (1.0, 10.0):
+        assert hydes.hydes_loss(z, kappa)["h_global"].item() == pytest.approx(math.log(4 * math.pi), abs=0.02)
+
+
+def test_the_loss_alone_gathers_each_images_views_spreads_the_images_and_stays_under_its_ceiling():
+    runs = {kappa: sphere.descend(images=4, views=4, kappa=kappa, steps=(0, 300), seed=1) for kappa in (1.0, 10.0)}
+    ceiling = hydes.mi_ceiling(4, 16)
+    for kappa, (start, end) in runs.items():
+        def within_image(z):                         # mean cosine between two views of one image, (V, B, 3)
+            cosines = torch.einsum("vbd,wbd->bvw", z, z)
+            return float((cosines.sum() - cosines.diagonal(dim1=1, dim2=2).sum()) / (4 * 4 * 3))
+        def nearest_own_view(z):                     # mean cosine of each view to its image's nearest other view
+            cosines = torch.einsum("vbd,wbd->bvw", z, z) - 3 * torch.eye(4, dtype=z.dtype)
+            return float(cosines.amax(dim=2).mean())
+        assert end["h_local"] < start["h_local"] and end["mi"] > start["mi"] + 0.5
+        assert nearest_own_view(start["z"]) < 0.9 < 0.99 < nearest_own_view(end["z"]), kappa  # Eq. (3) gathers
+        if kappa == 1.0:                             # a broad kernel gathers all of an image's views in one place
+            assert within_image(start["z"]) < 0.5 < 0.95 < within_image(end["z"])
+        else:                                        # a sharp one is content with clusters of a few views
+            assert within_image(end["z"]) < 0.9
+        assert max(s["mi"] for s in (start, end)) <= ceiling + 1e-6
+    # kappa = 1, a broad kernel, pushes the 4 images' centres towards a tetrahedron (cosines -1/3)
+    centres = F.normalize(runs[1.0][1]["z"].mean(0), dim=-1)                       # (B, 3)
+    off_diagonal = (centres @ centres.T)[~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.max() < -0.2
+
+
+def test_mi_reaches_its_ceiling_exactly_when_the_kernel_mass_falls_on_each_images_own_views():
+    # Views of an image on one point, 4 images at the corners of a tetrahedron, a sharp kernel: the other
+    # images' kernel values vanish, every anchor's mass is its own views', and MI = log((N-1)/(V-1))
+    corners = F.normalize(torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64), dim=1)
+    z = corners[None].expand(8, -1, -1)                                             # (V, B, 3) = (8, 4, 3)
+    ceiling = hydes.mi_ceiling(8, 32)
+    assert ceiling == pytest.approx(math.log(31 / 7))
+    assert hydes.hydes_loss(z, 200.0)["mi"].item() == pytest.approx(ceiling, abs=1e-4)       # float32 inside
+    assert hydes.own_view_share(z, 200.0).item() == pytest.approx(1.0, abs=1e-9)
+    # Random points: the share is near chance, (V-1)/(N-1), and E_i log(share_i) = MI - ceiling (Jensen:
+    # the log of the mean share is larger)
+    z = F.normalize(torch.randn(8, 64, 3, generator=torch.Generator().manual_seed(2)), dim=-1)
+    terms, share = hydes.hydes_loss(z, 5.0), hydes.own_view_share(z, 5.0).item()
+    assert share == pytest.approx(7 / 511, rel=0.3)
+    assert math.log(share) >= terms["mi"].item() - hydes.mi_ceiling(8, 512) - 1e-5
+
+
+def test_the_sphere_picture_draws_each_point_where_it_projects(tmp_path):
+    left, top = 40, 30
+    radius = sphere.PANEL / 2
+    def projected(point):
+        return pytest.approx(sphere.to_pixel(torch.tensor(point, dtype=torch.float64), left, top), abs=1e-9)
+    assert projected([0.0, 0, 1]) == (left + radius, top + radius)                   # the front disc's centre
+    assert projected([1.0, 0, 0]) == (left + 2 * radius, top + radius)               # x to the right
+    assert projected([0.0, 1, 0]) == (left + radius, top)                            # up is up
+    assert projected([0.6, 0, -0.8]) == (left + sphere.PANEL + sphere.MARGIN + radius - 0.6 * radius,
+                                         top + radius)                               # the back, seen from -z
+    # A snapshot of two images, each a single point: their pixels take their images' colours
+    z = torch.tensor([[[0.0, 0.0, 1.0], [0.6, 0.0, -0.8]]]).expand(2, -1, -1)              # (V, B, 3) = (2, 2, 3)
+    snapshot = {"step": 0, "z": z, "h_global": 1.0, "h_local": 0.5, "mi": 0.5}
+    path = tmp_path / "sphere.png"
+    sphere.draw_figure({1.0: [snapshot]}, path)
+    picture = Image.open(path).convert("RGB")
+    panel_left = 70 + sphere.MARGIN                                   # draw_figure's label column, then a margin
+    for image, point in enumerate(z[0]):
+        column, row = sphere.to_pixel(point, panel_left, sphere.MARGIN)
+        assert picture.getpixel((round(column), round(row))) == analyze.TAB10[image]
+
+
+def test_the_sphere_script_writes_its_picture_and_refuses_bad_numbers(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    runs = sphere.main(["--kappa", "1", "--steps", "0", "5", "--images", "3", "--views", "2", "--out", str(out)])
+    assert out.exists() and Image.open(out).size[0] > 2 * sphere.PANEL and [s["step"] for s in runs[1.0]] == [0, 5]
+    assert "ceiling" in capsys.readouterr().out
+    for extra, message in ((["--kappa", "0"], "--kappa values must be finite and > 0"),
+                           (["--views", "1"], "--images and --views must be >= 2")):
+        with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
+            sphere.main(extra + ["--out", str(out)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2403,6 +2487,18 @@ def test_compile_takes_a_mode_and_a_step_drops_the_last_gradients_before_cuda_gr
     assert all(p.grad is not None for p in net.parameters())     # the step's own gradients stay for AdamW
 
 
+def test_the_log_says_how_near_the_mi_estimate_is_to_its_ceiling(tmp_path):
+    # mi_fraction = MI / log((N-1)/(V-1)) step by step, so its epoch mean is the mean MI over the ceiling;
+    # own_share is a share, in (0, 1]. tiny_run: B = 8 images, V = 2 + 2 views, N = 32.
+    for method in ("hydes", "infonce"):
+        out = tmp_path / method
+        train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", method])
+        ceiling = hydes.mi_ceiling(4, 32)
+        for line in records.read_jsonl(out / "log.jsonl"):
+            assert line["mi_fraction"] == pytest.approx(line["mi"] / ceiling, rel=1e-5, abs=1e-6)
+            assert 0 < line["own_share"] <= 1 and line["mi"] <= ceiling
+
+
 # ---- bad arguments and inputs, refused before any work
 
 BAD_TRAINING_ARGUMENTS = [
@@ -2850,9 +2946,11 @@ def test_the_logged_rate_leaves_out_the_sessions_first_step_and_logs_its_seconds
                                                           "--log-every", "1"])  # the bar's rate at every step
     first, second = (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
     assert first["first_step_s"] >= 1.0 and "first_step_s" not in second
-    # The other 3 steps of 8 images took well under 0.4 s; with the first one counted, the epoch's 32 images
-    # would take over 1 s
-    assert first["images_per_s"] > 2 * 32 / 1.0
+    # The rate counts the other 3 steps' 24 images over the epoch's time after the first step, whatever the
+    # machine's load: had the first step been counted, the product below would hold 32 images and the time
+    # of the first step as well (over 1 s, which alone would make it 24 + 1 s x the rate)
+    after_first = first["minutes"] * 60 - first["first_step_s"]
+    assert first["images_per_s"] * after_first == pytest.approx(24, rel=0.25)
     # ... and a resumed session logs its own first step
     train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "3", "--resume"])
     assert "first_step_s" in json.loads((out / "log.jsonl").read_text().splitlines()[-1])

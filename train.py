@@ -43,7 +43,7 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_cro
                   native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
 from features import extract_features
-from hydes import hydes_loss, infonce_loss
+from hydes import hydes_loss, infonce_loss, mi_ceiling, own_view_share
 from loading import (InMemoryBatches, MonitorImages, augmentation_seed, labelled_training_images,
                      note_mixed_sizes, training_data)
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
@@ -54,9 +54,10 @@ from resume import checkpoint_state, open_run_folder, process_holding, restore, 
 from runcontrol import RunControl, distributed_setup
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
-# embeddings too, so that the two objectives can be compared in the same terms.
-LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "infonce": ("loss", "h_global", "h_local", "mi"),
-          "supervised": ("loss", "accuracy")}
+# embeddings too, so that the two objectives can be compared in the same terms; both log how close the MI
+# estimate is to its ceiling (ceiling_terms).
+ON_THE_SPHERE = ("loss", "h_global", "h_local", "mi", "mi_fraction", "own_share")
+LOGGED = {"hydes": ON_THE_SPHERE, "infonce": ON_THE_SPHERE, "supervised": ("loss", "accuracy")}
 # torch.compile's modes that --compile offers. "default" fuses the network's operations into fewer, larger
 # kernels; "reduce-overhead" also records the compiled forward and backward as CUDA graphs and replays
 # them, so that the host launches one graph instead of each kernel: the remedy for a step bound by
@@ -332,14 +333,25 @@ def training_step(model, views, labels, optimizer, precision, method, kappa, alp
 
 def objective(z, labels, method, kappa, alpha, beta):
     """The loss of `method` on the model's output, as a dict holding "loss" and the other LOGGED terms."""
-    if method == "hydes":
-        return hydes_loss(z, kappa, alpha, beta)                             # Eq. (4) on z (V, B, D)
-    if method == "infonce":
-        return infonce_loss(z, kappa)
+    if method in ("hydes", "infonce"):
+        out = hydes_loss(z, kappa, alpha, beta) if method == "hydes" else infonce_loss(z, kappa)   # Eq. (4), z (V, B, D)
+        return {**out, **ceiling_terms(z, kappa, out["mi"])}
     logits = z.flatten(0, 1)                                                 # (V, B, C) logits -> (V*B, C)
     targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
     return {"loss": torch.nn.functional.cross_entropy(logits, targets),
             "accuracy": (logits.argmax(dim=1) == targets).float().mean()}
+
+
+def ceiling_terms(z, kappa, mi):
+    """How near the MI estimate is to its ceiling (hydes.py, "The estimate's ceiling"), for the log:
+    mi_fraction, MI / log((N-1)/(V-1)) with N over the global batch, and own_share, the mean share of an
+    anchor's kernel mass that falls on its own image's views (hydes.own_view_share, over this process's
+    images). A kernel that tells the images apart perfectly has both at 1, and then Eq. (4) has nothing
+    left to gain but sharper clusters: a measure of Section VII-B's stall. Diagnostics, no gradient."""
+    views, batch = z.shape[:2]
+    processes = dist.get_world_size() if dist.is_initialized() else 1
+    return {"mi_fraction": mi.detach() / mi_ceiling(views, views * batch * processes),
+            "own_share": own_view_share(z.detach(), kappa)}
 
 
 def learning_rate(args, step, steps_per_epoch):

@@ -1,0 +1,161 @@
+"""The loss on the sphere, in pictures (Section III): what Eq. (2) and Eq. (3) do to points on S^2.
+
+    python sphere.py                                   # sphere.png: kappa 1 and 10, four steps each
+    python sphere.py --kappa 1 10 20 --steps 0 50 200 1000 --images 8 --views 4
+
+No network and no data: B images with V views each are V*B free unit vectors in 3-D (D = 3, the sphere
+S^2), all drawn uniformly at random, then moved by Adam on hydes.hydes_loss alone (Eq. 4, alpha = beta =
+1). Minimising beta H_local gathers each image's views (Eq. 3: the density of an image's other views
+around each view grows); maximising alpha H_global spreads all the points (Eq. 2: the density of the
+whole batch flattens). The picture shows both at work, and how kappa, the inverse bandwidth of the
+kernel, sets the balance. A broad kernel (kappa = 1) sees the whole sphere: each image's views gather
+into one point and the images spread as far apart as they can (4 images: a tetrahedron). A sharp kernel
+(kappa = 10) sees only near neighbours: every view gathers with a few views of its image, but an image
+may end as several small clusters spread over the sphere, for Eq. (3) then cannot tell that they belong
+together, and Eq. (2) gains from more, smaller clusters. (So on 6-8 images here; test_hydes.py checks
+both on 4.)
+
+Each panel is the sphere at one step, seen as two orthographic hemispheres: the front (z >= 0) as seen
+from +z, and the back (z < 0) as seen from -z, so each point appears once; a colour per image. Under each
+panel: H_global, H_local and MI = H_global - H_local in nats, against the estimate's ceiling
+log((N - 1)/(V - 1)) (hydes.mi_ceiling): how far the images can be told apart by this kernel. A uniform
+density on S^2 has entropy log(4 pi) = 2.53 nats: H_global's value at step 0, up to the bias of a
+leave-one-out estimate from so few points, which a sharp kernel makes larger.
+"""
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from analyze import TAB10
+from checks import HelpFormatter, first_problem, refuse, unwritable
+from hydes import hydes_loss, mi_ceiling
+
+PANEL, MARGIN, CAPTION = 150, 12, 44     # a hemisphere's diameter, the space around it, the text under a panel
+
+
+# ----------------------------------------------------------------------------------------------------
+# The points, moved by the loss alone
+
+def descend(images=6, views=8, kappa=1.0, steps=(0, 20, 100, 500), lr=0.02, seed=0):
+    """B = images images of V = views views as unit vectors in 3-D, uniform at first, moved by Adam on
+    hydes_loss. Returns one snapshot per step of `steps`: dict of z (V, B, 3) and the loss's terms."""
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.randn(views, images, 3, generator=generator, dtype=torch.float64)  # (V, B, 3), any norm
+    points.requires_grad_()
+    optimizer = torch.optim.Adam([points], lr=lr)
+    snapshots = []
+    for step in range(max(steps) + 1):
+        z = F.normalize(points, dim=-1)          # (V, B, 3) on S^2: the direction is all that counts
+        terms = hydes_loss(z, kappa)             # float32 inside, as in training
+        if step in steps:
+            snapshots.append({"step": step, "z": z.detach().clone(),
+                              **{k: float(v.detach()) for k, v in terms.items()}})
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+    return snapshots
+
+
+# ----------------------------------------------------------------------------------------------------
+# The drawing
+
+def to_pixel(point, left, top):
+    """Where a unit vector lands in a panel whose top-left corner is (left, top): the front hemisphere
+    (z >= 0, seen from +z: x to the right, y up) in the left disc, the back (z < 0, seen from -z: the
+    mirror image, -x to the right) in the right disc. -> (column, row) in pixels."""
+    x, y, z = (float(c) for c in point)
+    radius = PANEL / 2
+    if z >= 0:
+        centre = left + radius
+    else:
+        centre, x = left + PANEL + MARGIN + radius, -x
+    return centre + radius * x, top + radius - radius * y
+
+
+def draw_panel(draw, snapshot, left, top, ceiling, font):
+    """The two hemispheres of one snapshot, its points in their images' colours, its figures below."""
+    for disc in range(2):
+        x0 = left + disc * (PANEL + MARGIN)
+        draw.ellipse([x0, top, x0 + PANEL, top + PANEL], outline=(160, 160, 160), fill=(250, 250, 250))
+        draw.text((x0 + PANEL / 2, top + PANEL + 2), ("front", "back")[disc], fill=(120, 120, 120), font=font,
+                  anchor="mt")
+    z = snapshot["z"]                                                   # (V, B, 3)
+    for image in range(z.shape[1]):
+        colour = TAB10[image % len(TAB10)]
+        for view in range(z.shape[0]):
+            column, row = to_pixel(z[view, image], left, top)
+            draw.ellipse([column - 3, row - 3, column + 3, row + 3], fill=colour)
+    lines = [f"step {snapshot['step']}:  H_global {snapshot['h_global']:.2f}  H_local {snapshot['h_local']:.2f}",
+             f"MI {snapshot['mi']:.2f} of ceiling {ceiling:.2f} ({snapshot['mi'] / ceiling:.0%})"]
+    for i, line in enumerate(lines):
+        draw.text((left, top + PANEL + 14 + 13 * i), line, fill="black", font=font)
+
+
+def draw_figure(runs, path):
+    """runs: {kappa: snapshots} -> one PNG, a row per kappa, a panel per snapshot."""
+    font = ImageFont.load_default()
+    columns = max(len(snapshots) for snapshots in runs.values())
+    label = 70                                                          # the row labels' column
+    panel_width, panel_height = 2 * PANEL + MARGIN, PANEL + CAPTION
+    width = label + columns * (panel_width + 2 * MARGIN)
+    height = len(runs) * (panel_height + 2 * MARGIN)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (kappa, snapshots) in enumerate(runs.items()):
+        top = MARGIN + row * (panel_height + 2 * MARGIN)
+        views, images, _ = snapshots[0]["z"].shape
+        ceiling = mi_ceiling(views, views * images)
+        draw.text((MARGIN, top + PANEL / 2), f"kappa = {kappa:g}", fill="black", font=font, anchor="lm")
+        for column, snapshot in enumerate(snapshots):
+            draw_panel(draw, snapshot, label + MARGIN + column * (panel_width + 2 * MARGIN), top, ceiling, font)
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The script
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--kappa", type=float, nargs="+", default=[1.0, 10.0], help="one row of panels per kappa")
+    p.add_argument("--steps", type=int, nargs="+", default=[0, 20, 100, 500], help="the steps drawn, one panel each")
+    p.add_argument("--images", type=int, default=6, help="B, images in the batch (a colour each)")
+    p.add_argument("--views", type=int, default=8, help="V, views of each image (the paper's multi-crop: 8)")
+    p.add_argument("--lr", type=float, default=0.02, help="Adam's learning rate on the points")
+    p.add_argument("--seed", type=int, default=0, help="fixes the starting points")
+    p.add_argument("--out", default="sphere.png", help="PNG file to write")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    return first_problem([
+        (all(k > 0 and math.isfinite(k) for k in args.kappa), "--kappa values must be finite and > 0"),
+        (all(s >= 0 for s in args.steps) and max(args.steps) <= 100_000, "--steps must lie in 0 ... 100000"),
+        (args.images >= 2 and args.views >= 2, "--images and --views must be >= 2: Eq. 2 compares images, "
+                                               "Eq. 3 views"),
+        (args.images * args.views <= 10_000, "--images times --views must be at most 10000 points"),
+        (args.lr > 0, "--lr must be > 0"),
+    ]) or unwritable(os.path.dirname(os.path.abspath(args.out)), "--out")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    refuse(check_args(args))
+    steps = sorted(set(args.steps))
+    runs = {kappa: descend(args.images, args.views, kappa, steps, args.lr, args.seed) for kappa in args.kappa}
+    draw_figure(runs, args.out)
+    ceiling = mi_ceiling(args.views, args.views * args.images)
+    for kappa, snapshots in runs.items():
+        for s in snapshots:
+            print(f"kappa {kappa:g} step {s['step']}: H_global {s['h_global']:.3f} H_local {s['h_local']:.3f} "
+                  f"MI {s['mi']:.3f} (ceiling {ceiling:.3f})")
+    print(f"wrote {args.out}")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
