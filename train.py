@@ -15,8 +15,8 @@ them to z (V, B, D) on the sphere S^{D-1} (models.HyDeSModel); AdamW takes a ste
 loss = beta H_local - alpha H_global (hydes.hydes_loss, Eqs. 2-4). Every epoch ends with OUT/ckpt.pt
 rewritten; after epochs 1, 6, 11, ... and the last (--eval-every 5, the paper's setup's cadence), the
 monitor: the k-NN and a round of the persistent linear probe whose curves Figures 6-8 plot; then a line
-in OUT/log.jsonl (loss, H_global, H_local, MI, lr, kappa, beta, images/s, and at evaluations linear and
-k-NN top-1 and top-5).
+in OUT/log.jsonl (loss, H_global, H_local, MI and how near it is to its ceiling, lr, kappa, beta, images/s,
+and at evaluations linear and k-NN top-1 and top-5).
 
 What a reader may skip lives in files of its own: loading.py feeds the batches, runcontrol.py decides
 when a run stops early (Ctrl-C, SIGTERM, --max-minutes, a non-finite loss), resume.py saves and restores
