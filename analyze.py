@@ -845,7 +845,8 @@ def read_curves(runs, metric):
 
 
 AXIS_LABELS = {"knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)", "linear_top1": "linear top-1 (%)",
-               "linear_top5": "linear top-5 (%)", "mi": "MI estimate (nats)"}
+               "linear_top5": "linear top-5 (%)", "mi": "MI estimate (nats)",
+               "mi_fraction": "MI / log((N-1)/(V-1))", "own_share": "kernel mass on own views"}
 
 
 
