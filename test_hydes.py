@@ -11,6 +11,9 @@ What they check:
 - H_global over several processes: two gloo processes against one (loss and gradients on the
   concatenated batch).
 - InfoNCE against NT-Xent and a loop.
+- The loss on S^2 (sphere.py): uniform points' H_global against log(4 pi), the views of an image
+  gathering and the images spreading, MI at its ceiling log((N-1)/(V-1)) exactly when the kernel mass falls
+  on each image's own views (hydes.own_view_share), the picture's projection; the logged mi_fraction.
 - The kappa and beta schedules.
 - The multi-crop geometry: whole-image crops against torchvision's RandomResizedCrop.
 - The batched multi-crop (batched_crops.BatchedMultiCrop) against the PIL recipe (data.MultiCrop), both
