@@ -35,6 +35,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from image_files import DatasetError, image_size, read_rgb      # image files as 8-bit RGB, every mode
+
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # PIL image -> float tensor (3, H, W) normalised with ImageNet's statistics: the last step of every view
@@ -57,25 +59,6 @@ n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "food101", "imagenet", "imagenet100", "folder")
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "food101": 224, "imagenet": 224, "imagenet100": 224}
-
-
-class DatasetError(RuntimeError):
-    """A dataset (or a results file) that cannot be found or read; the message says what to do."""
-
-
-def read_rgb(path):
-    """Open an image file as RGB. Grayscale, palette and CMYK images are converted; RGBA loses its alpha
-    channel (the colour values are kept as they are, not composited on a background).
-
-    convert() decodes the whole file, so a truncated or corrupt image fails here, with its name, rather
-    than as a traceback from inside a DataLoader worker.
-    """
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise DatasetError(f"cannot read image {path} ({str(error).splitlines()[0]}); delete or replace the file "
-                           f"(train.py --skip-bad-images leaves such files out of training and of its monitor)") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,8 +248,8 @@ def _header_sizes(paths):
     sizes = {}
     for path in tqdm(paths, desc="reading the images' sizes", leave=False, mininterval=1):
         try:
-            with Image.open(path) as img:
-                sizes[img.size] = sizes.get(img.size, 0) + 1
+            size = image_size(path)                                  # as read_rgb turns it (EXIF)
+            sizes[size] = sizes.get(size, 0) + 1
         except (OSError, ValueError, Image.DecompressionBombError):   # a bomb's header claims a huge size
             continue
     return sizes

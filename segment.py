@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError, load_backbone
 from checks import HelpFormatter, error_message, first_problem, refuse, unwritable
-from data import TO_NORMALISED_TENSOR, save_png, unnormalize
+from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import ARCHS, VisionTransformer
 from precision import features_precision
 from records import append_jsonl, report_row
@@ -115,10 +115,14 @@ class VOCSegmentation(torch.utils.data.Dataset):
         image_path = os.path.join(self.root, "JPEGImages", self.ids[index] + ".jpg")
         mask_path = os.path.join(self.root, "SegmentationClass", self.ids[index] + ".png")
         try:
-            image = Image.open(image_path).convert("RGB")
+            image = read_rgb(image_path, orient=False,     # masks align with the stored pixels, unturned
+                             remedy="(or drop its id from the split's ImageSets/Segmentation list)")
+        except DatasetError as error:
+            raise VOCError(str(error)) from None
+        try:
             mask = Image.open(mask_path)        # palette PNG: the pixel values are the class indices
         except (FileNotFoundError, OSError) as error:
-            raise VOCError(f"cannot read {error.filename or image_path}: {error}") from None
+            raise VOCError(f"cannot read {error.filename or mask_path}: {error}") from None
         if mask.mode not in ("P", "L"):
             raise VOCError(f"{mask_path} is a {mask.mode} image; VOC masks are palette (P) PNGs of class indices")
         if mask.size != image.size:       # resized apart, the two would no longer line up pixel for pixel

@@ -73,6 +73,7 @@ import data
 import evaluate
 import features
 import hydes
+import image_files
 import loading
 import models
 import per_view_batchnorm
@@ -991,6 +992,54 @@ def test_crop_seeds_are_a_function_of_seed_step_rank_and_position_and_follow_the
 
 
 # ---- reading images
+
+def test_every_image_mode_reaches_8_bit_rgb_scaled_by_its_bit_depth_or_is_refused_by_name(tmp_path):
+    gradient = np.linspace(0, 65535, 48 * 32).reshape(32, 48).round().astype(np.uint16)       # (H, W)
+    Image.fromarray(gradient).save(tmp_path / "grey16.png")                                     # mode I;16
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode == "I;16"
+    expected = np.floor(gradient / 257 + 0.5).astype(np.uint8)                                  # round(v / 257)
+    grey = np.asarray(data.read_rgb(tmp_path / "grey16.png"))
+    assert grey.shape == (32, 48, 3) and (grey == expected[..., None]).all()
+    assert abs(grey.mean() - gradient.mean() / 257) < 0.01       # not the 99% white that convert("RGB") gives
+    # 32-bit integers: as 16-bit within 0 ... 65535, else refused; floats refused, each by name
+    Image.fromarray(gradient.astype(np.int32)).save(tmp_path / "int32.tiff")
+    assert (np.asarray(data.read_rgb(tmp_path / "int32.tiff")) == expected[..., None]).all()
+    Image.fromarray((gradient.astype(np.int32) * 4)).save(tmp_path / "wide.tiff")
+    Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)).save(tmp_path / "float.tiff")
+    for name, reason in (("wide.tiff", "32-bit integer pixels from 0 to 262140"),
+                         ("float.tiff", "32-bit floating-point pixels have no fixed range")):
+        with pytest.raises(data.DatasetError, match=f"cannot read image .*{name} \\({reason}.*delete or replace"):
+            data.read_rgb(tmp_path / name)
+    # 8-bit modes: PIL's own conversion, alpha dropped
+    colour = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA")
+    for mode in ("1", "L", "P", "LA", "RGBA", "CMYK"):
+        colour.convert(mode).save(tmp_path / f"{mode}.tiff")
+        with Image.open(tmp_path / f"{mode}.tiff") as stored:
+            assert data.read_rgb(tmp_path / f"{mode}.tiff").tobytes() == stored.convert("RGB").tobytes(), mode
+
+
+def test_a_photos_exif_orientation_is_applied_to_its_pixels_and_its_size(tmp_path):
+    # Stored 40 wide and 20 high with a red left half, EXIF orientation 6: shown turned a quarter
+    # clockwise, 20 wide and 40 high, red on top. Every dataset reads files through read_rgb.
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "train" / cls)
+        Image.fromarray(pixels).save(tmp_path / "train" / cls / "photo.jpg", exif=exif, quality=95)
+    shown = data.read_rgb(tmp_path / "train" / "a" / "photo.jpg")
+    assert shown.size == (20, 40)
+    top, bottom = np.asarray(shown)[:20].mean(axis=(0, 1)), np.asarray(shown)[20:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[1] < 40 and bottom.max() < 40
+    assert data.folder_image_sizes(str(tmp_path)) == {(20, 40): 2}                 # the headers agree
+    split = data.dataset_split("folder", str(tmp_path), "train", torchvision.transforms.PILToTensor())
+    assert split[0][0].shape == (3, 40, 20)
+    stored = np.asarray(image_files.read_rgb(tmp_path / "train" / "a" / "photo.jpg", orient=False))   # unturned
+    assert stored.shape == (20, 40, 3) and stored[:, :18, 0].mean() > 200 and stored[:, 22:].max() < 40
+
+
 
 def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):
     gray = np.arange(64, dtype=np.uint8).reshape(8, 8)

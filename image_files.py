@@ -1,0 +1,75 @@
+"""Image files read as the 8-bit RGB pictures they show: every mode PIL opens, scaled by its bit depth,
+turned as its EXIF orientation says, or refused by name.
+
+Machinery: a reader of the method may skip this file; what it gives is `Image.open(path).convert("RGB")`
+for the common case. The uncommon ones are why it exists: PIL's convert("RGB") clips a 16-bit image's
+values to 255 instead of scaling them (a 16-bit greyscale PNG comes out almost white), and the pixels of
+a JPEG from a camera are stored unrotated, with the way to hold it in an EXIF tag that every image viewer
+applies. The datasets (data.py) read every file through `read_rgb`.
+
+    mode                          what read_rgb makes of it
+    1, L, P, RGB, CMYK, YCbCr     PIL's convert("RGB")
+    LA, PA, RGBA, RGBa, La, RGBX  the same: the alpha channel is dropped, the colours kept as they are
+                                  (not composited on a background)
+    I;16, I;16L, I;16B, I;16N     16-bit: each value v -> round(v / 257), 65535 -> 255, then greyscale RGB
+    I                             32-bit integers: as 16-bit when every value lies in 0 ... 65535 (16-bit
+                                  PGM and TIFF files open so), otherwise refused
+    F                             32-bit floats: refused (no fixed range: 0-1 and 0-255 are both common)
+    anything else                 PIL's convert("RGB"), refused by name where PIL cannot convert it
+"""
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# EXIF orientations that turn the picture a quarter (5 to 8): its width and height swap once applied
+QUARTER_TURNS = (5, 6, 7, 8)
+ORIENTATION_TAG = 0x0112
+
+
+class DatasetError(RuntimeError):
+    """A dataset (or a results file) that cannot be found or read; the message says what to do."""
+
+
+TRAINING_REMEDY = "(train.py --skip-bad-images leaves such files out of training and of its monitor)"
+
+
+def read_rgb(path, orient=True, remedy=TRAINING_REMEDY):
+    """An image file as an 8-bit RGB PIL image, as the table above says; orient: apply its EXIF
+    orientation (segment.py does not: VOC's masks are aligned with the stored pixels); remedy: the end of
+    the error's message, what else the user can do.
+
+    The whole file is decoded here, so a truncated or corrupt image fails with its name, rather than as a
+    traceback from inside a DataLoader worker."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if orient:
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img, path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise DatasetError(f"cannot read image {path} ({str(error).splitlines()[0]}); delete or replace the file "
+                           f"{remedy}") from None
+
+
+def to_rgb(img, path):
+    """A decoded PIL image of any mode -> 8-bit RGB, scaled by its bit depth (ValueError if it cannot be)."""
+    if img.mode == "F":
+        raise ValueError("32-bit floating-point pixels have no fixed range; save the image in 8 or 16 bits")
+    if img.mode in SIXTEEN_BIT or img.mode == "I":
+        values = np.asarray(img).astype(np.int64)                   # (H, W), whatever the byte order
+        if img.mode == "I" and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"32-bit integer pixels from {values.min()} to {values.max()}, no 8- or 16-bit "
+                             f"range; save the image in 8 or 16 bits")
+        eight_bit = ((values + 128) // 257).astype(np.uint8)         # round(v / 257): 65535 -> 255, 128 -> 0
+        return Image.fromarray(eight_bit).convert("RGB")                # (H, W) uint8: mode L
+    return img.convert("RGB")
+
+
+def image_size(path):
+    """(width, height) of the picture read_rgb makes of the file, from its header alone (no pixels)."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS:
+            width, height = height, width
+        return width, height
