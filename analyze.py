@@ -65,7 +65,7 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
                          parse_checkpoint_arguments)
-from checks import HelpFormatter, error_message, first_problem, refuse, unwritable
+from checks import LARGEST_SEED, HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
                   eval_transform, save_png, unnormalize)
 from features import cached_features, extract_features, file_digest
@@ -736,7 +736,10 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before any work: the first problem as a one-line message, or None."""
     return first_problem([
+        numbers_are_finite(args, ("smooth_noise",)),
         (args.pairs >= 2, f"--pairs must be >= 2 (got {args.pairs}): the all-pairs statistics need two points"),
+        (args.pairs <= 20000, f"--pairs must be at most 20000 (got {args.pairs}): its (n, n) matrix takes 8 n^2 bytes"),
+        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
         (args.positive_images >= 0 and args.images >= 0, "--positive-images and --images must be >= 0 (0 skips)"),
         (args.smooth_samples >= 1 and args.smooth_noise >= 0,
          "--smooth-samples must be >= 1 and --smooth-noise >= 0 (Smilkov et al. use 0.1-0.2)"),

@@ -227,7 +227,8 @@ def parse_checkpoint_arguments(parser, argv):
 
 def checkpoint_argument_rules(args):
     """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for checks.first_problem."""
-    return [(args.image_size is None or args.image_size >= 8, f"--image-size must be >= 8 (got {args.image_size})"),
+    return [(args.image_size is None or 8 <= args.image_size <= 1024,
+             f"--image-size must lie in 8 ... 1024 px (got {args.image_size})"),
             (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")]
 
 

@@ -7,6 +7,7 @@ work, so that a mistake costs a second and reads as one line naming the problem 
 """
 
 import argparse
+import math
 import os
 
 import torch
@@ -73,13 +74,46 @@ def narrow_resnet_on_a_cpu(arch, width, device):
     return arch.startswith("resnet") and width is not None and 2 <= width <= 5 and not str(device).startswith("cuda")
 
 
+# The largest kappa the vMF normaliser's series is exact for (hydes._log_bessel_series), and the smallest
+# k-NN temperature whose vote weights exp(s / T) stay finite in float32 summed over 200 neighbours
+# (exp(1 / 0.02) = 5e21). numpy's seeds are 32-bit.
+LARGEST_KAPPA, SMALLEST_KNN_TEMPERATURE, LARGEST_SEED = 1000.0, 0.02, 2**32 - 1
+# Beyond these a typo, not a setting: crops of more than 1024 px or a network thousands of times the
+# paper's would run the machine out of memory rather than train.
+LARGEST_CROP, LARGEST_VIEWS, LARGEST_DIM = 1024, 64, 65536
+
+
+def not_finite(args, names):
+    """The first flag of `names` (attribute names of args) set to nan or an infinity, as '--flag', or
+    None; a flag may hold a number, a list of them, or None (not given)."""
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            return "--" + name.replace("_", "-")
+    return None
+
+
+def numbers_are_finite(args, names):
+    """A rule for first_problem: every float flag of `names` is a finite number."""
+    flag = not_finite(args, names)
+    value = getattr(args, flag[2:].replace("-", "_")) if flag else None
+    return flag is None, f"{flag} must be a finite number (got {value})"
+
+
 def check_training_args(args):
     """Every setting that can be checked without data. Returns the first problem as a one-line message,
     or None."""
     (global_min, global_max), (local_min, local_max) = args.global_scale, args.local_scale
     rules = [
+        numbers_are_finite(args, ("kappa", "kappa_final", "alpha", "beta", "beta_final", "lr", "weight_decay",
+                                  "warmup_epochs", "max_minutes", "knn_temperature", "global_scale", "local_scale")),
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
         (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
+        (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
+         f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} (got {max(args.kappa, args.kappa_final or 0):g}): "
+         f"the vMF normaliser is computed exactly up to there; the paper tries 0.1 to 20"),
+        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
         (args.beta_final is None or args.beta_final >= 0, f"--beta-final must be >= 0 (got {args.beta_final})"),
         (args.alpha >= 0 and args.beta >= 0, "--alpha and --beta must be >= 0 (the paper uses 1 and 1)"),
         (args.alpha > 0 or args.beta > 0, "--alpha and --beta are both 0, which leaves no loss to train on"),
@@ -90,7 +124,13 @@ def check_training_args(args):
          "H_local needs at least 2 views of each image: raise --global-crops or --local-crops"),
         (0 < global_min <= global_max <= 1 and 0 < local_min <= local_max <= 1,
          "--global-scale and --local-scale are area fractions MIN MAX with 0 < MIN <= MAX <= 1"),
+        (args.global_crops + args.local_crops <= LARGEST_VIEWS,
+         f"--global-crops and --local-crops make {args.global_crops + args.local_crops} views; at most {LARGEST_VIEWS}"),
+        (all(s is None or s <= LARGEST_CROP for s in (args.global_size, args.local_size)),
+         f"--global-size and --local-size must be at most {LARGEST_CROP} px (the paper's largest crop is 224)"),
         (args.proj_dim >= 2, f"--proj-dim must be >= 2 (got {args.proj_dim}): the sphere S^(D-1) needs D >= 2"),
+        (max(args.proj_dim, args.proj_hidden, args.width or 1) <= LARGEST_DIM,
+         f"--proj-dim, --proj-hidden and --width must be at most {LARGEST_DIM} (the paper tries D = 128 to 4096)"),
         (args.proj_hidden >= 1, f"--proj-hidden must be >= 1 (got {args.proj_hidden})"),
         (all(v is None or v >= 1 for v in (args.width, args.depth, args.heads)),
          "--width, --depth and --heads must be >= 1"),
@@ -106,6 +146,9 @@ def check_training_args(args):
         (args.max_minutes is None or args.max_minutes > 0, "--max-minutes must be > 0"),
         (args.eval_every >= 0 and args.knn_k >= 1 and args.knn_temperature > 0,
          "--eval-every must be >= 0, --knn-k >= 1 and --knn-temperature > 0"),
+        (args.knn_temperature >= SMALLEST_KNN_TEMPERATURE,
+         f"--knn-temperature must be at least {SMALLEST_KNN_TEMPERATURE} (got {args.knn_temperature:g}): the votes "
+         f"exp(s / T) overflow in float32 below it; the k-NN protocol uses 0.1"),
         (args.log_every >= 1 and args.workers >= 0 and args.keep_every >= 0,
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),

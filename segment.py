@@ -54,7 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, load_backbone
-from checks import HelpFormatter, error_message, first_problem, refuse, unwritable
+from checks import HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import ARCHS, VisionTransformer
 from precision import features_precision
@@ -344,7 +344,10 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before any work: the first problem as a one-line message, or None."""
     return first_problem([
+        numbers_are_finite(args, ("lr",)),
         (args.image_size >= 32, f"--image-size must be >= 32 (got {args.image_size}): ResNets halve it five times"),
+        (args.image_size <= 1024, f"--image-size must be at most 1024 px (got {args.image_size}); VOC's images are "
+                                  f"about 500"),
         (args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0,
          "--epochs and --batch-size must be >= 1 and --lr > 0 (the paper: 20 epochs, batch 32, lr 1e-3)"),
         (args.pca_images >= 0 and args.workers >= 0, "--pca-images and --workers must be >= 0"),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from analyze import TAB10
-from checks import HelpFormatter, first_problem, refuse, unwritable
+from checks import LARGEST_SEED, HelpFormatter, first_problem, numbers_are_finite, refuse, unwritable
 from hydes import hydes_loss, mi_ceiling
 
 PANEL, MARGIN, CAPTION = 150, 12, 44     # a hemisphere's diameter, the space around it, the text under a panel
@@ -138,7 +138,9 @@ def check_args(args):
         (args.images >= 2 and args.views >= 2, "--images and --views must be >= 2: Eq. 2 compares images, "
                                                "Eq. 3 views"),
         (args.images * args.views <= 10_000, "--images times --views must be at most 10000 points"),
+        numbers_are_finite(args, ("lr",)),
         (args.lr > 0, "--lr must be > 0"),
+        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
     ]) or unwritable(os.path.dirname(os.path.abspath(args.out)), "--out")
 
 

@@ -486,7 +486,9 @@ def test_the_sphere_script_writes_its_picture_and_refuses_bad_numbers(tmp_path, 
     assert out.exists() and Image.open(out).size[0] > 2 * sphere.PANEL and [s["step"] for s in runs[1.0]] == [0, 5]
     assert "ceiling" in capsys.readouterr().out
     for extra, message in ((["--kappa", "0"], "--kappa values must be finite and > 0"),
-                           (["--views", "1"], "--images and --views must be >= 2")):
+                           (["--views", "1"], "--images and --views must be >= 2"),
+                           (["--lr", "nan"], "--lr must be a finite number"),
+                           (["--seed", "-1"], "--seed must lie in 0 ... 4294967295")):
         with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
             sphere.main(extra + ["--out", str(out)])
 
@@ -2572,6 +2574,18 @@ BAD_TRAINING_ARGUMENTS = [
     (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs without bf16"),
     (["--width", "4", "--device", "cpu"], "a ResNet of --width 4 trains through a 1x1 stride-2 convolution"),
+    # numbers without bounds: nan and infinities, and values that would exhaust the machine, not train
+    (["--kappa", "inf"], "--kappa must be a finite number (got inf)"),
+    (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+    (["--local-scale", "0.05", "inf"], "--local-scale must be a finite number"),
+    (["--kappa", "1e9"], "--kappa and --kappa-final must be at most 1000"),
+    (["--kappa-final", "5000"], "--kappa and --kappa-final must be at most 1000"),
+    (["--seed", "-1"], "--seed must lie in 0 ... 4294967295 (got -1)"),
+    (["--seed", str(2**32)], "--seed must lie in 0 ... 4294967295"),
+    (["--knn-temperature", "0.001"], "--knn-temperature must be at least 0.02"),
+    (["--global-size", "5000"], "--global-size and --local-size must be at most 1024 px"),
+    (["--local-crops", "100"], "make 102 views; at most 64"),
+    (["--proj-dim", "100000000"], "--proj-dim, --proj-hidden and --width must be at most 65536"),
 ]
 
 
@@ -2899,6 +2913,13 @@ def test_images_that_cannot_be_opened_in_a_folder_are_one_line_errors_or_skipped
     (evaluate, ["--knn-k", "0"], "--knn-k must be >= 1"),
     (evaluate, ["--knn-temperature", "-0.1"], "--knn-k must be >= 1 and --knn-temperature > 0"),
     (evaluate, ["--probe-epochs", "0"], "--probe-epochs must be >= 1"),
+    (evaluate, ["--knn-temperature", "0.001"], "--knn-temperature must be at least 0.02"),
+    (evaluate, ["--knn-temperature", "nan"], "--knn-temperature must be a finite number"),
+    (evaluate, ["--image-size", "5000"], "--image-size must lie in 8 ... 1024 px"),
+    (segment, ["--image-size", "4096"], "--image-size must be at most 1024 px"),
+    (segment, ["--lr", "inf"], "--lr must be a finite number"),
+    (analyze, ["--pairs", "100000"], "--pairs must be at most 20000"),
+    (analyze, ["--seed", "-1"], "--seed must lie in 0 ... 4294967295"),
     (segment, ["--epochs", "0"], "--epochs and --batch-size must be >= 1"),
     (segment, ["--image-size", "16"], "--image-size must be >= 32"),
     (analyze, ["--pairs", "1"], "--pairs must be >= 2"),
@@ -2915,6 +2936,8 @@ def test_benchmark_arguments_are_checked():
         benchmark.main(["--seconds", "0"])
     with pytest.raises(SystemExit, match="use --width 6 or more"):
         benchmark.main(["--device", "cpu", "--width", "3"])
+    with pytest.raises(SystemExit, match="--seconds must be a finite number"):
+        benchmark.main(["--seconds", "inf"])
     with pytest.raises(SystemExit, match="--precision fp16 is for GPUs"):
         benchmark.main(["--device", "cpu", "--precision", "fp16"])
 
