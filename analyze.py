@@ -65,12 +65,13 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
                          parse_checkpoint_arguments)
-from checks import LARGEST_SEED, HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable
+from checks import (LARGEST_SEED, HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable,
+                    unwritable_file)
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
                   eval_transform, save_png, unnormalize)
 from features import cached_features, extract_features, file_digest
 from models import VisionTransformer
-from records import append_jsonl, read_jsonl, report_row
+from records import keep_results, read_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -745,7 +746,8 @@ def check_args(args):
          "--smooth-samples must be >= 1 and --smooth-noise >= 0 (Smilkov et al. use 0.1-0.2)"),
         (args.permutations >= 1, f"--permutations must be >= 1 (got {args.permutations}); 999 gives p down to 0.001"),
         *checkpoint_argument_rules(args),
-    ]) or unwritable(args.out, "--out") or unwritable(args.cache_dir, "--cache-dir")
+    ]) or unwritable(args.out, "--out") or unwritable(args.cache_dir, "--cache-dir") \
+        or unwritable_file(args.table3, "--table3") or unwritable_file(args.table4, "--table4")
 
 
 def main(argv=None):
@@ -755,18 +757,17 @@ def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
     try:
-        result = analyze_checkpoint(args, torch.device(args.device))
+        result, pictures = analyze_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error_message(error)}")
-    report_row(table3_row(result), TABLE3_COLUMNS, args.table3)
-    print()
-    report_row(result, TABLE4_COLUMNS, args.table4)
     p_values = [f"{c} {result[c + '_p']:.3f}" for c in ("wup", "lch", "cophenetic", "minilm") if c + "_p" in result]
     if p_values:
         print(f"Mantel p-values ({args.permutations} permutations of the classes): " + ", ".join(p_values))
     for reason in result["skipped"]:
         print(f"skipped: {reason}")
-    append_jsonl(os.path.join(args.out, "analyze.jsonl"), result)
+    # The rows and analyze.jsonl first, the pictures after: a failure to write one never costs the others
+    keep_results(result, os.path.join(args.out, "analyze.jsonl"),
+                 [(table3_row(result), TABLE3_COLUMNS, args.table3), (result, TABLE4_COLUMNS, args.table4)], pictures)
     return result
 
 
@@ -808,20 +809,22 @@ def analyze_checkpoint(args, device):
     ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
     off_diagonal = upper_triangle(similarity)
     result["centroids_png"] = os.path.join(args.out, "centroids.png")
-    save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))), result["centroids_png"])
     result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
-    save_png(heatmap_picture(ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())),
-             result["centroids_contrast_png"])
+    pictures = [
+        (result["centroids_png"], lambda: save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))),
+                                                   result["centroids_png"])),
+        (result["centroids_contrast_png"], lambda: save_png(heatmap_picture(
+            ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())), result["centroids_contrast_png"]))]
 
     # Figs. 2 and 3
     if args.images > 0:
         result["saliency_png"] = os.path.join(args.out, "saliency.png")
         data = dataset_split(dataset, data_dir, args.split, eval_transform(image_size))
         indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
-        save_saliency_grid(backbone, data, indices, result["saliency_png"], device, args.smooth_samples,
-                           args.smooth_noise)
+        pictures.append((result["saliency_png"], lambda: save_saliency_grid(
+            backbone, data, indices, result["saliency_png"], device, args.smooth_samples, args.smooth_noise)))
     result["skipped"] = skipped
-    return result
+    return result, pictures
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ def unwritable(folder, option):
     return None
 
 
+def unwritable_file(path, option):
+    """Why a file a script will append to could not be written (its folder's problems, or a folder where
+    the file should be), as a one-line message naming `option`; None if it could, or if path is None."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return f"{path} is a folder; pass {option} with a file name"
+    return unwritable(os.path.dirname(os.path.abspath(path)), option)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every script's --help: the module docstring as written, and each flag's default after its help
     (unless the help already says it, or there is none to show)."""

@@ -42,10 +42,10 @@ from tqdm import tqdm
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, export_backbone,
                          load_for_probing, parse_checkpoint_arguments)
 from checks import (SMALLEST_KNN_TEMPERATURE, HelpFormatter, error_message, first_problem, numbers_are_finite, refuse,
-                    unwritable)
+                    unwritable, unwritable_file)
 from data import DatasetError
 from features import cached_features, file_digest
-from records import append_jsonl, report_row
+from records import keep_results
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -265,8 +265,9 @@ def check_args(args):
         (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
                                  f"scores nothing"),
         *checkpoint_argument_rules(args),
-    ]) or (unwritable(os.path.dirname(os.path.abspath(args.export)), "--export") if args.export else
-           unwritable(args.cache_dir, "--cache-dir") or unwritable(os.path.dirname(os.path.abspath(args.json)), "--json"))
+    ]) or (unwritable_file(args.export, "--export") if args.export else
+           unwritable(args.cache_dir, "--cache-dir") or unwritable_file(args.json, "--json")
+           or unwritable_file(args.table, "--table"))
 
 
 def main(argv=None):
@@ -279,8 +280,7 @@ def main(argv=None):
         result = evaluate_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error_message(error)}")
-    report_row(result, TABLE_COLUMNS, args.table)
-    append_jsonl(args.json, result)
+    keep_results(result, args.json, [(result, TABLE_COLUMNS, args.table)])
     return result
 
 

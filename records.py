@@ -68,12 +68,33 @@ def markdown_row(result, columns):
     return "| " + " | ".join(cell(result.get(c)) for c in columns) + " |"
 
 
-def report_row(result, columns, table=None):
-    """Print a result as a Markdown table of one row and, with `table`, append the row to that file, a
-    table that several runs share (its header written when the file is new)."""
-    print(markdown_header(columns))
-    print(markdown_row(result, columns))
-    if table:
-        new = not os.path.exists(table) or os.path.getsize(table) == 0
-        with open(table, "a") as f:
-            f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
+def keep_results(result, json_path, rows, pictures=()):
+    """Save what a script computed, most valuable first, so that a failure at output time never costs the
+    work: each row (row, columns, table file or None) printed as a Markdown table, then the result
+    appended as a JSON line to json_path, then each row appended to its table, then each picture
+    (path, draw: a function that writes it) drawn. A write that fails costs only itself: the rest are still
+    written, and then a one-line error names what was not saved and why (the printed rows hold the
+    figures). Returns None when everything was saved."""
+    for i, (row, columns, _) in enumerate(rows):
+        print(("\n" if i else "") + markdown_header(columns))           # tables apart, by a blank line
+        print(markdown_row(row, columns))
+    lost = []
+    writes = [(json_path, lambda: append_jsonl(json_path, result))]
+    writes += [(table, lambda row=row, columns=columns, table=table: append_row(row, columns, table))
+               for row, columns, table in rows if table]
+    writes += list(pictures)
+    for path, write in writes:
+        try:
+            write()
+        except Exception as error:   # a full disk, a path through a file, a picture that cannot be drawn
+            lost.append(f"{path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    if lost:
+        raise SystemExit(f"error: could not write {'; '.join(lost)}; the figures printed above are the result, "
+                         f"and everything else was saved")
+
+
+def append_row(result, columns, table):
+    """Append one Markdown row to `table`, a file several runs share (its header written when new)."""
+    new = not os.path.exists(table) or os.path.getsize(table) == 0
+    with open(table, "a") as f:
+        f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")

@@ -54,11 +54,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, load_backbone
-from checks import HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable
+from checks import HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import ARCHS, VisionTransformer
 from precision import features_precision
-from records import append_jsonl, report_row
+from records import keep_results
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -351,7 +351,7 @@ def check_args(args):
         (args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0,
          "--epochs and --batch-size must be >= 1 and --lr > 0 (the paper: 20 epochs, batch 32, lr 1e-3)"),
         (args.pca_images >= 0 and args.workers >= 0, "--pca-images and --workers must be >= 0"),
-    ]) or unwritable(args.out, "--out")
+    ]) or unwritable(args.out, "--out") or unwritable_file(args.table, "--table")
 
 
 def main(argv=None):
@@ -374,14 +374,16 @@ def main(argv=None):
                   "train_images": len(train_set), "val_images": len(val_set),
                   "val_pixels_scored": int(confusion.sum()), "epochs": args.epochs,
                   "minutes": round((time.time() - start) / 60, 2)}
+        pictures = []
         if args.pca_images:      # Figure 4 as a grid of equal tiles: the val images' centre squares
             result["pca_png"] = os.path.join(args.out, "pca_hypercolumns.png")
             pca_set = VOCSegmentation(root, args.val_split, args.image_size)
-            save_pca_grid(backbone, pca_set, args.pca_images, result["pca_png"], device)
+            pictures.append((result["pca_png"], lambda: save_pca_grid(backbone, pca_set, args.pca_images,
+                                                                      result["pca_png"], device)))
     except (CheckpointError, VOCError) as error:
         raise SystemExit(f"error: {error_message(error)}")
-    report_row(result, TABLE_COLUMNS, args.table)
-    append_jsonl(os.path.join(args.out, "segment.jsonl"), result)
+    # The row and segment.jsonl first, the picture after: a failure to write one never costs the others
+    keep_results(result, os.path.join(args.out, "segment.jsonl"), [(result, TABLE_COLUMNS, args.table)], pictures)
     return result
 
 

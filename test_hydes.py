@@ -1854,6 +1854,38 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
     assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
 
 
+def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_costs_only_itself(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    write_voc(voc, [f"t{i}" for i in range(4)], ["v0", "v1"])
+    torch.save(models.build_backbone("resnet18", 48).state_dict(), tmp_path / "backbone.pth")   # 48 px: CIFAR stem
+    (tmp_path / "a-file").write_text("")
+    through_a_file = str(tmp_path / "a-file" / "table.md")
+    common = [str(tmp_path / "backbone.pth"), "--arch", "resnet18", "--workers", "0"]
+    segment_args = common + ["--data-dir", str(tmp_path), "--image-size", "48", "--epochs", "1", "--batch-size", "4",
+                             "--pca-images", "1", "--out", str(tmp_path / "seg")]
+    # Before any work: a table path through a file, for each script that appends to one
+    for script, extra in ((segment, segment_args + ["--table", through_a_file]),
+                          (evaluate, common + ["--table", through_a_file]),
+                          (analyze, common + ["--table3", through_a_file]), (analyze, common + ["--table4", str(tmp_path)])):
+        with pytest.raises(SystemExit, match="^error: .*(a-file is a file|is a folder; pass --table4)"):
+            script.main(extra)
+    assert not (tmp_path / "seg").exists()
+    # After the work: the table's disk is full and the picture cannot be drawn; segment.jsonl is still
+    # written, the row printed, and one line names what was lost and why
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(records, "append_row", disk_full)
+    monkeypatch.setattr(segment, "save_pca_grid", lambda *args: 1 / 0)
+    with pytest.raises(SystemExit) as error:
+        segment.main(segment_args + ["--table", str(tmp_path / "table2.md")])
+    message = str(error.value.code)
+    assert message.startswith(f"error: could not write {tmp_path / 'table2.md'} ([Errno 28] No space left on device);"
+                              f" {tmp_path / 'seg' / 'pca_hypercolumns.png'} (division by zero);") and "\n" not in message
+    saved = json.loads((tmp_path / "seg" / "segment.jsonl").read_text())
+    assert f"| backbone | resnet18 | {saved['pixel_accuracy']:.2f} | {saved['miou']:.2f} |" in capsys.readouterr().out
+
+
 def test_whole_image_sizes_keep_the_aspect_at_the_training_scale_in_multiples_of_the_stride():
     assert segment.whole_image_size((500, 375), 320, 32) == (416, 320)       # 426.7 -> 416
     assert segment.whole_image_size((500, 375), 320, 16) == (432, 320)       # ViT-T/16: 27 x 20 patches
