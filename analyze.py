@@ -65,7 +65,7 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
                          parse_checkpoint_arguments)
-from checks import (LARGEST_SEED, HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable,
+from checks import (HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, seed_rule, unwritable,
                     unwritable_file)
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
                   eval_transform, save_png, unnormalize)
@@ -740,7 +740,7 @@ def check_args(args):
         numbers_are_finite(args, ("smooth_noise",)),
         (args.pairs >= 2, f"--pairs must be >= 2 (got {args.pairs}): the all-pairs statistics need two points"),
         (args.pairs <= 20000, f"--pairs must be at most 20000 (got {args.pairs}): its (n, n) matrix takes 8 n^2 bytes"),
-        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
+        seed_rule(args.seed),
         (args.positive_images >= 0 and args.images >= 0, "--positive-images and --images must be >= 0 (0 skips)"),
         (args.smooth_samples >= 1 and args.smooth_noise >= 0,
          "--smooth-samples must be >= 1 and --smooth-noise >= 0 (Smilkov et al. use 0.1-0.2)"),
@@ -810,11 +810,12 @@ def analyze_checkpoint(args, device):
     off_diagonal = upper_triangle(similarity)
     result["centroids_png"] = os.path.join(args.out, "centroids.png")
     result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
-    pictures = [
-        (result["centroids_png"], lambda: save_png(heatmap_picture(ordered, names, low=min(0.0, float(off_diagonal.min()))),
-                                                   result["centroids_png"])),
-        (result["centroids_contrast_png"], lambda: save_png(heatmap_picture(
-            ordered, names, low=float(off_diagonal.min()), high=float(off_diagonal.max())), result["centroids_contrast_png"]))]
+    low, high = float(off_diagonal.min()), float(off_diagonal.max())
+    pictures = [   # drawn once the figures are saved (main)
+        (result["centroids_png"],
+         lambda: save_png(heatmap_picture(ordered, names, low=min(0.0, low)), result["centroids_png"])),
+        (result["centroids_contrast_png"],
+         lambda: save_png(heatmap_picture(ordered, names, low=low, high=high), result["centroids_contrast_png"]))]
 
     # Figs. 2 and 3
     if args.images > 0:

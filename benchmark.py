@@ -61,8 +61,8 @@ from torch.utils._pytree import tree_flatten
 
 import train
 from batched_crops import BatchedMultiCrop
-from checks import (LARGEST_SEED, NARROW_RESNET_ON_A_CPU, HelpFormatter, first_problem, narrow_resnet_on_a_cpu,
-                    numbers_are_finite, refuse)
+from checks import (NARROW_RESNET_ON_A_CPU, HelpFormatter, first_problem, narrow_resnet_on_a_cpu,
+                    numbers_are_finite, refuse, seed_rule)
 from data import MultiCrop, dino_recipes
 from models import STEMS, HyDeSModel, build_backbone
 from per_view_batchnorm import convert_per_view_batchnorm
@@ -434,7 +434,7 @@ def main(argv=None):
         (args.batch_size >= 1 and args.step_batch_size >= 2, "--batch-size must be >= 1 and --step-batch-size >= 2"),
         numbers_are_finite(args, ("seconds",)),
         (args.seconds > 0 and args.threads >= 1, "--seconds must be > 0 and --threads >= 1"),
-        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
+        seed_rule(args.seed),
         (args.width is None or args.width >= 1, "--width must be >= 1"),
         (not narrow_resnet_on_a_cpu("resnet18", args.width, args.device), NARROW_RESNET_ON_A_CPU.format(width=args.width)),
         (args.proj_hidden >= 1, "--proj-hidden must be >= 1"),

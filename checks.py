@@ -111,6 +111,18 @@ def numbers_are_finite(args, names):
     return flag is None, f"{flag} must be a finite number (got {value})"
 
 
+def seed_rule(seed):
+    """A rule for first_problem: --seed within numpy's 32-bit seeds."""
+    return 0 <= seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {seed})"
+
+
+def knn_temperature_rule(temperature):
+    """A rule for first_problem: a k-NN temperature whose float32 votes exp(s / T) stay finite."""
+    return (temperature >= SMALLEST_KNN_TEMPERATURE,
+            f"--knn-temperature must be at least {SMALLEST_KNN_TEMPERATURE} (got {temperature:g}): the votes "
+            f"exp(s / T) overflow in float32 below it; the k-NN protocol uses 0.1")
+
+
 def check_training_args(args):
     """Every setting that can be checked without data. Returns the first problem as a one-line message,
     or None."""
@@ -123,7 +135,7 @@ def check_training_args(args):
         (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
          f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} (got {max(args.kappa, args.kappa_final or 0):g}): "
          f"the vMF normaliser is computed exactly up to there; the paper tries 0.1 to 20"),
-        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
+        seed_rule(args.seed),
         (args.beta_final is None or args.beta_final >= 0, f"--beta-final must be >= 0 (got {args.beta_final})"),
         (args.alpha >= 0 and args.beta >= 0, "--alpha and --beta must be >= 0 (the paper uses 1 and 1)"),
         (args.alpha > 0 or args.beta > 0, "--alpha and --beta are both 0, which leaves no loss to train on"),
@@ -156,9 +168,7 @@ def check_training_args(args):
         (args.max_minutes is None or args.max_minutes > 0, "--max-minutes must be > 0"),
         (args.eval_every >= 0 and args.knn_k >= 1 and args.knn_temperature > 0,
          "--eval-every must be >= 0, --knn-k >= 1 and --knn-temperature > 0"),
-        (args.knn_temperature >= SMALLEST_KNN_TEMPERATURE,
-         f"--knn-temperature must be at least {SMALLEST_KNN_TEMPERATURE} (got {args.knn_temperature:g}): the votes "
-         f"exp(s / T) overflow in float32 below it; the k-NN protocol uses 0.1"),
+        knn_temperature_rule(args.knn_temperature),
         (args.log_every >= 1 and args.workers >= 0 and args.keep_every >= 0,
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, export_backbone,
                          load_for_probing, parse_checkpoint_arguments)
-from checks import (SMALLEST_KNN_TEMPERATURE, HelpFormatter, error_message, first_problem, numbers_are_finite, refuse,
+from checks import (HelpFormatter, error_message, first_problem, knn_temperature_rule, numbers_are_finite, refuse,
                     unwritable, unwritable_file)
 from data import DatasetError
 from features import cached_features, file_digest
@@ -259,9 +259,7 @@ def check_args(args):
         numbers_are_finite(args, ("knn_temperature",)),
         (args.knn_k >= 1 and args.knn_temperature > 0,
          f"--knn-k must be >= 1 and --knn-temperature > 0 (got {args.knn_k} and {args.knn_temperature:g})"),
-        (args.knn_temperature >= SMALLEST_KNN_TEMPERATURE,
-         f"--knn-temperature must be at least {SMALLEST_KNN_TEMPERATURE} (got {args.knn_temperature:g}): the votes "
-         f"exp(s / T) overflow in float32 below it; the k-NN protocol uses 0.1"),
+        knn_temperature_rule(args.knn_temperature),
         (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
                                  f"scores nothing"),
         *checkpoint_argument_rules(args),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from analyze import TAB10
-from checks import LARGEST_SEED, HelpFormatter, first_problem, numbers_are_finite, refuse, unwritable
+from checks import HelpFormatter, first_problem, numbers_are_finite, refuse, seed_rule, unwritable
 from hydes import hydes_loss, mi_ceiling
 
 PANEL, MARGIN, CAPTION = 150, 12, 44     # a hemisphere's diameter, the space around it, the text under a panel
@@ -140,7 +140,7 @@ def check_args(args):
         (args.images * args.views <= 10_000, "--images times --views must be at most 10000 points"),
         numbers_are_finite(args, ("lr",)),
         (args.lr > 0, "--lr must be > 0"),
-        (0 <= args.seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {args.seed})"),
+        seed_rule(args.seed),
     ]) or unwritable(os.path.dirname(os.path.abspath(args.out)), "--out")
 
 
