@@ -1,7 +1,7 @@
 """What the representation looks like: the measurements of Section VI (Tables III and IV, Figs. 2, 3, 5).
 
     python analyze.py runs/cifar10-resnet18-kappa1/ckpt.pt --out analysis/
-    python analyze.py resnet50.pth --arch resnet50 --dataset imagenet --data-dir /path/to/imagenet --table3 t3.md
+    python analyze.py resnet50.pth --dataset imagenet --data-dir /path/to/imagenet --table3 t3.md
     python analyze.py curves runs/kappa0.1 runs/kappa1 runs/kappa10 --out fig7.png     # Figs. 6-8
 
 For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
@@ -64,12 +64,12 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
-                         parse_checkpoint_arguments)
-from checks import (HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, seed_rule, unwritable,
+                         network_digest, parse_checkpoint_arguments)
+from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse, seed_rule, unwritable,
                     unwritable_file)
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
                   eval_transform, save_png, unnormalize)
-from features import cached_features, extract_features, file_digest
+from features import cached_features, extract_features
 from models import VisionTransformer
 from records import keep_results, read_jsonl
 
@@ -753,9 +753,16 @@ def check_args(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["curves"]:                   # the other program, at the end of the file
-        return curves_main(argv[1:])
+        with ctrl_c_in_one_line("no figure was written"):
+            return curves_main(argv[1:])
     args = parse_args(argv)
     refuse(check_args(args))
+    with ctrl_c_in_one_line(f"no result was written; the features extracted so far are kept in {args.cache_dir}"):
+        return analyze_and_save(args)
+
+
+def analyze_and_save(args):
+    """analyze_checkpoint, then its tables, JSON line and pictures, each saved on its own."""
     try:
         result, pictures = analyze_checkpoint(args, torch.device(args.device))
     except (CheckpointError, DatasetError) as error:
@@ -777,7 +784,7 @@ def analyze_checkpoint(args, device):
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
     os.makedirs(args.out, exist_ok=True)
     # float32 features (exact): Table III's numerical ranks count singular values above float32 noise
-    feats, labels, _ = cached_features(backbone, file_digest(args.checkpoint), dataset, data_dir, args.split,
+    feats, labels, _ = cached_features(backbone, network_digest(args.checkpoint, info), dataset, data_dir, args.split,
                                        image_size, device, args.cache_dir, args.workers, exact=True)
     class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
     if len(set(labels.tolist())) < 2:

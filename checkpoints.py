@@ -8,6 +8,7 @@ through `save_checkpoint`.
 """
 
 import argparse
+import hashlib
 import math
 import os
 import pickle
@@ -15,7 +16,8 @@ import pickle
 import torch
 
 from data import DATASETS, native_image_size
-from models import ARCHS, VisionTransformer, build_backbone
+from features import file_digest
+from models import ARCHS, BasicBlock, VisionTransformer, build_backbone
 from records import write_atomically
 
 
@@ -58,91 +60,281 @@ def safe_load(path):
 METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
 
 
-def load_backbone(path, arch=None, image_size=None, device="cpu", checkpoint_key=None):
-    """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint, or from another
-    library's checkpoint or state_dict with `arch` (see `foreign_backbone_state`).
+def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None):
+    """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint or from another
+    library's checkpoint or state_dict (see `find_backbone`). The file's tensors decide what is built
+    (`backbone_shape`): the flags only say what no tensor records, and one that contradicts the file is
+    an error naming both.
 
-    Returns (backbone, info): info holds arch, image_size, method (the objective a train.py checkpoint
-    was trained with, else the file's name: resnet50_byol.pth -> resnet50_byol), the training arguments
-    and the number of completed epochs (None for a foreign checkpoint).
+    arch: a check (resnet18, resnet50, vit_tiny), never needed. checkpoint_key:
+    the network to read from a checkpoint that holds several (DINO: teacher or student). heads: a foreign
+    ViT's attention heads (default: 64 channels per head, timm's and DINO's rule). stem_padding: a 3x3 conv1's
+    padding (default: 2 in solo-learn's layout, which pads its CIFAR stem so, else 1).
+
+    A ViT keeps the positional grid it was trained with and resizes it to each input's.
+
+    Returns (backbone, info): info holds arch, image_size (train.py's crop size, else None), method (the objective a train.py checkpoint was
+    trained with, else the file's name: resnet50_byol.pth -> resnet50_byol), the training arguments, the
+    number of completed epochs (None for a foreign checkpoint) and `network`, a line that says which
+    tensors were built into what (the feature cache keys on it: two networks of one file never share).
     """
     checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save the "
                               f"backbone's model.state_dict() instead")
-    if "args" in checkpoint and "model" in checkpoint and isinstance(checkpoint["args"], dict):
-        args = checkpoint["args"]
-        if arch is not None and arch != args["arch"]:
-            raise CheckpointError(f"{path} holds a {args['arch']} but --arch {arch} was given; drop --arch, "
-                                  f"which is only for other libraries' checkpoints")
-        backbone = build_backbone(args["arch"], args["global_size"], args["width"], args["depth"], args["heads"],
-                                  args.get("stem"))
-        prefix = "backbone."
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-        info = {"arch": args["arch"], "image_size": args["global_size"],
-                "method": METHOD_NAMES[args.get("method", "hydes")],
-                "train_args": args, "epoch": checkpoint["epoch"]}
+    ours = isinstance(checkpoint.get("args"), dict) and isinstance(checkpoint.get("model"), dict)
+    if ours:                          # train.py's: the backbone under backbone., its settings in args
+        trained = checkpoint["args"]
+        model = {k: v for k, v in checkpoint["model"].items() if isinstance(v, torch.Tensor)}
+        found = Found(model, our_names([k for k in model if k.startswith("backbone.")], "backbone.", False),
+                      "backbone.", [], "'backbone.' of 'model'", solo_learn=False)
+        file_heads, file_padding = trained.get("heads") or 3, 1        # train.py: 3 heads unless told, padding 1
     else:
-        if arch is None:
-            raise CheckpointError(f"{path} is not a train.py checkpoint; to load another library's checkpoint or "
-                                  f"state_dict, name its architecture with --arch ({', '.join(ARCHS)})")
-        backbone = build_backbone(arch, image_size)
-        state, taken = foreign_backbone_state(checkpoint, backbone, checkpoint_key, path)
-        if "pos_embed" in state and state["pos_embed"].shape != backbone.pos_embed.shape:
-            # A ViT trained at another size (DINO's and timm's at 224 px) keeps its own grid of positions,
-            # resized at each forward pass to the probe's (VisionTransformer.positional_embedding).
-            patch, tokens = state["patch_embed.weight"].shape[-1], state["pos_embed"].shape[1]
-            backbone = build_backbone(arch, math.isqrt(tokens - 1) * patch)
-        try:
-            backbone.load_state_dict(state)                                      # strict: a mismatch is an error
-        except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-            raise CheckpointError(f"{path} does not match a {arch} at {image_size} px: {first}") from None
-        print(f"{path}: {taken}")
-        if arch.startswith("resnet") and state["conv1.weight"].shape[-1] == 3:
-            print("note: a CIFAR-stem ResNet (3x3 conv1), which this project pads by 1. If it comes from "
-                  "solo-learn, whose conv1 pads by 2, its weights load but its features differ from solo-learn's")
-        info = {"arch": arch, "image_size": image_size, "method": os.path.splitext(os.path.basename(path))[0],
-                "train_args": None, "epoch": None}
+        found = find_backbone(checkpoint, path, checkpoint_key)
+        file_heads, file_padding = None, (2 if found.solo_learn else 1)
+    shape = backbone_shape(found.state, path)
+    problem = contradiction(shape, arch, heads if ours else None, stem_padding if ours else None, file_heads, path)
+    if problem:
+        raise CheckpointError(problem)
+    if shape["arch"] == "vit_tiny":
+        shape["heads"] = file_heads or heads or vit_heads(shape["width"], path)
+    elif shape["stem"] == "cifar":
+        shape["stem_padding"] = stem_padding or file_padding
+    elif stem_padding is not None:
+        raise CheckpointError(f"--stem-padding applies to a 3x3 conv1, and {path}'s is 7x7 (the ImageNet stem, "
+                              f"padded by 3); drop --stem-padding")
+    backbone = build_from_shape(shape)
+    # num_batches_tracked is left out of files older than torch 0.4.1; BatchNorm fills it in (eval mode never reads it)
+    missing = sorted(k for k in set(backbone.state_dict()) - set(found.state) if not k.endswith("num_batches_tracked"))
+    if missing:
+        raise CheckpointError(f"{path}: {found.where} lacks {len(missing)} of the {len(backbone.state_dict())} tensors "
+                              f"of {describe(shape)} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    wrong = [(k, v.shape) for k, v in backbone.state_dict().items() if k in found.state and found.state[k].shape != v.shape]
+    if wrong:                  # a wide or grouped ResNet, say: torch's own message lists every tensor
+        name, built = wrong[0]
+        raise CheckpointError(f"{path}: {len(wrong)} tensors do not fit {describe(shape)}, e.g. {name} is "
+                              f"{tuple(found.state[name].shape)} in the file, {tuple(built)} in the network; this "
+                              f"project builds the standard ResNets and ViTs only")
+    backbone.load_state_dict({k: found.state[k] for k in backbone.state_dict() if k in found.state})
+    network = f"{describe(shape)}, {len(backbone.state_dict())} tensors from {found.where}"
+    if ours:
+        info = {"arch": trained["arch"], "image_size": trained["global_size"], "method": METHOD_NAMES[trained["method"]],
+                "train_args": trained, "epoch": checkpoint["epoch"]}
+    else:
+        left_out = found.left_out(backbone.state_dict())
+        print(f"{path}: {network}" + (f"; left out {left_out}" if left_out else ""))
+        info = {"arch": shape["arch"], "image_size": None, "train_args": None, "epoch": None,
+                "method": os.path.splitext(os.path.basename(path))[0]}
+    info["network"] = network
     # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.
     return backbone.to(device).eval().requires_grad_(False), info
 
 
-# Where other libraries keep the backbone: bare (torchvision, timm, exported), under DataParallel's module.,
-# Lightly's and solo-learn's backbone. (Lightning's state_dict), DINO's (module.)backbone., and others'
-# encoder. or model.backbone. The prefix that fills most of the backbone's keys wins (the first, on a tie).
-# Momentum copies (backbone_momentum., momentum_backbone.) are under none of them, so never taken.
-BACKBONE_PREFIXES = ("", "backbone.", "module.", "module.backbone.", "encoder.", "module.encoder.", "model.backbone.")
+# ----------------------------------------------------------------------------------------------------
+# What a file's tensors say: the architecture, its width and depth, the stem, the positional grid
+
+def backbone_shape(state, path):
+    """The network a backbone state_dict (this project's names) describes, read from its tensors alone:
+    a ResNet's block type (conv3 in each block: Bottleneck), blocks per stage, width (conv1's output
+    channels) and stem (conv1's kernel: 7 ImageNet, 3 CIFAR); a ViT's width, patch size, depth and
+    positional grid (pos_embed: 1 + grid^2 tokens). A dict with arch and those numbers."""
+    if "conv1.weight" in state and any(k.startswith("layer4.") for k in state):
+        blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+        bottleneck = "layer1.0.conv3.weight" in state
+        arch = {(False, (2, 2, 2, 2)): "resnet18", (True, (3, 4, 6, 3)): "resnet50"}.get((bottleneck, blocks))
+        kernel = state["conv1.weight"].shape[-1]
+        if arch is None:
+            raise CheckpointError(f"{path} holds a ResNet of {'Bottleneck' if bottleneck else 'basic'} blocks "
+                                  f"{'-'.join(map(str, blocks))}, which this project does not build (resnet18: basic "
+                                  f"2-2-2-2, resnet50: Bottleneck 3-4-6-3)")
+        if kernel not in (3, 7):
+            raise CheckpointError(f"{path}'s conv1 is {kernel}x{kernel}; this project builds a 7x7 (ImageNet) or 3x3 "
+                                  f"(CIFAR) stem")
+        return {"arch": arch, "width": state["conv1.weight"].shape[0], "stem": "imagenet" if kernel == 7 else "cifar"}
+    if "patch_embed.weight" in state and "pos_embed" in state and "blocks.0.attn.qkv.weight" in state:
+        width, _, patch, _ = state["patch_embed.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        grid = math.isqrt(tokens - 1)
+        if grid * grid != tokens - 1:
+            raise CheckpointError(f"{path}'s pos_embed holds {tokens} positions, not a class token and a square grid; "
+                                  f"this project's ViT has both")
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        return {"arch": "vit_tiny", "width": width, "patch": patch, "depth": depth, "grid": grid}
+    raise CheckpointError(f"{path}'s tensors are neither a ResNet (conv1.weight, layer1-4) nor a ViT "
+                          f"(patch_embed, pos_embed, blocks); it holds {summary(state)}")
 
 
-# The containers checkpoints keep their weights in, tried in this order: Lightning and solo-learn's
-# state_dict, torchvision's reference scripts' model, DINO's teacher (the network DINO evaluates).
+def contradiction(shape, arch, heads, stem_padding, file_heads, path):
+    """The first flag that contradicts what the file says, as a one-line message, or None."""
+    if arch is not None and arch != shape["arch"]:
+        return f"--arch {arch}, but {path} holds {describe(shape)}; drop --arch (the file says what it is)"
+    if heads is not None and file_heads is not None and heads != file_heads:
+        return f"--heads {heads}, but {path} was trained with {file_heads} heads; drop --heads"
+    if stem_padding not in (None, 1) and shape.get("stem") == "cifar":
+        return f"--stem-padding {stem_padding}, but {path} is train.py's, whose 3x3 conv1 pads by 1; drop --stem-padding"
+    return None
+
+
+def vit_heads(width, path):
+    """A foreign ViT's attention heads, which no tensor records: timm's and DINO's ViTs give each head 64
+    channels (ViT-Tiny 192/3, -Small 384/6, -Base 768/12)."""
+    if width % 64:
+        raise CheckpointError(f"{path} holds a ViT of width {width}, not a multiple of 64 channels per head, and no "
+                              f"tensor records its heads: pass --heads")
+    return width // 64
+
+
+def build_from_shape(shape):
+    """The backbone `backbone_shape` describes (with heads and stem_padding filled in)."""
+    if shape["arch"] == "vit_tiny":
+        if shape["width"] % shape["heads"]:
+            raise CheckpointError(f"a ViT of width {shape['width']} cannot have {shape['heads']} heads (they must divide it)")
+        return VisionTransformer(shape["grid"] * shape["patch"], shape["patch"], shape["width"], shape["depth"],
+                                 shape["heads"])
+    backbone = build_backbone(shape["arch"], None, width=shape["width"], stem=shape["stem"])
+    if shape["stem"] == "cifar":
+        backbone.conv1.padding = (shape["stem_padding"],) * 2      # solo-learn's CIFAR stem pads by 2, ours by 1
+    return backbone
+
+
+def describe(shape):
+    """'a resnet18 (width 64, CIFAR stem)', 'a vit_tiny (width 192, depth 12, 3 heads, 16-px patches, 14x14 grid)'."""
+    if shape["arch"] == "vit_tiny":
+        heads = f", {shape['heads']} heads" if "heads" in shape else ""
+        return (f"a vit_tiny (width {shape['width']}, depth {shape['depth']}{heads}, {shape['patch']}-px patches, "
+                f"{shape['grid']}x{shape['grid']} grid)")
+    stem = "ImageNet stem" if shape["stem"] == "imagenet" else f"CIFAR stem padded by {shape.get('stem_padding', 1)}"
+    return f"a {shape['arch']} (width {shape['width']}, {stem})"
+
+
+def summary(state, most=4):
+    """What a dict of tensors holds, briefly: '412 tensors: encoder_q. (200), encoder_k. (200), fc. (4) ...'."""
+    counts = {}
+    for key in state:
+        first = key.split(".")[0] + ("." if "." in key else "")
+        counts[first] = counts.get(first, 0) + 1
+    groups = sorted(counts.items(), key=lambda item: -item[1])
+    return (f"{len(state)} tensors: " + ", ".join(f"{name} ({n})" for name, n in groups[:most]) +
+            (" ..." if len(groups) > most else ""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where other libraries keep the backbone
+
+# The containers checkpoints keep their weights in, tried in this order: Lightning's (Lightly, solo-learn)
+# and MoCo's state_dict, torchvision's reference scripts' model, DINO's teacher (the network DINO evaluates).
 CHECKPOINT_KEYS = ("state_dict", "model", "teacher")
 
+# Momentum methods keep two copies of the encoder and evaluate the online one (MoCo's encoder_q and
+# base_encoder, BYOL's online network, Lightly's and solo-learn's backbone). A prefix with one of these
+# words is the other copy, taken only when no other prefix holds a backbone.
+MOMENTUM_WORDS = ("momentum", "target", "ema", "encoder_k", "key_encoder")
 
-def foreign_backbone_state(checkpoint, backbone, key=None, path="the checkpoint"):
-    """The backbone's weights in another library's checkpoint -> (state_dict for `backbone`, a line that
-    says what was taken and what left out). key: the container to read (DINO: teacher or student), by
-    default the first of CHECKPOINT_KEYS present, else the checkpoint itself. ViT weights in timm's
-    layout (timm, DINO) are renamed to this project's."""
+# Lightly's examples keep the backbone as nn.Sequential(*list(resnet.children())[:-1]): torchvision's
+# children by number, conv1 bn1 relu maxpool layer1 ... layer4 avgpool (relu, maxpool, avgpool hold nothing).
+SEQUENTIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+# What ends a backbone's first tensor, and so marks its prefix: a ResNet's stem, a ViT's patch embedding
+# (ours, timm's), Lightly's numbered ResNet.
+ANCHORS = ("conv1.weight", "patch_embed.weight", "patch_embed.proj.weight", "0.weight")
+
+
+class Found:
+    """A backbone found in another library's checkpoint. state: its tensors in this project's names;
+    where: a phrase ("'backbone.' of 'state_dict'"); solo_learn: whether the layout is solo-learn's, whose
+    CIFAR stem pads by 2. left_out(taken) names, briefly, the file's tensors that were not taken."""
+
+    def __init__(self, tensors, names, prefix, others, where, solo_learn):
+        self.tensors, self.names, self.prefix, self.others = tensors, names, prefix, others
+        self.state = {ours: tensors[theirs] for ours, theirs in names.items()}
+        self.where, self.solo_learn = where, solo_learn
+
+    def left_out(self, taken):
+        taken = {self.names[k] for k in taken if k in self.names}
+        groups = {}
+        for name in self.tensors:
+            if name in taken:
+                continue
+            group = next((p for p in self.others if name.startswith(p)), None)       # another copy's prefix
+            if group is None:
+                base = self.prefix if name.startswith(self.prefix) else ""
+                rest = name[len(base):]
+                group = base + rest.split(".")[0] + ("." if "." in rest else "")
+            groups[group] = groups.get(group, 0) + 1
+        words = [f"{g} ({n}{', the momentum copy' if any(w in g for w in MOMENTUM_WORDS) else ''})"
+                 for g, n in groups.items()]
+        return ", ".join(words[:4]) + (" ..." if len(words) > 4 else "")
+
+
+def find_backbone(checkpoint, path, key=None):
+    """The backbone in another library's checkpoint -> Found. key: the container to read (DINO: teacher or
+    student), by default the first of CHECKPOINT_KEYS present, else the checkpoint itself.
+
+    Whatever prefix a training wrapper adds is found (module., model., encoder_q., backbone.vit., a dict
+    inside the checkpoint, ...): a prefix is what precedes an ANCHORS key and leaves a whole backbone
+    (`backbone_shape`) once stripped.
+    torch.compile's _orig_mod. is dropped and timm's ViT names become this project's. Of several
+    backbones the online one is taken (MOMENTUM_WORDS), then the one with the most tensors."""
     if key is not None and not isinstance(checkpoint.get(key), dict):
         raise CheckpointError(f"{path} has no {key!r}; its keys are {', '.join(map(str, checkpoint))}")
     key = key or next((k for k in CHECKPOINT_KEYS if isinstance(checkpoint.get(k), dict)), None)
     container = checkpoint[key] if key else checkpoint
-    wanted = set(backbone.state_dict())
-    best_prefix, best = None, {}
-    for prefix in BACKBONE_PREFIXES:
-        state = {k[len(prefix):]: v for k, v in container.items() if k.startswith(prefix)}
-        if isinstance(backbone, VisionTransformer):
-            state = from_timm(state)
-        if len(wanted & set(state)) > len(wanted & set(best)):
-            best_prefix, best = prefix, state
-    state = {k: v for k, v in best.items() if k in wanted}
-    left_out = sorted({k.split(".")[0] + "." for k in container if not k.startswith(best_prefix or "")} |
-                      {best_prefix + k.split(".")[0] + "." for k in best if k not in wanted})
-    where = f"under {best_prefix!r}" if best_prefix else "at the top level"
-    return state, (f"took {len(state)} tensors {where} of {key!r}" if key else f"took {len(state)} tensors {where}") + (
-        f"; left out {', '.join(left_out[:6])}{' ...' if len(left_out) > 6 else ''}" if left_out else "")
+    tensors = {k.replace("_orig_mod.", ""): v for k, v in tensors_in(container).items()}
+    candidates, refusals = {}, []                            # prefix -> {our name: the file's name}
+    for name in tensors:
+        for anchor in ANCHORS:
+            prefix = name[:-len(anchor)] if name.endswith(anchor) else None
+            if prefix is None or (prefix and not prefix.endswith(".")) or prefix in candidates:
+                continue
+            numbered = anchor == "0.weight"
+            if numbered and f"{prefix}4.0.conv1.weight" not in tensors:
+                continue                                     # a numbered Sequential that is no ResNet
+            names = our_names([k for k in tensors if k.startswith(prefix)], prefix, numbered)
+            try:
+                backbone_shape({ours: tensors[theirs] for ours, theirs in names.items()}, path)
+            except CheckpointError as error:                 # layer1.0.conv1.weight: one block, not a backbone;
+                if "neither a ResNet" not in str(error):     # a ResNet101: a backbone this project cannot build
+                    refusals.append((len(names), str(error)))
+                continue
+            candidates[prefix] = names
+    inside = f" of {key!r}" if key else ""
+    if not candidates and refusals:
+        raise CheckpointError(max(refusals)[1])
+    if not candidates:
+        raise CheckpointError(f"no ResNet or ViT backbone in {path}{inside}, which holds {summary(tensors)}; a "
+                              f"ResNet's keys end in conv1.weight and layer1-4, a ViT's in patch_embed and blocks")
+    prefix = min(candidates, key=lambda p: (any(w in p for w in MOMENTUM_WORDS), -len(candidates[p]), len(p)))
+    others = sorted((p for p in candidates if p != prefix), key=len, reverse=True)
+    solo_learn = key == "state_dict" and prefix == "backbone." and "classifier.weight" in tensors
+    where = (repr(prefix) if prefix else "the top level") + inside
+    return Found(tensors, candidates[prefix], prefix, others, where, solo_learn)
+
+
+def tensors_in(container, prefix=""):
+    """The tensors of a dict and of the dicts inside it, by dotted name: {"net": {"conv1.weight": t}} ->
+    {"net.conv1.weight": t}, so that a backbone kept one level down under any name is found."""
+    tensors = {}
+    for key, value in container.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            tensors.update(tensors_in(value, f"{prefix}{key}."))
+    return tensors
+
+
+def our_names(keys, prefix, numbered):
+    """{this project's name: the file's name} for the keys under `prefix`: the prefix stripped, Lightly's
+    numbered children named (SEQUENTIAL_RESNET), timm's ViT names renamed (TIMM_NAMES)."""
+    names = {}
+    for key in keys:
+        rest = key[len(prefix):]
+        if numbered:
+            child, _, tail = rest.partition(".")
+            if child not in SEQUENTIAL_RESNET:
+                continue
+            rest = f"{SEQUENTIAL_RESNET[child]}.{tail}"
+        names[_renamed(rest, [(theirs, ours) for ours, theirs in TIMM_NAMES])] = key
+    return names
 
 
 # Our ViT's names, and timm's (which DINO's ViT shares): the patch embedding is a bare convolution here,
@@ -169,50 +361,80 @@ def _renamed(key, pairs):
     return key
 
 
-def export_backbone(checkpoint_path, out_path, arch=None, image_size=224, checkpoint_key=None):
-    """Write the backbone of a checkpoint as a plain state_dict in the layout the field loads: torchvision's
-    for ResNets, timm's for ViT-Tiny. Returns the lines of Python that load it (the README shows them).
-    arch, image_size, checkpoint_key: for another library's checkpoint, as in load_backbone."""
-    backbone, info = load_backbone(checkpoint_path, arch, image_size, checkpoint_key=checkpoint_key)
-    state, size = backbone.state_dict(), info["image_size"]
+def export_backbone(backbone, out_path):
+    """Write a loaded backbone as a plain state_dict in the layout the field loads: torchvision's for
+    ResNets, timm's for ViTs. Returns the lines of Python that load it, for its width, stem and grid (the
+    README shows them): torchvision's ResNets are 64 wide, so a narrower one loads with this project's."""
+    state = backbone.state_dict()
     if isinstance(backbone, VisionTransformer):
         state = to_timm(state)
+        size = math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size     # its own positional grid
         shape = ""                  # a narrower or shallower ViT than ViT-Tiny says so to timm
         dim, depth, heads = backbone.num_features, len(backbone.blocks), backbone.blocks[0].attn.heads
         if (dim, depth, heads) != (192, 12, 3):
             shape = f", embed_dim={dim}, depth={depth}, num_heads={heads}"
         how = (f'import timm, torch\nmodel = timm.create_model("vit_tiny_patch16_224", img_size={size}, '
-               f'patch_size={backbone.patch_size}{shape}, num_classes=0)\n'
-               f'model.load_state_dict(torch.load("{out_path}"))')
+               f'patch_size={backbone.patch_size}{shape}, num_classes=0)\n')
     else:
-        width = backbone.conv1.out_channels
-        stem = ("" if backbone.conv1.kernel_size[0] == 7 else
-                "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()\n")
-        how = (f'import torch, torchvision\nmodel = torchvision.models.{info["arch"]}(); model.fc = torch.nn.Identity()\n'
-               f'{stem}model.load_state_dict(torch.load("{out_path}"))')
-        if width != 64:
-            how = (f"# a width-{width} ResNet: torchvision's ResNets have width 64; load it with this project's\n"
-                   f'import models, torch\nmodel = models.build_backbone("{info["arch"]}", {size}, width={width})\n'
-                   f'model.load_state_dict(torch.load("{out_path}"))')
-    write_atomically(out_path, lambda f: torch.save(state, f))
-    return how
+        width, kernel, padding = backbone.conv1.out_channels, backbone.conv1.kernel_size[0], backbone.conv1.padding[0]
+        arch = "resnet18" if isinstance(backbone.layer1[0], BasicBlock) else "resnet50"
+        if width == 64:
+            how = (f"import torch, torchvision\nmodel = torchvision.models.{arch}(); model.fc = torch.nn.Identity()\n" +
+                   ("" if kernel == 7 else f"model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, {padding}, bias=False); "
+                                           f"model.maxpool = torch.nn.Identity()\n"))
+        else:
+            blocks = "BasicBlock, [2, 2, 2, 2]" if arch == "resnet18" else "Bottleneck, [3, 4, 6, 3]"
+            how = (f"# a width-{width} {arch}: torchvision's ResNets are 64 wide; load it with this project's models.py\n"
+                   f"import models, torch\nmodel = models.ResNet(models.{blocks}, width={width}, "
+                   f"stem=\"{'imagenet' if kernel == 7 else 'cifar'}\")\n" +
+                   (f"model.conv1.padding = ({padding}, {padding})\n" if kernel == 3 and padding != 1 else ""))
+    try:
+        write_atomically(out_path, lambda f: torch.save(state, f))
+    except OSError as error:
+        raise CheckpointError(f"cannot write {out_path} ({error.strerror or error}); nothing was exported") from None
+    return how + f'model.load_state_dict(torch.load("{out_path}"))'
+
+
+def add_backbone_arguments(p):
+    """The arguments that name a backbone (evaluate.py, segment.py, analyze.py). The file says what it is;
+    these only check it, or say what no tensor records."""
+    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or another library's checkpoint or state_dict "
+                                      "(torchvision, timm, Lightly, solo-learn, DINO, MoCo, ...)")
+    p.add_argument("--arch", choices=ARCHS, help="check that the file holds this architecture (it is read from the "
+                                                  "file's tensors: never needed)")
+    p.add_argument("--checkpoint-key", help="which network of a checkpoint that holds several to load, e.g. teacher "
+                                            "or student for DINO (default: state_dict, model or teacher, if present)")
+    p.add_argument("--heads", type=int, help="a foreign ViT's attention heads, which no tensor records (default: "
+                                             "64 channels per head, as in timm and DINO)")
+    p.add_argument("--stem-padding", type=int, choices=(1, 2), help="a 3x3 conv1's padding, which no tensor records "
+                                                                     "(default: 2 in solo-learn's layout, else 1)")
+
+
+def backbone_argument_rules(args):
+    """The checks of add_backbone_arguments' numbers, as (ok, message) rules for checks.first_problem."""
+    return [(args.heads is None or 1 <= args.heads <= 64, f"--heads must lie in 1 ... 64 (got {args.heads})")]
+
+
+def load_backbone_from_args(args, device="cpu"):
+    """load_backbone with add_backbone_arguments' flags."""
+    return load_backbone(args.checkpoint, device, args.arch, args.checkpoint_key, args.heads, args.stem_padding)
+
+
+def network_digest(path, info):
+    """What the feature cache keys on: the file's bytes and which of its networks was built how."""
+    return f"{file_digest(path)}:{hashlib.sha256(info['network'].encode()).hexdigest()[:16]}"
 
 
 def add_checkpoint_arguments(p):
     """The arguments that name a backbone and the data to probe it on (evaluate.py, analyze.py)."""
-    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or another library's checkpoint (with --arch)")
-    p.add_argument("--arch", choices=ARCHS,
-                   help="architecture of another library's checkpoint or state_dict (torchvision, timm, Lightly, "
-                        "solo-learn, DINO): its backbone is found under the usual prefixes, its heads left out")
-    p.add_argument("--checkpoint-key", help="which network of another library's checkpoint to load, e.g. teacher or "
-                                            "student for DINO (default: state_dict, model or teacher, if present)")
+    add_backbone_arguments(p)
     p.add_argument("--dataset", choices=DATASETS,
                    help="probe another dataset than the one trained on (e.g. imagenet100 for an ImageNet backbone)")
     p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
     p.add_argument("--image-size", type=int,
                    help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
     p.add_argument("--method", help="name for the table's method column (default: HyDeS, InfoNCE or Supervised "
-                                     "for our checkpoints, the file name for a torchvision-format state_dict)")
+                                     "for our checkpoints, the file name for another library's)")
     p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -227,7 +449,8 @@ def parse_checkpoint_arguments(parser, argv):
 
 def checkpoint_argument_rules(args):
     """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for checks.first_problem."""
-    return [(args.image_size is None or 8 <= args.image_size <= 1024,
+    return [*backbone_argument_rules(args),
+            (args.image_size is None or 8 <= args.image_size <= 1024,
              f"--image-size must lie in 8 ... 1024 px (got {args.image_size})"),
             (args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")]
 
@@ -235,15 +458,15 @@ def checkpoint_argument_rules(args):
 def load_for_probing(args, device):
     """The frozen backbone and what to probe it on: (backbone, info, dataset, data_dir, image_size), from
     the arguments of `add_checkpoint_arguments`; what is not given comes from the checkpoint's training
-    arguments. info["method"] is --method when given."""
-    foreign_size = args.image_size       # only used for a torchvision-format state_dict
-    if foreign_size is None and args.arch is not None and args.dataset is not None:
-        foreign_size = native_image_size(args.dataset, args.data_dir or "data")
-    backbone, info = load_backbone(args.checkpoint, args.arch, foreign_size or 224, device, args.checkpoint_key)
+    arguments, and for another library's checkpoint the image size from the dataset (32, 96 or 224 px).
+    info["method"] is --method when given."""
+    backbone, info = load_backbone_from_args(args, device)
     trained = info["train_args"] or {}
     dataset = args.dataset or trained.get("dataset")
     if dataset is None:
-        raise CheckpointError("a torchvision-format state_dict carries no dataset; pass --dataset and --data-dir")
-    info["method"] = args.method or info["method"]
+        raise CheckpointError(f"{args.checkpoint} is another library's checkpoint, which names no dataset; pass "
+                              f"--dataset and --data-dir")
     data_dir = args.data_dir or trained.get("data_dir", "data")
-    return backbone, info, dataset, data_dir, args.image_size or info["image_size"]
+    info["image_size"] = args.image_size or info["image_size"] or native_image_size(dataset, data_dir)
+    info["method"] = args.method or info["method"]
+    return backbone, info, dataset, data_dir, info["image_size"]

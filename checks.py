@@ -7,8 +7,10 @@ work, so that a mistake costs a second and reads as one line naming the problem 
 """
 
 import argparse
+import contextlib
 import math
 import os
+import sys
 
 import torch
 
@@ -24,6 +26,17 @@ def error_message(error):
     """
     last_line = str(error).strip().splitlines()[-1]
     return last_line.split("Error: ", 1)[1] if "Traceback" in str(error) and "Error: " in last_line else last_line
+
+
+@contextlib.contextmanager
+def ctrl_c_in_one_line(kept):
+    """Ctrl-C inside the block ends the script with one line that says what is kept (`kept`), not a
+    traceback, and the exit status 130 a shell gives a SIGINT."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def first_problem(rules):

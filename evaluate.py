@@ -1,12 +1,12 @@
 """Evaluate a frozen backbone: linear probe and k-NN, top-1 and top-5 (the paper's Table I).
 
     python evaluate.py runs/cifar10-resnet18-kappa1/ckpt.pt
-    python evaluate.py resnet50_supervised.pth --arch resnet50 --dataset imagenet --data-dir /data/imagenet
+    python evaluate.py resnet50_supervised.pth --dataset imagenet --data-dir /data/imagenet
 
 The checkpoint is one written by train.py (architecture and dataset read from it), or another library's
-with --arch (torchvision and timm state_dicts, Lightly, solo-learn, DINO: checkpoints.load_backbone finds the
-backbone and leaves the heads out), so that other methods' published networks are probed by the same
-code. Features are extracted once with the evaluation transform (no augmentation) and cached on disk,
+(torchvision and timm state_dicts, Lightly, solo-learn, DINO, MoCo: checkpoints.load_backbone finds the
+backbone, reads its architecture from its tensors and leaves the heads out), so that other methods'
+published networks are probed by the same code. Features are extracted once with the evaluation transform (no augmentation) and cached on disk,
 keyed by the checkpoint's content, the dataset, its folder, the split, its files and the resolution: a
 second probe of the same checkpoint extracts nothing, a changed checkpoint or split is extracted anew.
 `--export FILE` writes the backbone in torchvision's or timm's layout instead of probing it.
@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, export_backbone,
-                         load_for_probing, parse_checkpoint_arguments)
-from checks import (HelpFormatter, error_message, first_problem, knn_temperature_rule, numbers_are_finite, refuse,
+                         load_backbone_from_args, load_for_probing, network_digest, parse_checkpoint_arguments)
+from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, knn_temperature_rule, numbers_are_finite, refuse,
                     unwritable, unwritable_file)
 from data import DatasetError
-from features import cached_features, file_digest
+from features import cached_features
 from records import keep_results
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
@@ -271,21 +271,22 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
-    try:
-        if args.export:
-            print(export_backbone(args.checkpoint, args.export, args.arch, args.image_size or 224, args.checkpoint_key))
-            return None
-        result = evaluate_checkpoint(args, torch.device(args.device))
-    except (CheckpointError, DatasetError) as error:
-        raise SystemExit(f"error: {error_message(error)}")
-    keep_results(result, args.json, [(result, TABLE_COLUMNS, args.table)])
+    with ctrl_c_in_one_line(f"no result was written; the features extracted so far are kept in {args.cache_dir}"):
+        try:
+            if args.export:
+                print(export_backbone(load_backbone_from_args(args)[0], args.export))
+                return None
+            result = evaluate_checkpoint(args, torch.device(args.device))
+        except (CheckpointError, DatasetError) as error:
+            raise SystemExit(f"error: {error_message(error)}")
+        keep_results(result, args.json, [(result, TABLE_COLUMNS, args.table)])
     return result
 
 
 def evaluate_checkpoint(args, device):
     """Load, extract (or read cached) features, run the probes; returns the result dict."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)
-    digest = file_digest(args.checkpoint)
+    digest = network_digest(args.checkpoint, info)
     timings = {}
     start = time.time()
     train_feats, train_labels, train_cached = cached_features(backbone, digest, dataset, data_dir, "train", image_size,

@@ -91,6 +91,10 @@ def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image
             print(f"warning: the feature cache {path} is unreadable ({type(error).__name__}); extracting anew")
     features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features",
                                         exact=exact)
-    os.makedirs(cache_dir, exist_ok=True)
-    write_atomically(path, lambda f: torch.save({"key": key, "features": features, "labels": labels}, f))
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        write_atomically(path, lambda f: torch.save({"key": key, "features": features, "labels": labels}, f))
+    except OSError as error:        # a full disk: the features are in memory, so the probes go on without a cache
+        print(f"warning: could not cache the {split} features in {cache_dir} ({error.strerror or error}); "
+              f"they will be extracted again next time")
     return features, labels, False

@@ -7,6 +7,7 @@ must not leave half-written (a checkpoint, the log on resume) by writing a copy 
 
 import json
 import os
+import shutil
 
 from data import DatasetError
 
@@ -38,7 +39,7 @@ def write_atomically(path, write):
     """Call write(f) on a new file beside `path`, flush and fsync it, then rename it over `path`: readers
     see the old file or the new one, never half of one, whenever the process dies. The temporary name
     is unique (a second process writing the same path never touches this one's bytes); after a failure
-    the temporary file is removed and the error raised (`path` is left as it was)."""
+    the temporary file is removed and the error raised as an OSError (`path` is left as it was)."""
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         with open(tmp, "xb") as f:
@@ -46,9 +47,14 @@ def write_atomically(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)       # atomic: same folder, same file system
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save's zip writer reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc]
+        # ... unexpected pos"); it is an OSError like any other failed write, so every caller catches one kind
+        if isinstance(error, RuntimeError) and ("inline_container" in str(error) or "StreamWriter" in str(error)):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            raise OSError(f"the write stopped short, {free / 2**20:.1f} MiB free on that disk") from None
         raise
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:

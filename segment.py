@@ -1,7 +1,7 @@
 """PASCAL VOC segmentation by a linear probe on frozen hypercolumns (Table II), and PCA pictures (Figure 4).
 
     python segment.py runs/imagenet-resnet50-kappa1/ckpt.pt --data-dir /path/to/VOCdevkit
-    python segment.py resnet50.pth --arch resnet50 --data-dir /path/to/VOCdevkit --pca-images 8
+    python segment.py resnet50.pth --data-dir /path/to/VOCdevkit --pca-images 8
 
 Section V-B of the paper: the outputs of every stage of a frozen backbone are upsampled to a common
 resolution and concatenated ("hypercolumns"); a linear classifier over the 21 VOC classes is trained on
@@ -53,10 +53,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, load_backbone
-from checks import HelpFormatter, error_message, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file
+from checkpoints import CheckpointError, add_backbone_arguments, backbone_argument_rules, load_backbone_from_args
+from checks import HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
-from models import ARCHS, VisionTransformer
+from models import VisionTransformer
 from precision import features_precision
 from records import keep_results
 
@@ -318,10 +318,7 @@ def save_pca_grid(backbone, dataset, count, path, device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="a ckpt.pt from train.py, or a torchvision-format state_dict (with --arch)")
-    p.add_argument("--arch", choices=ARCHS, help="architecture of another library's checkpoint or state_dict")
-    p.add_argument("--checkpoint-key", help="which network of another library's checkpoint to load (DINO: teacher "
-                                            "or student)")
+    add_backbone_arguments(p)
     p.add_argument("--data-dir", default="data", help="VOCdevkit, or the VOC2012 folder itself")
     p.add_argument("--train-split", default="train", help="list in ImageSets/Segmentation to fit on")
     p.add_argument("--val-split", default="val", help="list to report on")
@@ -345,6 +342,7 @@ def check_args(args):
     """Every argument, before any work: the first problem as a one-line message, or None."""
     return first_problem([
         numbers_are_finite(args, ("lr",)),
+        *backbone_argument_rules(args),
         (args.image_size >= 32, f"--image-size must be >= 32 (got {args.image_size}): ResNets halve it five times"),
         (args.image_size <= 1024, f"--image-size must be at most 1024 px (got {args.image_size}); VOC's images are "
                                   f"about 500"),
@@ -357,9 +355,15 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
+    with ctrl_c_in_one_line("the probe was not finished and no row was written"):
+        return segment_and_save(args)
+
+
+def segment_and_save(args):
+    """Train the probe, score it, then save its row, JSON line and picture, each on its own."""
     device = torch.device(args.device)
     try:
-        backbone, info = load_backbone(args.checkpoint, args.arch, args.image_size, device, args.checkpoint_key)
+        backbone, info = load_backbone_from_args(args, device)
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
         val_set = VOCSegmentation(root, args.val_split, args.image_size, whole_image_stride=input_stride(backbone))
@@ -385,6 +389,7 @@ def main(argv=None):
     # The row and segment.jsonl first, the picture after: a failure to write one never costs the others
     keep_results(result, os.path.join(args.out, "segment.jsonl"), [(result, TABLE_COLUMNS, args.table)], pictures)
     return result
+
 
 
 if __name__ == "__main__":

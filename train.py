@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from batched_crops import BatchedMultiCrop
 from checkpoints import CheckpointError, save_checkpoint
-from checks import HelpFormatter, check_crop_sizes, check_training_args, error_message, refuse, unwritable
+from checks import HelpFormatter, check_crop_sizes, ctrl_c_in_one_line, check_training_args, error_message, refuse, unwritable
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes,
                   native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
@@ -183,8 +183,11 @@ def main(argv=None):
     try:
         args, checkpoint = settings(argv)      # parsed, checked, crop sizes resolved; --resume: the saved ones
         rank, world_size, device = distributed_setup(args)
-        with RunControl(args, rank, world_size, device, LOGGED[args.method]) as control:
-            train(args, checkpoint, control)
+        # The first Ctrl-C stops after the step and saves (RunControl); a second one stops at once
+        with ctrl_c_in_one_line(f"stopped at once by a second Ctrl-C; {os.path.join(args.out, 'ckpt.pt')} holds "
+                                f"the last epoch saved (continue with --resume)"):
+            with RunControl(args, rank, world_size, device, LOGGED[args.method]) as control:
+                train(args, checkpoint, control)
     except DatasetError as error:              # a dataset missing, or an image unreadable outside the steps
         raise SystemExit(f"error: {error_message(error)}")
     except CheckpointError as error:           # a checkpoint that cannot be written: a full disk, say
