@@ -44,7 +44,14 @@ def resume_settings(args, argv, build_parser):
         checkpoint = safe_load(checkpoint_path)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
+    if not (isinstance(checkpoint, dict) and {"args", "model", "step", "data_order"} <= set(checkpoint)):
+        raise SystemExit(f"error: {checkpoint_path} is not a checkpoint train.py wrote (no run settings, step or data "
+                         f"order: a plain state_dict?); move it away to start anew in {args.out}")
     given, saved = settings_given(argv, build_parser()), checkpoint["args"]
+    trained = checkpoint["step"] / checkpoint["data_order"]["batches_per_epoch"]
+    if "epochs" in given and args.epochs < trained:
+        raise SystemExit(f"error: {args.out} has trained {trained:g} epochs, more than --epochs {args.epochs}; raise "
+                         f"--epochs to train further (the run leaves its checkpoint and settings as they are)")
     fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
                    if normalised(getattr(args, k)) != normalised(saved.get(k)))
     if fixed:
@@ -133,6 +140,17 @@ def resume_log(log_path, checkpoint):
     elif saved and not any(r["step"] == step for r in records):
         records.append({k: v for k, v in saved.items() if k != "evaluation_pending"})
     write_atomically(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+
+def epoch_sums_so_far(checkpoint, logged, steps, device):
+    """The logged terms summed over the epoch's first `steps` steps, (len(logged),) on `device`: zeros at
+    an epoch's start; for a run resumed in the middle of an epoch, its checkpoint's means of those steps
+    times their number, so that the epoch's line averages all its steps, not only those after the resume.
+    (The means are those of all processes, so every process starts from the same share.)"""
+    if steps == 0:
+        return torch.zeros(len(logged), device=device)
+    record = checkpoint["log_record"]
+    return torch.tensor([record[k] for k in logged], device=device) * steps
 
 
 def random_states():

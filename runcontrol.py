@@ -117,9 +117,10 @@ class RunControl:
         # handler comes back with the others in __exit__.
         self.previous_handlers.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
-    def batches(self, batches, step, sums, description):
+    def batches(self, batches, step, sums, summed, description):
         """The epoch's batches with a progress bar, until the epoch ends or a stop is agreed. `step`: the
-        run's step at the first batch; `sums`: the logged terms summed so far, for the bar."""
+        run's step at the first batch; `sums`: the logged terms summed over the epoch's steps so far, for
+        the bar, of which `summed` were taken before this call (a run resumed mid-epoch)."""
         if not self.training:       # the time budget counts training, not the data's loading
             self.training, self.started = True, time.time()
         self.device_step = torch.tensor(float(step), device=self.device)   # float32 counts steps exactly to 2^24
@@ -153,7 +154,7 @@ class RunControl:
                     seconds_per_step = max(time.time() - start, 1e-9) / (steps - untimed)   # once in log_every steps
                     self.estimate_once(seconds_per_step, step + steps)
                     self.check_finite()
-                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, steps).items() if k not in ("mi", "own_share")},
+                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, summed + steps).items() if k not in ("mi", "own_share")},
                                     img_s=f"{self.args.batch_size / seconds_per_step:.0f}")
         finally:
             bar.close()

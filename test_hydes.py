@@ -2879,7 +2879,75 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [round(r["epoch"], 2) for r in log] == [1, 1.5, 2] and "linear_top1" not in log[1]
     straight_log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]
+    for term in ("loss", "h_local", "h_global"):       # the resumed epoch's line averages all its steps
+        assert log[2][term] == pytest.approx(straight_log[1][term], rel=1e-5, abs=1e-6), term
     assert [r["linear_top1"] for r in straight_log] == [log[0]["linear_top1"], log[2]["linear_top1"]]
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_last_checkpoint_survives(tmp_path, monkeypatch, capsys):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run")]
+    train.main(common + ["--epochs", "1"])
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    calls = []
+
+    def twice_at_the_second_step(*args):
+        calls.append(args)
+        if len(calls) == 2:                       # the first asks to stop after the step, the second stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    real = train.augmentation_generator
+    monkeypatch.setattr(train, "augmentation_generator", twice_at_the_second_step)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(common + ["--epochs", "2", "--resume"])
+    assert stopped.value.code == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (f"interrupted (Ctrl-C): stopped at once by a second Ctrl-C; {tmp_path / 'run' / 'ckpt.pt'} "
+                       f"holds the last epoch saved (continue with --resume)")
+    kept = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert kept["step"] == saved["step"] and torch.equal(kept["model"]["backbone.conv1.weight"],
+                                                         saved["model"]["backbone.conv1.weight"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_the_probing_scripts_is_one_line_and_exit_status_130(tmp_path, monkeypatch, capsys):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"]
+    train.main(common)
+    checkpoint = str(tmp_path / "run" / "ckpt.pt")
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    write_voc(voc, ["t0", "t1"], ["v0"])
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cases = [(evaluate, features, "extract_features", [checkpoint, "--workers", "0"], "no result was written"),
+             (analyze, analyze, "cached_features", [checkpoint, "--workers", "0"], "no result was written"),
+             (segment, segment, "train_probe", [checkpoint, "--workers", "0", "--data-dir", str(tmp_path),
+                                                "--image-size", "32"], "the probe was not finished and no row was written")]
+    for script, module, where, argv, kept in cases:         # Ctrl-C in the middle of the work
+        monkeypatch.setattr(module, where, ctrl_c)
+        with pytest.raises(SystemExit) as stopped:
+            script.main(argv)
+        assert stopped.value.code == 130, script.__name__
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"interrupted (Ctrl-C): {kept}") and "Traceback" not in "".join(err), (script, err)
+        monkeypatch.undo()
+    assert not os.path.exists(tmp_path / "run" / "eval.jsonl") and not os.path.exists(tmp_path / "run" / "segment.jsonl")
+
+
+def test_resume_refuses_a_plain_state_dict_and_fewer_epochs_than_trained_leaving_the_run_alone(tmp_path):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run")]
+    train.main(common + ["--epochs", "3", "--eval-every", "0"])
+    run = tmp_path / "run"
+    settings, checkpoint = (run / "args.json").read_text(), (run / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: .* has trained 3 epochs, more than --epochs 2; raise --epochs"):
+        train.main(common + ["--epochs", "2", "--resume"])
+    assert (run / "args.json").read_text() == settings and (run / "ckpt.pt").read_bytes() == checkpoint
+    torch.save(models.build_backbone("resnet18", 32, width=8).state_dict(), run / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt is not a checkpoint train.py wrote \(no run settings, step "
+                                         r"or data order: a plain state_dict\?\); move it away"):
+        train.main(common + ["--epochs", "4", "--resume"])
 
 
 def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refused(tmp_path):

@@ -50,7 +50,7 @@ from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from per_view_batchnorm import convert_per_view_batchnorm
 from precision import PRECISIONS, precision_for, run_arithmetic
 from records import append_jsonl
-from resume import checkpoint_state, open_run_folder, process_holding, restore, resume_settings
+from resume import checkpoint_state, epoch_sums_so_far, open_run_folder, process_holding, restore, resume_settings
 from runcontrol import RunControl, distributed_setup
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
@@ -275,11 +275,13 @@ def train(args, checkpoint, control):
     for epoch in range(step // steps_per_epoch, args.epochs):           # a resumed run starts in its epoch
         model.train()
         order.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)   # skip the batches already trained
-        first_step, epoch_start = step, time.time()
+        first_step, resumed_at, epoch_start = epoch * steps_per_epoch, step, time.time()
         # The logged terms are summed on the device: reading them every step would make the host wait for
         # the GPU every step. The progress bar reads them every --log-every steps, the log once an epoch.
-        sums = torch.zeros(len(logged), device=device)
-        for images, labels in control.batches(batches, step, sums, f"epoch {epoch + 1}/{args.epochs}"):
+        # Zeros, or those of the steps a run resumed mid-epoch took before it stopped.
+        sums = epoch_sums_so_far(checkpoint, logged, step - first_step, device)
+        description = f"epoch {epoch + 1}/{args.epochs}"
+        for images, labels in control.batches(batches, step, sums, step - first_step, description):
             for group in optimizer.param_groups:        # the schedule is a function of the step: resumable
                 group["lr"] = learning_rate(args, step, steps_per_epoch)
             # uint8 images (B, 3, H, W), or the V uint8 crops the workers cut from images of mixed sizes ->
@@ -298,7 +300,7 @@ def train(args, checkpoint, control):
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
                   "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
                   **dict(zip(("kappa", "beta"), loss_schedule(args, max(0, step - 1), control.total_steps))),
-                  **control.images_per_second(step - first_step, epoch_start),
+                  **control.images_per_second(step - resumed_at, epoch_start),
                   "minutes": control.minutes()}
         due = evaluation_due(step, steps_per_epoch, args, last=step == control.total_steps or control.out_of_time)
         end_of_epoch(record, due, state, monitor, steps_per_epoch, args, control)
