@@ -35,7 +35,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from image_files import DatasetError, image_size, read_rgb      # image files as 8-bit RGB, every mode
+from image_files import DatasetError, files_in_class_folders, image_size, read_rgb   # 8-bit RGB, every mode
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -341,23 +341,29 @@ def _image_folder(folder, name, transform=None, classes=None, subset=True, class
             raise DatasetError(f"{name}: {folder!r} has a class the training split lacks, {unknown[0]!r} "
                                f"({len(unknown)} in all); the splits must name their class folders alike")
     try:
-        if classes is None:
-            return torchvision.datasets.ImageFolder(folder, transform=transform, loader=read_rgb)
-        return NamedClassFolder(folder, classes, transform=transform)
+        return ClassFolder(folder, classes, transform=transform)
     except FileNotFoundError as error:
         raise DatasetError(f"{name}: {error}") from None
 
 
-class NamedClassFolder(torchvision.datasets.ImageFolder):
-    """An ImageFolder whose labels index a given class list rather than its own folders: ImageNet-100
-    inside an ImageNet tree, or a test split labelled by its train split's classes. Class folders not
-    in the list are ignored; listed classes without a folder have no images. ImageFolder's documented
-    hook for this is find_classes. `.classes` is the whole list, so that label i is always classes[i]."""
+class ClassFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder read through read_rgb, its files listed once each however its symbolic links loop
+    (image_files.files_in_class_folders). classes: None for its own sorted class folders, or a list that
+    the labels index instead: ImageNet-100 inside an ImageNet tree, or a test split labelled by its train
+    split's classes. Class folders not in the list are ignored; listed classes without a folder have no
+    images. ImageFolder's documented hooks for this are find_classes and make_dataset. `.classes` is then
+    the whole list, so that label i is always classes[i]."""
 
-    def __init__(self, folder, classes, transform=None):
-        self.named = sorted(classes)
+    def __init__(self, folder, classes=None, transform=None):
+        self.named = None if classes is None else sorted(classes)
         super().__init__(folder, transform=transform, loader=read_rgb)
 
     def find_classes(self, directory):
+        if self.named is None:
+            return super().find_classes(directory)
         index = {c: i for i, c in enumerate(self.named)}
         return self.named, {c: index[c] for c in self.named if os.path.isdir(os.path.join(directory, c))}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return files_in_class_folders(directory, class_to_idx, extensions)

@@ -1,5 +1,6 @@
 """Image files read as the 8-bit RGB pictures they show: every mode PIL opens, scaled by its bit depth,
-turned as its EXIF orientation says, or refused by name.
+turned as its EXIF orientation says, or refused by name; and the files of a class-folder tree listed
+once each, however its symbolic links loop.
 
 Machinery: a reader of the method may skip this file; what it gives is `Image.open(path).convert("RGB")`
 for the common case. The uncommon ones are why it exists: PIL's convert("RGB") clips a 16-bit image's
@@ -18,8 +19,11 @@ applies. The datasets (data.py) read every file through `read_rgb`.
     anything else                 PIL's convert("RGB"), refused by name where PIL cannot convert it
 """
 
+import os
+
 import numpy as np
 from PIL import Image, ImageOps
+from torchvision.datasets.folder import has_file_allowed_extension
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 # EXIF orientations that turn the picture a quarter (5 to 8): its width and height swap once applied
@@ -73,3 +77,43 @@ def image_size(path):
         if img.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS:
             width, height = height, width
         return width, height
+
+
+def files_in_class_folders(directory, class_to_idx, extensions):
+    """[(path, class index)] of the files with `extensions` under directory/<class>/, symbolic links
+    followed (a class folder linked from elsewhere is common), sorted, each real folder once.
+
+    torchvision's ImageFolder walks with os.walk(followlinks=True), which never notices a loop: a link
+    inside train/a back to train/ lists train/b's images again under class a, nested until the path is
+    too long (8 images became 328), and two such links take exponential time. Here a folder is skipped,
+    with a note, when it was listed already, is another class's folder, or holds the whole tree (the
+    dataset's folder or one above it)."""
+    top = os.path.realpath(directory)
+    class_folders = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+    listed, skipped, samples = set(), [], []
+    for name, index in sorted(class_to_idx.items()):
+        start = os.path.join(directory, name)
+        for folder, subfolders, files in os.walk(start, followlinks=True):
+            real = os.path.realpath(folder)
+            holds_the_tree = real == top or top.startswith(real + os.sep)
+            if real in listed or holds_the_tree or (folder != start and real in class_folders):
+                skipped.append(folder)
+                subfolders[:] = []                        # os.walk descends into what is left in the list
+                continue
+            listed.add(real)
+            subfolders.sort()
+            samples += [(os.path.join(folder, f), index) for f in sorted(files)
+                        if has_file_allowed_extension(f, extensions)]
+    if skipped and directory not in _NOTED:
+        _NOTED.add(directory)
+        print(f"note: {directory} has {len(skipped)} symbolic link(s) back into itself, e.g. {skipped[0]}; "
+              f"their folders are listed once")
+    present = {index for _, index in samples}
+    empty = sorted(name for name, index in class_to_idx.items() if index not in present)
+    if empty:
+        raise FileNotFoundError(f"found no image file for the class {empty[0]!r} in {directory} "
+                                f"({len(empty)} such classes; extensions {', '.join(extensions)})")
+    return samples
+
+
+_NOTED = set()       # the trees already noted, so that each is noted once per process

@@ -41,6 +41,7 @@ the laptop command after "## A first run" and "### A laptop run" is checked agai
 """
 
 import argparse
+from collections import Counter
 import copy
 import itertools
 import errno
@@ -900,7 +901,7 @@ def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
     for wnid in wnids + ["n99999999"]:
         for split in ("train", "val"):
             write_images(tmp_path / split / wnid, 2, size=8)
-    subset = data.NamedClassFolder(str(tmp_path / "train"), wnids)
+    subset = data.ClassFolder(str(tmp_path / "train"), wnids)
     assert subset.classes == sorted(wnids) and len(subset) == 6
     assert sorted(set(subset.targets)) == [0, 1, 2]
     with pytest.raises(data.DatasetError, match="classes are missing"):
@@ -1738,6 +1739,32 @@ def test_a_file_holding_a_bare_tensor_is_refused_in_one_line(tmp_path):
         with pytest.raises(SystemExit, match=f"^error: .*{name} holds a {kind}, not a state_dict"):
             evaluate.main([str(tmp_path / name), "--arch", "resnet18", "--dataset", "folder", "--workers", "0",
                            "--image-size", "32", "--data-dir", str(tmp_path)])
+
+
+def test_symbolic_links_in_a_class_folder_tree_list_each_image_once_under_its_own_class(tmp_path, capsys):
+    # torchvision's ImageFolder follows links without noticing loops: one link back to train/ turned
+    # 8 images into 328, the copies under the wrong class, and two such links hang
+    train_dir = tmp_path / "images" / "train"
+    for cls in ("a", "b"):
+        write_images(train_dir / cls, 4)
+    outside = tmp_path / "elsewhere" / "c"
+    write_images(outside, 3)
+    os.symlink(outside, train_dir / "c")                              # a class folder linked in: followed
+    os.symlink(train_dir, train_dir / "a" / "loop")                   # back to the tree's top
+    os.symlink(train_dir / "a", train_dir / "a" / "self")             # back to its own class folder
+    os.symlink(train_dir / "b", train_dir / "a" / "to-b")             # into another class's folder
+    os.symlink(tmp_path / "images", train_dir / "b" / "up")           # above the tree
+    started = time.time()
+    dataset = data.dataset_split("folder", str(tmp_path / "images"), "train", None)
+    assert time.time() - started < 30
+    labels = [dataset.classes[label] for _, label in dataset.samples]
+    assert sorted(Counter(labels).items()) == [("a", 4), ("b", 4), ("c", 3)]
+    assert all(os.path.basename(os.path.dirname(path)) == name for (path, _), name in zip(dataset.samples, labels))
+    assert "symbolic link(s) back into itself" in capsys.readouterr().out
+    for cls in ("a", "b", "c"):
+        write_images(tmp_path / "images" / "test" / cls, 2)
+    train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1", "--eval-every", "0"])
+    assert "folder: 11 images" in capsys.readouterr().out                  # what training reads, too
 
 
 # ---- the frozen-feature cache
