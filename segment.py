@@ -111,7 +111,9 @@ class VOCSegmentation(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def __getitem__(self, index):
+    def read_pair(self, index):
+        """The image and its mask as stored (PIL), checked: both readable, the mask a palette or greyscale
+        PNG of the image's size holding classes 0-20 and 255 only."""
         image_path = os.path.join(self.root, "JPEGImages", self.ids[index] + ".jpg")
         mask_path = os.path.join(self.root, "SegmentationClass", self.ids[index] + ".png")
         try:
@@ -121,6 +123,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
             raise VOCError(str(error)) from None
         try:
             mask = Image.open(mask_path)        # palette PNG: the pixel values are the class indices
+            values = np.unique(np.asarray(mask))
         except (FileNotFoundError, OSError) as error:
             raise VOCError(f"cannot read {error.filename or mask_path}: {error}") from None
         if mask.mode not in ("P", "L"):
@@ -128,16 +131,32 @@ class VOCSegmentation(torch.utils.data.Dataset):
         if mask.size != image.size:       # resized apart, the two would no longer line up pixel for pixel
             raise VOCError(f"{mask_path} is {mask.size[0]}x{mask.size[1]} px but its image is {image.size[0]}x"
                            f"{image.size[1]}; a mask must match its image (re-export it at the image's size)")
+        bad = np.setdiff1d(values, np.r_[np.arange(NUM_CLASSES), VOID])
+        if bad.size:
+            raise VOCError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
+        return image, mask
+
+    def __getitem__(self, index):
+        image, mask = self.read_pair(index)
         if self.whole_image_stride is None:
             image = centre_square(image, self.image_size, Image.BICUBIC)
             mask = centre_square(mask, self.image_size, Image.NEAREST)
         else:
             image = image.resize(whole_image_size(image.size, self.image_size, self.whole_image_stride), Image.BICUBIC)
-        mask = np.array(mask, dtype=np.int64)
-        bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(NUM_CLASSES), VOID])
-        if bad.size:
-            raise VOCError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
-        return TO_NORMALISED_TENSOR(image), torch.from_numpy(mask)     # (3, S, S), (S, S) or (3, h, w), (H, W)
+        mask = torch.from_numpy(np.array(mask, dtype=np.int64))
+        return TO_NORMALISED_TENSOR(image), mask     # (3, S, S), (S, S) or (3, h, w), (H, W)
+
+    def check_every_file(self, workers=0):
+        """Read every pair of the list once (read_pair), so that a bad file is named before the probe
+        trains: a val image met only when scoring would cost the whole training."""
+        loader = torch.utils.data.DataLoader(range(len(self)), batch_size=None, num_workers=workers,
+                                             collate_fn=self.checked)
+        for _ in tqdm(loader, desc=f"checking {len(self)} images and masks", leave=False):
+            pass
+
+    def checked(self, index):
+        self.read_pair(index)
+        return index
 
 
 def centre_square(img, size, resample):
@@ -367,6 +386,8 @@ def segment_and_save(args):
         root = find_voc_root(args.data_dir)
         train_set = VOCSegmentation(root, args.train_split, args.image_size)
         val_set = VOCSegmentation(root, args.val_split, args.image_size, whole_image_stride=input_stride(backbone))
+        for dataset in (train_set, val_set):       # a bad file is named now, not after the probe's training
+            dataset.check_every_file(args.workers)
         os.makedirs(args.out, exist_ok=True)
         start = time.time()
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)

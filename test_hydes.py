@@ -2063,6 +2063,25 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
     assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_segment_names_a_bad_val_file_before_the_probe_trains(tmp_path, monkeypatch, workers):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    write_voc(voc, ["t0", "t1"], ["v0", "v1"])
+    torch.save(models.build_backbone("resnet18", 48, width=8).state_dict(), tmp_path / "backbone.pth")
+    (voc / "JPEGImages" / "v1.jpg").write_bytes((voc / "JPEGImages" / "v1.jpg").read_bytes()[:40])   # cut short
+    trained = []
+    monkeypatch.setattr(segment, "train_probe", lambda *args, **kwargs: trained.append(1))
+    with pytest.raises(SystemExit, match=r"^error: cannot read image .*v1.jpg .*drop its id from the split"):
+        segment.main([str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path), "--image-size", "48",
+                      "--workers", str(workers), "--out", str(tmp_path / "seg")])
+    assert not trained
+    Image.new("RGB", (20, 20)).save(voc / "JPEGImages" / "v1.jpg")            # a mask of another size
+    with pytest.raises(SystemExit, match=r"^error: .*v1.png is 56x48 px but its image is 20x20"):
+        segment.main([str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path), "--image-size", "48",
+                      "--workers", str(workers), "--out", str(tmp_path / "seg")])
+    assert not trained
+
+
 def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_costs_only_itself(tmp_path,
                                                                                                  monkeypatch, capsys):
     voc = tmp_path / "VOCdevkit" / "VOC2012"
