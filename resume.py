@@ -49,9 +49,9 @@ def resume_settings(args, argv, build_parser):
                          f"order: a plain state_dict?); move it away to start anew in {args.out}")
     given, saved = settings_given(argv, build_parser()), checkpoint["args"]
     trained = checkpoint["step"] / checkpoint["data_order"]["batches_per_epoch"]
-    if "epochs" in given and args.epochs < trained:
-        raise SystemExit(f"error: {args.out} has trained {trained:g} epochs, more than --epochs {args.epochs}; raise "
-                         f"--epochs to train further (the run leaves its checkpoint and settings as they are)")
+    if "epochs" in given and args.epochs < trained:      # nothing to do, and args.json must keep saying what ran
+        raise NothingToTrain(f"{args.out} has trained {trained:g} epochs already; raise --epochs to train further "
+                             f"(the run is left as it is)")
     fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
                    if normalised(getattr(args, k)) != normalised(saved.get(k)))
     if fixed:
@@ -62,6 +62,10 @@ def resume_settings(args, argv, build_parser):
     # The folder may have moved since: OUT is the one given now.
     args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given}, "resume": True, "out": args.out})
     return args, checkpoint
+
+
+class NothingToTrain(Exception):
+    """--resume with fewer --epochs than the run has trained: train.py says so and leaves the run as it is."""
 
 
 def settings_given(argv, parser):

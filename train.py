@@ -50,7 +50,8 @@ from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from per_view_batchnorm import convert_per_view_batchnorm
 from precision import PRECISIONS, precision_for, run_arithmetic
 from records import append_jsonl
-from resume import checkpoint_state, epoch_sums_so_far, open_run_folder, process_holding, restore, resume_settings
+from resume import (NothingToTrain, checkpoint_state, epoch_sums_so_far, open_run_folder, process_holding, restore,
+                    resume_settings)
 from runcontrol import RunControl, distributed_setup
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
@@ -188,6 +189,8 @@ def main(argv=None):
                                 f"the last epoch saved (continue with --resume)"):
             with RunControl(args, rank, world_size, device, LOGGED[args.method]) as control:
                 train(args, checkpoint, control)
+    except NothingToTrain as done:             # --resume with fewer --epochs than trained
+        print(done)
     except DatasetError as error:              # a dataset missing, or an image unreadable outside the steps
         raise SystemExit(f"error: {error_message(error)}")
     except CheckpointError as error:           # a checkpoint that cannot be written: a full disk, say
