@@ -111,8 +111,9 @@ def files_in_class_folders(directory, class_to_idx, extensions):
     present = {index for _, index in samples}
     empty = sorted(name for name, index in class_to_idx.items() if index not in present)
     if empty:
-        raise FileNotFoundError(f"found no image file for the class {empty[0]!r} in {directory} "
-                                f"({len(empty)} such classes; extensions {', '.join(extensions)})")
+        raise FileNotFoundError(f"the class folder {os.path.join(directory, empty[0])} holds no image file "
+                                f"({len(empty)} such folder(s); {', '.join(extensions[:3])}, ... are read); add "
+                                f"images or remove the folder")
     return samples
 
 

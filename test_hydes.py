@@ -2866,7 +2866,8 @@ def test_cuda_device_without_a_gpu_is_refused(tmp_path, monkeypatch):
 def test_an_empty_class_folder_is_a_clear_error(tmp_path):
     common = tiny_run(tmp_path)
     os.makedirs(tmp_path / "images" / "train" / "c")
-    with pytest.raises(SystemExit, match="Found no valid file for the classes c"):
+    with pytest.raises(SystemExit, match=r"the class folder .*train.c holds no image file \(1 such folder\(s\); "
+                                         r"\.jpg, \.jpeg, \.png, \.\.\. are read\); add images or remove the folder"):
         train.main(common + ["--out", str(tmp_path / "run")])
 
 
