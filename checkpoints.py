@@ -1,6 +1,7 @@
 """Checkpoint files: written so that a kill never leaves a broken one, read so that a file never runs
-code, and loaded from other libraries' layouts (torchvision, timm, Lightly, solo-learn, DINO) or exported
-to torchvision's and timm's.
+code, and loaded from other libraries' layouts (torchvision, timm, Lightly, solo-learn, DINO, MoCo, BYOL)
+or exported to torchvision's and timm's. The file says what it is: the network is built from its tensors'
+names and shapes (`backbone_shape`), the flags only say what no tensor records.
 
 Machinery: a reader of the method may skip this file. evaluate.py, segment.py and analyze.py probe a
 frozen backbone through `load_for_probing` / `load_backbone`, whatever library trained it; train.py saves
