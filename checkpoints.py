@@ -273,9 +273,9 @@ def find_backbone(checkpoint, path, key=None):
 
     Whatever prefix a training wrapper adds is found (module., model., encoder_q., backbone.vit., a dict
     inside the checkpoint, ...): a prefix is what precedes an ANCHORS key and leaves a whole backbone
-    (`backbone_shape`) once stripped.
-    torch.compile's _orig_mod. is dropped and timm's ViT names become this project's. Of several
-    backbones the online one is taken (MOMENTUM_WORDS), then the one with the most tensors."""
+    (`backbone_shape`) once stripped. torch.compile's _orig_mod. is dropped and timm's ViT names become
+    this project's. Of several backbones the online one is taken (MOMENTUM_WORDS), then the one with the
+    most tensors."""
     if key is not None and not isinstance(checkpoint.get(key), dict):
         raise CheckpointError(f"{path} has no {key!r}; its keys are {', '.join(map(str, checkpoint))}")
     key = key or next((k for k in CHECKPOINT_KEYS if isinstance(checkpoint.get(k), dict)), None)
