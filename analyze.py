@@ -65,7 +65,8 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
                          network_digest, parse_checkpoint_arguments)
-from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse, seed_rule, unwritable,
+from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
+                    seed_rule, unwritable,
                     unwritable_file)
 from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
                   eval_transform, save_png, unnormalize)

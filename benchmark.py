@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_flatten
 
 import train
 from batched_crops import BatchedMultiCrop
-from checks import (NARROW_RESNET_ON_A_CPU, HelpFormatter, first_problem, narrow_resnet_on_a_cpu,
+from checks import (NARROW_RESNET_ON_A_CPU, HelpFormatter, ctrl_c_in_one_line, first_problem, narrow_resnet_on_a_cpu,
                     numbers_are_finite, refuse, seed_rule)
 from data import MultiCrop, dino_recipes
 from models import STEMS, HyDeSModel, build_backbone
@@ -443,6 +443,12 @@ def main(argv=None):
         (cuda or "fp16" not in (args.precision or ()), "--precision fp16 is for GPUs (train.py refuses it on a "
                                                         "CPU); time fp32 or bf16"),
     ]))
+    with ctrl_c_in_one_line("the rows printed above are what was measured"):
+        return measure(args)
+
+
+def measure(args):
+    """The augmentation rates (--augmentations) or the training steps' rows, printed as they come."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(describe_device(device, torch.get_num_threads()))

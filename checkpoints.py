@@ -74,10 +74,11 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
 
     A ViT keeps the positional grid it was trained with and resizes it to each input's.
 
-    Returns (backbone, info): info holds arch, image_size (train.py's crop size, else None), method (the objective a train.py checkpoint was
-    trained with, else the file's name: resnet50_byol.pth -> resnet50_byol), the training arguments, the
-    number of completed epochs (None for a foreign checkpoint) and `network`, a line that says which
-    tensors were built into what (the feature cache keys on it: two networks of one file never share).
+    Returns (backbone, info): info holds arch, image_size (train.py's crop size, else None), method (the
+    objective a train.py checkpoint was trained with, else the file's name: resnet50_byol.pth ->
+    resnet50_byol), the training arguments, the number of completed epochs (None for a foreign
+    checkpoint) and `network`, a line that says which tensors were built into what (the feature cache
+    keys on it: two networks of one file never share).
     """
     checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict):
@@ -110,7 +111,8 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     if missing:
         raise CheckpointError(f"{path}: {found.where} lacks {len(missing)} of the {len(backbone.state_dict())} tensors "
                               f"of {describe(shape)} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    wrong = [(k, v.shape) for k, v in backbone.state_dict().items() if k in found.state and found.state[k].shape != v.shape]
+    wrong = [(k, v.shape) for k, v in backbone.state_dict().items()
+             if k in found.state and found.state[k].shape != v.shape]
     if wrong:                  # a wide or grouped ResNet, say: torch's own message lists every tensor
         name, built = wrong[0]
         raise CheckpointError(f"{path}: {len(wrong)} tensors do not fit {describe(shape)}, e.g. {name} is "
@@ -119,8 +121,8 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     backbone.load_state_dict({k: found.state[k] for k in backbone.state_dict() if k in found.state})
     network = f"{describe(shape)}, {len(backbone.state_dict())} tensors from {found.where}"
     if ours:
-        info = {"arch": trained["arch"], "image_size": trained["global_size"], "method": METHOD_NAMES[trained["method"]],
-                "train_args": trained, "epoch": checkpoint["epoch"]}
+        info = {"arch": trained["arch"], "image_size": trained["global_size"], "train_args": trained,
+                "method": METHOD_NAMES[trained["method"]], "epoch": checkpoint["epoch"]}
     else:
         left_out = found.left_out(backbone.state_dict())
         print(f"{path}: {network}" + (f"; left out {left_out}" if left_out else ""))
@@ -172,7 +174,8 @@ def contradiction(shape, arch, heads, stem_padding, file_heads, path):
     if heads is not None and file_heads is not None and heads != file_heads:
         return f"--heads {heads}, but {path} was trained with {file_heads} heads; drop --heads"
     if stem_padding not in (None, 1) and shape.get("stem") == "cifar":
-        return f"--stem-padding {stem_padding}, but {path} is train.py's, whose 3x3 conv1 pads by 1; drop --stem-padding"
+        return (f"--stem-padding {stem_padding}, but {path} is train.py's, whose 3x3 conv1 pads by 1; "
+                f"drop --stem-padding")
     return None
 
 
@@ -189,7 +192,8 @@ def build_from_shape(shape):
     """The backbone `backbone_shape` describes (with heads and stem_padding filled in)."""
     if shape["arch"] == "vit_tiny":
         if shape["width"] % shape["heads"]:
-            raise CheckpointError(f"a ViT of width {shape['width']} cannot have {shape['heads']} heads (they must divide it)")
+            raise CheckpointError(f"a ViT of width {shape['width']} cannot have {shape['heads']} heads "
+                                  f"(they must divide it)")
         return VisionTransformer(shape["grid"] * shape["patch"], shape["patch"], shape["width"], shape["depth"],
                                  shape["heads"])
     backbone = build_backbone(shape["arch"], None, width=shape["width"], stem=shape["stem"])
@@ -385,7 +389,7 @@ def export_backbone(backbone, out_path):
                                            f"model.maxpool = torch.nn.Identity()\n"))
         else:
             blocks = "BasicBlock, [2, 2, 2, 2]" if arch == "resnet18" else "Bottleneck, [3, 4, 6, 3]"
-            how = (f"# a width-{width} {arch}: torchvision's ResNets are 64 wide; load it with this project's models.py\n"
+            how = (f"# a width-{width} {arch}: torchvision's ResNets are 64 wide; load it with models.py\n"
                    f"import models, torch\nmodel = models.ResNet(models.{blocks}, width={width}, "
                    f"stem=\"{'imagenet' if kernel == 7 else 'cifar'}\")\n" +
                    (f"model.conv1.padding = ({padding}, {padding})\n" if kernel == 3 and padding != 1 else ""))

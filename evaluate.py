@@ -6,9 +6,10 @@
 The checkpoint is one written by train.py (architecture and dataset read from it), or another library's
 (torchvision and timm state_dicts, Lightly, solo-learn, DINO, MoCo: checkpoints.load_backbone finds the
 backbone, reads its architecture from its tensors and leaves the heads out), so that other methods'
-published networks are probed by the same code. Features are extracted once with the evaluation transform (no augmentation) and cached on disk,
-keyed by the checkpoint's content, the dataset, its folder, the split, its files and the resolution: a
-second probe of the same checkpoint extracts nothing, a changed checkpoint or split is extracted anew.
+published networks are probed by the same code. Features are extracted once with the evaluation
+transform (no augmentation) and cached on disk, keyed by the checkpoint's content and the network taken
+from it, the dataset, its folder, the split, its files and the resolution: a second probe of the same
+checkpoint extracts nothing, a changed checkpoint or split is extracted anew.
 `--export FILE` writes the backbone in torchvision's or timm's layout instead of probing it.
 
 k-NN (Wu et al. 2018, InstDisc; DINO): each test feature finds its k most similar training features by
@@ -41,7 +42,8 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, export_backbone,
                          load_backbone_from_args, load_for_probing, network_digest, parse_checkpoint_arguments)
-from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, knn_temperature_rule, numbers_are_finite, refuse,
+from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, knn_temperature_rule,
+                    numbers_are_finite, refuse,
                     unwritable, unwritable_file)
 from data import DatasetError
 from features import cached_features

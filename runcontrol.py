@@ -154,7 +154,8 @@ class RunControl:
                     seconds_per_step = max(time.time() - start, 1e-9) / (steps - untimed)   # once in log_every steps
                     self.estimate_once(seconds_per_step, step + steps)
                     self.check_finite()
-                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in self.means(sums, summed + steps).items() if k not in ("mi", "own_share")},
+                    means = self.means(sums, summed + steps)
+                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k not in ("mi", "own_share")},
                                     img_s=f"{self.args.batch_size / seconds_per_step:.0f}")
         finally:
             bar.close()

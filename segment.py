@@ -54,7 +54,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, add_backbone_arguments, backbone_argument_rules, load_backbone_from_args
-from checks import HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file
+from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
+                    unwritable, unwritable_file)
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import VisionTransformer
 from precision import features_precision

@@ -2958,7 +2958,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_last_checkpoint_survi
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_in_the_probing_scripts_is_one_line_and_exit_status_130(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_in_the_probing_and_benchmark_scripts_is_one_line_and_exit_status_130(tmp_path, monkeypatch, capsys):
     common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"]
     train.main(common)
     checkpoint = str(tmp_path / "run" / "ckpt.pt")
@@ -2971,7 +2971,8 @@ def test_ctrl_c_in_the_probing_scripts_is_one_line_and_exit_status_130(tmp_path,
     cases = [(evaluate, features, "extract_features", [checkpoint, "--workers", "0"], "no result was written"),
              (analyze, analyze, "cached_features", [checkpoint, "--workers", "0"], "no result was written"),
              (segment, segment, "train_probe", [checkpoint, "--workers", "0", "--data-dir", str(tmp_path),
-                                                "--image-size", "32"], "the probe was not finished and no row was written")]
+                                                "--image-size", "32"], "the probe was not finished and no row was written"),
+             (benchmark, benchmark, "crop_device_operations", ["--device", "cpu"], "the rows printed above are what was")]
     for script, module, where, argv, kept in cases:         # Ctrl-C in the middle of the work
         monkeypatch.setattr(module, where, ctrl_c)
         with pytest.raises(SystemExit) as stopped:

@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 from batched_crops import BatchedMultiCrop
 from checkpoints import CheckpointError, save_checkpoint
-from checks import HelpFormatter, check_crop_sizes, ctrl_c_in_one_line, check_training_args, error_message, refuse, unwritable
+from checks import (HelpFormatter, check_crop_sizes, check_training_args, ctrl_c_in_one_line, error_message, refuse,
+                    unwritable)
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes,
                   native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
