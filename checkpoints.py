@@ -88,7 +88,7 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     if ours:                          # train.py's: the backbone under backbone., its settings in args
         trained = checkpoint["args"]
         model = {k: v for k, v in checkpoint["model"].items() if isinstance(v, torch.Tensor)}
-        found = Found(model, our_names([k for k in model if k.startswith("backbone.")], "backbone.", False),
+        found = Found(model, our_names([k for k in model if k.startswith("backbone.")], "backbone."),
                       "backbone.", [], "'backbone.' of 'model'", solo_learn=False)
         file_heads, file_padding = trained.get("heads") or 3, 1        # train.py: 3 heads unless told, padding 1
     else:
@@ -235,9 +235,12 @@ CHECKPOINT_KEYS = ("state_dict", "model", "teacher")
 # words is the other copy, taken only when no other prefix holds a backbone.
 MOMENTUM_WORDS = ("momentum", "target", "ema", "encoder_k", "key_encoder")
 
-# Lightly's examples keep the backbone as nn.Sequential(*list(resnet.children())[:-1]): torchvision's
-# children by number, conv1 bn1 relu maxpool layer1 ... layer4 avgpool (relu, maxpool, avgpool hold nothing).
-SEQUENTIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+# Lightly's examples keep the backbone as nn.Sequential(*list(resnet.children())[:-1]): the children by
+# number. Of torchvision's ResNet: conv1 bn1 relu maxpool layer1 ... layer4 avgpool (relu, maxpool and
+# avgpool hold nothing); of Lightly's own ResNetGenerator (a CIFAR-stem ResNet whose blocks call their
+# downsample "shortcut"): conv1 bn1 layer1 ... layer4. Each is told by where its layer4 lies.
+NUMBERED_RESNETS = ({"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"},
+                    {"0": "conv1", "1": "bn1", "2": "layer1", "3": "layer2", "4": "layer3", "5": "layer4"})
 
 # What ends a backbone's first tensor, and so marks its prefix: a ResNet's stem, a ViT's patch embedding
 # (ours, timm's), Lightly's numbered ResNet.
@@ -291,10 +294,14 @@ def find_backbone(checkpoint, path, key=None):
             prefix = name[:-len(anchor)] if name.endswith(anchor) else None
             if prefix is None or (prefix and not prefix.endswith(".")) or prefix in candidates:
                 continue
-            numbered = anchor == "0.weight"
-            if numbered and f"{prefix}4.0.conv1.weight" not in tensors:
-                continue                                     # a numbered Sequential that is no ResNet
-            names = our_names([k for k in tensors if k.startswith(prefix)], prefix, numbered)
+            children = None
+            if anchor == "0.weight":                         # a numbered Sequential: which ResNet's, if any
+                children = next((numbers for numbers in NUMBERED_RESNETS if all(
+                    f"{prefix}{n}.0.conv1.weight" in tensors for n, name in numbers.items() if name.startswith("layer"))),
+                    None)
+                if children is None:
+                    continue
+            names = our_names([k for k in tensors if k.startswith(prefix)], prefix, children)
             try:
                 backbone_shape({ours: tensors[theirs] for ours, theirs in names.items()}, path)
             except CheckpointError as error:                 # layer1.0.conv1.weight: one block, not a backbone;
@@ -327,17 +334,19 @@ def tensors_in(container, prefix=""):
     return tensors
 
 
-def our_names(keys, prefix, numbered):
-    """{this project's name: the file's name} for the keys under `prefix`: the prefix stripped, Lightly's
-    numbered children named (SEQUENTIAL_RESNET), timm's ViT names renamed (TIMM_NAMES)."""
+def our_names(keys, prefix, children=None):
+    """{this project's name: the file's name} for the keys under `prefix`: the prefix stripped, a numbered
+    Sequential's children named (`children`: one of NUMBERED_RESNETS), Lightly's block "shortcut" called
+    downsample, timm's ViT names renamed (TIMM_NAMES)."""
     names = {}
     for key in keys:
         rest = key[len(prefix):]
-        if numbered:
+        if children is not None:
             child, _, tail = rest.partition(".")
-            if child not in SEQUENTIAL_RESNET:
+            if child not in children:
                 continue
-            rest = f"{SEQUENTIAL_RESNET[child]}.{tail}"
+            rest = f"{children[child]}.{tail}"
+        rest = rest.replace(".shortcut.", ".downsample.")
         names[_renamed(rest, [(theirs, ours) for ours, theirs in TIMM_NAMES])] = key
     return names
 

@@ -1559,6 +1559,27 @@ def test_lightly_solo_learn_moco_byol_and_wrapper_layouts_give_the_network_that_
     assert torch.allclose(run_printed_lines(lines, x), solo(x), atol=1e-5)   # the lines pad by 2
 
 
+def test_lightlys_own_resnet_generator_layout_loads_as_the_cifar_resnet_it_is(tmp_path, capsys):
+    # lightly.models.ResNetGenerator("resnet-18"): conv1 3x3 stride 1, no max-pool, blocks whose downsample is
+    # called "shortcut", kept by Lightly's examples as nn.Sequential(*list(resnet.children())[:-1]):
+    # 0 conv1, 1 bn1, 2-5 layer1-4. Built here in that naming from this project's CIFAR-stem ResNet.
+    ours = with_random_statistics(models.build_backbone("resnet18", 32, width=16, stem="cifar"))
+    numbers = {"conv1": "0", "bn1": "1", "layer1": "2", "layer2": "3", "layer3": "4", "layer4": "5"}
+    def lightly_name(key):
+        first, _, rest = key.partition(".")
+        return f"{numbers[first]}.{rest}".replace(".downsample.", ".shortcut.")
+    sequential = {lightly_name(k): v for k, v in ours.state_dict().items()}
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in sequential.items()},
+                               "projection_head.layers.0.weight": torch.randn(8, 128)}}, tmp_path / "generator.ckpt")
+    named = {k.replace(".downsample.", ".shortcut."): v for k, v in ours.state_dict().items()}   # not numbered
+    torch.save(named, tmp_path / "generator-named.pth")
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("generator.ckpt", "generator-named.pth"):
+        loaded, info = checkpoints.load_backbone(tmp_path / name)
+        assert info["arch"] == "resnet18" and torch.equal(loaded(x), ours(x)), name
+    assert "a resnet18 (width 16, CIFAR stem padded by 1)" in capsys.readouterr().out
+
+
 def test_a_vit_is_built_from_its_tensors_width_depth_and_grid(tmp_path):
     timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install timm)")
     for name, image_size, patch in (("vit_tiny_patch16_224", 224, 16), ("vit_tiny_patch16_224", 32, 4),
