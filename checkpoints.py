@@ -61,7 +61,7 @@ def safe_load(path):
 METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
 
 
-def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None):
+def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None, quiet=False):
     """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint or from another
     library's checkpoint or state_dict (see `find_backbone`). The file's tensors decide what is built
     (`backbone_shape`): the flags only say what no tensor records, and one that contradicts the file is
@@ -70,7 +70,8 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     arch: a check (resnet18, resnet50, vit_tiny), never needed. checkpoint_key:
     the network to read from a checkpoint that holds several (DINO: teacher or student). heads: a foreign
     ViT's attention heads (default: 64 channels per head, timm's and DINO's rule). stem_padding: a 3x3 conv1's
-    padding (default: 2 in solo-learn's layout, which pads its CIFAR stem so, else 1).
+    padding (default: 2 in solo-learn's layout, which pads its CIFAR stem so, else 1). quiet: keep the line
+    that says what was taken from another library's file (info["loaded"]) unprinted.
 
     A ViT keeps the positional grid it was trained with and resizes it to each input's.
 
@@ -125,9 +126,11 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
                 "method": METHOD_NAMES[trained["method"]], "epoch": checkpoint["epoch"]}
     else:
         left_out = found.left_out(backbone.state_dict())
-        print(f"{path}: {network}" + (f"; left out {left_out}" if left_out else ""))
         info = {"arch": shape["arch"], "image_size": None, "train_args": None, "epoch": None,
-                "method": os.path.splitext(os.path.basename(path))[0]}
+                "method": os.path.splitext(os.path.basename(path))[0],
+                "loaded": f"{path}: {network}" + (f"; left out {left_out}" if left_out else "")}
+        if not quiet:
+            print(info["loaded"])
     info["network"] = network
     # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.
     return backbone.to(device).eval().requires_grad_(False), info
@@ -429,9 +432,10 @@ def backbone_argument_rules(args):
     return [(args.heads is None or 1 <= args.heads <= 64, f"--heads must lie in 1 ... 64 (got {args.heads})")]
 
 
-def load_backbone_from_args(args, device="cpu"):
+def load_backbone_from_args(args, device="cpu", quiet=False):
     """load_backbone with add_backbone_arguments' flags."""
-    return load_backbone(args.checkpoint, device, args.arch, args.checkpoint_key, args.heads, args.stem_padding)
+    return load_backbone(args.checkpoint, device, args.arch, args.checkpoint_key, args.heads, args.stem_padding,
+                         quiet)
 
 
 def network_digest(path, info):

@@ -276,7 +276,9 @@ def main(argv=None):
     with ctrl_c_in_one_line(f"no result was written; the features extracted so far are kept in {args.cache_dir}"):
         try:
             if args.export:
-                print(export_backbone(load_backbone_from_args(args)[0], args.export))
+                backbone, info = load_backbone_from_args(args, quiet=True)
+                lines = export_backbone(backbone, args.export)
+                print(f"# {info['loaded']}\n{lines}" if "loaded" in info else lines)   # Python a user can paste
                 return None
             result = evaluate_checkpoint(args, torch.device(args.device))
         except (CheckpointError, DatasetError) as error:

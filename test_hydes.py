@@ -1554,9 +1554,10 @@ def test_lightly_solo_learn_moco_byol_and_wrapper_layouts_give_the_network_that_
     assert not torch.allclose(padded_by_one(x), solo(x), atol=1e-2)
     capsys.readouterr()
     evaluate.main([str(tmp_path / "solo.ckpt"), "--export", str(tmp_path / "solo.pth")])
-    loaded_line, lines = capsys.readouterr().out.split("\n", 1)           # what was loaded, then the lines
-    assert "solo.ckpt: a resnet18" in loaded_line and "3, 1, 2, bias=False" in lines
-    assert torch.allclose(run_printed_lines(lines, x), solo(x), atol=1e-5)   # the lines pad by 2
+    printed = capsys.readouterr().out                 # what was loaded, as a comment, then the lines
+    assert printed.startswith("# ") and "solo.ckpt: a resnet18" in printed.splitlines()[0]
+    assert "3, 1, 2, bias=False" in printed
+    assert torch.allclose(run_printed_lines(printed, x), solo(x), atol=1e-5)   # the lines pad by 2
 
 
 def test_lightlys_own_resnet_generator_layout_loads_as_the_cifar_resnet_it_is(tmp_path, capsys):
