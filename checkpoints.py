@@ -350,7 +350,7 @@ def our_names(keys, prefix, children=None):
                 continue
             rest = f"{children[child]}.{tail}"
         rest = rest.replace(".shortcut.", ".downsample.")
-        names[_renamed(rest, [(theirs, ours) for ours, theirs in TIMM_NAMES])] = key
+        names[from_timm(rest)] = key
     return names
 
 
@@ -364,9 +364,9 @@ def to_timm(state):
     return {_renamed(key, TIMM_NAMES): value for key, value in state.items()}
 
 
-def from_timm(state):
-    """timm's (or DINO's) ViT names -> this project's."""
-    return {_renamed(key, [(theirs, ours) for ours, theirs in TIMM_NAMES]): value for key, value in state.items()}
+def from_timm(key):
+    """A timm (or DINO) ViT key -> this project's name for it; any other key unchanged."""
+    return _renamed(key, [(theirs, ours) for ours, theirs in TIMM_NAMES])
 
 
 def _renamed(key, pairs):

@@ -39,7 +39,8 @@ def write_atomically(path, write):
     """Call write(f) on a new file beside `path`, flush and fsync it, then rename it over `path`: readers
     see the old file or the new one, never half of one, whenever the process dies. The temporary name
     is unique (a second process writing the same path never touches this one's bytes); after a failure
-    the temporary file is removed and the error raised as an OSError (`path` is left as it was)."""
+    the temporary file is removed and the error raised (`path` is left as it was); torch's zip writer's
+    RuntimeError for a failed write becomes an OSError, as any other failed write is."""
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         with open(tmp, "xb") as f:

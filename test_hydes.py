@@ -1615,7 +1615,7 @@ def test_dino_checkpoints_give_the_teacher_or_the_student_and_never_share_a_feat
     assert "from 'backbone.' of 'teacher'; left out head. (1)" in capsys.readouterr().out
     student, student_info = checkpoints.load_backbone(tmp_path / "dino.pth", checkpoint_key="student")
     reference = models.build_backbone("vit_tiny", 96).eval()
-    reference.load_state_dict(checkpoints.from_timm(other))
+    reference.load_state_dict({checkpoints.from_timm(k): v for k, v in other.items()})
     assert torch.allclose(student(x), reference(x), atol=1e-6)
     path = tmp_path / "dino.pth"
     assert checkpoints.network_digest(path, teacher_info) != checkpoints.network_digest(path, student_info)
