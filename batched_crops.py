@@ -37,10 +37,17 @@ from precision import cpu_has_native_bf16
 LUMA = (0.299, 0.587, 0.114)        # ITU-R 601 weights, PIL's convert("L") and torchvision's grayscale
 
 
-@lru_cache(maxsize=None)
 def constant(values, device, dtype):
     """A small tensor of `values` (a tuple) on `device`, made once per device and dtype: a tensor built
-    from a Python list on a GPU is a copy the host waits for, which a training step should not."""
+    from a Python list on a GPU is a copy the host waits for, which a training step should not. Under
+    torch.compile (step_graph.py) a constant of the compiled graph instead."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return cached_constant(values, device, dtype)
+
+
+@lru_cache(maxsize=None)
+def cached_constant(values, device, dtype):
     return torch.tensor(values, dtype=dtype).to(device)
 
 
@@ -145,6 +152,7 @@ def resize_matrices(geometry, size, source_size):
 
 
 @lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def products_dtype(device):
     """The dtype of the crops' matrix products (the resize and the blur) on `device`: bf16 on a CPU that
     multiplies it natively (AVX-512 BF16 or AMX), where they run several times faster than in float32
@@ -290,11 +298,17 @@ def solarize(x):
     return torch.where(x >= 128 / 255, 1 - x, x)
 
 
-def on_chosen_(x, chosen, operation, *per_image_args):
+def on_chosen_(x, chosen, operation, *per_image_args, every_crop=False):
     """x[chosen] = operation(x[chosen], *per_image_args), in place: for the steps whose work is worth
     gathering the chosen images (the blur, p = 0.1 to 1; the solarisation, 0.2 in one view), where the
     others run on every image with an identity parameter. chosen: (b,) indices as floats, on x's device
-    (draw_parameters'); per_image_args: tensors (b, ...) of the chosen images. -> x"""
+    (draw_parameters'); per_image_args: tensors (b, ...) of the chosen images. -> x
+
+    every_crop (draw_parameters'): chosen is a (N,) 0/1 mask and per_image_args are every image's; the
+    operation runs on all N images and the mask keeps its result where it is 1, x itself elsewhere
+    (exactly: a selection, not a blend), so that no shape depends on what was drawn."""
+    if every_crop:
+        return x.copy_(torch.where(per_image(chosen) > 0, operation(x, *per_image_args), x))
     if len(chosen):                                    # a shape, known on the host: no device read
         rows = chosen.long()
         x[rows] = operation(x[rows], *per_image_args)
@@ -309,7 +323,7 @@ def normalize_(x):
     return x.mul_(scale).add_(shift)
 
 
-def draw_parameters(recipes, batch, image_size, generator):
+def draw_parameters(recipes, batch, image_size, generator, every_crop=False):
     """Every random choice of one view group (view_groups), drawn on the CPU: `recipes` the group's n
     views, `image_size` (H, W) to cut the crops from, or None for views already cut (FullImageCrops)
     -> dict of float tensors, crop b of view v at v B + b:
@@ -324,6 +338,10 @@ def draw_parameters(recipes, batch, image_size, generator):
     Every crop draws all its parameters whether or not a step applies, in an order set by the generator
     alone: the boxes (MultiCrop's RandomResizedCrop), the flips, then one (n B, 9) uniform draw. The
     chosen crops' indices are found here, on the CPU, so a GPU never waits for a nonzero().
+
+    every_crop: the same draws in shapes that depend on nothing drawn, for a step captured as one graph
+    (step_graph.py), whose tensors must keep their shapes from one step to the next: `blurred` and
+    `solarised` are then (n B,) masks, 1 for a chosen crop, and `kernels` (n B, 13) holds every crop's.
     """
     count, recipe = batch * len(recipes), recipes[0]        # the group's shared size, scale, flip, jitter, blur
     parameters = {}
@@ -345,10 +363,14 @@ def draw_parameters(recipes, batch, image_size, generator):
         identity = 0.0 if name == "hue" else 1.0
         parameters[name] = torch.where(jitter, between(u[column], identity - spread, identity + spread), identity)
     parameters["grey"] = (u[5] < chance("grayscale_p")).float()
-    blurred = u[6] < chance("blur_p")
+    blurred, solarised = u[6] < chance("blur_p"), u[8] < chance("solarize_p")
+    if every_crop:                                                       # (n B,) masks, every crop's kernel
+        parameters["blurred"], parameters["solarised"] = blurred.float(), solarised.float()
+        parameters["kernels"] = blur_kernels(between(u[7], *recipe.blur_sigma), recipe.blur_sigma[1])
+        return parameters
     parameters["blurred"] = torch.nonzero(blurred)[:, 0].float()        # exact as floats below 2^24
     parameters["kernels"] = blur_kernels(between(u[7][blurred], *recipe.blur_sigma), recipe.blur_sigma[1])
-    parameters["solarised"] = torch.nonzero(u[8] < chance("solarize_p"))[:, 0].float()
+    parameters["solarised"] = torch.nonzero(solarised)[:, 0].float()
     return parameters
 
 
@@ -365,17 +387,20 @@ def to_device(parameters, device):
     return [{name: next(parts).view(t.shape) for name, t in group.items()} for group in parameters]
 
 
-def photometric_views_(x, recipes, parameters):
+def photometric_views_(x, recipes, parameters, every_crop=False):
     """MultiCrop's steps after the flip for one view group, in place: jitter, grayscale, blur, solarise,
-    normalise. x (N, 3, h, w) float in [0, 1]; parameters: draw_parameters', on x's device -> (N, 3, h, w)
-    normalised. A step that no view of the group takes is skipped (the supervised baseline takes none)."""
+    normalise. x (N, 3, h, w) float in [0, 1]; parameters: draw_parameters' (drawn with `every_crop` or
+    not), on x's device -> (N, 3, h, w) normalised. A step that no view of the group takes is skipped (the
+    supervised baseline takes none)."""
     p = parameters
     if any(recipe.jitter_p for recipe in recipes):
         x = color_jitter_(x, p["brightness"], p["contrast"], p["saturation"], p["hue"])
     if any(recipe.grayscale_p for recipe in recipes):
         x = grayscale_(x, p["grey"])
-    x = on_chosen_(x, p["blurred"], gaussian_blur, p["kernels"])
-    x = on_chosen_(x, p["solarised"], solarize)
+    if any(recipe.blur_p for recipe in recipes):
+        x = on_chosen_(x, p["blurred"], gaussian_blur, p["kernels"], every_crop=every_crop)
+    if any(recipe.solarize_p for recipe in recipes):
+        x = on_chosen_(x, p["solarised"], solarize, every_crop=every_crop)
     return normalize_(x)
 
 
@@ -395,12 +420,19 @@ class BatchedMultiCrop:
 
     Images of mixed sizes cannot share a batch: the loading workers cut their crops (FullImageCrops), and
     the call takes the list of V uint8 views (B, 3, s, s) instead, and adds the photometric steps.
+
+    every_crop=True: the same views from parameters whose shapes depend on nothing drawn (draw_parameters'
+    every_crop), the whole batch at once: the form that step_graph.py captures as one graph.
     """
 
-    def __init__(self, recipes):
-        self.recipes = recipes
+    def __init__(self, recipes, every_crop=False):
+        self.recipes, self.every_crop = recipes, every_crop
         self.groups = view_groups(recipes)
         self.group_recipes = [[recipes[i] for i in group] for group in self.groups]     # each group's n recipes
+
+    def draw(self, batch, image_size, generator):
+        """Every random choice of a step, on the CPU: one draw_parameters dict per view group."""
+        return [draw_parameters(r, batch, image_size, generator, self.every_crop) for r in self.group_recipes]
 
     def __call__(self, images, generator):
         cut = isinstance(images, (list, tuple))                    # views already cut by the loading workers
@@ -413,14 +445,13 @@ class BatchedMultiCrop:
             raise ValueError(f"BatchedMultiCrop expects a uint8 batch (B, 3, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
         batch, device = len(images[0]) if cut else len(images), images[0].device
-        parameters = [draw_parameters(r, batch, None if cut else tuple(images.shape[2:]), generator)
-                      for r in self.group_recipes]
+        parameters = self.draw(batch, None if cut else tuple(images.shape[2:]), generator)
         # On a GPU the whole batch at once (fewer launches). On a CPU a few images at a time: each step's
         # output then stays in the caches, and under glibc's 32 MB threshold for fresh memory from the
         # system (whose first touch of every page costs more than the arithmetic); the same views, as
         # every parameter was drawn for the whole batch.
         values = sum(3 * r.size ** 2 for r in self.recipes)                    # float32 values of one image's views
-        chunk = max(1, CPU_CHUNK_VALUES // values) if device.type == "cpu" else batch
+        chunk = max(1, CPU_CHUNK_VALUES // values) if device.type == "cpu" and not self.every_crop else batch
         if chunk >= batch:
             return self.views(images, to_device(parameters, device), cut)
         views = [torch.empty(batch, 3, r.size, r.size, device=device) for r in self.recipes]
@@ -446,7 +477,7 @@ class BatchedMultiCrop:
                 x = torch.cat([images[i] for i in group]).float().div_(255)
             else:
                 x = resized_crops(source, p, group_recipes[0].size)
-            x = photometric_views_(x, group_recipes, p)                              # (n b, 3, s, s)
+            x = photometric_views_(x, group_recipes, p, self.every_crop)             # (n b, 3, s, s)
             for i, view in zip(group, x.split(batch)):                               # contiguous (b, 3, s, s)
                 views[i] = view
         return views

@@ -67,13 +67,17 @@ from data import MultiCrop, dino_recipes
 from models import STEMS, HyDeSModel, build_backbone
 from per_view_batchnorm import convert_per_view_batchnorm
 from precision import PRECISIONS, auto_precision, cpu_has_native_bf16, precision_for
+from step_graph import WARMUP_STEPS, WholeStep
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
 LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous"}
 # The table's modes -> torch.compile's mode (None: not compiled): train.py's --compile and --compile
-# reduce-overhead (CUDA graphs)
-MODES = {"eager": None, "compiled": "default", "reduce-overhead": "reduce-overhead"}
+# reduce-overhead (CUDA graphs), and train.py --step-graph without and with --compile (the whole step,
+# crops to AdamW, as one CUDA graph: step_graph.py)
+MODES = {"eager": None, "compiled": "default", "reduce-overhead": "reduce-overhead", "step-graph": None,
+         "step-graph-compiled": "default"}
+STEP_GRAPH_MODES = ("step-graph", "step-graph-compiled")
 FORWARDS = ("per-view", "per-resolution")          # train.py's --forward
 # Device operations of one BatchedMultiCrop call with dino_recipes(32, 16) and a batch of 128, counted as
 # crop_device_operations does, when each view was made on its own (a crop, jitter, grayscale, blur,
@@ -124,8 +128,11 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=list(MODES),
                    help="eager: the network as written; compiled: torch.compile'd as train.py --compile runs it; "
                         "reduce-overhead: as train.py --compile reduce-overhead, compiled and replayed as CUDA "
-                        "graphs. Compiled rows in train.py's precision and layout only (each compiles for a minute "
-                        "or so), in the order given; default: all three on a GPU, eager on a CPU")
+                        "graphs; step-graph: as train.py --step-graph, the whole step (crops, network, loss, AdamW) "
+                        "replayed as one CUDA graph (on a CPU the same function, run as it is); step-graph-compiled: "
+                        "as train.py --step-graph --compile. Rows other than eager in train.py's precision and layout "
+                        "only (a compiled one compiles for a minute or more), in the order given; default: all five "
+                        "on a GPU, eager on a CPU")
     p.add_argument("--forward", nargs="+", default=["per-view"], choices=FORWARDS,
                    help="train.py's --forward to time: per-view (the paper's setup, train.py's default: BatchNorm "
                         "over each view) or per-resolution (BatchNorm over all the views of a crop size)")
@@ -223,7 +230,8 @@ def step_rows(name, forward, args, device):
                    auto, default.memory_format, "eager", train.build_parser().get_default("forward"))}
         try:
             row.update(time_row(base, precision_for(device, arch, precision_name)._replace(memory_format=layout),
-                                MODES[mode], crops, images, labels, check_views, reference, settings, args, device))
+                                MODES[mode], mode in STEP_GRAPH_MODES, crops, images, labels, check_views, reference,
+                                settings, args, device))
         except Exception as error:              # a validation run reports every row it can, and each failure
             traceback.print_exc()
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:120]
@@ -236,16 +244,21 @@ def describe(arch, settings):
     return f"{network}, {settings.forward}"
 
 
-def time_row(base, precision, compile_mode, crops, images, labels, check_views, reference, settings, args, device):
+def time_row(base, precision, compile_mode, step_graph, crops, images, labels, check_views, reference, settings,
+             args, device):
     """One row's measurements: a copy of the base network in the precision's layout, torch.compile'd in
     `compile_mode` unless it is None, its gradient check, then whole training steps timed, then a few more
-    with the host's waits counted."""
+    with the host's waits counted. With `step_graph`, the whole step as one graph (graph_step_row)."""
     if device.type == "cuda":
         torch.compiler.reset()                 # compiled code of an earlier row never serves this one
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     net = copy.deepcopy(base).to(device, memory_format=precision.memory_format)
+    if step_graph:
+        one_step, error = graph_step_row(net, precision, compile_mode is not None, crops, images, labels, reference,
+                                         settings, args, device)
+        return measure_steps(one_step, error, time.perf_counter() - start, args, device)
     model = torch.compile(net, mode=compile_mode) if compile_mode else net
     # The gradient check first: for a compiled row, its first call compiles the model
     error = gradient_error(net, model, check_views, labels, precision, settings, reference)
@@ -258,8 +271,36 @@ def time_row(base, precision, compile_mode, crops, images, labels, check_views, 
         views = crops(images, train.augmentation_generator(args.seed, next(step_index), 0))
         training_step(model, views, labels, optimizer, precision, settings)
 
+    return measure_steps(one_step, error, first_step, args, device)
+
+
+def graph_step_row(net, precision, compile, crops, images, labels, reference, settings, args, device):
+    """train.py --step-graph's step (step_graph.WholeStep, compiled first with `compile`) on `net` ->
+    (one_step, gradient error). The gradient is checked on the views of step 0 (every_crop's are the
+    readable crops' exactly) after WARMUP_STEPS + 2 steps at learning rate 0, so that it comes from a
+    replay of the graph: AdamW then leaves the weights as they are, and the gradient stays in .grad."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def loss(z, labels, beta):
+        return train.objective(z, labels, settings.method, settings.kappa, settings.alpha, beta)
+    whole_step = WholeStep(net, optimizer, BatchedMultiCrop(crops.recipes, every_crop=True), loss,
+                           train.LOGGED[settings.method], precision, device, compile=compile)
+    for _ in range(WARMUP_STEPS + 2):
+        whole_step(images, labels, train.augmentation_generator(args.seed, 0, 0), 0.0, settings.beta)
+    gradient = flat_gradient(net)
+    error = float((gradient - reference).norm() / reference.norm())
+    step_index = itertools.count(1)
+
+    def one_step():
+        whole_step(images, labels, train.augmentation_generator(args.seed, next(step_index), 0), settings.lr,
+                   settings.beta)
+    return one_step, error
+
+
+def measure_steps(one_step, error, first_step, args, device):
+    """A row's figures for `one_step` (a training step on the row's batch), after its gradient check."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rate = images_per_second(one_step, len(images), args.seconds, synchronize)
+    rate = images_per_second(one_step, args.step_batch_size, args.seconds, synchronize)
     syncs = host_syncs_per_step(one_step, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"images_per_s": rate, "host_syncs": syncs, "peak_bytes": peak, "gradient_error": error,

@@ -186,6 +186,15 @@ def check_training_args(args):
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
+        (not args.step_graph or args.kappa_final is None,
+         "--step-graph holds kappa fixed (log C_D(kappa) is summed on the host); drop --kappa-final or --step-graph"),
+        (not args.step_graph or args.precision != "fp16",
+         "--step-graph runs without fp16's gradient scaling; use --precision bf16 or fp32 with it"),
+        (not args.step_graph or args.compile != "reduce-overhead",
+         "--step-graph captures its own CUDA graph of the whole step; pass --compile (the default mode) with it, not "
+         "--compile reduce-overhead"),
+        (not args.step_graph or int(os.environ.get("WORLD_SIZE", 1)) == 1,
+         "--step-graph runs on one process; drop it under torchrun"),
         (args.precision != "fp16" or args.device.startswith("cuda"),
          "--precision fp16 is for GPUs without bf16 (on a CPU, bf16 gives its speed without gradient scaling); "
          "use fp32 or bf16"),

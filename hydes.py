@@ -116,6 +116,7 @@ def log_bessel_iv(nu, x):
 
 
 @lru_cache(maxsize=4096)      # bounded: a kappa schedule (train.py --kappa-final) brings a new kappa each step
+@torch.compiler.assume_constant_result      # a number of the settings: torch.compile folds it into its graph
 def log_vmf_normalizer(dim, kappa):
     """Eq. (1): log C_D(kappa) = (D/2 - 1) log kappa - (D/2) log 2 pi - log I_{D/2-1}(kappa).
 

@@ -42,6 +42,9 @@ def training_data(args, recipes, control):
     if args.data_source == "memory" and not one_image_size(args.dataset, args.data_dir):
         raise SystemExit(f"error: --data-source memory holds images of one size, and {args.dataset}'s differ: the "
                          f"loading workers cut their crops from each whole image; use --data-source workers or auto")
+    if args.step_graph and not one_image_size(args.dataset, args.data_dir):
+        raise SystemExit(f"error: --step-graph cuts the crops of whole batches of one image size, and {args.dataset}'s "
+                         f"images differ in size; drop --step-graph")
     with control.first_process_first():           # process 0 downloads and extracts the dataset alone
         # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
         dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")

@@ -21,7 +21,7 @@ from records import read_jsonl, write_atomically
 
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "data_source", "device", "data_dir",
-                       "skip_bad_images", "log_every", "keep_every", "compile")
+                       "skip_bad_images", "log_every", "keep_every", "compile", "step_graph")
 
 
 def resume_settings(args, argv, build_parser):
@@ -59,8 +59,11 @@ def resume_settings(args, argv, build_parser):
         raise SystemExit(f"error: --resume takes the run's settings from its checkpoint; --{fixed[0].replace('_', '-')} "
                          f"cannot change from {saved.get(fixed[0])} (only {changeable} can); drop it, or start a "
                          f"new run with --out")
-    # The folder may have moved since: OUT is the one given now.
-    args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in given}, "resume": True, "out": args.out})
+    # The folder may have moved since: OUT is the one given now. A setting newer than the checkpoint takes
+    # its default, which is how the run was trained.
+    defaults = vars(build_parser().parse_args([]))
+    args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in given}, "resume": True,
+                                 "out": args.out})
     return args, checkpoint
 
 

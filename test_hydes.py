@@ -42,6 +42,7 @@ the laptop command after "## A first run" and "### A laptop run" is checked agai
 
 import argparse
 from collections import Counter
+import contextlib
 import copy
 import itertools
 import errno
@@ -83,6 +84,7 @@ import records
 import runcontrol
 import segment
 import sphere
+import step_graph
 import train
 
 
@@ -3255,6 +3257,218 @@ def test_images_that_cannot_be_opened_in_a_folder_are_one_line_errors_or_skipped
     assert str(error.value.code).startswith("error: cannot read image ") and "\n" not in str(error.value.code)
     train.main(common + ["--out", str(tmp_path / "run2"), "--skip-bad-images"])
     assert "skipping 2 unreadable image(s) of 18" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# step_graph.py: the whole step (crops, network, loss, AdamW) as one function of fixed shapes, one graph
+
+def graph_step_parts(method="hydes", batch=8, arch="resnet18", device="cpu", kappa=10.0):
+    """A tiny network with its AdamW, its readable twin, and a WholeStep over the first, with train.py's
+    objective of `method`: (net, twin, twin_optimizer, whole_step, images, labels, precision)."""
+    torch.manual_seed(0)
+    classes = 3 if method == "supervised" else None
+    backbone = models.build_backbone(arch, 32, 8 if arch == "resnet18" else 16, depth=1, heads=2) \
+        if arch != "resnet18" else models.build_backbone(arch, 32, 8)
+    net = per_view_batchnorm.convert_per_view_batchnorm(models.HyDeSModel(backbone, 32, 16, classes), batch)
+    twin = copy.deepcopy(net)
+    fp32 = precision.precision_for(torch.device("cpu"), arch, "fp32")
+
+    def loss(z, labels, beta):
+        return train.objective(z, labels, method, kappa, 1.0, beta)
+    recipes = data.supervised_recipes(32) if method == "supervised" else data.dino_recipes(32, 16, 2, 2)
+    net = net.to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-6)
+    whole_step = step_graph.WholeStep(net, optimizer, batched_crops.BatchedMultiCrop(recipes, every_crop=True),
+                                      loss, train.LOGGED[method], fp32, torch.device(device))
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(batch) % 3
+    return net, twin, torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=1e-6), whole_step, images, labels, fp32
+
+
+@pytest.mark.parametrize("recipes", ["dino", "supervised"])
+def test_crops_of_fixed_shapes_are_the_readable_crops_exactly_and_their_shapes_never_depend_on_the_draw(
+        recipes, monkeypatch):
+    # The graph's crops blur and solarise every crop and keep the result by a mask where the readable ones
+    # gather the chosen crops: the same views bit for bit, also where the readable form cuts a CPU batch
+    # into chunks (of 27 or 97 images here), from the same generator state
+    recipes = data.dino_recipes(32, 16) if recipes == "dino" else data.supervised_recipes(32)
+    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    readable = batched_crops.BatchedMultiCrop(recipes)
+    fixed = batched_crops.BatchedMultiCrop(recipes, every_crop=True)
+    monkeypatch.setattr(batched_crops, "CPU_CHUNK_VALUES", 300_000)
+    assert 100 > batched_crops.CPU_CHUNK_VALUES // sum(3 * r.size ** 2 for r in recipes)   # chunked
+    for seed in (0, 1):
+        for a, b in zip(readable(images, torch.Generator().manual_seed(seed)),
+                        fixed(images, torch.Generator().manual_seed(seed))):
+            assert torch.equal(a, b)
+    shapes = {tuple((name, tuple(t.shape)) for group in fixed.draw(100, (32, 32), torch.Generator().manual_seed(s))
+                    for name, t in group.items()) for s in range(20)}
+    assert len(shapes) == 1                               # 20 draws, one layout: a graph can hold it
+    varying = {tuple(len(group["blurred"]) for group in readable.draw(100, (32, 32), torch.Generator().manual_seed(s)))
+               for s in range(20)}
+    assert len(varying) > 1 or recipes[0].blur_p == 0     # where the readable form's shapes do vary
+
+
+def test_adamw_in_foreach_operations_follows_torch_adamw_and_keeps_its_state_layout():
+    # 60 steps of gradients spanning six orders of magnitude, a learning rate that changes every step (a
+    # tensor, as the graph gives it) and weight decay: within float32 rounding of torch.optim.AdamW, the
+    # same state tensors (exp_avg, exp_avg_sq, step), which torch's AdamW then loads and continues
+    torch.manual_seed(0)
+    ours = [torch.randn(40, 7), torch.randn(13), torch.randn(())]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    optimizer = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.05)
+    state = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in ours]
+    for step in range(60):
+        lr = 1e-3 * (1 + math.cos(step / 10))
+        grads = [torch.randn_like(p) * 10.0 ** -(step % 6) for p in ours]
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.step()
+        step_graph.adamw_(ours, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                          [s["step"] for s in state], torch.tensor(lr), weight_decay=0.05)
+        for mine, reference in zip(ours, theirs):
+            assert torch.allclose(mine, reference.detach(), rtol=1e-6, atol=1e-4 * lr), step
+    for mine, reference in zip(state, optimizer.state_dict()["state"].values()):
+        assert mine["step"].item() == reference["step"].item() == 60
+        assert torch.allclose(mine["exp_avg_sq"], reference["exp_avg_sq"], rtol=1e-5, atol=0)
+    # Closed form: a first step from no state moves each weight by lr sign(g) (m / sqrt(v) = g / |g| once
+    # both bias corrections divide), after the decay, up to eps
+    weights, gradient = torch.randn(50), torch.randn(50)
+    stepped = [weights.clone()]
+    step_graph.adamw_(stepped, [gradient], [torch.zeros(50)], [torch.zeros(50)], [torch.tensor(0.0)], torch.tensor(0.1),
+                      weight_decay=0.5)
+    assert torch.allclose(stepped[0], weights * (1 - 0.1 * 0.5) - 0.1 * gradient.sign(), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["hydes", "infonce", "supervised"])
+def test_the_whole_step_follows_the_readable_step_and_is_one_graph_with_no_break(method):
+    # Three steps of WholeStep against train.training_step with the readable crops (same generator states,
+    # learning rate and beta): the same logged terms and weights to float32 rounding. Then Dynamo traces
+    # the whole step, backward and AdamW included, as ONE graph with no break, which is what a CUDA graph
+    # capture needs: nothing read by the host, no shape that depends on data (torch._dynamo.explain:
+    # tracing only, seconds)
+    # The first step's gradients are the readable step's bit for bit (same views, same arithmetic); AdamW's
+    # rounding then differs by an ulp, which Adam's m / sqrt(v) can blow up to a step of lr for a weight
+    # whose gradient is near zero, so later weights are compared on average
+    net, twin, twin_optimizer, whole_step, images, labels, fp32 = graph_step_parts(method)
+    readable = batched_crops.BatchedMultiCrop(whole_step.crops.recipes)
+    for step in range(3):
+        lr, beta = 1e-3 * (step + 1), 0.5 + step / 4
+        twin_optimizer.param_groups[0]["lr"] = lr
+        expected = train.training_step(twin, readable(images, train.augmentation_generator(0, step, 0)), labels,
+                                       twin_optimizer, fp32, method, 10.0, 1.0, beta)
+        got = whole_step(images, labels, train.augmentation_generator(0, step, 0), lr, beta)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=2e-4), (step, got, expected)
+        if step == 0:
+            assert all(torch.equal(a.grad, b.grad) for a, b in zip(net.parameters(), twin.parameters()))
+            assert all(torch.allclose(a, b, rtol=0, atol=1e-3 * lr) for a, b in zip(net.parameters(), twin.parameters()))
+    difference = torch.cat([(a - b).flatten() for a, b in zip(net.parameters(), twin.parameters())]).abs()
+    assert difference.mean() < 1e-2 * 6e-3 and difference.max() < 2 * 6e-3     # 6e-3: the three steps' lr
+    for key, value in twin.state_dict().items():          # BatchNorm's running statistics
+        if "running" in key:
+            assert torch.allclose(net.state_dict()[key], value, rtol=1e-3, atol=1e-4), key
+    assert whole_step.state[0]["step"].item() == 3
+    torch.compiler.reset()
+    torch._dynamo.config.trace_autograd_ops = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # Dynamo's notes on the lru_caches it traces through
+            explained = torch._dynamo.explain(whole_step.step)()
+    finally:
+        torch._dynamo.config.trace_autograd_ops = False
+        torch.compiler.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert explained.op_count > 300                      # the crops, the network, backward and AdamW in it
+
+
+def test_the_whole_step_reads_nothing_on_the_host_and_copies_nothing_to_the_device(monkeypatch):
+    # On the meta device, which stands for a GPU, a tensor has a shape and no value: any read of a value by
+    # the host inside the step (.item(), a nonzero, an `if` on a tensor) raises. The step function that the
+    # graph captures runs there whole, and DeviceOperations counts no copy from the host among its
+    # operations: every input reaches it through the ParameterBuffer's one copy, before the step. (autocast
+    # knows no meta device; the loss's "autocast off" is what float32 does anyway.)
+    real_autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device_type, **kwargs: contextlib.nullcontext()
+                        if device_type == "meta" else real_autocast(device_type, **kwargs))
+    net, _, _, whole_step, images, labels, _ = graph_step_parts(device="meta")
+    whole_step(images.to("meta"), labels.to("meta"), train.augmentation_generator(0, 0, 0), 1e-3, 1.0)
+    with benchmark.DeviceOperations("meta") as counter:
+        terms = whole_step.step()
+    assert terms.device.type == "meta" and terms.shape == (len(train.LOGGED["hydes"]),)
+    assert counter.count > 300 and counter.transfers == 0
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in whole_step.params)
+    with pytest.raises(Exception):                       # the check is real: a host read on meta raises
+        terms[0].item()
+
+
+def test_the_whole_step_compiles_with_fullgraph_and_computes_what_the_function_computes():
+    # torch.compile(fullgraph=True) refuses any graph break; AOT autograd's eager backend runs the traced
+    # forward-and-backward graph as it is (no code generation: seconds, not minutes) and must give the
+    # eager function's terms and weights
+    net, twin, _, whole_step, images, labels, fp32 = graph_step_parts()
+    eager = copy.deepcopy(whole_step)
+    torch.compiler.reset()
+    torch._dynamo.config.trace_autograd_ops = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            whole_step.function = torch.compile(whole_step.step, fullgraph=True, backend="aot_eager")
+            for step in range(2):
+                got = whole_step(images, labels, train.augmentation_generator(0, step, 0), 1e-3, 1.0)
+                expected = eager(images, labels, train.augmentation_generator(0, step, 0), 1e-3, 1.0)
+                assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.config.trace_autograd_ops = False
+        torch.compiler.reset()
+    for mine, reference in zip(whole_step.params, eager.params):
+        assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_graph_run_follows_the_readable_run_and_resumes_bit_exact(tmp_path):
+    # train.py --step-graph: 2 epochs straight, and 1 epoch then --resume: the same weights, moments and
+    # probe bit for bit; against the run without it, the same log to float32 rounding. A run may also
+    # switch between the two on --resume: the checkpoint is the same
+    common = tiny_run(tmp_path) + ["--eval-every", "1", "--knn-k", "3"]
+    train.main(common + ["--out", str(tmp_path / "readable"), "--epochs", "2"])
+    train.main(common + ["--out", str(tmp_path / "graph"), "--epochs", "2", "--step-graph"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1", "--step-graph"])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--step-graph"])
+    graph = torch.load(tmp_path / "graph" / "ckpt.pt", weights_only=True)
+    assert_same_training_state(graph, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+    readable = torch.load(tmp_path / "readable" / "ckpt.pt", weights_only=True)
+    for key, value in readable["model"].items():
+        assert torch.allclose(graph["model"][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("readable", "graph")]
+    for a, b in zip(*logs):
+        for term in ("loss", "h_global", "h_local", "mi", "lr", "kappa", "beta"):
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-4), term
+    # switching: the readable step continues the graph's run from its checkpoint
+    train.main(common + ["--out", str(tmp_path / "switched"), "--epochs", "1", "--step-graph"])
+    train.main(common + ["--out", str(tmp_path / "switched"), "--epochs", "2", "--resume", "--no-step-graph"])
+    switched = torch.load(tmp_path / "switched" / "ckpt.pt", weights_only=True)
+    assert switched["step"] == 4 and switched["args"]["step_graph"] is False
+    for key, value in readable["model"].items():
+        assert torch.allclose(switched["model"][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+
+
+def test_step_graph_refuses_what_a_graph_cannot_hold_in_one_line(tmp_path, monkeypatch):
+    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1", "--step-graph"]
+    for extra, message in ((["--kappa-final", "1"], "--step-graph holds kappa fixed"),
+                           (["--precision", "fp16"], "--step-graph runs without fp16's gradient scaling"),
+                           (["--compile", "reduce-overhead"], "--step-graph captures its own CUDA graph")):
+        with pytest.raises(SystemExit, match=message) as refused:
+            train.main(common + extra)
+        assert "\n" not in str(refused.value.code)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--step-graph runs on one process"):
+        train.main(common)
+    monkeypatch.delenv("WORLD_SIZE")
+    path = tmp_path / "images" / "train" / "a" / "000.jpg"        # a folder of mixed sizes
+    Image.open(path).resize((48, 36)).save(path)
+    with pytest.raises(SystemExit, match="--step-graph cuts the crops of whole batches of one image size") as refused:
+        train.main(common)
+    assert "\n" not in str(refused.value.code) and not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from records import append_jsonl
 from resume import (NothingToTrain, checkpoint_state, epoch_sums_so_far, open_run_folder, process_holding, restore,
                     resume_settings)
 from runcontrol import RunControl, distributed_setup
+from step_graph import WholeStep
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms; both log how close the MI
@@ -173,6 +174,12 @@ def build_parser():
                         "--compile alone is torch.compile's default mode; --compile reduce-overhead also replays "
                         "the compiled forward and backward as CUDA graphs, one launch for hundreds of kernels "
                         "(GPUs only, measured on one GPU, not yet under torchrun; on a CPU it is the default mode)")
+    g.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="the whole step (crops, network, loss, AdamW) as one function of fixed shapes, captured as "
+                        "ONE CUDA graph and replayed each step, so the GPU never waits for the host (step_graph.py); "
+                        "with --compile, compiled into one graph first. The same views and arithmetic as without it, "
+                        "up to float32 rounding. One GPU, bf16 or fp32, a fixed --kappa; on a CPU the same function runs. "
+                        "--resume may switch it on or off (--no-step-graph)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass (the loss is float32 whatever this says). auto: bf16 "
                         "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs; on CPUs "
@@ -242,7 +249,7 @@ def train(args, checkpoint, control):
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
     recipes = view_recipes(args)
     batches, order, classes = training_data(args, recipes, control)
-    crops = BatchedMultiCrop(recipes)
+    crops = BatchedMultiCrop(recipes, every_crop=args.step_graph)    # every_crop: shapes fixed for a graph
     steps_per_epoch = order.batches_per_epoch
     control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
@@ -258,6 +265,7 @@ def train(args, checkpoint, control):
     monitor = Monitor(args, device, labelled_training_images(batches, args))
     step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
     model = parallel(net, args, control)
+    whole_step = one_graph_step(args, net, optimizer, crops, precision, device) if args.step_graph else None
     if control.main_process:
         control.claim_run_folder()                 # a second train.py on OUT is refused from here on
         open_run_folder(args, checkpoint, step)
@@ -286,14 +294,21 @@ def train(args, checkpoint, control):
         sums = epoch_sums_so_far(checkpoint, logged, step - first_step, device)
         description = f"epoch {epoch + 1}/{args.epochs}"
         for images, labels in control.batches(batches, step, sums, step - first_step, description):
-            for group in optimizer.param_groups:        # the schedule is a function of the step: resumable
-                group["lr"] = learning_rate(args, step, steps_per_epoch)
-            # uint8 images (B, 3, H, W), or the V uint8 crops the workers cut from images of mixed sizes ->
-            # V views (B, 3, h, w), globals first, drawn from a generator seeded by (seed, step, rank): a
-            # resumed run draws the views an uninterrupted one would.
-            views = crops(images, augmentation_generator(args.seed, step, control.rank))
-            kappa, beta = loss_schedule(args, step, control.total_steps)
-            terms = training_step(model, views, labels, optimizer, precision, args.method, kappa, args.alpha, beta)
+            lr = learning_rate(args, step, steps_per_epoch)         # the schedules are functions of the step:
+            kappa, beta = loss_schedule(args, step, control.total_steps)   # a resumed run continues them
+            # The augmentation is drawn from a generator seeded by (seed, step, rank): a resumed run draws
+            # the views an uninterrupted one would.
+            generator = augmentation_generator(args.seed, step, control.rank)
+            if whole_step:             # --step-graph: the same step as one graph (step_graph.py)
+                terms = whole_step(images, labels, generator, lr, beta)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # uint8 images (B, 3, H, W), or the V uint8 crops the workers cut from images of mixed
+                # sizes -> V views (B, 3, h, w), globals first
+                views = crops(images, generator)
+                terms = training_step(model, views, labels, optimizer, precision, args.method, kappa, args.alpha,
+                                      beta)
             sums += terms
             control.watch(terms)       # a non-finite loss is recorded on the device, read at the next log step
             step += 1
@@ -427,7 +442,20 @@ def parallel(net, args, control):
     if control.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[control.device.index] if control.device.type == "cuda" else None)
+    if args.step_graph:                    # the step graph compiles the whole step itself
+        return model
     return torch.compile(model, mode=args.compile) if args.compile else model
+
+
+def one_graph_step(args, net, optimizer, crops, precision, device):
+    """--step-graph: training_step with the crops before it, as one graph (step_graph.WholeStep)."""
+    if precision.scaler.is_enabled():
+        raise SystemExit(f"error: --step-graph runs without fp16's gradient scaling, and {device} has no bf16; "
+                         f"pass --precision fp32, or drop --step-graph")
+
+    def loss(z, labels, beta):             # kappa is fixed (checks.py refuses --kappa-final with the graph)
+        return objective(z, labels, args.method, args.kappa, args.alpha, beta)
+    return WholeStep(net, optimizer, crops, loss, LOGGED[args.method], precision, device, compile=bool(args.compile))
 
 
 def seed_everything(seed):
