@@ -51,6 +51,7 @@ import itertools
 import os
 import time
 import traceback
+import types
 import warnings
 
 import numpy as np
@@ -59,6 +60,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import evaluate
 import train
 from batched_crops import BatchedMultiCrop
 from checks import (NARROW_RESNET_ON_A_CPU, HelpFormatter, ctrl_c_in_one_line, first_problem, narrow_resnet_on_a_cpu,
@@ -155,6 +157,10 @@ def parse_args(argv=None):
                    help="time the multi-crop pipelines instead of training steps: batched, MultiCrop, Lightly")
     p.add_argument("--batch-size", type=int, default=256,
                    help="--augmentations: images per batched call; larger amortises Python overhead, up to memory")
+    p.add_argument("--monitor", type=int, nargs=2, metavar=("TRAIN", "TEST"),
+                   help="time train.py's online evaluation instead (features of TRAIN + TEST in-memory uint8 images "
+                        "of the first --inputs setting, k-NN, the probe's two epochs), twice: e.g. 50000 10000, "
+                        "CIFAR-10's")
     return p.parse_args(argv)
 
 
@@ -162,6 +168,32 @@ def noise_images(count, side, seed):
     """count seeded uniform-noise images: uint8 (N, 3, side, side) and the same as PIL images."""
     pixels = np.random.default_rng(seed).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [Image.fromarray(p) for p in pixels]
+
+
+def monitor_seconds(name, train_count, test_count, args, device):
+    """train.py's Monitor.evaluate on train_count + test_count noise images of setting `name` (INPUTS),
+    kept in the device's memory as the monitor keeps CIFAR's and STL-10's, with 10 classes and the
+    paper's network -> the seconds of its first evaluation (cuDNN's choices, the probe's set-up) and of
+    its second, what every later one takes."""
+    side, global_size, _, arch = INPUTS[name]
+    settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device, "--global-size", str(global_size),
+                                                *(["--width", str(args.width)] if args.width and arch != "vit_tiny" else [])])
+    torch.manual_seed(args.seed)
+    net = HyDeSModel(build_backbone(arch, global_size, settings.width, stem=args.stem), 64, 16).to(device)
+    monitor = train.Monitor(settings, device)
+    monitor.images.decoded = [torch.utils.data.TensorDataset(noise_images(count, side, args.seed)[0].to(device),
+                                                             torch.arange(count, device=device) % 10)
+                              for count in (train_count, test_count)]
+    probe = evaluate.PaperLinearProbe(net.backbone.num_features, 10, device, args.seed)
+    control = types.SimpleNamespace(main_process=True, barrier=lambda: None)
+    seconds = []
+    for step in range(2):
+        start = time.perf_counter()
+        monitor.evaluate(net, probe, step, control)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def images_per_second(run_once, images_per_call, seconds, synchronize=lambda: None):
@@ -473,6 +505,7 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     refuse(first_problem([
         (args.batch_size >= 1 and args.step_batch_size >= 2, "--batch-size must be >= 1 and --step-batch-size >= 2"),
+        (args.monitor is None or min(args.monitor) >= 1, "--monitor takes two image counts >= 1 (train, test)"),
         numbers_are_finite(args, ("seconds",)),
         (args.seconds > 0 and args.threads >= 1, "--seconds must be > 0 and --threads >= 1"),
         seed_rule(args.seed),
@@ -495,6 +528,12 @@ def measure(args):
     print(describe_device(device, torch.get_num_threads()))
     operations, _ = crop_device_operations(dino_recipes(32, 16), batch=128, side=32)   # any size: the same
     print(f"device operations per step in the crops: {operations} (was {CROP_OPERATIONS_BEFORE})")
+    if args.monitor:
+        train_count, test_count = args.monitor
+        first, later = monitor_seconds(args.inputs[0], train_count, test_count, args, device)
+        print(f"monitor, {args.inputs[0]}: {train_count:,} + {test_count:,} images in memory: the first evaluation "
+              f"{first:.1f} s, the next {later:.1f} s ({(train_count + test_count) / later:,.0f} images/s)")
+        return first, later
     if args.augmentations:
         rows = []
         for name in args.inputs:

@@ -28,8 +28,12 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     the last bits. exact=True: in float32 throughout, for analyze.py, whose numerical ranks count singular
     values above float32 rounding: bf16's 8-bit mantissa rounds every feature by ~0.4% and fills the null
     space, so a rank-16 matrix comes out as rank 200 or more."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    if isinstance(dataset, torch.utils.data.TensorDataset):     # images already in memory (train.py's monitor):
+        images, targets = dataset.tensors                          # slices of them, no loader, no per-image Python
+        loader = [(images[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                             pin_memory=device.type == "cuda")
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
@@ -41,7 +45,7 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
         images = images.contiguous(memory_format=memory_format)     # (B, 3, H, W), NHWC in memory for ResNets
         with autocast:
             features.append(backbone(images).float().cpu())
-        labels.append(targets)
+        labels.append(targets.cpu())
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
 

