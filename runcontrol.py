@@ -170,14 +170,15 @@ class RunControl:
         return self.first_step_ended
 
     def estimate_once(self, seconds_per_step, step):
-        """Once the first steps are timed: on one GPU without CUDA graphs, that --compile reduce-overhead
-        would make the steps faster; if the whole run would take more than a few hours here, say so, and on a
-        CPU how to try the method in minutes (a fresh machine runs the paper's 200 full-width epochs)."""
+        """Once the first steps are timed: on one GPU without CUDA graphs (neither --compile reduce-overhead
+        nor --step-graph), that --compile reduce-overhead would make the steps faster; if the whole run
+        would take more than a few hours here, say so, and on a CPU how to try the method in minutes (a
+        fresh machine runs the paper's 200 full-width epochs)."""
         if self.estimated or not self.main_process or not self.total_steps:
             return
         self.estimated = True
         gpu = self.device.type == "cuda"
-        if gpu and self.world_size == 1 and self.args.compile != "reduce-overhead":
+        if gpu and self.world_size == 1 and self.args.compile != "reduce-overhead" and not self.args.step_graph:
             tqdm.write("note: --compile reduce-overhead replays the network as CUDA graphs, which speeds up steps "
                        "bound by kernel launches, as the paper's small crops make them (SPEED.md)")
         hours = seconds_per_step * (self.total_steps - step) / 3600

@@ -40,6 +40,8 @@ replay that follows computes. On a CPU the same function runs each call (compile
 --compile: `torch.compile(fullgraph=True)` refuses any break).
 """
 
+import warnings
+
 import torch
 
 WARMUP_STEPS = 3        # eager steps on a side stream before the capture (PyTorch's CUDA-graph guide uses 3)
@@ -137,6 +139,9 @@ class WholeStep:
         self.images = self.labels = self.buffer = None     # the inputs the graph reads: see fixed_inputs
         if compile:
             torch._dynamo.config.trace_autograd_ops = True      # lets Dynamo trace backward() into the graph
+            # Dynamo notes each lru_cache it traces through; those the step meets cache pure functions of the
+            # settings (batched_crops.products_dtype, hydes.log_vmf_normalizer), so the notes are noise
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
         self.function = torch.compile(self.step, fullgraph=True) if compile else self.step
         self.calls, self.graph, self.terms = 0, None, None
 

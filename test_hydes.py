@@ -28,6 +28,9 @@ What they check:
 - Table III's definitions on matrices of known spectrum.
 - Spearman correlation and average-linkage clustering against hand-computed and scipy references;
   WordNet similarities against hypernym paths (Table IV).
+- The whole step as one graph (step_graph.py): its fixed-shape crops against the readable ones bit for
+  bit, its AdamW against torch.optim.AdamW and a closed form, its step against train.training_step, one
+  Dynamo graph with no break, no host read on the meta device, a fullgraph compile, bit-exact resume.
 - Bit-exact resume, also after Ctrl-C mid-epoch; a kill during a checkpoint write.
 - Every bad input and fault of ERRORS.md's table (two processes on one run folder among them): each row
   of that table is a test.
@@ -2727,15 +2730,17 @@ def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(
     quick.estimate_once(seconds_per_step=2.0, step=20)        # 25 minutes: nothing to say
     assert capsys.readouterr().out == ""
     # On one GPU: CUDA graphs are named unless in use; the laptop settings never (they are for CPUs)
-    for compile_mode, world_size, hours in ((None, 1, 43), ("default", 1, 0), ("reduce-overhead", 1, 43),
-                                            (None, 2, 43)):
+    for compile_mode, world_size, hours, step_graph in ((None, 1, 43, False), ("default", 1, 0, False),
+                                                        ("reduce-overhead", 1, 43, False), (None, 2, 43, False),
+                                                        (None, 1, 43, True)):
         gpu = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
         gpu.device, gpu.world_size = torch.device("cuda"), world_size         # as under torchrun on GPUs
         gpu.args.compile, gpu.total_steps = compile_mode, 20 + 1800 * hours   # 2 s a step: 1,800 an hour
+        gpu.args.step_graph = step_graph
         gpu.estimate_once(seconds_per_step=2.0, step=20)
         printed = capsys.readouterr().out
-        assert ("--compile reduce-overhead replays the network as CUDA graphs" in printed) == (compile_mode != "reduce-overhead"
-                                                                      and world_size == 1)
+        assert ("--compile reduce-overhead replays the network as CUDA graphs" in printed) == (
+            compile_mode != "reduce-overhead" and world_size == 1 and not step_graph)
         assert ("more hours on cuda." in printed) == (hours > 3) and "--width" not in printed
 
 

@@ -20,7 +20,8 @@ and at evaluations linear and k-NN top-1 and top-5).
 
 What a reader may skip lives in files of its own: loading.py feeds the batches, runcontrol.py decides
 when a run stops early (Ctrl-C, SIGTERM, --max-minutes, a non-finite loss), resume.py saves and restores
-the run bit for bit, checks.py refuses bad settings in one line, precision.py picks the arithmetic.
+the run bit for bit, checks.py refuses bad settings in one line, precision.py picks the arithmetic, and
+step_graph.py runs training_step with its crops as one CUDA graph (--step-graph).
 """
 
 import argparse
