@@ -132,6 +132,9 @@ class WholeStep:
             raise ValueError("WholeStep runs without gradient scaling (fp16): use bf16 or fp32")
         self.net, self.crops, self.loss, self.logged, self.precision = net, crops, loss, logged, precision
         self.device = device
+        if device.type == "cuda" and device.index is not None:
+            # The capture stream, the replay and the buffer's events use the current device: make it this one
+            torch.cuda.set_device(device)
         group, = optimizer.param_groups       # train.py's one group of every parameter
         self.params = [p for p in group["params"] if p.requires_grad]
         self.hyper = {"betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"]}
@@ -217,9 +220,13 @@ class WholeStep:
 
     def capture(self):
         """Record the step as a CUDA graph; its output `terms` is rewritten by every replay. The gradients
-        are dropped first, so that backward allocates them in the graph's own memory."""
+        are dropped first, so that backward allocates them in the graph's own memory. thread_local: the
+        loading workers' pin-memory thread may call CUDA during the capture (a page-locked allocation),
+        which the default mode ("global") counts as breaking it; PyTorch's own CUDA-graph trees capture
+        so too. The graph is kept only once its capture has ended well."""
         for p in self.params:
             p.grad = None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.terms = self.function()
+        self.graph = graph
