@@ -14,8 +14,9 @@ STL-10's ViT-Tiny with 2 x 96 + 6 x 48 px views of 96 px images, batch 128, trai
 everything else. The images are seeded uniform noise (no download): a step does the same work
 whatever the pixels. For each setting, each precision the device offers (bf16 autocast, fp16 autocast
 with gradient scaling, float32), each layout of a ResNet's tensors (channels_last, contiguous) and, on
-a GPU, eager, torch.compile'd (with train.py's precision and layout) and torch.compile'd with CUDA
-graphs (mode "reduce-overhead", train.py --compile reduce-overhead), one row:
+a GPU, eager, torch.compile'd (with train.py's layout, and its precision unless --precision names
+others) and torch.compile'd with CUDA graphs (mode "reduce-overhead", train.py --compile
+reduce-overhead), and the whole step as one graph (train.py --step-graph), one row:
   img/s            whole training steps as train.py runs them: the batched crops of a uint8 batch on the
                    device, the forward pass, the loss, backward and AdamW (train.training_step); images/s
                    count source images, 8 views each
@@ -132,9 +133,10 @@ def parse_args(argv=None):
                         "reduce-overhead: as train.py --compile reduce-overhead, compiled and replayed as CUDA "
                         "graphs; step-graph: as train.py --step-graph, the whole step (crops, network, loss, AdamW) "
                         "replayed as one CUDA graph (on a CPU the same function, run as it is); step-graph-compiled: "
-                        "as train.py --step-graph --compile. Rows other than eager in train.py's precision and layout "
-                        "only (a compiled one compiles for a minute or more), in the order given; default: all five "
-                        "on a GPU, eager on a CPU")
+                        "as train.py --step-graph --compile. Rows other than eager in train.py's layout only, and in its "
+                        "precision unless --precision names others (step-graph rows never in fp16, which train.py "
+                        "refuses there); a compiled one compiles for a minute or more. In the order given; default: "
+                        "all five on a GPU, eager on a CPU")
     p.add_argument("--forward", nargs="+", default=["per-view"], choices=FORWARDS,
                    help="train.py's --forward to time: per-view (the paper's setup, train.py's default: BatchNorm "
                         "over each view) or per-resolution (BatchNorm over all the views of a crop size)")
@@ -225,7 +227,7 @@ def precisions_to_time(args, device, auto):
 
 def step_rows(name, forward, args, device):
     """The table's rows for one setting (INPUTS[name]), yielded one by one as each is measured, each a dict:
-    every precision and layout eager, and train.py's precision and layout compiled (--modes); see the module
+    every precision and layout eager, the other --modes in train.py's layout and precision (or --precision's); see the module
     docstring for what each column measures. A row that fails records its error and the next one runs."""
     side, global_size, local_size, arch = INPUTS[name]
     resnet = ["--stem", args.stem] + (["--width", str(args.width)] if args.width else [])
@@ -253,8 +255,10 @@ def step_rows(name, forward, args, device):
         if mode == "eager":                   # every precision and layout
             variants += [(precision, layout, mode) for precision in precisions_to_time(args, device, auto)
                          for layout in layouts]
-        else:                                 # compiled: train.py's precision and layout only
-            variants.append((auto, default.memory_format, mode))
+        else:        # compiled: train.py's layout, and its precision unless --precision names others
+            variants += [(precision, default.memory_format, mode)
+                         for precision in (precisions_to_time(args, device, auto) if args.precision else [auto])
+                         if not (mode in STEP_GRAPH_MODES and precision == "fp16")]   # train.py refuses fp16 there
     for precision_name, layout, mode in variants:
         row = {"setting": f"{name} {global_size}/{local_size} px", "network": describe(arch, settings),
                "precision": precision_name, "layout": LAYOUTS[layout], "mode": mode,

@@ -1243,8 +1243,10 @@ def test_the_per_view_network_compiles_into_one_graph_that_computes_what_eager_d
     eager = net(views)
     hydes.hydes_loss(eager, 10.0)["loss"].backward()
     assert torch.allclose(z, eager, atol=1e-4)
+    # Each parameter's gradient to 1e-3 of its norm: inductor sums float32 in another order, and the CPU's
+    # vector width (AVX2 or AVX-512) changes which single entries move most (about 1e-4 of the norm on AVX-512)
     for mine, theirs in zip(twin.parameters(), net.parameters()):
-        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-4 * theirs.grad.abs().max())
+        assert (mine.grad - theirs.grad).norm() <= 1e-3 * theirs.grad.norm()
     for mine, theirs in zip(twin.buffers(), net.buffers()):
         assert torch.allclose(mine.float(), theirs.float(), atol=1e-5)
     assert twin.backbone.bn1.num_batches_tracked.item() == 4                  # moved by each of the 4 views
@@ -3548,6 +3550,7 @@ def test_the_benchmarks_step_graph_row_checks_a_replayed_steps_gradient_and_the_
     eager, graph = (next(r for r in rows if r["mode"] == mode and r["layout"] == "channels_last")
                     for mode in ("eager", "step-graph"))
     assert graph["images_per_s"] > 0 and "error" not in graph
+    assert graph["precision"] == "fp32"        # --precision's, not train.py's default (bf16 on some CPUs)
     assert graph["gradient_error"] == pytest.approx(eager["gradient_error"], rel=1e-3, abs=1e-6)
     first, later = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--monitor", "300", "100"])
     assert 0 < later and 0 < first
