@@ -227,8 +227,8 @@ def precisions_to_time(args, device, auto):
 
 def step_rows(name, forward, args, device):
     """The table's rows for one setting (INPUTS[name]), yielded one by one as each is measured, each a dict:
-    every precision and layout eager, the other --modes in train.py's layout and precision (or --precision's); see the module
-    docstring for what each column measures. A row that fails records its error and the next one runs."""
+    every precision and layout eager, the other --modes in train.py's layout and precision (or --precision's);
+    see the module docstring for what each column measures. A row that fails records its error and the next one runs."""
     side, global_size, local_size, arch = INPUTS[name]
     resnet = ["--stem", args.stem] + (["--width", str(args.width)] if args.width else [])
     settings = train.build_parser().parse_args(["--arch", arch, "--device", args.device, "--forward", forward,
@@ -255,7 +255,7 @@ def step_rows(name, forward, args, device):
         if mode == "eager":                   # every precision and layout
             variants += [(precision, layout, mode) for precision in precisions_to_time(args, device, auto)
                          for layout in layouts]
-        else:        # compiled: train.py's layout, and its precision unless --precision names others
+        else:        # the other modes: train.py's layout, and its precision unless --precision names others
             variants += [(precision, default.memory_format, mode)
                          for precision in (precisions_to_time(args, device, auto) if args.precision else [auto])
                          if not (mode in STEP_GRAPH_MODES and precision == "fp16")]   # train.py refuses fp16 there
