@@ -133,8 +133,8 @@ def parse_args(argv=None):
                         "reduce-overhead: as train.py --compile reduce-overhead, compiled and replayed as CUDA "
                         "graphs; step-graph: as train.py --step-graph, the whole step (crops, network, loss, AdamW) "
                         "replayed as one CUDA graph (on a CPU the same function, run as it is); step-graph-compiled: "
-                        "as train.py --step-graph --compile. Rows other than eager in train.py's layout only, and in its "
-                        "precision unless --precision names others (step-graph rows never in fp16, which train.py "
+                        "as train.py --step-graph --compile. Rows other than eager in train.py's layout only, and in "
+                        "its precision unless --precision names others (step-graph rows never in fp16, which train.py "
                         "refuses there); a compiled one compiles for a minute or more. In the order given; default: "
                         "all five on a GPU, eager on a CPU")
     p.add_argument("--forward", nargs="+", default=["per-view"], choices=FORWARDS,
