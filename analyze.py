@@ -4,9 +4,8 @@
     python analyze.py resnet50.pth --dataset imagenet --data-dir /path/to/imagenet --table3 t3.md
     python analyze.py curves runs/kappa0.1 runs/kappa1 runs/kappa10 --out fig7.png     # Figs. 6-8
 
-For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled --split
-(default test; extracted once in float32 and cached, shared with evaluate.py where its features are
-float32), it reports:
+For the checkpoint's dataset (or --dataset), on the frozen backbone's features of the labelled test split
+(extracted once in float32 and cached, shared with evaluate.py where its features are float32), it reports:
 
   Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank,
                                       embedding rank, d', mean +- std pairwise angle over all pairs and
@@ -22,38 +21,27 @@ float32), it reports:
                                       SmoothGrad-CAM over all stages; ViT: CLS-to-patch attention
                                       averaged over heads and blocks)
 
-The file follows that list: Table III, Table IV, Fig. 5, Figs. 2 and 3, then the entry point (`main`, and
-`analyze_checkpoint`, which runs them in that order). The learning curves, a program of their own, come last.
-
-Anisotropy, embedding rank and correlation follow the evaluation code that the paper cites (Kalapos &
-Gyires-Tóth 2024, SSL-Whitening's pretrain/metrics.py; the notes above `anisotropy` say what was read
-there). The other columns, which the paper names without defining, are ours, each stated beside the code.
+Anisotropy, embedding rank and correlation follow the code that the paper cites (Kalapos & Gyires-Tóth
+2024; the notes above `anisotropy`); the other columns, which the paper names without defining, are ours.
 
 Optional extras, imported only where needed: nltk with WordNet for the WordNet columns and the WordNet
 ordering of the heat map (pip install nltk && python -m nltk.downloader wordnet), sentence-transformers
 for the MiniLM column (pip install sentence-transformers). Without them the other measurements are still
-written and the skipped columns are named. Spearman correlation, average-linkage clustering and
-cophenetic distances are computed here in numpy.
+written and the skipped columns are named.
 
 Every picture is drawn with PIL, already there for torchvision: no figure needs an optional package, and
 the heat map's cells, its colour bar and the saliency overlays are pixels computed here (and checked by
-the tests), not a plotting library's rendering. The learning curves are a small PIL line chart in
-matplotlib's default colours, so that they look like the usual plots.
-
-`analyze.py curves RUN ...` draws learning curves instead (Figs. 6-8): a metric of each run's log.jsonl
-per epoch (default the online linear probe's top-1 that train.py logs, what the figures plot), one
-labelled line per run, in one PNG.
+the tests). `analyze.py curves RUN ...` (Figs. 6-8) draws a metric of each run's log.jsonl per epoch
+(default the online linear probe's top-1, what the figures plot), one labelled line per run, in one PNG.
 
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
-centroids.png (the paper's 0-1 colour scale), centroids_contrast.png (the scale stretched to the
-off-diagonal range), saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
+centroids.png, saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
 Markdown files that several runs share.
 """
 
 import argparse
 import math
 import os
-import random
 import re
 import sys
 
@@ -63,16 +51,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing,
-                         network_digest, parse_checkpoint_arguments)
-from checks import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
-                    seed_rule, unwritable,
-                    unwritable_file)
-from data import (GLOBAL_SCALE, DatasetError, MultiCrop, dataset_split, default_crop_sizes, dino_recipes,
+from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, keep_results,
+                         load_for_probing, network_digest, parse_checkpoint_arguments, read_jsonl)
+from data import (GLOBAL_SCALE, DatasetError, dataset_split, default_crop_sizes, dino_recipes, multi_crop,
                   eval_transform, save_png, unnormalize)
 from features import cached_features, extract_features
 from models import VisionTransformer
-from records import keep_results, read_jsonl
+from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
+                      seed_rule, unwritable, unwritable_file)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,9 +85,8 @@ from records import keep_results, read_jsonl
 # rounding. (iii) A constant dimension (a dead ReLU channel) has no Pearson correlation (0/0): that
 # file's main value then turns into -1, and its "nan-safe" value counts the dimension's pairs as 0 while
 # keeping F(F-1) in the denominator; we compute the latter, which is the former whenever no dimension is
-# constant, and report how many dimensions were constant.
-# (iv) That file calls torch.matrix_rank, deprecated since PyTorch 1.9 and since removed (2.14 raises):
-# its container has 1.10; on a PyTorch without it, its try/except reports a rank of -1.
+# constant, and report how many dimensions were constant. (iv) It calls torch.matrix_rank, deprecated in
+# PyTorch 1.9 and since removed: on today's PyTorch its try/except reports a rank of -1 (its container: 1.10).
 #
 # The other columns of Table III (CVN, centroid rank, d', the angles) are not in that file: their
 # definitions are ours, each stated with its reference beside the code. So are three extra columns kept
@@ -125,12 +110,11 @@ def anisotropy(sigma):
 
 
 def rank_above(sigma, tol=0.1):
-    """The number of singular values strictly above tol: torch.linalg.matrix_rank(X, atol=tol, rtol=0).
-
-    With tol = 0.1 this is Table III's rank, computed on the raw features X (N, F). Source: SSL-Whitening,
-    pretrain/metrics.py, whose tolerance is absolute: a direction counts when sigma_k > 0.1, whatever the
-    features' scale (scaling X by c scales every sigma_k by c), so it is a rank "above 0.1", not a count of
-    directions above rounding noise; numerical_rank is that count.
+    """Table III's rank: the number of singular values of the raw features X (N, F) strictly above 0.1,
+    torch.linalg.matrix_rank(X, atol=0.1, rtol=0). Source: SSL-Whitening, pretrain/metrics.py, whose
+    tolerance is absolute: a direction counts when sigma_k > 0.1, whatever the features' scale (scaling X
+    by c scales every sigma_k by c), so it is a rank "above 0.1", not a count of directions above rounding
+    noise; numerical_rank is that count.
     """
     return int((sigma > tol).sum())
 
@@ -162,9 +146,8 @@ def feature_correlation(feats):
 
     Source: SSL-Whitening, pretrain/metrics.py. r_ab = cov_ab / (std_a std_b) over the N features (the
     1/N or 1/(N-1) of the covariance cancels). 0 for decorrelated dimensions, the target of Barlow Twins
-    and VICReg. A constant dimension (a dead ReLU channel) has no correlation: its pairs count as 0 and
-    stay in the F(F-1) (see the notes above). Returns (correlation, the number of constant dimensions);
-    the correlation is nan for a single dimension.
+    and VICReg. A constant dimension's pairs count as 0 (see the notes above). Returns (correlation, the
+    number of constant dimensions); the correlation is nan for a single dimension.
     """
     feats = feats.double()
     centred = feats - feats.mean(0)                                          # (N, F)
@@ -262,19 +245,23 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, cen
 # Positive pairs: two views of one image under the training augmentation (Table III, Section VI-B)
 
 class TwoViews(torch.utils.data.Dataset):
-    """Item 2k is image k's first global crop, item 2k + 1 its second (DINO's two global recipes, made by
-    data.MultiCrop, the PIL form of the batched crops training uses, from the image at its own size), so
-    that extract_features returns pairs in adjacent rows."""
+    """Item 2k is image k's first global crop, item 2k + 1 its second: DINO's two global recipes
+    (`recipes`), made by data.multi_crop as training makes them, from the image at its own size. Both items
+    of a pair come from one draw, of a generator seeded by (seed, k), whichever loading worker makes them,
+    so that extract_features returns pairs in adjacent rows."""
 
-    def __init__(self, dataset, indices, multicrop):
-        self.dataset, self.indices, self.views = dataset, indices, multicrop.transforms[:2]
+    def __init__(self, dataset, indices, recipes, seed):
+        self.dataset, self.indices, self.recipes, self.seed = dataset, indices, recipes, seed
 
     def __len__(self):
         return 2 * len(self.indices)
 
     def __getitem__(self, item):
-        image, label = self.dataset[self.indices[item // 2]]
-        return self.views[item % 2](image), label
+        image, label = self.dataset[self.indices[item // 2]]                 # PIL image, RGB, of any size
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]    # (1, 3, H, W) uint8
+        seed = int(np.random.SeedSequence([self.seed, item // 2]).generate_state(1, np.uint64)[0])
+        views = multi_crop(pixels, torch.tensor([pixels.shape[-2:]]), self.recipes, torch.Generator().manual_seed(seed))
+        return views[item % 2][0], label                                     # (3, s, s), normalised
 
 
 def positive_pair_features(backbone, dataset, data_dir, split, train_args, image_size, count, device,
@@ -282,18 +269,15 @@ def positive_pair_features(backbone, dataset, data_dir, split, train_args, image
     """Features (2, P, F) of two augmented views of P seeded random images of the split.
 
     The augmentation is the checkpoint's training one (crop sizes, scales, blur); another library's
-    backbone, which carries no training arguments, gets the defaults of data.MultiCrop."""
+    backbone, which carries no training arguments, gets data.dino_recipes' defaults."""
     args = train_args or {}
     global_size, local_size = default_crop_sizes(image_size)
-    multicrop = MultiCrop(dino_recipes(args.get("global_size", global_size), args.get("local_size", local_size),
-                                       global_crops=2, local_crops=0,
-                                       global_scale=tuple(args.get("global_scale", GLOBAL_SCALE)),
-                                       blur=args.get("blur", True)))
+    recipes = dino_recipes(args.get("global_size", global_size), args.get("local_size", local_size),
+                           global_crops=2, local_crops=0, global_scale=tuple(args.get("global_scale", GLOBAL_SCALE)),
+                           blur=args.get("blur", True))
     images = dataset_split(dataset, data_dir, split, transform=None)
     indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    torch.manual_seed(seed)                                     # the crops are random: make them repeatable
-    random.seed(seed)
-    feats, _ = extract_features(backbone, TwoViews(images, indices, multicrop), device, workers=workers,
+    feats, _ = extract_features(backbone, TwoViews(images, indices, recipes, seed), device, workers=workers,
                                 desc="positive pairs", exact=True)
     return feats.view(len(indices), 2, -1).transpose(0, 1)      # (2P, F) -> (P, 2, F) -> (2, P, F)
 
@@ -385,36 +369,6 @@ CIFAR10_SYNSETS = {
 }
 STL10_SYNSETS = {**{k: v for k, v in CIFAR10_SYNSETS.items() if k not in ("automobile", "frog")},
                  "car": "car.n.01", "monkey": "monkey.n.01"}
-# The sense a CIFAR-100 picture shows: fruit as food (apple, orange, pear), the tree (maple, oak, palm),
-# the animal (seal, ray, tiger), the furniture (table, lamp). "aquarium_fish" has no synset: fish.n.01.
-CIFAR100_SYNSETS = {
-    "apple": "apple.n.01", "aquarium_fish": "fish.n.01", "baby": "baby.n.01", "bear": "bear.n.01",
-    "beaver": "beaver.n.07", "bed": "bed.n.01", "bee": "bee.n.01", "beetle": "beetle.n.01",
-    "bicycle": "bicycle.n.01", "bottle": "bottle.n.01", "bowl": "bowl.n.03", "boy": "male_child.n.01",
-    "bridge": "bridge.n.01", "bus": "bus.n.01", "butterfly": "butterfly.n.01", "camel": "camel.n.01",
-    "can": "can.n.01", "castle": "castle.n.02", "caterpillar": "caterpillar.n.01", "cattle": "cattle.n.01",
-    "chair": "chair.n.01", "chimpanzee": "chimpanzee.n.01", "clock": "clock.n.01", "cloud": "cloud.n.02",
-    "cockroach": "cockroach.n.01", "couch": "sofa.n.01", "crab": "crab.n.01", "crocodile": "crocodile.n.01",
-    "cup": "cup.n.01", "dinosaur": "dinosaur.n.01", "dolphin": "dolphin.n.02", "elephant": "elephant.n.01",
-    "flatfish": "flatfish.n.02", "forest": "forest.n.01", "fox": "fox.n.01", "girl": "girl.n.01",
-    "hamster": "hamster.n.01", "house": "house.n.01", "kangaroo": "kangaroo.n.01",
-    "keyboard": "computer_keyboard.n.01", "lamp": "lamp.n.02", "lawn_mower": "lawn_mower.n.01",
-    "leopard": "leopard.n.02", "lion": "lion.n.01", "lizard": "lizard.n.01", "lobster": "lobster.n.02",
-    "man": "man.n.01", "maple_tree": "maple.n.02", "motorcycle": "motorcycle.n.01", "mountain": "mountain.n.01",
-    "mouse": "mouse.n.01", "mushroom": "mushroom.n.03", "oak_tree": "oak.n.02", "orange": "orange.n.01",
-    "orchid": "orchid.n.01", "otter": "otter.n.02", "palm_tree": "palm.n.03", "pear": "pear.n.01",
-    "pickup_truck": "pickup.n.01", "pine_tree": "pine.n.01", "plain": "plain.n.01", "plate": "plate.n.04",
-    "poppy": "poppy.n.01", "porcupine": "porcupine.n.01", "possum": "opossum.n.02", "rabbit": "rabbit.n.01",
-    "raccoon": "raccoon.n.02", "ray": "ray.n.07", "road": "road.n.01", "rocket": "rocket.n.01",
-    "rose": "rose.n.01", "sea": "sea.n.01", "seal": "seal.n.09", "shark": "shark.n.01", "shrew": "shrew.n.02",
-    "skunk": "skunk.n.04", "skyscraper": "skyscraper.n.01", "snail": "snail.n.01", "snake": "snake.n.01",
-    "spider": "spider.n.01", "squirrel": "squirrel.n.01", "streetcar": "streetcar.n.01",
-    "sunflower": "sunflower.n.01", "sweet_pepper": "sweet_pepper.n.02", "table": "table.n.02",
-    "tank": "tank.n.01", "telephone": "telephone.n.01", "television": "television_receiver.n.01",
-    "tiger": "tiger.n.02", "tractor": "tractor.n.01", "train": "train.n.01", "trout": "trout.n.02",
-    "tulip": "tulip.n.01", "turtle": "turtle.n.02", "wardrobe": "wardrobe.n.01", "whale": "whale.n.02",
-    "willow_tree": "willow.n.01", "wolf": "wolf.n.01", "woman": "woman.n.01", "worm": "worm.n.01",
-}
 WNID = re.compile(r"^n\d{8}$")      # an ImageNet class folder: 'n' and the synset's offset in WordNet 3.0
 
 
@@ -425,14 +379,14 @@ def is_wnid_list(class_names):
 def synset_names(class_names):
     """The WordNet synset ('dog.n.01') of each class, or None when the classes have no known mapping.
 
-    ImageNet and ImageNet-100 classes are wnids (n01440764), looked up by offset; CIFAR-10, CIFAR-100 and
-    STL-10 classes (and `folder` datasets whose class folders carry their names) go through the tables
-    above. Food-101 has no table: its dishes are mostly not in WordNet.
+    ImageNet and ImageNet-100 classes are wnids (n01440764), looked up by offset, as the paper's Table IV
+    needs; CIFAR-10 and STL-10 classes (and `folder` datasets whose class folders carry their names) go
+    through the tables above, for small runs. Other datasets have none, and skip the WordNet columns.
     """
     if is_wnid_list(class_names):
         wordnet = load_wordnet()
         return [wordnet.synset_from_pos_and_offset("n", int(name[1:])).name() for name in class_names]
-    for table in (CIFAR10_SYNSETS, STL10_SYNSETS, CIFAR100_SYNSETS):
+    for table in (CIFAR10_SYNSETS, STL10_SYNSETS):
         if all(name in table for name in class_names):
             return [table[name] for name in class_names]
     return None
@@ -456,8 +410,8 @@ def wordnet_similarities(names):
     with lcs the lowest common subsumer, depth(lcs) its depth from the root in nodes and path() a path
     length in edges, in (0, 1]; LCH = -log((path(a, b) + 1) / (2 * 19)), 19 the depth of WordNet's noun
     hierarchy. (nltk's path lengths may go up to a shared hypernym and down again; the tests write this
-    out.) Both grow with semantic closeness. The diagonal
-    (a synset with itself) is left at the maximum and never used.
+    out.) Both grow with semantic closeness. The diagonal (a synset with itself) is left at the maximum
+    and never used.
     """
     wordnet = load_wordnet()
     synsets = [wordnet.synset(name) for name in names]
@@ -479,7 +433,8 @@ def display_names(class_names):
 
 
 def text_similarities(words, model=None):
-    """Cosine similarities (C, C) of the words embedded by all-MiniLM-L6-v2 (sentence-transformers).
+    """Cosine similarities (C, C) of the words embedded by all-MiniLM-L6-v2 (sentence-transformers): the
+    model of Section VI-C, which reports Table IV (Section IV names all-MiniLM-L2-v2 instead).
 
     model: a local folder holding the model, else the HYDES_TEXT_MODEL environment variable, else the hub name
     (downloaded on first use)."""
@@ -500,14 +455,12 @@ def text_similarities(words, model=None):
 def semantic_alignment(similarity, class_names, text_model=None, permutations=999):
     """Table IV: how the class centroids' similarities agree with WordNet's and with a text model's.
 
-    similarity (C, C): the cosine similarities of the class centroids; class_names as the dataset names
-    its classes. Every column is a Spearman
+    similarity (C, C): the cosine similarities of the class centroids. Every column is a Spearman
     correlation over the C(C-1)/2 class pairs, signed so that positive = aligned: the centroids' cosine
-    similarity against a similarity (WUP, LCH, MiniLM cosine), which is the same as their cosine distance
-    against the matching distance. Cophenetic: the centroids are clustered by average linkage on the
-    cosine distance 1 - cos, and the tree's cophenetic distances are correlated (Spearman, like the
-    other columns, where the classic cophenetic coefficient is Pearson's) with WordNet's distance
-    1 - WUP. Each also gets a Mantel permutation p-value (the paper reports p < 0.05).
+    similarity against a similarity (WUP, LCH, MiniLM cosine). Cophenetic: the centroids are clustered by
+    average linkage on the cosine distance 1 - cos, and the tree's cophenetic distances are correlated
+    (Spearman, like the other columns, where the classic cophenetic coefficient is Pearson's) with
+    WordNet's distance 1 - WUP. Each also gets a Mantel permutation p-value (the paper reports p < 0.05).
 
     Returns (result, skipped, references): result maps column -> value; skipped lists the one-line
     reasons for the columns that could not be computed; references holds the (C, C) similarity matrices
@@ -521,7 +474,7 @@ def semantic_alignment(similarity, class_names, text_model=None, permutations=99
         names = synset_names(class_names)
         if names is None:
             skipped.append("WordNet columns: no WordNet synsets for these class names (known: ImageNet wnids, "
-                           "CIFAR-10, CIFAR-100, STL-10)")
+                           "CIFAR-10, STL-10)")
         else:
             references["wup"], references["lch"] = wordnet_similarities(names)
     except MissingExtra as error:
@@ -573,12 +526,9 @@ def colormap(values):
 
 
 def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
-    """Fig. 5: a (C, C) matrix as a (3, H, W) picture in [0, 1], with a colour bar and, for up to 40
-    classes, the class names beside the rows.
-
-    Each entry is a square of size // C pixels (at least 1); values are mapped from [low, high] to the
-    colour map. The colour bar on the right runs from low (bottom) to high (top), its ends and middle
-    labelled.
+    """Fig. 5: a (C, C) matrix as a (3, H, W) picture in [0, 1], each entry a square of size // C pixels
+    (at least 1), values mapped from [low, high] to the colour map; for up to 40 classes the class names
+    beside the rows; on the right a colour bar from low (bottom) to high (top), its ends and middle labelled.
     """
     count = len(matrix)
     cell = max(1, size // count)
@@ -659,7 +609,7 @@ def scale_to_unit(heat):
     return (heat - low) / (high - low).clamp_min(1e-12)
 
 
-def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noise=0.15, scale=None):
+def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noise=0.15):
     """saliency.png: one row per image, the input beside its heat map laid over it (colour map at 60 %).
 
     Small images are enlarged by a whole factor (nearest neighbour, so pixels stay visible) to at
@@ -677,7 +627,7 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
         overlay = 0.4 * picture + 0.6 * colormap(heat)
         rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
     grid = torch.cat(rows, dim=1)                                             # (3, n*S, 2S)
-    scale = scale or math.ceil(128 / rows[0].shape[1])
+    scale = math.ceil(128 / rows[0].shape[1])
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     save_png(grid, path)
     return grid
@@ -710,8 +660,6 @@ def table3_row(result):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_arguments(p)
-    p.add_argument("--split", choices=("train", "test"), default="test",
-                   help="labelled split whose features are measured (default test, as the paper's held-out view)")
     p.add_argument("--pairs", type=int, default=4000,
                    help="random subset for all-pairs statistics (mean cosine, d', angles): n(n-1)/2 pairs; "
                         "4000 gives 8M pairs in ~1 s, the (n, n) matrix takes 8n^2 bytes")
@@ -724,7 +672,8 @@ def parse_args(argv=None):
                    help="SmoothGrad noise std as a fraction of the image's value range (Smilkov et al.: 0.1-0.2)")
     p.add_argument("--permutations", type=int, default=999, help="Mantel permutations for Table IV's p-values")
     p.add_argument("--text-model", help="local folder of all-MiniLM-L6-v2 (default: $HYDES_TEXT_MODEL, else "
-                                        "downloaded by sentence-transformers)")
+                                        "downloaded by sentence-transformers), Table IV's MiniLM column (Section "
+                                        "VI-C's model; Section IV names L2-v2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, the crops and the SmoothGrad noise")
     p.add_argument("--out", help="folder for analyze.jsonl and the PNGs (default: analysis/ beside the checkpoint)")
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
@@ -784,14 +733,15 @@ def analyze_checkpoint(args, device):
     dict, whose "skipped" lists the reasons for the columns that could not be computed."""
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
     os.makedirs(args.out, exist_ok=True)
+    split = "test"            # the held-out split, which the cited metrics code measures (the paper names none)
     # float32 features (exact): Table III's numerical ranks count singular values above float32 noise
-    feats, labels, _ = cached_features(backbone, network_digest(args.checkpoint, info), dataset, data_dir, args.split,
+    feats, labels, _ = cached_features(backbone, network_digest(args.checkpoint, info), dataset, data_dir, split,
                                        image_size, device, args.cache_dir, args.workers, exact=True)
-    class_names = dataset_split(dataset, data_dir, args.split, transform=None).classes
+    class_names = dataset_split(dataset, data_dir, split, transform=None).classes
     if len(set(labels.tolist())) < 2:
-        raise DatasetError(f"{dataset} has fewer than 2 classes in its {args.split} split; the analysis compares classes")
+        raise DatasetError(f"{dataset} has fewer than 2 classes in its {split} split; the analysis compares classes")
     result = {"dataset": dataset, "method": info["method"], "arch": info["arch"], "epoch": info["epoch"],
-              "checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "image_size": image_size}
+              "checkpoint": os.path.abspath(args.checkpoint), "split": split, "image_size": image_size}
 
     # The class centroids of the unit features, computed once: Table III takes their rank, Table IV and
     # Fig. 5 their cosine similarities.
@@ -800,7 +750,7 @@ def analyze_checkpoint(args, device):
     # Table III
     pos_feats = None
     if args.positive_images > 0:
-        pos_feats = positive_pair_features(backbone, dataset, data_dir, args.split, info["train_args"], image_size,
+        pos_feats = positive_pair_features(backbone, dataset, data_dir, split, info["train_args"], image_size,
                                            args.positive_images, device, args.workers, args.seed)
     result.update(geometry_metrics(feats, labels, pos_feats, args.pairs, args.seed, centroids))
 
@@ -810,25 +760,19 @@ def analyze_checkpoint(args, device):
     semantic, skipped, references = semantic_alignment(similarity, class_names, args.text_model, args.permutations)
     result.update(semantic)
 
-    # Fig. 5, in two colour scales: the paper's 0 to 1 (comparable across checkpoints: darker = closer to 90
-    # degrees), and the off-diagonal range stretched to the whole map, which shows the structure of a
-    # checkpoint whose centroids all lie within a few degrees of each other.
+    # Fig. 5 on the paper's 0 to 1 scale (comparable across checkpoints: darker = closer to 90 degrees),
+    # widened below 0 when some centroids lie further than 90 degrees apart.
     order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
     ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
-    off_diagonal = upper_triangle(similarity)
     result["centroids_png"] = os.path.join(args.out, "centroids.png")
-    result["centroids_contrast_png"] = os.path.join(args.out, "centroids_contrast.png")
-    low, high = float(off_diagonal.min()), float(off_diagonal.max())
-    pictures = [   # drawn once the figures are saved (main)
-        (result["centroids_png"],
-         lambda: save_png(heatmap_picture(ordered, names, low=min(0.0, low)), result["centroids_png"])),
-        (result["centroids_contrast_png"],
-         lambda: save_png(heatmap_picture(ordered, names, low=low, high=high), result["centroids_contrast_png"]))]
+    low = min(0.0, float(upper_triangle(similarity).min()))
+    pictures = [(result["centroids_png"],       # drawn once the figures are saved (main)
+                 lambda: save_png(heatmap_picture(ordered, names, low=low), result["centroids_png"]))]
 
     # Figs. 2 and 3
     if args.images > 0:
         result["saliency_png"] = os.path.join(args.out, "saliency.png")
-        data = dataset_split(dataset, data_dir, args.split, eval_transform(image_size))
+        data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
         indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
         pictures.append((result["saliency_png"], lambda: save_saliency_grid(
             backbone, data, indices, result["saliency_png"], device, args.smooth_samples, args.smooth_noise)))
@@ -859,14 +803,8 @@ def read_curves(runs, metric):
     return curves
 
 
-AXIS_LABELS = {"knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)", "linear_top1": "linear top-1 (%)",
-               "linear_top5": "linear top-5 (%)", "mi": "MI estimate (nats)",
-               "mi_fraction": "MI / log((N-1)/(V-1))", "own_share": "kernel mass on own views"}
-
-
-
-# The learning-curve chart, drawn with PIL like every other picture here (see the module docstring), in
-# matplotlib's default line colours ('tab10', in its order) so that it looks like the usual plots.
+# The learning-curve chart, drawn with PIL like every other picture here, in matplotlib's default line
+# colours ('tab10', in its order) so that it looks like the usual plots.
 TAB10 = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
@@ -895,8 +833,8 @@ def round_ticks(low, high, count=8):
 
 def plot_curves(curves, labels, metric, path, size=(720, 480)):
     """One polyline with round markers per run, each in its TAB10 colour, on axes with round-number ticks
-    and a light grid; the epoch on x, AXIS_LABELS[metric] on y; the legend (one entry per run, in order)
-    to the right of the axes, where no line can run under it. Saved as PNG at `size` pixels."""
+    and a light grid; the epoch on x, the metric's key on y (named above the axis); the legend (one entry
+    per run, in order) to the right of the axes, where no line can run under it. Saved as PNG at `size`."""
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_height = measure.textbbox((0, 0), "Ag(%)", font=font)[3]              # with descenders
@@ -905,14 +843,13 @@ def plot_curves(curves, labels, metric, path, size=(720, 480)):
     y_low, y_high = axis_range([v for _, values in curves.values() for v in values])
     x_ticks, x_tick_labels = round_ticks(x_low, x_high)
     y_ticks, y_tick_labels = round_ticks(y_low, y_high)
-    y_label = AXIS_LABELS.get(metric, metric)
 
-    # The axes' box in pixels, from the widths of what lies around it: on the left the y label (turned a
-    # quarter) and the y tick labels, below the x tick labels and the x label, on the right the legend.
-    left = pad + text_height + pad + max(measure.textlength(t, font=font) for t in y_tick_labels) + tick + 4
+    # The axes' box in pixels, from the widths of what lies around it: on the left the y tick labels (the
+    # y label above them), below the x tick labels and the x label, on the right the legend.
+    left = pad + max(measure.textlength(t, font=font) for t in y_tick_labels) + tick + 4
     bottom = size[1] - (tick + 4 + text_height + pad + text_height + pad)
     right = size[0] - (pad + swatch + 6 + max(measure.textlength(t, font=font) for t in labels) + pad)
-    top = 2 * pad
+    top = 2 * pad + text_height
     def to_pixel(x, y):
         return (left + (x - x_low) / (x_high - x_low) * (right - left),
                 bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
@@ -931,12 +868,7 @@ def plot_curves(curves, labels, metric, path, size=(720, 480)):
         draw.text((left - tick - 4, py), text, fill="black", font=font, anchor="rm")
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text(((left + right) / 2, size[1] - pad), "epoch", fill="black", font=font, anchor="md")
-    # PIL draws text horizontally only: the y label is written on a mask, turned a quarter to the left
-    # (read from bottom to top) and stamped in black through it.
-    mask = Image.new("L", measure.textbbox((0, 0), y_label, font=font)[2:])
-    ImageDraw.Draw(mask).text((0, 0), y_label, fill=255, font=font)
-    mask = mask.rotate(90, expand=True)
-    canvas.paste("black", (pad, int((top + bottom - mask.height) / 2)), mask)
+    draw.text((pad, top - pad), metric, fill="black", font=font, anchor="ld")     # the y label, above the axis
 
     for i, ((epochs, values), label) in enumerate(zip(curves.values(), labels)):
         colour = TAB10[i % len(TAB10)]

@@ -1,41 +1,72 @@
-"""Checkpoint files: written so that a kill never leaves a broken one, read so that a file never runs
-code, and loaded from other libraries' layouts (torchvision, timm, Lightly, solo-learn, DINO, MoCo, BYOL)
-or exported to torchvision's and timm's. The file says what it is: the network is built from its tensors'
-names and shapes (`backbone_shape`), the flags only say what no tensor records.
+"""The files the scripts write whole or line by line: checkpoints (saved atomically, loaded safely, read
+from other libraries' layouts, exported) and results records (JSON lines, Markdown rows).
 
-Machinery: a reader of the method may skip this file. evaluate.py, segment.py and analyze.py probe a
-frozen backbone through `load_for_probing` / `load_backbone`, whatever library trained it; train.py saves
-through `save_checkpoint`.
+Machinery: a reader of the method may skip this file. A checkpoint is written so that a kill never leaves
+a broken one (a copy renamed over it: `write_atomically`), read so that a file never runs code, and
+loaded from other libraries' layouts (torchvision, timm, Lightly, solo-learn, DINO, MoCo, BYOL) or
+exported to torchvision's and timm's. The file says what it is: the network is built from its tensors'
+names and shapes (`backbone_shape`), the flags only say what no tensor records. evaluate.py, segment.py
+and analyze.py probe a frozen backbone through `load_for_probing` / `load_backbone`, whatever library
+trained it; train.py saves through `save_checkpoint`. Every script appends its figures as JSON lines
+(log.jsonl, eval.jsonl, segment.jsonl) and Markdown rows that several runs share (`keep_results`).
 """
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import pickle
+import shutil
 
 import torch
 
-from data import DATASETS, native_image_size
-from features import file_digest
+from data import DATASETS, DatasetError, native_image_size
 from models import ARCHS, BasicBlock, VisionTransformer, build_backbone
-from records import write_atomically
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 
-def save_checkpoint(path, state):
-    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies: the
-    bytes go to a temporary file beside it, fsynced, then renamed over it (records.write_atomically). A
-    kill mid-write leaves a stray PATH.*.tmp, never read, and the previous checkpoint untouched; a write
-    that fails (a full disk) removes its temporary file and says why."""
+def write_atomically(path, write):
+    """Call write(f) on a new file beside `path`, flush and fsync it, then rename it over `path`: readers
+    see the old file or the new one, never half of one, whenever the process dies. The temporary name
+    is unique (a second process writing the same path never touches this one's bytes); after a failure
+    the temporary file is removed and the error raised (`path` is left as it was); torch's zip writer's
+    RuntimeError for a failed write becomes an OSError, as any other failed write is."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)       # atomic: same folder, same file system
+    except BaseException as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # torch.save's zip writer reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc]
+        # ... unexpected pos"); it is an OSError like any other failed write, so every caller catches one kind
+        if isinstance(error, RuntimeError) and ("inline_container" in str(error) or "StreamWriter" in str(error)):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            raise OSError(f"the write stopped short, {free / 2**20:.1f} MiB free on that disk") from None
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)            # so that the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def save_checkpoint(path, state, if_it_fails="the previous checkpoint, if any, is intact: free disk space or fix "
+                                             "the folder, then continue with --resume"):
+    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies
+    (write_atomically). A kill mid-write leaves a stray PATH.*.tmp, never read, and the previous checkpoint
+    untouched; a write that fails (a full disk) removes its temporary file and says why, then `if_it_fails`."""
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except OSError as error:
-        raise CheckpointError(f"cannot write {path} ({error.strerror or error}); the previous checkpoint, if any, "
-                              f"is intact: free disk space or fix the folder, then continue with --resume") from None
+        raise CheckpointError(f"cannot write {path} ({error.strerror or error}); {if_it_fails}") from None
 
 
 # DINO saves its settings as an argparse.Namespace: plain data, rebuilt without running code, so it is
@@ -405,10 +436,7 @@ def export_backbone(backbone, out_path):
                    f"import models, torch\nmodel = models.ResNet(models.{blocks}, width={width}, "
                    f"stem=\"{'imagenet' if kernel == 7 else 'cifar'}\")\n" +
                    (f"model.conv1.padding = ({padding}, {padding})\n" if kernel == 3 and padding != 1 else ""))
-    try:
-        write_atomically(out_path, lambda f: torch.save(state, f))
-    except OSError as error:
-        raise CheckpointError(f"cannot write {out_path} ({error.strerror or error}); nothing was exported") from None
+    save_checkpoint(out_path, state, "nothing was exported")
     return how + f'model.load_state_dict(torch.load("{out_path}"))'
 
 
@@ -428,7 +456,7 @@ def add_backbone_arguments(p):
 
 
 def backbone_argument_rules(args):
-    """The checks of add_backbone_arguments' numbers, as (ok, message) rules for checks.first_problem."""
+    """The checks of add_backbone_arguments' numbers, as (ok, message) rules for settings.first_problem."""
     return [(args.heads is None or 1 <= args.heads <= 64, f"--heads must lie in 1 ... 64 (got {args.heads})")]
 
 
@@ -439,8 +467,11 @@ def load_backbone_from_args(args, device="cpu", quiet=False):
 
 
 def network_digest(path, info):
-    """What the feature cache keys on: the file's bytes and which of its networks was built how."""
-    return f"{file_digest(path)}:{hashlib.sha256(info['network'].encode()).hexdigest()[:16]}"
+    """What the feature cache keys on: the file's bytes (not its name or date) and which of its networks
+    was built how."""
+    with open(path, "rb") as f:
+        file_digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return f"{file_digest}:{hashlib.sha256(info['network'].encode()).hexdigest()[:16]}"
 
 
 def add_checkpoint_arguments(p):
@@ -466,7 +497,7 @@ def parse_checkpoint_arguments(parser, argv):
 
 
 def checkpoint_argument_rules(args):
-    """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for checks.first_problem."""
+    """The checks of add_checkpoint_arguments' numbers, as (ok, message) rules for settings.first_problem."""
     return [*backbone_argument_rules(args),
             (args.image_size is None or 8 <= args.image_size <= 1024,
              f"--image-size must lie in 8 ... 1024 px (got {args.image_size})"),
@@ -488,3 +519,72 @@ def load_for_probing(args, device):
     info["image_size"] = args.image_size or info["image_size"] or native_image_size(dataset, data_dir)
     info["method"] = args.method or info["method"]
     return backbone, info, dataset, data_dir, info["image_size"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results records: JSON lines, Markdown rows
+
+def append_jsonl(path, record):
+    """Append one result as a JSON line: the files every script appends to (log.jsonl, eval.jsonl, ...)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A last line cut short (a kill while appending) is dropped, with a
+    warning; a broken line anywhere else is an error naming it."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DatasetError(f"{path}, line {number}, is not JSON; repair or delete that line") from None
+            print(f"warning: {path} ends in a line cut short (a run killed while writing it); it is ignored")
+    return records
+
+
+def markdown_header(columns):
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def markdown_row(result, columns):
+    """One table row: '| cifar10 | HyDeS | resnet18 | 200 | 72.54 | ... |' (blank where not measured)."""
+    def cell(value):
+        return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+    return "| " + " | ".join(cell(result.get(c)) for c in columns) + " |"
+
+
+def keep_results(result, json_path, rows, pictures=()):
+    """Save what a script computed, most valuable first, so that a failure at output time never costs the
+    work: each row (row, columns, table file or None) printed as a Markdown table, then the result
+    appended as a JSON line to json_path, then each row appended to its table, then each picture
+    (path, draw: a function that writes it) drawn. A write that fails costs only itself: the rest are still
+    written, and then a one-line error names what was not saved and why (the printed rows hold the
+    figures). Returns None when everything was saved."""
+    for i, (row, columns, _) in enumerate(rows):
+        print(("\n" if i else "") + markdown_header(columns))           # tables apart, by a blank line
+        print(markdown_row(row, columns))
+    lost = []
+    writes = [(json_path, lambda: append_jsonl(json_path, result))]
+    writes += [(table, lambda row=row, columns=columns, table=table: append_row(row, columns, table))
+               for row, columns, table in rows if table]
+    writes += list(pictures)
+    for path, write in writes:
+        try:
+            write()
+        except Exception as error:   # a full disk, a path through a file, a picture that cannot be drawn
+            lost.append(f"{path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    if lost:
+        raise SystemExit(f"error: could not write {'; '.join(lost)}; the figures printed above are the result, "
+                         f"and everything else was saved")
+
+
+def append_row(result, columns, table):
+    """Append one Markdown row to `table`, a file several runs share (its header written when new)."""
+    new = not os.path.exists(table) or os.path.getsize(table) == 0
+    with open(table, "a") as f:
+        f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")

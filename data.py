@@ -14,25 +14,28 @@ Pre-training uses the unlabelled images of a dataset; the probes use its labelle
 torchvision downloads CIFAR, STL-10 and Food-101 when the network is there; ImageNet must be put in place
 by hand. When a dataset is missing, `DatasetError` says which files are expected and where.
 
-The multi-crop recipe is written once, here (`ViewRecipe`, `dino_recipes`). `MultiCrop` makes the views
-of one PIL image from it: the readable form, and the specification. Training makes the same views from a
-whole uint8 batch on the device (batched_crops.BatchedMultiCrop, tested against MultiCrop), from the same
-recipes:
+The multi-crop is written once, here, and it is what training runs: the recipe (`ViewRecipe`,
+`dino_recipes`), every random choice of a step's views drawn on the CPU (`draw_views`), and the views
+made from a whole uint8 batch on the training device in batched tensor operations (`make_views`), to be
+read beside DINO's DataAugmentationDINO (main_dino.py):
 
     recipes = dino_recipes(global_size=32, local_size=16)      # 2 global + 6 local views
-    views = MultiCrop(recipes)(pil_image)                      # 8 normalised tensors (3, h, w)
+    views = multi_crop(images, sizes, recipes, generator)      # uint8 (B, 3, H, W) -> 8 tensors (B, 3, s, s)
 """
 
+import itertools
+import math
 import os
-import random
 from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from image_files import DatasetError, files_in_class_folders, image_size, read_rgb   # 8-bit RGB, every mode
@@ -62,8 +65,12 @@ NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "food101": 224, "imag
 
 
 # ----------------------------------------------------------------------------------------------------
-# Multi-crop (Section III): DINO's recipe (Caron et al. 2021, main_dino.py DataAugmentationDINO), which
-# the paper adopts: 2 global crops of 40-100% of the image and 6 local crops of 5-40%
+# Multi-crop (Section III). The recipe is DINO's (Caron et al. 2021, main_dino.py DataAugmentationDINO),
+# which the paper adopts: 2 global crops of 40-100% of the image and 6 local crops of 5-40%, each then
+# flipped, colour-jittered, greyed, blurred and solarised with DINO's probabilities (ViewRecipe,
+# dino_recipes). How the views are made is ours: DINO runs torchvision's PIL transforms on one image at a
+# time in loading workers; here every random choice of a step is drawn first, on the CPU (draw_views),
+# and each step is then one tensor operation over the whole batch on the training device (make_views).
 
 GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)          # crop area, as fractions of the image's
 # The supervised baseline of the paper's setup (SSL-Whitening's train_supervised.py): torchvision's
@@ -115,50 +122,139 @@ def supervised_recipes(size):
     return [ViewRecipe(size, SUPERVISED_SCALE, blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0)]
 
 
-class MultiCrop:
-    """One PIL image -> list of V normalised tensors (3, size, size), one per recipe (dino_recipes' or
-    supervised_recipes'), in torchvision's PIL transforms: each view made as its ViewRecipe says."""
+def draw_views(recipes, sizes, generator):
+    """Every random choice of one step's views, on the CPU, from `generator` alone in a fixed order, so that
+    a seed gives the same views on any device: recipes (V ViewRecipes), sizes CPU int64 (B, 2), each
+    image's (height, width) -> float32 (V, B, P = 12) on the CPU, for each crop:
 
-    def __init__(self, recipes):
-        self.transforms = [view_transform(recipe) for recipe in recipes]
+        0-3   x0, y0, x1, y1              its box in pixels, inside the image's true size
+        4     flip                        1 to mirror it, else 0
+        5-8   brightness, contrast,       the jitter's factors, 1 where the crop is not jittered;
+              saturation, hue             the hue's turn, 0 there
+        9     grey                        1 for greyscale, else 0
+        10    sigma                       the blur's standard deviation in pixels, 0 for no blur
+        11    solarise                    1 to solarise, else 0
 
-    def __call__(self, img):
-        return [transform(img) for transform in self.transforms]
+    The boxes are torchvision's RandomResizedCrop.get_params, for every crop at once: 10 attempts of an
+    area fraction ~ U(scale) and an aspect ratio log-uniform in [3/4, 4/3], rounded to whole pixels; the
+    first that fits is placed uniformly; if none fits, the whole image cut to the nearest allowed ratio,
+    centred. (The first fitting one of 10 attempts drawn at once is distributed as the loop's.)"""
+    fields = torch.tensor([[*r.scale, r.flip_p, r.jitter_p, *r.jitter, r.grayscale_p, r.blur_p, *r.blur_sigma,
+                            r.solarize_p] for r in recipes]).T[..., None]       # (13, V, 1): each field per view
+    low, high, flip_p, jitter_p, brightness, contrast, saturation, hue, grey_p, blur_p, *sigma, solarize_p = fields
+    u = torch.rand(32, len(recipes), len(sizes), generator=generator)    # (32, V, B): every uniform of every crop
+    height, width = sizes.T.float()                                      # each (B,)
+    area = height * width * (low + (high - low) * u[:10])                # (10, V, B): 10 attempts per crop
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[10:20])     # log-uniform in [3/4, 4/3]
+    w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()  # whole pixels (half to even, as round())
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)              # (10, V, B)
+    first, found = fits.int().argmax(0, keepdim=True), fits.any(0)       # (1, V, B) the first that fits; (V, B)
+    w = torch.where(found, w.gather(0, first)[0], torch.minimum(width, (height * 4 / 3).round()))    # (V, B)
+    h = torch.where(found, h.gather(0, first)[0], torch.minimum(height, (width * 4 / 3).round()))
+    x0 = torch.where(found, (u[20] * (width - w + 1)).floor(), ((width - w) / 2).floor())   # U{0 ... width - w}
+    y0 = torch.where(found, (u[21] * (height - h + 1)).floor(), ((height - h) / 2).floor())  # or centred
+    jittered = u[22] < jitter_p                                          # (V, B)
+    shift = lambda spread, v: torch.where(jittered, spread * (2 * v - 1), 0.0)       # U(-+ spread), or 0
+    return torch.stack([x0, y0, x0 + w, y0 + h, (u[23] < flip_p).float(),
+                        1 + shift(brightness, u[24]), 1 + shift(contrast, u[25]), 1 + shift(saturation, u[26]),
+                        shift(hue, u[27]), (u[28] < grey_p).float(),
+                        torch.where(u[29] < blur_p, sigma[0] + (sigma[1] - sigma[0]) * u[30], 0.0),
+                        (u[31] < solarize_p).float()], dim=-1)           # (V, B, 12)
 
 
-def view_transform(recipe):
-    """A ViewRecipe as torchvision transforms: PIL image -> normalised tensor (3, size, size)."""
-    steps = [T.RandomResizedCrop(recipe.size, scale=recipe.scale, interpolation=T.InterpolationMode.BICUBIC),
-             T.RandomHorizontalFlip(p=recipe.flip_p),
-             T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
-             T.RandomGrayscale(p=recipe.grayscale_p)]
-    if recipe.blur_p:
-        steps.append(RandomGaussianBlur(recipe.blur_p, recipe.blur_sigma))
-    if recipe.solarize_p:
-        steps.append(RandomSolarize(recipe.solarize_p))
-    return T.Compose(steps + [TO_NORMALISED_TENSOR])
+def make_views(images, recipes, parameters):
+    """The views: images uint8 (B, 3, H, W) on any device, recipes (V), parameters draw_views' (V, B, P) on
+    the same device -> list of V float32 tensors (B, 3, s, s), globals first, normalised with ImageNet's
+    mean and std. The consecutive views of one size are made as one batch, each crop with its own
+    parameters (DINO's 6 local views: one (6 B, 3, s, s) tensor), so that a GPU launches few kernels.
+
+    Every step runs on every crop, with an identity parameter where the crop's draw skips it (factor 1,
+    hue 0, grey 0, sigma 0, solarise 0): no value is read by the host and no shape depends on a draw, so
+    torch.compile(fullgraph=True) traces it with the network, CUDA graphs record it, and it runs on the
+    meta device. A step that no view of a group takes (the supervised baseline's colours, blur=False) is
+    left out: a choice made from the recipes alone.
+
+    Where the arithmetic is ours rather than PIL's: the crop is resized by roi_align, bilinear samples
+    averaged over ceil(h / s) x ceil(w / s) points per output pixel of an h x w box (antialiased when
+    shrinking), not by PIL's bicubic filter, so a little softer when enlarging; the jitter's order is
+    always brightness, contrast, saturation, hue, where torchvision draws one of 24 at each call (the
+    first three are blends with black, with the mean grey and with the image's own grey, which commute
+    until a value clips); the hue turns each colour about the grey axis r = g = b, where torchvision
+    shifts the HSV hue: the same turn on average (a pixel's hue within ~0.025 turns of it), keeping the
+    mean of r, g, b rather than the largest; the blur is a sampled Gaussian of 13 taps, where PIL runs
+    three box filters; and values stay float32 between steps, clipped to [0, 1] once per step, where PIL
+    rounds to uint8 after each."""
+    source, batch, views = images / 255, len(images), []                  # (B, 3, H, W) float32 in [0, 1]
+    for size, run in itertools.groupby(range(len(recipes)), key=lambda v: recipes[v].size):
+        run = list(run)                                                   # n consecutive views of one size
+        group = recipes[run[0]:run[-1] + 1]                               # their recipes
+        p = parameters[run[0]:run[-1] + 1].flatten(0, 1)                  # (n, B, P) -> (n B, P): row v B + b
+        each = lambda column: p[:, column].view(-1, 1, 1, 1)             # (n B,) -> (n B, 1, 1, 1), per crop
+        image = torch.arange(batch, device=p.device, dtype=p.dtype).repeat(len(run))   # (n B,): each crop's image
+        boxes = torch.cat([image[:, None], p[:, :4]], dim=1)              # (n B, 5): image, x0, y0, x1, y1
+        x = roi_align(source, boxes, size, aligned=True)                  # (n B, 3, s, s): cut and resized
+        columns = torch.arange(size, device=x.device)                    # (s,)
+        mirrored = torch.where(each(4) > 0, size - 1 - columns, columns)  # (n B, 1, 1, s)
+        x = x.gather(3, mirrored.expand_as(x))                            # flipped: columns read right to left
+        if any(r.jitter_p for r in group):                                # ColorJitter: three blends, a turn
+            x.mul_(each(5)).clamp_(max=1)                                 # brightness: b x + (1 - b) black
+            x.lerp_(luma(x.mean((2, 3), keepdim=True)), 1 - each(6)).clamp_(0, 1)   # contrast: to the mean grey
+            x.lerp_(luma(x), 1 - each(7)).clamp_(0, 1)                    # saturation: to its own grey
+            x = rotate_hue(x, p[:, 8]).clamp_(0, 1)
+        if any(r.grayscale_p for r in group):
+            x.lerp_(luma(x), each(9))                                     # grey 1: the luma; 0: x itself, exactly
+        if any(r.blur_p for r in group):                                  # 3 sigma: 13 taps for DINO's 2 px
+            x = gaussian_blur(x, p[:, 10], radius=math.ceil(3 * max(r.blur_sigma[1] for r in group)))
+        if any(r.solarize_p for r in group):                              # PIL's solarize: 255 - v where v >= 128
+            threshold = torch.where(each(11) > 0, 128 / 255, 2.0)         # (n B, 1, 1, 1): 2, never, if not chosen
+            x.add_(x >= threshold, alpha=-1).abs_()                       # |x - 1| = 1 - x there, |x - 0| = x elsewhere
+        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):   # T.Normalize with Python numbers:
+            x[:, c].sub_(mean).div_(std)                                  # no constant to copy to the device
+        views += x.split(batch)                                           # n views (B, 3, s, s), contiguous
+    return views
 
 
-class RandomGaussianBlur:
-    """PIL Gaussian blur with a radius drawn from U(0.1, 2.0), applied with probability p (DINO)."""
-
-    def __init__(self, p, radius=(0.1, 2.0)):
-        self.p, self.radius = p, radius
-
-    def __call__(self, img):
-        if random.random() >= self.p:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
+def multi_crop(images, sizes, recipes, generator):
+    """make_views(images, recipes, draw_views(recipes, sizes, generator)), the parameters moved to the
+    images' device in ONE copy: from page-locked memory on a GPU, which copies while the host goes on."""
+    parameters = draw_views(recipes, sizes, generator)
+    if images.device.type == "cuda":
+        parameters = parameters.pin_memory()
+    return make_views(images, recipes, parameters.to(images.device, non_blocking=True))
 
 
-class RandomSolarize:
-    """PIL solarisation (invert pixels above 128) with probability p (DINO, second global crop)."""
+def luma(x):
+    """The grey level of PIL's convert("L") (ITU-R 601 luma): (N, 3, ...) -> (N, 1, ...)."""
+    return (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
 
-    def __init__(self, p):
-        self.p = p
 
-    def __call__(self, img):
-        return ImageOps.solarize(img) if random.random() < self.p else img
+def rotate_hue(x, turns):
+    """Each image's colours turned by its `turns` (N,) about the grey axis, by Rodrigues' formula: greys
+    stay, a third of a turn takes red to green and green to blue. (N, 3, h, w) -> the same, by a 3 x 3
+    matrix per image, built on the device from torch.eye (no constant copied from the host):
+
+        M = cos(t) I + (1 - cos(t)) 1 1^T / 3 + sin(t) K / sqrt(3),   t = 2 pi turns,   K x = (b - g, r - b, g - r)
+    """
+    t = 2 * math.pi * turns.view(-1, 1, 1)                                # (N, 1, 1)
+    eye = torch.eye(3, device=x.device, dtype=x.dtype)                    # (3, 3)
+    cross = eye.roll(1, 0) - eye.roll(-1, 0)                              # K: the cross product with (1, 1, 1)
+    matrix = t.cos() * eye + (1 - t.cos()) / 3 + t.sin() / math.sqrt(3) * cross   # (N, 3, 3)
+    return (matrix @ x.flatten(2)).view_as(x)                             # (N, 3, 3) @ (N, 3, h w)
+
+
+def gaussian_blur(x, sigma, radius):
+    """Each image blurred by a Gaussian of its own sigma (N,) in pixels, 2 radius + 1 taps, its border
+    extended as PIL extends it: (N, 3, s, s) -> the same. sigma 0 is a delta (exp(-1 / 2e-6) = 0 off the
+    centre), so the image itself, exactly. Separable, as two 1-D depthwise convolutions: each row of each
+    image and channel is a channel of its own, with its image's kernel; along the rows, then the columns."""
+    n, _, s, _ = x.shape
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)            # (k,)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))          # (N, k)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(3 * s, dim=0)       # (3 N s, k): per row
+    for _ in range(2):                                     # rows, then columns (the rows of the transpose)
+        x = F.pad(x.reshape(1, 3 * n * s, s), (radius, radius), mode="replicate")       # (1, 3 N s, s + 2 r)
+        x = F.conv1d(x, kernel[:, None], groups=3 * n * s).view(n, 3, s, s).transpose(2, 3)   # (N, 3, s, s)
+    return x.contiguous()                                  # transposed twice: back in place, copied once
 
 
 def eval_transform(image_size, normalised=True):
@@ -178,8 +274,9 @@ def eval_transform(image_size, normalised=True):
 
 
 def default_crop_sizes(image_size):
-    """(global, local) crop sizes that follow the data's resolution, as in the paper:
-    32 px data -> 32/16, STL-10's 96 px -> 96/48, ImageNet and Food-101 -> 224/96."""
+    """(global, local) crop sizes that follow the data's resolution, our choice (the paper gives only the
+    area fractions, 40-100% and 5-40%): 32 px data -> 32/16, STL-10's 96 px -> 96/48, ImageNet and
+    Food-101 -> 224/96."""
     if image_size >= 128:
         return 224, 96
     return image_size, image_size // 2

@@ -14,9 +14,9 @@ import os
 import torch
 from tqdm import tqdm
 
+from checkpoints import write_atomically
 from data import dataset_split, eval_transform, normalize
-from precision import features_precision, precision_for
-from records import write_atomically
+from settings import features_precision, precision_for
 
 
 @torch.no_grad()
@@ -48,15 +48,6 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
         labels.append(targets.cpu())
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
-
-
-def file_digest(path):
-    """SHA-256 of a file's bytes: the cache key follows the checkpoint's content, not its name or date."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_fingerprint(data):

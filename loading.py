@@ -1,17 +1,18 @@
 """Feeding the training step: uint8 images in memory on the device, or decoded by loading workers, in an
 order fixed by (seed, epoch); and the labelled splits the monitor evaluates.
 
-Machinery: a reader of the method may skip this file; train.py reads `for images, labels in batches`.
+Machinery: a reader of the method may skip this file; train.py reads `for images, sizes, labels in batches`.
 
 CIFAR-10/100 (50k x 3 KB) and STL-10 (105k x 27 KB, 2.9 GB) fit in a GPU's memory as uint8: decode
 them once, keep them there, and an epoch is a permutation and index operations, with no workers at
-all; every view is cut on the device (batched_crops.BatchedMultiCrop). ImageNet, Food-101 and folders of
-mixed sizes neither fit nor share one size, so their images cannot even be stacked into a batch.
-DataLoader workers decode each image and cut its V crops from the whole of it, as data.MultiCrop does
-(FullImageCrops); the photometric steps stay on the device, batched. Cropping a fixed-size centre square
-on the device instead would lose the ends of the long side (a quarter of a 500 x 375 image) and make a
-5% local crop a 57 px patch of a 256 px square, upscaled to 96. The views travel as uint8 (4x fewer
-bytes than floats to pin and copy).
+all. ImageNet, Food-101 and folders of mixed sizes neither fit nor share one size: DataLoader workers
+decode each image onto a canvas of one fixed size (`CanvasImages`), the image at its top-left, and say
+where it ends. Either way a batch is (images uint8 (B, 3, H, W) on the device, sizes (B, 2) on the CPU,
+each image's true (height, width), labels), and data.multi_crop makes every view on the device, its
+boxes drawn inside each image's true size: one crop path for every dataset. Cutting a fixed-size centre
+square instead would lose the ends of the long side (a quarter of a 500 x 375 image) and make a 5% local
+crop a 57 px patch of a 256 px square, upscaled to 96. The images travel as uint8 (4x fewer bytes than
+floats to pin and copy).
 
 Either way the batches follow an `EpochOrder`, which makes the data order a function of the seed and
 the epoch, and every augmentation is seeded by (seed, step, rank) (`augmentation_seed`): a run resumed
@@ -23,10 +24,9 @@ import signal
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from batched_crops import sample_crop_boxes
 from data import DatasetError, dataset_split, eval_transform, folder_image_sizes, pretrain_dataset, read_rgb
 
 # --data-source auto keeps the decoded training images on the device when they fit in this many bytes:
@@ -35,16 +35,13 @@ IN_MEMORY_BYTES = 4 * 2**30
 
 
 def training_data(args, recipes, control):
-    """(batches, order, classes): `batches` yields (images, labels (B,)) on the training device, in the
-    order of `order` (an EpochOrder). Images of one size come whole, uint8 (B, 3, H, W), from memory or
-    from loading workers (--data-source), and their views are cut on the device; images of mixed sizes
-    come from the workers as the V uint8 views (B, 3, s, s) they cut from each whole image (FullImageCrops)."""
+    """(batches, order, classes): `batches` yields (images uint8 (B, 3, H, W) on the training device, sizes
+    int64 (B, 2) on the CPU, labels (B,) on the device), in the order of `order` (an EpochOrder). Images of
+    one size come whole, from memory or from loading workers (--data-source), sizes the same row B times;
+    images of mixed sizes come from the workers, each on a canvas (CanvasImages), sizes their own."""
     if args.data_source == "memory" and not one_image_size(args.dataset, args.data_dir):
         raise SystemExit(f"error: --data-source memory holds images of one size, and {args.dataset}'s differ: the "
-                         f"loading workers cut their crops from each whole image; use --data-source workers or auto")
-    if args.step_graph and not one_image_size(args.dataset, args.data_dir):
-        raise SystemExit(f"error: --step-graph cuts the crops of whole batches of one image size, and {args.dataset}'s "
-                         f"images differ in size; drop --step-graph")
+                         f"loading workers put each on a canvas of its own; use --data-source workers or auto")
     with control.first_process_first():           # process 0 downloads and extracts the dataset alone
         # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
         dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")
@@ -59,7 +56,7 @@ def training_data(args, recipes, control):
     if order.batches_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
                          f"lower --batch-size")
-    if isinstance(dataset, FullImageCrops):       # mixed sizes: the workers cut the crops
+    if isinstance(dataset, CanvasImages):         # mixed sizes: the workers put each on a canvas
         return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
     fits = len(dataset) * dataset[0][0].numel() <= IN_MEMORY_BYTES
     if args.data_source == "memory" or (args.data_source == "auto" and fits):
@@ -100,59 +97,54 @@ def one_image_size(name, root):
 
 def uint8_dataset(name, root, recipes, labelled=False):
     """The training images (`pretrain_dataset`, or with `labelled` the labelled train split that the
-    supervised baseline needs) for BatchedMultiCrop with these `recipes` (dino_recipes), in uint8:
+    supervised baseline needs) in uint8, for data.multi_crop with these `recipes` (dino_recipes):
 
-    - images of one size (`one_image_size`): item i is (image (3, H, W), label) at native size, as
-      MultiCrop sees it; BatchedMultiCrop cuts the crops of a batch on the device.
-    - images of mixed sizes: a FullImageCrops, whose item (i, seed) is (V views (3, s, s), label),
-      each cut from the whole image by the loading worker.
+    - images of one size (`one_image_size`): item i is (image (3, H, W), label) at native size.
+    - images of mixed sizes: a CanvasImages, whose item i is (canvas (3, C, C), (height, width), label),
+      C twice the global crop size (canvas_side).
     """
     whole = one_image_size(name, root)
-    transform = T.PILToTensor() if whole else None               # None: PIL images, for FullImageCrops
+    transform = T.PILToTensor() if whole else None               # None: PIL images, for CanvasImages
     dataset = dataset_split(name, root, "train", transform) if labelled else pretrain_dataset(name, root, transform)
-    return dataset if whole else FullImageCrops(dataset, recipes)
+    return dataset if whole else CanvasImages(dataset, canvas_side(recipes))
 
 
-class FullImageCrops(torch.utils.data.Dataset):
-    """The multi-crop's geometry in the loading workers, for images of mixed sizes: item (index, seed)
-    -> (V views uint8 (3, s, s), globals first; label), from `images`, a dataset of (PIL image, label).
+def canvas_side(recipes):
+    """The side C of the canvas of images of mixed sizes: twice the global crop size (448 px for 224 px
+    crops). The smallest local crop, 5% of the area, spans 0.22 of the image's side: 100 px of a 448 px
+    image, about the 96 px it is resized to, so the local crops keep their detail; a larger canvas would
+    only add bytes to decode, pin and copy (a typical 500 x 375 ImageNet photo becomes 448 x 336, about
+    as many bytes as the canvas). Smaller images stay at their size; the crops read none of the padding."""
+    return 2 * max(recipe.size for recipe in recipes)
 
-    Each view is MultiCrop's first two steps on the whole decoded image: a box drawn by sample_crop_boxes,
-    the function the device uses, so torchvision's RandomResizedCrop.get_params; the box cut and resized
-    by PIL's antialiased bicubic, exactly as T.RandomResizedCrop does; a mirror with probability 1/2.
-    Every draw comes from a generator seeded by `seed`, so the views are a function of (index, seed)
-    alone, never of which worker made them; `CropSeeds` gives each image of a step its seed.
-    BatchedMultiCrop then adds the photometric steps on the device.
-    """
 
-    def __init__(self, images, recipes):
-        self.images, self.recipes, self.classes = images, recipes, images.classes
+class CanvasImages(torch.utils.data.Dataset):
+    """Images of mixed sizes on canvases of one size, so that they stack into a batch: item i -> (canvas
+    uint8 (3, C, C), the image at its top-left and zeros elsewhere; the image's (height, width) on it,
+    int64 (2,); label), from `images`, a dataset of (PIL image, label). An image with a side over C is
+    first shrunk to fit, its aspect ratio kept, antialiased (PIL's bicubic filter widens as it shrinks).
+
+    The image's last row and column are copied once into the padding: roi_align samples bilinearly up to
+    half a pixel past a box's last pixel centre, and at a tensor's edge it repeats the edge, so with the
+    copies a box that ends at the image's edge sees what it would see on the image alone, not black."""
+
+    def __init__(self, images, side):
+        self.images, self.side, self.classes = images, side, images.classes
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, item):
-        index, seed = item
+    def __getitem__(self, index):
         image, label = self.images[index]                              # PIL image, RGB, of any size
-        boxes, flips = self.geometry(*image.size, self.recipes, torch.Generator().manual_seed(seed))
-        views = []
-        for (x0, y0, w, h), flip, recipe in zip(boxes, flips, self.recipes):
-            view = image.crop((x0, y0, x0 + w, y0 + h)).resize((recipe.size, recipe.size), Image.BICUBIC)
-            views.append(T.functional.pil_to_tensor(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view))
-        return views, label
-
-    @staticmethod
-    def geometry(width, height, recipes, generator):
-        """The views' boxes and flips on a width x height image: V boxes [x0, y0, w, h] and V bools.
-        sample_crop_boxes runs once per crop scale (globals, locals) for all the views of that scale:
-        each call costs some 25 small tensor operations, so one call per view would cost as much time
-        as decoding the image."""
-        boxes = torch.empty(len(recipes), 4, dtype=torch.long)                     # (V, 4)
-        for scale in dict.fromkeys(recipe.scale for recipe in recipes):           # each scale once, in order
-            chosen = [i for i, recipe in enumerate(recipes) if recipe.scale == scale]
-            boxes[chosen] = sample_crop_boxes(len(chosen), height, width, scale, generator)
-        flips = torch.rand(len(recipes), generator=generator) < torch.tensor([r.flip_p for r in recipes])  # (V,)
-        return boxes.tolist(), flips.tolist()
+        if max(image.size) > self.side:
+            image = ImageOps.contain(image, (self.side, self.side), Image.BICUBIC)
+        pixels = T.functional.pil_to_tensor(image)                     # (3, h, w) uint8
+        height, width = pixels.shape[1:]
+        rows = torch.arange(min(height + 1, self.side)).clamp(max=height - 1)    # 0 ... h - 1, then h - 1 again
+        columns = torch.arange(min(width + 1, self.side)).clamp(max=width - 1)
+        canvas = torch.zeros(3, self.side, self.side, dtype=torch.uint8)
+        canvas[:, :len(rows), :len(columns)] = pixels[:, rows][:, :, columns]
+        return canvas, torch.tensor([height, width]), label
 
 
 def load_into_memory(dataset, device, workers=0, batch_size=256):
@@ -209,39 +201,16 @@ class EpochOrder(torch.utils.data.Sampler):
             yield order[first:first + self.per_process].tolist()
 
 
-def augmentation_seed(seed, step, rank, position=None):
-    """The 64-bit seed of step `step`'s augmentation on process `rank` (train.py's generator of the
-    step), or, with `position`, of the crops of the image at that position of the step's batch
-    (FullImageCrops). The image's seed is a child of the step's numpy SeedSequence (spawn key
-    (position,)), an independent stream; [seed, step, rank, position] would not do, for SeedSequence
-    pads short entropy with zeros, which makes [seed, step, rank, 0] the step's own seed."""
-    spawn_key = () if position is None else (position,)
-    return int(np.random.SeedSequence([seed, step, rank], spawn_key=spawn_key).generate_state(1, np.uint64)[0])
-
-
-class CropSeeds(torch.utils.data.Sampler):
-    """The batches of `order` (an EpochOrder) as [(index, seed)] for FullImageCrops: image p of the batch
-    of step t on process r gets augmentation_seed(seed, t, r, p), so its crops are a function of (seed,
-    step, rank, position) like the rest of the step's augmentation, with any number of workers, and a
-    resumed run cuts the crops an uninterrupted one would. The step is the order's epoch times its
-    batches per epoch plus the batch, as train.py counts them."""
-
-    def __init__(self, order):
-        self.order = order
-
-    def __len__(self):
-        return len(self.order)
-
-    def __iter__(self):
-        order = self.order
-        for b, batch in enumerate(order, start=order.start_batch):
-            step = order.epoch * order.batches_per_epoch + b
-            yield [(index, augmentation_seed(order.seed, step, order.rank, p)) for p, index in enumerate(batch)]
+def augmentation_seed(seed, step, rank):
+    """The 64-bit seed of step `step`'s augmentation on process `rank` (train.py's generator of the step,
+    which data.draw_views draws every view of the step from), mixed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
 
 
 class InMemoryBatches:
-    """For each batch of `order`, (images (B, 3, H, W) uint8, labels (B,)) gathered by index from images
-    already in the training device's memory: what a DataLoader would give, with no workers and no copies."""
+    """For each batch of `order`, (images (B, 3, H, W) uint8, sizes (B, 2), labels (B,)) gathered by index
+    from images already in the training device's memory: what a DataLoader would give, with no workers and
+    no copies. sizes, on the CPU, is the images' one (H, W), B times."""
 
     def __init__(self, images, labels, order):
         self.images, self.labels, self.order = images, labels, order
@@ -253,21 +222,26 @@ class InMemoryBatches:
         for batch in self.order:
             index = torch.tensor(batch)                                              # (B,)
             if self.images.device.type == "cuda":
-                index = index.pin_memory()          # copied while the host goes on (to_device says why)
+                index = index.pin_memory()          # from page-locked memory: copied while the host goes on
             index = index.to(self.images.device, non_blocking=True)
-            yield self.images[index], self.labels[index]
+            yield self.images[index], same_sizes(self.images, len(batch)), self.labels[index]
+
+
+def same_sizes(images, count=None):
+    """The sizes of `count` images (all of `images` by default) of one size, (..., 3, H, W): (H, W) on
+    the CPU, `count` times -> int64 (count, 2)."""
+    return torch.tensor(images.shape[-2:]).expand(len(images) if count is None else count, 2)
 
 
 class WorkerBatches:
-    """For each batch of `order`, (images, labels (B,)) on `device`, decoded by `workers` DataLoader
-    processes: for datasets too large to hold in memory. The images are a uint8 batch (B, 3, H, W), or,
-    from a FullImageCrops (images of mixed sizes), the V uint8 views (B, 3, s, s) its workers cut, each
-    image's crops seeded by CropSeeds."""
+    """For each batch of `order`, (images uint8 (B, 3, H, W), sizes (B, 2), labels (B,)), decoded by
+    `workers` DataLoader processes: for datasets too large to hold in memory. Images and labels on `device`,
+    sizes on the CPU: a CanvasImages' own, else the images' one size B times."""
 
     def __init__(self, dataset, order, device, workers):
         self.order, self.device = order, device
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=CropSeeds(order) if isinstance(dataset, FullImageCrops) else order,
+            dataset, batch_sampler=order,
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=ignore_interrupts)
 
@@ -275,12 +249,10 @@ class WorkerBatches:
         return len(self.order)
 
     def __iter__(self):
-        for images, labels in self.loader:
-            if isinstance(images, list):                      # V views (B, 3, s, s)
-                images = [view.to(self.device, non_blocking=True) for view in images]
-            else:                                             # (B, 3, H, W)
-                images = images.to(self.device, non_blocking=True)
-            yield images, labels.to(self.device, non_blocking=True)
+        for batch in self.loader:                 # (images, labels), or a CanvasImages' (images, sizes, labels)
+            images, labels = batch[0], batch[-1]
+            sizes = batch[1] if len(batch) == 3 else same_sizes(images)
+            yield images.to(self.device, non_blocking=True), sizes, labels.to(self.device, non_blocking=True)
 
 
 def ignore_interrupts(worker_id):
@@ -314,9 +286,9 @@ def drop_unreadable_images(dataset, workers=0):
     Done before training rather than by swapping in another image on the fly: the count is exact, the
     data order stays a function of the seed, and nothing surprises the run hours later. The cost is
     one decoding pass. Returns the dropped paths.
-    Datasets stored as arrays (CIFAR, STL-10) have no files to check; a FullImageCrops's folder is checked.
+    Datasets stored as arrays (CIFAR, STL-10) have no files to check; a CanvasImages's folder is checked.
     """
-    if isinstance(dataset, FullImageCrops):
+    if isinstance(dataset, CanvasImages):
         dataset = dataset.images
     if not hasattr(dataset, "samples"):
         return []

@@ -6,10 +6,9 @@ final CLS token) is the representation every probe uses; the projector and the s
 the loss. Every backbone has a size knob (ResNet base width, ViT width/depth/heads) so that a laptop
 configuration is the same code with smaller numbers.
 
-The networks are plain torch.nn modules. The paper's setup normalises each view's batch on its own in
-every BatchNorm; train.py gets that by converting the model's BatchNorms after it is built
-(per_view_batchnorm.convert_per_view_batchnorm, as SyncBatchNorm.convert_sync_batchnorm does), so that
-HyDeSModel below reads as the method.
+The networks are plain torch.nn modules with plain BatchNorm. How the views share a BatchNorm's
+statistics is decided by how HyDeSModel.forward calls the network: once per view (the default), or once
+per crop size (DINO's way).
 """
 
 import math
@@ -294,22 +293,23 @@ class HyDeSModel(nn.Module):
     With `num_classes` the head is instead a linear classifier and the output its logits (V, B, C),
     unnormalised: the supervised baseline of Table I, same backbone (train.py --method).
 
-    The views of one size go through the backbone in one call, as DINO's multi-crop forward does: the 2
-    global crops in one batch of 2B, the 6 local crops in one of 6B. That matters only through
-    BatchNorm, whose training-mode statistics are those of the batch it is given:
-    - plain BatchNorm (train.py --forward per-resolution, DINO's official code) normalises over all the
-      views of a crop size, and the projector's over all N = V B embeddings;
-    - after per_view_batchnorm.convert_per_view_batchnorm (--forward per-view, the default: the paper's
-      setup, whose Lightly training steps embed each view on its own), each BatchNorm normalises each
-      view's B images on their own, as V calls of one view each would. A ViT's backbone has no BatchNorm
-      (LayerNorm and attention act within each image); its projector has.
+    How the views go through the network matters only through BatchNorm, whose training-mode statistics
+    are those of the batch it is given (a ViT's backbone has none: LayerNorm and attention act within each
+    image; its projector has):
+    - per_view=True (train.py --forward per-view, the default): the backbone and projector are called once
+      per view, so every BatchNorm normalises one view's B images. Our reading of the Lightly training
+      steps of the evaluation code the paper cites, which embed each view on its own; the paper names
+      neither way.
+    - per_view=False (--forward per-resolution, DINO's MultiCropWrapper): the backbone is called once per
+      crop size (the 2 global crops as one batch of 2B, the 6 local ones as one of 6B) and the projector
+      once on all N = V B features.
     Which trains better is measured in REPRODUCE.md. In eval mode the two give the same output.
     """
 
-    def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None):
+    def __init__(self, backbone, proj_hidden=2048, proj_dim=256, num_classes=None, per_view=True):
         super().__init__()
         self.backbone = backbone
-        self.num_classes = num_classes
+        self.num_classes, self.per_view = num_classes, per_view
         if num_classes is None:
             self.projector = projector(backbone.num_features, proj_hidden, proj_dim)
         else:
@@ -317,11 +317,12 @@ class HyDeSModel(nn.Module):
 
     def forward(self, views):
         """views: list of V tensors (B, 3, H_v, W_v), views of one size adjacent (globals, then locals)."""
-        batch = views[0].shape[0]
+        if self.per_view:
+            return torch.stack([self.head(self.backbone(view)) for view in views])   # V x (B, D) -> (V, B, D)
         features = [self.backbone(torch.cat(same_size))                # (k B, 3, H, W) -> (k B, F)
                     for same_size in runs_of_one_size(views)]
         z = self.head(torch.cat(features))                            # (N, F) -> (N, D), N = V B, view v at v B
-        return z.view(len(views), batch, -1)                          # (N, D) -> (V, B, D)
+        return z.view(len(views), len(views[0]), -1)                  # (N, D) -> (V, B, D)
 
     def head(self, features):
         """Backbone features (n, F) -> points on S^{D-1} (n, D), in float32; or, for the supervised

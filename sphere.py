@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from analyze import TAB10
-from checks import HelpFormatter, first_problem, numbers_are_finite, refuse, seed_rule, unwritable
 from hydes import hydes_loss, mi_ceiling
+from settings import HelpFormatter, first_problem, numbers_are_finite, refuse, seed_rule, unwritable
 
 PANEL, MARGIN, CAPTION = 150, 12, 44     # a hemisphere's diameter, the space around it, the text under a panel
 

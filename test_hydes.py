@@ -15,22 +15,20 @@ What they check:
   gathering and the images spreading, MI at its ceiling log((N-1)/(V-1)) exactly when the kernel mass falls
   on each image's own views (hydes.own_view_share), the picture's projection; the logged mi_fraction.
 - The kappa and beta schedules.
-- The multi-crop geometry: whole-image crops against torchvision's RandomResizedCrop.
-- The batched multi-crop (batched_crops.BatchedMultiCrop) against the PIL recipe (data.MultiCrop), both
-  from one data.ViewRecipe, and its device-operation count (held under a fifth of the per-view count).
+- The multi-crop (data.draw_views, data.make_views): its boxes against torchvision's RandomResizedCrop,
+  each step against a closed form or torchvision's single-image functions, its distributions against
+  DINO's recipe written in PIL, images of mixed sizes on a canvas.
 - Where bf16 is safe on a CPU, against the closed form of the strided convolutions' input sides.
-- Every backbone and both forwards: per-view (batched by crop size, after
-  per_view_batchnorm.convert_per_view_batchnorm) against one call per view, and compiled into one graph
-  against eager.
+- Every backbone and both forwards: per view (one network call per view) and per resolution (one per
+  crop size), the same in eval mode.
+- The step (views, network, loss) compiled into one graph against eager, and run on the meta device
+  (no value read by the host).
 - The k-NN against a brute-force vote; the paper's linear probe against a hand-written Adam loop; the
   validated probe.
 - The segmentation metrics on whole masks.
 - Table III's definitions on matrices of known spectrum.
 - Spearman correlation and average-linkage clustering against hand-computed and scipy references;
   WordNet similarities against hypernym paths (Table IV).
-- The whole step as one graph (step_graph.py): its fixed-shape crops against the readable ones bit for
-  bit, its AdamW against torch.optim.AdamW and a closed form, its step against train.training_step, one
-  Dynamo graph with no break, no host read on the meta device, a fullgraph compile, bit-exact resume.
 - Bit-exact resume, also after Ctrl-C mid-epoch; a kill during a checkpoint write.
 - Every bad input and fault of ERRORS.md's table (two processes on one run folder among them): each row
   of that table is a test.
@@ -47,6 +45,7 @@ import argparse
 from collections import Counter
 import contextlib
 import copy
+import functools
 import itertools
 import errno
 import json
@@ -71,7 +70,6 @@ import torchvision
 from PIL import Image, ImageFilter, ImageOps
 
 import analyze
-import batched_crops
 import benchmark
 import checkpoints
 import data
@@ -81,13 +79,10 @@ import hydes
 import image_files
 import loading
 import models
-import per_view_batchnorm
-import precision
-import records
-import runcontrol
+import runs
 import segment
+import settings
 import sphere
-import step_graph
 import train
 
 
@@ -500,10 +495,11 @@ def test_the_sphere_script_writes_its_picture_and_refuses_bad_numbers(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# data.py: multi-crop, batched multi-crop against PIL, datasets and folders, epoch order, reading images
+# data.py: multi-crop, its views against torchvision and a PIL reference, datasets and folders, epoch order,
+# canvases of mixed sizes, reading images
 
 def uint8_batch(pil_images):
-    """PIL images of one size -> uint8 (B, 3, H, W), what BatchedMultiCrop takes."""
+    """PIL images of one size -> uint8 (B, 3, H, W), what data.make_views takes."""
     return torch.stack([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) for img in pil_images])
 
 
@@ -514,11 +510,11 @@ def ks_distance(a, b):
     return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
 
 
-def resized_crop(images, boxes, size, flip, dtype=torch.float32):
-    """batched_crops.resized_crops with one crop per image, its products in `dtype`: images (N, 3, H, W) uint8,
-    boxes (N, 4), flip (N,) -> (N, 3, size, size) float32 in [0, 1]."""
-    source = images.permute(0, 2, 1, 3).to(dtype, memory_format=torch.contiguous_format)   # (N, H, 3, W) 0 ... 255
-    return batched_crops.resized_crops(source, batched_crops.crop_geometry(boxes, flip, size), size)
+def quantile_distance(a, b):
+    """Mean gap between the 0.5% ... 99.5% quantiles of two samples (~ Wasserstein-1): small shifts, such
+    as PIL's rounding to 1/255, cost little; a wrong range or probability moves many quantiles."""
+    q = np.linspace(0.005, 0.995, 199)
+    return np.abs(np.quantile(a, q) - np.quantile(b, q)).mean()
 
 
 def torchvision_crop_box(height, width, scale):
@@ -528,63 +524,286 @@ def torchvision_crop_box(height, width, scale):
     return left, top, w, h
 
 
-def both_pipelines(image, count, crop_args, seed):
-    """`count` multi-crops of one PIL image by MultiCrop and by BatchedMultiCrop (seeded) -> two lists of
-    V tensors (count, 3, h, w) of pixel values in [0, 1]."""
-    torch.manual_seed(seed)                     # torchvision's transforms draw from torch's generator,
-    random.seed(seed)                           # RandomGaussianBlur and RandomSolarize from Python's
-    crops = data.MultiCrop(data.dino_recipes(*crop_args))
-    per_image = [torch.stack(v) for v in zip(*[crops(image) for _ in range(count)])]
-    batched = batched_crops.BatchedMultiCrop(data.dino_recipes(*crop_args))(uint8_batch([image] * count),
-                                                                           torch.Generator().manual_seed(seed))
-    return [data.unnormalize(v) for v in per_image], [data.unnormalize(v) for v in batched]
+def drawn_boxes(count, height, width, scale, seed=0):
+    """draw_views' boxes of `count` images of one size, one view of `scale` -> (count, 4) (x0, y0, w, h)."""
+    sizes = torch.tensor([[height, width]]).expand(count, 2)
+    box = data.draw_views([data.ViewRecipe(8, scale, 0, 0)], sizes, torch.Generator().manual_seed(seed))[0, :, :4]
+    return torch.cat([box[:, :2], box[:, 2:] - box[:, :2]], 1).long().numpy()              # whole pixels
 
 
-def colour_features(colours):
-    """(n, 3) RGB -> HSV-like features: value (max), chroma (max - min), and the hue in turns in
-    [-1/2, 1/2) of the clearly coloured ones (chroma > 0.02)."""
-    value, chroma = colours.max(1), colours.max(1) - colours.min(1)
-    r, g, b = colours.T / np.maximum(chroma, 1e-9)
-    sixths = np.where(value == colours[:, 0], g - b, np.where(value == colours[:, 1], 2 + b - r, 4 + r - g))
-    return value, chroma, ((sixths / 6 + 0.5) % 1 - 0.5)[chroma > 0.02]
+COLUMNS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "grey", "sigma", "solarise")
+EVERY_STEP = data.ViewRecipe(24, (1.0, 1.0), blur_p=1.0, solarize_p=1.0, jitter_p=1.0, grayscale_p=1.0)
 
 
-def quantile_distance(a, b):
-    """Mean gap between the 0.5% ... 99.5% quantiles of two samples (~ Wasserstein-1): small shifts, such
-    as PIL's rounding to 1/255, cost little; a wrong range or probability moves many quantiles."""
-    q = np.linspace(0.005, 0.995, 199)
-    return np.abs(np.quantile(a, q) - np.quantile(b, q)).mean()
+def one_view(images, size=None, recipe=EVERY_STEP, **columns):
+    """make_views of one view of uint8 images (B, 3, H, W), each step run at its identity (the whole image,
+    factors 1, hue 0, ...) but `columns` (a number, or one per image) -> (B, 3, s, s) normalised."""
+    batch, _, height, width = images.shape
+    p = torch.tensor([0, 0, width, height, 0, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float32).repeat(1, batch, 1)
+    for name, value in columns.items():
+        p[0, :, COLUMNS.index(name)] = torch.as_tensor(value, dtype=torch.float32)
+    return data.make_views(images, [recipe._replace(size=size or width)], p)[0]
 
 
-# ---- multi-crop, per PIL image
+def dino_pil_view(recipe):
+    """DINO's view, main_dino.py's DataAugmentationDINO for one ViewRecipe, in PIL: the reference."""
+    blur = lambda img: (img.filter(ImageFilter.GaussianBlur(random.uniform(*recipe.blur_sigma)))
+                        if random.random() < recipe.blur_p else img)
+    solarise = lambda img: ImageOps.solarize(img) if random.random() < recipe.solarize_p else img
+    T = torchvision.transforms
+    return T.Compose([T.RandomResizedCrop(recipe.size, recipe.scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(recipe.flip_p),
+                      T.RandomApply([T.ColorJitter(*recipe.jitter)], recipe.jitter_p),
+                      T.RandomGrayscale(recipe.grayscale_p), blur, solarise, T.ToTensor()])
 
-def test_multicrop_gives_globals_then_locals_of_the_requested_sizes():
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    views = data.MultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=6))(img)
-    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
-    assert all(v.dtype == torch.float32 for v in views)
-    assert len({v.sum().item() for v in views}) == 8             # eight different random views
-    views = data.MultiCrop(data.dino_recipes(96, 48, global_crops=1, local_crops=0, blur=False))(img)
-    assert [tuple(v.shape) for v in views] == [(3, 96, 96)]
+
+def hsv_hue(x):
+    """(N, 3, h, w) RGB -> the HSV hue in turns in [0, 1) and the chroma (max - min) of every pixel, flattened."""
+    colours = x.permute(0, 2, 3, 1).reshape(-1, 3)
+    value, chroma = colours.amax(1), colours.amax(1) - colours.amin(1)
+    r, g, b = (colours / chroma.clamp_min(1e-9)[:, None]).T
+    sixths = torch.where(value == colours[:, 0], g - b, torch.where(value == colours[:, 1], 2 + b - r, 4 + r - g))
+    return sixths / 6 % 1, chroma
 
 
-def test_multicrop_crop_areas_follow_the_global_and_local_scales():
-    # Each pixel of a 250 x 250 image stores its own x in red and y in green, so the range of red and
-    # green values in a crop gives back the box it was cut from, and so its fraction of the image area.
+# ---- the views: shapes, seeds, no host read
+
+def test_views_come_globals_first_from_the_seed_alone_and_make_no_host_read():
+    images = uint8_batch([Image.fromarray(np.random.default_rng(i % 2).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+                          for i in range(4)])                        # images 0 and 2 alike, 1 and 3 alike
+    sizes = torch.tensor([[40, 40]]).expand(4, 2)
+    for recipes in (data.dino_recipes(24, 12, 3, 2), data.supervised_recipes(32), data.dino_recipes(32, 16)):
+        views = data.multi_crop(images, sizes, recipes, torch.Generator().manual_seed(5))
+        assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.float32, (4, 3, r.size, r.size)) for r in recipes]
+    again, other = (data.multi_crop(images, sizes, recipes, torch.Generator().manual_seed(seed)) for seed in (5, 6))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    assert all(not torch.equal(a, b) for a, b in zip(views, other))
+    assert all(not torch.equal(v[0], v[2]) for v in views)           # each copy of an image has its own draw
+    # No value read by the host and no shape from a draw: it runs on the meta device, Dynamo traces it
+    # whole (fullgraph refuses a graph break, as .item() or nonzero() make), and the device operations do
+    # not depend on the batch or the image size (counted on the meta device).
+    parameters = data.draw_views(recipes, sizes, torch.Generator().manual_seed(5))
+    traced = torch.compile(data.make_views, fullgraph=True, backend="eager")(images, recipes, parameters)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(traced, views))
+
+    class Operations(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            self.names.append(str(op))
+            return op(*args, **(kwargs or {}))
+
+    counts = []
+    for batch, side in ((4, 40), (64, 96)):
+        with Operations() as counter:
+            counter.names = []
+            meta = data.make_views(torch.empty(batch, 3, side, side, dtype=torch.uint8, device="meta"), recipes,
+                                   torch.empty(len(recipes), batch, parameters.shape[-1], device="meta"))
+        assert [tuple(v.shape) for v in meta] == [(batch, 3, r.size, r.size) for r in recipes]
+        counts.append(len(counter.names))
+    assert counts[0] == counts[1]
+
+
+# ---- the crop boxes, against torchvision's RandomResizedCrop
+
+@pytest.mark.parametrize("height,width,scale", [(250, 250, data.LOCAL_SCALE), (250, 250, data.GLOBAL_SCALE),
+                                                (120, 300, data.GLOBAL_SCALE)])
+def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale):
+    # 4000 boxes each; the KS statistic of two samples of one distribution exceeds 0.05 with probability
+    # ~1e-4. On the 120 x 300 image (aspect 2.5) about half the images find no fitting attempt in ten
+    # and fall back to the centred crop.
     torch.manual_seed(0)
+    reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
+    ours = drawn_boxes(4000, height, width, scale)
+    for column in range(4):                                                               # x0, y0, w, h
+        assert ks_distance(ours[:, column], reference[:, column]) < 0.05
+    assert (ours[:, :2] >= 0).all() and (ours[:, :2] + ours[:, 2:] <= [width, height]).all()
+    if height == width:
+        area = ours[:, 2] * ours[:, 3] / (height * width)
+        assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
+
+
+def test_the_boxes_of_a_batch_of_mixed_sizes_lie_in_each_images_true_size_as_torchvision_draws_them():
+    # One batch: each image's boxes are drawn inside its own (height, width), with its own distribution:
+    # against torchvision on that size alone (area and log aspect ratio; KS over 0.08 has a chance of
+    # ~1e-4 for 1000 and 3000 draws). A 20 x 200 image fits no global attempt (40% of its area is 1600 px,
+    # 20 px high at most: an aspect ratio of 4 or more): always the centred fallback, 20 high, 27 wide.
+    shapes = [(375, 500), (500, 375), (20, 200), (64, 64)]
+    sizes = torch.tensor(shapes).repeat(1000, 1)                                          # (4000, 2)
+    recipes = data.dino_recipes(224, 96, 1, 1)
+    p = data.draw_views(recipes, sizes, torch.Generator().manual_seed(0))                 # (2, 4000, 12)
+    x0, y0, x1, y1 = p[..., :4].unbind(-1)
+    height, width = sizes.T.float()
+    assert ((x0 >= 0) & (y0 >= 0) & (x1 <= width) & (y1 <= height) & (x1 > x0) & (y1 > y0)).all()
+    assert (p[0, 2::4, :4] == torch.tensor([86.0, 0.0, 113.0, 20.0])).all()             # x0 = (200 - 27) // 2
+    assert torchvision_crop_box(20, 200, data.GLOBAL_SCALE) == (86, 0, 27, 20)
+    torch.manual_seed(0)
+    for view, recipe in enumerate(recipes):
+        for i, (h, w) in enumerate(shapes[:2]):
+            boxes = p[view, i::4, :4].long().numpy()                                  # whole pixels
+            reference = np.array([torchvision_crop_box(h, w, recipe.scale) for _ in range(3000)])
+            ours, theirs = boxes[:, 2:] - boxes[:, :2], reference[:, 2:]                       # (w, h) each
+            assert ks_distance(ours.prod(1), theirs.prod(1)) < 0.08
+            assert ks_distance(np.log(ours[:, 0] / ours[:, 1]), np.log(theirs[:, 0] / theirs[:, 1])) < 0.08
+
+
+# ---- the crop, the flip and each photometric step, on single images
+
+def test_the_whole_image_at_its_size_is_itself_a_flip_mirrors_and_a_ramp_gives_its_closed_form():
+    rng = np.random.default_rng(3)
+    pil = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(3)]
+    images = uint8_batch(pil)
+    # Every step run at its identity: the image, normalised as ToTensor + Normalize do it
+    assert torch.allclose(one_view(images), torch.stack([data.TO_NORMALISED_TENSOR(img) for img in pil]), atol=1e-5)
+    # A mirrored crop is the crop mirrored, for boxes drawn anywhere (enlarged and shrunk)
+    for recipe in data.dino_recipes(32, 12, 1, 1):
+        p = data.draw_views([recipe], torch.tensor([[24, 24]]).expand(3, 2), torch.Generator().manual_seed(1))
+        plain, mirrored = (data.make_views(images, [recipe], p.index_fill(2, torch.tensor([4]), flip))[0]
+                           for flip in (0.0, 1.0))
+        assert torch.allclose(mirrored, plain.flip(-1), atol=1e-5) and not torch.allclose(mirrored, plain)
+    # On a horizontal ramp (value 2 x at column x) the crop is linear, so output column i is the ramp at
+    # its centre, x0 - 1/2 + (i + 1/2) w / s, whether enlarged (bilinear) or shrunk (7 samples averaged)
+    ramp = (torch.arange(128) * 2).to(torch.uint8).expand(1, 3, 128, 128).contiguous()
+    for size in (16, 160):
+        view = data.unnormalize(one_view(ramp, size, x0=10, x1=110, y0=20, y1=100))[0, 0]          # (s, s)
+        expected = 2 * (10 - 0.5 + (torch.arange(size) + 0.5) * 100 / size) / 255
+        assert torch.allclose(view, expected.expand(size, -1), atol=1e-5)
+
+
+def test_each_colour_step_is_torchvisions_on_each_image_and_pils_to_its_rounding():
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(4)]
+    images = uint8_batch(pil)
+    x, TF = images / 255, torchvision.transforms.functional
+    ours = lambda **columns: data.unnormalize(one_view(images, **columns))
+    as_float = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1) / 255
+    for name, factors in [("brightness", [0.6, 0.9, 1.2, 1.4]), ("contrast", [0.6, 0.9, 1.2, 1.4]),
+                          ("saturation", [0.8, 0.9, 1.1, 1.2])]:
+        made = ours(**{name: factors})
+        theirs = getattr(TF, f"adjust_{name}")
+        # torchvision's float blends (its grey weighs red 0.2989, not 0.299), and PIL's uint8 ones, which
+        # round the contrast's mean grey to an integer: 1.5/255 apart at most
+        assert torch.allclose(made, torch.stack([theirs(xi, f) for xi, f in zip(x, factors)]), atol=1e-4), name
+        assert (made - torch.stack([as_float(theirs(img, f)) for img, f in zip(pil, factors)])).abs().max() < 1.5 / 255
+    # Greyscale: the luma in all three channels, PIL's convert("L") to its rounding; grey 0 leaves x exactly
+    assert torch.allclose(ours(grey=1), TF.rgb_to_grayscale(x, 3), atol=2e-4)
+    pil_grey = torch.stack([as_float(img.convert("L").convert("RGB")) for img in pil])
+    assert (ours(grey=1) - pil_grey).abs().max() < 1.01 / 255
+    assert torch.equal(ours(grey=0), ours())
+    assert torch.allclose(ours(solarise=1), torch.stack([as_float(ImageOps.solarize(img)) for img in pil]), atol=1e-6)
+    # The hue: a turn about the grey axis. None and a whole turn either way leave the image; a third of
+    # a turn takes red to green, green to blue, exactly as torchvision's HSV shift of 1/3 does; a small
+    # turn moves the HSV hue of the coloured pixels by as much on average, each within ~0.025 turns of it
+    assert torch.allclose(ours(hue=[0, 1, -1, 0]), x, atol=1e-5)
+    assert torch.allclose(ours(hue=1 / 3), x.roll(1, dims=1), atol=1e-5)
+    assert torch.allclose(ours(hue=1 / 3), TF.adjust_hue(x, 1 / 3), atol=1e-5)
+    hue, chroma = hsv_hue(x)
+    for turn in (0.05, -0.1):
+        shift = ((hsv_hue(ours(hue=turn))[0] - hue + 0.5) % 1 - 0.5)[chroma > 0.2]
+        assert abs(shift.mean() - turn) < 0.003 and (shift - turn).abs().max() < 0.03
+    # the reason a fixed jitter order is harmless: away from 0 and 1, brightness, contrast and saturation
+    # commute exactly, so torchvision's float blends in all six orders give one image, ours
+    mid = (76 + images * 0.4).round().to(torch.uint8)                # values 76 ... 178
+    blends = [lambda y: TF.adjust_brightness(y, 1.1), lambda y: TF.adjust_contrast(y, 0.8),
+              lambda y: TF.adjust_saturation(y, 1.15)]
+    made = data.unnormalize(one_view(mid, brightness=1.1, contrast=0.8, saturation=1.15))
+    for a, b, c in itertools.permutations(range(3)):
+        assert torch.allclose(blends[c](blends[b](blends[a](mid / 255))), made, atol=2e-4)
+
+
+def test_the_blur_is_each_images_gaussian_with_extended_borders_and_sigma_0_is_exact():
+    images = torch.randint(0, 256, (4, 3, 20, 20), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    blurred = data.unnormalize(one_view(images, sigma=sigma))
+    for image, s, out in zip(images / 255, sigma, blurred):                 # one image at a time, 2-D kernels
+        taps = torch.arange(-6, 7.0)
+        kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
+        kernel = torch.outer(kernel, kernel) / kernel.sum() ** 2               # (13, 13)
+        padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")           # PIL extends the border
+        assert torch.allclose(out, F.conv2d(padded, kernel.expand(3, 1, 13, 13), groups=3)[0], atol=1e-5)
+        inside = torchvision.transforms.functional.gaussian_blur(image, 13, s.item())[:, 6:-6, 6:-6]   # reflects
+        assert torch.allclose(out[:, 6:-6, 6:-6], inside, atol=1e-5)
+    assert torch.equal(one_view(images, sigma=0), one_view(images, recipe=EVERY_STEP._replace(blur_p=0)))
+    # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
+    ours = data.unnormalize(one_view(uint8_batch([Image.fromarray(pixels)]), sigma=2.0))[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours - pil)[8:-8, 8:-8].mean() < 1 / 255
+
+
+# ---- the views against DINO's recipe in PIL, in distribution
+
+def test_the_drawn_steps_come_at_each_recipes_rates_and_ranges():
+    # 4000 draws of each view of dino_recipes: each step's rate within 4.5 standard errors of the recipe's
+    # probability, and the factors spread over their ranges (U(1 -+ 0.4) ...)
+    recipes = data.dino_recipes(32, 16)
+    p = data.draw_views(recipes, torch.tensor([[32, 32]]).expand(4000, 2), torch.Generator().manual_seed(0))
+    for view, recipe in enumerate(recipes):
+        jittered = p[view, :, 5:9] != torch.tensor([1.0, 1, 1, 0])                     # (4000, 4)
+        for taken, rate in [(p[view, :, 4], recipe.flip_p), (jittered.all(1), recipe.jitter_p),
+                            (p[view, :, 9], recipe.grayscale_p), (p[view, :, 10] > 0, recipe.blur_p),
+                            (p[view, :, 11], recipe.solarize_p)]:
+            assert abs(taken.float().mean() - rate) <= 4.5 * math.sqrt(rate * (1 - rate) / 4000) + 1e-9
+        for column, identity, (low, high) in [(5, 1, (0.6, 1.4)), (6, 1, (0.6, 1.4)), (7, 1, (0.8, 1.2)),
+                                              (8, 0, (-0.1, 0.1)), (10, 0, recipe.blur_sigma)]:
+            drawn = p[view, :, column][p[view, :, column] != identity]
+            slack = 10 * (high - low) / max(len(drawn), 1)              # the extremes of n uniforms: e^-10 to miss
+            assert len(drawn) == 0 or (low <= drawn.min() < low + slack and high - slack < drawn.max() <= high)
+
+
+@pytest.mark.parametrize("statistic", ["brightness", "contrast", "blur", "area"])
+def test_the_views_follow_dinos_recipe_in_pil_in_distribution(statistic):
+    # 1000 views made by us and by DINO's transforms in PIL (dino_pil_view), one statistic each, on an
+    # image where nothing else moves it: a uniform grey (every step but the jitter's brightness and the
+    # solarisation leaves it), two grey halves at the whole-image crop (its spread: contrast times
+    # brightness), noise at the whole-image crop without colour steps (its detail: the blur), and a ramp
+    # that encodes x in red and y in green (the area of the box it was cut from). Bounds from 4 seeds
+    # each, then about 1.3 times the worst; a recipe off by as little as a brightness range of 0.3
+    # instead of 0.4, contrast 0.3, blur p 0.35 instead of 0.5 or 1.0, sigma up to 1.5 instead of 2,
+    # or a crop scale of (0.45, 1) or (0.05, 0.35) moves it past the bound (measured: 1.4 to 10 times it).
+    recipes = data.dino_recipes(32, 16)
+    whole = lambda r, **changes: r._replace(scale=(1.0, 1.0), **changes)
+    crop_only = lambda r: r._replace(jitter_p=0, grayscale_p=0, blur_p=0)
     ramp = np.arange(250, dtype=np.uint8)
-    img = np.stack([np.tile(ramp, (250, 1)), np.tile(ramp[:, None], (1, 250)), np.zeros((250, 250), np.uint8)], -1)
-    crops = data.MultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=6, blur=False))
-    crops.transforms = [t.transforms[0] for t in crops.transforms]   # only the RandomResizedCrop step
-    areas = {"global": [], "local": []}
-    for _ in range(100):
-        for i, view in enumerate(crops(Image.fromarray(img))):
-            pixels = np.asarray(view).astype(float)
-            box = (np.ptp(pixels[..., 0]) + 1) * (np.ptp(pixels[..., 1]) + 1)
-            areas["global" if i < 2 else "local"].append(box / 250 ** 2)
-    g, l = np.array(areas["global"]), np.array(areas["local"])
-    assert g.min() > 0.4 - 0.02 and g.max() <= 1.0 and g.min() < 0.5 and g.max() > 0.9
-    assert l.min() > 0.05 - 0.01 and l.max() < 0.4 + 0.02 and l.min() < 0.1 and l.max() > 0.3
+    image, cases, measure = {
+        "brightness": (Image.new("RGB", (8, 8), (128,) * 3), [(recipes[0], 0.009), (recipes[2], 0.015)],
+                       lambda v: v.mean((1, 2, 3))),
+        "contrast": (Image.fromarray(np.repeat(np.array([[[64] * 3, [192] * 3]], np.uint8), 16, 1).repeat(32, 0)),
+                     [(whole(recipes[0], blur_p=0), 0.006)], lambda v: v.std((1, 2, 3))),
+        "blur": (Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                 [(whole(recipes[0], jitter_p=0, grayscale_p=0), 0.016),
+                  (whole(recipes[2], size=32, jitter_p=0, grayscale_p=0), 0.01)],
+                 lambda v: (v[..., 1:] - v[..., :-1]).abs().mean((1, 2, 3))),
+        "area": (Image.fromarray(np.stack([np.tile(ramp, (250, 1)), np.tile(ramp[:, None], (1, 250)),
+                                           np.zeros((250, 250), np.uint8)], -1)),
+                 [(crop_only(recipes[0]), 0.01), (crop_only(recipes[2]), 0.01)],
+                 lambda v: ((v[:, 0].amax((1, 2)) - v[:, 0].amin((1, 2))) * 255 + 1) *
+                           ((v[:, 1].amax((1, 2)) - v[:, 1].amin((1, 2))) * 255 + 1) / 250 ** 2),
+    }[statistic]
+    pixels = uint8_batch([image]).expand(1000, -1, -1, -1)
+    for recipe, bound in cases:
+        torch.manual_seed(0), random.seed(0)
+        theirs = torch.stack([dino_pil_view(recipe)(image) for _ in range(1000)])
+        ours = data.unnormalize(data.multi_crop(pixels, torch.tensor([pixels.shape[-2:]]).expand(1000, 2), [recipe],
+                                                torch.Generator().manual_seed(0))[0])
+        assert quantile_distance(measure(ours).numpy(), measure(theirs).numpy()) < bound, recipe
+
+
+def test_the_supervised_baseline_sees_one_crop_and_flip_per_image_and_never_a_colour_change():
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (64, 3))
+    # left half one colour, right half another: a flip swaps them, a colour step changes them
+    halves = [np.concatenate([np.full((32, 16, 3), a), np.full((32, 16, 3), b)], axis=1).astype(np.uint8)
+              for a, b in zip(colours, colours[::-1])]
+    images, sizes = uint8_batch([Image.fromarray(h) for h in halves]), torch.tensor([[32, 32]]).expand(64, 2)
+    (view,) = data.multi_crop(images, sizes, data.supervised_recipes(32), torch.Generator().manual_seed(0))
+    pixels = data.unnormalize(view).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255         # (B, h*w, 3)
+    allowed = torch.tensor(np.stack([colours, colours[::-1]], 1), dtype=torch.float32)  # (B, 2, 3)
+    nearest = (pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1)           # (B, h*w)
+    assert (nearest > 1).float().mean() < 0.15            # all but the blend where the halves meet keep a colour
+    dino = data.multi_crop(images, sizes, data.dino_recipes(32, 16, blur=False), torch.Generator().manual_seed(0))[0]
+    dino_pixels = data.unnormalize(dino).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255
+    assert ((dino_pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1) > 1).float().mean() > 0.5
+    left_is_first = (pixels[:, 0] - allowed[:, 0]).abs().amax(-1) <= 1            # the top-left pixel's colour
+    assert 15 < left_is_first.sum() < 49                   # flipped about half the time (64 draws of p = 0.5)
 
 
 def test_default_crop_sizes_follow_resolution():
@@ -597,305 +816,6 @@ def test_eval_transform_sizes():
     img = Image.new("RGB", (500, 375))
     assert tuple(data.eval_transform(224)(img).shape) == (3, 224, 224)
     assert tuple(data.eval_transform(32)(Image.new("RGB", (32, 32))).shape) == (3, 32, 32)
-
-
-# ---- batched multi-crop against the PIL recipe
-
-def test_both_multicrops_make_each_step_of_the_one_recipe_they_are_given():
-    # The recipe is written once (data.ViewRecipe): each of its fields reaches the readable form and the
-    # fast one alike. A crop of the whole image (scale 1: every aspect ratio but 1 overflows, so the
-    # fallback, the whole image) isolates each step, against its closed form.
-    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 24, 3), dtype=np.uint8))
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255      # (3, 24, 24)
-    grey = (pixels * torch.tensor(batched_crops.LUMA).view(3, 1, 1)).sum(0, keepdim=True).expand(3, -1, -1)
-    plain = data.ViewRecipe(24, (1.0, 1.0), blur_p=0.0, solarize_p=0.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
-    cases = [(plain, pixels), (plain._replace(flip_p=1.0), pixels.flip(-1)), (plain._replace(grayscale_p=1.0), grey),
-             (plain._replace(solarize_p=1.0), torch.where(pixels >= 128 / 255, 1 - pixels, pixels)),
-             (plain._replace(jitter_p=1.0, jitter=(0.0, 0.0, 0.0, 0.0)), pixels)]
-    for recipe, expected in cases:
-        torch.manual_seed(0), random.seed(0)
-        readable = data.unnormalize(data.MultiCrop([recipe])(image)[0])
-        fast = data.unnormalize(batched_crops.BatchedMultiCrop([recipe])(uint8_batch([image]),
-                                                                         torch.Generator().manual_seed(0))[0][0])
-        for made in (readable, fast):
-            assert (made - expected).abs().max() < 1.5 / 255, recipe
-    # A step's strength: brightness factors of U(1 -+ 0.9) spread the images' means several times more
-    # than U(1 -+ 0.1), and a blur of sigma 2 erases most of the differences between neighbouring pixels
-    # that one of sigma 0.1 keeps, in both forms
-    def spread(views):
-        return float(data.unnormalize(views).mean(dim=(1, 2, 3)).std())
-
-    def detail(views):
-        views = data.unnormalize(views)
-        return float((views[..., 1:] - views[..., :-1]).abs().mean())
-
-    for strong, weak, statistic in [
-            (plain._replace(jitter_p=1.0, jitter=(0.9, 0, 0, 0)), plain._replace(jitter_p=1.0, jitter=(0.1, 0, 0, 0)),
-             spread),
-            (plain._replace(blur_p=1.0, blur_sigma=(0.1, 0.1)), plain._replace(blur_p=1.0, blur_sigma=(2.0, 2.0)),
-             detail)]:
-        for make in (lambda r: torch.stack([data.MultiCrop([r])(image)[0] for _ in range(32)]),
-                     lambda r: batched_crops.BatchedMultiCrop([r])(uint8_batch([image] * 32),
-                                                                   torch.Generator().manual_seed(1))[0]):
-            torch.manual_seed(1), random.seed(1)
-            assert statistic(make(strong)) > 4 * statistic(make(weak))
-
-
-
-def test_batched_multicrop_has_multicrops_collated_layout_and_normalisation(monkeypatch):
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
-    for sizes, counts in [((32, 16), {}), ((24, 12), {"global_crops": 3, "local_crops": 2}),
-                          ((32, 16), {"global_crops": 1, "local_crops": 0})]:
-        recipes = data.dino_recipes(*sizes, **counts)
-        per_image = torch.utils.data.default_collate([data.MultiCrop(recipes)(img) for img in images])
-        batched = batched_crops.BatchedMultiCrop(recipes)(uint8_batch(images), torch.Generator().manual_seed(0))
-        assert [(v.shape, v.dtype) for v in batched] == [(v.shape, v.dtype) for v in per_image]
-    # Meaning: on a one-colour image, the views left without jitter and grayscale (16% of them) are the
-    # colour normalised exactly as T.ToTensor + T.Normalize do it, channel for channel.
-    # With the resize's products in bf16 (products_dtype, forced here), to two grey levels (its test).
-    colour = Image.new("RGB", (16, 16), (255, 120, 30))
-    expected = data.MultiCrop(data.dino_recipes(8, 4)).transforms[0].transforms[-1](colour)[:, 0, 0]         # (3,)
-    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2.01 / 255 / min(data.IMAGENET_STD))):
-        monkeypatch.setattr(batched_crops, "products_dtype", lambda device: dtype)
-        views = batched_crops.BatchedMultiCrop(data.dino_recipes(8, 4, blur=False))(uint8_batch([colour] * 64),
-                                                                                   torch.Generator().manual_seed(1))
-        for view in views:
-            untouched = (view[:, :, 0, 0] - expected).abs().amax(dim=1) < tolerance           # (B,)
-            assert 0 < untouched.sum() < 64
-
-
-def test_batched_multicrop_is_deterministic_per_seed_and_random_per_image():
-    images = uint8_batch([Image.new("RGB", (32, 32), (200, 100, 50))] * 2 +
-                         [Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))] * 2)
-    crops = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16))
-    first, again = (crops(images, torch.Generator().manual_seed(5)) for _ in range(2))
-    other = crops(images, torch.Generator().manual_seed(6))
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert all(not torch.equal(a, b) for a, b in zip(first, other))
-    # two copies of one image get their own parameters, so different views
-    assert all(not torch.equal(v[0], v[1]) and not torch.equal(v[2], v[3]) for v in first)
-
-
-@pytest.mark.parametrize("cut", [False, True])
-def test_a_cpu_makes_the_same_views_a_few_images_at_a_time(monkeypatch, cut):
-    # On a CPU the batch is cut into pieces of CPU_CHUNK_VALUES values (cache-sized); every parameter is
-    # drawn for the whole batch first, so the pieces give the views of one call, blur and solarisation
-    # (indices into the batch, renumbered for each piece) included. 13 images in pieces of 3, 3, 3, 3, 1.
-    rng = np.random.default_rng(2)
-    images = uint8_batch([Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(13)])
-    recipes = data.dino_recipes(16, 8, global_crops=2, local_crops=3)
-    if cut:                                    # views cut by the loading workers: the photometric steps only
-        images = [images[:, :, :r.size, :r.size].contiguous() for r in recipes]
-    crops = batched_crops.BatchedMultiCrop(recipes)
-    whole = crops(images, torch.Generator().manual_seed(3))
-    per_image = sum(3 * r.size ** 2 for r in recipes)
-    monkeypatch.setattr(batched_crops, "CPU_CHUNK_VALUES", 3 * per_image + 1)
-    pieces = crops(images, torch.Generator().manual_seed(3))
-    assert [v.shape for v in pieces] == [v.shape for v in whole] == [(13, 3, r.size, r.size) for r in recipes]
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(pieces, whole))
-    # the call's draws: some, not all, local crops are blurred and some globals solarised, so the pieces
-    # hold different subsets to renumber
-    generator = torch.Generator().manual_seed(3)
-    globals_, locals_ = (batched_crops.draw_parameters(recipes[:2], 13, None if cut else (24, 24), generator),
-                         batched_crops.draw_parameters(recipes[2:], 13, None if cut else (24, 24), generator))
-    assert 0 < len(locals_["blurred"]) < 3 * 13 and 0 < len(globals_["solarised"]) < 13
-
-
-def test_the_supervised_baseline_sees_one_crop_and_flip_per_image_and_never_a_colour_change():
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, (64, 3))
-    # left half one colour, right half another: a flip swaps them, a colour step changes them
-    halves = [np.concatenate([np.full((32, 16, 3), a), np.full((32, 16, 3), b)], axis=1).astype(np.uint8)
-              for a, b in zip(colours, colours[::-1])]
-    images = uint8_batch([Image.fromarray(h) for h in halves])
-    (view,) = batched_crops.BatchedMultiCrop(data.supervised_recipes(32))(images, torch.Generator().manual_seed(0))
-    pixels = data.unnormalize(view).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255         # (B, h*w, 3)
-    allowed = torch.tensor(np.stack([colours, colours[::-1]], 1), dtype=torch.float32)  # (B, 2, 3)
-    nearest = (pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1)           # (B, h*w)
-    edges = nearest > 1                                    # the bicubic blend where the halves meet
-    assert edges.float().mean() < 0.15                     # every other pixel keeps one of the two colours
-    dino = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16, blur=False))(images, torch.Generator().manual_seed(0))[0]
-    dino_pixels = data.unnormalize(dino).permute(0, 2, 3, 1).reshape(64, -1, 3) * 255
-    assert ((dino_pixels[:, :, None] - allowed[:, None]).abs().amax(-1).amin(-1) > 1).float().mean() > 0.5
-    left_is_first = (pixels[:, 0] - allowed[:, 0]).abs().amax(-1) <= 1            # the top-left pixel's colour
-    assert 15 < left_is_first.sum() < 49                   # flipped about half the time (64 draws of p = 0.5)
-
-
-@pytest.mark.parametrize("height,width,scale", [(250, 250, (0.05, 0.4)), (250, 250, (0.4, 1.0)), (120, 300, (0.4, 1.0))])
-def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale):
-    # 4000 boxes each; the KS statistic of two samples of one distribution exceeds 0.05 with probability
-    # ~1e-4. On the 120 x 300 image (aspect 2.5) about half the images find no fitting attempt in ten
-    # and fall back to the centred crop.
-    torch.manual_seed(0)
-    reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
-    ours = batched_crops.sample_crop_boxes(4000, height, width, scale, torch.Generator().manual_seed(0)).numpy()
-    for column in range(4):                                                               # x0, y0, w, h
-        assert ks_distance(ours[:, column], reference[:, column]) < 0.05
-    area = ours[:, 2] * ours[:, 3] / (height * width)
-    assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
-    if height == width:
-        assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
-
-
-def test_the_workers_crop_boxes_on_a_500_by_375_image_are_torchvisions_not_a_centre_squares():
-    # Boxes of a global and a local view of 2000 images, drawn as the loading workers draw them (one
-    # generator per image), against torchvision's on the whole image: the KS statistic of two samples of
-    # one distribution exceeds 0.07 with probability ~1e-4. Boxes drawn on the 375 px centre square (the
-    # crops of a fixed-size square) cover 3/4 of the area fraction and never reach the image's ends:
-    # KS about 0.3 for the area, 0.14-0.16 for the box's centre.
-    recipes = [data.ViewRecipe(224, data.GLOBAL_SCALE, 0, 0), data.ViewRecipe(96, data.LOCAL_SCALE, 0, 0)]
-    ours = np.array([loading.FullImageCrops.geometry(500, 375, recipes, torch.Generator().manual_seed(seed))[0]
-                     for seed in range(2000)])                                            # (2000, 2, 4)
-    area = lambda boxes: boxes[:, 2] * boxes[:, 3] / (500 * 375)
-    log_aspect = lambda boxes: np.log(boxes[:, 2] / boxes[:, 3])
-    centre = lambda boxes: boxes[:, 0] + boxes[:, 2] / 2                                  # x of the box's centre
-    torch.manual_seed(0)
-    for view, recipe in enumerate(recipes):
-        reference = np.array([torchvision_crop_box(375, 500, recipe.scale) for _ in range(2000)])  # (2000, 4)
-        square = batched_crops.sample_crop_boxes(2000, 375, 375, recipe.scale, torch.Generator().manual_seed(1)).numpy()
-        square[:, 0] += (500 - 375) // 2
-        for statistic in (area, log_aspect, centre):
-            assert ks_distance(statistic(ours[:, view]), statistic(reference)) < 0.07
-        assert ks_distance(area(square), area(reference)) > 0.2 and ks_distance(centre(square), centre(reference)) > 0.1
-
-
-@pytest.mark.parametrize("dtype, worst, mean", [(torch.float32, 1.2, 0.4), (torch.bfloat16, 2.2, 0.5)])
-def test_resized_crop_is_pils_crop_and_bicubic_resize_and_its_mirror(dtype, worst, mean):
-    # A smooth image (no edges, so PIL's clipping between its two passes never acts): each output pixel
-    # within 1.2/255 of PIL's uint8 result, whether the crop is enlarged (local crops) or shrunk, and each
-    # crop within 0.4/255 on average (PIL's rounding to whole grey levels). Products in bf16 add bf16's
-    # rounding of the weights (their sum off by up to ~0.4%) and of each pass's output: up to a grey level
-    # at each of the two passes. Measured over 60 seeds: at worst 2.0/255 and a crop's mean 0.44/255 in
-    # bf16, 1.09/255 and 0.33/255 in float32.
-    yy, xx = np.mgrid[0:64, 0:64]
-    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
-    image = Image.fromarray(pixels.astype(np.uint8))
-    g = torch.Generator().manual_seed(0)
-    for size, scale in ((48, (0.4, 1.0)), (16, (0.05, 0.4)), (24, (0.05, 1.0))):
-        boxes = batched_crops.sample_crop_boxes(8, 64, 64, scale, g)
-        flip = torch.arange(8) % 2 == 1
-        crops = resized_crop(uint8_batch([image] * 8), boxes, size, flip, dtype)               # (8, 3, s, s)
-        for (x0, y0, w, h), mirrored, crop in zip(boxes.tolist(), flip, crops):
-            expected = image.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BICUBIC)
-            if mirrored:
-                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
-            difference = (crop - uint8_batch([expected])[0] / 255).abs()
-            assert difference.max() < worst / 255 and difference.mean() < mean / 255
-
-
-def test_jitter_operations_match_pil_and_commute_until_clipped():
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
-    pil, x = Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
-    as_float = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
-    TF = torchvision.transforms.functional
-
-    def jitter(y, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):   # batched_crops.color_jitter_, one image
-        return batched_crops.color_jitter_(y.clone(), *(torch.tensor([v]) for v in (brightness, contrast, saturation, hue)))
-
-    for name, theirs, factor in [("brightness", TF.adjust_brightness, 1.3), ("contrast", TF.adjust_contrast, 0.7),
-                                 ("saturation", TF.adjust_saturation, 1.2)]:
-        # PIL works in uint8 and rounds the contrast's mean grey to an integer: 1.5/255 apart at most
-        assert (jitter(x, **{name: factor}) - as_float(theirs(pil, factor))).abs().max() < 1.5 / 255
-    # PIL shifts the hue in 1/255 turns; torchvision's float implementation is the exact reference
-    assert torch.allclose(batched_crops.adjust_hue_(x.clone(), torch.tensor([0.08])), TF.adjust_hue(x, 0.08), atol=1e-5)
-    assert (batched_crops.grayscale_(x.clone(), torch.ones(1)) - as_float(pil.convert("L").convert("RGB"))).abs().max() < 1.01 / 255
-    assert torch.equal(batched_crops.grayscale_(x.clone(), torch.zeros(1)), x)                 # weight 0: the image untouched
-    assert torch.allclose(batched_crops.solarize(x), as_float(ImageOps.solarize(pil)), atol=1e-6)
-    # the reason a fixed jitter order, and one blend for contrast and saturation, are harmless: away from
-    # 0 and 1 brightness, contrast and saturation commute exactly, whatever the order (PIL's three blends,
-    # in float and clipped after each, in all six orders; torchvision's grey weighs red 0.2989, not 0.299)
-    mid = 0.3 + 0.4 * x
-    blend = lambda y, other, factor: (factor * y + (1 - factor) * other).clamp(0, 1)
-    luma = lambda y: (y * torch.tensor(batched_crops.LUMA).view(3, 1, 1)).sum(dim=1, keepdim=True)
-    ops = [lambda y: blend(y, 0, 1.1), lambda y: blend(y, luma(y).mean(), 0.8), lambda y: blend(y, luma(y), 1.15)]
-    reference = jitter(mid, 1.1, 0.8, 1.15)
-    for a, b, c in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
-        assert torch.allclose(ops[c](ops[b](ops[a](mid))), reference, atol=1e-6)
-    # ... and clipping is what breaks it: brightness 1.4 clips much of a full-range image
-    bright = lambda y: jitter(y, brightness=1.4)
-    flat = lambda y: jitter(y, contrast=0.6)
-    assert not torch.allclose(flat(bright(x)), bright(flat(x)), atol=1e-3)
-
-
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)])
-def test_gaussian_blur_is_a_per_image_gaussian_with_extended_borders(monkeypatch, dtype, tolerance):
-    # In bf16 (products_dtype) three roundings of values below 1 by up to 2^-9 each (the image, then each
-    # pass's output), and the weights' own, which the division by their sums mostly cancels (measured:
-    # 1.43 x 2^-8 at worst over 200 random images and sigmas)
-    monkeypatch.setattr(batched_crops, "products_dtype", lambda device: dtype)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 3, 20, 20, generator=g)
-    sigma = torch.tensor([0.1, 1.0, 2.0])
-    blurred = batched_crops.gaussian_blur(x, batched_crops.blur_kernels(sigma, 2.0))
-    for image, s, out in zip(x, sigma, blurred):                    # brute force, one image at a time
-        taps = torch.arange(-6, 7.0)
-        kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
-        kernel = kernel / kernel.sum()
-        padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")
-        expected = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, 13).expand(3, 1, 1, 13), groups=3),
-                            kernel.view(1, 1, 13, 1).expand(3, 1, 13, 1), groups=3)[0]
-        assert torch.allclose(out, expected, atol=tolerance, rtol=0) and out.dtype == torch.float32
-    assert torch.allclose(blurred[0], x[0], atol=max(tolerance, 1e-6), rtol=0)   # sigma 0.1 leaves pixels alone
-    # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
-    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
-    ours = batched_crops.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, batched_crops.blur_kernels(torch.tensor([2.0]), 2.0))
-    assert np.abs(ours[0].permute(1, 2, 0).numpy() - pil)[8:-8, 8:-8].mean() < 1 / 255
-
-
-def test_batched_colours_grayscale_and_solarisation_follow_the_pil_recipe():
-    # One colour everywhere: cropping, flipping and blurring change nothing, so each view is one colour
-    # and shows only the jitter, grayscale and solarisation. 1500 images each, seeded. With this pale
-    # orange a view is solarised (PIL: 255 - v where v >= 128) when its brightest channel is below 1/2;
-    # jitter alone takes it there in under 1% of views.
-    count = 1500
-    per_image, batched = both_pipelines(Image.new("RGB", (8, 8), (255, 210, 160)), count, (8, 4), seed=0)
-    colours = lambda views: [v.mean(dim=(2, 3)).numpy() for v in views]                  # V arrays (n, 3)
-    per_image, batched = colours(per_image), colours(batched)
-    rate_tolerance = 4.5 * math.sqrt(0.2 * 0.8 / count)                                  # 4.5 standard errors
-    for view, (theirs, ours) in enumerate(zip(per_image, batched)):
-        gray_ours, gray_theirs = (np.ptp(c, axis=1) < 2 / 255 for c in (ours, theirs))
-        assert abs(gray_ours.mean() - 0.2) < rate_tolerance and abs(gray_theirs.mean() - 0.2) < rate_tolerance
-        solarised_ours, solarised_theirs = (c.max(1) < 0.5 for c in (ours, theirs))
-        assert abs(solarised_ours.mean() - solarised_theirs.mean()) < 2 * rate_tolerance
-        assert (solarised_ours.mean() > 0.15) == (view == 1)                            # only global recipe 2
-    # Jitter factors: value ~ brightness, chroma ~ contrast and saturation, hue ~ hue, pooled over the
-    # unsolarised views. A brightness range of 0.3 or 0.5 instead of 0.4, contrast 0.6, hue 0.07 or 0.13,
-    # jitter with p = 0.7 or grayscale with p = 0.25 each push one distance past its bound.
-    theirs = np.concatenate([per_image[0]] + per_image[2:])
-    ours = np.concatenate([batched[0]] + batched[2:])
-    for a, b, bound in zip(colour_features(ours), colour_features(theirs), (0.011, 0.01, 0.008)):
-        assert quantile_distance(a, b) < bound
-
-
-def test_batched_flips_half_of_each_view_as_pil_does():
-    # A dark horizontal grey ramp: every step but the flip keeps "brighter on the right" (jitter factors
-    # are positive, grey has no hue, and no value reaches the solarisation threshold).
-    ramp = np.tile(np.linspace(0, 70, 64).astype(np.uint8)[None, :, None], (64, 1, 3))
-    per_image, batched = both_pipelines(Image.fromarray(ramp), 300, (16, 8), seed=1)
-    for theirs, ours in zip(per_image, batched):
-        for views in (theirs, ours):
-            half = views.shape[-1] // 2
-            flipped = views[:, 0, :, :half].mean(dim=(1, 2)) > views[:, 0, :, half:].mean(dim=(1, 2))
-            assert abs(flipped.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 300)
-
-
-def test_the_batched_multicrop_launches_few_device_operations_whatever_the_image_size_and_batch():
-    # At CIFAR size a GPU step of the crops is bound by the operations the host launches, not by their
-    # arithmetic. Counted on the meta device (a GPU's stand-in: no values, parameters drawn on the CPU):
-    # at most a fifth of the 1,528 of one call per view, with the parameters moved in one copy, and the
-    # same number for 96 px images or another batch (a structural bound, not a timing).
-    operations, transfers = benchmark.crop_device_operations(data.dino_recipes(32, 16), batch=128, side=32)
-    assert operations <= benchmark.CROP_OPERATIONS_BEFORE / 5 and transfers == 1
-    assert benchmark.crop_device_operations(data.dino_recipes(96, 48), batch=16, side=96) == (operations, 1)
-    # the counter sees what it should: a small known sequence on the meta device, and nothing on the CPU
-    with benchmark.DeviceOperations("meta") as counter:
-        y = torch.ones(3).to("meta")                                   # one transfer
-        (y.view(3, 1).expand(3, 2) * 2).sum()                          # two views (not counted), mul, sum
-        torch.ones(3) * 2                                              # CPU only
-    assert (counter.count, counter.transfers) == (3, 1)
 
 
 # ---- datasets by name and folders
@@ -944,7 +864,7 @@ def test_a_folders_resolution_is_the_median_of_all_its_headers_and_unreadable_fi
     write_images(tmp_path / "train" / "a", 5, size=32)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "train" / "a" / "000-small.jpg")  # sorts first
     assert data.native_image_size("folder", str(tmp_path)) == 32
-    args, _ = train.settings(["--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    args, _ = train.run_settings(["--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
     assert (args.global_size, args.local_size) == (32, 16) and not (tmp_path / "run").exists()
     assert "holds images of 2 sizes (shorter sides 16 to 32 px); crops follow the median shorter side, 32 px" \
         in capsys.readouterr().out
@@ -980,23 +900,10 @@ def test_epoch_order_splits_each_global_batch_between_processes_and_in_memory_ba
     assert len(whole) == 2 and [h0 + h1 for h0, h1 in zip(*halves)] == whole
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
         loading.EpochOrder(10, 4, 0, rank=0, world_size=3)
-    items = torch.arange(10).view(10, 1, 1, 1)                        # "images" that say which one they are
-    batches = [b.flatten().tolist() for b, _ in loading.InMemoryBatches(items, torch.arange(10), one)]
-    assert batches == whole
-
-
-def test_crop_seeds_are_a_function_of_seed_step_rank_and_position_and_follow_the_order():
-    order = loading.EpochOrder(num_images=10, batch_size=4, seed=3, rank=1, world_size=2)    # 2 steps an epoch
-    order.set_epoch(5)
-    seeded = list(loading.CropSeeds(order))
-    assert [[index for index, _ in batch] for batch in seeded] == list(order)
-    assert [[seed for _, seed in batch] for batch in seeded] == [
-        [loading.augmentation_seed(3, 5 * 2 + b, 1, p) for p in range(2)] for b in range(2)]
-    order.set_epoch(5, start_batch=1)                                # a run resumed at step 11
-    assert list(loading.CropSeeds(order)) == seeded[1:] and len(loading.CropSeeds(order)) == 1
-    # The images' seeds are children of the step's: none equals it, nor another's
-    seeds = {loading.augmentation_seed(3, 11, 1, p) for p in range(100)} | {loading.augmentation_seed(3, 11, 1)}
-    assert len(seeds) == 101
+    items = torch.arange(10).view(10, 1, 1, 1).expand(10, 3, 2, 5)      # "images" that say which one they are
+    batches = list(loading.InMemoryBatches(items, torch.arange(10), one))
+    assert [b[:, 0, 0, 0].tolist() for b, _, _ in batches] == whole == [labels.tolist() for _, _, labels in batches]
+    assert all(sizes.tolist() == [[2, 5]] * 4 for _, sizes, _ in batches)     # (height, width) of each
 
 
 # ---- reading images
@@ -1071,48 +978,53 @@ def test_a_folder_of_one_image_size_decodes_once_into_memory_at_native_size(tmp_
         assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
 
 
-def test_a_folder_of_mixed_sizes_gives_views_cut_from_each_whole_image_by_its_seed(tmp_path):
-    # A smooth 100 x 75 image (no edges, so PIL's clipping between its two passes never acts) among 24 px
-    # ones: each view the dataset gives is the device's crop of the whole image at the box and flip that
-    # FullImageCrops.geometry draws from the seed, to PIL's rounding (1.2/255, as the resize test, + 0.5/255).
+def test_a_folder_of_mixed_sizes_comes_on_canvases_that_crop_as_each_image_alone(tmp_path):
+    # 24 px images, a 40 x 30 one, and a 200 x 50 one wider than the canvas (2 x 32 = 64 px for 32 px
+    # crops), shrunk to 64 x 16, its aspect ratio kept, by PIL's antialiased bicubic filter
     write_images(tmp_path / "train" / "a", 2, size=24)
-    yy, xx = np.mgrid[0:75, 0:100]
-    pixels = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), 128 + 90 * np.sin((xx + yy) / 11)], -1)
-    wide = tmp_path / "train" / "a" / "wide.png"
-    Image.fromarray(pixels.astype(np.uint8)).save(wide)
-    recipes = data.dino_recipes(32, 16, global_crops=2, local_crops=3)
+    rng = np.random.default_rng(0)
+    for name, (height, width) in (("mid.png", (30, 40)), ("long.png", (50, 200))):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / name)
+    recipes = data.dino_recipes(32, 16, global_crops=1, local_crops=1)
     dataset = loading.uint8_dataset("folder", str(tmp_path), recipes)
-    assert isinstance(dataset, loading.FullImageCrops) and len(dataset) == 3 and dataset.classes == ["a"]
-    index = [path for path, _ in dataset.images.samples].index(str(wide))
-    whole = uint8_batch([Image.open(wide)])                                                 # (1, 3, 75, 100)
-    for seed in range(4):
-        views, label = dataset[(index, seed)]
-        assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2 + [(torch.uint8, (3, 16, 16))] * 3
-        boxes, flips = loading.FullImageCrops.geometry(100, 75, recipes, torch.Generator().manual_seed(seed))
-        for view, box, flip, recipe in zip(views, boxes, flips, recipes):
-            expected = resized_crop(whole, torch.tensor([box]), recipe.size, torch.tensor([flip]))[0]
-            assert (view / 255 - expected).abs().max() < 1.7 / 255
-    assert all(not torch.equal(a, b) for a, b in zip(dataset[(index, 0)][0], dataset[(index, 1)][0]))
-    # The device adds the photometric steps to the collated views: MultiCrop's layout; other sides are refused.
-    views, _ = torch.utils.data.default_collate([dataset[(i, i)] for i in range(3)])       # V tensors (3, 3, s, s)
-    crops = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16, global_crops=2, local_crops=3))
-    out = crops(views, torch.Generator().manual_seed(0))
-    assert [(v.dtype, tuple(v.shape)) for v in out] == [(torch.float32, (3, 3, 32, 32))] * 2 + [(torch.float32, (3, 3, 16, 16))] * 3
-    with pytest.raises(ValueError, match="expects 5 uint8 views"):
-        crops(views[:4], torch.Generator())
-    # --skip-bad-images checks the folder the crops are cut from
+    assert isinstance(dataset, loading.CanvasImages) and dataset.side == 64 and len(dataset) == 4
+    shown = {"mid.png": (30, 40), "long.png": (16, 64)}                          # others 24 x 24
+    for i, (path, _) in enumerate(dataset.images.samples):
+        canvas, size, label = dataset[i]
+        height, width = shown.get(os.path.basename(path), (24, 24))
+        assert canvas.dtype == torch.uint8 and canvas.shape == (3, 64, 64) and size.tolist() == [height, width]
+        image = data.read_rgb(path)
+        image = image if max(image.size) <= 64 else ImageOps.contain(image, (64, 64), Image.BICUBIC)
+        assert torch.equal(canvas[:, :height, :width], uint8_batch([image])[0])
+        # its last row and column once more, then zeros
+        assert torch.equal(canvas[:, height, :width], canvas[:, height - 1, :width])
+        assert width == 64 or torch.equal(canvas[:, :height + 1, width], canvas[:, :height + 1, width - 1])
+        assert canvas[:, height + 1:].sum() == 0 and canvas[:, :, width + 1:].sum() == 0
+        # A crop on the canvas, its box drawn inside the true size, is the crop of the image alone: also
+        # where the box ends at the image's edge, which roi_align samples half a pixel past
+        p = data.draw_views(recipes, size.expand(64, 2), torch.Generator().manual_seed(i))     # (2, 64, 12)
+        alone = uint8_batch([image]).expand(64, -1, -1, -1)
+        for a, b in zip(data.make_views(canvas.expand(64, -1, -1, -1), recipes, p), data.make_views(alone, recipes, p)):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert ((p[..., 2] == width) | (p[..., 3] == height)).any()         # boxes that end at its edge
+    # The loading workers' batches: (images on the canvas, their sizes on the CPU, labels)
+    order = loading.EpochOrder(num_images=4, batch_size=2, seed=0)
+    images, sizes, labels = next(iter(loading.WorkerBatches(dataset, order, torch.device("cpu"), workers=0)))
+    assert images.shape == (2, 3, 64, 64) and sizes.dtype == torch.int64
+    assert sizes.tolist() == [dataset[i][1].tolist() for i in list(order)[0]]
+    # --skip-bad-images checks the folder the canvases come from
     (tmp_path / "train" / "a" / "000.jpg").write_bytes(b"")
-    assert loading.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 2
+    assert loading.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 3
 
 
 def test_a_log_cut_short_loses_only_its_last_line_and_a_broken_middle_line_is_named(tmp_path, capsys):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"ste')
-    assert records.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert checkpoints.read_jsonl(path) == [{"step": 1}, {"step": 2}]
     assert "ends in a line cut short" in capsys.readouterr().out
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(data.DatasetError, match="line 2, is not JSON"):
-        records.read_jsonl(path)
+        checkpoints.read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1147,187 +1059,84 @@ def test_vit_positional_embedding_is_the_table_at_the_base_grid_and_resized_else
     assert torch.equal(small[:, 0], vit.pos_embed[:, 0])     # the CLS position is never resized
 
 
-def counted_model(per_view, arch="resnet18", images_per_view=None, sync=False):
-    """A small HyDeSModel whose backbone records the shape of each batch it is called on; per_view: its
-    BatchNorms converted to normalise each view of `images_per_view` images apart (train.build_model)."""
+def counted_model(per_view, arch="resnet18"):
+    """A small HyDeSModel whose backbone records the shape of each batch it is called on."""
     torch.manual_seed(0)
     backbone = models.build_backbone(arch, 32, width=8) if arch == "resnet18" else \
         models.build_backbone(arch, 32, width=24, depth=2, heads=2)
     calls, original_forward = [], backbone.forward
     backbone.forward = lambda x: calls.append(tuple(x.shape)) or original_forward(x)
-    model = models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16)
-    if sync:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if per_view:
-        model = per_view_batchnorm.convert_per_view_batchnorm(model, images_per_view)
-    return model, calls
-
-
-def test_hydes_model_calls_the_backbone_once_per_resolution_and_per_view_batchnorm_is_a_conversion():
-    views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(6)]
-    plain, _ = counted_model(per_view=False)
-    for per_view in (True, False):
-        model, calls = counted_model(per_view, images_per_view=3)
-        z = model(views)
-        assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
-        assert z.shape == (8, 3, 16)
-        assert torch.allclose(z.norm(dim=-1), torch.ones(8, 3), atol=1e-5)
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        assert len(norms) == 22 and all(isinstance(m, per_view_batchnorm.PER_VIEW_NORMS) == per_view for m in norms)
-        assert list(model.state_dict()) == list(plain.state_dict())          # the conversion keeps every key
-    # SyncBatchNorm (torchrun on GPUs): the backbone is still called once per crop size, and each of its
-    # BatchNorms normalises the views of a call one after the other, as one call per view would
-    synced, calls = counted_model(per_view=True, images_per_view=3, sync=True)
-    one_process, _ = counted_model(per_view=True, images_per_view=3)
-    assert all(isinstance(m, per_view_batchnorm.ViewSyncBatchNorm) for m in synced.modules()
-               if isinstance(m, torch.nn.SyncBatchNorm)) and isinstance(synced.backbone.bn1, torch.nn.SyncBatchNorm)
-    double = [v.double() for v in views]                                   # float64: the same function, seen as such
-    assert torch.allclose(synced.double()(double), one_process.double()(double), rtol=0, atol=1e-12)   # no group
-    assert calls == [(6, 3, 32, 32), (18, 3, 16, 16)]
-    assert torch.allclose(synced.backbone.bn1.running_mean, one_process.backbone.bn1.running_mean, rtol=0, atol=1e-12)
-    assert synced.backbone.bn1.num_batches_tracked.item() == 8             # moved once by each of the 8 views
+    return models.HyDeSModel(backbone, proj_hidden=32, proj_dim=16, per_view=per_view), calls
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
-def test_per_view_computes_what_one_call_per_view_does_and_differs_from_per_resolution_only_through_batchnorm(arch):
-    # Per view, the paper's setup: BatchNorm over each view's B images, whether the views of a crop size
-    # share a call (ViewBatchNorm2d; a ViT's backbone has none) or each view has its own. In float64, so
-    # that the two are seen to be the same function: an untrained network on noise is ill-conditioned
-    # enough for float32 rounding alone to move its gradient by 3e-4.
-    views = [torch.randn(4, 3, 32, 32, dtype=torch.float64) for _ in range(2)] + \
-        [torch.randn(4, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
-    grouped, calls = counted_model(True, arch, images_per_view=4)
-    looped, _ = counted_model(True, arch, images_per_view=4)                 # the same weights (seeded)
-    grouped.double(), looped.double()
-    if arch == "resnet18":
-        grouped.to(memory_format=torch.channels_last)                          # train.py's layout for ResNets
-    z = grouped([v.contiguous(memory_format=torch.channels_last) for v in views])          # (V, B, D)
-    assert calls == [(8, 3, 32, 32), (12, 3, 16, 16)]
-    loop = torch.stack([looped([v])[0] for v in views])                       # one view per call
-    assert torch.allclose(z, loop, rtol=0, atol=1e-12)
-    z.pow(3).sum().backward(), loop.pow(3).sum().backward()
-    gradient, reference = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (grouped, looped))
-    assert (gradient - reference).norm() < 1e-12 * reference.norm()
-    for (name, a), b in zip(grouped.named_buffers(), looped.buffers()):      # running statistics, view by view
-        assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-12), name
-    views = [v.float() for v in views]
-    grouped.float()
-    # Per resolution (DINO's): BatchNorm over 2B, then 3B crops, a different function in training mode
-    per_resolution, _ = counted_model(False, arch)
-    per_resolution.load_state_dict(grouped.state_dict())
-    if arch == "resnet18":
-        assert not torch.allclose(per_resolution(views), grouped(views), atol=1e-3)
-    # Eval mode: BatchNorm uses its running statistics, and the two forwards agree
-    grouped.eval(), per_resolution.eval()
-    per_resolution.load_state_dict(grouped.state_dict())                    # the same running statistics
-    assert torch.allclose(grouped(views), per_resolution(views), atol=1e-5)
-
-
-def test_the_per_view_network_compiles_into_one_graph_that_computes_what_eager_does():
-    # --compile reduce-overhead replays the network's forward and backward as CUDA graphs: a graph break
-    # would split them, and a wrong trace of the view BatchNorms would train another network. One whole
-    # graph (fullgraph), with no warning from Dynamo (it warns of an lru_cache it meets,
-    # per_view_batchnorm.in_sequence), the same embeddings, loss gradients and running statistics as eager. About a
-    # minute of compilation on a 2-core CPU.
-    torch.manual_seed(0)
-    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8), 16, 8)
-    net = per_view_batchnorm.convert_per_view_batchnorm(net, images_per_view=4)
-    twin = copy.deepcopy(net)
-    views = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
-    torch.compiler.reset()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        z = torch.compile(twin, fullgraph=True)(views)
-        hydes.hydes_loss(z, 10.0)["loss"].backward()
-    assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
-    eager = net(views)
-    hydes.hydes_loss(eager, 10.0)["loss"].backward()
-    assert torch.allclose(z, eager, atol=1e-4)
-    # Each parameter's gradient to 1e-3 of its norm: inductor sums float32 in another order, and the CPU's
-    # vector width (AVX2 or AVX-512) changes which single entries move most (about 1e-4 of the norm on AVX-512)
-    for mine, theirs in zip(twin.parameters(), net.parameters()):
-        assert (mine.grad - theirs.grad).norm() <= 1e-3 * theirs.grad.norm()
-    for mine, theirs in zip(twin.buffers(), net.buffers()):
-        assert torch.allclose(mine.float(), theirs.float(), atol=1e-5)
-    assert twin.backbone.bn1.num_batches_tracked.item() == 4                  # moved by each of the 4 views
-
-
-def test_view_batchnorm_moves_its_running_statistics_as_k_updates_in_a_row():
-    torch.manual_seed(0)
-    norm, reference = per_view_batchnorm.ViewBatchNorm2d(3), torch.nn.BatchNorm2d(3)
-    norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
-    reference.load_state_dict(norm.state_dict())
-    x = torch.randn(4 * 5, 3, 6, 6) * 3 + 1                                   # 4 views of 5 images
-    norm.images_per_view = 5
-    y = norm(x)
-    expected = torch.cat([reference(view) for view in x.split(5)])             # one view at a time, in order
-    assert torch.allclose(y, expected, atol=1e-5)
-    for name in ("running_mean", "running_var"):
-        assert torch.allclose(getattr(norm, name), getattr(reference, name), atol=1e-6)
-    assert norm.num_batches_tracked.item() == reference.num_batches_tracked.item() == 4
-    assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
-    unsupported = per_view_batchnorm.ViewBatchNorm2d(3, momentum=None)             # a cumulative average: not written
-    unsupported.images_per_view = 10
-    with pytest.raises(ValueError, match="needs an affine BatchNorm with running statistics and a momentum"):
-        unsupported(x)
-    # The projector's (k B, C) BatchNorm1d, likewise
-    norm, reference = per_view_batchnorm.ViewBatchNorm1d(3), torch.nn.BatchNorm1d(3)
-    x = torch.randn(4 * 5, 3) * 3 + 1
-    norm.images_per_view = 5
-    assert torch.allclose(norm(x), torch.cat([reference(view) for view in x.split(5)]), atol=1e-5)
-    assert torch.allclose(norm.running_var, reference.running_var, atol=1e-6)
-    # c r_0 + sum_v w_v u_v, u_v = (1 - m) r_0 + m s_v, against the updates written out for k = 3
-    start_weight, weights = per_view_batchnorm.in_sequence(3, 0.1, torch.device("cpu"), torch.float64)
-    r0, s = 1.0, (5.0, 7.0, -2.0)
-    once = [0.9 * r0 + 0.1 * value for value in s]
-    in_a_row = 0.9 * (0.9 * (0.9 * r0 + 0.1 * s[0]) + 0.1 * s[1]) + 0.1 * s[2]
-    assert start_weight * r0 + sum(w * u for w, u in zip(weights.tolist(), once)) == pytest.approx(in_a_row, abs=1e-12)
+def test_per_view_calls_the_network_once_per_view_and_per_resolution_once_per_crop_size(arch):
+    # Per view (the default): each view's B images alone through backbone and projector, so every BatchNorm
+    # normalises one view. Per resolution (DINO's): one backbone call per crop size, one projector call on
+    # all N = V B features. In training mode they differ through BatchNorm only: in eval mode they agree.
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    per_view, calls = counted_model(True, arch)
+    z = per_view(views)
+    assert calls == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert z.shape == (5, 4, 16) and torch.allclose(z.norm(dim=-1), torch.ones(5, 4), atol=1e-5)
+    one_by_one, _ = counted_model(True, arch)                                 # the same weights (seeded)
+    assert torch.allclose(z, torch.stack([one_by_one([v])[0] for v in views]), rtol=0, atol=1e-6)
+    if arch == "resnet18":                                        # the running statistics moved once per view
+        assert per_view.backbone.bn1.num_batches_tracked.item() == 5
+    per_resolution, calls = counted_model(False, arch)
+    per_resolution.load_state_dict(per_view.state_dict())
+    trained = per_resolution(views)
+    assert calls == [(8, 3, 32, 32), (12, 3, 16, 16)] and trained.shape == (5, 4, 16)
+    assert not torch.allclose(trained, per_view(views), atol=1e-3)           # the projector's BatchNorm, at least
+    per_resolution.load_state_dict(per_view.state_dict())                    # the same running statistics
+    per_view.eval(), per_resolution.eval()
+    assert torch.allclose(per_view(views), per_resolution(views), atol=1e-5)
 
 
 # ---- precision
 
 def test_precision_follows_the_setting_and_auto_picks_by_device(monkeypatch):
     cpu = torch.device("cpu")
-    auto = precision.precision_for(cpu, "resnet18")
+    auto = settings.precision_for(cpu, "resnet18")
     assert not hasattr(auto.autocast, "fast_dtype") and not auto.scaler.is_enabled()      # no crops given: float32
     assert auto.memory_format == torch.channels_last                                      # NHWC ResNets
-    assert precision.precision_for(cpu, "vit_tiny").memory_format == torch.contiguous_format
-    bf16 = precision.precision_for(cpu, "resnet18", "bf16")
+    assert settings.precision_for(cpu, "vit_tiny").memory_format == torch.contiguous_format
+    bf16 = settings.precision_for(cpu, "resnet18", "bf16")
     with bf16.autocast:
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     assert not bf16.scaler.is_enabled()
     # A GPU with native bf16 (Ampere and later), and one that only emulates it (a T4, a V100)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert precision.auto_precision(torch.device("cuda")) == "bf16"
+    assert settings.auto_precision(torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert precision.auto_precision(torch.device("cuda")) == "fp16"
+    assert settings.auto_precision(torch.device("cuda")) == "fp16"
     # A CPU: bf16 only for a ResNet whose convolutions oneDNN computes right on these crops, and only where
     # the CPU has native bf16
     for native in (True, False):
-        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
-        assert precision.auto_precision(cpu, "resnet18", "cifar", 16) == ("bf16" if native else "fp32")
-        assert precision.auto_precision(cpu, "resnet18", "imagenet", 32) == ("bf16" if native else "fp32")
-        assert precision.auto_precision(cpu, "resnet18", "imagenet", 16) == "fp32"     # layer4 at 1 x 1
-        assert precision.auto_precision(cpu, "vit_tiny", None, 48) == "fp32"           # slower in bf16
-        assert precision.auto_precision(cpu) == "fp32"                                 # no network: the probes
-    assert not hasattr(precision.precision_for(cpu, "resnet18", "auto", "cifar", 16).autocast, "fast_dtype")
+        monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native)
+        assert settings.auto_precision(cpu, "resnet18", "cifar", 16) == ("bf16" if native else "fp32")
+        assert settings.auto_precision(cpu, "resnet18", "imagenet", 32) == ("bf16" if native else "fp32")
+        assert settings.auto_precision(cpu, "resnet18", "imagenet", 16) == "fp32"     # layer4 at 1 x 1
+        assert settings.auto_precision(cpu, "vit_tiny", None, 48) == "fp32"           # slower in bf16
+        assert settings.auto_precision(cpu) == "fp32"                                 # no network: the probes
+    assert not hasattr(settings.precision_for(cpu, "resnet18", "auto", "cifar", 16).autocast, "fast_dtype")
 
 
 def test_auto_precision_is_decided_once_per_run_and_kept_on_resume_on_the_same_kind_of_device(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: True)
     laptop = train.build_parser().parse_args(["--stem", "cifar", "--device", "cpu"])
     laptop.global_size, laptop.local_size = 32, 16
-    assert precision.run_arithmetic(laptop, None) == "bf16"                       # a new run: auto decides
+    assert settings.run_arithmetic(laptop, None) == "bf16"                       # a new run: auto decides
     paper = argparse.Namespace(**{**vars(laptop), "stem": "imagenet"})
-    assert precision.run_arithmetic(paper, None) == "fp32"                        # layer4 would meet 1 x 1 inputs
+    assert settings.run_arithmetic(paper, None) == "fp32"                        # layer4 would meet 1 x 1 inputs
     # Resumed on a CPU: the run's own arithmetic, whatever auto would pick now
     for saved, kept in (({"arithmetic": "fp32"}, "fp32"), ({"arithmetic": "bf16"}, "bf16")):
         checkpoint = {"args": {**vars(laptop), **saved}}
-        assert precision.run_arithmetic(laptop, checkpoint) == kept
+        assert settings.run_arithmetic(laptop, checkpoint) == kept
     # Moved to another kind of device, auto is decided afresh; a precision typed is always taken as typed
     moved = {"args": {**vars(laptop), "device": "cuda", "arithmetic": "fp16"}}
-    assert precision.run_arithmetic(laptop, moved) == "bf16"
-    assert precision.run_arithmetic(argparse.Namespace(**{**vars(laptop), "precision": "fp32"}), None) == "fp32"
+    assert settings.run_arithmetic(laptop, moved) == "bf16"
+    assert settings.run_arithmetic(argparse.Namespace(**{**vars(laptop), "precision": "fp32"}), None) == "fp32"
 
 
 def test_cpu_bf16_is_ruled_out_exactly_where_a_strided_convolution_meets_a_one_pixel_input():
@@ -1340,7 +1149,7 @@ def test_cpu_bf16_is_ruled_out_exactly_where_a_strided_convolution_meets_a_one_p
         cifar = [side, down(side), down(down(side))]
         for stem, inputs in (("imagenet", imagenet), ("cifar", cifar)):
             for arch in ("resnet18", "resnet50"):
-                assert precision.cpu_bf16_convolutions_are_right(arch, stem, side) == (min(inputs) >= 2), (arch, stem, side)
+                assert settings.cpu_bf16_convolutions_are_right(arch, stem, side) == (min(inputs) >= 2), (arch, stem, side)
 
 
 # ---- torchvision state_dicts
@@ -1808,7 +1617,7 @@ def test_analysis_features_are_float32_whatever_the_autocast_and_the_cache_keeps
 
     assert numerical_rank(rank_16) == 16 and numerical_rank(rank_16.bfloat16().float()) > 100
     # Fast features in bf16 (a GPU's, or a CPU's with native bf16), whatever this CPU has
-    monkeypatch.setattr(features, "features_precision", lambda device, backbone: precision.Precision(
+    monkeypatch.setattr(features, "features_precision", lambda device, backbone: settings.Precision(
         torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False), torch.channels_last))
     for cls in ("a", "b"):
         write_images(tmp_path / "images" / "train" / cls, 3)
@@ -1833,13 +1642,13 @@ def test_probe_features_are_bf16_for_a_resnet_on_a_cpu_with_native_bf16_and_clos
     resnet = models.build_backbone("resnet18", 32, width=8)
     vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2)
     for native in (True, False):
-        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native)
         for backbone in (resnet, vit):
-            autocast, _, memory_format = precision.features_precision(cpu, backbone)
+            autocast, _, memory_format = settings.features_precision(cpu, backbone)
             fast = native and backbone is resnet
             assert getattr(autocast, "fast_dtype", None) == (torch.bfloat16 if fast else None)
             assert memory_format == (torch.channels_last if backbone is resnet else torch.contiguous_format)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: True)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     dataset = torch.utils.data.TensorDataset(images, torch.arange(64) % 2)
     fast, _ = features.extract_features(resnet, dataset, cpu, batch_size=16, workers=0)
@@ -2016,16 +1825,6 @@ def test_segmentation_metrics_match_a_hand_computed_confusion_matrix():
     assert segment.segmentation_metrics(confusion)[1] == pytest.approx(100 * (5 / 7 + 1 + 0) / 3)
 
 
-def test_void_pixels_are_never_counted():
-    target = torch.tensor([[0, 1, 255], [255, 20, 1]])
-    prediction = torch.tensor([[0, 2, 5], [7, 20, 1]])
-    confusion = segment.update_confusion(torch.zeros(21, 21, dtype=torch.int64), prediction, target)
-    assert confusion.sum() == 4 and confusion[0, 0] == 1 and confusion[1, 2] == 1 and confusion[20, 20] == 1
-    other = segment.update_confusion(torch.zeros(21, 21, dtype=torch.int64),
-                                     torch.where(target == 255, 3, prediction), target)
-    assert torch.equal(confusion, other)                      # whatever is predicted on void
-
-
 def test_confusion_metrics_match_a_brute_force_count_over_pixels():
     # Two maps of different sizes, accumulated; per class, IoU = |truth c and predicted c| / |truth c or
     # predicted c| counted pixel by pixel over the non-void pixels, averaged over the classes that occur.
@@ -2092,8 +1891,7 @@ def test_segment_runs_end_to_end_on_a_generated_voc_folder(tmp_path, arch):
     assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_segment_names_a_bad_val_file_before_the_probe_trains(tmp_path, monkeypatch, workers):
+def test_segment_names_a_bad_val_file_before_the_probe_trains(tmp_path, monkeypatch):
     voc = tmp_path / "VOCdevkit" / "VOC2012"
     write_voc(voc, ["t0", "t1"], ["v0", "v1"])
     torch.save(models.build_backbone("resnet18", 48, width=8).state_dict(), tmp_path / "backbone.pth")
@@ -2102,12 +1900,12 @@ def test_segment_names_a_bad_val_file_before_the_probe_trains(tmp_path, monkeypa
     monkeypatch.setattr(segment, "train_probe", lambda *args, **kwargs: trained.append(1))
     with pytest.raises(SystemExit, match=r"^error: cannot read image .*v1.jpg .*drop its id from the split"):
         segment.main([str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path), "--image-size", "48",
-                      "--workers", str(workers), "--out", str(tmp_path / "seg")])
+                      "--workers", "0", "--out", str(tmp_path / "seg")])
     assert not trained
     Image.new("RGB", (20, 20)).save(voc / "JPEGImages" / "v1.jpg")            # a mask of another size
     with pytest.raises(SystemExit, match=r"^error: .*v1.png is 56x48 px but its image is 20x20"):
         segment.main([str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path), "--image-size", "48",
-                      "--workers", str(workers), "--out", str(tmp_path / "seg")])
+                      "--workers", "0", "--out", str(tmp_path / "seg")])
     assert not trained
 
 
@@ -2132,7 +1930,7 @@ def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_co
     # written, the row printed, and one line names what was lost and why
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(records, "append_row", disk_full)
+    monkeypatch.setattr(checkpoints, "append_row", disk_full)
     monkeypatch.setattr(segment, "save_pca_grid", lambda *args: 1 / 0)
     with pytest.raises(SystemExit) as error:
         segment.main(segment_args + ["--table", str(tmp_path / "table2.md")])
@@ -2169,28 +1967,18 @@ def test_val_scores_every_non_void_pixel_of_whole_non_square_masks_at_their_own_
     stride = segment.input_stride(backbone)
     val_set = segment.VOCSegmentation(str(tmp_path), "val", 32, whole_image_stride=stride)
     probe = segment.HypercolumnProbe([f.shape[1] for f in backbone.stages(torch.zeros(1, 3, 32, 32))]).eval()
-    cpu = torch.device("cpu")
     for (image, mask), name in zip(val_set, ("wide", "tall")):
         assert min(image.shape[1:]) == 32 and image.shape[1] % stride == image.shape[2] % stride == 0
         assert np.array_equal(mask.numpy(), masks[name])                     # the mask as stored, uncropped
-        assert segment.predict(backbone, probe, image[None], mask.shape, cpu).shape == (1, *masks[name].shape)
-    confusion = segment.evaluate_probe(backbone, probe, val_set, cpu, workers=0)
+    confusion = segment.evaluate_probe(backbone, probe, val_set, torch.device("cpu"), workers=0)
     assert confusion.sum() == sum((m != 255).sum() for m in masks.values())  # a centre square would drop some
 
 
 def test_voc_mask_with_values_outside_the_classes_is_refused(tmp_path):
-    # segment.main's one-line report of it from a loading worker: with the probes' refusals, end to end
+    # segment.main's one-line report of it: with the probes' refusals, end to end
     write_voc(tmp_path, ["a"], ["b"])
-    palette_png(np.full((48, 56), 42, np.uint8)).save(
-        tmp_path / "SegmentationClass" / "a.png")
+    palette_png(np.full((48, 56), 42, np.uint8)).save(tmp_path / "SegmentationClass" / "a.png")
     with pytest.raises(segment.VOCError, match=r"values \[42\]"):
-        segment.VOCSegmentation(str(tmp_path), "train", 48)[0]
-
-
-def test_a_voc_mask_of_another_size_than_its_image_is_refused(tmp_path):
-    write_voc(tmp_path, ["a"], ["b"])
-    palette_png(np.zeros((40, 56), np.uint8)).save(tmp_path / "SegmentationClass" / "a.png")   # image: 48 x 56
-    with pytest.raises(segment.VOCError, match=r"a.png is 56x40 px but its image is 56x48"):
         segment.VOCSegmentation(str(tmp_path), "train", 48)[0]
 
 
@@ -2410,13 +2198,6 @@ def test_spearman_is_pearson_of_average_tie_ranks():
     assert analyze.spearman(a, -a) == pytest.approx(-1)
 
 
-def test_spearman_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(1)
-    a, b = rng.integers(0, 4, 60), rng.normal(size=60)
-    assert analyze.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
-
-
 def test_average_linkage_on_points_of_a_line_gives_the_hand_computed_tree():
     points = np.array([0.0, 1.0, 3.0, 10.0, 12.0])
     # {0, 1} join at 1; {10, 12} at 2; 3 joins {0, 1} at (3 + 2) / 2 = 2.5; the two groups join at the
@@ -2467,9 +2248,8 @@ def test_wordnet_similarities_of_cifar_pairs_match_the_hypernym_paths():
 
 def test_every_class_table_names_an_existing_synset_and_wnids_are_looked_up():
     wordnet = wordnet_or_skip()
-    for table in (analyze.CIFAR10_SYNSETS, analyze.STL10_SYNSETS, analyze.CIFAR100_SYNSETS):
+    for table in (analyze.CIFAR10_SYNSETS, analyze.STL10_SYNSETS):
         assert analyze.synset_names(list(table)) == [wordnet.synset(n).name() for n in table.values()]
-    assert len(analyze.CIFAR100_SYNSETS) == 100 and len(set(analyze.CIFAR100_SYNSETS.values())) == 100
     assert analyze.synset_names(["n01440764", "n02102040"]) == ["tench.n.01", "english_springer.n.01"]
     assert analyze.synset_names(["a", "b"]) is None
 
@@ -2710,7 +2490,7 @@ def test_resume_auto_starts_a_run_without_a_checkpoint_and_continues_one_with_it
 
 
 def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(capsys):
-    control = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
+    control = runs.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
     control.total_steps = 200 * 390                          # the paper's CIFAR-10 run: 200 epochs of 390 steps
     control.estimate_once(seconds_per_step=2.0, step=20)      # 128 images in 2 s on a laptop
     printed = capsys.readouterr().out
@@ -2727,22 +2507,20 @@ def test_a_run_that_would_take_hours_says_so_once_and_names_the_laptop_settings(
         assert len(hint) >= 8 and all(command.get(flag) == value for flag, value in hint.items()), section
         assert all(hint.get(flag) == value for flag, value in command.items() if flag in settings), section
     control.estimate_once(seconds_per_step=2.0, step=40)      # said once only
-    quick = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
+    quick = runs.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
     quick.total_steps = 2 * 390
     quick.estimate_once(seconds_per_step=2.0, step=20)        # 25 minutes: nothing to say
     assert capsys.readouterr().out == ""
     # On one GPU: CUDA graphs are named unless in use; the laptop settings never (they are for CPUs)
-    for compile_mode, world_size, hours, step_graph in ((None, 1, 43, False), ("default", 1, 0, False),
-                                                        ("reduce-overhead", 1, 43, False), (None, 2, 43, False),
-                                                        (None, 1, 43, True)):
-        gpu = runcontrol.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
+    for compile_mode, world_size, hours in ((None, 1, 43), ("default", 1, 0), ("reduce-overhead", 1, 43),
+                                            (None, 2, 43)):
+        gpu = runs.RunControl(train.build_parser().parse_args([]), 0, 1, torch.device("cpu"), train.LOGGED["hydes"])
         gpu.device, gpu.world_size = torch.device("cuda"), world_size         # as under torchrun on GPUs
         gpu.args.compile, gpu.total_steps = compile_mode, 20 + 1800 * hours   # 2 s a step: 1,800 an hour
-        gpu.args.step_graph = step_graph
         gpu.estimate_once(seconds_per_step=2.0, step=20)
         printed = capsys.readouterr().out
         assert ("--compile reduce-overhead replays the network as CUDA graphs" in printed) == (
-            compile_mode != "reduce-overhead" and world_size == 1 and not step_graph)
+            compile_mode != "reduce-overhead" and world_size == 1)
         assert ("more hours on cuda." in printed) == (hours > 3) and "--width" not in printed
 
 
@@ -2779,55 +2557,82 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
                                                 "--proj-dim", "16", "--kappa-final", "2", *shape])
         net = models.HyDeSModel(models.build_backbone(arch, 32, args.width, args.depth, args.heads), 64, 16,
                                 10 if method == "supervised" else None).to(meta)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        control = runcontrol.RunControl(args, 0, 1, meta, train.LOGGED[method])
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)       # fused (train.py's) has no meta kernel
+        control = runs.RunControl(args, 0, 1, meta, train.LOGGED[method])
         control.device_step = torch.tensor(0.0, device=meta)
-        crops = batched_crops.BatchedMultiCrop(data.dino_recipes(32, 16))
-        setup = precision.precision_for(torch.device("cpu"), arch)
+        recipes = train.view_recipes(types.SimpleNamespace(**{**vars(args), "global_size": 32, "local_size": 16}))
+        setup = settings.precision_for(torch.device("cpu"), arch)
+        step_loss = functools.partial(train.loss_of_batch, net, recipes, setup, method, args.alpha)
         images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=meta)
         labels = torch.empty(8, dtype=torch.int64, device=meta)
+        sizes = torch.tensor([[32, 32]]).expand(8, 2)
         sums = torch.zeros(len(train.LOGGED[method]), device=meta)
         for step in range(2):                      # the loop body of train(), step for step
             for group in optimizer.param_groups:
                 group["lr"] = train.learning_rate(args, step, 10)
-            views = crops(images, train.augmentation_generator(0, step, 0))
             kappa, beta = train.loss_schedule(args, step, 10)
-            terms = train.training_step(net, views, labels, optimizer, setup, method, kappa, args.alpha, beta)
+            parameters = data.draw_views(recipes, sizes, train.augmentation_generator(0, step, 0)).to(meta)
+            terms = train.training_step(step_loss, images, parameters, labels, optimizer, setup.scaler, kappa, beta,
+                                        train.LOGGED[method])
             sums += terms
             control.watch(terms)
         assert terms.device == meta and sums.shape == (len(train.LOGGED[method]),)
-        assert [v.shape for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 6
+        assert [v.shape for v in data.make_views(images, recipes, parameters)] == \
+            [(8, 3, 32, 32)] * (1 if method == "supervised" else 2) + [(8, 3, 16, 16)] * (method != "supervised") * 6
         with pytest.raises(Exception):             # the test would catch a host read: here is one
             sums.tolist()
 
 
+def tiny_step(per_view=True):
+    """train.loss_of_batch for a width-8 ResNet on 8 CIFAR-sized images, as train() builds it."""
+    torch.manual_seed(0)
+    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8, stem="cifar"), 16, 8, per_view=per_view)
+    recipes = data.dino_recipes(16, 8, local_crops=2)
+    setup = settings.precision_for(torch.device("cpu"), "resnet18", "fp32")
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    parameters = data.draw_views(recipes, torch.tensor([[16, 16]]).expand(8, 2), train.augmentation_generator(0, 0, 0))
+    return net, functools.partial(train.loss_of_batch, net, recipes, setup, "hydes", 1.0), images, parameters
+
+
+def test_the_step_compiles_into_one_graph_of_views_network_and_loss_that_computes_what_eager_does():
+    # --compile compiles train.loss_of_batch (the views, the network, the loss) and the backward with it:
+    # fullgraph=True refuses any graph break, so CUDA graphs (reduce-overhead) can replay the whole of it.
+    # AOT autograd's eager backend runs the traced forward-and-backward graph as it is (seconds, where
+    # inductor's code generation takes minutes on a CPU) and must give eager's loss and gradients. The default
+    # forward (per view) only: per resolution adds a torch.cat, and halving the test's minute is worth more.
+    for per_view in (True,):
+        net, step_loss, images, parameters = tiny_step(per_view)
+        twin = copy.deepcopy(net)
+        eager = step_loss(images, parameters, None, 10.0, 1.0)
+        eager["loss"].backward()
+        torch.compiler.reset()
+        compiled = torch.compile(functools.partial(train.loss_of_batch, twin, *step_loss.args[1:]), fullgraph=True,
+                                 backend="aot_eager", dynamic=False)(images, parameters, None, 10.0, 1.0)
+        compiled["loss"].backward()
+        torch.compiler.reset()
+        assert all(torch.allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6) for k in train.LOGGED["hydes"])
+        for mine, theirs in zip(twin.parameters(), net.parameters()):
+            assert (mine.grad - theirs.grad).norm() <= 1e-4 * theirs.grad.norm()
+
+
 def test_compile_takes_a_mode_and_a_step_drops_the_last_gradients_before_cuda_graphs_replay(monkeypatch, tmp_path):
-    # --compile alone is torch.compile's default mode, --compile reduce-overhead its CUDA graphs; the mode
-    # reaches torch.compile
+    # --compile alone is torch.compile's default mode, --compile reduce-overhead its CUDA graphs
     parse = train.build_parser().parse_args
     assert [parse(a).compile for a in ([], ["--compile"], ["--compile", "reduce-overhead"])] == [
         None, "default", "reduce-overhead"]
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or model)
-    control = types.SimpleNamespace(world_size=1)
-    for argv in ([], ["--compile"], ["--compile", "reduce-overhead"]):
-        train.parallel(torch.nn.Linear(2, 2), parse(argv), control)
-    assert compiled == ["default", "reduce-overhead"]
     # CUDA graphs replay into the same memory every step, the parameters' gradients included: the step
     # must drop the last step's gradients and mark a new step before its forward pass, not after it
     events = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
-    torch.manual_seed(0)
-    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8), 16, 8)
+    net, step_loss, images, parameters = tiny_step()
     forward = net.forward
     monkeypatch.setattr(net, "forward", lambda views: events.append(
         "forward, gradients " + ("dropped" if all(p.grad is None for p in net.parameters()) else "kept"))
         or forward(views))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    views = [torch.randn(4, 3, 16, 16)] * 2
     for _ in range(2):
-        train.training_step(net, views, None, optimizer, precision.precision_for(torch.device("cpu"), "resnet18", "fp32"),
-                            "hydes", 10.0, 1.0, 1.0)
+        train.training_step(step_loss, images, parameters, None, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                            10.0, 1.0, train.LOGGED["hydes"])
     assert events == ["mark", "forward, gradients dropped"] * 2
     assert all(p.grad is not None for p in net.parameters())     # the step's own gradients stay for AdamW
 
@@ -2839,7 +2644,7 @@ def test_the_log_says_how_near_the_mi_estimate_is_to_its_ceiling(tmp_path):
         out = tmp_path / method
         train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", method])
         ceiling = hydes.mi_ceiling(4, 32)
-        for line in records.read_jsonl(out / "log.jsonl"):
+        for line in checkpoints.read_jsonl(out / "log.jsonl"):
             assert line["mi_fraction"] == pytest.approx(line["mi"] / ceiling, rel=1e-5, abs=1e-6)
             assert 0 < line["own_share"] <= 1 and line["mi"] <= ceiling
 
@@ -2865,6 +2670,7 @@ BAD_TRAINING_ARGUMENTS = [
     (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs without bf16"),
     (["--width", "4", "--device", "cpu"], "a ResNet of --width 4 trains through a 1x1 stride-2 convolution"),
+    (["--compile", "--kappa-final", "2"], "--compile compiles the step for one kappa and beta"),
     # numbers without bounds: nan and infinities, and values that would exhaust the machine, not train
     (["--kappa", "inf"], "--kappa must be a finite number (got inf)"),
     (["--lr", "nan"], "--lr must be a finite number (got nan)"),
@@ -3003,7 +2809,7 @@ def test_ctrl_c_in_the_probing_and_benchmark_scripts_is_one_line_and_exit_status
              (analyze, analyze, "cached_features", [checkpoint, "--workers", "0"], "no result was written"),
              (segment, segment, "train_probe", [checkpoint, "--workers", "0", "--data-dir", str(tmp_path),
                                                 "--image-size", "32"], "the probe was not finished and no row was written"),
-             (benchmark, benchmark, "crop_device_operations", ["--device", "cpu"], "the rows printed above are what was")]
+             (benchmark, benchmark, "crops_per_second", ["--device", "cpu"], "the rows printed above are what was")]
     for script, module, where, argv, kept in cases:         # Ctrl-C in the middle of the work
         monkeypatch.setattr(module, where, ctrl_c)
         with pytest.raises(SystemExit) as stopped:
@@ -3051,10 +2857,10 @@ def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refu
     train.main(common + ["--out", str(tmp_path / "fp32"), "--epochs", "1", "--precision", "fp32"])
     fp32 = torch.load(tmp_path / "fp32" / "ckpt.pt", weights_only=True)
     assert not torch.equal(fp32["model"]["backbone.conv1.weight"], first_epoch["model"]["backbone.conv1.weight"])
-    # --precision auto trains in what precision.auto_precision picks for this network on this CPU, and says so
+    # --precision auto trains in what settings.auto_precision picks for this network on this CPU, and says so
     train.main(common + ["--out", str(tmp_path / "auto"), "--epochs", "1"])
     auto = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)
-    picked = precision.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
+    picked = settings.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
     assert auto["args"]["precision"] == "auto" and auto["args"]["arithmetic"] == picked
     assert torch.equal(auto["model"]["backbone.conv1.weight"],
                        {"bf16": first_epoch, "fp32": fp32}[picked]["model"]["backbone.conv1.weight"])
@@ -3267,223 +3073,6 @@ def test_images_that_cannot_be_opened_in_a_folder_are_one_line_errors_or_skipped
 
 
 # ----------------------------------------------------------------------------------------------------
-# step_graph.py: the whole step (crops, network, loss, AdamW) as one function of fixed shapes, one graph
-
-def graph_step_parts(method="hydes", batch=8, arch="resnet18", device="cpu", kappa=10.0):
-    """A tiny network with its AdamW, its readable twin, and a WholeStep over the first, with train.py's
-    objective of `method`: (net, twin, twin_optimizer, whole_step, images, labels, precision)."""
-    torch.manual_seed(0)
-    classes = 3 if method == "supervised" else None
-    backbone = models.build_backbone(arch, 32, 8 if arch == "resnet18" else 16, depth=1, heads=2) \
-        if arch != "resnet18" else models.build_backbone(arch, 32, 8)
-    net = per_view_batchnorm.convert_per_view_batchnorm(models.HyDeSModel(backbone, 32, 16, classes), batch)
-    twin = copy.deepcopy(net)
-    fp32 = precision.precision_for(torch.device("cpu"), arch, "fp32")
-
-    def loss(z, labels, beta):
-        return train.objective(z, labels, method, kappa, 1.0, beta)
-    recipes = data.supervised_recipes(32) if method == "supervised" else data.dino_recipes(32, 16, 2, 2)
-    net = net.to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-6)
-    whole_step = step_graph.WholeStep(net, optimizer, batched_crops.BatchedMultiCrop(recipes, every_crop=True),
-                                      loss, train.LOGGED[method], fp32, torch.device(device))
-    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.arange(batch) % 3
-    return net, twin, torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=1e-6), whole_step, images, labels, fp32
-
-
-@pytest.mark.parametrize("recipes", ["dino", "supervised"])
-def test_crops_of_fixed_shapes_are_the_readable_crops_exactly_and_their_shapes_never_depend_on_the_draw(
-        recipes, monkeypatch):
-    # The graph's crops blur and solarise every crop and keep the result by a mask where the readable ones
-    # gather the chosen crops: the same views bit for bit, also where the readable form cuts a CPU batch
-    # into chunks (of 27 or 97 images here), from the same generator state
-    recipes = data.dino_recipes(32, 16) if recipes == "dino" else data.supervised_recipes(32)
-    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    readable = batched_crops.BatchedMultiCrop(recipes)
-    fixed = batched_crops.BatchedMultiCrop(recipes, every_crop=True)
-    monkeypatch.setattr(batched_crops, "CPU_CHUNK_VALUES", 300_000)
-    assert 100 > batched_crops.CPU_CHUNK_VALUES // sum(3 * r.size ** 2 for r in recipes)   # chunked
-    for seed in (0, 1):
-        for a, b in zip(readable(images, torch.Generator().manual_seed(seed)),
-                        fixed(images, torch.Generator().manual_seed(seed))):
-            assert torch.equal(a, b)
-    shapes = {tuple((name, tuple(t.shape)) for group in fixed.draw(100, (32, 32), torch.Generator().manual_seed(s))
-                    for name, t in group.items()) for s in range(20)}
-    assert len(shapes) == 1                               # 20 draws, one layout: a graph can hold it
-    varying = {tuple(len(group["blurred"]) for group in readable.draw(100, (32, 32), torch.Generator().manual_seed(s)))
-               for s in range(20)}
-    assert len(varying) > 1 or recipes[0].blur_p == 0     # where the readable form's shapes do vary
-
-
-def test_adamw_in_foreach_operations_follows_torch_adamw_and_keeps_its_state_layout():
-    # 60 steps of gradients spanning six orders of magnitude, a learning rate that changes every step (a
-    # tensor, as the graph gives it) and weight decay: within float32 rounding of torch.optim.AdamW, the
-    # same state tensors (exp_avg, exp_avg_sq, step), which torch's AdamW then loads and continues
-    torch.manual_seed(0)
-    ours = [torch.randn(40, 7), torch.randn(13), torch.randn(())]
-    theirs = [p.clone().requires_grad_() for p in ours]
-    optimizer = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.05)
-    state = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in ours]
-    for step in range(60):
-        lr = 1e-3 * (1 + math.cos(step / 10))
-        grads = [torch.randn_like(p) * 10.0 ** -(step % 6) for p in ours]
-        for p, g in zip(theirs, grads):
-            p.grad = g.clone()
-        optimizer.param_groups[0]["lr"] = lr
-        optimizer.step()
-        step_graph.adamw_(ours, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
-                          [s["step"] for s in state], torch.tensor(lr), weight_decay=0.05)
-        for mine, reference in zip(ours, theirs):
-            assert torch.allclose(mine, reference.detach(), rtol=1e-6, atol=1e-4 * lr), step
-    for mine, reference in zip(state, optimizer.state_dict()["state"].values()):
-        assert mine["step"].item() == reference["step"].item() == 60
-        assert torch.allclose(mine["exp_avg_sq"], reference["exp_avg_sq"], rtol=1e-5, atol=0)
-    # Closed form: a first step from no state moves each weight by lr sign(g) (m / sqrt(v) = g / |g| once
-    # both bias corrections divide), after the decay, up to eps
-    weights, gradient = torch.randn(50), torch.randn(50)
-    stepped = [weights.clone()]
-    step_graph.adamw_(stepped, [gradient], [torch.zeros(50)], [torch.zeros(50)], [torch.tensor(0.0)], torch.tensor(0.1),
-                      weight_decay=0.5)
-    assert torch.allclose(stepped[0], weights * (1 - 0.1 * 0.5) - 0.1 * gradient.sign(), atol=1e-6)
-
-
-@pytest.mark.parametrize("method", ["hydes", "infonce", "supervised"])
-def test_the_whole_step_follows_the_readable_step_and_is_one_graph_with_no_break(method):
-    # Three steps of WholeStep against train.training_step with the readable crops (same generator states,
-    # learning rate and beta): the same logged terms and weights to float32 rounding. Then Dynamo traces
-    # the whole step, backward and AdamW included, as ONE graph with no break, which is what a CUDA graph
-    # capture needs: nothing read by the host, no shape that depends on data (torch._dynamo.explain:
-    # tracing only, seconds)
-    # The first step's gradients are the readable step's bit for bit (same views, same arithmetic); AdamW's
-    # rounding then differs by an ulp, which Adam's m / sqrt(v) can blow up to a step of lr for a weight
-    # whose gradient is near zero, so later weights are compared on average
-    net, twin, twin_optimizer, whole_step, images, labels, fp32 = graph_step_parts(method)
-    readable = batched_crops.BatchedMultiCrop(whole_step.crops.recipes)
-    for step in range(3):
-        lr, beta = 1e-3 * (step + 1), 0.5 + step / 4
-        twin_optimizer.param_groups[0]["lr"] = lr
-        expected = train.training_step(twin, readable(images, train.augmentation_generator(0, step, 0)), labels,
-                                       twin_optimizer, fp32, method, 10.0, 1.0, beta)
-        got = whole_step(images, labels, train.augmentation_generator(0, step, 0), lr, beta)
-        assert torch.allclose(got, expected, rtol=1e-4, atol=2e-4), (step, got, expected)
-        if step == 0:
-            assert all(torch.equal(a.grad, b.grad) for a, b in zip(net.parameters(), twin.parameters()))
-            assert all(torch.allclose(a, b, rtol=0, atol=1e-3 * lr) for a, b in zip(net.parameters(), twin.parameters()))
-    difference = torch.cat([(a - b).flatten() for a, b in zip(net.parameters(), twin.parameters())]).abs()
-    assert difference.mean() < 1e-2 * 6e-3 and difference.max() < 2 * 6e-3     # 6e-3: the three steps' lr
-    for key, value in twin.state_dict().items():          # BatchNorm's running statistics
-        if "running" in key:
-            assert torch.allclose(net.state_dict()[key], value, rtol=1e-3, atol=1e-4), key
-    assert whole_step.state[0]["step"].item() == 3
-    torch.compiler.reset()
-    torch._dynamo.config.trace_autograd_ops = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")              # Dynamo's notes on the lru_caches it traces through
-            explained = torch._dynamo.explain(whole_step.step)()
-    finally:
-        torch._dynamo.config.trace_autograd_ops = False
-        torch.compiler.reset()
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    assert explained.op_count > 300                      # the crops, the network, backward and AdamW in it
-
-
-def test_the_whole_step_reads_nothing_on_the_host_and_copies_nothing_to_the_device(monkeypatch):
-    # On the meta device, which stands for a GPU, a tensor has a shape and no value: any read of a value by
-    # the host inside the step (.item(), a nonzero, an `if` on a tensor) raises. The step function that the
-    # graph captures runs there whole, and DeviceOperations counts no copy from the host among its
-    # operations: every input reaches it through the ParameterBuffer's one copy, before the step. (autocast
-    # knows no meta device; the loss's "autocast off" is what float32 does anyway.)
-    real_autocast = torch.autocast
-    monkeypatch.setattr(torch, "autocast", lambda device_type, **kwargs: contextlib.nullcontext()
-                        if device_type == "meta" else real_autocast(device_type, **kwargs))
-    net, _, _, whole_step, images, labels, _ = graph_step_parts(device="meta")
-    whole_step(images.to("meta"), labels.to("meta"), train.augmentation_generator(0, 0, 0), 1e-3, 1.0)
-    with benchmark.DeviceOperations("meta") as counter:
-        terms = whole_step.step()
-    assert terms.device.type == "meta" and terms.shape == (len(train.LOGGED["hydes"]),)
-    assert counter.count > 300 and counter.transfers == 0
-    assert all(p.grad is not None and p.grad.device.type == "meta" for p in whole_step.params)
-    with pytest.raises(Exception):                       # the check is real: a host read on meta raises
-        terms[0].item()
-
-
-def test_the_whole_step_compiles_with_fullgraph_and_computes_what_the_function_computes():
-    # torch.compile(fullgraph=True) refuses any graph break; AOT autograd's eager backend runs the traced
-    # forward-and-backward graph as it is (no code generation: seconds, not minutes) and must give the
-    # eager function's terms and weights
-    net, twin, _, whole_step, images, labels, fp32 = graph_step_parts()
-    eager = copy.deepcopy(whole_step)
-    torch.compiler.reset()
-    torch._dynamo.config.trace_autograd_ops = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            whole_step.function = torch.compile(whole_step.step, fullgraph=True, backend="aot_eager")
-            for step in range(2):
-                got = whole_step(images, labels, train.augmentation_generator(0, step, 0), 1e-3, 1.0)
-                expected = eager(images, labels, train.augmentation_generator(0, step, 0), 1e-3, 1.0)
-                assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
-    finally:
-        torch._dynamo.config.trace_autograd_ops = False
-        torch.compiler.reset()
-    for mine, reference in zip(whole_step.params, eager.params):
-        assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-6)
-
-
-def test_a_step_graph_run_follows_the_readable_run_and_resumes_bit_exact(tmp_path):
-    # train.py --step-graph: 2 epochs straight, and 1 epoch then --resume: the same weights, moments and
-    # probe bit for bit. Against the run without it: the first epoch's log to float32 rounding; after
-    # that AdamW's last bits (step_graph.adamw_ rounds as torch's capturable AdamW, not as its CPU one) grow
-    # as an untrained network's steps amplify them, so the weights are compared with how far a step moves
-    # them. A run may also switch between the two on --resume: the checkpoint is the same
-    common = tiny_run(tmp_path) + ["--eval-every", "1", "--knn-k", "3", "--kappa", "1", "--keep-every", "1"]
-    train.main(common + ["--out", str(tmp_path / "readable"), "--epochs", "2"])
-    train.main(common + ["--out", str(tmp_path / "graph"), "--epochs", "2", "--step-graph"])
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1", "--step-graph"])
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", "--step-graph"])
-    graph = torch.load(tmp_path / "graph" / "ckpt.pt", weights_only=True)
-    assert_same_training_state(graph, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
-    readable = torch.load(tmp_path / "readable" / "ckpt.pt", weights_only=True)
-    readable_epoch1 = torch.load(tmp_path / "readable" / "ckpt-epoch1.pt", weights_only=True)
-
-    def mean_distance(a, b):
-        return torch.cat([(a[k].float() - b[k].float()).flatten() for k in a if k.endswith("weight")]).abs().mean()
-    moved = mean_distance(readable["model"], readable_epoch1["model"])      # what epoch 2's two steps moved
-    assert mean_distance(graph["model"], readable["model"]) < 0.05 * moved
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("readable", "graph")]
-    for term in ("loss", "h_global", "h_local", "mi", "lr", "kappa", "beta"):
-        assert logs[1][0][term] == pytest.approx(logs[0][0][term], rel=1e-4, abs=1e-5), term
-        assert logs[1][1][term] == pytest.approx(logs[0][1][term], rel=1e-2, abs=1e-2), term
-    # switching: the readable step continues the graph's run from its checkpoint
-    train.main(common + ["--out", str(tmp_path / "switched"), "--epochs", "1", "--step-graph"])
-    train.main(common + ["--out", str(tmp_path / "switched"), "--epochs", "2", "--resume", "--no-step-graph"])
-    switched = torch.load(tmp_path / "switched" / "ckpt.pt", weights_only=True)
-    assert switched["step"] == 4 and switched["args"]["step_graph"] is False
-    assert mean_distance(switched["model"], readable["model"]) < 0.05 * moved
-
-
-def test_step_graph_refuses_what_a_graph_cannot_hold_in_one_line(tmp_path, monkeypatch):
-    common = tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1", "--step-graph"]
-    for extra, message in ((["--kappa-final", "1"], "--step-graph holds kappa fixed"),
-                           (["--precision", "fp16"], "--step-graph runs without fp16's gradient scaling"),
-                           (["--compile", "reduce-overhead"], "--step-graph captures its own CUDA graph")):
-        with pytest.raises(SystemExit, match=message) as refused:
-            train.main(common + extra)
-        assert "\n" not in str(refused.value.code)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="--step-graph runs on one process"):
-        train.main(common)
-    monkeypatch.delenv("WORLD_SIZE")
-    path = tmp_path / "images" / "train" / "a" / "000.jpg"        # a folder of mixed sizes
-    Image.open(path).resize((48, 36)).save(path)
-    with pytest.raises(SystemExit, match="--step-graph cuts the crops of whole batches of one image size") as refused:
-        train.main(common)
-    assert "\n" not in str(refused.value.code) and not (tmp_path / "run" / "ckpt.pt").exists()
-
-
-# ----------------------------------------------------------------------------------------------------
 # End to end: train.py runs on generated folders, then evaluate.py, segment.py, analyze.py; torchrun
 
 # ---- every script's numbers and output folders, checked before any work
@@ -3521,37 +3110,37 @@ def test_benchmark_arguments_are_checked():
         benchmark.main(["--device", "cpu", "--precision", "fp16"])
 
 
-def test_the_benchmark_times_each_cpu_precision_and_layout_in_one_table_and_checks_each_gradient(capsys):
+def test_the_benchmark_times_each_asked_precision_in_one_table_and_checks_each_gradient(capsys):
     rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
-                           "--proj-hidden", "16", "--step-batch-size", "4", "--seconds", "0.01"])
-    assert sorted((r["precision"], r["layout"], r["mode"]) for r in rows) == [
-        (name, layout, "eager") for name in ("bf16", "fp32") for layout in ("channels_last", "contiguous")]
-    auto = precision.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
-    assert [(r["precision"], r["layout"]) for r in rows if r["default"]] == [(auto, "channels_last")]
-    assert all(r["images_per_s"] > 0 and r["host_syncs"] is None and r["peak_bytes"] is None for r in rows)
-    error = {(r["precision"], r["layout"]): r["gradient_error"] for r in rows}
+                           "--proj-hidden", "16", "--batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
+                           "auto"])
+    auto = settings.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
+    # auto is one of the two named: timed once, and marked as train.py's
+    assert [(r["precision"], r["mode"], r["auto"]) for r in rows] == [(p, "eager", p == auto) for p in ("bf16", "fp32")]
+    assert all(r["images_per_s"] > 0 and r["vs_eager"] == 1 and r["peak_bytes"] is None for r in rows)
     # float32 against float64 differs by rounding alone (an untrained network on noise is ill-conditioned:
     # up to ~1e-2); bf16's 8-bit mantissa moves the gradient at least ten times more
-    fp32, bf16 = (max(error[p, "channels_last"], error[p, "contiguous"]) for p in ("fp32", "bf16"))
-    assert fp32 < 2e-2 and 10 * fp32 < min(error["bf16", "channels_last"], error["bf16", "contiguous"])
-    assert bf16 < 10
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(rows) and f"| {auto}* | channels_last |" in table[2 + rows.index(
-        next(r for r in rows if r["default"]))]
+    error = {r["precision"]: r["gradient_error"] for r in rows}
+    assert error["fp32"] < 2e-2 and 10 * error["fp32"] < error["bf16"] < 10
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cifar")]
+    assert len(table) == 1 + len(rows) and table[0].startswith("| cifar | 2x32 + 6x16 from 32 px | ")   # the crops
+    assert f"| {auto}* | eager | " in table[1 + ["bf16", "fp32"].index(auto)]
 
 
-def test_the_benchmarks_step_graph_row_checks_a_replayed_steps_gradient_and_the_monitor_is_timed(capsys):
-    # The step-graph row's gradient comes from the whole step's fifth call (after the warm-up, a replay on
-    # a GPU), on the views of step 0, which its fixed-shape crops make exactly: the same gradient as the
-    # eager row's check, to float32 rounding. --monitor times train.py's evaluation twice
-    rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
-                           "--proj-hidden", "16", "--step-batch-size", "4", "--seconds", "0.01", "--precision", "fp32",
-                           "--modes", "eager", "step-graph"])
-    eager, graph = (next(r for r in rows if r["mode"] == mode and r["layout"] == "channels_last")
-                    for mode in ("eager", "step-graph"))
-    assert graph["images_per_s"] > 0 and "error" not in graph
-    assert graph["precision"] == "fp32"        # --precision's, not train.py's default (bf16 on some CPUs)
-    assert graph["gradient_error"] == pytest.approx(eager["gradient_error"], rel=1e-3, abs=1e-6)
+def test_the_benchmarks_compiled_row_checks_its_gradient_as_eager_does_and_the_monitor_is_timed(capsys, monkeypatch):
+    # A compiled row's step goes through torch.compile'd train.loss_of_batch; AOT autograd's eager backend
+    # stands in for inductor (seconds, not minutes) and runs the traced forward and backward as they are:
+    # the eager row's gradient, to float32 rounding. Eager runs first whatever the order asked, for the
+    # ratio. --monitor times train.py's evaluation twice
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: compile(fn, backend="aot_eager", dynamic=dynamic))
+    eager, compiled = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
+                                      "--proj-hidden", "16", "--batch-size", "4", "--seconds", "0.01",
+                                      "--precision", "fp32", "--modes", "compiled", "eager"])
+    assert (eager["mode"], compiled["mode"]) == ("eager", "compiled") and "error" not in compiled
+    assert compiled["precision"] == "fp32"     # --precision's, not train.py's default (bf16 on some CPUs)
+    assert compiled["vs_eager"] == pytest.approx(compiled["images_per_s"] / eager["images_per_s"])
+    assert compiled["gradient_error"] == pytest.approx(eager["gradient_error"], rel=1e-3, abs=1e-6)
     first, later = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--monitor", "300", "100"])
     assert 0 < later and 0 < first
     assert "monitor, cifar: 300 + 100 images in memory" in capsys.readouterr().out
@@ -3559,7 +3148,7 @@ def test_the_benchmarks_step_graph_row_checks_a_replayed_steps_gradient_and_the_
         benchmark.main(["--device", "cpu", "--monitor", "0", "10"])
 
 
-def test_a_benchmark_row_that_fails_is_reported_the_others_still_run_and_each_can_be_profiled(capsys, monkeypatch):
+def test_a_benchmark_row_that_fails_is_reported_and_the_others_still_run(capsys, monkeypatch):
     real = benchmark.time_row
 
     def fails_in_bf16(base, precision, *args):
@@ -3568,24 +3157,17 @@ def test_a_benchmark_row_that_fails_is_reported_the_others_still_run_and_each_ca
         return real(base, precision, *args)
 
     monkeypatch.setattr(benchmark, "time_row", fails_in_bf16)
-    with pytest.raises(SystemExit, match=r"^error: 4 row\(s\) failed"):       # bf16 in 2 layouts x 2 forwards
+    with pytest.raises(SystemExit, match=r"^error: 2 row\(s\) failed"):       # bf16 in 2 forwards
         benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar", "--proj-hidden", "16",
-                        "--step-batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
-                        "--forward", "per-view", "per-resolution", "--profile"])
+                        "--batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
+                        "--forward", "per-view", "per-resolution"])
     captured = capsys.readouterr()
-    lines = captured.out.splitlines()
-    # --profile: after each measured row, the profiler's table, led by the convolutions' backward on a CPU
-    for i, line in enumerate(lines):
-        if line.startswith("| cifar") and "failed" not in line:
-            assert lines[i + 1] == "profile of the row above:" and "ms per step" in "\n".join(lines[i + 2:i + 25])
-            assert "convolution_backward" in "\n".join(lines[i + 2:i + 8])
-    table = [line for line in captured.out.splitlines() if line.startswith("| cifar")]
-    assert len(table) == 8 and "Traceback" in captured.err           # every row printed; the failures' tracebacks
-    for forward, layout in itertools.product(("per-view", "per-resolution"), ("channels_last", "contiguous")):
-        bf16, fp32 = (next(line for line in table if f"{forward} | {p}" in line and f"| {layout} |" in line)
-                      for p in ("bf16", "fp32"))
+    table = [line for line in captured.out.splitlines() if line.startswith("| cifar 32/16 px")]
+    assert len(table) == 4 and "Traceback" in captured.err           # every row printed; the failures' tracebacks
+    for forward in ("per-view", "per-resolution"):
+        bf16, fp32 = (next(line for line in table if f"{forward} | {p}" in line) for p in ("bf16", "fp32"))
         assert "| failed: RuntimeError: CUDA error: an illegal memory access was encountered |" in bf16
-        assert "failed" not in fp32 and " GiB" not in fp32 and fp32.endswith(" s |")     # measured, on a CPU
+        assert "failed" not in fp32 and "| 1.00x | n/a |" in fp32 and fp32.endswith(" s |")     # measured, on a CPU
 
 
 def test_an_output_folder_that_cannot_be_written_is_named_in_one_line(tmp_path):
@@ -3702,7 +3284,7 @@ def test_probes_refuse_a_single_class_another_architecture_and_report_a_bad_voc_
     voc = tmp_path / "voc"                          # a mask value outside VOC's classes, as in segment.py's test
     write_voc(voc, ["a"], ["b"])
     palette_png(np.full((48, 56), 42, np.uint8)).save(voc / "SegmentationClass" / "a.png")
-    with pytest.raises(SystemExit) as error:        # raised in a loading worker, reported in one line
+    with pytest.raises(SystemExit) as error:        # found by the check before training, reported in one line
         segment.main([str(tmp_path / "run" / "ckpt.pt"), "--data-dir", str(voc), "--workers", "1",
                       "--image-size", "48", "--epochs", "1"])
     assert error.value.code == f"error: {voc / 'SegmentationClass' / 'a.png'} has values [42]; VOC masks " \
@@ -3745,8 +3327,7 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
         assert -1 <= result.get(column, 0) <= 1
     assert len(result["skipped"]) == sum(c not in result for c in ("wup", "minilm"))
     assert Image.open(result["saliency_png"]).size == (2 * 32 * 4, 2 * 32 * 4)
-    for picture in ("centroids_png", "centroids_contrast_png"):
-        assert Image.open(result[picture]).size[1] == 3 * (480 // 3) + 12       # 3 classes of 160 px, margins
+    assert Image.open(result["centroids_png"]).size[1] == 3 * (480 // 3) + 12   # 3 classes of 160 px, margins
 
 
 def test_torchrun_trains_with_the_global_batch_split_over_two_processes(tmp_path):

@@ -5,26 +5,29 @@
     python train.py --dataset cifar10 --method supervised            # Table I's supervised baseline
     torchrun --nproc_per_node=4 train.py --dataset imagenet --arch resnet50 --batch-size 512   # 4 GPUs
 
-The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, kappa = 1,
-alpha = beta = 1, DINO multi-crop with 2 global and 6 local views.
+The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, alpha = beta = 1, DINO
+multi-crop with 2 global (40-100% of the image) and 6 local (5-40%) views. Ours: kappa = 1 (the paper
+names a kappa only for Figure 5's network) and the crop sides; our inference from the evaluation code the
+paper cites: the ImageNet stem and per-view BatchNorm.
 
 The file reads in the order a run goes: the settings, then `train()`, whose loop takes one `training_step`
 a batch. A step: a batch of B uint8 images, already on the training device, becomes V = 8 views (the
-recipe of data.dino_recipes, made by batched_crops.BatchedMultiCrop); the backbone and projector map
-them to z (V, B, D) on the sphere S^{D-1} (models.HyDeSModel); AdamW takes a step on
-loss = beta H_local - alpha H_global (hydes.hydes_loss, Eqs. 2-4). Every epoch ends with OUT/ckpt.pt
-rewritten; after epochs 1, 6, 11, ... and the last (--eval-every 5, the paper's setup's cadence), the
-monitor: the k-NN and a round of the persistent linear probe whose curves Figures 6-8 plot; then a line
-in OUT/log.jsonl (loss, H_global, H_local, MI and how near it is to its ceiling, lr, kappa, beta, images/s,
-and at evaluations linear and k-NN top-1 and top-5).
+recipe of data.dino_recipes, made by data.make_views); the backbone and projector map them to z (V, B, D)
+on the sphere S^{D-1} (models.HyDeSModel); AdamW takes a step on loss = beta H_local - alpha H_global
+(hydes.hydes_loss, Eqs. 2-4). With --compile, torch.compile compiles the views, the network and the loss
+of a step (`loss_of_batch`) together. Every epoch ends with OUT/ckpt.pt rewritten; after epochs 1, 6,
+11, ... and the last (--eval-every 5, the cited evaluation code's cadence), the monitor: the k-NN and a
+round of the online linear probe whose curves Figures 6-8 plot; then a line in OUT/log.jsonl (loss,
+H_global, H_local, MI and how near it is to its ceiling, lr, kappa, beta, images/s, and at evaluations
+linear and k-NN top-1 and top-5).
 
-What a reader may skip lives in files of its own: loading.py feeds the batches, runcontrol.py decides
-when a run stops early (Ctrl-C, SIGTERM, --max-minutes, a non-finite loss), resume.py saves and restores
-the run bit for bit, checks.py refuses bad settings in one line, precision.py picks the arithmetic, and
-step_graph.py runs training_step with its crops as one CUDA graph (--step-graph).
+What a reader may skip lives in files of its own: loading.py feeds the batches, runs.py saves and
+restores the run bit for bit and decides when it stops early (Ctrl-C, SIGTERM, --max-minutes, a
+non-finite loss), and settings.py refuses bad settings in one line and picks the arithmetic.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,35 +40,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from batched_crops import BatchedMultiCrop
-from checkpoints import CheckpointError, save_checkpoint
-from checks import (HelpFormatter, check_crop_sizes, check_training_args, ctrl_c_in_one_line, error_message, refuse,
-                    unwritable)
-from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes,
-                  native_image_size, supervised_recipes)
+from checkpoints import CheckpointError, append_jsonl, save_checkpoint
+from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes, draw_views,
+                  make_views, native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
 from features import extract_features
 from hydes import hydes_loss, infonce_loss, mi_ceiling, own_view_share
 from loading import (InMemoryBatches, MonitorImages, augmentation_seed, labelled_training_images,
                      note_mixed_sizes, training_data)
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
-from per_view_batchnorm import convert_per_view_batchnorm
-from precision import PRECISIONS, precision_for, run_arithmetic
-from records import append_jsonl
-from resume import (NothingToTrain, checkpoint_state, epoch_sums_so_far, open_run_folder, process_holding, restore,
-                    resume_settings)
-from runcontrol import RunControl, distributed_setup
-from step_graph import WholeStep
+from runs import (NothingToTrain, RunControl, checkpoint_state, distributed_setup, epoch_sums_so_far, open_run_folder,
+                  refuse_a_second_run, restore, resume_settings)
+from settings import (PRECISIONS, HelpFormatter, check_crop_sizes, check_training_args, ctrl_c_in_one_line,
+                      error_message, precision_for, refuse, run_arithmetic, unwritable)
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms; both log how close the MI
 # estimate is to its ceiling (ceiling_terms).
 ON_THE_SPHERE = ("loss", "h_global", "h_local", "mi", "mi_fraction", "own_share")
 LOGGED = {"hydes": ON_THE_SPHERE, "infonce": ON_THE_SPHERE, "supervised": ("loss", "accuracy")}
-# torch.compile's modes that --compile offers. "default" fuses the network's operations into fewer, larger
-# kernels; "reduce-overhead" also records the compiled forward and backward as CUDA graphs and replays
-# them, so that the host launches one graph instead of each kernel: the remedy for a step bound by
-# launches, as the paper's small crops make it on a GPU (SPEED.md).
+# torch.compile's modes that --compile offers. "default" fuses the step's operations (views, network,
+# loss) into fewer, larger kernels; "reduce-overhead" also records the compiled forward and backward as
+# CUDA graphs and replays them, so that the host launches one graph instead of each kernel: the remedy
+# for a step bound by launches, as small crops (32/16 px) make it on a GPU (SPEED.md).
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
@@ -80,8 +77,10 @@ def build_parser():
     g.add_argument("--data-dir", default="data", help="root folder of the dataset (downloaded there when possible)")
     g.add_argument("--global-crops", type=int, default=2, help="global views per image (paper: 2)")
     g.add_argument("--local-crops", type=int, default=6, help="local views per image (paper: 6)")
-    g.add_argument("--global-size", type=int, help="global crop side; default by resolution: 32, 96 or 224")
-    g.add_argument("--local-size", type=int, help="local crop side; default by resolution: 16, 48 or 96")
+    g.add_argument("--global-size", type=int,
+                   help="global crop side; default by the data's resolution: 32, 96 or 224 (ours: the paper gives "
+                        "only area fractions)")
+    g.add_argument("--local-size", type=int, help="local crop side; default by resolution: 16, 48 or 96 (ours)")
     g.add_argument("--global-scale", type=float, nargs=2, default=GLOBAL_SCALE, metavar=("MIN", "MAX"),
                    help="area fraction of a global crop (paper: 0.4 1.0)")
     g.add_argument("--local-scale", type=float, nargs=2, default=LOCAL_SCALE, metavar=("MIN", "MAX"),
@@ -107,9 +106,10 @@ def build_parser():
                         "setup builds, we infer, even for 32 px images); cifar: 3x3 stride-1 conv, no max-pool, "
                         "which keeps 4x more resolution and trains far better on 32-96 px images (REPRODUCE.md)")
     g.add_argument("--forward", default="per-view", choices=("per-view", "per-resolution"),
-                   help="per-view: BatchNorm over one view's batch, as one network call per view computes (the "
-                        "paper's setup), in one backbone call per crop size whose BatchNorms keep the views apart; "
-                        "per-resolution: BatchNorm over all the views of a crop size, as DINO")
+                   help="per-view: the backbone and projector called once per view, so BatchNorm normalises one "
+                        "view's batch (our reading of the cited evaluation code; the paper names neither way); "
+                        "per-resolution: the backbone called once per crop size, BatchNorm over all the views of "
+                        "a size, as DINO")
     g.add_argument("--width", type=int, help="ResNet base width (64) or ViT width (192); smaller for laptops")
     g.add_argument("--depth", type=int, help="ViT blocks (12)")
     g.add_argument("--heads", type=int, help="ViT attention heads (3)")
@@ -124,19 +124,22 @@ def build_parser():
                         "on one RandomResizedCrop (8-100%%) and flip per labelled image, the paper's setup's "
                         "supervised baseline (Table I)")
     g.add_argument("--kappa", type=float, default=1.0,
-                   help="vMF concentration: higher learns faster early and stalls later (Section VII-B)")
+                   help="vMF concentration (1: Figure 5's network; the paper names no other): higher learns faster "
+                        "early and stalls later (Section VII-B)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of H_global (1 = the MI estimate)")
     g.add_argument("--beta", type=float, default=1.0,
                    help="weight of H_local (1 = the MI estimate; lower learns faster early, Section VII-C)")
     g.add_argument("--kappa-final", type=float,
                    help="move kappa from --kappa to this value over the run, by a cosine of the step (default: "
-                        "constant); e.g. --kappa 10 --kappa-final 1 for kappa 10's fast start and kappa 1's finish")
+                        "constant); e.g. --kappa 10 --kappa-final 1 for kappa 10's fast start and kappa 1's finish. "
+                        "Our extension of Section VIII's suggestion of an adaptive kappa, not the paper's setup")
     g.add_argument("--beta-final", type=float,
                    help="move beta from --beta to this value over the run, likewise (default: constant)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=200,
-                   help="passes over the training set (paper: 200); 0 saves and evaluates the untrained network")
+                   help="passes over the training set (paper: 200 on CIFAR, STL-10, Food-101); 0 saves and "
+                        "evaluates the untrained network")
     g.add_argument("--batch-size", type=int, default=128, help="images per step (each gives V views)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-6,
@@ -150,8 +153,9 @@ def build_parser():
 
     g = p.add_argument_group("monitoring")
     g.add_argument("--eval-every", type=int, default=5,
-                   help="the online k-NN and linear probe after epochs 1, 1+N, 1+2N, ... and the last (the paper's "
-                        "cadence at N = 5; 0: never); each costs a forward pass over the labelled train and test splits")
+                   help="the online k-NN and linear probe after epochs 1, 1+N, 1+2N, ... and the last (the cited "
+                        "evaluation code's cadence at N = 5; 0: never); each costs a forward pass over the labelled "
+                        "train and test splits")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours that vote in the online k-NN")
     g.add_argument("--knn-temperature", type=float, default=0.1, help="T in the k-NN vote weight exp(s/T)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates")
@@ -171,16 +175,11 @@ def build_parser():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu; under torchrun, each process takes the GPU of its LOCAL_RANK")
     g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
-                   help="torch.compile the model: faster steps on a GPU after a compilation of a minute or two. "
-                        "--compile alone is torch.compile's default mode; --compile reduce-overhead also replays "
-                        "the compiled forward and backward as CUDA graphs, one launch for hundreds of kernels "
-                        "(GPUs only, measured on one GPU, not yet under torchrun; on a CPU it is the default mode)")
-    g.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=False,
-                   help="the whole step (crops, network, loss, AdamW) as one function of fixed shapes, captured as "
-                        "ONE CUDA graph and replayed each step, so the GPU never waits for the host (step_graph.py); "
-                        "with --compile, compiled into one graph first. The same views and arithmetic as without it, "
-                        "up to float32 rounding. One GPU, bf16 or fp32, a fixed --kappa; on a CPU the same function runs. "
-                        "--resume may switch it on or off (--no-step-graph)")
+                   help="torch.compile the step's views, network and loss: faster steps on a GPU after a "
+                        "compilation of a minute or two. --compile alone is torch.compile's default mode; --compile "
+                        "reduce-overhead also replays the compiled forward and backward as CUDA graphs, one launch "
+                        "for hundreds of kernels (GPUs only; on a CPU it is the default mode). Compiled for one "
+                        "kappa and beta: not with --kappa-final or --beta-final")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass (the loss is float32 whatever this says). auto: bf16 "
                         "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs; on CPUs "
@@ -191,7 +190,7 @@ def build_parser():
 
 def main(argv=None):
     try:
-        args, checkpoint = settings(argv)      # parsed, checked, crop sizes resolved; --resume: the saved ones
+        args, checkpoint = run_settings(argv)  # parsed, checked, crop sizes resolved; --resume: the saved ones
         rank, world_size, device = distributed_setup(args)
         # The first Ctrl-C stops after the step and saves (RunControl); a second one stops at once
         with ctrl_c_in_one_line(f"stopped at once by a second Ctrl-C; {os.path.join(args.out, 'ckpt.pt')} holds "
@@ -209,7 +208,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def settings(argv):
+def run_settings(argv):
     """The run's settings: parsed, merged with the checkpoint's on --resume, checked, and the crop sizes
     resolved from the data's resolution, all before any image is decoded or weight built, so that a
     mistake costs a second, not a dataset's decoding, and the settings never change once training starts.
@@ -219,10 +218,7 @@ def settings(argv):
         objective_name = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
                           "supervised": "supervised"}[args.method]
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective_name}")
-    holder = process_holding(args.out)
-    if holder:
-        raise SystemExit(f"error: another train.py (process {holder}) is running in {args.out}; wait for it to end, "
-                         f"or pick another --out")
+    refuse_a_second_run(args.out)
     args, checkpoint = resume_settings(args, argv, build_parser)      # --resume: the checkpoint's settings
     problem = check_training_args(args)
     if problem is None and (args.global_size is None or args.local_size is None):
@@ -250,7 +246,6 @@ def train(args, checkpoint, control):
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
     recipes = view_recipes(args)
     batches, order, classes = training_data(args, recipes, control)
-    crops = BatchedMultiCrop(recipes, every_crop=args.step_graph)    # every_crop: shapes fixed for a graph
     steps_per_epoch = order.batches_per_epoch
     control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
@@ -258,15 +253,20 @@ def train(args, checkpoint, control):
     seed_everything(args.seed)     # here, not earlier: DataLoaders draw from torch's stream as data load
     net = build_model(args, len(classes), control, precision.memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")     # one kernel, and no host wait under fp16
+                                  fused=True)      # one kernel for all the parameters, on GPUs and CPUs
     # The online linear probe of the paper's setup: one layer on the frozen features, trained 2 epochs at
     # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
     probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
     state = (net, optimizer, precision.scaler, probe)                # what a checkpoint saves and restores
     monitor = Monitor(args, device, labelled_training_images(batches, args))
     step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
-    model = parallel(net, args, control)
-    whole_step = one_graph_step(args, net, optimizer, crops, precision, device) if args.step_graph else None
+    model = net if control.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)   # each process: its share of the batch
+    step_loss = functools.partial(loss_of_batch, model, recipes, precision, args.method, args.alpha)
+    if args.compile:
+        # One graph of views, network and loss (the backward is compiled with it). dynamic=False: kappa and
+        # beta are constants of the graph (settings.py refuses their schedules with --compile).
+        step_loss = torch.compile(step_loss, mode=args.compile, dynamic=False)
     if control.main_process:
         control.claim_run_folder()                 # a second train.py on OUT is refused from here on
         open_run_folder(args, checkpoint, step)
@@ -294,22 +294,19 @@ def train(args, checkpoint, control):
         # Zeros, or those of the steps a run resumed mid-epoch took before it stopped.
         sums = epoch_sums_so_far(checkpoint, logged, step - first_step, device)
         description = f"epoch {epoch + 1}/{args.epochs}"
-        for images, labels in control.batches(batches, step, sums, step - first_step, description):
-            lr = learning_rate(args, step, steps_per_epoch)         # the schedules are functions of the step:
-            kappa, beta = loss_schedule(args, step, control.total_steps)   # a resumed run continues them
-            # The augmentation is drawn from a generator seeded by (seed, step, rank): a resumed run draws
-            # the views an uninterrupted one would.
-            generator = augmentation_generator(args.seed, step, control.rank)
-            if whole_step:             # --step-graph: the same step as one graph (step_graph.py)
-                terms = whole_step(images, labels, generator, lr, beta)
-            else:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # uint8 images (B, 3, H, W), or the V uint8 crops the workers cut from images of mixed
-                # sizes -> V views (B, 3, h, w), globals first
-                views = crops(images, generator)
-                terms = training_step(model, views, labels, optimizer, precision, args.method, kappa, args.alpha,
-                                      beta)
+        # images: uint8 (B, 3, H, W) on the device; sizes: each image's (height, width) on the CPU, its
+        # part of the canvas when the images differ in size (loading.py)
+        for images, sizes, labels in control.batches(batches, step, sums, step - first_step, description):
+            for group in optimizer.param_groups:                     # the schedules are functions of the step:
+                group["lr"] = learning_rate(args, step, steps_per_epoch)   # a resumed run continues them
+            kappa, beta = loss_schedule(args, step, control.total_steps)
+            # Every random choice of the step's views, drawn on the CPU from a generator seeded by (seed, step,
+            # rank), so a resumed run draws the views an uninterrupted one would; on the device in one copy.
+            parameters = draw_views(recipes, sizes, augmentation_generator(args.seed, step, control.rank))
+            parameters = parameters.pin_memory() if device.type == "cuda" else parameters
+            parameters = parameters.to(device, non_blocking=True)
+            terms = training_step(step_loss, images, parameters, labels, optimizer, precision.scaler, kappa,
+                                  beta, LOGGED[args.method])
             sums += terms
             control.watch(terms)       # a non-finite loss is recorded on the device, read at the next log step
             step += 1
@@ -334,26 +331,36 @@ def train(args, checkpoint, control):
 # ----------------------------------------------------------------------------------------------------
 # The step
 
-def training_step(model, views, labels, optimizer, precision, method, kappa, alpha, beta):
-    """One AdamW step of --method's loss on the V views (B, 3, h, w) of a batch, at this step's kappa and
-    beta (loss_schedule); returns the LOGGED terms, detached, stacked (len(LOGGED[method]),)."""
-    autocast, scaler, memory_format = precision
-    # The input in the network's layout (NHWC for ResNets on GPUs), else every convolution converts it.
-    views = [v.contiguous(memory_format=memory_format) for v in views]
+def training_step(step_loss, images, parameters, labels, optimizer, scaler, kappa, beta, logged):
+    """One AdamW step on a batch: step_loss (loss_of_batch with the run's model, recipes, precision and
+    method; compiled with --compile) on the uint8 images and the view parameters drawn for them, at this
+    step's kappa and beta (loss_schedule), then the backward pass and AdamW. Returns the `logged` terms,
+    detached, stacked (len(logged),)."""
     # The last step's gradients are dropped before this step's forward pass, and CUDA graphs (--compile
     # reduce-overhead) are told that a new step begins: their outputs, these gradients among them, live in
     # memory that the next replay overwrites. Dropped, not zeroed in place: a .grad left in that memory
     # would be overwritten under AdamW's feet. Without CUDA graphs the second call does nothing.
     optimizer.zero_grad(set_to_none=True)
     torch.compiler.cudagraph_mark_step_begin()
-    with autocast:                                # bf16 matmuls on GPUs; the loss itself runs in float32
-        z = model(views)                          # (V, B, D) on the sphere (supervised: (V, B, C) logits)
-    out = objective(z, labels, method, kappa, alpha, beta)
+    out = step_loss(images, parameters, labels, kappa, beta)
     scaler.scale(out["loss"]).backward()          # scaled only for fp16; otherwise the loss itself
     scaler.step(optimizer)                        # AdamW (fp16: skipped if the scaled gradients overflowed)
     scaler.update()
-    # Kept on the device, stacked (len(LOGGED),): the caller sums them without waiting for the GPU.
-    return torch.stack([out[k].detach() for k in LOGGED[method]])
+    # Kept on the device, stacked (len(logged),): the caller sums them without waiting for the GPU.
+    return torch.stack([out[k].detach() for k in logged])
+
+
+def loss_of_batch(model, recipes, precision, method, alpha, images, parameters, labels, kappa, beta):
+    """The forward half of a step: uint8 images (B, 3, H, W) -> V views (data.make_views, from the random
+    choices drawn for them, data.draw_views) -> z (V, B, D) on the sphere -> the loss (Eq. 4) and the other
+    LOGGED terms, as objective's dict. No value is read back to the host, so torch.compile can make one
+    graph of it and CUDA graphs can replay it."""
+    views = make_views(images, recipes, parameters)          # V views (B, 3, s, s), globals first
+    # The input in the network's layout (NHWC for ResNets on GPUs), else every convolution converts it.
+    views = [view.contiguous(memory_format=precision.memory_format) for view in views]
+    with precision.autocast:                                 # bf16 matmuls on GPUs; the loss runs in float32
+        z = model(views)                                     # (V, B, D) on the sphere (supervised: (V, B, C) logits)
+    return objective(z, labels, method, kappa, alpha, beta)
 
 
 def objective(z, labels, method, kappa, alpha, beta):
@@ -425,38 +432,14 @@ def build_model(args, num_classes, control, memory_format):
     """HyDeSModel on the device: backbone + projector onto the sphere, or + a linear classifier for
     --method supervised."""
     backbone = build_backbone(args.arch, args.global_size, args.width, args.depth, args.heads, args.stem)
-    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes if args.method == "supervised" else None)
+    net = HyDeSModel(backbone, args.proj_hidden, args.proj_dim, num_classes if args.method == "supervised" else None,
+                     per_view=args.forward == "per-view")
     if control.world_size > 1 and control.device.type == "cuda":
         # BatchNorm over the global batch too, so that K GPUs train the network one GPU would (same
         # state_dict keys). PyTorch's SyncBatchNorm runs on GPUs only: with gloo on CPUs each process
         # normalises its own share of the batch.
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if args.forward == "per-view":      # each BatchNorm normalises each view's B images apart (the paper's setup)
-        net = convert_per_view_batchnorm(net, images_per_view=args.batch_size // control.world_size)
     return net.to(control.device, memory_format=memory_format)
-
-
-def parallel(net, args, control):
-    """What the step calls: under torchrun, DDP (each process embeds its share of the batch; H_global still
-    spans all of it, hydes.GatherBatch); with --compile, torch.compile."""
-    model = net
-    if control.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[control.device.index] if control.device.type == "cuda" else None)
-    if args.step_graph:                    # the step graph compiles the whole step itself
-        return model
-    return torch.compile(model, mode=args.compile) if args.compile else model
-
-
-def one_graph_step(args, net, optimizer, crops, precision, device):
-    """--step-graph: training_step with the crops before it, as one graph (step_graph.WholeStep)."""
-    if precision.scaler.is_enabled():
-        raise SystemExit(f"error: --step-graph runs without fp16's gradient scaling, and {device} has no bf16; "
-                         f"pass --precision fp32, or drop --step-graph")
-
-    def loss(z, labels, beta):             # kappa is fixed (checks.py refuses --kappa-final with the graph)
-        return objective(z, labels, args.method, args.kappa, args.alpha, beta)
-    return WholeStep(net, optimizer, crops, loss, LOGGED[args.method], precision, device, compile=bool(args.compile))
 
 
 def seed_everything(seed):

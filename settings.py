@@ -1,9 +1,13 @@
-"""Bad input, refused in one line: the checks of train.py's settings and the helpers every script's
-checks share (the rule list, writable output folders, the help format, an error's one-line message).
+"""Settings: one-line refusals of bad settings and bad numbers, the help formatter, and the arithmetic
+(precision) each device runs in.
 
-Machinery: a reader of the method may skip this file. Every script checks all its arguments before any
-work, so that a mistake costs a second and reads as one line naming the problem and the fix
-(ERRORS.md lists them).
+Machinery: a reader of the method may skip this file; the method is the same in any precision. Every script
+checks all its arguments before any work, so that a mistake costs a second and reads as one line naming the
+problem and the fix (ERRORS.md lists them). train.py, the probes and benchmark.py take from here the forward
+pass's autocast (bf16 on GPUs that have it, fp16 with gradient scaling on older ones, float32 or bf16 on
+CPUs), the grad scaler, and the tensor layout (channels_last for ResNets). The loss itself always runs in
+float32 (hydes.py says why). On CPUs, bf16 is used only where the CPU computes it natively and where oneDNN's
+bf16 convolutions are known to be right for the network and crop sizes at hand.
 """
 
 import argparse
@@ -11,12 +15,15 @@ import contextlib
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 
-from models import vit_patch_size
-from precision import cpu_bf16_convolutions_are_right
+from models import ResNet, build_backbone, vit_patch_size
 
+# ----------------------------------------------------------------------------------------------------
+# Refusals in one line, shared by every script
 
 def error_message(error):
     """The one-line message of an error, also when a DataLoader worker raised it.
@@ -40,8 +47,7 @@ def ctrl_c_in_one_line(kept):
 
 
 def first_problem(rules):
-    """The message of the first rule (ok, message) that fails, or None: every script checks all its
-    arguments this way before any work, so that a mistake costs a second and reads as one line."""
+    """The message of the first rule (ok, message) that fails, or None."""
     return next((message for ok, message in rules if not ok), None)
 
 
@@ -86,16 +92,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return help
 
 
-# PyTorch 2.14's oneDNN CPU convolution (seen on an AVX2 CPU) hangs or corrupts memory in the backward
-# pass of a 1x1 stride-2 convolution with 2 to 5 input channels in channels_last, the layout ResNets run
-# in: a ResNet's first downsampling shortcut has --width input channels.
-NARROW_RESNET_ON_A_CPU = ("a ResNet of --width {width} trains through a 1x1 stride-2 convolution of {width} channels, "
-                          "which hangs or corrupts memory in PyTorch's CPU convolutions; use --width 6 or more")
-
-
-def narrow_resnet_on_a_cpu(arch, width, device):
-    return arch.startswith("resnet") and width is not None and 2 <= width <= 5 and not str(device).startswith("cuda")
-
+# ----------------------------------------------------------------------------------------------------
+# The limits of the numbers, and train.py's settings
 
 # The largest kappa the vMF normaliser's series is exact for (hydes._log_bessel_series), and the smallest
 # k-NN temperature whose vote weights exp(s / T) stay finite in float32 summed over 200 neighbours
@@ -106,22 +104,15 @@ LARGEST_KAPPA, SMALLEST_KNN_TEMPERATURE, LARGEST_SEED = 1000.0, 0.02, 2**32 - 1
 LARGEST_CROP, LARGEST_VIEWS, LARGEST_DIM = 1024, 64, 65536
 
 
-def not_finite(args, names):
-    """The first flag of `names` (attribute names of args) set to nan or an infinity, as '--flag', or
-    None; a flag may hold a number, a list of them, or None (not given)."""
+def numbers_are_finite(args, names):
+    """A rule for first_problem: every float flag of `names` (attribute names of args) is a finite number;
+    a flag may hold a number, a list of them, or None (not given)."""
     for name in names:
         value = getattr(args, name)
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(v is not None and not math.isfinite(v) for v in values):
-            return "--" + name.replace("_", "-")
-    return None
-
-
-def numbers_are_finite(args, names):
-    """A rule for first_problem: every float flag of `names` is a finite number."""
-    flag = not_finite(args, names)
-    value = getattr(args, flag[2:].replace("-", "_")) if flag else None
-    return flag is None, f"{flag} must be a finite number (got {value})"
+            return False, f"--{name.replace('_', '-')} must be a finite number (got {value})"
+    return True, None
 
 
 def seed_rule(seed):
@@ -186,15 +177,9 @@ def check_training_args(args):
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
-        (not args.step_graph or args.kappa_final is None,
-         "--step-graph holds kappa fixed (log C_D(kappa) is summed on the host); drop --kappa-final or --step-graph"),
-        (not args.step_graph or args.precision != "fp16",
-         "--step-graph runs without fp16's gradient scaling; use --precision bf16 or fp32 with it"),
-        (not args.step_graph or args.compile != "reduce-overhead",
-         "--step-graph captures its own CUDA graph of the whole step; pass --compile (the default mode) with it, not "
-         "--compile reduce-overhead"),
-        (not args.step_graph or int(os.environ.get("WORLD_SIZE", 1)) == 1,
-         "--step-graph runs on one process; drop it under torchrun"),
+        (not args.compile or (args.kappa_final is None and args.beta_final is None),
+         "--compile compiles the step for one kappa and beta, and a schedule would recompile it every step; drop "
+         "--compile, or --kappa-final and --beta-final"),
         (args.precision != "fp16" or args.device.startswith("cuda"),
          "--precision fp16 is for GPUs without bf16 (on a CPU, bf16 gives its speed without gradient scaling); "
          "use fp32 or bf16"),
@@ -204,9 +189,9 @@ def check_training_args(args):
 
 def check_crop_sizes(args):
     """Crop sizes, once they are resolved from the data's resolution: a ViT needs whole patches."""
-    if min(args.global_size, args.local_size) < 8:
-        return f"crops of {args.global_size} and {args.local_size} px are too small; use at least 8 px"
     smallest = min(args.global_size, args.local_size)
+    if smallest < 8:
+        return f"crops of {args.global_size} and {args.local_size} px are too small; use at least 8 px"
     if (args.precision == "bf16" and not args.device.startswith("cuda") and args.arch.startswith("resnet")
             and not cpu_bf16_convolutions_are_right(args.arch, args.stem, smallest)):
         # e.g. the ImageNet stem's layer4 meets 16 px crops at 1 x 1: oneDNN's bf16 weight gradient of a
@@ -220,3 +205,116 @@ def check_crop_sizes(args):
             return (f"{args.arch} cuts {args.global_size} px images into {patch} px patches, so --global-size and "
                     f"--local-size must be multiples of {patch} (got {args.global_size} and {args.local_size})")
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The arithmetic each device runs in, and two faults of oneDNN's CPU convolutions that settings must avoid
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.py's and benchmark.py's --precision
+
+
+class Precision(NamedTuple):
+    autocast: object            # context manager for the forward pass
+    scaler: object              # torch.amp.GradScaler; a no-op unless fp16
+    memory_format: object       # torch.channels_last or torch.contiguous_format
+
+
+def precision_for(device, arch=None, precision="auto", stem=None, smallest_crop=None):
+    """How a network runs on `device` at `precision` (PRECISIONS): the forward pass under bf16 or fp16
+    autocast or in float32, and the layout of ResNets' tensors. What "auto" means is auto_precision's
+    (the ResNet's stem and the smallest crop side matter on a CPU). fp16 is for GPUs only (train.py
+    refuses it on a CPU).
+
+    ResNets (`arch`) run with NHWC tensors (channels_last): cuDNN's tensor-core convolutions want that
+    layout, and oneDNN's CPU convolutions are faster with it too (benchmark.py measures both)."""
+    if precision == "auto":
+        precision = auto_precision(device, arch, stem, smallest_crop)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=dtype == torch.float16)
+    channels_last = arch is not None and arch.startswith("resnet")
+    return Precision(autocast, scaler, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def auto_precision(device, arch=None, stem=None, smallest_crop=None):
+    """What --precision auto means: "bf16", "fp16" or "fp32".
+
+    On a GPU: bf16 where it is native (Ampere and later), fp16 with gradient scaling on older ones
+    (fp16's 5-bit exponent underflows small gradients without it; their bf16 is emulated, and slow).
+    On a CPU: bf16 for a ResNet on a CPU with native bf16 (cpu_has_native_bf16) whose convolutions are
+    all computed right on these crops (cpu_bf16_convolutions_are_right), float32 otherwise: ViT-Tiny,
+    where bf16 was slower than float32 on a CPU (SPEED.md), and the probes' features without a network
+    (arch None)."""
+    if device.type == "cuda":
+        # including_emulation=False: pre-Ampere GPUs accept bf16 tensors but compute them slowly
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if (arch is not None and arch.startswith("resnet") and smallest_crop is not None and cpu_has_native_bf16()
+            and cpu_bf16_convolutions_are_right(arch, stem, smallest_crop)):
+        return "bf16"
+    return "fp32"
+
+
+def features_precision(device, backbone):
+    """The forward pass of extract_features(exact=False) and segment.py: bf16 autocast where training's
+    --precision auto would train this kind of network in it (fp16 on GPUs without bf16), float32
+    otherwise, and a ResNet's channels_last layout.
+
+    On a CPU with native bf16 that is bf16 for ResNets (faster, the same k-NN accuracy to 0.1 point:
+    REPRODUCE.md). The oneDNN fault that keeps some ResNets' training in float32
+    (cpu_bf16_convolutions_are_right) is in the weight gradient, which a forward pass never computes."""
+    resnet = "resnet" if isinstance(backbone, ResNet) else None      # precision_for's layout follows it
+    if device.type == "cuda":
+        return precision_for(device, resnet)
+    return precision_for(device, resnet, "bf16" if resnet and cpu_has_native_bf16() else "fp32")
+
+
+def run_arithmetic(args, checkpoint):
+    """What the run computes in: --precision, or for auto what auto_precision picks for this network,
+    crops and device. A resumed run on the same kind of device keeps the arithmetic it started in, so that
+    a change in what auto picks (a newer version of this file, say) never changes a run midway; on another
+    kind of device auto is decided afresh."""
+    if args.precision != "auto":
+        return args.precision
+    saved = checkpoint["args"] if checkpoint is not None else {}
+    if saved and torch.device(saved["device"]).type == torch.device(args.device).type:
+        return saved["arithmetic"]
+    return auto_precision(torch.device(args.device), args.arch, args.stem, min(args.global_size, args.local_size))
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 dot products in hardware: AVX-512 BF16 (Cooper Lake, Zen 4 and later)
+    or AMX-BF16 (Sapphire Rapids and later), as PyTorch's cpuinfo reads them. torch.backends.cpu.
+    get_cpu_capability() does not tell: it names the widest vector instruction set PyTorch's own kernels use
+    ("AVX512", "AVX2"), and Skylake's AVX-512 has no bf16, which oneDNN then emulates through float32 with
+    conversions (so it saves little there, if anything; not measured)."""
+    capabilities = torch.cpu.get_capabilities()
+    return capabilities.get("avx512_bf16", False) or capabilities.get("amx_bf16", False)
+
+
+def cpu_bf16_convolutions_are_right(arch, stem, smallest_crop):
+    """Whether every strided convolution of the ResNet `arch` (with `stem`) meets an input at least as
+    wide as its stride, on crops of smallest_crop px. oneDNN (in PyTorch 2.14) returns a wrong bf16
+    weight gradient for a convolution whose stride exceeds its input's side: values such as 1e+30 or
+    NaN that change from call to call (SPEED.md). The ImageNet stem meets one on 16 px crops (layer4's
+    stride-2 convolution at 1 x 1); the CIFAR stem never does on 16 px or more. Found by a forward
+    pass on the meta device, which has shapes but no values (so costs next to nothing)."""
+    with torch.device("meta"):
+        backbone = build_backbone(arch, smallest_crop, stem=stem).eval()   # eval: BatchNorm takes a batch of 1
+    fits = []
+    for conv in backbone.modules():
+        if isinstance(conv, nn.Conv2d) and max(conv.stride) > 1:
+            conv.register_forward_pre_hook(
+                lambda conv, inputs: fits.append(min(inputs[0].shape[-2:]) >= max(conv.stride)))
+    backbone(torch.empty(1, 3, smallest_crop, smallest_crop, device="meta"))   # (1, 3, s, s): shapes only
+    return all(fits)
+
+
+# PyTorch 2.14's oneDNN CPU convolution (seen on an AVX2 CPU) hangs or corrupts memory in the backward
+# pass of a 1x1 stride-2 convolution with 2 to 5 input channels in channels_last, the layout ResNets run
+# in: a ResNet's first downsampling shortcut has --width input channels.
+NARROW_RESNET_ON_A_CPU = ("a ResNet of --width {width} trains through a 1x1 stride-2 convolution of {width} channels, "
+                          "which hangs or corrupts memory in PyTorch's CPU convolutions; use --width 6 or more")
+
+
+def narrow_resnet_on_a_cpu(arch, width, device):
+    return arch.startswith("resnet") and width is not None and 2 <= width <= 5 and not str(device).startswith("cuda")
