@@ -273,7 +273,8 @@ def train(args, checkpoint, control):
         source = "in memory" if isinstance(batches, InMemoryBatches) else f"{args.workers} loading workers"
         print(f"{args.dataset}: {order.num_images} images ({source}), {steps_per_epoch} steps/epoch, "
               f"views {' + '.join(f'{n}x{size}' for size, n in Counter(r.size for r in recipes).items())}; {args.arch} "
-              f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}, {args.arithmetic}"
+              f"{sum(p.numel() for p in net.backbone.parameters()) / 1e6:.2f}M params; device {device}, "
+              f"{args.arithmetic}"
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
     if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
@@ -305,8 +306,8 @@ def train(args, checkpoint, control):
             parameters = draw_views(recipes, sizes, augmentation_generator(args.seed, step, control.rank))
             parameters = parameters.pin_memory() if device.type == "cuda" else parameters
             parameters = parameters.to(device, non_blocking=True)
-            terms = training_step(step_loss, images, parameters, labels, optimizer, precision.scaler, kappa,
-                                  beta, LOGGED[args.method])
+            terms = training_step(step_loss, images, parameters, labels, optimizer, precision.scaler, kappa, beta,
+                                  logged)
             sums += terms
             control.watch(terms)       # a non-finite loss is recorded on the device, read at the next log step
             step += 1
@@ -366,7 +367,8 @@ def loss_of_batch(model, recipes, precision, method, alpha, images, parameters, 
 def objective(z, labels, method, kappa, alpha, beta):
     """The loss of `method` on the model's output, as a dict holding "loss" and the other LOGGED terms."""
     if method in ("hydes", "infonce"):
-        out = hydes_loss(z, kappa, alpha, beta) if method == "hydes" else infonce_loss(z, kappa)   # Eq. (4), z (V, B, D)
+        # Eq. (4) on z (V, B, D), or InfoNCE on the same embeddings
+        out = hydes_loss(z, kappa, alpha, beta) if method == "hydes" else infonce_loss(z, kappa)
         return {**out, **ceiling_terms(z, kappa, out["mi"])}
     logits = z.flatten(0, 1)                                                 # (V, B, C) logits -> (V*B, C)
     targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
@@ -483,10 +485,11 @@ def end_of_epoch(record, evaluate_now, state, monitor, steps_per_epoch, args, co
 
 
 class Monitor:
-    """The online evaluation: k-NN top-1 and top-5 (evaluate.knn_accuracy) and a round of the paper's
-    persistent linear probe (evaluate.PaperLinearProbe), top-1 and top-5 on test, from one forward pass of
-    the frozen backbone over the labelled train split and the test split (eval_transform, no augmentation),
-    decoded once and kept in memory where they fit (loading.MonitorImages)."""
+    """The online evaluation: k-NN top-1 and top-5 (evaluate.knn_accuracy) and a round of the online
+    linear probe (evaluate.PaperLinearProbe, kept from one evaluation to the next), top-1 and top-5 on
+    test, from one forward pass of the frozen backbone over the labelled train split and the test split
+    (eval_transform, no augmentation), decoded once and kept in memory where they fit
+    (loading.MonitorImages)."""
 
     def __init__(self, args, device, train_images=None):
         self.args, self.device = args, device
@@ -505,8 +508,8 @@ class Monitor:
                 result["knn_top1"], result["knn_top5"] = knn_accuracy(
                     train_feats, train_labels, test_feats, test_labels, args.knn_k, args.knn_temperature)
                 # The probe's batches are drawn from (seed, step): a resumed run draws the same ones.
-                generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]))
-                probe.train_round(train_feats, train_labels, generator)
+                seed = np.random.SeedSequence([args.seed, step]).generate_state(1)[0]
+                probe.train_round(train_feats, train_labels, torch.Generator().manual_seed(int(seed)))
                 result["linear_top1"], result["linear_top5"] = probe.score(test_feats, test_labels)
         finally:
             control.barrier()    # reached by every process, also when process 0's evaluation was cut short
