@@ -62,9 +62,10 @@ A kappa that changes during training
 ------------------------------------
 kappa is the inverse bandwidth of the density estimate. Section VII-B finds that a sharp kernel (kappa =
 10 or 20) learns faster in the first epochs and then stalls, while kappa = 1 starts slowly and ends
-higher; Section VIII asks for a way to "learn fast and also get better" and suggests relaxing the global
-term as training goes on. train.py's --kappa-final (and --beta-final, for the weight of H_local that
-Section VII-C varies) move kappa from --kappa to that value over the run: a bandwidth that starts narrow,
+higher; Section VIII would "learn fast and also get better even representations" and finds that weakening
+the expansion (global) term helps. A schedule is our idea for that, not the paper's: train.py's
+--kappa-final (and --beta-final, for the weight of H_local that Section VII-C varies) move kappa from
+--kappa to that value over the run: a bandwidth that starts narrow,
 where the embeddings are still close to uniform and only a sharp kernel tells neighbours apart, and widens
 as the density concentrates. Nothing here changes for it: every call takes the kappa of its step, and
 log C_D(kappa) follows it (the cache of log_vmf_normalizer, below, keeps the last 4096 values).

@@ -132,7 +132,7 @@ def build_parser():
     g.add_argument("--kappa-final", type=float,
                    help="move kappa from --kappa to this value over the run, by a cosine of the step (default: "
                         "constant); e.g. --kappa 10 --kappa-final 1 for kappa 10's fast start and kappa 1's finish. "
-                        "Our extension of Section VIII's suggestion of an adaptive kappa, not the paper's setup")
+                        "Ours, not the paper's: Section VIII only hopes to learn fast and end better")
     g.add_argument("--beta-final", type=float,
                    help="move beta from --beta to this value over the run, likewise (default: constant)")
 
