@@ -256,8 +256,9 @@ def build_backbone(arch, image_size, width=None, depth=None, heads=None, stem=No
     """A backbone by name. width/depth/heads shrink it for laptops; None keeps the standard size.
 
     arch: resnet18 | resnet50 | vit_tiny. image_size: the global crop size, which picks the ViT's patch
-    size and positional grid. stem (ResNets): "imagenet" or "cifar" (see ResNet); None picks by size,
-    the CIFAR stem up to 64 px, which is what another library's small-image ResNet usually has.
+    size and positional grid. stem (ResNets): "imagenet" or "cifar" (see ResNet). train.py always names
+    one (--stem, default imagenet); None, for a network built outside a run, picks by size: the CIFAR stem
+    up to 64 px, as other libraries' small-image ResNets usually have it.
     """
     if arch in ("resnet18", "resnet50"):
         if depth is not None or heads is not None:
