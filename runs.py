@@ -352,8 +352,8 @@ class RunControl:
                     pass
                 except DatasetError as error:       # an unreadable image, met by a loading worker
                     raise SystemExit(f"error: {error_message(error)}; the last checkpoint {self.checkpoint} is intact")
-                except RuntimeError:                # the loading workers are gone: after a signal, a stop
-                    if self.received is None:
+                except (RuntimeError, ConnectionError, EOFError):   # the loading workers are gone (a dead worker
+                    if self.received is None:       # shows as any of these): after a signal, a stop
                         raise
                     workers_gone = True
                 over_budget = steps > 0 and bool(self.args.max_minutes) and self.minutes() > self.args.max_minutes
