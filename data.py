@@ -35,9 +35,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.ops import roi_align
 from tqdm import tqdm
 
+import settings
 from image_files import DatasetError, files_in_class_folders, image_size, read_rgb   # 8-bit RGB, every mode
 
 
@@ -165,52 +165,80 @@ def draw_views(recipes, sizes, generator):
 def make_views(images, recipes, parameters):
     """The views: images uint8 (B, 3, H, W) on any device, recipes (V), parameters draw_views' (V, B, P) on
     the same device -> list of V float32 tensors (B, 3, s, s), globals first, normalised with ImageNet's
-    mean and std. The consecutive views of one size are made as one batch, each crop with its own
-    parameters (DINO's 6 local views: one (6 B, 3, s, s) tensor), so that a GPU launches few kernels.
+    mean and std. One view after another, as DataAugmentationDINO makes them, each step one tensor
+    operation over the whole batch, each crop with its own parameters; the few numbers per crop that the
+    steps need (colour matrix, blur kernel, and resize matrices, these per size) are made first, for all
+    views at once.
 
     Every step runs on every crop, with an identity parameter where the crop's draw skips it (factor 1,
     hue 0, grey 0, sigma 0, solarise 0): no value is read by the host and no shape depends on a draw, so
     torch.compile(fullgraph=True) traces it with the network, CUDA graphs record it, and it runs on the
-    meta device. A step that no view of a group takes (the supervised baseline's colours, blur=False) is
-    left out: a choice made from the recipes alone.
+    meta device. A step that a view's recipe never takes (the supervised baseline's colours, blur=False) is
+    left out: a choice made from the recipe alone. The views of one size could be one batch (DINO's 6
+    local views: 6 B crops), fewer kernels for a GPU to launch, but on a CPU tensors that large (28 MB for
+    STL-10's globals) made it slower: they outgrow the caches, and glibc hands freed blocks that large
+    back to the system, whose fresh pages then cost more than the arithmetic on them.
 
-    Where the arithmetic is ours rather than PIL's: the crop is resized by roi_align, bilinear samples
-    averaged over ceil(h / s) x ceil(w / s) points per output pixel of an h x w box (antialiased when
-    shrinking), not by PIL's bicubic filter, so a little softer when enlarging; the jitter's order is
-    always brightness, contrast, saturation, hue, where torchvision draws one of 24 at each call (the
-    first three are blends with black, with the mean grey and with the image's own grey, which commute
-    until a value clips); the hue turns each colour about the grey axis r = g = b, where torchvision
-    shifts the HSV hue: the same turn on average (a pixel's hue within ~0.025 turns of it), keeping the
-    mean of r, g, b rather than the largest; the blur is a sampled Gaussian of 13 taps, where PIL runs
-    three box filters; and values stay float32 between steps, clipped to [0, 1] once per step, where PIL
-    rounds to uint8 after each."""
-    source, batch, views = images / 255, len(images), []                  # (B, 3, H, W) float32 in [0, 1]
+    Values are float32 on PIL's scale, 0 ... 255, until the normalisation. The crop is linear in the image
+    and separable: each channel X of it is R X C^T, with R (s, H) and C (s, W) the crop's rows and columns
+    (resize_matrix), mirrored through C at no cost. Its two products and the blur's two convolutions run
+    in crop_dtype: bf16 on a CPU that computes it natively, several times faster; float32 elsewhere.
+
+    Where the arithmetic is ours rather than PIL's: the crop is resized as roi_align (aligned=True)
+    resizes it, bilinear samples averaged over ceil(h / s) x ceil(w / s) points per output pixel of an
+    h x w box (antialiased when shrinking), not by PIL's bicubic filter, so a little softer when
+    enlarging; the jitter's order is always brightness, contrast, saturation, hue, where torchvision draws
+    one of 24 at each call (the first three are blends with black, with the mean grey and with the image's
+    own grey, which commute until a value clips); the hue turns each colour about the grey axis r = g = b,
+    where torchvision shifts the HSV hue: the same turn on average (a pixel's hue within ~0.025 turns of
+    it), keeping the mean of r, g, b rather than the largest; contrast, saturation, hue and greyscale, each
+    linear in a pixel's colour, are one 3 x 3 matrix per crop, clipped to [0, 255] once after all four,
+    where PIL clips after each (1.38 grey levels from PIL's jitter and greyscale on average, against 1.36
+    clipping after each, on CIFAR-10); the blur is a sampled Gaussian of 13 taps, where PIL runs three box
+    filters; and values stay float32 between steps, where PIL rounds to uint8 after each, but for bf16 on
+    a CPU with native bf16: the crop's products and the blur (its input, weights and both passes) round to
+    8 significant bits, no coarser than PIL's uint8 from 128 up and finer below, in every crop of a view
+    that may be blurred, sigma 0 or not, and a blur can overshoot 255 by one: 0.25 grey levels from the
+    float32 views on average, 99.9% within 2 and 3.5 at most (CIFAR-10 images, DINO's recipe)."""
+    batch, _, height, width = images.shape
+    dtype = crop_dtype(images.device)                                     # bf16 on a CPU with native bf16
+    source = images.to(dtype).reshape(batch, 3 * height, width)          # (B, 3 H, W): 0 ... 255, exact in bf16
+    rows, columns = [], []                       # each crop's resize matrices, for all views of one size at once
     for size, run in itertools.groupby(range(len(recipes)), key=lambda v: recipes[v].size):
-        run = list(run)                                                   # n consecutive views of one size
-        group = recipes[run[0]:run[-1] + 1]                               # their recipes
-        p = parameters[run[0]:run[-1] + 1].flatten(0, 1)                  # (n, B, P) -> (n B, P): row v B + b
-        each = lambda column: p[:, column].view(-1, 1, 1, 1)             # (n B,) -> (n B, 1, 1, 1), per crop
-        image = torch.arange(batch, device=p.device, dtype=p.dtype).repeat(len(run))   # (n B,): each crop's image
-        boxes = torch.cat([image[:, None], p[:, :4]], dim=1)              # (n B, 5): image, x0, y0, x1, y1
-        x = roi_align(source, boxes, size, aligned=True)                  # (n B, 3, s, s): cut and resized
-        columns = torch.arange(size, device=x.device)                    # (s,)
-        mirrored = torch.where(each(4) > 0, size - 1 - columns, columns)  # (n B, 1, 1, s)
-        x = x.gather(3, mirrored.expand_as(x))                            # flipped: columns read right to left
-        if any(r.jitter_p for r in group):                                # ColorJitter: three blends, a turn
-            x.mul_(each(5)).clamp_(max=1)                                 # brightness: b x + (1 - b) black
-            x.lerp_(luma(x.mean((2, 3), keepdim=True)), 1 - each(6)).clamp_(0, 1)   # contrast: to the mean grey
-            x.lerp_(luma(x), 1 - each(7)).clamp_(0, 1)                    # saturation: to its own grey
-            x = rotate_hue(x, p[:, 8]).clamp_(0, 1)
-        if any(r.grayscale_p for r in group):
-            x.lerp_(luma(x), each(9))                                     # grey 1: the luma; 0: x itself, exactly
-        if any(r.blur_p for r in group):                                  # 3 sigma: 13 taps for DINO's 2 px
-            x = gaussian_blur(x, p[:, 10], radius=math.ceil(3 * max(r.blur_sigma[1] for r in group)))
-        if any(r.solarize_p for r in group):                              # PIL's solarize: 255 - v where v >= 128
-            threshold = torch.where(each(11) > 0, 128 / 255, 2.0)         # (n B, 1, 1, 1): 2, never, if not chosen
-            x.add_(x >= threshold, alpha=-1).abs_()                       # |x - 1| = 1 - x there, |x - 0| = x elsewhere
-        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):   # T.Normalize with Python numbers:
-            x[:, c].sub_(mean).div_(std)                                  # no constant to copy to the device
-        views += x.split(batch)                                           # n views (B, 3, s, s), contiguous
+        run = list(run)
+        p = parameters[run[0]:run[-1] + 1]                                # (n, B, P): n consecutive views of size s
+        rows += resize_matrix(p[..., 1], p[..., 3], size, height).to(dtype).unbind(0)      # n of (B, s, H), y0 - y1
+        columns += resize_matrix(p[..., 0], p[..., 2], size, width, p[..., 4]).to(dtype).unbind(0)   # (B, s, W)
+    if any(r.jitter_p or r.grayscale_p for r in recipes):                 # saturation, hue, grey: (V, B, 3, 3)
+        colours = colour_matrix(parameters[..., 7], parameters[..., 8], parameters[..., 9])
+    if any(r.blur_p for r in recipes):                                    # 3 sigma: 13 taps for DINO's 2 px
+        radius = math.ceil(3 * max(r.blur_sigma[1] for r in recipes if r.blur_p))
+        kernels = gaussian_kernels(parameters[..., 10], radius).to(dtype)             # (V, B, k)
+        kernels = kernels.repeat_interleave(3, dim=1)[:, :, None]                     # (V, 3 B, 1, k): per channel
+    views = []
+    for v, recipe in enumerate(recipes):
+        p, size = parameters[v], recipe.size                             # p (B, P): this view's draws
+        each = lambda column: p[:, column].view(-1, 1, 1, 1)             # (B,) -> (B, 1, 1, 1), per crop
+        x = torch.bmm(source, columns[v].transpose(1, 2))                 # (B, 3 H, W) @ (B, W, s) -> (B, 3 H, s)
+        x = rows[v][:, None] @ x.view(batch, 3, height, size)            # (B, 1, s, H) @ (B, 3, H, s) -> (B, 3, s, s)
+        x = (x * each(5)).clamp_(max=255)                                 # ColorJitter's brightness b x, float32
+        if recipe.jitter_p or recipe.grayscale_p:                         # contrast c x + (1 - c) m, then M, the
+            contrast = each(6)                                            # saturation, hue and greyscale
+            grey = luma(x.mean((2, 3), keepdim=True))                     # (B, 1, 1, 1): m, the crop's mean grey
+            # M (c x + (1 - c) m) = c M x + (1 - c) m, as M keeps greys: one product for the four steps
+            x = torch.baddbmm(((1 - contrast) * grey).view(-1, 1, 1), contrast.view(-1, 1, 1) * colours[v],
+                              x.flatten(2)).view_as(x).clamp_(0, 255)
+        if recipe.blur_p:                            # a grouped convolution: each crop's channels, its kernel
+            y = F.pad(x.view(1, 3 * batch, size, size).to(dtype), (radius,) * 4, mode="replicate")   # as PIL
+            y = F.conv2d(y, kernels[v][..., None], groups=3 * batch)     # down the columns: (1, 3 B, s, s + 2 r)
+            y = F.conv2d(y, kernels[v][:, :, None], groups=3 * batch)    # along the rows: (1, 3 B, s, s)
+            x.copy_(y.view_as(x))                                         # back into x (sigma 0: x, in dtype)
+        if recipe.solarize_p:                                             # PIL's solarize: 255 - v where v >= 128
+            threshold = torch.where(each(11) > 0, 128.0, math.inf)        # (B, 1, 1, 1): never, if not chosen
+            x.add_(x >= threshold, alpha=-255).abs_()                     # |v - 255| = 255 - v there, |v - 0| = v
+        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):   # ToTensor and Normalize, (v / 255
+            x[:, c].sub_(255 * mean).div_(255 * std)                      # - mean) / std, with Python numbers
+        views.append(x)                                                   # (no constant to copy to the device)
     return views
 
 
@@ -223,38 +251,77 @@ def multi_crop(images, sizes, recipes, generator):
     return make_views(images, recipes, parameters.to(images.device, non_blocking=True))
 
 
+@torch.compiler.assume_constant_result
+def crop_dtype(device):
+    """The dtype of the crop's two matrix products and the blur's two convolutions on `device`: bf16 on a
+    CPU that computes it natively (settings.cpu_has_native_bf16: AVX-512 BF16 or AMX), where they run two
+    to five times faster than in float32 (and the views about 1.5 times faster); float32 elsewhere
+    (emulated bf16 is slow, and on a GPU they are a sliver of a step). bf16 holds the pixel values
+    0 ... 255 exactly; it rounds the weights, the blur's input and each product's or pass's output."""
+    return torch.bfloat16 if device.type == "cpu" and settings.cpu_has_native_bf16() else torch.float32
+
+
+def resize_matrix(start, end, size, length, mirrored=None):
+    """roi_align's resize (aligned=True) of each crop's span [start, end) of an axis of `length` pixels to
+    `size` pixels, as a matrix: start, end (...) in pixels -> (..., size, length), row i the weights output
+    pixel i gives each source pixel (pixel j centred on j), summing to one. mirrored (...): 1 to read the
+    outputs from the last (the flip).
+
+    Output pixel i averages k = ceil((end - start) / size) bilinear samples spread evenly over its bin,
+
+        y_a = start - 1/2 + (i + (a + 1/2) / k) (end - start) / size,    a = 0 ... k - 1,
+
+    each clamped into [0, length - 1] (the border extended) and split between the pixels floor(y_a) and
+    floor(y_a) + 1. No crop is longer than the image, so a bin takes at most K = ceil(length / size)
+    samples, a number known from the shapes alone; a crop that takes fewer gives the others weight 0."""
+    device, dtype = start.device, start.dtype
+    step = ((end - start) / size)[..., None, None]                        # (..., 1, 1) source px per output px
+    k = step.ceil()                                                       # (..., 1, 1) samples per output pixel
+    i = torch.arange(size, device=device, dtype=dtype).view(-1, 1)       # (s, 1)
+    if mirrored is not None:
+        i = torch.where(mirrored[..., None, None] > 0, size - 1 - i, i)   # (..., s, 1)
+    a = torch.arange(math.ceil(length / size), device=device, dtype=dtype)                  # (K,)
+    y = (start[..., None, None] - 0.5 + (i + (a + 0.5) / k) * step).clamp_(0, length - 1)   # (..., s, K)
+    low = y.floor()
+    weight = (a < k) / k                                                  # (..., 1, K): 1 / k each, 0 past k
+    high = (y - low) * weight                                             # pixel floor(y) + 1's share
+    matrix = torch.zeros(*y.shape[:-1], length, device=device, dtype=dtype)               # (..., s, length)
+    matrix.scatter_add_(-1, low.long(), weight - high)
+    return matrix.scatter_add_(-1, (low + 1).clamp_(max=length - 1).long(), high)      # past the end: weight 0
+
+
 def luma(x):
     """The grey level of PIL's convert("L") (ITU-R 601 luma): (N, 3, ...) -> (N, 1, ...)."""
     return (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
 
 
-def rotate_hue(x, turns):
-    """Each image's colours turned by its `turns` (N,) about the grey axis, by Rodrigues' formula: greys
-    stay, a third of a turn takes red to green and green to blue. (N, 3, h, w) -> the same, by a 3 x 3
-    matrix per image, built on the device from torch.eye (no constant copied from the host):
+def colour_matrix(saturation, turns, grey):
+    """ColorJitter's saturation and hue and the greyscale, each a linear map of a pixel's colour x (r, g, b),
+    as one 3 x 3 matrix per crop: (...) each -> (..., 3, 3), built on the device from torch.eye (no constant
+    copied from the host), with l the luma's weights (0.299, 0.587, 0.114) and 1 = (1, 1, 1):
 
-        M = cos(t) I + (1 - cos(t)) 1 1^T / 3 + sin(t) K / sqrt(3),   t = 2 pi turns,   K x = (b - g, r - b, g - r)
-    """
-    t = 2 * math.pi * turns.view(-1, 1, 1)                                # (N, 1, 1)
-    eye = torch.eye(3, device=x.device, dtype=x.dtype)                    # (3, 3)
+        saturation  S = s I + (1 - s) 1 l^T                  a blend with the pixel's own grey l^T x
+        hue         H = cos(t) I + (1 - cos(t)) 1 1^T / 3 + sin(t) K / sqrt(3),   t = 2 pi turns
+        greyscale   G = g 1 l^T + (1 - g) I                  g 1: the luma in all three channels
+
+    -> G H S. The hue turns each colour about the grey axis by Rodrigues' formula (K x = (b - g, r - b,
+    g - r)): greys stay, a third of a turn takes red to green and green to blue. Each of the three keeps
+    greys (S 1 = H 1 = G 1 = 1), and each is the identity at its identity parameter (1, 0, 0)."""
+    eye = torch.eye(3, device=turns.device, dtype=turns.dtype)           # (3, 3)
+    to_grey = luma(eye).T.expand(3, 3)                                    # 1 l^T: every row the luma's weights
     cross = eye.roll(1, 0) - eye.roll(-1, 0)                              # K: the cross product with (1, 1, 1)
-    matrix = t.cos() * eye + (1 - t.cos()) / 3 + t.sin() / math.sqrt(3) * cross   # (N, 3, 3)
-    return (matrix @ x.flatten(2)).view_as(x)                             # (N, 3, 3) @ (N, 3, h w)
+    s, t, g = (v[..., None, None] for v in (saturation, 2 * math.pi * turns, grey))   # each (..., 1, 1)
+    hue = t.cos() * eye + (1 - t.cos()) / 3 + t.sin() / math.sqrt(3) * cross
+    return (g * to_grey + (1 - g) * eye) @ hue @ (s * eye + (1 - s) * to_grey)
 
 
-def gaussian_blur(x, sigma, radius):
-    """Each image blurred by a Gaussian of its own sigma (N,) in pixels, 2 radius + 1 taps, its border
-    extended as PIL extends it: (N, 3, s, s) -> the same. sigma 0 is a delta (exp(-1 / 2e-6) = 0 off the
-    centre), so the image itself, exactly. Separable, as two 1-D depthwise convolutions: each row of each
-    image and channel is a channel of its own, with its image's kernel; along the rows, then the columns."""
-    n, _, s, _ = x.shape
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)            # (k,)
-    kernel = torch.exp(-taps ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))          # (N, k)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(3 * s, dim=0)       # (3 N s, k): per row
-    for _ in range(2):                                     # rows, then columns (the rows of the transpose)
-        x = F.pad(x.reshape(1, 3 * n * s, s), (radius, radius), mode="replicate")       # (1, 3 N s, s + 2 r)
-        x = F.conv1d(x, kernel[:, None], groups=3 * n * s).view(n, 3, s, s).transpose(2, 3)   # (N, 3, s, s)
-    return x.contiguous()                                  # transposed twice: back in place, copied once
+def gaussian_kernels(sigma, radius):
+    """Each crop's Gaussian of its own sigma (...) in pixels, 2 radius + 1 taps -> (..., 2 radius + 1),
+    each summing to one: the 1-D kernel of both passes of make_views' separable blur. sigma 0 gives a delta
+    (exp(-1 / 2e-6) = 0 off the centre)."""
+    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)     # (k,)
+    kernels = torch.exp(-taps ** 2 / (2 * sigma.clamp_min(1e-3)[..., None] ** 2))       # (..., k)
+    return kernels / kernels.sum(-1, keepdim=True)
 
 
 def eval_transform(image_size, normalised=True):
