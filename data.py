@@ -42,8 +42,8 @@ from image_files import DatasetError, files_in_class_folders, image_size, read_r
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# PIL image -> float tensor (3, H, W) normalised with ImageNet's statistics: the last step of every view
-# and of the evaluation transform (the batched crops use `normalize`, its tensor form).
+# PIL image -> float tensor (3, H, W) normalised with ImageNet's statistics: the last step of the
+# evaluation transform (the probes and segment.py). make_views normalises its views with the same numbers.
 TO_NORMALISED_TENSOR = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 # The standard 100-class subset of ImageNet (Tian, Krishnan & Isola, "Contrastive Multiview Coding", 2019).
@@ -79,9 +79,10 @@ SUPERVISED_SCALE = (0.08, 1.0)
 
 
 class ViewRecipe(NamedTuple):
-    """How one view of an image is made, its steps in order; the defaults are DINO's for every view:
+    """How one view of an image is made, its steps in order, as DINO's DataAugmentationDINO makes them
+    (the defaults are DINO's for every view; blur_p and solarize_p differ between views, dino_recipes):
 
-        RandomResizedCrop to size x size (bicubic), area fraction ~ U(scale), aspect ratio in [3/4, 4/3]
+        RandomResizedCrop to size x size, area fraction ~ U(scale), aspect ratio in [3/4, 4/3]
         horizontal flip                     with probability flip_p
         ColorJitter(*jitter)                with probability jitter_p: brightness and contrast factors
                                             U(1 -+ 0.4), saturation U(1 -+ 0.2), hue shift U(-+0.1) turns
@@ -103,7 +104,8 @@ class ViewRecipe(NamedTuple):
 
 def dino_recipes(global_size, local_size, global_crops=2, local_crops=6,
                  global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, blur=True):
-    """The V = global_crops + local_crops views of each image, globals first:
+    """The V = global_crops + local_crops views of each image, globals first (2 + 6: the paper's numbers;
+    DINO's code defaults to 8 local crops):
 
         global 1:    Gaussian blur p = 1.0
         global 2:    Gaussian blur p = 0.1, solarisation p = 0.2
