@@ -20,7 +20,11 @@ made from a whole uint8 batch on the training device in batched tensor operation
 read beside DINO's DataAugmentationDINO (main_dino.py):
 
     recipes = dino_recipes(global_size=32, local_size=16)      # 2 global + 6 local views
-    views = multi_crop(images, sizes, recipes, generator)      # uint8 (B, 3, H, W) -> 8 tensors (B, 3, s, s)
+    parameters = draw_views(recipes, sizes, generator)         # (8, B, 12) on the CPU, then on the device
+    views = make_views(images, recipes, parameters)            # uint8 (B, 3, H, W) -> 8 tensors (B, 3, s, s)
+
+train.py calls the two apart, so that make_views is compiled with the network (--compile);
+`multi_crop` is both in one call, for the analysis and the benchmark.
 """
 
 import itertools
@@ -126,7 +130,7 @@ def supervised_recipes(size):
 
 def draw_views(recipes, sizes, generator):
     """Every random choice of one step's views, on the CPU, from `generator` alone in a fixed order, so that
-    a seed gives the same views on any device: recipes (V ViewRecipes), sizes CPU int64 (B, 2), each
+    a seed gives the same draws on any device: recipes (V ViewRecipes), sizes CPU int64 (B, 2), each
     image's (height, width) -> float32 (V, B, P = 12) on the CPU, for each crop:
 
         0-3   x0, y0, x1, y1              its box in pixels, inside the image's true size
@@ -205,30 +209,32 @@ def make_views(images, recipes, parameters):
     batch, _, height, width = images.shape
     dtype = crop_dtype(images.device)                                     # bf16 on a CPU with native bf16
     source = images.to(dtype).reshape(batch, 3 * height, width)          # (B, 3 H, W): 0 ... 255, exact in bf16
+    # draw_views' columns by name, each (V, B): crop b of view v
+    x0, y0, x1, y1, flip, brightness, contrast, saturation, hue, grey, sigma, solarise = parameters.unbind(-1)
     rows, columns = [], []                       # each crop's resize matrices, for all views of one size at once
     for size, run in itertools.groupby(range(len(recipes)), key=lambda v: recipes[v].size):
         run = list(run)
-        p = parameters[run[0]:run[-1] + 1]                                # (n, B, P): n consecutive views of size s
-        rows += resize_matrix(p[..., 1], p[..., 3], size, height).to(dtype).unbind(0)      # n of (B, s, H), y0 - y1
-        columns += resize_matrix(p[..., 0], p[..., 2], size, width, p[..., 4]).to(dtype).unbind(0)   # (B, s, W)
+        same = slice(run[0], run[-1] + 1)                                 # n consecutive views of size s
+        rows += resize_matrix(y0[same], y1[same], size, height).to(dtype).unbind(0)       # n of (B, s, H)
+        columns += resize_matrix(x0[same], x1[same], size, width, flip[same]).to(dtype).unbind(0)   # (B, s, W)
     if any(r.jitter_p or r.grayscale_p for r in recipes):                 # saturation, hue, grey: (V, B, 3, 3)
-        colours = colour_matrix(parameters[..., 7], parameters[..., 8], parameters[..., 9])
+        colours = colour_matrix(saturation, hue, grey)
     if any(r.blur_p for r in recipes):                                    # 3 sigma: 13 taps for DINO's 2 px
         radius = math.ceil(3 * max(r.blur_sigma[1] for r in recipes if r.blur_p))
-        kernels = gaussian_kernels(parameters[..., 10], radius).to(dtype)             # (V, B, k)
+        kernels = gaussian_kernels(sigma, radius).to(dtype)                           # (V, B, k)
         kernels = kernels.repeat_interleave(3, dim=1)[:, :, None]                     # (V, 3 B, 1, k): per channel
     views = []
     for v, recipe in enumerate(recipes):
-        p, size = parameters[v], recipe.size                             # p (B, P): this view's draws
-        each = lambda column: p[:, column].view(-1, 1, 1, 1)             # (B,) -> (B, 1, 1, 1), per crop
+        size = recipe.size
+        each = lambda column: column[v].view(-1, 1, 1, 1)                # (V, B) -> this view's (B, 1, 1, 1)
         x = torch.bmm(source, columns[v].transpose(1, 2))                 # (B, 3 H, W) @ (B, W, s) -> (B, 3 H, s)
         x = rows[v][:, None] @ x.view(batch, 3, height, size)            # (B, 1, s, H) @ (B, 3, H, s) -> (B, 3, s, s)
-        x = (x * each(5)).clamp_(max=255)                                 # ColorJitter's brightness b x, float32
+        x = (x * each(brightness)).clamp_(max=255)                                 # ColorJitter's brightness b x, float32
         if recipe.jitter_p or recipe.grayscale_p:                         # contrast c x + (1 - c) m, then M, the
-            contrast = each(6)                                            # saturation, hue and greyscale
-            grey = luma(x.mean((2, 3), keepdim=True))                     # (B, 1, 1, 1): m, the crop's mean grey
+            c = each(contrast)                                            # saturation, hue and greyscale
+            m = luma(x.mean((2, 3), keepdim=True))                        # (B, 1, 1, 1): m, the crop's mean grey
             # M (c x + (1 - c) m) = c M x + (1 - c) m, as M keeps greys: one product for the four steps
-            x = torch.baddbmm(((1 - contrast) * grey).view(-1, 1, 1), contrast.view(-1, 1, 1) * colours[v],
+            x = torch.baddbmm(((1 - c) * m).view(-1, 1, 1), c.view(-1, 1, 1) * colours[v],
                               x.flatten(2)).view_as(x).clamp_(0, 255)
         if recipe.blur_p:                            # a grouped convolution: each crop's channels, its kernel
             y = F.pad(x.view(1, 3 * batch, size, size).to(dtype), (radius,) * 4, mode="replicate")   # as PIL
@@ -236,7 +242,7 @@ def make_views(images, recipes, parameters):
             y = F.conv2d(y, kernels[v][:, :, None], groups=3 * batch)    # along the rows: (1, 3 B, s, s)
             x.copy_(y.view_as(x))                                         # back into x (sigma 0: x, in dtype)
         if recipe.solarize_p:                                             # PIL's solarize: 255 - v where v >= 128
-            threshold = torch.where(each(11) > 0, 128.0, math.inf)        # (B, 1, 1, 1): never, if not chosen
+            threshold = torch.where(each(solarise) > 0, 128.0, math.inf)        # (B, 1, 1, 1): never, if not chosen
             x.add_(x >= threshold, alpha=-255).abs_()                     # |v - 255| = 255 - v there, |v - 0| = v
         for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):   # ToTensor and Normalize, (v / 255
             x[:, c].sub_(255 * mean).div_(255 * std)                      # - mean) / std, with Python numbers
