@@ -199,13 +199,12 @@ def make_views(images, recipes, parameters):
     where torchvision shifts the HSV hue: the same turn on average (a pixel's hue within ~0.025 turns of
     it), keeping the mean of r, g, b rather than the largest; contrast, saturation, hue and greyscale, each
     linear in a pixel's colour, are one 3 x 3 matrix per crop, clipped to [0, 255] once after all four,
-    where PIL clips after each (1.38 grey levels from PIL's jitter and greyscale on average, against 1.36
-    clipping after each, on CIFAR-10); the blur is a sampled Gaussian of 13 taps, where PIL runs three box
+    where PIL clips after each; the blur is a sampled Gaussian of 13 taps, where PIL runs three box
     filters; and values stay float32 between steps, where PIL rounds to uint8 after each, but for bf16 on
     a CPU with native bf16: the crop's products and the blur (its input, weights and both passes) round to
     8 significant bits, no coarser than PIL's uint8 from 128 up and finer below, in every crop of a view
-    that may be blurred, sigma 0 or not, and a blur can overshoot 255 by one: 0.25 grey levels from the
-    float32 views on average, 99.9% within 2 and 3.5 at most (CIFAR-10 images, DINO's recipe)."""
+    that may be blurred, sigma 0 or not, and a blur can overshoot 255 by one (test_hydes.py bounds how far
+    each step lands from PIL's and from float32)."""
     batch, _, height, width = images.shape
     dtype = crop_dtype(images.device)                                     # bf16 on a CPU with native bf16
     source = images.to(dtype).reshape(batch, 3 * height, width)          # (B, 3 H, W): 0 ... 255, exact in bf16
@@ -262,8 +261,8 @@ def multi_crop(images, sizes, recipes, generator):
 @torch.compiler.assume_constant_result
 def crop_dtype(device):
     """The dtype of the crop's two matrix products and the blur's two convolutions on `device`: bf16 on a
-    CPU that computes it natively (settings.cpu_has_native_bf16: AVX-512 BF16 or AMX), where they run two
-    to five times faster than in float32 (and the views about 1.5 times faster); float32 elsewhere
+    CPU that computes it natively (settings.cpu_has_native_bf16: AVX-512 BF16 or AMX), where they run
+    several times faster than in float32 (SPEED.md); float32 elsewhere
     (emulated bf16 is slow, and on a GPU they are a sliver of a step). bf16 holds the pixel values
     0 ... 255 exactly; it rounds the weights, the blur's input and each product's or pass's output."""
     return torch.bfloat16 if device.type == "cpu" and settings.cpu_has_native_bf16() else torch.float32
