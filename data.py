@@ -149,25 +149,36 @@ def draw_views(recipes, sizes, generator):
                             r.solarize_p] for r in recipes]).T[..., None]       # (13, V, 1): each field per view
     low, high, flip_p, jitter_p, brightness, contrast, saturation, hue, grey_p, blur_p, *sigma, solarize_p = fields
     u = torch.rand(32, len(recipes), len(sizes), generator=generator)    # (32, V, B): every uniform of every crop
+    u_area, u_ratio = u[:10], u[10:20]                                   # (10, V, B) each: 10 attempts per crop
+    (u_x, u_y, u_jitter, u_flip, u_brightness, u_contrast, u_saturation, u_hue, u_grey, u_blur, u_sigma,
+     u_solarise) = u[20:]                                                # (V, B) each, in this order
     height, width = sizes.T.float()                                      # each (B,)
-    area = height * width * (low + (high - low) * u[:10])                # (10, V, B): 10 attempts per crop
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[10:20])     # log-uniform in [3/4, 4/3]
+    area = height * width * (low + (high - low) * u_area)                # (10, V, B)
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u_ratio)      # log-uniform in [3/4, 4/3]
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()  # whole pixels (half to even, as round())
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)              # (10, V, B)
     first, found = fits.int().argmax(0, keepdim=True), fits.any(0)       # (1, V, B) the first that fits; (V, B)
     w = torch.where(found, w.gather(0, first)[0], torch.minimum(width, (height * 4 / 3).round()))    # (V, B)
     h = torch.where(found, h.gather(0, first)[0], torch.minimum(height, (width * 4 / 3).round()))
-    x0 = torch.where(found, (u[20] * (width - w + 1)).floor(), ((width - w) / 2).floor())   # U{0 ... width - w}
-    y0 = torch.where(found, (u[21] * (height - h + 1)).floor(), ((height - h) / 2).floor())  # or centred
-    jittered = u[22] < jitter_p                                          # (V, B)
+    x0 = torch.where(found, (u_x * (width - w + 1)).floor(), ((width - w) / 2).floor())   # U{0 ... width - w}
+    y0 = torch.where(found, (u_y * (height - h + 1)).floor(), ((height - h) / 2).floor())  # or centred
+    jittered = u_jitter < jitter_p                                       # (V, B)
     shift = lambda spread, v: torch.where(jittered, spread * (2 * v - 1), 0.0)       # U(-+ spread), or 0
-    return torch.stack([x0, y0, x0 + w, y0 + h, (u[23] < flip_p).float(),
-                        1 + shift(brightness, u[24]), 1 + shift(contrast, u[25]), 1 + shift(saturation, u[26]),
-                        shift(hue, u[27]), (u[28] < grey_p).float(),
-                        torch.where(u[29] < blur_p, sigma[0] + (sigma[1] - sigma[0]) * u[30], 0.0),
-                        (u[31] < solarize_p).float()], dim=-1)           # (V, B, 12)
+    return torch.stack([x0, y0, x0 + w, y0 + h, (u_flip < flip_p).float(),
+                        1 + shift(brightness, u_brightness), 1 + shift(contrast, u_contrast),
+                        1 + shift(saturation, u_saturation), shift(hue, u_hue), (u_grey < grey_p).float(),
+                        torch.where(u_blur < blur_p, sigma[0] + (sigma[1] - sigma[0]) * u_sigma, 0.0),
+                        (u_solarise < solarize_p).float()], dim=-1)      # (V, B, 12)
 
 
+# DINO's DataAugmentationDINO, step by step, and where each is made here (make_views, per view):
+#   RandomResizedCrop(size, scale, bicubic)   draw_views' box; resize_matrix's rows and columns, two products
+#   RandomHorizontalFlip(0.5)                 draw_views' flip: resize_matrix reads the columns from the right
+#   ColorJitter(0.4, 0.4, 0.2, 0.1), p 0.8    the brightness factor; contrast, then colour_matrix (saturation, hue)
+#   RandomGrayscale(0.2)                      colour_matrix's grey
+#   GaussianBlur(p, sigma 0.1-2)              gaussian_kernels, two grouped convolutions
+#   Solarization(0.2), second global view     the solarise threshold
+#   ToTensor, Normalize(ImageNet)             the last loop
 def make_views(images, recipes, parameters):
     """The views: images uint8 (B, 3, H, W) on any device, recipes (V), parameters draw_views' (V, B, P) on
     the same device -> list of V float32 tensors (B, 3, s, s), globals first, normalised with ImageNet's
@@ -228,7 +239,7 @@ def make_views(images, recipes, parameters):
         each = lambda column: column[v].view(-1, 1, 1, 1)                # (V, B) -> this view's (B, 1, 1, 1)
         x = torch.bmm(source, columns[v].transpose(1, 2))                 # (B, 3 H, W) @ (B, W, s) -> (B, 3 H, s)
         x = rows[v][:, None] @ x.view(batch, 3, height, size)            # (B, 1, s, H) @ (B, 3, H, s) -> (B, 3, s, s)
-        x = (x * each(brightness)).clamp_(max=255)                                 # ColorJitter's brightness b x, float32
+        x = (x * each(brightness)).clamp_(max=255)                        # ColorJitter's brightness b x, float32
         if recipe.jitter_p or recipe.grayscale_p:                         # contrast c x + (1 - c) m, then M, the
             c = each(contrast)                                            # saturation, hue and greyscale
             m = luma(x.mean((2, 3), keepdim=True))                        # (B, 1, 1, 1): m, the crop's mean grey

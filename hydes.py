@@ -35,8 +35,8 @@ An inner mean of kernel values is a log-mean-exp, evaluated stably as
 
 The entropies are returned in nats with log C included, so they are true differential entropies of the
 kernel density estimate (a uniform density on S^{D-1} has entropy log|S^{D-1}|), not entropies up to a
-constant. The constant log C never changes a gradient (kappa is fixed), and at alpha = beta it cancels
-from the loss value as well.
+constant. The constant log C never changes a gradient (kappa is a number of the step, not a weight),
+and at alpha = beta it cancels from the loss value as well.
 
 Which pairs P(i) holds
 ----------------------
