@@ -124,9 +124,10 @@ class CanvasImages(torch.utils.data.Dataset):
     int64 (2,); label), from `images`, a dataset of (PIL image, label). An image with a side over C is
     first shrunk to fit, its aspect ratio kept, antialiased (PIL's bicubic filter widens as it shrinks).
 
-    The image's last row and column are copied once into the padding: roi_align samples bilinearly up to
-    half a pixel past a box's last pixel centre, and at a tensor's edge it repeats the edge, so with the
-    copies a box that ends at the image's edge sees what it would see on the image alone, not black."""
+    The image's last row and column are copied once into the padding: the crop (data.resize_matrix,
+    roi_align's sampling) samples bilinearly up to half a pixel past a box's last pixel centre, and at a
+    tensor's edge it repeats the edge, so with the copies a box that ends at the image's edge sees what it
+    would see on the image alone, not black."""
 
     def __init__(self, images, side):
         self.images, self.side, self.classes = images, side, images.classes
