@@ -137,7 +137,8 @@ def check_training_args(args):
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
         (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
         (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
-         f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} (got {max(args.kappa, args.kappa_final or 0):g}): "
+         f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} "
+         f"(got {max(args.kappa, args.kappa_final or 0):g}): "
          f"the vMF normaliser is computed exactly up to there; the paper tries 0.1 to 20"),
         seed_rule(args.seed),
         (args.beta_final is None or args.beta_final >= 0, f"--beta-final must be >= 0 (got {args.beta_final})"),
@@ -151,7 +152,8 @@ def check_training_args(args):
         (0 < global_min <= global_max <= 1 and 0 < local_min <= local_max <= 1,
          "--global-scale and --local-scale are area fractions MIN MAX with 0 < MIN <= MAX <= 1"),
         (args.global_crops + args.local_crops <= LARGEST_VIEWS,
-         f"--global-crops and --local-crops make {args.global_crops + args.local_crops} views; at most {LARGEST_VIEWS}"),
+         f"--global-crops and --local-crops make {args.global_crops + args.local_crops} views; "
+         f"at most {LARGEST_VIEWS}"),
         (all(s is None or s <= LARGEST_CROP for s in (args.global_size, args.local_size)),
          f"--global-size and --local-size must be at most {LARGEST_CROP} px (the paper's largest crop is 224)"),
         (args.proj_dim >= 2, f"--proj-dim must be >= 2 (got {args.proj_dim}): the sphere S^(D-1) needs D >= 2"),
@@ -165,7 +167,8 @@ def check_training_args(args):
         (args.arch == "vit_tiny" or (args.depth is None and args.heads is None),
          f"--depth and --heads shape vit_tiny only, not {args.arch}; drop them"),
         (args.arch != "vit_tiny" or (args.width or 192) % (args.heads or 3) == 0,
-         f"a ViT of width {args.width or 192} cannot split into {args.heads or 3} heads; pick a width divisible by them"),
+         f"a ViT of width {args.width or 192} cannot split into {args.heads or 3} heads; "
+         f"pick a width divisible by them"),
         (args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}; 0 evaluates the untrained network)"),
         (args.lr > 0 and args.weight_decay >= 0, "--lr must be > 0 and --weight-decay >= 0"),
         (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
