@@ -182,8 +182,8 @@ def draw_views(recipes, sizes, generator):
 def make_views(images, recipes, parameters):
     """The views: images uint8 (B, 3, H, W) on any device, recipes (V), parameters draw_views' (V, B, P) on
     the same device -> list of V float32 tensors (B, 3, s, s), globals first, normalised with ImageNet's
-    mean and std. One view after another, as DataAugmentationDINO makes them, each step one tensor
-    operation over the whole batch, each crop with its own parameters; the few numbers per crop that the
+    mean and std. One view after another, as DataAugmentationDINO makes them, each step a few tensor
+    operations over the whole batch, each crop with its own parameters; the few numbers per crop that the
     steps need (colour matrix, blur kernel, and resize matrices, these per size) are made first, for all
     views at once.
 

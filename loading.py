@@ -8,7 +8,7 @@ them once, keep them there, and an epoch is a permutation and index operations, 
 all. ImageNet, Food-101 and folders of mixed sizes neither fit nor share one size: DataLoader workers
 decode each image onto a canvas of one fixed size (`CanvasImages`), the image at its top-left, and say
 where it ends. Either way a batch is (images uint8 (B, 3, H, W) on the device, sizes (B, 2) on the CPU,
-each image's true (height, width), labels), and data.multi_crop makes every view on the device, its
+each image's true (height, width), labels), and data.make_views makes every view on the device, its
 boxes drawn inside each image's true size: one crop path for every dataset. Cutting a fixed-size centre
 square instead would lose the ends of the long side (a quarter of a 500 x 375 image) and make a 5% local
 crop a 57 px patch of a 256 px square, upscaled to 96. The images travel as uint8 (4x fewer bytes than
@@ -97,7 +97,7 @@ def one_image_size(name, root):
 
 def uint8_dataset(name, root, recipes, labelled=False):
     """The training images (`pretrain_dataset`, or with `labelled` the labelled train split that the
-    supervised baseline needs) in uint8, for data.multi_crop with these `recipes` (dino_recipes):
+    supervised baseline needs) in uint8, for data.make_views with these `recipes` (dino_recipes):
 
     - images of one size (`one_image_size`): item i is (image (3, H, W), label) at native size.
     - images of mixed sizes: a CanvasImages, whose item i is (canvas (3, C, C), (height, width), label),
