@@ -735,8 +735,8 @@ def analyze_checkpoint(args, device):
     os.makedirs(args.out, exist_ok=True)
     split = "test"            # the held-out split, which the cited metrics code measures (the paper names none)
     # float32 features (exact): Table III's numerical ranks count singular values above float32 noise
-    feats, labels, _ = cached_features(backbone, network_digest(args.checkpoint, info), dataset, data_dir, split,
-                                       image_size, device, args.cache_dir, args.workers, exact=True)
+    feats, labels, _ = cached_features(backbone, args.checkpoint, network_digest(args.checkpoint, info), dataset,
+                                       data_dir, split, image_size, device, args.cache_dir, args.workers, exact=True)
     class_names = dataset_split(dataset, data_dir, split, transform=None).classes
     if len(set(labels.tolist())) < 2:
         raise DatasetError(f"{dataset} has fewer than 2 classes in its {split} split; the analysis compares classes")

@@ -43,8 +43,8 @@ import train
 from data import dino_recipes, draw_views, multi_crop
 from models import STEMS, HyDeSModel, build_backbone
 from settings import (NARROW_RESNET_ON_A_CPU, PRECISIONS, HelpFormatter, auto_precision, cpu_has_native_bf16,
-                      ctrl_c_in_one_line, first_problem, narrow_resnet_on_a_cpu, numbers_are_finite, precision_for,
-                      refuse, seed_rule)
+                      ctrl_c_in_one_line, default_device, device_argument, first_problem, narrow_resnet_on_a_cpu,
+                      numbers_are_finite, precision_for, refuse, seed_rule)
 
 # (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
@@ -54,7 +54,7 @@ MODES = {"eager": None, "compiled": "default", "reduce-overhead": "reduce-overhe
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", type=device_argument, default=default_device(), help="cpu, cuda, cuda:N or mps")
     p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS), help="settings to time")
     p.add_argument("--modes", nargs="+", choices=list(MODES),
                    help="eager; compiled and reduce-overhead as train.py --compile [reduce-overhead], a minute or more "
@@ -262,7 +262,6 @@ def main(argv=None):
         seed_rule(args.seed),
         (args.width is None or args.width >= 1, "--width must be >= 1"),
         (not narrow_resnet_on_a_cpu("resnet18", args.width, args.device), NARROW_RESNET_ON_A_CPU.format(width=args.width)),
-        (not cuda or torch.cuda.is_available(), f"--device {args.device} but PyTorch sees no CUDA GPU; pass --device cpu"),
         (cuda or "fp16" not in args.precision, "--precision fp16 is for GPUs (train.py refuses it on a CPU)"),
     ]))
     with ctrl_c_in_one_line("the rows printed above are what was measured"):

@@ -23,6 +23,7 @@ import torch
 
 from data import DATASETS, DatasetError, native_image_size
 from models import ARCHS, BasicBlock, VisionTransformer, build_backbone
+from settings import default_device, device_argument
 
 
 class CheckpointError(RuntimeError):
@@ -486,7 +487,7 @@ def add_checkpoint_arguments(p):
                                      "for our checkpoints, the file name for another library's)")
     p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", type=device_argument, default=default_device(), help="cpu, cuda, cuda:N or mps")
 
 
 def parse_checkpoint_arguments(parser, argv):

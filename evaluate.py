@@ -303,10 +303,10 @@ def evaluate_checkpoint(args, device):
     digest = network_digest(args.checkpoint, info)
     timings = {}
     start = time.time()
-    train_feats, train_labels, train_cached = cached_features(backbone, digest, dataset, data_dir, "train", image_size,
-                                                              device, args.cache_dir, args.workers)
-    test_feats, test_labels, test_cached = cached_features(backbone, digest, dataset, data_dir, "test", image_size,
-                                                           device, args.cache_dir, args.workers)
+    train_feats, train_labels, train_cached = cached_features(backbone, args.checkpoint, digest, dataset, data_dir,
+                                                              "train", image_size, device, args.cache_dir, args.workers)
+    test_feats, test_labels, test_cached = cached_features(backbone, args.checkpoint, digest, dataset, data_dir,
+                                                           "test", image_size, device, args.cache_dir, args.workers)
     timings["features_s"] = time.time() - start
     extracted = len(train_labels) * (not train_cached) + len(test_labels) * (not test_cached)
     if len(set(train_labels.tolist())) < 2:

@@ -14,15 +14,18 @@ import os
 import torch
 from tqdm import tqdm
 
-from checkpoints import write_atomically
+from checkpoints import CheckpointError, write_atomically
 from data import dataset_split, eval_transform, normalize
 from settings import features_precision, precision_for
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False):
+def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False,
+                     checkpoint=None):
     """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64. The dataset
-    gives normalised images (eval_transform), or uint8 ones, normalised here on the device.
+    gives normalised images (eval_transform), or uint8 ones, normalised here on the device. Features that
+    are not finite (NaN or inf: broken weights) raise a CheckpointError naming `checkpoint`: no probe
+    should score them.
 
     exact=False: in features_precision, fast and enough for the probes, whose accuracies do not move with
     the last bits. exact=True: in float32 throughout, for analyze.py, whose numerical ranks count singular
@@ -47,7 +50,13 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
             features.append(backbone(images).float().cpu())
         labels.append(targets.cpu())
     backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+    features = torch.cat(features)                                 # (N, F)
+    broken = (~torch.isfinite(features).all(dim=1)).sum().item()
+    if broken:
+        raise CheckpointError(f"{checkpoint or 'the network'} gives features that are not finite (NaN or inf) for "
+                              f"{broken} of {len(features)} images: its weights are broken (a run that diverged?); "
+                              f"probe another checkpoint")
+    return features, torch.cat(labels)
 
 
 def split_fingerprint(data):
@@ -61,9 +70,9 @@ def split_fingerprint(data):
     return digest.hexdigest()
 
 
-def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
+def cached_features(backbone, checkpoint, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
                     workers=2, exact=False):
-    """extract_features for one split, read from cache_dir when the same key was extracted before.
+    """extract_features of `checkpoint` for one split, read from cache_dir when the same key was extracted before.
     Returns (features (N, F), labels (N,), whether they came from the cache).
 
     The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, the split's files
@@ -85,7 +94,7 @@ def cached_features(backbone, checkpoint_digest, dataset, data_dir, split, image
         except Exception as error:   # any unreadable file (zip, pickle, EOF errors): extract anew, say so
             print(f"warning: the feature cache {path} is unreadable ({type(error).__name__}); extracting anew")
     features, labels = extract_features(backbone, data, device, workers=workers, desc=f"{split} features",
-                                        exact=exact)
+                                        exact=exact, checkpoint=checkpoint)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         write_atomically(path, lambda f: torch.save({"key": key, "features": features, "labels": labels}, f))

@@ -51,8 +51,8 @@ from checkpoints import (CheckpointError, add_backbone_arguments, backbone_argum
                          load_backbone_from_args)
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import VisionTransformer
-from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, features_precision, first_problem,
-                      numbers_are_finite, refuse, unwritable, unwritable_file)
+from settings import (HelpFormatter, ctrl_c_in_one_line, default_device, device_argument, error_message,
+                      features_precision, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -96,6 +96,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         if not self.ids:
             raise VOCError(f"{list_file} lists no images")
         self.root, self.image_size, self.whole_image_stride = root, image_size, whole_image_stride
+        self.list_file = list_file
 
     def __len__(self):
         return len(self.ids)
@@ -139,8 +140,12 @@ class VOCSegmentation(torch.utils.data.Dataset):
         """Read every pair of the list once (read_pair), so that a bad file is named before the probe
         trains: a val image met only when scoring would cost the whole training. In this process: VOC's
         2,913 pairs take about ten seconds (measured on 500 x 375 pairs), beside the probe's 20 epochs."""
+        labelled = 0             # masks with a pixel that is not void: with none, there is nothing to learn or score
         for index in tqdm(range(len(self)), desc=f"checking {len(self)} images and masks", leave=False):
-            self.read_pair(index)
+            labelled += bool((np.asarray(self.read_pair(index)[1]) != VOID).any())
+        if not labelled:
+            raise VOCError(f"every pixel of the {len(self)} masks in {self.list_file} is void (255): there is nothing "
+                           f"to train or score; list images whose masks label classes 0-20")
 
 
 def centre_square(img, size, resample):
@@ -198,7 +203,11 @@ def frozen_stages(backbone, images, device):
     autocast, _, memory_format = features_precision(device, backbone)
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)   # (B, 3, H, W)
     with autocast:
-        return [f.float() for f in backbone.stages(images)]
+        stages = [f.float() for f in backbone.stages(images)]
+    if not all(torch.isfinite(f).all() for f in stages):
+        raise CheckpointError("the backbone's features are not finite (NaN or inf): its weights are broken (a run "
+                              "that diverged?); probe another checkpoint")
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,7 +333,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="folder for segment.jsonl and the PCA PNG (default: beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table II row to")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", type=device_argument, default=default_device(), help="cpu, cuda, cuda:N or mps")
     args = p.parse_args(argv)
     args.out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     return args
@@ -375,8 +384,11 @@ def segment_and_save(args):
             pca_set = VOCSegmentation(root, args.val_split, args.image_size)
             pictures.append((result["pca_png"], lambda: save_pca_grid(backbone, pca_set, args.pca_images,
                                                                       result["pca_png"], device)))
-    except (CheckpointError, VOCError) as error:
+    except VOCError as error:
         raise SystemExit(f"error: {error_message(error)}")
+    except CheckpointError as error:           # the file's own messages name it; the features' do not
+        message = error_message(error)
+        raise SystemExit(f"error: {message if args.checkpoint in message else f'{args.checkpoint}: {message}'}")
     # The row and segment.jsonl first, the picture after: a failure to write one never costs the others
     keep_results(result, os.path.join(args.out, "segment.jsonl"), [(result, TABLE_COLUMNS, args.table)], pictures)
     return result

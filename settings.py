@@ -81,6 +81,34 @@ def unwritable_file(path, option):
     return unwritable(os.path.dirname(os.path.abspath(path)), option)
 
 
+def default_device():
+    """Every script's default --device: the GPU if PyTorch sees one, else the CPU. (An Apple GPU is never
+    the default: pass --device mps for it.)"""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_argument(text):
+    """argparse type of every script's --device: a device this machine has, or a one-line error that says
+    which ones it has. cpu, cuda, cuda:N (N below the number of GPUs PyTorch sees) and mps (an Apple GPU,
+    where PyTorch was built with it: it runs in float32, see auto_precision)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; pass cpu, cuda, cuda:N or mps") from None
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and gpus == 0:
+        raise argparse.ArgumentTypeError(f"{text}, but PyTorch sees no CUDA GPU here; pass --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise argparse.ArgumentTypeError(f"{text}, but PyTorch sees {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}; "
+                                         f"pass one of those")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("mps (an Apple GPU), but this PyTorch has no MPS device here; "
+                                         "pass --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: these scripts run on cpu, cuda or mps")
+    return str(device)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every script's --help: the module docstring as written, and each flag's default after its help
     (unless the help already says it, or there is none to show)."""
@@ -178,11 +206,11 @@ def check_training_args(args):
         knn_temperature_rule(args.knn_temperature),
         (args.log_every >= 1 and args.workers >= 0 and args.keep_every >= 0,
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
-        (not args.device.startswith("cuda") or torch.cuda.is_available(),
-         f"--device {args.device} but PyTorch sees no CUDA GPU here; pass --device cpu"),
         (not args.compile or (args.kappa_final is None and args.beta_final is None),
          "--compile compiles the step for one kappa and beta, and a schedule would recompile it every step; drop "
          "--compile, or --kappa-final and --beta-final"),
+        (args.precision != "bf16" or not args.device.startswith("mps") or torch.amp.is_autocast_available("mps"),
+         "--precision bf16, but this PyTorch cannot autocast on mps; pass --precision fp32"),
         (args.precision != "fp16" or args.device.startswith("cuda"),
          "--precision fp16 is for GPUs without bf16 (on a CPU, bf16 gives its speed without gradient scaling); "
          "use fp32 or bf16"),
@@ -251,6 +279,8 @@ def auto_precision(device, arch=None, stem=None, smallest_crop=None):
     if device.type == "cuda":
         # including_emulation=False: pre-Ampere GPUs accept bf16 tensors but compute them slowly
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if device.type == "mps":        # an Apple GPU: float32 unless asked (--precision bf16, where MPS autocasts)
+        return "fp32"
     if (arch is not None and arch.startswith("resnet") and smallest_crop is not None and cpu_has_native_bf16()
             and cpu_bf16_convolutions_are_right(arch, stem, smallest_crop)):
         return "bf16"
@@ -268,7 +298,8 @@ def features_precision(device, backbone):
     resnet = "resnet" if isinstance(backbone, ResNet) else None      # precision_for's layout follows it
     if device.type == "cuda":
         return precision_for(device, resnet)
-    return precision_for(device, resnet, "bf16" if resnet and cpu_has_native_bf16() else "fp32")
+    cpu_bf16 = device.type == "cpu" and resnet and cpu_has_native_bf16()
+    return precision_for(device, resnet, "bf16" if cpu_bf16 else "fp32")
 
 
 def run_arithmetic(args, checkpoint):

@@ -52,7 +52,8 @@ from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from runs import (NothingToTrain, RunControl, checkpoint_state, distributed_setup, epoch_sums_so_far, open_run_folder,
                   refuse_a_second_run, restore, resume_settings)
 from settings import (PRECISIONS, HelpFormatter, check_crop_sizes, check_training_args, ctrl_c_in_one_line,
-                      error_message, precision_for, refuse, run_arithmetic, unwritable)
+                      default_device, device_argument, error_message, precision_for, refuse, run_arithmetic,
+                      unwritable)
 
 # The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
 # embeddings too, so that the two objectives can be compared in the same terms; both log how close the MI
@@ -172,8 +173,9 @@ def build_parser():
                    help="start anew in an OUT that holds a run, deleting its checkpoints, log and probe results")
     g.add_argument("--seed", type=int, default=0,
                    help="fixes the initial weights, the data order and every augmentation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu; under torchrun, each process takes the GPU of its LOCAL_RANK")
+    g.add_argument("--device", type=device_argument, default=default_device(),
+                   help="cpu, cuda, cuda:N or mps (float32); under torchrun, each process takes the GPU of its "
+                        "LOCAL_RANK")
     g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                    help="torch.compile the step's views, network and loss: faster steps on a GPU after a "
                         "compilation of a minute or two. --compile alone is torch.compile's default mode; --compile "
