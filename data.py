@@ -42,7 +42,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 import settings
-from image_files import DatasetError, files_in_class_folders, image_size, read_rgb   # 8-bit RGB, every mode
+from image_files import DatasetError, broken_links, files_in_class_folders, image_size, read_rgb  # 8-bit RGB
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -510,6 +510,10 @@ def _image_folder(folder, name, transform=None, classes=None, subset=True, class
             f"{name}: folder {folder!r} does not exist; --data-dir must hold train/<class>/*.jpg and "
             f"test/<class>/*.jpg (or val/)"
         )
+    broken = broken_links(folder)
+    if broken:
+        raise DatasetError(f"{name}: the class folder {broken[0]} is a symbolic link to {os.readlink(broken[0])}, "
+                           f"which does not exist ({len(broken)} such link(s)); mount or fix it, or remove the link")
     present = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if classes_only:
         return present
@@ -548,4 +552,4 @@ class ClassFolder(torchvision.datasets.ImageFolder):
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        return files_in_class_folders(directory, class_to_idx, extensions)
+        return files_in_class_folders(directory, class_to_idx)       # every format PIL reads, not only ImageFolder's

@@ -51,7 +51,7 @@ from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_a
 from data import DatasetError
 from features import cached_features
 from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, knn_temperature_rule,
-                      numbers_are_finite, refuse, unwritable, unwritable_file)
+                      numbers_are_finite, refuse, replaces_a_file, unwritable, unwritable_file)
 
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
@@ -59,7 +59,11 @@ WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 # ----------------------------------------------------------------------------------------------------
 # k-NN
 
-def rank_classes(scores, top=5):
+# Top-5 is reported only with more than 5 classes: with 5 or fewer, every top-5 holds the truth (100%).
+TOP_K = 5
+
+
+def rank_classes(scores, top=TOP_K):
     """Indices of the `top` highest scores per row, ties going to the lower class index (a stable sort,
     so the result does not depend on the sorting kernel): (Q, C) -> (Q, min(top, C))."""
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top]
@@ -68,7 +72,8 @@ def rank_classes(scores, top=5):
 @torch.no_grad()
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temperature=0.1,
                  chunk_elements=2**26):
-    """Weighted k-NN top-1 and top-5 accuracy in percent.
+    """Weighted k-NN top-1 and top-5 accuracy in percent; top-5 is None with 5 classes or fewer, where it
+    is 100 by construction.
 
     train_feats (M, F), test_feats (Q, F): any scale (they are L2-normalised here), on the device the
     computation should run on. Queries go in chunks of about chunk_elements / M, so the (chunk, M)
@@ -95,7 +100,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
         correct_top1 += (ranked[:, :1] == truth).sum().item()
         correct_top5 += (ranked == truth).any(dim=1).sum().item()
     n = test_feats.shape[0]
-    return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n
+    return 100.0 * correct_top1 / n, 100.0 * correct_top5 / n if num_classes > TOP_K else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,11 +211,11 @@ def train_linear_probe(feats, labels, num_classes, weight_decay, epochs=100, bat
 
 @torch.no_grad()
 def topk_accuracy(logits, labels):
-    """(top-1, top-5) accuracy in percent of (Q, C) logits."""
+    """(top-1, top-5) accuracy in percent of (Q, C) logits; top-5 is None when C <= 5 (knn_accuracy)."""
     ranked = rank_classes(logits)
     truth = labels.unsqueeze(1)
     return (100.0 * (ranked[:, :1] == truth).float().mean().item(),
-            100.0 * (ranked == truth).any(dim=1).float().mean().item())
+            100.0 * (ranked == truth).any(dim=1).float().mean().item() if logits.shape[1] > TOP_K else None)
 
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100, val_fraction=0.1, seed=0):
@@ -260,6 +265,8 @@ def parse_args(argv=None):
     p.add_argument("--export", metavar="FILE",
                    help="write the backbone as a plain state_dict in torchvision's layout (ResNets) or timm's "
                         "(ViT-Tiny), print the lines of Python that load it, and probe nothing")
+    p.add_argument("--force", action="store_true", help="let --export replace an existing file (never the checkpoint "
+                                                        "it reads)")
     args = parse_checkpoint_arguments(p, argv)
     args.json = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.jsonl")
     return args
@@ -275,7 +282,8 @@ def check_args(args):
         (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
                                  f"scores nothing"),
         *checkpoint_argument_rules(args),
-    ]) or (unwritable_file(args.export, "--export") if args.export else
+    ]) or (replaces_a_file(args.export, "--export", args.force, reading=args.checkpoint)
+           or unwritable_file(args.export, "--export") if args.export else
            unwritable(args.cache_dir, "--cache-dir") or unwritable_file(args.json, "--json")
            or unwritable_file(args.table, "--table"))
 
@@ -332,6 +340,9 @@ def evaluate_checkpoint(args, device):
                 *splits, epochs=args.probe_epochs)
         timings["linear_s"] = time.time() - start
     result.update({k: round(v, 2) for k, v in timings.items()})
+    if len(set(train_labels.tolist())) <= TOP_K:
+        print(f"note: top-5 is left out (blank in the table, null in the JSON line): with {dataset}'s "
+              f"{len(set(train_labels.tolist()))} classes every top-5 is 100%")
     speed = f"{extracted / timings['features_s']:.0f} images/s" if extracted else "read from the cache"
     print(f"features {timings['features_s']:.1f} s ({speed})"
           + (f", k-NN {timings['knn_s']:.1f} s ({len(test_labels) / timings['knn_s']:.0f} queries/s)"

@@ -22,13 +22,26 @@ applies. The datasets (data.py) read every file through `read_rgb`.
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
-from torchvision.datasets.folder import has_file_allowed_extension
+from PIL import Image, ImageFile, ImageOps
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 # EXIF orientations that turn the picture a quarter (5 to 8): its width and height swap once applied
 QUARTER_TURNS = (5, 6, 7, 8)
 ORIENTATION_TAG = 0x0112
+
+
+def readable_extensions():
+    """The file extensions of every format PIL decodes by itself (.jpg, .png, .gif, .webp, .tif, ...): the
+    formats it opens, less its stubs (BUFR, GRIB, HDF5, WMF), MPEG, which it only identifies, and EPS, which
+    it hands to Ghostscript, an outside program."""
+    Image.init()
+    return tuple(sorted(extension for extension, name in Image.registered_extensions().items()
+                        if name in Image.OPEN and name not in ("MPEG", "EPS")
+                        and not (isinstance(Image.OPEN[name][0], type)
+                                 and issubclass(Image.OPEN[name][0], ImageFile.StubImageFile))))
+
+
+IMAGE_EXTENSIONS = readable_extensions()
 
 
 class DatasetError(RuntimeError):
@@ -79,9 +92,17 @@ def image_size(path):
         return width, height
 
 
-def files_in_class_folders(directory, class_to_idx, extensions):
+def broken_links(directory):
+    """The entries of `directory` that are symbolic links to nothing: a class folder linked from a disk
+    that is gone, which torchvision's ImageFolder would drop without a word."""
+    return sorted(entry.path for entry in os.scandir(directory)
+                  if entry.is_symlink() and not os.path.exists(entry.path))
+
+
+def files_in_class_folders(directory, class_to_idx, extensions=IMAGE_EXTENSIONS):
     """[(path, class index)] of the files with `extensions` under directory/<class>/, symbolic links
-    followed (a class folder linked from elsewhere is common), sorted, each real folder once.
+    followed (a class folder linked from elsewhere is common), sorted, each real folder once. The other
+    files are left out, and named in a note.
 
     torchvision's ImageFolder walks with os.walk(followlinks=True), which never notices a loop: a link
     inside train/a back to train/ lists train/b's images again under class a, nested until the path is
@@ -90,7 +111,7 @@ def files_in_class_folders(directory, class_to_idx, extensions):
     dataset's folder or one above it)."""
     top = os.path.realpath(directory)
     class_folders = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
-    listed, skipped, samples = set(), [], []
+    listed, skipped, samples, others = set(), [], [], []
     for name, index in sorted(class_to_idx.items()):
         start = os.path.join(directory, name)
         for folder, subfolders, files in os.walk(start, followlinks=True):
@@ -102,18 +123,26 @@ def files_in_class_folders(directory, class_to_idx, extensions):
                 continue
             listed.add(real)
             subfolders.sort()
-            samples += [(os.path.join(folder, f), index) for f in sorted(files)
-                        if has_file_allowed_extension(f, extensions)]
-    if skipped and directory not in _NOTED:
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                if file.lower().endswith(extensions):
+                    samples.append((path, index))
+                else:
+                    others.append(path)
+    if (skipped or others) and directory not in _NOTED:
         _NOTED.add(directory)
-        print(f"note: {directory} has {len(skipped)} symbolic link(s) back into itself, e.g. {skipped[0]}; "
-              f"their folders are listed once")
+        if skipped:
+            print(f"note: {directory} has {len(skipped)} symbolic link(s) back into itself, e.g. {skipped[0]}; "
+                  f"their folders are listed once")
+        if others:
+            print(f"note: {directory} holds {len(others)} file(s) that are not images PIL reads, left out: "
+                  f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}")
     present = {index for _, index in samples}
     empty = sorted(name for name, index in class_to_idx.items() if index not in present)
     if empty:
         raise FileNotFoundError(f"the class folder {os.path.join(directory, empty[0])} holds no image file "
-                                f"({len(empty)} such folder(s); {', '.join(extensions[:3])}, ... are read); add "
-                                f"images or remove the folder")
+                                f"({len(empty)} such folder(s); .jpg, .png, .gif and PIL's other formats are "
+                                f"read); add images or remove the folder")
     return samples
 
 

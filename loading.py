@@ -45,13 +45,20 @@ def training_data(args, recipes, control):
     with control.first_process_first():           # process 0 downloads and extracts the dataset alone
         # The labelled images only for the supervised baseline (STL-10: its 5k train, not the 100k unlabelled).
         dataset = uint8_dataset(args.dataset, args.data_dir, recipes, labelled=args.method == "supervised")
-        if args.eval_every:                       # the monitor's test split must exist before hours of training
-            dataset_split(args.dataset, args.data_dir, "test", None)
+        # The monitor's test split must exist, and hold two classes or more, before hours of training
+        test = dataset_split(args.dataset, args.data_dir, "test", None) if args.eval_every else None
+    if test is not None and len(test.classes) < 2:
+        raise SystemExit(f"error: the online evaluation (--eval-every) scores {args.dataset}'s classes, and its test "
+                         f"split has {len(test.classes)}; a probe needs at least 2 (or pass --eval-every 0)")
     if args.skip_bad_images:
-        dropped = drop_unreadable_images(dataset, args.workers)
-        if dropped and control.main_process:
-            print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(dataset) + len(dropped)}, "
-                  f"for example {dropped[0]}")
+        for split, images in (("train", dataset), ("test", test)):     # every split, before the first step
+            dropped = drop_unreadable_images(images, args.workers) if images is not None else []
+            if dropped and not len(images):
+                raise SystemExit(f"error: none of the {len(dropped)} images of the {split} split decodes, for "
+                                 f"example {dropped[0]}; repair the files")
+            if dropped and control.main_process:
+                print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(images) + len(dropped)}, "
+                      f"for example {dropped[0]}")
     order = EpochOrder(len(dataset), args.batch_size, args.seed, control.rank, control.world_size)
     if order.batches_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
@@ -311,8 +318,8 @@ class MonitorImages:
 
     Splits whose evaluation-size images fit in IN_MEMORY_BYTES as uint8 (CIFAR's 184 MB, STL-10's 360 MB)
     are decoded at the first evaluation and kept on the training device: every later one is a forward
-    pass over slices of tensors already there, with no image decoded or copied again. The features are the same as through the files: the uint8 images are those of
-    eval_transform before its tensor conversion. Where training keeps the labelled train split in memory at
+    pass over slices of tensors already there, with no image decoded or copied again. The features are the
+    same as through the files: the uint8 images are those of eval_transform before its tensor conversion. Where training keeps the labelled train split in memory at
     the evaluation size (labelled_training_images: CIFAR, a folder of such images, not STL-10's unlabelled
     images), those tensors are the train split and only the test split is decoded. ImageNet and Food-101
     are decoded by the loading workers at each evaluation.

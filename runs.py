@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import random
+import shlex
 import signal
 import threading
 import time
@@ -62,11 +63,11 @@ def resume_settings(args, argv, build_parser):
     if not (isinstance(checkpoint, dict) and {"args", "model", "step", "data_order"} <= set(checkpoint)):
         raise SystemExit(f"error: {checkpoint_path} is not a checkpoint train.py wrote (no run settings, step or data "
                          f"order: a plain state_dict?); move it away to start anew in {args.out}")
+    missing = [key for key in RESUMED_STATE if key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {checkpoint_path} holds no {' or '.join(missing)} (saved for evaluation only?), so "
+                         f"the run cannot continue exactly; evaluate it with evaluate.py, or start anew with --force")
     given, saved = settings_given(argv, build_parser()), checkpoint["args"]
-    trained = checkpoint["step"] / checkpoint["data_order"]["batches_per_epoch"]
-    if "epochs" in given and args.epochs < trained:      # nothing to do, and args.json must keep saying what ran
-        raise NothingToTrain(f"{args.out} has trained {trained:g} epochs already; raise --epochs to train further "
-                             f"(the run is left as it is)")
     fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
                    if normalised(getattr(args, k)) != normalised(saved.get(k)))
     if fixed:
@@ -79,11 +80,21 @@ def resume_settings(args, argv, build_parser):
     defaults = vars(build_parser().parse_args([]))
     args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in given}, "resume": True,
                                  "out": args.out})
+    # Nothing to do: said before any file is touched (args.json must keep saying what ran, the log its lines)
+    trained = checkpoint["step"] / checkpoint["data_order"]["batches_per_epoch"]
+    pending = checkpoint.get("log_record", {}).get("evaluation_pending") and args.eval_every
+    if args.epochs <= trained and not pending:
+        raise NothingToTrain(f"{args.out} has trained {trained:g} epochs already; raise --epochs to train further "
+                             f"(the run is left as it is)")
     return args, checkpoint
 
 
 class NothingToTrain(Exception):
-    """--resume with fewer --epochs than the run has trained: train.py says so and leaves the run as it is."""
+    """--resume with no more --epochs than the run has trained: train.py says so and leaves the run as it is."""
+
+
+# What restore() loads besides the weights: a checkpoint without them cannot continue the run exactly
+RESUMED_STATE = ("optimizer", "scaler", "linear_probe", "rng")
 
 
 def settings_given(argv, parser):
@@ -178,6 +189,10 @@ def restore(checkpoint, net, optimizer, scaler, probe, steps_per_epoch):
         raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
                          f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
                          f"data (and the same --skip-bad-images)")
+    trained_classes = checkpoint["linear_probe"]["layer"]["weight"].shape[0]    # the online probe's (C, F)
+    if trained_classes != probe.layer.out_features:
+        raise SystemExit(f"error: the checkpoint was trained on data of {trained_classes} classes but the data now has "
+                         f"{probe.layer.out_features}; resume with the same data (--data-dir)")
     net.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:          # empty when saved disabled (CPU, bf16), e.g. resumed on an fp16 GPU
@@ -472,7 +487,7 @@ class RunControl:
             if self.main_process:
                 launcher = f"torchrun --nproc_per_node={self.world_size}" if self.world_size > 1 else "python"
                 print(f"{signal.Signals(signum).name}: stopped after step {step} and saved {self.checkpoint}; continue "
-                      f"with\n    {launcher} train.py --out {self.args.out} --resume")
+                      f"with\n    {launcher} train.py --out {shlex.quote(self.args.out)} --resume")
             raise SystemExit(128 + signum)
         if self.out_of_time and self.main_process:
             print(f"stopped after {self.args.max_minutes} minutes at step {step}; checkpoint {self.checkpoint}")

@@ -109,6 +109,21 @@ def device_argument(text):
     return str(device)
 
 
+def replaces_a_file(path, option, force, reading=None):
+    """Why writing the file `path` whole (named by `option`) would destroy one the user owns, as a one-line
+    message; None if it would not. A file that exists is replaced only with --force; the file the script
+    reads (`reading`) and anything but a regular file (a device such as /dev/null, a pipe) never are."""
+    if path is None or not os.path.exists(path):
+        return None
+    if not os.path.isfile(path):
+        return f"{option} {path} exists and is not a regular file (a device, folder or pipe); name a file"
+    if reading is not None and os.path.exists(reading) and os.path.samefile(path, reading):
+        return f"{option} {path} is the file this command reads; name another file"
+    if not force:
+        return f"{option} {path} exists; pass --force to replace it, or name another file"
+    return None
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every script's --help: the module docstring as written, and each flag's default after its help
     (unless the help already says it, or there is none to show)."""
@@ -155,6 +170,21 @@ def knn_temperature_rule(temperature):
             f"exp(s / T) overflow in float32 below it; the k-NN protocol uses 0.1")
 
 
+def kappa_is_resolvable(kappa, num_embeddings):
+    """A rule for first_problem: a kappa whose kernel tells two points apart in float32 (our bound). Each
+    entropy term logsumexp_j(kappa s_ij) - log M, with kappa s_ij in [-kappa, kappa], is computed from a
+    logsumexp of about log N (N embeddings), which float32 holds in steps of about 2^-23 log N; from one
+    point to another it moves by at most 2 kappa. With 2 kappa under that step every row rounds alike,
+    and the loss is exactly 0 (at kappa = 1e-9 it is; gradients of order kappa remain, and vanish under
+    AdamW's eps)."""
+    num_embeddings = max(num_embeddings, 2)         # a batch size below 2 is refused by its own rule
+    bound = 2.0 ** -24 * math.log(num_embeddings)
+    return (kappa > bound,
+            f"--kappa {kappa:g} is too small: the kernel exp(kappa s) cannot tell two points apart in float32 "
+            f"(each term, about log N = {math.log(num_embeddings):.1f} for N = {num_embeddings} embeddings, moves by "
+            f"at most 2 kappa, under float32's step 2^-23 log N unless kappa > {bound:.1e}); the paper tries 0.1 to 20")
+
+
 def check_training_args(args):
     """Every setting that can be checked without data. Returns the first problem as a one-line message,
     or None."""
@@ -164,6 +194,8 @@ def check_training_args(args):
                                   "warmup_epochs", "max_minutes", "knn_temperature", "global_scale", "local_scale")),
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
         (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
+        kappa_is_resolvable(min(args.kappa, args.kappa_final or args.kappa),
+                            (args.global_crops + args.local_crops) * args.batch_size),
         (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
          f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} "
          f"(got {max(args.kappa, args.kappa_final or 0):g}): "
@@ -223,6 +255,9 @@ def check_crop_sizes(args):
     smallest = min(args.global_size, args.local_size)
     if smallest < 8:
         return f"crops of {args.global_size} and {args.local_size} px are too small; use at least 8 px"
+    if args.local_crops and args.local_size > args.global_size:
+        return (f"--local-size {args.local_size} is larger than --global-size {args.global_size}: multi-crop's local "
+                f"views are the small ones; swap them, or give --local-size at most --global-size")
     if (args.precision == "bf16" and not args.device.startswith("cuda") and args.arch.startswith("resnet")
             and not cpu_bf16_convolutions_are_right(args.arch, args.stem, smallest)):
         # e.g. the ImageNet stem's layer4 meets 16 px crops at 1 x 1: oneDNN's bf16 weight gradient of a

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import Counter
 
@@ -199,15 +198,29 @@ def main(argv=None):
                                 f"the last epoch saved (continue with --resume)"):
             with RunControl(args, rank, world_size, device, LOGGED[args.method]) as control:
                 train(args, checkpoint, control)
-    except NothingToTrain as done:             # --resume with fewer --epochs than trained
+    except NothingToTrain as done:             # --resume with no more --epochs than trained
         print(done)
     except DatasetError as error:              # a dataset missing, or an image unreadable outside the steps
         raise SystemExit(f"error: {error_message(error)}")
     except CheckpointError as error:           # a checkpoint that cannot be written: a full disk, say
         raise SystemExit(f"error: {error}")
+    except RuntimeError as error:              # under torchrun: a collective that another process left
+        if not (dist.is_initialized() and peer_is_gone(error)):
+            raise
+        who = f"rank {1 - rank}" if world_size == 2 else "another process (torchrun's report names it)"
+        raise SystemExit(f"error: {who} of the {world_size} training processes stopped (killed?), so rank {rank} "
+                         f"cannot go on; {os.path.join(args.out, 'ckpt.pt')} holds the last epoch saved: continue "
+                         f"with --resume" if rank == 0 else 1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def peer_is_gone(error):
+    """Whether a collective failed because another process is gone: gloo reports a closed connection,
+    NCCL a DistBackendError."""
+    return isinstance(error, dist.DistBackendError) or any(
+        words in str(error) for words in ("Connection reset by peer", "Connection closed by peer"))
 
 
 def run_settings(argv):
@@ -226,8 +239,8 @@ def run_settings(argv):
     if problem is None and (args.global_size is None or args.local_size is None):
         native = native_image_size(args.dataset, args.data_dir)       # the crops follow the data's resolution
         default_global, default_local = default_crop_sizes(native)
-        args.global_size = args.global_size or default_global
-        args.local_size = args.local_size or default_local
+        args.global_size = default_global if args.global_size is None else args.global_size
+        args.local_size = default_local if args.local_size is None else args.local_size
         note_mixed_sizes(args, native)
     refuse(problem or check_crop_sizes(args) or unwritable(args.out, "--out"))
     args.arithmetic = run_arithmetic(args, checkpoint)
@@ -279,8 +292,6 @@ def train(args, checkpoint, control):
               f"{args.arithmetic}"
               + (f" x {control.world_size} processes" if control.world_size > 1 else ""))
 
-    if checkpoint is not None and step >= args.epochs * steps_per_epoch and control.main_process:
-        print(f"{args.out} has trained {step // steps_per_epoch} epochs already; raise --epochs to train further")
     if checkpoint is not None and checkpoint.get("log_record", {}).get("evaluation_pending") and args.eval_every:
         # The run was stopped during (or just before) an evaluation: do it now, on the very network and
         # probe it would have evaluated, so that the log and the probe continue as if it never stopped.
@@ -483,7 +494,12 @@ def end_of_epoch(record, evaluate_now, state, monitor, steps_per_epoch, args, co
     if control.main_process:
         line = {k: v for k, v in record.items() if k != "evaluation_pending"}
         print(json.dumps(line))
-        append_jsonl(os.path.join(args.out, "log.jsonl"), line)
+        try:
+            append_jsonl(os.path.join(args.out, "log.jsonl"), line)
+        except OSError as error:       # the checkpoint holds the epoch and its line; a resumed run writes it
+            raise CheckpointError(f"cannot append to {os.path.join(args.out, 'log.jsonl')} ({error.strerror or error});"
+                                  f" {os.path.join(args.out, 'ckpt.pt')} holds this epoch and its log line: free disk "
+                                  f"space, then continue with --resume") from None
 
 
 class Monitor:
@@ -521,9 +537,11 @@ class Monitor:
 def save(net, optimizer, scaler, probe, record, steps_per_epoch, args):
     """Rewrite OUT/ckpt.pt, and with --keep-every keep a copy of it as OUT/ckpt-epochE.pt."""
     path, step = os.path.join(args.out, "ckpt.pt"), record["step"]
-    save_checkpoint(path, checkpoint_state(net, optimizer, scaler, probe, record, steps_per_epoch, args))
-    if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:
-        shutil.copyfile(path, os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"))
+    state = checkpoint_state(net, optimizer, scaler, probe, record, steps_per_epoch, args)
+    save_checkpoint(path, state)
+    if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0:      # written as safely as ckpt.pt
+        save_checkpoint(os.path.join(args.out, f"ckpt-epoch{step // steps_per_epoch}.pt"), state,
+                        f"{path} holds this epoch: free disk space, then continue with --resume")
 
 
 if __name__ == "__main__":
