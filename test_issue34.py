@@ -311,3 +311,35 @@ def test_a_dead_peer_is_told_apart_from_other_runtime_errors():
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:4823: Connection reset by peer.")
     assert train.peer_is_gone(gloo) and not train.peer_is_gone(RuntimeError("CUDA out of memory"))
     assert np.isfinite(1.0)
+
+
+def test_torchrun_with_a_process_killed_ends_in_one_line_from_rank_0(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "1000",
+               "--device", "cpu"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is saved
+            time.sleep(0.2)
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):   # torchrun's child with RANK=1
+            try:
+                parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                if parent == launcher.pid and b"\0RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read():
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:                   # a process that ended meanwhile
+                continue
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: rank 1 of the 2 training processes stopped (killed?), so rank 0 cannot go on; "
+                    f"{out / 'ckpt.pt'} holds the last epoch saved: continue with --resume"], stderr[-3000:]
+    assert "[rank0]" not in stderr and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
