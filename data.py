@@ -128,10 +128,15 @@ def supervised_recipes(size):
     return [ViewRecipe(size, SUPERVISED_SCALE, blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0)]
 
 
+# The columns of draw_views' parameters, in order: what make_views needs to know of each crop
+VIEW_PARAMETERS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "grey", "sigma",
+                   "solarise")
+
+
 def draw_views(recipes, sizes, generator):
     """Every random choice of one step's views, on the CPU, from `generator` alone in a fixed order, so that
     a seed gives the same draws on any device: recipes (V ViewRecipes), sizes CPU int64 (B, 2), each
-    image's (height, width) -> float32 (V, B, P = 12) on the CPU, for each crop:
+    image's (height, width) -> float32 (V, B, P = 12) on the CPU, for each crop (VIEW_PARAMETERS):
 
         0-3   x0, y0, x1, y1              its box in pixels, inside the image's true size
         4     flip                        1 to mirror it, else 0
@@ -150,8 +155,8 @@ def draw_views(recipes, sizes, generator):
     low, high, flip_p, jitter_p, brightness, contrast, saturation, hue, grey_p, blur_p, *sigma, solarize_p = fields
     u = torch.rand(32, len(recipes), len(sizes), generator=generator)    # (32, V, B): every uniform of every crop
     u_area, u_ratio = u[:10], u[10:20]                                   # (10, V, B) each: 10 attempts per crop
-    (u_x, u_y, u_jitter, u_flip, u_brightness, u_contrast, u_saturation, u_hue, u_grey, u_blur, u_sigma,
-     u_solarise) = u[20:]                                                # (V, B) each, in this order
+    (u_x, u_y, u_flip, u_jitter, u_brightness, u_contrast, u_saturation, u_hue, u_grey, u_blur, u_sigma,
+     u_solarise) = u[20:]                                                # (V, B) each, in the columns' order
     height, width = sizes.T.float()                                      # each (B,)
     area = height * width * (low + (high - low) * u_area)                # (10, V, B)
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u_ratio)      # log-uniform in [3/4, 4/3]
@@ -172,54 +177,49 @@ def draw_views(recipes, sizes, generator):
 
 
 # DINO's DataAugmentationDINO, step by step, and where each is made here (make_views, per view):
-#   RandomResizedCrop(size, scale, bicubic)   draw_views' box; resize_matrix's rows and columns, two products
-#   RandomHorizontalFlip(0.5)                 draw_views' flip: resize_matrix reads the columns from the right
-#   ColorJitter(0.4, 0.4, 0.2, 0.1), p 0.8    the brightness factor; contrast, then colour_matrix (saturation, hue)
-#   RandomGrayscale(0.2)                      colour_matrix's grey
-#   GaussianBlur(p, sigma 0.1-2)              gaussian_kernels, two grouped convolutions
-#   Solarization(0.2), second global view     the solarise threshold
-#   ToTensor, Normalize(ImageNet)             the last loop
+#   1 RandomResizedCrop(size, scale, bicubic)   draw_views' box; resize_matrix's rows and columns, two products
+#     RandomHorizontalFlip(0.5)                 draw_views' flip: resize_matrix reads the columns from the right
+#   2 ColorJitter(0.4, 0.4, 0.2, 0.1), p 0.8    the brightness factor, then contrast and colour_matrix
+#   3 RandomGrayscale(0.2)                      colour_matrix's grey (saturation, hue, grey: one 3 x 3 matrix)
+#   4 GaussianBlur(p, sigma 0.1-2)              gaussian_kernels, two grouped convolutions
+#   5 Solarization(0.2), second global view     the solarise threshold
+#   6 ToTensor, Normalize(ImageNet)             the normalisation at the end of each view
 def make_views(images, recipes, parameters):
     """The views: images uint8 (B, 3, H, W) on any device, recipes (V), parameters draw_views' (V, B, P) on
     the same device -> list of V float32 tensors (B, 3, s, s), globals first, normalised with ImageNet's
     mean and std. One view after another, as DataAugmentationDINO makes them, each step a few tensor
     operations over the whole batch, each crop with its own parameters; the few numbers per crop that the
-    steps need (colour matrix, blur kernel, and resize matrices, these per size) are made first, for all
-    views at once.
+    steps need (resize matrices, colour matrix, blur kernel) are made first, for all views at once.
 
     Every step runs on every crop, with an identity parameter where the crop's draw skips it (factor 1,
     hue 0, grey 0, sigma 0, solarise 0): no value is read by the host and no shape depends on a draw, so
     torch.compile(fullgraph=True) traces it with the network, CUDA graphs record it, and it runs on the
     meta device. A step that a view's recipe never takes (the supervised baseline's colours, blur=False) is
-    left out: a choice made from the recipe alone. The views of one size could be one batch (DINO's 6
-    local views: 6 B crops), fewer kernels for a GPU to launch, but on a CPU tensors that large (28 MB for
-    STL-10's globals) made it slower: they outgrow the caches, and glibc hands freed blocks that large
-    back to the system, whose fresh pages then cost more than the arithmetic on them.
+    left out: a choice made from the recipe alone.
 
     Values are float32 on PIL's scale, 0 ... 255, until the normalisation. The crop is linear in the image
     and separable: each channel X of it is R X C^T, with R (s, H) and C (s, W) the crop's rows and columns
-    (resize_matrix), mirrored through C at no cost. Its two products and the blur's two convolutions run
-    in crop_dtype: bf16 on a CPU that computes it natively, several times faster; float32 elsewhere.
+    (resize_matrix), mirrored through C at no cost.
 
-    Where the arithmetic is ours rather than PIL's: the crop is resized as roi_align (aligned=True)
-    resizes it, bilinear samples averaged over ceil(h / s) x ceil(w / s) points per output pixel of an
-    h x w box (antialiased when shrinking), not by PIL's bicubic filter, so a little softer when
-    enlarging; the jitter's order is always brightness, contrast, saturation, hue, where torchvision draws
-    one of 24 at each call (the first three are blends with black, with the mean grey and with the image's
-    own grey, which commute until a value clips); the hue turns each colour about the grey axis r = g = b,
-    where torchvision shifts the HSV hue: the same turn on average (a pixel's hue within ~0.025 turns of
-    it), keeping the mean of r, g, b rather than the largest; contrast, saturation, hue and greyscale, each
-    linear in a pixel's colour, are one 3 x 3 matrix per crop, clipped to [0, 255] once after all four,
-    where PIL clips after each; the blur is a sampled Gaussian of 13 taps, where PIL runs three box
-    filters; and values stay float32 between steps, where PIL rounds to uint8 after each, but for bf16 on
-    a CPU with native bf16: the crop's products and the blur (its input, weights and both passes) round to
-    8 significant bits, no coarser than PIL's uint8 from 128 up and finer below, in every crop of a view
-    that may be blurred, sigma 0 or not, and a blur can overshoot 255 by one (test_hydes.py bounds how far
-    each step lands from PIL's and from float32)."""
+    Where the arithmetic is ours rather than PIL's (test_hydes.py bounds how far each step lands from PIL's):
+    - resizing: as roi_align (aligned=True), bilinear samples averaged over ceil(h / s) x ceil(w / s)
+      points per output pixel of an h x w box (antialiased when shrinking), not PIL's bicubic filter: a
+      little softer when enlarging; samples may reach half a pixel past the box, never past the image;
+    - the jitter's order: always brightness, contrast, saturation, hue, where torchvision draws one of 24
+      (the first three are blends with black, the mean grey and the pixel's grey: they commute until a
+      value clips);
+    - the hue: a turn of each colour about the grey axis r = g = b, where torchvision shifts the HSV hue
+      (the same turn on average, a pixel's hue within ~0.025 turns of it);
+    - clipping: contrast, saturation, hue and greyscale, each linear in a pixel's colour, are one 3 x 3
+      matrix per crop, clipped to [0, 255] once, where PIL clips after each;
+    - the blur: a sampled Gaussian of 13 taps, where PIL runs three box filters;
+    - rounding: values stay float32, where PIL rounds to uint8 after each step; but on a CPU with native
+      bf16 (crop_dtype, several times faster) the crop's two products and the blur round to 8 significant
+      bits, no coarser than uint8 from 128 up, and a blur can overshoot 255 by one."""
     batch, _, height, width = images.shape
     dtype = crop_dtype(images.device)                                     # bf16 on a CPU with native bf16
     source = images.to(dtype).reshape(batch, 3 * height, width)          # (B, 3 H, W): 0 ... 255, exact in bf16
-    # draw_views' columns by name, each (V, B): crop b of view v
+    # draw_views' columns by name (VIEW_PARAMETERS), each (V, B): crop b of view v
     x0, y0, x1, y1, flip, brightness, contrast, saturation, hue, grey, sigma, solarise = parameters.unbind(-1)
     rows, columns = [], []                       # each crop's resize matrices, for all views of one size at once
     for size, run in itertools.groupby(range(len(recipes)), key=lambda v: recipes[v].size):
@@ -233,28 +233,33 @@ def make_views(images, recipes, parameters):
         radius = math.ceil(3 * max(r.blur_sigma[1] for r in recipes if r.blur_p))
         kernels = gaussian_kernels(sigma, radius).to(dtype)                           # (V, B, k)
         kernels = kernels.repeat_interleave(3, dim=1)[:, :, None]                     # (V, 3 B, 1, k): per channel
+    # One view at a time: the views of one size could be one batch (DINO's 6 local views: 6 B crops), fewer
+    # kernels for a GPU, but on a CPU tensors that large (28 MB for STL-10's globals) were slower: they
+    # outgrow the caches, and glibc hands freed blocks that large back to the system, whose fresh pages
+    # then cost more than the arithmetic on them.
     views = []
     for v, recipe in enumerate(recipes):
         size = recipe.size
         each = lambda column: column[v].view(-1, 1, 1, 1)                # (V, B) -> this view's (B, 1, 1, 1)
+        # 1 crop and flip: X C^T, then R (X C^T)
         x = torch.bmm(source, columns[v].transpose(1, 2))                 # (B, 3 H, W) @ (B, W, s) -> (B, 3 H, s)
         x = rows[v][:, None] @ x.view(batch, 3, height, size)            # (B, 1, s, H) @ (B, 3, H, s) -> (B, 3, s, s)
-        x = (x * each(brightness)).clamp_(max=255)                        # ColorJitter's brightness b x, float32
-        if recipe.jitter_p or recipe.grayscale_p:                         # contrast c x + (1 - c) m, then M, the
-            c = each(contrast)                                            # saturation, hue and greyscale
+        x = (x * each(brightness)).clamp_(max=255)                        # 2 ColorJitter's brightness b x, float32
+        if recipe.jitter_p or recipe.grayscale_p:                         # 2-3 contrast c x + (1 - c) m, then M,
+            c = each(contrast)                                            # the saturation, hue and greyscale
             m = luma(x.mean((2, 3), keepdim=True))                        # (B, 1, 1, 1): m, the crop's mean grey
             # M (c x + (1 - c) m) = c M x + (1 - c) m, as M keeps greys: one product for the four steps
             x = torch.baddbmm(((1 - c) * m).view(-1, 1, 1), c.view(-1, 1, 1) * colours[v],
                               x.flatten(2)).view_as(x).clamp_(0, 255)
-        if recipe.blur_p:                            # a grouped convolution: each crop's channels, its kernel
+        if recipe.blur_p:                            # 4 a grouped convolution: each crop's channels, its kernel
             y = F.pad(x.view(1, 3 * batch, size, size).to(dtype), (radius,) * 4, mode="replicate")   # as PIL
             y = F.conv2d(y, kernels[v][..., None], groups=3 * batch)     # down the columns: (1, 3 B, s, s + 2 r)
             y = F.conv2d(y, kernels[v][:, :, None], groups=3 * batch)    # along the rows: (1, 3 B, s, s)
             x.copy_(y.view_as(x))                                         # back into x (sigma 0: x, in dtype)
-        if recipe.solarize_p:                                             # PIL's solarize: 255 - v where v >= 128
+        if recipe.solarize_p:                                             # 5 PIL's solarize: 255 - v where v >= 128
             threshold = torch.where(each(solarise) > 0, 128.0, math.inf)        # (B, 1, 1, 1): never, if not chosen
             x.add_(x >= threshold, alpha=-255).abs_()                     # |v - 255| = 255 - v there, |v - 0| = v
-        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):   # ToTensor and Normalize, (v / 255
+        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):   # 6 ToTensor, Normalize: (v / 255
             x[:, c].sub_(255 * mean).div_(255 * std)                      # - mean) / std, with Python numbers
         views.append(x)                                                   # (no constant to copy to the device)
     return views

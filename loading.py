@@ -15,7 +15,7 @@ crop a 57 px patch of a 256 px square, upscaled to 96. The images travel as uint
 floats to pin and copy).
 
 Either way the batches follow an `EpochOrder`, which makes the data order a function of the seed and
-the epoch, and every augmentation is seeded by (seed, step, rank) (`augmentation_seed`): a run resumed
+the epoch, and every augmentation is seeded by (seed, step, rank) (train.augmentation_generator): a run resumed
 at any step sees the images and views an uninterrupted one would.
 """
 
@@ -207,12 +207,6 @@ class EpochOrder(torch.utils.data.Sampler):
         for b in range(self.start_batch, self.batches_per_epoch):
             first = b * self.batch_size + self.rank * self.per_process
             yield order[first:first + self.per_process].tolist()
-
-
-def augmentation_seed(seed, step, rank):
-    """The 64-bit seed of step `step`'s augmentation on process `rank` (train.py's generator of the step,
-    which data.draw_views draws every view of the step from), mixed by numpy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
 
 
 class InMemoryBatches:

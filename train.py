@@ -45,7 +45,7 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_cro
 from evaluate import PaperLinearProbe, knn_accuracy
 from features import extract_features
 from hydes import hydes_loss, infonce_loss, mi_ceiling, own_view_share
-from loading import (InMemoryBatches, MonitorImages, augmentation_seed, labelled_training_images,
+from loading import (InMemoryBatches, MonitorImages, labelled_training_images,
                      note_mixed_sizes, training_data)
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from runs import (NothingToTrain, RunControl, checkpoint_state, distributed_setup, epoch_sums_so_far, open_run_folder,
@@ -427,8 +427,10 @@ def loss_schedule(args, step, total_steps):
 
 def augmentation_generator(seed, step, rank):
     """The generator of step `step`'s augmentation on process `rank`: a function of the three, so that a
-    resumed run draws the views an uninterrupted one would, and processes draw different ones."""
-    return torch.Generator().manual_seed(augmentation_seed(seed, step, rank))
+    resumed run draws the views an uninterrupted one would, and processes draw different ones. The three
+    are mixed into one 64-bit seed by numpy's SeedSequence (nearby seeds give unrelated streams)."""
+    mixed = np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed))
 
 
 # ----------------------------------------------------------------------------------------------------
