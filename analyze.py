@@ -29,10 +29,8 @@ ordering of the heat map (pip install nltk && python -m nltk.downloader wordnet)
 for the MiniLM column (pip install sentence-transformers). Without them the other measurements are still
 written and the skipped columns are named.
 
-Every picture is drawn with PIL, already there for torchvision: no figure needs an optional package, and
-the heat map's cells, its colour bar and the saliency overlays are pixels computed here (and checked by
-the tests). `analyze.py curves RUN ...` (Figs. 6-8) draws a metric of each run's log.jsonl per epoch
-(default the online linear probe's top-1, what the figures plot), one labelled line per run, in one PNG.
+Every picture is drawn with PIL, so no figure needs an optional package. `analyze.py curves RUN ...`
+(Figs. 6-8) draws a metric of each run's log.jsonl per epoch, one labelled line per run, in one PNG.
 
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
 centroids.png, saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
@@ -96,58 +94,43 @@ from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_pr
 # rank" when it discusses its rank columns): Table III shows our effective rank there, an open choice.
 
 def anisotropy(sigma):
-    """Table III's anisotropy: sigma_1^2 / sum_k sigma_k^2, from the singular values sigma (largest first)
-    of the raw, uncentred feature matrix X (N, F).
+    """Table III's anisotropy (cited): sigma_1^2 / sum_k sigma_k^2 of the raw, uncentred features X (N, F).
 
-    Source: SSL-Whitening, pretrain/metrics.py (see the notes above). sum_k sigma_k^2 = |X|_F^2 =
-    sum_i |f_i|^2, so this is the share of the features' energy along their top direction: 1 when every f_i
-    lies on one line, 1/F when the energy is spread equally over F orthogonal directions. Uncentred, a
-    common mean direction counts: taking the unit mean direction as a candidate for the top singular
-    vector gives anisotropy >= |mean f|^2 / mean |f|^2, which is CVN^2 when all norms are equal.
+    sum_k sigma_k^2 = |X|_F^2, so this is the share of the features' energy along their top direction: 1
+    when every f_i lies on one line, 1/F when it is spread equally over F orthogonal directions. Uncentred,
+    a common mean direction counts: anisotropy >= |mean f|^2 / mean |f|^2 (CVN^2 when all norms are equal).
     """
     energy = sigma.double().pow(2)
     return (energy.max() / energy.sum()).item()
 
 
 def rank_above(sigma, tol=0.1):
-    """Table III's rank: the number of singular values of the raw features X (N, F) strictly above 0.1,
-    torch.linalg.matrix_rank(X, atol=0.1, rtol=0). Source: SSL-Whitening, pretrain/metrics.py, whose
-    tolerance is absolute: a direction counts when sigma_k > 0.1, whatever the features' scale (scaling X
-    by c scales every sigma_k by c), so it is a rank "above 0.1", not a count of directions above rounding
-    noise; numerical_rank is that count.
-    """
+    """Table III's rank (cited): the singular values of the raw features above 0.1, an absolute tolerance
+    (torch.linalg.matrix_rank(X, atol=0.1, rtol=0)) that does not scale with X: a rank "above 0.1"."""
     return int((sigma > tol).sum())
 
 
 def effective_rank(sigma):
-    """Effective rank (Roy & Vetterli 2007), ours: exp(-sum_k p_k log p_k) with p_k = sigma_k / sum sigma.
-
-    Between 1 (one direction) and the number of singular values (all equal), it counts how many
-    directions the rows really use, weighting each by its singular value. Applied to the uncentred unit
-    embeddings, as RankMe (Garrido et al. 2023) does, and to the class centroids.
-    """
+    """Effective rank (Roy & Vetterli 2007), ours: exp(-sum_k p_k log p_k) with p_k = sigma_k / sum sigma,
+    between 1 (one direction) and the number of singular values (all equal); RankMe (Garrido et al. 2023)
+    applies it to embeddings."""
     p = sigma.double() / sigma.sum()
     p = p[p > 0]                                                  # 0 log 0 = 0
     return math.exp(-(p * p.log()).sum().item())
 
 
 def numerical_rank(sigma, shape):
-    """Numerical rank, ours: the singular values above sigma_max * max(rows, columns) * eps(float32),
-    numpy's matrix_rank rule with the float32 epsilon because the features are float32 (below that is
-    rounding noise). sigma: the singular values of a matrix of that shape. Unlike Table III's rank
-    (rank_above), the tolerance scales with the matrix, so every direction above noise counts.
-    """
+    """Numerical rank, ours: the singular values sigma of a matrix of that shape above sigma_max *
+    max(shape) * eps(float32), numpy's rule with float32's epsilon (the features' rounding noise). Unlike
+    Table III's rank, the tolerance scales with the matrix, so every direction above noise counts."""
     return rank_above(sigma, sigma.max().item() * max(shape) * torch.finfo(torch.float32).eps)
 
 
 def feature_correlation(feats):
-    """Table III's correlation: (1 / (F(F-1))) sum_{a != b} |r_ab|, the mean absolute Pearson correlation
-    between two different dimensions a, b of the raw features (N, F), over all N features.
-
-    Source: SSL-Whitening, pretrain/metrics.py. r_ab = cov_ab / (std_a std_b) over the N features (the
-    1/N or 1/(N-1) of the covariance cancels). 0 for decorrelated dimensions, the target of Barlow Twins
-    and VICReg. A constant dimension's pairs count as 0 (see the notes above). Returns (correlation, the
-    number of constant dimensions); the correlation is nan for a single dimension.
+    """Table III's correlation (cited): (1 / (F(F-1))) sum_{a != b} |r_ab|, the mean absolute Pearson
+    correlation of two different dimensions of the raw features (N, F); 0 for decorrelated dimensions, the
+    target of Barlow Twins and VICReg. A constant dimension's pairs count as 0 (see the notes above).
+    Returns (correlation, the number of constant dimensions); the correlation is nan for one dimension.
     """
     feats = feats.double()
     centred = feats - feats.mean(0)                                          # (N, F)
@@ -177,14 +160,11 @@ def angle_stats(cosines):
 def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, centroids=None):
     """Table III's measurements of raw features (N, F) with integer labels (N,), and our extra columns.
 
-    pos_feats: (2, P, F), the features of two augmented views of P images (the training augmentation),
-    for the positive-pair angle; None leaves it out. The all-pairs statistics (mean_cosine, d', the
-    pairwise angle) use a seeded random subset of max_points features: 4,000 give 8 million pairs, which
-    pins a mean to well under 0.01 while an (N, N) matrix of 50,000 would need 20 GB. The other
-    statistics use every feature, as the cited code does for its three. centroids: the class centroids
-    (C, F) of the unit features, when the caller has them (analyze_checkpoint computes them once, for
-    Table IV and Fig. 5 too); None computes them here, for the classes 0..max(labels). Returns a dict of
-    floats (ranks: effective ones as floats, the others as ints).
+    pos_feats: (2, P, F), the features of two augmented views of P images, for the positive-pair angle
+    (None: left out). The all-pairs statistics use a seeded subset of max_points features: 4,000 give 8
+    million pairs, which pins a mean to well under 0.01 while an (N, N) matrix of 50,000 would need 20 GB.
+    The others use every feature, as the cited code does. centroids: the class centroids (C, F) of the
+    unit features, if the caller has them (None: computed here, for the classes 0..max(labels)).
     """
     feats, labels = feats.double(), labels.long()
     z = F.normalize(feats, dim=1)                                            # (N, F) on the sphere
@@ -245,10 +225,9 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, cen
 # Positive pairs: two views of one image under the training augmentation (Table III, Section VI-B)
 
 class TwoViews(torch.utils.data.Dataset):
-    """Item 2k is image k's first global crop, item 2k + 1 its second: DINO's two global recipes
-    (`recipes`), made by data.multi_crop as training makes them, from the image at its own size. Both items
-    of a pair come from one draw, of a generator seeded by (seed, k), whichever loading worker makes them,
-    so that extract_features returns pairs in adjacent rows."""
+    """Item 2k is image k's first global crop, item 2k + 1 its second, made by data.multi_crop as training
+    makes them. Both come from one draw seeded by (seed, k), whichever loading worker makes them, so that
+    extract_features returns pairs in adjacent rows."""
 
     def __init__(self, dataset, indices, recipes, seed):
         self.dataset, self.indices, self.recipes, self.seed = dataset, indices, recipes, seed
@@ -264,12 +243,9 @@ class TwoViews(torch.utils.data.Dataset):
         return views[item % 2][0], label                                     # (3, s, s), normalised
 
 
-def positive_pair_features(backbone, dataset, data_dir, split, train_args, image_size, count, device,
-                           workers=2, seed=0):
-    """Features (2, P, F) of two augmented views of P seeded random images of the split.
-
-    The augmentation is the checkpoint's training one (crop sizes, scales, blur); another library's
-    backbone, which carries no training arguments, gets data.dino_recipes' defaults."""
+def positive_pair_features(backbone, dataset, data_dir, split, train_args, image_size, count, device, workers, seed):
+    """Features (2, P, F) of two views of P seeded random images of the split, in the checkpoint's training
+    augmentation (another library's backbone, which carries no training arguments: dino_recipes')."""
     args = train_args or {}
     global_size, local_size = default_crop_sizes(image_size)
     recipes = dino_recipes(args.get("global_size", global_size), args.get("local_size", local_size),
@@ -309,11 +285,8 @@ def upper_triangle(matrix):
 
 def mantel_p_value(a, b, permutations=999, seed=0):
     """One-sided p-value of Spearman(a, b) for two (C, C) symmetric matrices, by permuting the classes of b.
-
-    The C(C-1)/2 pairs are not independent (each class is in C-1 of them), so the usual t-test would be
-    too optimistic; the Mantel test keeps that dependence. Ranks are computed once: permuting the classes
-    of a matrix permutes the ranks of its pairs.
-    """
+    The pairs are not independent (each class is in C-1 of them), so a t-test would be too optimistic.
+    Ranks are computed once: permuting the classes of a matrix permutes the ranks of its pairs."""
     rng = np.random.default_rng(seed)
     ranks_a = rankdata(upper_triangle(a))
     rank_matrix = np.zeros_like(b, dtype=np.float64)
@@ -327,13 +300,10 @@ def mantel_p_value(a, b, permutations=999, seed=0):
 
 
 def average_linkage(distances):
-    """Agglomerative clustering with average linkage (UPGMA) of a (C, C) distance matrix.
+    """Agglomerative clustering with average linkage (UPGMA) of a (C, C) distance matrix, O(C^3).
 
-    Returns (cophenetic, leaves): cophenetic[i, j] is the height at which i and j first join a cluster,
-    the tree's own distance (Sokal & Rohlf 1962); leaves is the left-to-right leaf order of the tree,
-    which puts similar classes next to each other (the heat map's order). Merging A and B, the distance
-    to any other cluster K is the size-weighted mean d(A+B, K) = (|A| d(A, K) + |B| d(B, K)) / (|A| + |B|).
-    O(C^3), about a second for C = 1000.
+    Returns (cophenetic, leaves): cophenetic[i, j] is the height at which i and j first join a cluster
+    (Sokal & Rohlf 1962); leaves is the tree's left-to-right leaf order, similar classes side by side.
     """
     d = np.array(distances, dtype=np.float64)
     count = len(d)
@@ -377,12 +347,8 @@ def is_wnid_list(class_names):
 
 
 def synset_names(class_names):
-    """The WordNet synset ('dog.n.01') of each class, or None when the classes have no known mapping.
-
-    ImageNet and ImageNet-100 classes are wnids (n01440764), looked up by offset, as the paper's Table IV
-    needs; CIFAR-10 and STL-10 classes (and `folder` datasets whose class folders carry their names) go
-    through the tables above, for small runs. Other datasets have none, and skip the WordNet columns.
-    """
+    """The WordNet synset ('dog.n.01') of each class, or None: ImageNet's wnids (n01440764) by offset, as
+    Table IV needs; CIFAR-10's and STL-10's names (also as `folder` class folders) by the tables above."""
     if is_wnid_list(class_names):
         wordnet = load_wordnet()
         return [wordnet.synset_from_pos_and_offset("n", int(name[1:])).name() for name in class_names]
@@ -404,15 +370,10 @@ def load_wordnet():
 
 
 def wordnet_similarities(names):
-    """Wu-Palmer and Leacock-Chodorow similarities between all pairs of synsets: two (C, C) arrays.
-
-    nltk's definitions: WUP = 2 depth(lcs) / ((path(a, lcs) + depth(lcs)) + (path(b, lcs) + depth(lcs))),
-    with lcs the lowest common subsumer, depth(lcs) its depth from the root in nodes and path() a path
-    length in edges, in (0, 1]; LCH = -log((path(a, b) + 1) / (2 * 19)), 19 the depth of WordNet's noun
-    hierarchy. (nltk's path lengths may go up to a shared hypernym and down again; the tests write this
-    out.) Both grow with semantic closeness. The diagonal (a synset with itself) is left at the maximum
-    and never used.
-    """
+    """Wu-Palmer and Leacock-Chodorow similarities between all pairs of synsets: two (C, C) arrays, by
+    nltk's definitions (the tests write them out): WUP = 2 depth(lcs) / ((path(a, lcs) + depth(lcs)) +
+    (path(b, lcs) + depth(lcs))), lcs the lowest common subsumer, in (0, 1]; LCH = -log((path(a, b) + 1) /
+    (2 * 19)), 19 the depth of WordNet's noun hierarchy. Both grow with semantic closeness."""
     wordnet = load_wordnet()
     synsets = [wordnet.synset(name) for name in names]
     count = len(synsets)
@@ -424,25 +385,14 @@ def wordnet_similarities(names):
     return wup, lch
 
 
-def display_names(class_names):
-    """Words for the classes: the first lemma of an ImageNet synset ('tench'), else the folder name with
-    underscores as spaces ('maple tree')."""
-    if is_wnid_list(class_names):
-        return [n.split(".")[0].replace("_", " ") for n in synset_names(class_names)]
-    return [name.replace("_", " ") for name in class_names]
-
-
 def text_similarities(words, model=None):
-    """Cosine similarities (C, C) of the words embedded by all-MiniLM-L6-v2 (sentence-transformers): the
-    model of Section VI-C, which reports Table IV (Section IV names all-MiniLM-L2-v2 instead).
-
-    model: a local folder holding the model, else the HYDES_TEXT_MODEL environment variable, else the hub name
-    (downloaded on first use)."""
+    """Cosine similarities (C, C) of the words embedded by all-MiniLM-L6-v2 (sentence-transformers), the
+    model of Section VI-C (Section IV names L2-v2). model: a local copy, else downloaded on first use."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise MissingExtra("MiniLM similarities need sentence-transformers: pip install sentence-transformers") from None
-    name = model or os.environ.get("HYDES_TEXT_MODEL") or "all-MiniLM-L6-v2"
+    name = model or "all-MiniLM-L6-v2"
     try:
         encoder = SentenceTransformer(name, device="cpu")
     except Exception as error:  # no network, no such folder: errors of several libraries (OSError, HTTP, ...)
@@ -453,18 +403,12 @@ def text_similarities(words, model=None):
 
 
 def semantic_alignment(similarity, class_names, text_model=None, permutations=999):
-    """Table IV: how the class centroids' similarities agree with WordNet's and with a text model's.
+    """Table IV: how the class centroids' cosine similarities (C, C) agree with WordNet's and MiniLM's.
 
-    similarity (C, C): the cosine similarities of the class centroids. Every column is a Spearman
-    correlation over the C(C-1)/2 class pairs, signed so that positive = aligned: the centroids' cosine
-    similarity against a similarity (WUP, LCH, MiniLM cosine). Cophenetic: the centroids are clustered by
-    average linkage on the cosine distance 1 - cos, and the tree's cophenetic distances are correlated
-    (Spearman, like the other columns, where the classic cophenetic coefficient is Pearson's) with
-    WordNet's distance 1 - WUP. Each also gets a Mantel permutation p-value (the paper reports p < 0.05).
-
-    Returns (result, skipped, references): result maps column -> value; skipped lists the one-line
-    reasons for the columns that could not be computed; references holds the (C, C) similarity matrices
-    compared against ("wup", "lch", "minilm"), those that could be computed.
+    Every column is a Spearman correlation over the class pairs, positive = aligned, with a Mantel p-value
+    (the paper reports p < 0.05). Cophenetic: the centroids' average-linkage tree on 1 - cos against
+    WordNet's distance 1 - WUP (Spearman, where the classic coefficient is Pearson's). Returns (result,
+    skipped: one-line reasons for the columns not computed, references: the (C, C) matrices compared with).
     """
     result, skipped = {}, []
     if len(class_names) < 3:
@@ -479,8 +423,9 @@ def semantic_alignment(similarity, class_names, text_model=None, permutations=99
             references["wup"], references["lch"] = wordnet_similarities(names)
     except MissingExtra as error:
         skipped.append(f"WordNet columns skipped: {error}")
-    try:
-        references["minilm"] = text_similarities(display_names(class_names), text_model)
+    try:                 # the words: an ImageNet synset's first lemma ('tench'), else the class folder's name
+        words = [n.split(".")[0] for n in synset_names(class_names)] if is_wnid_list(class_names) else class_names
+        references["minilm"] = text_similarities([word.replace("_", " ") for word in words], text_model)
     except MissingExtra as error:
         skipped.append(f"MiniLM column skipped: {error}")
     for column, reference in references.items():
@@ -491,21 +436,6 @@ def semantic_alignment(similarity, class_names, text_model=None, permutations=99
         result["cophenetic"] = spearman(upper_triangle(cophenetic), upper_triangle(1 - references["wup"]))
         result["cophenetic_p"] = mantel_p_value(-cophenetic, references["wup"], permutations)
     return result, skipped, references
-
-
-def heatmap_order(class_names, similarity, wup=None):
-    """The order of the classes in Fig. 5, so that structure shows.
-
-    ImageNet wnids: their own sorted order, which is WordNet's (dogs 151-268 together, as in the paper's
-    bright block). Otherwise, with WordNet: the leaf order of the average-linkage tree of WordNet
-    distances, the same for every checkpoint of a dataset so that pictures can be compared. Without:
-    the leaf order of the tree of the centroids themselves. Returns (order, how).
-    """
-    if is_wnid_list(class_names):
-        return list(np.argsort(class_names, kind="stable")), "wordnet (wnid order)"
-    if wup is not None:
-        return average_linkage(1 - wup)[1], "wordnet (average-linkage leaf order of 1 - WUP)"
-    return average_linkage(1 - similarity)[1], "centroids (average-linkage leaf order of 1 - cos)"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -543,8 +473,7 @@ def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
     ticks = [f"{v:.{digits}f}" for v in (high, (low + high) / 2, low)]
     width = left + side + 3 * margin + bar_width + max(int(draw.textlength(t, font=font)) for t in ticks) + margin
     canvas = Image.new("RGB", (width, side + 2 * margin), "white")
-    image = Image.fromarray((body.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    canvas.paste(image, (left, margin))
+    canvas.paste(Image.fromarray((body.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (left, margin))
     bar = colormap(torch.linspace(1, 0, side).unsqueeze(1).expand(side, bar_width))       # (3, side, bar)
     bar_left = left + side + 2 * margin
     canvas.paste(Image.fromarray((bar.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (bar_left, margin))
@@ -610,19 +539,14 @@ def scale_to_unit(heat):
 
 
 def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noise=0.15):
-    """saliency.png: one row per image, the input beside its heat map laid over it (colour map at 60 %).
-
-    Small images are enlarged by a whole factor (nearest neighbour, so pixels stay visible) to at
-    least 128 px. Returns the picture (3, H, W)."""
+    """saliency.png: one row per image, the input beside its heat map laid over it (colour map at 60 %),
+    enlarged by a whole factor (nearest neighbour, so pixels stay visible) to at least 128 px."""
     backbone = backbone.eval()
     rows = []
     for index in indices:
-        image, _ = dataset[index]
-        image = image.to(device)
-        if isinstance(backbone, VisionTransformer):
-            heat = vit_attention_map(backbone, image).cpu()
-        else:
-            heat = smoothgrad_cam(backbone, image, samples, noise)
+        image = dataset[index][0].to(device)
+        heat = (vit_attention_map(backbone, image).cpu() if isinstance(backbone, VisionTransformer)
+                else smoothgrad_cam(backbone, image, samples, noise))
         picture = unnormalize(image).clamp(0, 1).cpu()       # displayable RGB (3, S, S), where the heat map is
         overlay = 0.4 * picture + 0.6 * colormap(heat)
         rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
@@ -671,9 +595,8 @@ def parse_args(argv=None):
     p.add_argument("--smooth-noise", type=float, default=0.15,
                    help="SmoothGrad noise std as a fraction of the image's value range (Smilkov et al.: 0.1-0.2)")
     p.add_argument("--permutations", type=int, default=999, help="Mantel permutations for Table IV's p-values")
-    p.add_argument("--text-model", help="local folder of all-MiniLM-L6-v2 (default: $HYDES_TEXT_MODEL, else "
-                                        "downloaded by sentence-transformers), Table IV's MiniLM column (Section "
-                                        "VI-C's model; Section IV names L2-v2)")
+    p.add_argument("--text-model", help="local folder of all-MiniLM-L6-v2, Table IV's MiniLM column (default: "
+                                        "downloaded by sentence-transformers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, the crops and the SmoothGrad noise")
     p.add_argument("--out", help="folder for analyze.jsonl and the PNGs (default: analysis/ beside the checkpoint)")
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
@@ -708,24 +631,19 @@ def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
     with ctrl_c_in_one_line(f"no result was written; the features extracted so far are kept in {args.cache_dir}"):
-        return analyze_and_save(args)
-
-
-def analyze_and_save(args):
-    """analyze_checkpoint, then its tables, JSON line and pictures, each saved on its own."""
-    try:
-        result, pictures = analyze_checkpoint(args, torch.device(args.device))
-    except (CheckpointError, DatasetError) as error:
-        raise SystemExit(f"error: {error_message(error)}")
-    p_values = [f"{c} {result[c + '_p']:.3f}" for c in ("wup", "lch", "cophenetic", "minilm") if c + "_p" in result]
-    if p_values:
-        print(f"Mantel p-values ({args.permutations} permutations of the classes): " + ", ".join(p_values))
-    for reason in result["skipped"]:
-        print(f"skipped: {reason}")
-    # The rows and analyze.jsonl first, the pictures after: a failure to write one never costs the others
-    keep_results(result, os.path.join(args.out, "analyze.jsonl"),
-                 [(table3_row(result), TABLE3_COLUMNS, args.table3), (result, TABLE4_COLUMNS, args.table4)], pictures)
-    return result
+        try:
+            result, pictures = analyze_checkpoint(args, torch.device(args.device))
+        except (CheckpointError, DatasetError) as error:
+            raise SystemExit(f"error: {error_message(error)}")
+        p_values = [f"{c} {result[c + '_p']:.3f}" for c in ("wup", "lch", "cophenetic", "minilm") if c + "_p" in result]
+        if p_values:
+            print(f"Mantel p-values ({args.permutations} permutations of the classes): " + ", ".join(p_values))
+        for reason in result["skipped"]:
+            print(f"skipped: {reason}")
+        # The rows and analyze.jsonl first, the pictures after: a failure to write one never costs the others
+        rows = [(table3_row(result), TABLE3_COLUMNS, args.table3), (result, TABLE4_COLUMNS, args.table4)]
+        keep_results(result, os.path.join(args.out, "analyze.jsonl"), rows, pictures)
+        return result
 
 
 def analyze_checkpoint(args, device):
@@ -737,7 +655,8 @@ def analyze_checkpoint(args, device):
     # float32 features (exact): Table III's numerical ranks count singular values above float32 noise
     feats, labels, _ = cached_features(backbone, args.checkpoint, network_digest(args.checkpoint, info), dataset,
                                        data_dir, split, image_size, device, args.cache_dir, args.workers, exact=True)
-    class_names = dataset_split(dataset, data_dir, split, transform=None).classes
+    data = dataset_split(dataset, data_dir, split, eval_transform(image_size))     # for the class names, Figs. 2-3
+    class_names = data.classes
     if len(set(labels.tolist())) < 2:
         raise DatasetError(f"{dataset} has fewer than 2 classes in its {split} split; the analysis compares classes")
     result = {"dataset": dataset, "method": info["method"], "arch": info["arch"], "epoch": info["epoch"],
@@ -760,9 +679,17 @@ def analyze_checkpoint(args, device):
     semantic, skipped, references = semantic_alignment(similarity, class_names, args.text_model, args.permutations)
     result.update(semantic)
 
-    # Fig. 5 on the paper's 0 to 1 scale (comparable across checkpoints: darker = closer to 90 degrees),
-    # widened below 0 when some centroids lie further than 90 degrees apart.
-    order, result["heatmap_order"] = heatmap_order(class_names, similarity, references.get("wup"))
+    # Fig. 5 in an order that shows structure: ImageNet's wnids sorted, which is WordNet's order (dogs
+    # 151-268 together, the paper's bright block); else the leaf order of the average-linkage tree of
+    # WordNet's distances (the same for every checkpoint of a dataset), or without WordNet of the centroids'.
+    if is_wnid_list(class_names):
+        order, result["heatmap_order"] = list(np.argsort(class_names, kind="stable")), "wordnet (wnid order)"
+    else:
+        wordnet = "wup" in references
+        order = average_linkage(1 - (references["wup"] if wordnet else similarity))[1]
+        result["heatmap_order"] = ("wordnet" if wordnet else "centroids") + " (average-linkage leaf order)"
+    # On the paper's 0 to 1 scale (comparable across checkpoints: darker = closer to 90 degrees), widened
+    # below 0 when some centroids lie further than 90 degrees apart.
     ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
     result["centroids_png"] = os.path.join(args.out, "centroids.png")
     low = min(0.0, float(upper_triangle(similarity).min()))
@@ -772,7 +699,6 @@ def analyze_checkpoint(args, device):
     # Figs. 2 and 3
     if args.images > 0:
         result["saliency_png"] = os.path.join(args.out, "saliency.png")
-        data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
         indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
         pictures.append((result["saliency_png"], lambda: save_saliency_grid(
             backbone, data, indices, result["saliency_png"], device, args.smooth_samples, args.smooth_noise)))
@@ -858,13 +784,11 @@ def plot_curves(curves, labels, metric, path, size=(720, 480)):
     draw = ImageDraw.Draw(canvas)
     for x, text in zip(x_ticks, x_tick_labels):
         px = to_pixel(x, y_low)[0]
-        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))                      # grid
-        draw.line([(px, bottom), (px, bottom + tick)], fill="black")
+        draw.line([(px, top), (px, bottom + tick)], fill=(230, 230, 230))               # grid, and the tick
         draw.text((px, bottom + tick + 4), text, fill="black", font=font, anchor="mt")
     for y, text in zip(y_ticks, y_tick_labels):
         py = to_pixel(x_low, y)[1]
-        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        draw.line([(left - tick, py), (left, py)], fill="black")
+        draw.line([(left - tick, py), (right, py)], fill=(230, 230, 230))
         draw.text((left - tick - 4, py), text, fill="black", font=font, anchor="rm")
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text(((left + right) / 2, size[1] - pad), "epoch", fill="black", font=font, anchor="md")

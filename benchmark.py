@@ -17,11 +17,9 @@ held on the device. The second has a row per setting, --forward, --precision and
   vs eager        img/s over the eager row's of the same setting and precision, in the same process
   peak memory     torch.cuda.max_memory_allocated over the row's steps (n/a on a CPU)
   gradient error  ||g - g64|| / ||g64||: the row's step's gradient (at its third call: a replay under CUDA
-                  graphs) against the same step run eagerly in float64 on the same weights and views (the
-                  loss in float32 in both, as hydes.py does by design). An untrained network's gradient on
-                  noise is ill-conditioned: float32 lands anywhere from 1e-6 to 1e-2 (1e-1 with cuDNN's TF32
-                  convolutions), bf16 at 0.1 to 0.5. It catches a row orders of magnitude above its
-                  precision's, or nan: a kernel that computes the wrong thing
+                  graphs) against the same step run eagerly in float64 (the loss in float32 in both). On an
+                  untrained network and noise, float32 lands anywhere from 1e-6 to 1e-2 (1e-1 with TF32),
+                  bf16 at 0.1 to 0.5: it catches a kernel that computes the wrong thing, orders above, or nan
   first step      seconds of the row's first step: the compilation, cuDNN's autotuning
 * marks train.py's --precision auto on the device. SPEED.md records the tables printed so far, with machines.
 """
@@ -244,13 +242,6 @@ def step_line(row):
 # ----------------------------------------------------------------------------------------------------
 # The command
 
-def describe_device(device, threads):
-    """One line: the device (a CPU's bf16 native or emulated), the load, torch's version."""
-    what = (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} torch thread(s) of "
-            f"{os.cpu_count()} cores, bf16 {'native' if cpu_has_native_bf16() else 'emulated (no AVX-512 BF16 or AMX)'}")
-    return f"device {device}: {what}; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}"
-
-
 def main(argv=None):
     args = parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -273,7 +264,11 @@ def measure(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"       # as train.py: each convolution's fastest algorithm
-    print(describe_device(device, torch.get_num_threads()))
+    # One line: the device (a CPU's bf16 native or emulated), the load, torch's version
+    bf16 = "native" if cpu_has_native_bf16() else "emulated (no AVX-512 BF16 or AMX)"
+    what = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {args.threads} torch thread(s) of {os.cpu_count()} cores, bf16 {bf16}")
+    print(f"device {device}: {what}; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
     if args.monitor:
         (train_count, test_count), name = args.monitor, args.inputs[0]
         first, later = monitor_seconds(name, train_count, test_count, args, device)

@@ -22,15 +22,13 @@ from settings import features_precision, precision_for
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False,
                      checkpoint=None):
-    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64. The dataset
-    gives normalised images (eval_transform), or uint8 ones, normalised here on the device. Features that
-    are not finite (NaN or inf: broken weights) raise a CheckpointError naming `checkpoint`: no probe
-    should score them.
+    """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64, from normalised
+    images (eval_transform) or uint8 ones. Features that are not finite (broken weights) raise a
+    CheckpointError naming `checkpoint`: no probe should score them.
 
-    exact=False: in features_precision, fast and enough for the probes, whose accuracies do not move with
-    the last bits. exact=True: in float32 throughout, for analyze.py, whose numerical ranks count singular
-    values above float32 rounding: bf16's 8-bit mantissa rounds every feature by ~0.4% and fills the null
-    space, so a rank-16 matrix comes out as rank 200 or more."""
+    exact=False: in features_precision, fast and enough for the probes. exact=True: in float32, for
+    analyze.py, whose numerical ranks count singular values above float32 rounding: bf16's 8-bit mantissa
+    fills the null space, so a rank-16 matrix comes out as rank 200 or more."""
     if isinstance(dataset, torch.utils.data.TensorDataset):     # images already in memory (train.py's monitor):
         images, targets = dataset.tensors                          # slices of them, no loader, no per-image Python
         loader = [(images[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(images), batch_size)]
@@ -59,29 +57,23 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     return features, torch.cat(labels)
 
 
-def split_fingerprint(data):
-    """A digest of what a split holds: its class names and, for image folders, every file's path, size
-    and modification time, so that adding, removing or replacing an image changes it. (Datasets stored
-    as arrays, CIFAR and STL-10, are fixed files: their class names and length stand for them.)"""
-    digest = hashlib.sha256(json.dumps([list(data.classes), len(data)]).encode())
-    for path, label in getattr(data, "samples", []):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def cached_features(backbone, checkpoint, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,
                     workers=2, exact=False):
     """extract_features of `checkpoint` for one split, read from cache_dir when the same key was extracted before.
     Returns (features (N, F), labels (N,), whether they came from the cache).
 
     The key: the checkpoint's bytes, the dataset, its folder, the split, the resolution, the split's files
-    (split_fingerprint), and the precision of the forward pass (exact: see extract_features), so that
-    features extracted under bf16 never stand in for float32 ones. A cache file that cannot be
-    read (cut short, say) is extracted anew."""
+    and the precision of the forward pass (exact: see extract_features), so that features extracted under
+    bf16 never stand in for float32 ones. A cache file that cannot be read is extracted anew."""
     data = dataset_split(dataset, data_dir, split, eval_transform(image_size))
+    # The split's class names and, for image folders, every file's path, size and time, so that adding,
+    # removing or replacing an image changes the key (CIFAR's and STL-10's arrays are fixed files)
+    files = hashlib.sha256(json.dumps([list(data.classes), len(data)]).encode())
+    for path, label in getattr(data, "samples", []):
+        stat = os.stat(path)
+        files.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     key = {"checkpoint": checkpoint_digest, "dataset": dataset, "data_dir": os.path.abspath(data_dir),
-           "split": split, "image_size": image_size, "files": split_fingerprint(data),
+           "split": split, "image_size": image_size, "files": files.hexdigest(),
            "precision": str(torch.float32 if exact else getattr(features_precision(device, backbone).autocast,
                                                                 "fast_dtype", torch.float32))}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

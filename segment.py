@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
@@ -54,10 +55,7 @@ from models import VisionTransformer
 from settings import (HelpFormatter, ctrl_c_in_one_line, default_device, device_argument, error_message,
                       features_precision, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file)
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
-NUM_CLASSES = len(VOC_CLASSES)
+NUM_CLASSES = 21             # background and VOC's 20 object classes, the mask values 0-20
 VOID = 255
 TABLE_COLUMNS = ("method", "arch", "pixel_accuracy", "miou")
 
@@ -71,7 +69,7 @@ class VOCError(RuntimeError):
 
 def find_voc_root(data_dir):
     """The VOC2012 folder (the one holding JPEGImages/) under data_dir. Nothing is downloaded: VOC's 2 GB
-    archive comes from a mirror that is often down, and a default --data-dir would fetch it unasked."""
+    archive comes from a mirror that is often down."""
     for candidate in (data_dir, os.path.join(data_dir, "VOC2012"), os.path.join(data_dir, "VOCdevkit", "VOC2012")):
         if os.path.isdir(os.path.join(candidate, "JPEGImages")):
             return candidate
@@ -80,11 +78,9 @@ def find_voc_root(data_dir):
 
 
 class VOCSegmentation(torch.utils.data.Dataset):
-    """(normalised image, int64 mask with 0-20 and 255) for the ids of one list file.
-
-    whole_image_stride None: the centre S x S square of both, S = image_size: (3, S, S), (S, S) (training).
-    whole_image_stride an int: the whole image, shorter side about S and both sides multiples of the stride,
-    (3, h, w), and the mask untouched at the file's resolution, (H, W) (validation; see the module docstring).
+    """(normalised image, int64 mask with 0-20 and 255) for the ids of one list file. whole_image_stride
+    None: the centre S x S square of both, S = image_size (training); an int: the whole image, its sides
+    multiples of the stride, and the mask at the file's resolution (validation; see the module docstring).
     """
 
     def __init__(self, root, split, image_size, whole_image_stride=None):
@@ -128,34 +124,23 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, mask = self.read_pair(index)
-        if self.whole_image_stride is None:
-            image = centre_square(image, self.image_size, Image.BICUBIC)
-            mask = centre_square(mask, self.image_size, Image.NEAREST)
+        if self.whole_image_stride is None:     # the shorter side resized to S, then the centre square
+            image = TF.center_crop(TF.resize(image, self.image_size, TF.InterpolationMode.BICUBIC), self.image_size)
+            mask = TF.center_crop(TF.resize(mask, self.image_size, TF.InterpolationMode.NEAREST), self.image_size)
         else:
             image = image.resize(whole_image_size(image.size, self.image_size, self.whole_image_stride), Image.BICUBIC)
         mask = torch.from_numpy(np.array(mask, dtype=np.int64))
         return TO_NORMALISED_TENSOR(image), mask     # (3, S, S), (S, S) or (3, h, w), (H, W)
 
     def check_every_file(self):
-        """Read every pair of the list once (read_pair), so that a bad file is named before the probe
-        trains: a val image met only when scoring would cost the whole training. In this process: VOC's
-        2,913 pairs take about ten seconds (measured on 500 x 375 pairs), beside the probe's 20 epochs."""
+        """Read every pair of the list once, so that a bad file is named before the probe trains, not after
+        (VOC's 2,913 pairs take about ten seconds)."""
         labelled = 0             # masks with a pixel that is not void: with none, there is nothing to learn or score
         for index in tqdm(range(len(self)), desc=f"checking {len(self)} images and masks", leave=False):
             labelled += bool((np.asarray(self.read_pair(index)[1]) != VOID).any())
         if not labelled:
             raise VOCError(f"every pixel of the {len(self)} masks in {self.list_file} is void (255): there is nothing "
                            f"to train or score; list images whose masks label classes 0-20")
-
-
-def centre_square(img, size, resample):
-    """Resize so the shorter side is `size`, then crop the central size x size square (PIL in, PIL out)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 def whole_image_size(original_size, size, stride):
@@ -223,10 +208,8 @@ def update_confusion(confusion, prediction, target):
 
 def segmentation_metrics(confusion):
     """(pixel accuracy %, mIoU %) from a (C, C) confusion matrix (rows truth, columns prediction).
-
-    IoU_c = TP / (TP + FP + FN). A class absent from both truth and prediction has 0/0 and is left out
-    of the mean, as the VOC benchmark's per-dataset IoU and common toolkits do (it neither helps nor hurts).
-    """
+    IoU_c = TP / (TP + FP + FN); a class absent from both truth and prediction (0/0) is left out of the
+    mean, as the VOC benchmark does."""
     confusion = confusion.double()
     true_positive = confusion.diag()
     union = confusion.sum(0) + confusion.sum(1) - true_positive
@@ -240,17 +223,13 @@ def segmentation_metrics(confusion):
 # Training and evaluation
 
 def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, workers=2, seed=0):
-    """Fit the hypercolumn probe on the training list; the backbone stays frozen (eval mode).
-
-    The backbone runs again every epoch rather than caching its stages: ResNet-50's stages for VOC's
-    1,464 training images at 320 px would take about 18 GB in float32, while a forward pass is cheap.
-    """
+    """Fit the hypercolumn probe on the training list, the backbone frozen. It runs again every epoch
+    rather than caching its stages: ResNet-50's for VOC's 1,464 training images at 320 px would take about
+    18 GB in float32, while a forward pass is cheap."""
     torch.manual_seed(seed)
-    backbone.eval()
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(seed))
-    example = frozen_stages(backbone, train_set[0][0][None], device)
-    probe = HypercolumnProbe([f.shape[1] for f in example]).to(device)
+    probe = HypercolumnProbe([f.shape[1] for f in frozen_stages(backbone, train_set[0][0][None], device)]).to(device)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
     for epoch in range(epochs):
         bar = tqdm(loader, desc=f"probe epoch {epoch + 1}/{epochs}", leave=False)
@@ -280,12 +259,8 @@ def evaluate_probe(backbone, probe, val_set, device, workers=2):
 
 @torch.no_grad()
 def pca_picture(stages, output_size):
-    """(3, H, W) in [0, 1]: the first three principal components of one image's hypercolumns as RGB.
-
-    stages: list of (C_k, h_k, w_k) maps for one image. Each channel is standardised over the image's
-    pixels, every stage upsampled to the finest grid, concatenated, projected, and each component scaled
-    to the full [0, 1] range.
-    """
+    """Figure 4's (3, H, W) in [0, 1] for one image's stages, a list of (C_k, h_k, w_k) maps: see the
+    module docstring."""
     grid = max((f.shape[-2:] for f in stages), key=lambda s: s[0] * s[1])
     columns = []
     for f in stages:
@@ -305,9 +280,8 @@ def save_pca_grid(backbone, dataset, count, path, device):
     """A PNG with one row per image: the input, then its hypercolumn PCA (Figure 4)."""
     rows = []
     for index in range(min(count, len(dataset))):
-        image, _ = dataset[index]
-        stages = frozen_stages(backbone, image[None], device)
-        pca = pca_picture([f[0] for f in stages], image.shape[-2:]).cpu()
+        image = dataset[index][0]
+        pca = pca_picture([f[0] for f in frozen_stages(backbone, image[None], device)], image.shape[-2:]).cpu()
         rows.append(torch.cat([unnormalize(image), pca], dim=2))     # side by side: (3, S, 2S)
     grid = torch.cat(rows, dim=1)                                    # stacked: (3, n*S, 2S)
     save_png(grid, path)
@@ -321,8 +295,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_backbone_arguments(p)
     p.add_argument("--data-dir", default="data", help="VOCdevkit, or the VOC2012 folder itself")
-    p.add_argument("--train-split", default="train", help="list in ImageSets/Segmentation to fit on")
-    p.add_argument("--val-split", default="val", help="list to report on")
     p.add_argument("--image-size", type=int, default=320, help="shorter side in px that images are resized to: "
                    "training crops the centre square, val keeps the whole image and scores its full-size mask")
     p.add_argument("--epochs", type=int, default=20, help="probe epochs (paper: 20)")
@@ -366,8 +338,8 @@ def segment_and_save(args):
     try:
         backbone, info = load_backbone_from_args(args, device)
         root = find_voc_root(args.data_dir)
-        train_set = VOCSegmentation(root, args.train_split, args.image_size)
-        val_set = VOCSegmentation(root, args.val_split, args.image_size, whole_image_stride=input_stride(backbone))
+        train_set = VOCSegmentation(root, "train", args.image_size)
+        val_set = VOCSegmentation(root, "val", args.image_size, whole_image_stride=input_stride(backbone))
         for dataset in (train_set, val_set):       # a bad file is named now, not after the probe's training
             dataset.check_every_file()
         os.makedirs(args.out, exist_ok=True)
@@ -381,7 +353,7 @@ def segment_and_save(args):
         pictures = []
         if args.pca_images:      # Figure 4 as a grid of equal tiles: the val images' centre squares
             result["pca_png"] = os.path.join(args.out, "pca_hypercolumns.png")
-            pca_set = VOCSegmentation(root, args.val_split, args.image_size)
+            pca_set = VOCSegmentation(root, "val", args.image_size)
             pictures.append((result["pca_png"], lambda: save_pca_grid(backbone, pca_set, args.pca_images,
                                                                       result["pca_png"], device)))
     except VOCError as error:
