@@ -56,7 +56,7 @@ from data import (GLOBAL_SCALE, DatasetError, dataset_split, default_crop_sizes,
 from features import cached_features, extract_features
 from models import VisionTransformer
 from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
-                      seed_rule, unwritable, unwritable_file)
+                      replaces_a_file, seed_rule, unwritable, unwritable_file)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,6 +599,7 @@ def parse_args(argv=None):
                                         "downloaded by sentence-transformers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, the crops and the SmoothGrad noise")
     p.add_argument("--out", help="folder for analyze.jsonl and the PNGs (default: analysis/ beside the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace the PNGs that --out holds already")
     p.add_argument("--table3", help="Markdown file to append a Table III row to")
     p.add_argument("--table4", help="Markdown file to append a Table IV row to")
     p.epilog = "Learning curves of several runs (Figs. 6-8): python analyze.py curves --help"
@@ -620,7 +621,9 @@ def check_args(args):
         (args.permutations >= 1, f"--permutations must be >= 1 (got {args.permutations}); 999 gives p down to 0.001"),
         *checkpoint_argument_rules(args),
     ]) or unwritable(args.out, "--out") or unwritable(args.cache_dir, "--cache-dir") \
-        or unwritable_file(args.table3, "--table3") or unwritable_file(args.table4, "--table4")
+        or unwritable_file(args.table3, "--table3") or unwritable_file(args.table4, "--table4") \
+        or replaces_a_file(os.path.join(args.out, "centroids.png"), "--out", args.force) \
+        or (replaces_a_file(os.path.join(args.out, "saliency.png"), "--out", args.force) if args.images else None)
 
 
 def main(argv=None):
@@ -818,7 +821,9 @@ def curves_main(argv):
                         "linear_top5, knn_top1, knn_top5, loss, mi, h_global, h_local, accuracy")
     p.add_argument("--labels", nargs="+", help="legend entries, one per run (default: the folders' names)")
     p.add_argument("--out", default="curves.png", help="PNG file to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    refuse(replaces_a_file(args.out, "--out", args.force) or unwritable_file(args.out, "--out"))
     # A run folder, or the folder of a log file given directly (RUN/eval.jsonl), names its line.
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(run)) if os.path.isfile(run)
                                               else os.path.normpath(run)) for run in args.runs]

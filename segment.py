@@ -53,11 +53,13 @@ from checkpoints import (CheckpointError, add_backbone_arguments, backbone_argum
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import VisionTransformer
 from settings import (HelpFormatter, ctrl_c_in_one_line, default_device, device_argument, error_message,
-                      features_precision, first_problem, numbers_are_finite, refuse, unwritable, unwritable_file)
+                      features_precision, first_problem, numbers_are_finite, refuse, replaces_a_file, unwritable,
+                      unwritable_file)
 
 NUM_CLASSES = 21             # background and VOC's 20 object classes, the mask values 0-20
 VOID = 255
 TABLE_COLUMNS = ("method", "arch", "pixel_accuracy", "miou")
+PCA_PNG = "pca_hypercolumns.png"            # Figure 4, in --out
 
 
 class VOCError(RuntimeError):
@@ -260,7 +262,12 @@ def evaluate_probe(backbone, probe, val_set, device, workers=2):
 @torch.no_grad()
 def pca_picture(stages, output_size):
     """Figure 4's (3, H, W) in [0, 1] for one image's stages, a list of (C_k, h_k, w_k) maps: see the
-    module docstring."""
+    module docstring. A stage of one pixel (a narrow input's last stage) has no spatial variance to
+    standardise and nothing to show: it is left out."""
+    stages = [f for f in stages if f.shape[-2] * f.shape[-1] > 1]
+    if not stages:
+        raise ValueError("every stage of the backbone is 1 x 1 px at this --image-size, so there is no map to "
+                         "draw; raise --image-size for Figure 4's picture")
     grid = max((f.shape[-2:] for f in stages), key=lambda s: s[0] * s[1])
     columns = []
     for f in stages:
@@ -303,6 +310,7 @@ def parse_args(argv=None):
     p.add_argument("--pca-images", type=int, default=8, help="val images in the PCA picture (0: none)")
     p.add_argument("--method", help="name for the table's method column (default: from the checkpoint)")
     p.add_argument("--out", help="folder for segment.jsonl and the PCA PNG (default: beside the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace a PCA PNG that --out holds already")
     p.add_argument("--table", help="Markdown file to append a Table II row to")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--device", type=device_argument, default=default_device(), help="cpu, cuda, cuda:N or mps")
@@ -322,7 +330,8 @@ def check_args(args):
         (args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0,
          "--epochs and --batch-size must be >= 1 and --lr > 0 (the paper: 20 epochs, batch 32, lr 1e-3)"),
         (args.pca_images >= 0 and args.workers >= 0, "--pca-images and --workers must be >= 0"),
-    ]) or unwritable(args.out, "--out") or unwritable_file(args.table, "--table")
+    ]) or unwritable(args.out, "--out") or unwritable_file(args.table, "--table") or (
+        replaces_a_file(os.path.join(args.out, PCA_PNG), "--out", args.force) if args.pca_images else None)
 
 
 def main(argv=None):
@@ -352,7 +361,7 @@ def segment_and_save(args):
                   "val_pixels_scored": int(confusion.sum()), "epochs": args.epochs}
         pictures = []
         if args.pca_images:      # Figure 4 as a grid of equal tiles: the val images' centre squares
-            result["pca_png"] = os.path.join(args.out, "pca_hypercolumns.png")
+            result["pca_png"] = os.path.join(args.out, PCA_PNG)
             pca_set = VOCSegmentation(root, "val", args.image_size)
             pictures.append((result["pca_png"], lambda: save_pca_grid(backbone, pca_set, args.pca_images,
                                                                       result["pca_png"], device)))

@@ -110,17 +110,18 @@ def device_argument(text):
 
 
 def replaces_a_file(path, option, force, reading=None):
-    """Why writing the file `path` whole (named by `option`) would destroy one the user owns, as a one-line
-    message; None if it would not. A file that exists is replaced only with --force; the file the script
-    reads (`reading`) and anything but a regular file (a device such as /dev/null, a pipe) never are."""
+    """Why writing the file `path` whole (named by `option`, or kept in the folder it names) would destroy
+    one the user owns, as a one-line message; None if it would not. A file that exists is replaced only
+    with --force; the file the script reads (`reading`) and anything but a regular file (a device such as
+    /dev/null, a pipe) never are."""
     if path is None or not os.path.exists(path):
         return None
     if not os.path.isfile(path):
-        return f"{option} {path} exists and is not a regular file (a device, folder or pipe); name a file"
+        return f"{path} exists and is not a regular file (a device, folder or pipe); pass another {option}"
     if reading is not None and os.path.exists(reading) and os.path.samefile(path, reading):
-        return f"{option} {path} is the file this command reads; name another file"
+        return f"{path} is the file this command reads; pass another {option}"
     if not force:
-        return f"{option} {path} exists; pass --force to replace it, or name another file"
+        return f"{path} exists; pass --force to replace it, or another {option}"
     return None
 
 

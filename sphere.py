@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from analyze import TAB10
 from hydes import hydes_loss, mi_ceiling
-from settings import HelpFormatter, first_problem, numbers_are_finite, refuse, seed_rule, unwritable
+from settings import (HelpFormatter, first_problem, numbers_are_finite, refuse, replaces_a_file, seed_rule,
+                      unwritable_file)
 
 PANEL, MARGIN, CAPTION = 150, 12, 44     # a hemisphere's diameter, the space around it, the text under a panel
 
@@ -122,6 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.02, help="Adam's learning rate on the points")
     p.add_argument("--seed", type=int, default=0, help="fixes the starting points")
     p.add_argument("--out", default="sphere.png", help="PNG file to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
 
 
@@ -135,7 +137,7 @@ def check_args(args):
         numbers_are_finite(args, ("lr",)),
         (args.lr > 0, "--lr must be > 0"),
         seed_rule(args.seed),
-    ]) or unwritable(os.path.dirname(os.path.abspath(args.out)), "--out")
+    ]) or replaces_a_file(args.out, "--out", args.force) or unwritable_file(args.out, "--out")
 
 
 def main(argv=None):

@@ -31,19 +31,19 @@ def test_export_refuses_an_existing_file_the_checkpoint_it_reads_and_a_device_no
     checkpoint = tmp_path / "run" / "ckpt.pt"
     before = checkpoint.read_bytes()
     for force in ([], ["--force"]):              # the checkpoint read is never replaced, even with --force
-        with pytest.raises(SystemExit, match=r"--export .*ckpt.pt is the file this command reads; name another"):
+        with pytest.raises(SystemExit, match=r"ckpt.pt is the file this command reads; pass another --export"):
             evaluate.main([str(checkpoint), "--export", str(checkpoint), *force])
     assert checkpoint.read_bytes() == before
     exported = tmp_path / "backbone.pth"
     exported.write_bytes(b"the user's file")
-    with pytest.raises(SystemExit, match=r"--export .*backbone.pth exists; pass --force to replace it"):
+    with pytest.raises(SystemExit, match=r"backbone.pth exists; pass --force to replace it, or another --export"):
         evaluate.main([str(checkpoint), "--export", str(exported)])
     assert exported.read_bytes() == b"the user's file"
     evaluate.main([str(checkpoint), "--export", str(exported), "--force"])
     assert set(torch.load(exported, weights_only=True)) >= {"conv1.weight", "fc.weight"} - {"fc.weight"}
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)                                          # a node that is not a regular file, made here
-    with pytest.raises(SystemExit, match=r"pipe exists and is not a regular file .*; name a file"):
+    with pytest.raises(SystemExit, match=r"pipe exists and is not a regular file .*; pass another --export"):
         evaluate.main([str(checkpoint), "--export", str(pipe), "--force"])
     with pytest.raises(OSError, match="is not a regular file"):                 # and at the write itself
         checkpoints.write_atomically(str(pipe), lambda f: f.write(b"x"))
@@ -54,6 +54,30 @@ def test_export_refuses_an_existing_file_the_checkpoint_it_reads_and_a_device_no
         with pytest.raises(OSError, match="is not a regular file"):
             checkpoints.write_atomically(str(node), lambda f: f.write(b"x"))
         assert stat.S_ISCHR(os.lstat(node).st_mode)
+
+
+def test_pictures_are_replaced_only_with_force(tmp_path):
+    import sphere
+    picture = tmp_path / "sphere.png"
+    picture.write_bytes(b"the user's figure")
+    argv = ["--steps", "0", "1", "--out", str(picture)]
+    with pytest.raises(SystemExit, match=r"sphere.png exists; pass --force to replace it, or another --out"):
+        sphere.main(argv)
+    with pytest.raises(SystemExit, match=r"sphere.png exists; pass --force to replace it, or another --out"):
+        analyze.main(["curves", str(tmp_path), "--out", str(picture)])
+    assert picture.read_bytes() == b"the user's figure"
+    sphere.main(argv + ["--force"])
+    assert Image.open(picture).format == "PNG"
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "saliency.png").write_bytes(b"an earlier run's")
+    train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"])
+    checkpoint = str(tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"saliency.png exists; pass --force to replace it, or another --out"):
+        analyze.main([checkpoint, "--out", str(tmp_path / "analysis")])
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "pca_hypercolumns.png").write_bytes(b"an earlier run's")
+    with pytest.raises(SystemExit, match=r"pca_hypercolumns.png exists; pass --force to replace it, or another --out"):
+        segment.main([checkpoint, "--out", str(tmp_path / "seg")])
 
 
 def full_disk_after(byte_count, monkeypatch):
@@ -343,3 +367,13 @@ def test_torchrun_with_a_process_killed_ends_in_one_line_from_rank_0(tmp_path):
     assert ours == [f"error: rank 1 of the 2 training processes stopped (killed?), so rank 0 cannot go on; "
                     f"{out / 'ckpt.pt'} holds the last epoch saved: continue with --resume"], stderr[-3000:]
     assert "[rank0]" not in stderr and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
+
+
+def test_the_pca_picture_leaves_out_stages_of_one_pixel_and_says_why_there_is_none():
+    g = torch.Generator().manual_seed(0)
+    stages = [torch.randn(8, 4, 4, generator=g), torch.randn(16, 2, 2, generator=g), torch.randn(32, 1, 1, generator=g)]
+    picture = segment.pca_picture(stages, (32, 32))          # an ImageNet-stem ResNet's last stage at 32 px: 1 x 1
+    assert picture.shape == (3, 32, 32) and torch.isfinite(picture).all()
+    assert torch.equal(picture, segment.pca_picture(stages[:2], (32, 32)))
+    with pytest.raises(ValueError, match="every stage of the backbone is 1 x 1 px at this --image-size"):
+        segment.pca_picture(stages[2:], (32, 32))
