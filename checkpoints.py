@@ -17,9 +17,13 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
+import zipfile
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data import DATASETS, DatasetError, native_image_size
 from models import ARCHS, BasicBlock, VisionTransformer, build_backbone
@@ -35,7 +39,11 @@ def write_atomically(path, write):
     see the old file or the new one, never half of one, whenever the process dies. The temporary name
     is unique (a second process writing the same path never touches this one's bytes); after a failure
     the temporary file is removed and the error raised (`path` is left as it was); torch's zip writer's
-    RuntimeError for a failed write becomes an OSError, as any other failed write is."""
+    RuntimeError for a failed write becomes an OSError, as any other failed write is. A `path` that exists
+    and is not a regular file (a device such as /dev/null, a folder, a pipe) is refused: the rename would
+    replace the node itself, not write into it."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise OSError(f"{path} exists and is not a regular file (a device, folder or pipe); name a file")
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         with open(tmp, "xb") as f:
@@ -70,102 +78,193 @@ def save_checkpoint(path, state, if_it_fails="the previous checkpoint, if any, i
         raise CheckpointError(f"cannot write {path} ({error.strerror or error}); {if_it_fails}") from None
 
 
-# DINO saves its settings as an argparse.Namespace: plain data, rebuilt without running code, so it is
-# allowed beside tensors, numbers, strings and containers (torch 2.4 and newer).
+# Plain data that checkpoints keep beside their tensors, rebuilt without running code, so allowed (torch 2.4
+# and newer): DINO's settings, an argparse.Namespace; an ImageNet script's best accuracy, a numpy scalar
+# (rebuilt by numpy's `scalar` from a dtype: numpy 1 names it numpy.core..., numpy 2 numpy._core...).
 if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([argparse.Namespace])
+    _scalar = np.float64(0).__reduce__()[0]
+    torch.serialization.add_safe_globals([argparse.Namespace, np.dtype, _scalar,
+                                          *[(_scalar, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")],
+                                          *{type(np.dtype(code)) for code in np.typecodes["All"]}])
 
 
-def safe_load(path):
+def safe_load(path, trust_pickle=False):
     """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file
-    that holds anything else (a pickle that would import or call something) is refused, not executed."""
+    that holds anything else (a pickled model, say) is refused unread, naming what it would build, unless
+    trust_pickle (--trust-pickle). A file that is not a PyTorch file, or one cut short, is named for what
+    it is (`not_pytorch`)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        problem = not_pytorch(path)
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"no checkpoint file at {str(path)!r}; pass the ckpt.pt that train.py wrote") from None
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is refused "
-                              f"unread (loading it could run code); re-save its state_dict alone") from None
-    except (RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(error).splitlines()[0]})") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path} ({error.strerror or error})") from None
+    if problem:
+        raise CheckpointError(f"{path} is {problem}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        if "truncated" in str(error):
+            raise CheckpointError(f"{path} is {CUT_SHORT}") from None
+        # torch names the first object the file would build: "Unsupported global: GLOBAL torchvision...ResNet"
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise CheckpointError(f"{path} holds a pickled {found[1] if found else 'object'}, not only tensors and plain "
+                              f"data, so it is refused unread (loading it runs code); pass --trust-pickle if you "
+                              f"trust the file, or re-save its state_dict()") from None
+    except (AttributeError, ImportError) as error:        # --trust-pickle: a class this Python does not have
+        raise CheckpointError(f"{path} pickles a class that cannot be imported here ({error}); load it where its "
+                              f"code is and save its state_dict()") from None
+    except EOFError:
+        raise CheckpointError(f"{path} is {CUT_SHORT}") from None
+    except RuntimeError as error:
+        if "unexpected EOF" in str(error):               # the format before torch 1.6, cut short
+            raise CheckpointError(f"{path} is {CUT_SHORT}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(error).strip()[:100]})") from None
+
+
+CUT_SHORT = "not a readable PyTorch file: it was cut short (an interrupted download or copy?); fetch it again"
+
+
+def not_pytorch(path):
+    """What a file is when it is no whole PyTorch file (which begins as a zip archive, or as a pickle in
+    the format before torch 1.6), by its first bytes, with what to do; None for a PyTorch file."""
+    with open(path, "rb") as f:
+        start = f.read(512)
+    text = start.lstrip().lower()
+    if not start:
+        return "empty, 0 bytes (an interrupted copy?); copy or download it again"
+    if start.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):                               # a zip's directory is at its end
+            return CUT_SHORT
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("/constants.pkl") for name in names):
+            return "a TorchScript archive (torch.jit.save); torch.jit.load it and torch.save its state_dict()"
+        return None if any(name.endswith("data.pkl") for name in names) else (
+            "a zip archive, not a PyTorch file; unzip it and pass the checkpoint inside")
+    if start.startswith(b"\x80"):
+        return None
+    if start.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights; run git lfs pull in its repository"
+    if start.startswith(b"\x1f\x8b"):
+        return "gzip-compressed; decompress it (gunzip) and pass the file inside"
+    if start[8:10] == b'{"':
+        return "a safetensors file; re-save it with torch.save(safetensors.torch.load_file(PATH), NEW_PATH)"
+    if text.startswith(b"<"):
+        return "an HTML page, not a checkpoint (a link that gave a web page?); download the file itself"
+    if text.startswith((b"{", b"[")):
+        return "a JSON file, not a checkpoint; pass the .pth or .ckpt file"
+    words = start.decode("utf-8", "ignore")
+    if b"\0" not in start and all(c.isprintable() or c.isspace() for c in words):
+        return f"a text file, not a checkpoint (it begins {' '.join(words.split())[:40]!r})"
+    return f"not a PyTorch file (it begins with the bytes {start[:8].hex(' ')})"
 
 
 METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
 
 
-def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None, quiet=False):
+def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None, quiet=False,
+                  trust_pickle=False):
     """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint or from another
     library's checkpoint or state_dict (see `find_backbone`). The file's tensors decide what is built
-    (`backbone_shape`): the flags only say what no tensor records, and one that contradicts the file is
-    an error naming both.
+    (`backbone_shape`); what no tensor records (a ViT's heads, a 3x3 conv1's padding, a missing ReLU, how
+    positions are resized) comes from what the file records (train.py's settings, our --export's note),
+    else from the flags, else from the layout's library (`Found.rules`), else from the usual rule, which
+    the printed line then names. A flag that contradicts the file, or fits no part of its network, is an
+    error naming both; so is a backbone tensor that the network built has no place for (`Found.unplaced`).
 
-    arch: a check (resnet18, resnet50, vit_tiny), never needed. checkpoint_key:
-    the network to read from a checkpoint that holds several (DINO: teacher or student). heads: a foreign
-    ViT's attention heads (default: 64 channels per head, timm's and DINO's rule). stem_padding: a 3x3 conv1's
-    padding (default: 2 in solo-learn's layout, which pads its CIFAR stem so, else 1). quiet: keep the line
-    that says what was taken from another library's file (info["loaded"]) unprinted.
+    arch: a check (resnet18, resnet50, vit_tiny), never needed. checkpoint_key: the network to read from a
+    checkpoint that holds several (DINO: teacher or student). heads: a ViT's attention heads (default: 64
+    channels per head, timm's and DINO's rule). stem_padding: a 3x3 conv1's padding (default: 2 in
+    solo-learn's layout, which pads its CIFAR stem so, else 1). quiet: keep the line that says what was
+    built from what (info["loaded"]) unprinted. trust_pickle: read a file that pickles objects (a whole
+    torch.save(model)), which runs their code: only for a file you trust (--trust-pickle).
 
     A ViT keeps the positional grid it was trained with and resizes it to each input's.
 
     Returns (backbone, info): info holds arch, image_size (train.py's crop size, else None), method (the
     objective a train.py checkpoint was trained with, else the file's name: resnet50_byol.pth ->
     resnet50_byol), the training arguments, the number of completed epochs (None for a foreign
-    checkpoint) and `network`, a line that says which tensors were built into what (the feature cache
-    keys on it: two networks of one file never share).
+    checkpoint), `loaded`, the printed line, and `network`, a line that says which tensors were built
+    into what (the feature cache keys on it: two networks of one file never share).
     """
-    checkpoint = safe_load(path)
+    checkpoint = safe_load(path, trust_pickle)
+    if isinstance(checkpoint, torch.nn.Module):                  # torch.save(model), read with --trust-pickle
+        checkpoint = checkpoint.state_dict()
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save the "
                               f"backbone's model.state_dict() instead")
-    ours = isinstance(checkpoint.get("args"), dict) and isinstance(checkpoint.get("model"), dict)
-    if ours:                          # train.py's: the backbone under backbone., its settings in args
-        trained = checkpoint["args"]
-        model = {k: v for k, v in checkpoint["model"].items() if isinstance(v, torch.Tensor)}
+    trained, model = checkpoint.get("args"), checkpoint.get("model")
+    # train.py's: its settings in args, the backbone under backbone. (a hand-rolled {'model', 'args'} is not)
+    ours = (isinstance(trained, dict) and {"arch", "global_size", "method"} <= set(trained) and
+            isinstance(model, dict) and any(str(k).startswith("backbone.") for k in model))
+    if ours:
+        model = {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
         found = Found(model, our_names([k for k in model if k.startswith("backbone.")], "backbone."),
-                      "backbone.", [], "'backbone.' of 'model'", solo_learn=False)
-        file_heads, file_padding = trained.get("heads") or 3, 1        # train.py: 3 heads unless told, padding 1
+                      "backbone.", [], "'backbone.' of 'model'")
+        recorded = {"heads": trained.get("heads") or 3, "stem_padding": 1, "stem_relu": True}   # train.py's
     else:
         found = find_backbone(checkpoint, path, checkpoint_key)
-        file_heads, file_padding = None, (2 if found.solo_learn else 1)
+        recorded = getattr(checkpoint, "_metadata", {}).get("", {}).get(EXPORT_NOTE, {})       # our --export's
     shape = backbone_shape(found.state, path)
-    problem = contradiction(shape, arch, heads if ours else None, stem_padding if ours else None, file_heads, path)
+    said = {name: value for name, value in (("heads", heads), ("stem_padding", stem_padding)) if value is not None}
+    problem = contradiction(shape, arch, said, recorded, path)
     if problem:
         raise CheckpointError(problem)
-    if shape["arch"] == "vit_tiny":
-        shape["heads"] = file_heads or heads or vit_heads(shape["width"], path)
-    elif shape["stem"] == "cifar":
-        shape["stem_padding"] = stem_padding or file_padding
-    elif stem_padding is not None:
-        raise CheckpointError(f"--stem-padding applies to a 3x3 conv1, and {path}'s is 7x7 (the ImageNet stem, "
-                              f"padded by 3); drop --stem-padding")
+    shape.update({**found.rules, **said, **recorded})
+    notes = []
+    if shape["arch"] == "vit_tiny" and "heads" not in shape:
+        shape["heads"] = vit_heads(shape["width"], path)
+        if shape.get("positions") != "dino":           # DINO's vision_transformer.py: 64 channels a head, no guess
+            notes.append(f"{shape['heads']} heads assumed (64 channels each, as in timm and DINO): pass --heads if not")
+    state, splits = averaged_splits(found.state)
+    if splits:
+        notes.append(f"BatchNorm statistics of {splits} splits averaged (Lightly's SplitBatchNorm, as its eval mode)")
     backbone = build_from_shape(shape)
     # num_batches_tracked is left out of files older than torch 0.4.1; BatchNorm fills it in (eval mode never reads it)
-    missing = sorted(k for k in set(backbone.state_dict()) - set(found.state) if not k.endswith("num_batches_tracked"))
+    missing = sorted(k for k in set(backbone.state_dict()) - set(state) if not k.endswith("num_batches_tracked"))
     if missing:
         raise CheckpointError(f"{path}: {found.where} lacks {len(missing)} of the {len(backbone.state_dict())} tensors "
                               f"of {describe(shape)} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    wrong = [(k, v.shape) for k, v in backbone.state_dict().items()
-             if k in found.state and found.state[k].shape != v.shape]
+    wrong = [(k, v.shape) for k, v in backbone.state_dict().items() if k in state and state[k].shape != v.shape]
     if wrong:                  # a wide or grouped ResNet, say: torch's own message lists every tensor
         name, built = wrong[0]
         raise CheckpointError(f"{path}: {len(wrong)} tensors do not fit {describe(shape)}, e.g. {name} is "
-                              f"{tuple(found.state[name].shape)} in the file, {tuple(built)} in the network; this "
+                              f"{tuple(state[name].shape)} in the file, {tuple(built)} in the network; this "
                               f"project builds the standard ResNets and ViTs only")
-    backbone.load_state_dict({k: found.state[k] for k in backbone.state_dict() if k in found.state})
+    unplaced = found.unplaced(backbone.state_dict())
+    if unplaced:               # LayerScale, qk-norm, registers: left out, the network would compute something else
+        raise CheckpointError(f"{path}: {found.where} holds {len(unplaced)} tensors of its backbone that this "
+                              f"project's {shape['arch']} has no place for ({', '.join(unplaced[:2])}"
+                              f"{', ...' if len(unplaced) > 2 else ''}); this project builds plain ResNets and ViTs: "
+                              f"probe it with the library that made it")
+    backbone.load_state_dict({k: state[k] for k in backbone.state_dict() if k in state})
     network = f"{describe(shape)}, {len(backbone.state_dict())} tensors from {found.where}"
+    left_out = found.left_out(backbone.state_dict())
+    info = {"arch": shape["arch"], "image_size": None, "train_args": None, "epoch": None,
+            "method": os.path.splitext(os.path.basename(path))[0], "network": network,
+            "loaded": "; ".join([f"{path}: {network}", *notes] + ([f"left out {left_out}"] if left_out else []))}
     if ours:
-        info = {"arch": trained["arch"], "image_size": trained["global_size"], "train_args": trained,
-                "method": METHOD_NAMES[trained["method"]], "epoch": checkpoint["epoch"]}
-    else:
-        left_out = found.left_out(backbone.state_dict())
-        info = {"arch": shape["arch"], "image_size": None, "train_args": None, "epoch": None,
-                "method": os.path.splitext(os.path.basename(path))[0],
-                "loaded": f"{path}: {network}" + (f"; left out {left_out}" if left_out else "")}
-        if not quiet:
-            print(info["loaded"])
-    info["network"] = network
+        info.update(image_size=trained["global_size"], train_args=trained, method=METHOD_NAMES[trained["method"]],
+                    epoch=checkpoint.get("epoch"))
+    if not quiet:
+        print(info["loaded"])
     # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.
     return backbone.to(device).eval().requires_grad_(False), info
+
+
+def averaged_splits(state):
+    """The state with each BatchNorm's statistics kept once per split (Lightly's SplitBatchNorm, num_splits=8:
+    8 C values for C channels) averaged over the splits, which is what SplitBatchNorm's eval mode
+    normalises by; and the number of splits (0 where there are none)."""
+    state, splits = dict(state), 0
+    for name, value in state.items():
+        weight = state.get(name.rsplit(".", 1)[0] + ".weight")
+        if (name.endswith(("running_mean", "running_var")) and weight is not None
+                and value.numel() > weight.numel() and value.numel() % weight.numel() == 0):
+            splits = value.numel() // weight.numel()
+            state[name] = value.view(splits, weight.numel()).mean(0)
+    return state, splits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,15 +301,21 @@ def backbone_shape(state, path):
                           f"(patch_embed, pos_embed, blocks); it holds {summary(state)}")
 
 
-def contradiction(shape, arch, heads, stem_padding, file_heads, path):
-    """The first flag that contradicts what the file says, as a one-line message, or None."""
+def contradiction(shape, arch, said, recorded, path):
+    """The first flag that contradicts the file or fits no part of its network, as a one-line message, or
+    None. said: the flags given ({"heads": 6}); recorded: what the file records that no tensor does
+    (train.py's settings, our --export's note)."""
     if arch is not None and arch != shape["arch"]:
         return f"--arch {arch}, but {path} holds {describe(shape)}; drop --arch (the file says what it is)"
-    if heads is not None and file_heads is not None and heads != file_heads:
-        return f"--heads {heads}, but {path} was trained with {file_heads} heads; drop --heads"
-    if stem_padding not in (None, 1) and shape.get("stem") == "cifar":
-        return (f"--stem-padding {stem_padding}, but {path} is train.py's, whose 3x3 conv1 pads by 1; "
-                f"drop --stem-padding")
+    if "heads" in said and shape["arch"] != "vit_tiny":
+        return f"--heads applies to a ViT, and {path} holds {describe(shape)}; drop --heads"
+    if "stem_padding" in said and shape.get("stem") != "cifar":
+        held = "is 7x7 (the ImageNet stem, padded by 3)" if "stem" in shape else f"holds {describe(shape)}"
+        return f"--stem-padding applies to a 3x3 conv1, and {path} {held}; drop --stem-padding"
+    for name, value in said.items():
+        if name in recorded and value != recorded[name]:
+            flag = "--" + name.replace("_", "-")
+            return f"{flag} {value}, but {path} was written by this project with {recorded[name]}; drop {flag}"
     return None
 
 
@@ -224,27 +329,47 @@ def vit_heads(width, path):
 
 
 def build_from_shape(shape):
-    """The backbone `backbone_shape` describes (with heads and stem_padding filled in)."""
+    """The backbone `backbone_shape` describes, with what no tensor records filled in: a ViT's heads and
+    positions (DINO's resize), a CIFAR stem's padding, a stem without its ReLU."""
     if shape["arch"] == "vit_tiny":
         if shape["width"] % shape["heads"]:
             raise CheckpointError(f"a ViT of width {shape['width']} cannot have {shape['heads']} heads "
                                   f"(they must divide it)")
-        return VisionTransformer(shape["grid"] * shape["patch"], shape["patch"], shape["width"], shape["depth"],
-                                 shape["heads"])
+        vit = DinoViT if shape.get("positions") == "dino" else VisionTransformer
+        return vit(shape["grid"] * shape["patch"], shape["patch"], shape["width"], shape["depth"], shape["heads"])
     backbone = build_backbone(shape["arch"], None, width=shape["width"], stem=shape["stem"])
     if shape["stem"] == "cifar":
-        backbone.conv1.padding = (shape["stem_padding"],) * 2      # solo-learn's CIFAR stem pads by 2, ours by 1
+        backbone.conv1.padding = (shape.get("stem_padding", 1),) * 2      # solo-learn's CIFAR stem pads by 2, ours by 1
+    if not shape.get("stem_relu", True):
+        backbone.relu = torch.nn.Identity()       # the stem's only: each block has its own
     return backbone
 
 
+class DinoViT(VisionTransformer):
+    """DINO's ViT, whose interpolate_pos_encoding resizes the positional grid by a scale factor of
+    (grid + 0.1) / side rather than to the grid's size (ours): other sampling points, features 1% apart
+    for a ViT-S/16 of 224 px at 96 px."""
+
+    def positional_embedding(self, grid_h, grid_w):
+        base = self.pos_embed.shape[1] - 1
+        if grid_h * grid_w == base and grid_h == grid_w:
+            return self.pos_embed
+        side, dim = math.isqrt(base), self.pos_embed.shape[2]
+        table = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        table = F.interpolate(table, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic")
+        return torch.cat([self.pos_embed[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
+
+
 def describe(shape):
-    """'a resnet18 (width 64, CIFAR stem)', 'a vit_tiny (width 192, depth 12, 3 heads, 16-px patches, 14x14 grid)'."""
+    """'a resnet18 (width 64, CIFAR stem padded by 1)', 'a vit_tiny (width 192, depth 12, 3 heads, 16-px
+    patches, 14x14 grid)', with what else was built: 'no ReLU after bn1', 'resized as DINO does'."""
     if shape["arch"] == "vit_tiny":
         heads = f", {shape['heads']} heads" if "heads" in shape else ""
         return (f"a vit_tiny (width {shape['width']}, depth {shape['depth']}{heads}, {shape['patch']}-px patches, "
-                f"{shape['grid']}x{shape['grid']} grid)")
+                f"{shape['grid']}x{shape['grid']} grid{' resized as DINO does' * (shape.get('positions') == 'dino')})")
     stem = "ImageNet stem" if shape["stem"] == "imagenet" else f"CIFAR stem padded by {shape.get('stem_padding', 1)}"
-    return f"a {shape['arch']} (width {shape['width']}, {stem})"
+    relu = "" if shape.get("stem_relu", True) else ", no ReLU after bn1"
+    return f"a {shape['arch']} (width {shape['width']}, {stem}{relu})"
 
 
 def summary(state, most=4):
@@ -273,7 +398,9 @@ MOMENTUM_WORDS = ("momentum", "target", "ema", "encoder_k", "key_encoder")
 # Lightly's examples keep the backbone as nn.Sequential(*list(resnet.children())[:-1]): the children by
 # number. Of torchvision's ResNet: conv1 bn1 relu maxpool layer1 ... layer4 avgpool (relu, maxpool and
 # avgpool hold nothing); of Lightly's own ResNetGenerator (a CIFAR-stem ResNet whose blocks call their
-# downsample "shortcut"): conv1 bn1 layer1 ... layer4. Each is told by where its layer4 lies.
+# downsample "shortcut"): conv1 bn1 layer1 ... layer4, and no ReLU after bn1, which its forward applies as
+# F.relu, no child: the network Lightly trains so has none, and is built without. Each is told by where its
+# layer4 lies.
 NUMBERED_RESNETS = ({"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"},
                     {"0": "conv1", "1": "bn1", "2": "layer1", "3": "layer2", "4": "layer3", "5": "layer4"})
 
@@ -281,16 +408,29 @@ NUMBERED_RESNETS = ({"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6"
 # (ours, timm's), Lightly's numbered ResNet.
 ANCHORS = ("conv1.weight", "patch_embed.weight", "patch_embed.proj.weight", "0.weight")
 
+# Parts of timm's and DINOv2's ViTs that lie beside the blocks and change the features (a norm before the
+# blocks or after pooling, attention pooling, register tokens): a file that has them is refused, as is one
+# with tensors inside the blocks or stages that ours lack (LayerScale's ls1.gamma, qk-norm's q_norm, SE).
+BACKBONE_EXTRAS = ("norm_pre", "fc_norm", "attn_pool", "reg_token", "register_tokens")
+
 
 class Found:
-    """A backbone found in another library's checkpoint. state: its tensors in this project's names;
-    where: a phrase ("'backbone.' of 'state_dict'"); solo_learn: whether the layout is solo-learn's, whose
-    CIFAR stem pads by 2. left_out(taken) names, briefly, the file's tensors that were not taken."""
+    """A backbone found in a checkpoint. state: its tensors in this project's names; where: a phrase
+    ("'backbone.' of 'state_dict'"); rules: what the layout's library builds that no tensor records
+    (solo-learn's CIFAR stem pads by 2, ...: see find_backbone). left_out(taken) names, briefly, the file's
+    tensors that were not taken; unplaced(taken) those of the backbone itself."""
 
-    def __init__(self, tensors, names, prefix, others, where, solo_learn):
+    def __init__(self, tensors, names, prefix, others, where, rules=None):
         self.tensors, self.names, self.prefix, self.others = tensors, names, prefix, others
         self.state = {ours: tensors[theirs] for ours, theirs in names.items()}
-        self.where, self.solo_learn = where, solo_learn
+        self.where, self.rules = where, rules or {}
+
+    def unplaced(self, taken):
+        """The file's names of the backbone's tensors that `taken` (the built network's names) has no place
+        for: under one of its modules (blocks.0.ls1.gamma) or among BACKBONE_EXTRAS. Heads (fc, head) and
+        whatever else lies beside the modules are no part of it."""
+        modules = {name.split(".")[0] for name in taken} | set(BACKBONE_EXTRAS)
+        return [self.names[k] for k in self.names if k not in taken and k.split(".")[0] in modules]
 
     def left_out(self, taken):
         taken = {self.names[k] for k in taken if k in self.names}
@@ -319,11 +459,14 @@ def find_backbone(checkpoint, path, key=None):
     this project's. Of several backbones the online one is taken (MOMENTUM_WORDS), then the one with the
     most tensors."""
     if key is not None and not isinstance(checkpoint.get(key), dict):
-        raise CheckpointError(f"{path} has no {key!r}; its keys are {', '.join(map(str, checkpoint))}")
+        keys = [str(k) for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+        held = (f"its keys are {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else
+                f"it holds {summary(checkpoint)} and nothing else: drop --checkpoint-key")
+        raise CheckpointError(f"{path} has no {key!r}; {held}")
     key = key or next((k for k in CHECKPOINT_KEYS if isinstance(checkpoint.get(k), dict)), None)
     container = checkpoint[key] if key else checkpoint
     tensors = {k.replace("_orig_mod.", ""): v for k, v in tensors_in(container).items()}
-    candidates, refusals = {}, []                            # prefix -> {our name: the file's name}
+    candidates, refusals, numbered = {}, [], {}              # prefix -> {our name: the file's name}
     for name in tensors:
         for anchor in ANCHORS:
             prefix = name[:-len(anchor)] if name.endswith(anchor) else None
@@ -343,7 +486,7 @@ def find_backbone(checkpoint, path, key=None):
                 if "neither a ResNet" not in str(error):     # a ResNet101: a backbone this project cannot build
                     refusals.append((len(names), str(error)))
                 continue
-            candidates[prefix] = names
+            candidates[prefix], numbered[prefix] = names, children
     inside = f" of {key!r}" if key else ""
     if not candidates and refusals:
         raise CheckpointError(max(refusals)[1])
@@ -352,9 +495,17 @@ def find_backbone(checkpoint, path, key=None):
                               f"ResNet's keys end in conv1.weight and layer1-4, a ViT's in patch_embed and blocks")
     prefix = min(candidates, key=lambda p: (any(w in p for w in MOMENTUM_WORDS), -len(candidates[p]), len(p)))
     others = sorted((p for p in candidates if p != prefix), key=len, reverse=True)
-    solo_learn = key == "state_dict" and prefix == "backbone." and "classifier.weight" in tensors
+    rules = {}                     # what the layout's library builds that no tensor records
+    if key == "state_dict" and prefix == "backbone." and "classifier.weight" in tensors:
+        rules["stem_padding"] = 2  # solo-learn's CIFAR stem
+    if numbered[prefix] is NUMBERED_RESNETS[1]:
+        rules["stem_relu"] = False    # ResNetGenerator's stem ReLU is F.relu in its forward, no child: not kept
+    if any(p in prefix for p in ("base_encoder.", "momentum_encoder.")):
+        rules["heads"] = 12        # MoCo v3: its vits.py gives every ViT 12 heads (ViT-S: 32 channels each)
+    if key in ("teacher", "student"):
+        rules["positions"] = "dino"   # DINO's ViT resizes its positional grid its own way (DinoViT)
     where = (repr(prefix) if prefix else "the top level") + inside
-    return Found(tensors, candidates[prefix], prefix, others, where, solo_learn)
+    return Found(tensors, candidates[prefix], prefix, others, where, rules)
 
 
 def tensors_in(container, prefix=""):
@@ -366,6 +517,8 @@ def tensors_in(container, prefix=""):
             tensors[f"{prefix}{key}"] = value
         elif isinstance(value, dict):
             tensors.update(tensors_in(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.nn.Module):            # a pickled model, read with --trust-pickle
+            tensors.update(tensors_in(value.state_dict(), f"{prefix}{key}."))
     return tensors
 
 
@@ -410,13 +563,25 @@ def _renamed(key, pairs):
     return key
 
 
+# Where an export notes what no tensor records (a ViT's heads, a 3x3 conv1's padding, ...), so that this project
+# reads it back as it was: the state_dict's own metadata, which load_state_dict reads only for module versions,
+# so the file still loads strictly into torchvision and timm.
+EXPORT_NOTE = "hydes_export"
+
+
 def export_backbone(backbone, out_path):
     """Write a loaded backbone as a plain state_dict in the layout the field loads: torchvision's for
     ResNets, timm's for ViTs. Returns the lines of Python that load it, for its width, stem and grid (the
-    README shows them): torchvision's ResNets are 64 wide, so a narrower one loads with this project's."""
+    README shows them): torchvision's ResNets are 64 wide, so a narrower one loads with this project's.
+    What no tensor records goes in the state_dict's own metadata (EXPORT_NOTE), for load_backbone."""
     state = backbone.state_dict()
     if isinstance(backbone, VisionTransformer):
-        state = to_timm(state)
+        renamed = to_timm(state)
+        state.clear()
+        state.update(renamed)                     # the same OrderedDict, which keeps its _metadata
+        note = {"heads": backbone.blocks[0].attn.heads}
+        if isinstance(backbone, DinoViT):
+            note["positions"] = "dino"
         size = math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size     # its own positional grid
         shape = ""                  # a narrower or shallower ViT than ViT-Tiny says so to timm
         dim, depth, heads = backbone.num_features, len(backbone.blocks), backbone.blocks[0].attn.heads
@@ -427,6 +592,8 @@ def export_backbone(backbone, out_path):
     else:
         width, kernel, padding = backbone.conv1.out_channels, backbone.conv1.kernel_size[0], backbone.conv1.padding[0]
         arch = "resnet18" if isinstance(backbone.layer1[0], BasicBlock) else "resnet50"
+        relu = not isinstance(backbone.relu, torch.nn.Identity)
+        note = {"stem_relu": relu, **({"stem_padding": padding} if kernel == 3 else {})}
         if width == 64:
             how = (f"import torch, torchvision\nmodel = torchvision.models.{arch}(); model.fc = torch.nn.Identity()\n" +
                    ("" if kernel == 7 else f"model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, {padding}, bias=False); "
@@ -437,6 +604,8 @@ def export_backbone(backbone, out_path):
                    f"import models, torch\nmodel = models.ResNet(models.{blocks}, width={width}, "
                    f"stem=\"{'imagenet' if kernel == 7 else 'cifar'}\")\n" +
                    (f"model.conv1.padding = ({padding}, {padding})\n" if kernel == 3 and padding != 1 else ""))
+        how += "" if relu else "model.relu = torch.nn.Identity()          # no ReLU after bn1, as it was trained\n"
+    state._metadata[""][EXPORT_NOTE] = note
     save_checkpoint(out_path, state, "nothing was exported")
     return how + f'model.load_state_dict(torch.load("{out_path}"))'
 
@@ -451,9 +620,12 @@ def add_backbone_arguments(p):
     p.add_argument("--checkpoint-key", help="which network of a checkpoint that holds several to load, e.g. teacher "
                                             "or student for DINO (default: state_dict, model or teacher, if present)")
     p.add_argument("--heads", type=int, help="a foreign ViT's attention heads, which no tensor records (default: "
-                                             "64 channels per head, as in timm and DINO)")
+                                             "12 in MoCo v3's layout, else 64 channels per head, as in timm and DINO)")
     p.add_argument("--stem-padding", type=int, choices=(1, 2), help="a 3x3 conv1's padding, which no tensor records "
                                                                      "(default: 2 in solo-learn's layout, else 1)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a checkpoint that pickles objects, not only tensors (a whole model saved with "
+                        "torch.save(model)): loading it runs code from the file, so only for a file you trust")
 
 
 def backbone_argument_rules(args):
@@ -464,7 +636,7 @@ def backbone_argument_rules(args):
 def load_backbone_from_args(args, device="cpu", quiet=False):
     """load_backbone with add_backbone_arguments' flags."""
     return load_backbone(args.checkpoint, device, args.arch, args.checkpoint_key, args.heads, args.stem_padding,
-                         quiet)
+                         quiet, args.trust_pickle)
 
 
 def network_digest(path, info):
@@ -525,11 +697,28 @@ def load_for_probing(args, device):
 # ----------------------------------------------------------------------------------------------------
 # Results records: JSON lines, Markdown rows
 
+def append_whole(path, text):
+    """Append `text` to `path` all or nothing: a write that fails (a full disk) cuts the file back to its
+    length before, so that no half line is left for the next record to be glued onto. (os-level writes:
+    a buffered file would try its failed write again when closed.)"""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        length = os.lseek(fd, 0, os.SEEK_END)
+        data = text.encode()
+        try:
+            while data:
+                data = data[os.write(fd, data):]    # a write may take only part of the bytes
+        except BaseException:
+            os.ftruncate(fd, length)
+            raise
+    finally:
+        os.close(fd)
+
+
 def append_jsonl(path, record):
     """Append one result as a JSON line: the files every script appends to (log.jsonl, eval.jsonl, ...)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_whole(path, json.dumps(record) + "\n")
 
 
 def read_jsonl(path):
@@ -587,5 +776,4 @@ def keep_results(result, json_path, rows, pictures=()):
 def append_row(result, columns, table):
     """Append one Markdown row to `table`, a file several runs share (its header written when new)."""
     new = not os.path.exists(table) or os.path.getsize(table) == 0
-    with open(table, "a") as f:
-        f.write((markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
+    append_whole(table, (markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
