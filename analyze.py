@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, keep_results,
-                         load_for_probing, network_digest, parse_checkpoint_arguments, read_jsonl)
+from backbones import (add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing, network_digest,
+                       parse_checkpoint_arguments)
+from checkpoints import CheckpointError, keep_results, read_jsonl
 from data import (GLOBAL_SCALE, DatasetError, dataset_split, default_crop_sizes, dino_recipes, multi_crop,
                   eval_transform, save_png, unnormalize)
-from features import cached_features, extract_features
+from loading import cached_features, extract_features
 from models import VisionTransformer
 from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
                       replaces_a_file, seed_rule, unwritable, unwritable_file)

@@ -4,7 +4,7 @@
     python evaluate.py resnet50_supervised.pth --dataset imagenet --data-dir /data/imagenet
 
 The checkpoint is one written by train.py (architecture and dataset read from it), or another library's
-(torchvision and timm state_dicts, Lightly, solo-learn, DINO, MoCo: checkpoints.load_backbone finds the
+(torchvision and timm state_dicts, Lightly, solo-learn, DINO, MoCo: backbones.load_backbone finds the
 backbone, reads its architecture from its tensors and leaves the heads out), so that other methods'
 published networks are probed by the same code. Features are extracted once with the evaluation
 transform (no augmentation) and cached on disk, keyed by the checkpoint's content and the network taken
@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_checkpoint_arguments, checkpoint_argument_rules, export_backbone,
-                         keep_results, load_backbone_from_args, load_for_probing, network_digest,
-                         parse_checkpoint_arguments)
+from backbones import (add_checkpoint_arguments, checkpoint_argument_rules, export_backbone, load_backbone_from_args,
+                       load_for_probing, network_digest, parse_checkpoint_arguments)
+from checkpoints import CheckpointError, keep_results
 from data import DatasetError
-from features import cached_features
+from loading import cached_features
 from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, knn_temperature_rule,
                       numbers_are_finite, refuse, replaces_a_file, unwritable, unwritable_file)
 

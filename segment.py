@@ -48,8 +48,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_backbone_arguments, backbone_argument_rules, keep_results,
-                         load_backbone_from_args)
+from backbones import add_backbone_arguments, backbone_argument_rules, load_backbone_from_args
+from checkpoints import CheckpointError, keep_results
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
 from models import VisionTransformer
 from settings import (HelpFormatter, ctrl_c_in_one_line, default_device, device_argument, error_message,

@@ -25,7 +25,6 @@ leave-one-out estimate from so few points, which a sharp kernel makes larger.
 
 import argparse
 import math
-import os
 
 import torch
 import torch.nn.functional as F

@@ -43,10 +43,9 @@ from checkpoints import CheckpointError, append_jsonl, save_checkpoint
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes, draw_views,
                   make_views, native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
-from features import extract_features
 from hydes import hydes_loss, infonce_loss, mi_ceiling, own_view_share
-from loading import (InMemoryBatches, MonitorImages, labelled_training_images,
-                     note_mixed_sizes, training_data)
+from loading import (InMemoryBatches, MonitorImages, extract_features, labelled_training_images, note_mixed_sizes,
+                     training_data)
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from runs import (NothingToTrain, RunControl, checkpoint_state, distributed_setup, epoch_sums_so_far, open_run_folder,
                   refuse_a_second_run, restore, resume_settings)
