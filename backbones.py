@@ -467,7 +467,7 @@ def export_backbone(backbone, out_path):
         how += "" if relu else "model.relu = torch.nn.Identity()          # no ReLU after bn1, as it was trained\n"
     state._metadata[""][EXPORT_NOTE] = note
     save_checkpoint(out_path, state, "nothing was exported")
-    return how + f'model.load_state_dict(torch.load("{out_path}"))'
+    return how + f"model.load_state_dict(torch.load({out_path!r}))"      # a Python literal: any path pastes
 
 
 def add_backbone_arguments(p):
