@@ -3511,39 +3511,6 @@ def test_gif_files_are_read_other_files_named_and_a_broken_class_link_refused(tm
         data.dataset_split("folder", str(root), "train", None)
 
 
-def test_a_dead_peer_is_told_apart_from_other_runtime_errors():
-    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:4823: Connection reset by peer.")
-    assert train.peer_is_gone(gloo) and not train.peer_is_gone(RuntimeError("CUDA out of memory"))
-
-
-def test_torchrun_with_a_process_killed_ends_in_one_line_from_rank_0(tmp_path):
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "1000",
-               "--device", "cpu"]
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is saved
-            time.sleep(0.2)
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):   # torchrun's child with RANK=1
-            try:
-                parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-                if parent == launcher.pid and b"\0RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read():
-                    os.kill(pid, signal.SIGKILL)
-            except OSError:                   # a process that ended meanwhile
-                continue
-        stdout, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert ours == [f"error: rank 1 of the 2 training processes stopped (killed?), so rank 0 cannot go on; "
-                    f"{out / 'ckpt.pt'} holds the last epoch saved: continue with --resume"], stderr[-3000:]
-    assert "[rank0]" not in stderr and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
-
-
 def test_the_pca_picture_leaves_out_stages_of_one_pixel_and_says_why_there_is_none():
     g = torch.Generator().manual_seed(0)
     stages = [torch.randn(8, 4, 4, generator=g), torch.randn(16, 2, 2, generator=g), torch.randn(32, 1, 1, generator=g)]
@@ -3833,13 +3800,18 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
     assert Image.open(result["centroids_png"]).size[1] == 3 * (480 // 3) + 12   # 3 classes of 160 px, margins
 
 
+def torchrun_two_processes(tmp_path, out, epochs):
+    """train.py under torchrun, two CPU processes on the tiny run, started in a session of its own."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", str(epochs),
+               "--device", "cpu"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
 def test_torchrun_trains_with_the_global_batch_split_over_two_processes_and_two_evaluations_share_a_cache(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", "2",
-               "--device", "cpu"]
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    launcher = torchrun_two_processes(tmp_path, out, epochs=2)
     try:
         stdout, stderr = launcher.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -3861,3 +3833,29 @@ def test_torchrun_trains_with_the_global_batch_split_over_two_processes_and_two_
     assert len(results) == 2 and results[0]["knn_top1"] == results[1]["knn_top1"]
     assert sorted(os.listdir(out / "features"))[0].endswith(".pt")
     assert not [f for f in os.listdir(out / "features") if f.endswith(".tmp")]
+
+
+def test_torchrun_with_a_process_killed_ends_in_one_line_from_rank_0(tmp_path):
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:4823: Connection reset by peer.")
+    assert train.peer_is_gone(gloo) and not train.peer_is_gone(RuntimeError("CUDA out of memory"))
+    out = tmp_path / "run"
+    launcher = torchrun_two_processes(tmp_path, out, epochs=1000)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is saved
+            time.sleep(0.2)
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):   # torchrun's child with RANK=1
+            try:
+                parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                if parent == launcher.pid and b"\0RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read():
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:                   # a process that ended meanwhile
+                continue
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: rank 1 of the 2 training processes stopped (killed?), so rank 0 cannot go on; "
+                    f"{out / 'ckpt.pt'} holds the last epoch saved: continue with --resume"], stderr[-3000:]
+    assert "[rank0]" not in stderr and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
