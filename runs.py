@@ -122,8 +122,8 @@ def open_run_folder(args, checkpoint, step):
             if name in ("ckpt.pt", "log.jsonl", "eval.jsonl", "segment.jsonl") or name.startswith("ckpt-epoch"):
                 os.remove(os.path.join(args.out, name))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    settings = json.dumps(vars(args), indent=2).encode()
+    write_atomically(os.path.join(args.out, "args.json"), lambda f: f.write(settings))   # whole, or as it was
 
 
 def resume_log(log_path, checkpoint):
