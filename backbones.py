@@ -10,6 +10,7 @@ backbone through `load_for_probing` / `load_backbone`, whatever library trained 
 import hashlib
 import math
 import os
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -26,27 +27,22 @@ METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervise
 def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None, quiet=False,
                   trust_pickle=False):
     """A frozen backbone (eval mode, no gradients) on `device`, from a train.py checkpoint or from another
-    library's checkpoint or state_dict (see `find_backbone`). The file's tensors decide what is built
-    (`backbone_shape`); what no tensor records (a ViT's heads, a 3x3 conv1's padding, a missing ReLU, how
-    positions are resized) comes from what the file records (train.py's settings, our --export's note),
-    else from the flags, else from the layout's library (`Found.rules`), else from the usual rule, which
-    the printed line then names. A flag that contradicts the file, or fits no part of its network, is an
-    error naming both; so is a backbone tensor that the network built has no place for (`Found.unplaced`).
+    library's checkpoint or state_dict (`find_backbone`). What no tensor records (a ViT's heads, a 3x3
+    conv1's padding, a missing ReLU, how positions are resized) comes from what the file records (train.py's
+    settings, our --export's note), else from the flags, else from the layout's library (`Found.rules`),
+    else from the usual rule, which the printed line then names.
 
-    arch: a check (resnet18, resnet50, vit_tiny), never needed. checkpoint_key: the network to read from a
-    checkpoint that holds several (DINO: teacher or student). heads: a ViT's attention heads (default: 64
-    channels per head, timm's and DINO's rule). stem_padding: a 3x3 conv1's padding (default: 2 in
-    solo-learn's layout, which pads its CIFAR stem so, else 1). quiet: keep the line that says what was
-    built from what (info["loaded"]) unprinted. trust_pickle: read a file that pickles objects (a whole
-    torch.save(model)), which runs their code: only for a file you trust (--trust-pickle).
-
-    A ViT keeps the positional grid it was trained with and resizes it to each input's.
+    arch: a check, never needed. checkpoint_key: the network to read from a checkpoint that holds several
+    (DINO: teacher or student). heads: default 64 channels per head, timm's and DINO's rule. stem_padding:
+    default 2 in solo-learn's layout, which pads its CIFAR stem so, else 1. quiet: leave info["loaded"]
+    unprinted. trust_pickle: read a file that pickles objects (a whole torch.save(model)), which runs their
+    code: only for a file you trust (--trust-pickle).
 
     Returns (backbone, info): info holds arch, image_size (train.py's crop size, else None), method (the
     objective a train.py checkpoint was trained with, else the file's name: resnet50_byol.pth ->
-    resnet50_byol), the training arguments, the number of completed epochs (None for a foreign
-    checkpoint), `loaded`, the printed line, and `network`, a line that says which tensors were built
-    into what (the feature cache keys on it: two networks of one file never share).
+    resnet50_byol), train_args, epoch (completed epochs; None for a foreign checkpoint), `loaded`, the
+    printed line, and `network`, which tensors were built into what (the feature cache keys on it: two
+    networks of one file never share).
     """
     checkpoint = safe_load(path, trust_pickle)
     if isinstance(checkpoint, torch.nn.Module):                  # torch.save(model), read with --trust-pickle
@@ -58,14 +54,9 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     # train.py's: its settings in args, the backbone under backbone. (a hand-rolled {'model', 'args'} is not)
     ours = (isinstance(trained, dict) and {"arch", "global_size", "method"} <= set(trained) and
             isinstance(model, dict) and any(str(k).startswith("backbone.") for k in model))
-    if ours:
-        model = {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
-        found = Found(model, our_names([k for k in model if k.startswith("backbone.")], "backbone."),
-                      "backbone.", [], "'backbone.' of 'model'")
-        recorded = {"heads": trained.get("heads") or 3, "stem_padding": 1, "stem_relu": True}   # train.py's
-    else:
-        found = find_backbone(checkpoint, path, checkpoint_key)
-        recorded = getattr(checkpoint, "_metadata", {}).get("", {}).get(EXPORT_NOTE, {})       # our --export's
+    found = find_backbone(checkpoint, path, None if ours else checkpoint_key)      # ours: 'backbone.' of 'model'
+    recorded = ({"heads": trained.get("heads") or 3, "stem_padding": 1} if ours else            # train.py's
+                getattr(checkpoint, "_metadata", {}).get("", {}).get(EXPORT_NOTE, {}))         # our --export's
     shape = backbone_shape(found.state, path)
     said = {name: value for name, value in (("heads", heads), ("stem_padding", stem_padding)) if value is not None}
     problem = contradiction(shape, arch, said, recorded, path)
@@ -74,33 +65,37 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     shape.update({**found.rules, **said, **recorded})
     notes = []
     if shape["arch"] == "vit_tiny" and "heads" not in shape:
-        shape["heads"] = vit_heads(shape["width"], path)
+        # No tensor records a ViT's heads: timm's and DINO's ViTs give each 64 channels (Tiny 192/3, Small 384/6)
+        if shape["width"] % 64:
+            raise CheckpointError(f"{path} holds a ViT of width {shape['width']}, not a multiple of 64 channels per "
+                                  f"head, and no tensor records its heads: pass --heads")
+        shape["heads"] = shape["width"] // 64
         if shape.get("positions") != "dino":           # DINO's vision_transformer.py: 64 channels a head, no guess
             notes.append(f"{shape['heads']} heads assumed (64 channels each, as in timm and DINO): pass --heads if not")
     state, splits = averaged_splits(found.state)
     if splits:
         notes.append(f"BatchNorm statistics of {splits} splits averaged (Lightly's SplitBatchNorm, as its eval mode)")
     backbone = build_from_shape(shape)
+    built = backbone.state_dict()
     # num_batches_tracked is left out of files older than torch 0.4.1; BatchNorm fills it in (eval mode never reads it)
-    missing = sorted(k for k in set(backbone.state_dict()) - set(state) if not k.endswith("num_batches_tracked"))
+    missing = sorted(k for k in set(built) - set(state) if not k.endswith("num_batches_tracked"))
     if missing:
-        raise CheckpointError(f"{path}: {found.where} lacks {len(missing)} of the {len(backbone.state_dict())} tensors "
+        raise CheckpointError(f"{path}: {found.where} lacks {len(missing)} of the {len(built)} tensors "
                               f"of {describe(shape)} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    wrong = [(k, v.shape) for k, v in backbone.state_dict().items() if k in state and state[k].shape != v.shape]
+    wrong = [k for k, v in built.items() if k in state and state[k].shape != v.shape]
     if wrong:                  # a wide or grouped ResNet, say: torch's own message lists every tensor
-        name, built = wrong[0]
-        raise CheckpointError(f"{path}: {len(wrong)} tensors do not fit {describe(shape)}, e.g. {name} is "
-                              f"{tuple(state[name].shape)} in the file, {tuple(built)} in the network; this "
-                              f"project builds the standard ResNets and ViTs only")
-    unplaced = found.unplaced(backbone.state_dict())
+        raise CheckpointError(f"{path}: {len(wrong)} tensors do not fit {describe(shape)}, e.g. {wrong[0]} is "
+                              f"{tuple(state[wrong[0]].shape)} in the file, {tuple(built[wrong[0]].shape)} in the "
+                              f"network; this project builds the standard ResNets and ViTs only")
+    unplaced = found.unplaced(built)
     if unplaced:               # LayerScale, qk-norm, registers: left out, the network would compute something else
         raise CheckpointError(f"{path}: {found.where} holds {len(unplaced)} tensors of its backbone that this "
                               f"project's {shape['arch']} has no place for ({', '.join(unplaced[:2])}"
                               f"{', ...' if len(unplaced) > 2 else ''}); this project builds plain ResNets and ViTs: "
                               f"probe it with the library that made it")
-    backbone.load_state_dict({k: state[k] for k in backbone.state_dict() if k in state})
-    network = f"{describe(shape)}, {len(backbone.state_dict())} tensors from {found.where}"
-    left_out = found.left_out(backbone.state_dict())
+    backbone.load_state_dict({k: state[k] for k in built if k in state})
+    network = f"{describe(shape)}, {len(built)} tensors from {found.where}"
+    left_out = found.left_out(built)
     info = {"arch": shape["arch"], "image_size": None, "train_args": None, "epoch": None,
             "method": os.path.splitext(os.path.basename(path))[0], "network": network,
             "loaded": "; ".join([f"{path}: {network}", *notes] + ([f"left out {left_out}"] if left_out else []))}
@@ -131,10 +126,8 @@ def averaged_splits(state):
 # What a file's tensors say: the architecture, its width and depth, the stem, the positional grid
 
 def backbone_shape(state, path):
-    """The network a backbone state_dict (this project's names) describes, read from its tensors alone:
-    a ResNet's block type (conv3 in each block: Bottleneck), blocks per stage, width (conv1's output
-    channels) and stem (conv1's kernel: 7 ImageNet, 3 CIFAR); a ViT's width, patch size, depth and
-    positional grid (pos_embed: 1 + grid^2 tokens). A dict with arch and those numbers."""
+    """The network a backbone state_dict (this project's names) describes, read from its tensors alone: a
+    dict with arch and its numbers (a ResNet's width and stem, a ViT's width, patch, depth and grid)."""
     if "conv1.weight" in state and any(k.startswith("layer4.") for k in state):
         blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
         bottleneck = "layer1.0.conv3.weight" in state
@@ -162,9 +155,8 @@ def backbone_shape(state, path):
 
 
 def contradiction(shape, arch, said, recorded, path):
-    """The first flag that contradicts the file or fits no part of its network, as a one-line message, or
-    None. said: the flags given ({"heads": 6}); recorded: what the file records that no tensor does
-    (train.py's settings, our --export's note)."""
+    """The first flag (said: {"heads": 6}) that contradicts the file or what it records (train.py's
+    settings, our --export's note), or fits no part of its network, as a one-line message; or None."""
     if arch is not None and arch != shape["arch"]:
         return f"--arch {arch}, but {path} holds {describe(shape)}; drop --arch (the file says what it is)"
     if "heads" in said and shape["arch"] != "vit_tiny":
@@ -179,18 +171,8 @@ def contradiction(shape, arch, said, recorded, path):
     return None
 
 
-def vit_heads(width, path):
-    """A foreign ViT's attention heads, which no tensor records: timm's and DINO's ViTs give each head 64
-    channels (ViT-Tiny 192/3, -Small 384/6, -Base 768/12)."""
-    if width % 64:
-        raise CheckpointError(f"{path} holds a ViT of width {width}, not a multiple of 64 channels per head, and no "
-                              f"tensor records its heads: pass --heads")
-    return width // 64
-
-
 def build_from_shape(shape):
-    """The backbone `backbone_shape` describes, with what no tensor records filled in: a ViT's heads and
-    positions (DINO's resize), a CIFAR stem's padding, a stem without its ReLU."""
+    """The backbone `backbone_shape` describes, with what no tensor records (see load_backbone) filled in."""
     if shape["arch"] == "vit_tiny":
         if shape["width"] % shape["heads"]:
             raise CheckpointError(f"a ViT of width {shape['width']} cannot have {shape['heads']} heads "
@@ -232,15 +214,11 @@ def describe(shape):
     return f"a {shape['arch']} (width {shape['width']}, {stem}{relu})"
 
 
-def summary(state, most=4):
+def summary(state):
     """What a dict of tensors holds, briefly: '412 tensors: encoder_q. (200), encoder_k. (200), fc. (4) ...'."""
-    counts = {}
-    for key in state:
-        first = key.split(".")[0] + ("." if "." in key else "")
-        counts[first] = counts.get(first, 0) + 1
-    groups = sorted(counts.items(), key=lambda item: -item[1])
-    return (f"{len(state)} tensors: " + ", ".join(f"{name} ({n})" for name, n in groups[:most]) +
-            (" ..." if len(groups) > most else ""))
+    groups = Counter(key.split(".")[0] + ("." if "." in key else "") for key in state).most_common()
+    return (f"{len(state)} tensors: " + ", ".join(f"{name} ({n})" for name, n in groups[:4]) +
+            (" ..." if len(groups) > 4 else ""))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,25 +254,23 @@ BACKBONE_EXTRAS = ("norm_pre", "fc_norm", "attn_pool", "reg_token", "register_to
 
 class Found:
     """A backbone found in a checkpoint. state: its tensors in this project's names; where: a phrase
-    ("'backbone.' of 'state_dict'"); rules: what the layout's library builds that no tensor records
-    (solo-learn's CIFAR stem pads by 2, ...: see find_backbone). left_out(taken) names, briefly, the file's
-    tensors that were not taken; unplaced(taken) those of the backbone itself."""
+    ("'backbone.' of 'state_dict'"); rules: what the layout's library builds that no tensor records (see
+    find_backbone). left_out(taken) names, briefly, the file's tensors that were not taken."""
 
-    def __init__(self, tensors, names, prefix, others, where, rules=None):
+    def __init__(self, tensors, names, prefix, others, where, rules):
         self.tensors, self.names, self.prefix, self.others = tensors, names, prefix, others
         self.state = {ours: tensors[theirs] for ours, theirs in names.items()}
-        self.where, self.rules = where, rules or {}
+        self.where, self.rules = where, rules
 
     def unplaced(self, taken):
-        """The file's names of the backbone's tensors that `taken` (the built network's names) has no place
-        for: under one of its modules (blocks.0.ls1.gamma) or among BACKBONE_EXTRAS. Heads (fc, head) and
-        whatever else lies beside the modules are no part of it."""
+        """The file's names of backbone tensors that the built network (`taken`: its names) has no place for;
+        heads (fc, head) and whatever else lies beside its modules and BACKBONE_EXTRAS are no part of it."""
         modules = {name.split(".")[0] for name in taken} | set(BACKBONE_EXTRAS)
         return [self.names[k] for k in self.names if k not in taken and k.split(".")[0] in modules]
 
     def left_out(self, taken):
         taken = {self.names[k] for k in taken if k in self.names}
-        groups = {}
+        groups = Counter()
         for name in self.tensors:
             if name in taken:
                 continue
@@ -303,15 +279,15 @@ class Found:
                 base = self.prefix if name.startswith(self.prefix) else ""
                 rest = name[len(base):]
                 group = base + rest.split(".")[0] + ("." if "." in rest else "")
-            groups[group] = groups.get(group, 0) + 1
+            groups[group] += 1
         words = [f"{g} ({n}{', the momentum copy' if any(w in g for w in MOMENTUM_WORDS) else ''})"
                  for g, n in groups.items()]
         return ", ".join(words[:4]) + (" ..." if len(words) > 4 else "")
 
 
-def find_backbone(checkpoint, path, key=None):
-    """The backbone in another library's checkpoint -> Found. key: the container to read (DINO: teacher or
-    student), by default the first of CHECKPOINT_KEYS present, else the checkpoint itself.
+def find_backbone(checkpoint, path, key):
+    """The backbone in a checkpoint (another library's, or train.py's 'model') -> Found. key: the container to
+    read (DINO: teacher or student), by default the first of CHECKPOINT_KEYS present, else the checkpoint.
 
     Whatever prefix a training wrapper adds is found (module., model., encoder_q., backbone.vit., a dict
     inside the checkpoint, ...): a prefix is what precedes an ANCHORS key and leaves a whole backbone
@@ -334,9 +310,8 @@ def find_backbone(checkpoint, path, key=None):
                 continue
             children = None
             if anchor == "0.weight":                         # a numbered Sequential: which ResNet's, if any
-                children = next((numbers for numbers in NUMBERED_RESNETS if all(
-                    f"{prefix}{n}.0.conv1.weight" in tensors for n, name in numbers.items() if name.startswith("layer"))),
-                    None)
+                children = next((numbers for numbers in NUMBERED_RESNETS if all(f"{prefix}{n}.0.conv1.weight" in tensors
+                                 for n, child in numbers.items() if child.startswith("layer"))), None)
                 if children is None:
                     continue
             names = our_names([k for k in tensors if k.startswith(prefix)], prefix, children)
@@ -382,7 +357,7 @@ def tensors_in(container, prefix=""):
     return tensors
 
 
-def our_names(keys, prefix, children=None):
+def our_names(keys, prefix, children):
     """{this project's name: the file's name} for the keys under `prefix`: the prefix stripped, a numbered
     Sequential's children named (`children`: one of NUMBERED_RESNETS), Lightly's block "shortcut" called
     downsample, timm's ViT names renamed (TIMM_NAMES)."""
@@ -416,10 +391,7 @@ def from_timm(key):
 
 def _renamed(key, pairs):
     for old, new in pairs:
-        if old.startswith("."):                 # a part inside the key: blocks.3.mlp.0.weight
-            key = key.replace(old, new)
-        elif key.startswith(old):               # the key's first part: patch_embed.weight
-            key = new + key[len(old):]
+        key = key.replace(old, new)
     return key
 
 
@@ -432,21 +404,19 @@ EXPORT_NOTE = "hydes_export"
 def export_backbone(backbone, out_path):
     """Write a loaded backbone as a plain state_dict in the layout the field loads: torchvision's for
     ResNets, timm's for ViTs. Returns the lines of Python that load it, for its width, stem and grid (the
-    README shows them): torchvision's ResNets are 64 wide, so a narrower one loads with this project's.
-    What no tensor records goes in the state_dict's own metadata (EXPORT_NOTE), for load_backbone."""
+    README shows them)."""
     state = backbone.state_dict()
     if isinstance(backbone, VisionTransformer):
         renamed = to_timm(state)
         state.clear()
         state.update(renamed)                     # the same OrderedDict, which keeps its _metadata
-        note = {"heads": backbone.blocks[0].attn.heads}
+        dim, depth, heads = backbone.num_features, len(backbone.blocks), backbone.blocks[0].attn.heads
+        note = {"heads": heads}
         if isinstance(backbone, DinoViT):
             note["positions"] = "dino"
         size = math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size     # its own positional grid
-        shape = ""                  # a narrower or shallower ViT than ViT-Tiny says so to timm
-        dim, depth, heads = backbone.num_features, len(backbone.blocks), backbone.blocks[0].attn.heads
-        if (dim, depth, heads) != (192, 12, 3):
-            shape = f", embed_dim={dim}, depth={depth}, num_heads={heads}"
+        # a narrower or shallower ViT than ViT-Tiny says so to timm
+        shape = f", embed_dim={dim}, depth={depth}, num_heads={heads}" if (dim, depth, heads) != (192, 12, 3) else ""
         how = (f'import timm, torch\nmodel = timm.create_model("vit_tiny_patch16_224", img_size={size}, '
                f'patch_size={backbone.patch_size}{shape}, num_classes=0)\n')
     else:
@@ -471,8 +441,7 @@ def export_backbone(backbone, out_path):
 
 
 def add_backbone_arguments(p):
-    """The arguments that name a backbone (evaluate.py, segment.py, analyze.py). The file says what it is;
-    these only check it, or say what no tensor records."""
+    """The arguments that name a backbone (evaluate.py, segment.py, analyze.py)."""
     p.add_argument("checkpoint", help="a ckpt.pt from train.py, or another library's checkpoint or state_dict "
                                       "(torchvision, timm, Lightly, solo-learn, DINO, MoCo, ...)")
     p.add_argument("--arch", choices=ARCHS, help="check that the file holds this architecture (it is read from the "
@@ -538,10 +507,8 @@ def checkpoint_argument_rules(args):
 
 
 def load_for_probing(args, device):
-    """The frozen backbone and what to probe it on: (backbone, info, dataset, data_dir, image_size), from
-    the arguments of `add_checkpoint_arguments`; what is not given comes from the checkpoint's training
-    arguments, and for another library's checkpoint the image size from the dataset (32, 96 or 224 px).
-    info["method"] is --method when given."""
+    """(backbone, info, dataset, data_dir, image_size) from add_checkpoint_arguments' flags: what is not given
+    comes from the checkpoint's training arguments, else (another library's checkpoint) from the dataset."""
     backbone, info = load_backbone_from_args(args, device)
     trained = info["train_args"] or {}
     dataset = args.dataset or trained.get("dataset")

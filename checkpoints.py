@@ -1,12 +1,10 @@
 """The files the scripts write whole or line by line, and how a file is read: checkpoints (saved
 atomically, loaded safely, or named for what they are) and results records (JSON lines, Markdown rows).
 
-Machinery: a reader of the method may skip this file. A checkpoint is written so that a kill never leaves
-a broken one (a copy renamed over it: `write_atomically`), and read so that a file never runs code
-(`safe_load`), or named in one line when it is no checkpoint (`not_pytorch`: empty, a Git LFS pointer, a
-web page, ...). train.py saves through `save_checkpoint`; backbones.py reads every file through
-`safe_load`. Every script appends its figures as JSON lines (log.jsonl, eval.jsonl, segment.jsonl) and
-Markdown rows that several runs share (`keep_results`), each append all or nothing.
+Machinery: a reader of the method may skip this file. A kill never leaves a broken checkpoint (a copy
+renamed over it: `write_atomically`), a file read never runs code (`safe_load`), one that is no checkpoint
+is named in one line (`not_pytorch`: empty, a Git LFS pointer, a web page, ...), and every script's results
+(log.jsonl, eval.jsonl, Markdown rows that several runs share: `keep_results`) are appended all or nothing.
 """
 
 import argparse
@@ -23,19 +21,15 @@ import torch
 from data import DatasetError
 
 
-
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 
 def write_atomically(path, write):
-    """Call write(f) on a new file beside `path`, flush and fsync it, then rename it over `path`: readers
-    see the old file or the new one, never half of one, whenever the process dies. The temporary name
-    is unique (a second process writing the same path never touches this one's bytes); after a failure
-    the temporary file is removed and the error raised (`path` is left as it was); torch's zip writer's
-    RuntimeError for a failed write becomes an OSError, as any other failed write is. A `path` that exists
-    and is not a regular file (a device such as /dev/null, a folder, a pipe) is refused: the rename would
-    replace the node itself, not write into it."""
+    """Call write(f) on a new file beside `path`, then rename it over `path`: readers see the old file or
+    the new one, never half of one, whenever the process dies. The temporary name is unique, so a second
+    process writing the same path never touches this one's bytes. A `path` that is not a regular file
+    (/dev/null, a folder, a pipe) is refused: the rename would replace the node itself, not write into it."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise OSError(f"{path} exists and is not a regular file (a device, folder or pipe); name a file")
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
@@ -63,9 +57,8 @@ def write_atomically(path, write):
 
 def save_checkpoint(path, state, if_it_fails="the previous checkpoint, if any, is intact: free disk space or fix "
                                              "the folder, then continue with --resume"):
-    """Write `state` so that `path` always holds a complete checkpoint, whenever the process dies
-    (write_atomically). A kill mid-write leaves a stray PATH.*.tmp, never read, and the previous checkpoint
-    untouched; a write that fails (a full disk) removes its temporary file and says why, then `if_it_fails`."""
+    """torch.save `state` through write_atomically: a kill mid-write leaves a stray PATH.*.tmp, never read,
+    and the previous checkpoint untouched; a write that fails (a full disk) says why, then `if_it_fails`."""
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except OSError as error:
@@ -83,10 +76,9 @@ if hasattr(torch.serialization, "add_safe_globals"):
 
 
 def safe_load(path, trust_pickle=False):
-    """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file
-    that holds anything else (a pickled model, say) is refused unread, naming what it would build, unless
-    trust_pickle (--trust-pickle). A file that is not a PyTorch file, or one cut short, is named for what
-    it is (`not_pytorch`)."""
+    """torch.load with weights_only=True: tensors, numbers, strings and containers, never code. A file that
+    holds anything else (a pickled model, say) is refused unread, naming what it would build, unless
+    trust_pickle. A file that is no PyTorch file, or one cut short, is named for what it is."""
     try:
         problem = not_pytorch(path)
     except (FileNotFoundError, IsADirectoryError):
@@ -210,11 +202,9 @@ def markdown_row(result, columns):
 
 def keep_results(result, json_path, rows, pictures=()):
     """Save what a script computed, most valuable first, so that a failure at output time never costs the
-    work: each row (row, columns, table file or None) printed as a Markdown table, then the result
-    appended as a JSON line to json_path, then each row appended to its table, then each picture
-    (path, draw: a function that writes it) drawn. A write that fails costs only itself: the rest are still
-    written, and then a one-line error names what was not saved and why (the printed rows hold the
-    figures). Returns None when everything was saved."""
+    work: each row (row, columns, table file or None) printed, then the result appended to json_path, each
+    row to its table, each picture (path, draw: a function that writes it) drawn. A write that fails costs
+    only itself: the rest are still written, then a one-line error names what was not saved and why."""
     for i, (row, columns, _) in enumerate(rows):
         print(("\n" if i else "") + markdown_header(columns))           # tables apart, by a blank line
         print(markdown_row(row, columns))
@@ -222,7 +212,7 @@ def keep_results(result, json_path, rows, pictures=()):
     writes = [(json_path, lambda: append_jsonl(json_path, result))]
     writes += [(table, lambda row=row, columns=columns, table=table: append_row(row, columns, table))
                for row, columns, table in rows if table]
-    writes += list(pictures)
+    writes += pictures
     for path, write in writes:
         try:
             write()
