@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from backbones import (add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing, network_digest,
                        parse_checkpoint_arguments)
-from checkpoints import CheckpointError, keep_results, read_jsonl
+from checkpoints import CheckpointError, keep_results, read_jsonl, write_atomically
 from data import (GLOBAL_SCALE, DatasetError, dataset_split, default_crop_sizes, dino_recipes, multi_crop,
                   eval_transform, save_png, unnormalize)
 from loading import cached_features, extract_features
@@ -810,7 +810,7 @@ def plot_curves(curves, labels, metric, path, size=(720, 480)):
         draw.line([(x, y), (x + swatch, y)], fill=colour, width=line_width)
         draw.ellipse([x + swatch / 2 - radius, y - radius, x + swatch / 2 + radius, y + radius], fill=colour)
         draw.text((x + swatch + 6, y), label, fill="black", font=font, anchor="lm")
-    canvas.save(path)
+    write_atomically(path, lambda f: canvas.save(f, format="PNG"))       # whole, or the old file as it was
 
 
 def curves_main(argv):

@@ -18,7 +18,7 @@ import zipfile
 import numpy as np
 import torch
 
-from data import DatasetError
+from image_files import DatasetError
 
 
 class CheckpointError(RuntimeError):

@@ -42,6 +42,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 import settings
+from checkpoints import write_atomically
 from image_files import DatasetError, broken_links, files_in_class_folders, image_size, read_rgb  # 8-bit RGB
 
 
@@ -394,9 +395,9 @@ def imagenet_statistics(device, dtype):
 
 
 def save_png(picture, path):
-    """Write a (3, H, W) picture with values in [0, 1] as an 8-bit RGB PNG."""
+    """Write a (3, H, W) picture with values in [0, 1] as an 8-bit RGB PNG, whole or not at all."""
     pixels = (picture.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).save(path)
+    write_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------

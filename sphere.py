@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from analyze import TAB10
+from checkpoints import write_atomically
 from hydes import hydes_loss, mi_ceiling
 from settings import (HelpFormatter, first_problem, numbers_are_finite, refuse, replaces_a_file, seed_rule,
                       unwritable_file)
@@ -107,7 +108,7 @@ def draw_figure(runs, path):
                       f"H_local {snapshot['h_local']:.2f}", fill="black", font=font)
             draw.text((left, top + PANEL + 27), f"MI {snapshot['mi']:.2f} of ceiling {ceiling:.2f} "
                       f"({snapshot['mi'] / ceiling:.0%})", fill="black", font=font)
-    canvas.save(path)
+    write_atomically(path, lambda f: canvas.save(f, format="PNG"))       # whole, or the old file as it was
 
 
 # ----------------------------------------------------------------------------------------------------
