@@ -245,7 +245,7 @@ def make_views(images, recipes, parameters):
         # 1 crop and flip: X C^T, then R (X C^T)
         x = torch.bmm(source, columns[v].transpose(1, 2))                 # (B, 3 H, W) @ (B, W, s) -> (B, 3 H, s)
         x = rows[v][:, None] @ x.view(batch, 3, height, size)            # (B, 1, s, H) @ (B, 3, H, s) -> (B, 3, s, s)
-        x = (x * each(brightness)).clamp_(max=255)                        # 2 ColorJitter's brightness b x, float32
+        x = (x.float() * each(brightness)).clamp_(max=255)                # 2 ColorJitter's brightness b x, float32
         if recipe.jitter_p or recipe.grayscale_p:                         # 2-3 contrast c x + (1 - c) m, then M,
             c = each(contrast)                                            # the saturation, hue and greyscale
             m = luma(x.mean((2, 3), keepdim=True))                        # (B, 1, 1, 1): m, the crop's mean grey

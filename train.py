@@ -8,7 +8,7 @@
 The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, alpha = beta = 1, DINO
 multi-crop with 2 global (40-100% of the image) and 6 local (5-40%) views. Ours: kappa = 1 (the paper
 names a kappa only for Figure 5's network) and the crop sides; our inference from the evaluation code the
-paper cites: the ImageNet stem and per-view BatchNorm.
+paper cites: the ImageNet stem, per-view BatchNorm and AdamW's weight decay of 1e-6 (the paper names none).
 
 The file reads in the order a run goes: the settings, then `train()`, whose loop takes one `training_step`
 a batch. A step: a batch of B uint8 images, already on the training device, becomes V = 8 views (the
