@@ -204,11 +204,14 @@ class DinoViT(VisionTransformer):
 
 def describe(shape):
     """'a resnet18 (width 64, CIFAR stem padded by 1)', 'a vit_tiny (width 192, depth 12, 3 heads, 16-px
-    patches, 14x14 grid)', with what else was built: 'no ReLU after bn1', 'resized as DINO does'."""
+    patches, 14x14 grid resized bicubically)', with what else was built: 'no ReLU after bn1', the rule a
+    ViT's positions are resized by for other image sizes (DINO's, or ours: bicubic to the grid, without
+    timm's antialiasing)."""
     if shape["arch"] == "vit_tiny":
         heads = f", {shape['heads']} heads" if "heads" in shape else ""
+        resized = "as DINO does" if shape.get("positions") == "dino" else "bicubically"
         return (f"a vit_tiny (width {shape['width']}, depth {shape['depth']}{heads}, {shape['patch']}-px patches, "
-                f"{shape['grid']}x{shape['grid']} grid{' resized as DINO does' * (shape.get('positions') == 'dino')})")
+                f"{shape['grid']}x{shape['grid']} grid resized {resized})")
     stem = "ImageNet stem" if shape["stem"] == "imagenet" else f"CIFAR stem padded by {shape.get('stem_padding', 1)}"
     relu = "" if shape.get("stem_relu", True) else ", no ReLU after bn1"
     return f"a {shape['arch']} (width {shape['width']}, {stem}{relu})"

@@ -1584,7 +1584,7 @@ def test_a_vits_width_depth_grid_and_heads_come_from_its_tensors_its_layout_or_a
     backbones.load_backbone(tmp_path / "vit.pth")
     printed = capsys.readouterr().out
     assert "2 heads assumed (64 channels each, as in timm and DINO): pass --heads if not" in printed
-    assert "left out head. (2)" in printed
+    assert "left out head. (2)" in printed and "grid resized bicubically" in printed    # the rule for other sizes
     told, _ = backbones.load_backbone(tmp_path / "vit.pth", heads=4)
     assert torch.allclose(told(x), net(x), atol=1e-5) and "assumed" not in capsys.readouterr().out
     # MoCo v3's ViTs have its 12 heads whatever their width; the export is read back with them and loads
