@@ -196,7 +196,8 @@ def check_training_args(args):
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
         (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
         kappa_is_resolvable(min(args.kappa, args.kappa_final or args.kappa),
-                            (args.global_crops + args.local_crops) * args.batch_size),
+                            (args.global_crops + args.local_crops) * args.batch_size)
+        if args.method != "supervised" else (True, None),                 # the supervised baseline has no kernel
         (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
          f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} "
          f"(got {max(args.kappa, args.kappa_final or 0):g}): "
