@@ -724,11 +724,14 @@ def read_curves(runs, metric):
         records = read_jsonl(log)          # a last line cut short by a kill is dropped, with a warning
         # By epoch, the last value of an epoch kept: eval.jsonl lists kept checkpoints in the order they
         # were probed (a shell glob puts epoch 100 before epoch 20), and a probe may be repeated.
-        points = dict(sorted(((r["epoch"], r[metric]) for r in records if metric in r and r.get("epoch") is not None),
+        # A value of None: top-5 with 5 classes or fewer, which is not reported
+        points = dict(sorted(((r["epoch"], r[metric]) for r in records
+                              if r.get(metric) is not None and r.get("epoch") is not None),
                              key=lambda point: point[0]))        # a stable sort: the last probe of an epoch wins
         if not points:
             raise SystemExit(f"error: {log} logs no {metric}; the probes are logged at train.py's evaluations "
-                             f"(--eval-every, not 0), the loss terms every epoch")
+                             f"(--eval-every, not 0), the loss terms every epoch, top-5 only with more than 5 "
+                             f"classes")
         curves[run] = (tuple(points), tuple(points.values()))
     return curves
 
@@ -788,11 +791,13 @@ def plot_curves(curves, labels, metric, path, size=(720, 480)):
     draw = ImageDraw.Draw(canvas)
     for x, text in zip(x_ticks, x_tick_labels):
         px = to_pixel(x, y_low)[0]
-        draw.line([(px, top), (px, bottom + tick)], fill=(230, 230, 230))               # grid, and the tick
+        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))                      # grid
+        draw.line([(px, bottom), (px, bottom + tick)], fill="black")
         draw.text((px, bottom + tick + 4), text, fill="black", font=font, anchor="mt")
     for y, text in zip(y_ticks, y_tick_labels):
         py = to_pixel(x_low, y)[1]
-        draw.line([(left - tick, py), (right, py)], fill=(230, 230, 230))
+        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
+        draw.line([(left - tick, py), (left, py)], fill="black")
         draw.text((left - tick - 4, py), text, fill="black", font=font, anchor="rm")
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text(((left + right) / 2, size[1] - pad), "epoch", fill="black", font=font, anchor="md")

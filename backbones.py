@@ -54,7 +54,10 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     # train.py's: its settings in args, the backbone under backbone. (a hand-rolled {'model', 'args'} is not)
     ours = (isinstance(trained, dict) and {"arch", "global_size", "method"} <= set(trained) and
             isinstance(model, dict) and any(str(k).startswith("backbone.") for k in model))
-    found = find_backbone(checkpoint, path, None if ours else checkpoint_key)      # ours: 'backbone.' of 'model'
+    if ours and checkpoint_key is not None:
+        raise CheckpointError(f"--checkpoint-key {checkpoint_key}, but {path} is train.py's, which holds one "
+                              f"backbone; drop --checkpoint-key")
+    found = find_backbone(checkpoint, path, checkpoint_key)      # ours: 'backbone.' of 'model'
     recorded = ({"heads": trained.get("heads") or 3, "stem_padding": 1} if ours else            # train.py's
                 getattr(checkpoint, "_metadata", {}).get("", {}).get(EXPORT_NOTE, {}))         # our --export's
     shape = backbone_shape(found.state, path)
@@ -189,17 +192,11 @@ def build_from_shape(shape):
 
 class DinoViT(VisionTransformer):
     """DINO's ViT, whose interpolate_pos_encoding resizes the positional grid by a scale factor of
-    (grid + 0.1) / side rather than to the grid's size (ours): other sampling points, features 1% apart
-    for a ViT-S/16 of 224 px at 96 px."""
+    (grid + 0.1) / side rather than to the grid's size (ours): other sampling points, other features."""
 
-    def positional_embedding(self, grid_h, grid_w):
-        base = self.pos_embed.shape[1] - 1
-        if grid_h * grid_w == base and grid_h == grid_w:
-            return self.pos_embed
-        side, dim = math.isqrt(base), self.pos_embed.shape[2]
-        table = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-        table = F.interpolate(table, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic")
-        return torch.cat([self.pos_embed[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
+    def resize_positions(self, table, grid_h, grid_w):
+        side = table.shape[-1]
+        return F.interpolate(table, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic")
 
 
 def describe(shape):

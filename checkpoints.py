@@ -8,6 +8,8 @@ is named in one line (`not_pytorch`: empty, a Git LFS pointer, a web page, ...),
 """
 
 import argparse
+import fcntl
+import importlib.util
 import json
 import os
 import pickle
@@ -128,14 +130,17 @@ def not_pytorch(path):
             return "a TorchScript archive (torch.jit.save); torch.jit.load it and torch.save its state_dict()"
         return None if any(name.endswith("data.pkl") for name in names) else (
             "a zip archive, not a PyTorch file; unzip it and pass the checkpoint inside")
+    if start[8:10] == b'{"':          # safetensors: an 8-byte header length, then JSON (before the pickle test:
+        # the length's first byte may be 0x80). torch.load reads it by its extension where safetensors is installed.
+        if str(path).endswith(".safetensors") and importlib.util.find_spec("safetensors"):
+            return None
+        return "a safetensors file; re-save it with torch.save(safetensors.torch.load_file(PATH), NEW_PATH)"
     if start.startswith(b"\x80"):
         return None
     if start.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer, not the weights; run git lfs pull in its repository"
     if start.startswith(b"\x1f\x8b"):
         return "gzip-compressed; decompress it (gunzip) and pass the file inside"
-    if start[8:10] == b'{"':
-        return "a safetensors file; re-save it with torch.save(safetensors.torch.load_file(PATH), NEW_PATH)"
     if text.startswith(b"<"):
         return "an HTML page, not a checkpoint (a link that gave a web page?); download the file itself"
     if text.startswith((b"{", b"[")):
@@ -152,10 +157,12 @@ def not_pytorch(path):
 def append_whole(path, text):
     """Append `text` to `path` all or nothing: a write that fails (a full disk) cuts the file back to its
     length before, so that no half line is left for the next record to be glued onto. (os-level writes:
-    a buffered file would try its failed write again when closed.)"""
+    a buffered file would try its failed write again when closed.) The file is locked meanwhile: runs that
+    share a table never cut each other's rows."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)                  # released when the file is closed
         length = os.lseek(fd, 0, os.SEEK_END)
         data = text.encode()
         try:
@@ -216,7 +223,8 @@ def keep_results(result, json_path, rows, pictures=()):
     for path, write in writes:
         try:
             write()
-        except Exception as error:   # a full disk, a path through a file, a picture that cannot be drawn
+        except (OSError, ValueError, RuntimeError) as error:   # a full disk, a path through a file, a picture that
+            # cannot be drawn (torch's linear algebra on degenerate features); a bug in the code still shows
             lost.append(f"{path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
     if lost:
         raise SystemExit(f"error: could not write {'; '.join(lost)}; the figures printed above are the result, "

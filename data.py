@@ -112,15 +112,10 @@ def supervised_recipes(size):
     return [ViewRecipe(size, SUPERVISED_SCALE, blur_p=0.0, solarize_p=0.0, jitter_p=0.0, grayscale_p=0.0)]
 
 
-# The columns of draw_views' parameters, in order: what make_views needs to know of each crop
-VIEW_PARAMETERS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "grey", "sigma",
-                   "solarise")
-
-
 def draw_views(recipes, sizes, generator):
     """Every random choice of one step's views, on the CPU, from `generator` alone in a fixed order, so that
     a seed gives the same draws on any device: recipes (V ViewRecipes), sizes CPU int64 (B, 2), each
-    image's (height, width) -> float32 (V, B, P = 12) on the CPU, for each crop (VIEW_PARAMETERS):
+    image's (height, width) -> float32 (V, B, P = 12) on the CPU, for each crop:
 
         0-3   x0, y0, x1, y1              its box in pixels, inside the image's true size
         4     flip                        1 to mirror it, else 0
@@ -203,7 +198,7 @@ def make_views(images, recipes, parameters):
     batch, _, height, width = images.shape
     dtype = crop_dtype(images.device)                                     # bf16 on a CPU with native bf16
     source = images.to(dtype).reshape(batch, 3 * height, width)          # (B, 3 H, W): 0 ... 255, exact in bf16
-    # draw_views' columns by name (VIEW_PARAMETERS), each (V, B): crop b of view v
+    # draw_views' columns by name (its docstring's table), each (V, B): crop b of view v
     x0, y0, x1, y1, flip, brightness, contrast, saturation, hue, grey, sigma, solarise = parameters.unbind(-1)
     rows, columns = [], []                       # each crop's resize matrices, for all views of one size at once
     for size, run in itertools.groupby(range(len(recipes)), key=lambda v: recipes[v].size):

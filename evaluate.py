@@ -296,7 +296,7 @@ def main(argv=None):
             if args.export:
                 backbone, info = load_backbone_from_args(args, quiet=True)
                 lines = export_backbone(backbone, args.export)
-                print(f"# {info['loaded']}\n{lines}" if "loaded" in info else lines)   # Python a user can paste
+                print(f"# {info['loaded']}\n{lines}")                      # Python a user can paste
                 return None
             result = evaluate_checkpoint(args, torch.device(args.device))
         except (CheckpointError, DatasetError) as error:
@@ -317,7 +317,8 @@ def evaluate_checkpoint(args, device):
                                                            "test", image_size, device, args.cache_dir, args.workers)
     timings["features_s"] = time.time() - start
     extracted = len(train_labels) * (not train_cached) + len(test_labels) * (not test_cached)
-    if len(set(train_labels.tolist())) < 2:
+    classes = len(set(train_labels.tolist()))
+    if classes < 2:
         raise DatasetError(f"{dataset} has fewer than 2 classes in its training split; a probe needs at least 2")
 
     result = {"dataset": dataset, "method": info["method"], "arch": info["arch"], "epoch": info["epoch"],
@@ -340,9 +341,9 @@ def evaluate_checkpoint(args, device):
                 *splits, epochs=args.probe_epochs)
         timings["linear_s"] = time.time() - start
     result.update({k: round(v, 2) for k, v in timings.items()})
-    if len(set(train_labels.tolist())) <= TOP_K:
+    if classes <= TOP_K:
         print(f"note: top-5 is left out (blank in the table, null in the JSON line): with {dataset}'s "
-              f"{len(set(train_labels.tolist()))} classes every top-5 is 100%")
+              f"{classes} classes every top-5 is 100%")
     speed = f"{extracted / timings['features_s']:.0f} images/s" if extracted else "read from the cache"
     print(f"features {timings['features_s']:.1f} s ({speed})"
           + (f", k-NN {timings['knn_s']:.1f} s ({len(test_labels) / timings['knn_s']:.0f} queries/s)"

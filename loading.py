@@ -69,8 +69,8 @@ def training_data(args, recipes, control):
                 raise SystemExit(f"error: none of the {len(dropped)} images of the {split} split decodes, for "
                                  f"example {dropped[0]}; repair the files")
             if dropped and control.main_process:
-                print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(images) + len(dropped)}, "
-                      f"for example {dropped[0]}")
+                print(f"warning: skipping {len(dropped)} unreadable image(s) of {len(images) + len(dropped)} in the "
+                      f"{split} split, for example {dropped[0]}")
     order = EpochOrder(len(dataset), args.batch_size, args.seed, control.rank, control.world_size)
     if order.batches_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} images is less than one batch of {args.batch_size}; "
@@ -326,9 +326,10 @@ class MonitorImages:
     are decoded at the first evaluation and kept on the training device: every later one is a forward
     pass over slices of tensors already there, with no image decoded or copied again. The features are the
     same as through the files: the uint8 images are those of eval_transform before its tensor conversion.
-    Where training keeps the labelled train split in memory at the evaluation size (labelled_training_images: CIFAR, a folder of such images, not STL-10's unlabelled
-    images), those tensors are the train split and only the test split is decoded. ImageNet and Food-101
-    are decoded by the loading workers at each evaluation.
+    Where training keeps the labelled train split in memory at the evaluation size (labelled_training_images:
+    CIFAR, a folder of such images, not STL-10's unlabelled images), those tensors are the train split and
+    only the test split is decoded. ImageNet and Food-101 are decoded by the loading workers at each
+    evaluation.
     """
 
     def __init__(self, args, device, train_images=None):
@@ -372,12 +373,16 @@ def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, s
 # ----------------------------------------------------------------------------------------------------
 # Frozen features of a whole split, for the probes, extracted in their precision and cached on disk
 
+# What to do with a checkpoint whose features are not finite
+BROKEN_WEIGHTS = "its weights are broken (a run that diverged?); probe another checkpoint"
+
+
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc="features", exact=False,
-                     checkpoint=None):
+                     checkpoint=None, remedy=BROKEN_WEIGHTS):
     """Frozen features of a whole dataset: (N, F) float32 on the CPU, and labels (N,) int64, from normalised
     images (eval_transform) or uint8 ones. Features that are not finite (broken weights) raise a
-    CheckpointError naming `checkpoint`: no probe should score them.
+    CheckpointError naming `checkpoint` and what to do (`remedy`; refuse_non_finite).
 
     exact=False: in features_precision, fast and enough for the probes. exact=True: in float32, for
     analyze.py, whose numerical ranks count singular values above float32 rounding: bf16's 8-bit mantissa
@@ -402,12 +407,17 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
         labels.append(targets.cpu())
     backbone.train(was_training)
     features = torch.cat(features)                                 # (N, F)
-    broken = (~torch.isfinite(features).all(dim=1)).sum().item()
+    refuse_non_finite(features, checkpoint, remedy)
+    return features, torch.cat(labels)
+
+
+def refuse_non_finite(features, checkpoint, remedy=BROKEN_WEIGHTS):
+    """Raise a CheckpointError naming `checkpoint` if any image's features (N, ...) are not finite: no
+    probe should score them (a k-NN over NaN gives 50% on two classes, a believable number)."""
+    broken = (~torch.isfinite(features.flatten(1)).all(dim=1)).sum().item()
     if broken:
         raise CheckpointError(f"{checkpoint or 'the network'} gives features that are not finite (NaN or inf) for "
-                              f"{broken} of {len(features)} images: its weights are broken (a run that diverged?); "
-                              f"probe another checkpoint")
-    return features, torch.cat(labels)
+                              f"{broken} of {len(features)} images: {remedy}")
 
 
 def cached_features(backbone, checkpoint, checkpoint_digest, dataset, data_dir, split, image_size, device, cache_dir,

@@ -199,9 +199,13 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         side, dim = int(math.isqrt(base)), self.pos_embed.shape[2]
         patch_pos = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, C, s, s)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = self.resize_positions(patch_pos, grid_h, grid_w)                         # (1, C, h, w)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)          # (1, hw, C)
         return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
+
+    def resize_positions(self, table, grid_h, grid_w):
+        """The (1, C, s, s) table resized bicubically to the input's grid (DINO's files: backbones.DinoViT)."""
+        return F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
 
     def embed(self, x):
         """Patch embedding + CLS token + positions: (B, 3, H, W) -> (B, 1 + h*w, C), and the grid (h, w)."""

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from backbones import add_backbone_arguments, backbone_argument_rules, load_backbone_from_args
 from checkpoints import CheckpointError, keep_results
 from data import TO_NORMALISED_TENSOR, DatasetError, read_rgb, save_png, unnormalize
+from loading import refuse_non_finite
 from models import VisionTransformer
 from settings import (HelpFormatter, ctrl_c_in_one_line, default_device, device_argument, error_message,
                       features_precision, first_problem, numbers_are_finite, refuse, replaces_a_file, unwritable,
@@ -190,11 +191,7 @@ def frozen_stages(backbone, images, device):
     autocast, _, memory_format = features_precision(device, backbone)
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)   # (B, 3, H, W)
     with autocast:
-        stages = [f.float() for f in backbone.stages(images)]
-    if not all(torch.isfinite(f).all() for f in stages):
-        raise CheckpointError("the backbone's features are not finite (NaN or inf): its weights are broken (a run "
-                              "that diverged?); probe another checkpoint")
-    return stages
+        return [f.float() for f in backbone.stages(images)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,6 +348,9 @@ def segment_and_save(args):
         val_set = VOCSegmentation(root, "val", args.image_size, whole_image_stride=input_stride(backbone))
         for dataset in (train_set, val_set):       # a bad file is named now, not after the probe's training
             dataset.check_every_file()
+        # Broken weights (NaN) are named now too: scored, their features would give a believable mIoU
+        refuse_non_finite(torch.cat([f.flatten(1) for f in frozen_stages(backbone, train_set[0][0][None], device)], 1),
+                          args.checkpoint)
         os.makedirs(args.out, exist_ok=True)
         probe = train_probe(backbone, train_set, device, args.epochs, args.batch_size, args.lr, args.workers)
         confusion = evaluate_probe(backbone, probe, val_set, device, args.workers)
@@ -365,11 +365,8 @@ def segment_and_save(args):
             pca_set = VOCSegmentation(root, "val", args.image_size)
             pictures.append((result["pca_png"], lambda: save_pca_grid(backbone, pca_set, args.pca_images,
                                                                       result["pca_png"], device)))
-    except VOCError as error:
+    except (CheckpointError, VOCError) as error:
         raise SystemExit(f"error: {error_message(error)}")
-    except CheckpointError as error:           # the file's own messages name it; the features' do not
-        message = error_message(error)
-        raise SystemExit(f"error: {message if args.checkpoint in message else f'{args.checkpoint}: {message}'}")
     # The row and segment.jsonl first, the picture after: a failure to write one never costs the others
     keep_results(result, os.path.join(args.out, "segment.jsonl"), [(result, TABLE_COLUMNS, args.table)], pictures)
     return result

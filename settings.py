@@ -159,6 +159,16 @@ def numbers_are_finite(args, names):
     return True, None
 
 
+def device_rule(device):
+    """A rule for first_problem: a device this machine has (device_argument), also where a resumed run
+    takes it from its checkpoint rather than from the command line."""
+    try:
+        device_argument(device)
+    except argparse.ArgumentTypeError as error:
+        return False, f"--device {error}"
+    return True, None
+
+
 def seed_rule(seed):
     """A rule for first_problem: --seed within numpy's 32-bit seeds."""
     return 0 <= seed <= LARGEST_SEED, f"--seed must lie in 0 ... {LARGEST_SEED} (got {seed})"
@@ -171,19 +181,21 @@ def knn_temperature_rule(temperature):
             f"exp(s / T) overflow in float32 below it; the k-NN protocol uses 0.1")
 
 
-def kappa_is_resolvable(kappa, num_embeddings):
-    """A rule for first_problem: a kappa whose kernel tells two points apart in float32 (our bound). Each
-    entropy term logsumexp_j(kappa s_ij) - log M, with kappa s_ij in [-kappa, kappa], is computed from a
-    logsumexp of about log N (N embeddings), which float32 holds in steps of about 2^-23 log N; from one
-    point to another it moves by at most 2 kappa. With 2 kappa under that step every row rounds alike,
-    and the loss is exactly 0 (at kappa = 1e-9 it is; gradients of order kappa remain, and vanish under
-    AdamW's eps)."""
-    num_embeddings = max(num_embeddings, 2)         # a batch size below 2 is refused by its own rule
+def kappa_rule(args):
+    """A rule for first_problem: --kappa (and --kappa-final) large enough for the kernel to tell two points
+    apart in float32 (our bound). Each entropy term logsumexp_j(kappa s_ij) - log M, with kappa s_ij in
+    [-kappa, kappa], is computed from a logsumexp of about log N (N = V B embeddings), which float32 holds
+    in steps of about 2^-23 log N; from one point to another it moves by at most 2 kappa. With 2 kappa
+    under that step every row rounds alike and the loss is exactly 0; gradients of order kappa remain, and
+    vanish under AdamW's eps. The supervised baseline has no kernel."""
+    kappa = min(args.kappa, args.kappa_final or args.kappa)
+    num_embeddings = max((args.global_crops + args.local_crops) * args.batch_size, 2)   # below 2: refused apart
     bound = 2.0 ** -24 * math.log(num_embeddings)
-    return (kappa > bound,
+    return (args.method == "supervised" or kappa > bound,
             f"--kappa {kappa:g} is too small: the kernel exp(kappa s) cannot tell two points apart in float32 "
             f"(each term, about log N = {math.log(num_embeddings):.1f} for N = {num_embeddings} embeddings, moves by "
-            f"at most 2 kappa, under float32's step 2^-23 log N unless kappa > {bound:.1e}); the paper tries 0.1 to 20")
+            f"at most 2 kappa, under float32's step 2^-23 log N); raise --kappa above {bound:.1e} (the paper tries "
+            f"0.1 to 20)")
 
 
 def check_training_args(args):
@@ -191,13 +203,12 @@ def check_training_args(args):
     or None."""
     (global_min, global_max), (local_min, local_max) = args.global_scale, args.local_scale
     rules = [
+        device_rule(args.device),
         numbers_are_finite(args, ("kappa", "kappa_final", "alpha", "beta", "beta_final", "lr", "weight_decay",
                                   "warmup_epochs", "max_minutes", "knn_temperature", "global_scale", "local_scale")),
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
         (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
-        kappa_is_resolvable(min(args.kappa, args.kappa_final or args.kappa),
-                            (args.global_crops + args.local_crops) * args.batch_size)
-        if args.method != "supervised" else (True, None),                 # the supervised baseline has no kernel
+        kappa_rule(args),
         (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
          f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} "
          f"(got {max(args.kappa, args.kappa_final or 0):g}): "

@@ -30,6 +30,7 @@ import re
 import shlex
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -1372,6 +1373,10 @@ def test_files_that_are_no_checkpoint_say_what_they_are_in_one_line(tmp_path):
         "cut-legacy-start.pth": (legacy.getvalue()[:100], r"cut short"),
         "zipped.zip": ((tmp_path / "zipped.zip").read_bytes(), r"is a zip archive, not a PyTorch file; unzip it"),
         "binary.bin": (bytes(range(256)), r"is not a PyTorch file \(it begins with the bytes 00 01 02"),
+        # safetensors: an 8-byte header length (here 128, whose first byte 0x80 also begins a pickle), then JSON
+        "weights.pth": (struct.pack("<Q", 128) + json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+                                                            }).encode().ljust(128) + bytes(4),
+                        r"is a safetensors file; re-save it with torch.save\(safetensors.torch.load_file"),
     }
     for name, (content, message) in files.items():
         (tmp_path / name).write_bytes(content)
@@ -1477,6 +1482,9 @@ def test_a_checkpoint_that_does_not_fit_or_a_flag_that_does_not_apply_says_so_in
          r"--stem-padding applies to a 3x3 conv1, and .* holds a vit_tiny .*; drop --stem-padding"),
         ("resnet-heads.pth", resnet, {"heads": 4},
          r"--heads applies to a ViT, and .* holds a resnet18 .*; drop --heads"),
+        ("ours-key.pt", {"args": {"arch": "resnet18", "global_size": 32, "method": "hydes"}, "epoch": 0,
+                         "model": {f"backbone.{k}": v for k, v in resnet.items()}}, {"checkpoint_key": "student"},
+         r"--checkpoint-key student, but .*ours-key.pt is train.py's, which holds one backbone; drop --checkpoint-key"),
     ]
     for name, checkpoint, flags, message in cases:
         torch.save(checkpoint, tmp_path / name)
@@ -2488,6 +2496,10 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
     assert capsys.readouterr().out.startswith("kappa1: epoch 2 31.00, epoch 10 50.00")
     with pytest.raises(SystemExit, match="logs no knn_top5"):
         analyze.read_curves(runs, "knn_top5")
+    with open(tmp_path / "kappa1" / "eval.jsonl", "a") as f:     # 5 classes or fewer: top-5 is null, not a point
+        f.write(json.dumps({"epoch": 3, "linear_top1": 40.0, "linear_top5": None}) + "\n")
+    with pytest.raises(SystemExit, match="logs no linear_top5"):
+        analyze.read_curves([log], "linear_top5")
     with pytest.raises(SystemExit, match="2 --labels for 3 runs"):
         analyze.main(["curves", *runs, "--labels", "a", "b"])
     analyze.main(["curves", *runs, "--out", str(tmp_path / "curves.png")])
@@ -2666,6 +2678,11 @@ def test_resume_auto_starts_continues_mends_a_cut_log_leaves_a_finished_run_alon
                                          r"has 3; resume with the same data \(--data-dir\)$"):
         train.main(common + ["--epochs", "3", "--resume", "--data-dir", str(tmp_path / "three")])
     state = torch.load(run / "ckpt.pt", weights_only=True)
+    torch.save({**state, "args": {**state["args"], "device": "cuda"}}, run / "ckpt.pt")   # a GPU run, on a CPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match=r"^error: --device cuda, but PyTorch sees no CUDA GPU here; pass --device "
+                                         r"cpu$"):
+        train.main(common + ["--epochs", "3", "--resume"])
     del state["optimizer"]
     torch.save(state, run / "ckpt.pt")
     with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt holds no optimizer \(saved for evaluation only\?\), so "
@@ -3010,7 +3027,7 @@ def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, 
     if source == "workers":                       # met while training (memory: while loading, before step 1)
         assert "is intact" in message
     train.main(common + ["--out", str(tmp_path / "run2"), "--epochs", "1", "--skip-bad-images"])
-    assert f"skipping 1 unreadable image(s) of 16, for example {bad}" in capsys.readouterr().out
+    assert f"skipping 1 unreadable image(s) of 16 in the train split, for example {bad}" in capsys.readouterr().out
     assert torch.load(tmp_path / "run2" / "ckpt.pt", weights_only=True)["step"] == 1   # 15 images: 1 batch
 
 
@@ -3300,7 +3317,10 @@ def test_every_script_refuses_a_device_it_cannot_use_in_one_line(monkeypatch, ca
 def test_a_kappa_below_the_float32_bound_is_refused_and_the_bound_is_where_the_loss_goes_blind(tmp_path):
     z = torch.nn.functional.normalize(torch.randn(8, 16, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
     bound = 2.0 ** -24 * math.log(8 * 16)
-    assert settings.kappa_is_resolvable(bound * 1.01, 8 * 16)[0] and not settings.kappa_is_resolvable(bound, 128)[0]
+    settings_of = lambda kappa, method="hydes": argparse.Namespace(kappa=kappa, kappa_final=None, global_crops=2,
+                                                                   local_crops=6, batch_size=16, method=method)
+    assert settings.kappa_rule(settings_of(bound * 1.01))[0] and not settings.kappa_rule(settings_of(bound))[0]
+    assert settings.kappa_rule(settings_of(bound / 2, "supervised"))[0]            # no kernel, no bound
     rows = {}
     for factor in (0.25, 16):                  # the per-row log-mean-exps over the batch, in float32
         kappa = bound * factor
@@ -3309,7 +3329,7 @@ def test_a_kappa_below_the_float32_bound_is_refused_and_the_bound_is_where_the_l
         assert hydes.hydes_loss(z, kappa)["loss"].item() == 0.0 or factor > 1
     assert rows[0.25].unique().numel() == 1 and rows[16].unique().numel() > 1    # blind below, sees above
     with pytest.raises(SystemExit, match=r"--kappa 1e-09 is too small: the kernel exp\(kappa s\) cannot tell two "
-                                         r"points apart in float32 .* unless kappa > 2\.1e-07\)"):
+                                         r"points apart in float32 .*; raise --kappa above 2\.1e-07"):
         train.main(tiny_run(tmp_path) + ["--kappa", "1e-9", "--out", str(tmp_path / "run")])   # N = 4 views x 8
 
 
@@ -3539,13 +3559,12 @@ def test_the_probing_scripts_stop_in_one_line_on_ctrl_c_one_class_another_archit
     state = torch.load(checkpoint, weights_only=True)              # broken weights: features that are not finite
     state["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
-    for main, extra in ((evaluate.main, []), (analyze.main, ["--out", str(tmp_path / "analysis")])):
+    for main, extra in ((evaluate.main, []), (analyze.main, ["--out", str(tmp_path / "analysis")]),
+                        (segment.main, ["--data-dir", str(tmp_path), "--image-size", "32", "--out", str(tmp_path / "seg"),
+                                        "--pca-images", "0"])):
         with pytest.raises(SystemExit, match=r"^error: .*nan.pt gives features that are not finite \(NaN or inf\) for "
                                              r"\d+ of \d+ images: its weights are broken"):
             main([str(tmp_path / "nan.pt"), "--workers", "0", *extra])
-    with pytest.raises(SystemExit, match=r"^error: .*nan.pt: the backbone's features are not finite"):
-        segment.main([str(tmp_path / "nan.pt"), "--workers", "0", "--data-dir", str(tmp_path), "--image-size", "32",
-                      "--out", str(tmp_path / "seg"), "--pca-images", "0"])
     assert not (tmp_path / "eval.jsonl").exists() and not list(tmp_path.glob("seg/*"))          # nothing written
     (tmp_path / "images" / "test" / "a" / "000.jpg").write_bytes(b"")     # an image a loading worker cannot read
     with pytest.raises(SystemExit) as error:

@@ -63,6 +63,9 @@ LOGGED = {"hydes": ON_THE_SPHERE, "infonce": ON_THE_SPHERE, "supervised": ("loss
 # CUDA graphs and replays them, so that the host launches one graph instead of each kernel: the remedy
 # for a step bound by launches, as small crops (32/16 px) make it on a GPU (SPEED.md).
 COMPILE_MODES = ("default", "reduce-overhead")
+# What to do when the monitor meets features that are not finite: the run diverged
+MONITOR_REMEDY = ("the run diverged: lower --lr and start anew, or continue with --resume --eval-every 0 to "
+                  "train without the monitor")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def main(argv=None):
         print(done)
     except DatasetError as error:              # a dataset missing, or an image unreadable outside the steps
         raise SystemExit(f"error: {error_message(error)}")
-    except CheckpointError as error:           # a checkpoint that cannot be written: a full disk, say
+    except CheckpointError as error:           # a file that cannot be written (a full disk), features not finite
         raise SystemExit(f"error: {error}")
     except RuntimeError as error:              # under torchrun: a collective that another process left
         if not (dist.is_initialized() and peer_is_gone(error)):
@@ -520,10 +523,13 @@ class Monitor:
         try:
             if control.main_process:
                 splits, workers = self.images.splits()
+                # (extract_features refuses features that are not finite: the network diverged, its loss may
+                # not show it yet; the epoch is saved, marked for this evaluation)
                 train_feats, train_labels, test_feats, test_labels = (
                     t.to(device) for split, name in zip(splits, ("train", "test"))
                     for t in extract_features(net.backbone, split, device, workers=workers,
-                                              desc=f"monitor: {name} features"))
+                                              desc=f"monitor: {name} features",
+                                              checkpoint=f"the network at step {step}", remedy=MONITOR_REMEDY))
                 result["knn_top1"], result["knn_top5"] = knn_accuracy(
                     train_feats, train_labels, test_feats, test_labels, args.knn_k, args.knn_temperature)
                 # The probe's batches are drawn from (seed, step): a resumed run draws the same ones.
