@@ -78,6 +78,23 @@ def to_pixel(point, left, top):
     return centre + radius * x, top + radius - radius * y
 
 
+def draw_panel(draw, snapshot, left, top, ceiling, font):
+    """The two hemispheres of one snapshot, its points in their images' colours, its figures below."""
+    for disc, name in enumerate(("front", "back")):
+        x0 = left + disc * (PANEL + MARGIN)
+        draw.ellipse([x0, top, x0 + PANEL, top + PANEL], outline=(160, 160, 160), fill=(250, 250, 250))
+        draw.text((x0 + PANEL / 2, top + PANEL + 2), name, fill=(120, 120, 120), font=font, anchor="mt")
+    views, images, _ = snapshot["z"].shape                              # z (V, B, 3)
+    for image in range(images):
+        for view in range(views):
+            x, y = to_pixel(snapshot["z"][view, image], left, top)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=TAB10[image % len(TAB10)])
+    draw.text((left, top + PANEL + 14), f"step {snapshot['step']}:  H_global {snapshot['h_global']:.2f}  "
+              f"H_local {snapshot['h_local']:.2f}", fill="black", font=font)
+    draw.text((left, top + PANEL + 27), f"MI {snapshot['mi']:.2f} of ceiling {ceiling:.2f} "
+              f"({snapshot['mi'] / ceiling:.0%})", fill="black", font=font)
+
+
 def draw_figure(runs, path):
     """runs: {kappa: snapshots} -> one PNG, a row per kappa, a panel per snapshot: its two hemispheres, the
     points in their images' colours, the entropies below."""
@@ -95,19 +112,7 @@ def draw_figure(runs, path):
         ceiling = mi_ceiling(views, views * images)
         draw.text((MARGIN, top + PANEL / 2), f"kappa = {kappa:g}", fill="black", font=font, anchor="lm")
         for column, snapshot in enumerate(snapshots):
-            left = label + MARGIN + column * (panel_width + 2 * MARGIN)
-            for disc, name in enumerate(("front", "back")):
-                x0 = left + disc * (PANEL + MARGIN)
-                draw.ellipse([x0, top, x0 + PANEL, top + PANEL], outline=(160, 160, 160), fill=(250, 250, 250))
-                draw.text((x0 + PANEL / 2, top + PANEL + 2), name, fill=(120, 120, 120), font=font, anchor="mt")
-            for image in range(images):
-                for view in range(views):
-                    x, y = to_pixel(snapshot["z"][view, image], left, top)          # z (V, B, 3)
-                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=TAB10[image % len(TAB10)])
-            draw.text((left, top + PANEL + 14), f"step {snapshot['step']}:  H_global {snapshot['h_global']:.2f}  "
-                      f"H_local {snapshot['h_local']:.2f}", fill="black", font=font)
-            draw.text((left, top + PANEL + 27), f"MI {snapshot['mi']:.2f} of ceiling {ceiling:.2f} "
-                      f"({snapshot['mi'] / ceiling:.0%})", fill="black", font=font)
+            draw_panel(draw, snapshot, label + MARGIN + column * (panel_width + 2 * MARGIN), top, ceiling, font)
     write_atomically(path, lambda f: canvas.save(f, format="PNG"))       # whole, or the old file as it was
 
 
