@@ -2132,15 +2132,22 @@ def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_co
     # written, the row printed, and one line names what was lost and why
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
+
+    def degenerate(*args):                      # the PCA of features it cannot decompose
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
     monkeypatch.setattr(checkpoints, "append_row", disk_full)
-    monkeypatch.setattr(segment, "save_pca_grid", lambda *args: 1 / 0)
+    monkeypatch.setattr(segment, "save_pca_grid", degenerate)
     with pytest.raises(SystemExit) as error:
         segment.main(segment_args + ["--table", str(tmp_path / "table2.md")])
     message = str(error.value.code)
     assert message.startswith(f"error: could not write {tmp_path / 'table2.md'} ([Errno 28] No space left on device);"
-                              f" {tmp_path / 'seg' / 'pca_hypercolumns.png'} (division by zero);") and "\n" not in message
+                              f" {tmp_path / 'seg' / 'pca_hypercolumns.png'} (linalg.svd: The algorithm failed to "
+                              f"converge);") and "\n" not in message
     saved = json.loads((tmp_path / "seg" / "segment.jsonl").read_text())
     assert f"| backbone | resnet18 | {saved['pixel_accuracy']:.2f} | {saved['miou']:.2f} |" in capsys.readouterr().out
+    monkeypatch.setattr(segment, "save_pca_grid", lambda *args: 1 / 0)     # a bug is no lost write: it shows
+    with pytest.raises(ZeroDivisionError):
+        segment.main(segment_args)
 
 
 def test_whole_image_sizes_keep_the_aspect_at_the_training_scale_in_multiples_of_the_stride():
