@@ -183,7 +183,8 @@ def make_views(images, recipes, parameters):
     Where the arithmetic is ours rather than PIL's (test_hydes.py bounds how far each step lands from PIL's):
     - resizing: as roi_align (aligned=True), bilinear samples averaged over ceil(h / s) x ceil(w / s)
       points per output pixel of an h x w box (antialiased when shrinking), not PIL's bicubic filter: a
-      little softer when enlarging; samples may reach half a pixel past the box, never past the image;
+      little softer when enlarging; samples may reach half a pixel past the box, never past the image (a
+      canvas of mixed sizes repeats each image's last row and column: loading.CanvasImages);
     - the jitter's order: always brightness, contrast, saturation, hue, where torchvision draws one of 24
       (the first three are blends with black, the mean grey and the pixel's grey: they commute until a
       value clips);
