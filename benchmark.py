@@ -17,9 +17,9 @@ held on the device. The second has a row per setting, --forward, --precision and
   vs eager        img/s over the eager row's of the same setting and precision, in the same process
   peak memory     torch.cuda.max_memory_allocated over the row's steps (n/a on a CPU)
   gradient error  ||g - g64|| / ||g64||: the row's step's gradient (at its third call: a replay under CUDA
-                  graphs) against the same step run eagerly in float64 (the loss in float32 in both). On an
-                  untrained network and noise, float32 lands anywhere from 1e-6 to 1e-2 (1e-1 with TF32),
-                  bf16 at 0.1 to 0.5: it catches a kernel that computes the wrong thing, orders above, or nan
+                  graphs) against the same step run eagerly in float64 (the loss in float32 in both): it
+                  catches a kernel that computes the wrong thing, orders of magnitude above the precision's
+                  own error (SPEED.md gives the ranges seen), or nan
   first step      seconds of the row's first step: the compilation, cuDNN's autotuning
 * marks train.py's --precision auto on the device. SPEED.md records the tables printed so far, with machines.
 """
