@@ -26,11 +26,11 @@ Anisotropy, embedding rank and correlation follow the code that the paper cites 
 
 Optional extras, imported only where needed: nltk with WordNet for the WordNet columns and the WordNet
 ordering of the heat map (pip install nltk && python -m nltk.downloader wordnet), sentence-transformers
-for the MiniLM column (pip install sentence-transformers). Without them the other measurements are still
-written and the skipped columns are named.
+for the MiniLM column (pip install sentence-transformers), matplotlib for the pictures (pip install
+matplotlib). Without them the other measurements are still written and what was skipped is named.
 
-Every picture is drawn with PIL, so no figure needs an optional package. `analyze.py curves RUN ...`
-(Figs. 6-8) draws a metric of each run's log.jsonl per epoch, one labelled line per run, in one PNG.
+`analyze.py curves RUN ...` (Figs. 6-8) draws a metric of each run's log.jsonl per epoch, one labelled line
+per run, in one PNG.
 
 Output in --out (default analysis/ beside the checkpoint): analyze.jsonl (one JSON line per run, appended),
 centroids.png, saliency.png; Tables III and IV rows on stdout and, with --table3/--table4, appended to
@@ -46,7 +46,6 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from backbones import (add_checkpoint_arguments, checkpoint_argument_rules, load_for_probing, network_digest,
@@ -56,7 +55,7 @@ from data import (GLOBAL_SCALE, DatasetError, dataset_split, default_crop_sizes,
                   eval_transform, save_png, unnormalize)
 from loading import cached_features, extract_features
 from models import VisionTransformer
-from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, numbers_are_finite, refuse,
+from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, refuse,
                       replaces_a_file, seed_rule, unwritable, unwritable_file)
 
 
@@ -442,48 +441,34 @@ def semantic_alignment(similarity, class_names, text_model=None, permutations=99
 # ----------------------------------------------------------------------------------------------------
 # The class-centroid heat map and its colour map (Fig. 5, Section VI-B)
 
-VIRIDIS = torch.tensor([[0x44, 0x01, 0x54], [0x3b, 0x52, 0x8b], [0x21, 0x91, 0x8c], [0x5e, 0xc9, 0x62],
-                        [0xfd, 0xe7, 0x25]], dtype=torch.float32) / 255   # viridis at 0, 1/4, 1/2, 3/4, 1
+def pyplot():
+    """matplotlib's pyplot, drawing into files only (its Agg backend: no display needed), or MissingExtra
+    saying what to install. Every figure here is drawn with it; a picture needs nothing else."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except ImportError:
+        raise MissingExtra("the pictures need matplotlib: pip install matplotlib") from None
+    return matplotlib.pyplot
 
 
-def colormap(values):
-    """(H, W) in [0, 1] -> (3, H, W) RGB: viridis through its five standard colours, linearly interpolated
-    (dark purple = 0, yellow = 1, as the paper's Fig. 5)."""
-    position = values.float().clamp(0, 1) * (len(VIRIDIS) - 1)
-    low = position.floor().long().clamp(max=len(VIRIDIS) - 2)
-    weight = (position - low).unsqueeze(-1)                                   # (H, W, 1)
-    rgb = VIRIDIS[low] * (1 - weight) + VIRIDIS[low + 1] * weight             # (H, W, 3)
-    return rgb.permute(2, 0, 1)
+def save_figure(figure, path):
+    """Write a matplotlib figure as a PNG, whole or not at all, and free it."""
+    write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    pyplot().close(figure)
 
 
-def heatmap_picture(matrix, labels=None, low=0.0, high=1.0, size=480):
-    """Fig. 5: a (C, C) matrix as a (3, H, W) picture in [0, 1], each entry a square of size // C pixels
-    (at least 1), values mapped from [low, high] to the colour map; for up to 40 classes the class names
-    beside the rows; on the right a colour bar from low (bottom) to high (top), its ends and middle labelled.
-    """
-    count = len(matrix)
-    cell = max(1, size // count)
-    body = colormap((torch.as_tensor(matrix, dtype=torch.float32) - low) / max(high - low, 1e-12))   # (3, C, C)
-    body = body.repeat_interleave(cell, 1).repeat_interleave(cell, 2)                      # (3, C*cell, C*cell)
-    font = ImageFont.load_default()
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    names = labels if labels is not None and count <= 40 else None
-    left = 6 + max(int(draw.textlength(n, font=font)) for n in names) + 6 if names else 6
-    side, margin, bar_width = count * cell, 6, 16
-    digits = max(2, 1 - math.floor(math.log10(max(high - low, 1e-12))))      # enough to tell the ticks apart
-    ticks = [f"{v:.{digits}f}" for v in (high, (low + high) / 2, low)]
-    width = left + side + 3 * margin + bar_width + max(int(draw.textlength(t, font=font)) for t in ticks) + margin
-    canvas = Image.new("RGB", (width, side + 2 * margin), "white")
-    canvas.paste(Image.fromarray((body.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (left, margin))
-    bar = colormap(torch.linspace(1, 0, side).unsqueeze(1).expand(side, bar_width))       # (3, side, bar)
-    bar_left = left + side + 2 * margin
-    canvas.paste(Image.fromarray((bar.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (bar_left, margin))
-    draw = ImageDraw.Draw(canvas)
-    for tick, y in zip(ticks, (margin, margin + side // 2, margin + side)):
-        draw.text((bar_left + bar_width + margin, y), tick, fill="black", font=font, anchor="lm")
-    for row, name in enumerate(names or []):
-        draw.text((left - 6, margin + row * cell + cell // 2), name, fill="black", font=font, anchor="rm")
-    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
+def save_heatmap(matrix, labels, path, low=0.0, high=1.0):
+    """Fig. 5: a (C, C) matrix in the viridis colour map from low (dark purple) to high (yellow), as the
+    paper's; the class names beside the rows for up to 40 classes; a colour bar on the right."""
+    figure, axes = pyplot().subplots(figsize=(6, 5))
+    image = axes.imshow(matrix, cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+    axes.set_xticks([])
+    axes.set_yticks(range(len(matrix)) if len(matrix) <= 40 else [], labels if len(matrix) <= 40 else [])
+    figure.colorbar(image)
+    save_figure(figure, path)
+    return figure
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,7 +534,8 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
         heat = (vit_attention_map(backbone, image).cpu() if isinstance(backbone, VisionTransformer)
                 else smoothgrad_cam(backbone, image, samples, noise))
         picture = unnormalize(image).clamp(0, 1).cpu()       # displayable RGB (3, S, S), where the heat map is
-        overlay = 0.4 * picture + 0.6 * colormap(heat)
+        heat_colours = torch.from_numpy(pyplot().get_cmap("viridis")(heat.numpy())[..., :3]).float()   # (S, S, 3)
+        overlay = 0.4 * picture + 0.6 * heat_colours.permute(2, 0, 1)
         rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
     grid = torch.cat(rows, dim=1)                                             # (3, n*S, 2S)
     scale = math.ceil(128 / rows[0].shape[1])
@@ -593,8 +579,6 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=8, help="images in saliency.png (0: no saliency picture)")
     p.add_argument("--smooth-samples", type=int, default=16,
                    help="noisy copies per image for SmoothGrad-CAM (ResNets); more = smoother, slower")
-    p.add_argument("--smooth-noise", type=float, default=0.15,
-                   help="SmoothGrad noise std as a fraction of the image's value range (Smilkov et al.: 0.1-0.2)")
     p.add_argument("--permutations", type=int, default=999, help="Mantel permutations for Table IV's p-values")
     p.add_argument("--text-model", help="local folder of all-MiniLM-L6-v2, Table IV's MiniLM column (default: "
                                         "downloaded by sentence-transformers)")
@@ -612,13 +596,11 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before any work: the first problem as a one-line message, or None."""
     return first_problem([
-        numbers_are_finite(args, ("smooth_noise",)),
         (args.pairs >= 2, f"--pairs must be >= 2 (got {args.pairs}): the all-pairs statistics need two points"),
         (args.pairs <= 20000, f"--pairs must be at most 20000 (got {args.pairs}): its (n, n) matrix takes 8 n^2 bytes"),
         seed_rule(args.seed),
         (args.positive_images >= 0 and args.images >= 0, "--positive-images and --images must be >= 0 (0 skips)"),
-        (args.smooth_samples >= 1 and args.smooth_noise >= 0,
-         "--smooth-samples must be >= 1 and --smooth-noise >= 0 (Smilkov et al. use 0.1-0.2)"),
+        (args.smooth_samples >= 1, f"--smooth-samples must be >= 1 (got {args.smooth_samples})"),
         (args.permutations >= 1, f"--permutations must be >= 1 (got {args.permutations}); 999 gives p down to 0.001"),
         *checkpoint_argument_rules(args),
     ]) or unwritable(args.out, "--out") or unwritable(args.cache_dir, "--cache-dir") \
@@ -692,20 +674,25 @@ def analyze_checkpoint(args, device):
         wordnet = "wup" in references
         order = average_linkage(1 - (references["wup"] if wordnet else similarity))[1]
         result["heatmap_order"] = ("wordnet" if wordnet else "centroids") + " (average-linkage leaf order)"
+    ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
+    try:
+        pyplot()
+    except MissingExtra as error:               # the figures without the pictures, as without WordNet's columns
+        result["skipped"] = skipped + [f"Figs. 2, 3 and 5: {error}"]
+        return result, []
+    result["centroids_png"] = os.path.join(args.out, "centroids.png")
     # On the paper's 0 to 1 scale (comparable across checkpoints: darker = closer to 90 degrees), widened
     # below 0 when some centroids lie further than 90 degrees apart.
-    ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
-    result["centroids_png"] = os.path.join(args.out, "centroids.png")
     low = min(0.0, float(upper_triangle(similarity).min()))
     pictures = [(result["centroids_png"],       # drawn once the figures are saved (main)
-                 lambda: save_png(heatmap_picture(ordered, names, low=low), result["centroids_png"]))]
+                 lambda: save_heatmap(ordered, names, result["centroids_png"], low=low))]
 
     # Figs. 2 and 3
     if args.images > 0:
         result["saliency_png"] = os.path.join(args.out, "saliency.png")
         indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
         pictures.append((result["saliency_png"], lambda: save_saliency_grid(
-            backbone, data, indices, result["saliency_png"], device, args.smooth_samples, args.smooth_noise)))
+            backbone, data, indices, result["saliency_png"], device, args.smooth_samples)))
     result["skipped"] = skipped
     return result, pictures
 
@@ -736,86 +723,19 @@ def read_curves(runs, metric):
     return curves
 
 
-# The learning-curve chart, drawn with PIL like every other picture here, in matplotlib's default line
-# colours ('tab10', in its order) so that it looks like the usual plots.
-TAB10 = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-         (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
-
-def axis_range(values):
-    """The data's range widened by 5 % at each end (matplotlib's margins), so that the markers at the ends
-    stay inside the axes; a single value gets 1 either side. Non-finite values (a diverged loss) are not
-    drawn, and do not count."""
-    finite = [v for v in values if math.isfinite(v)] or [0.0]
-    low, high = min(finite), max(finite)
-    margin = 0.05 * (high - low) if high > low else 1
-    return low - margin, high + margin
-
-
-def round_ticks(low, high, count=8):
-    """Round-number ticks inside [low, high]: the multiples of the smallest step of 1, 2 or 5 times a power
-    of ten that gives at most `count` + 1 ticks. Returns (values, labels), the labels with as many
-    decimals as the step needs (step 0.5 -> '1.5', step 20 -> '40')."""
-    wanted = (high - low) / count
-    power = 10.0 ** math.floor(math.log10(wanted))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= wanted)
-    values = [i * step for i in range(math.ceil(low / step), math.floor(high / step) + 1)]
-    decimals = max(0, -math.floor(math.log10(step)))
-    return values, [f"{v:.{decimals}f}" for v in values]
-
-
-def plot_curves(curves, labels, metric, path, size=(720, 480)):
-    """One polyline with round markers per run, each in its TAB10 colour, on axes with round-number ticks
-    and a light grid; the epoch on x, the metric's key on y (named above the axis); the legend (one entry
-    per run, in order) to the right of the axes, where no line can run under it. Saved as PNG at `size`."""
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_height = measure.textbbox((0, 0), "Ag(%)", font=font)[3]              # with descenders
-    pad, tick, swatch, line_width, radius = 8, 4, 24, 2, 4
-    x_low, x_high = axis_range([e for epochs, _ in curves.values() for e in epochs])
-    y_low, y_high = axis_range([v for _, values in curves.values() for v in values])
-    x_ticks, x_tick_labels = round_ticks(x_low, x_high)
-    y_ticks, y_tick_labels = round_ticks(y_low, y_high)
-
-    # The axes' box in pixels, from the widths of what lies around it: on the left the y tick labels (the
-    # y label above them), below the x tick labels and the x label, on the right the legend.
-    left = pad + max(measure.textlength(t, font=font) for t in y_tick_labels) + tick + 4
-    bottom = size[1] - (tick + 4 + text_height + pad + text_height + pad)
-    right = size[0] - (pad + swatch + 6 + max(measure.textlength(t, font=font) for t in labels) + pad)
-    top = 2 * pad + text_height
-    def to_pixel(x, y):
-        return (left + (x - x_low) / (x_high - x_low) * (right - left),
-                bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
-
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    for x, text in zip(x_ticks, x_tick_labels):
-        px = to_pixel(x, y_low)[0]
-        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))                      # grid
-        draw.line([(px, bottom), (px, bottom + tick)], fill="black")
-        draw.text((px, bottom + tick + 4), text, fill="black", font=font, anchor="mt")
-    for y, text in zip(y_ticks, y_tick_labels):
-        py = to_pixel(x_low, y)[1]
-        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        draw.line([(left - tick, py), (left, py)], fill="black")
-        draw.text((left - tick - 4, py), text, fill="black", font=font, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text(((left + right) / 2, size[1] - pad), "epoch", fill="black", font=font, anchor="md")
-    draw.text((pad, top - pad), metric, fill="black", font=font, anchor="ld")     # the y label, above the axis
-
-    for i, ((epochs, values), label) in enumerate(zip(curves.values(), labels)):
-        colour = TAB10[i % len(TAB10)]
-        points = [to_pixel(x, y) for x, y in zip(epochs, values) if math.isfinite(y)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=line_width, joint="curve")
-        for x, y in points:
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-        # legend entry: a short stretch of the line with its marker, then the label
-        x, y = right + pad, top + pad + i * (text_height + 8)
-        draw.line([(x, y), (x + swatch, y)], fill=colour, width=line_width)
-        draw.ellipse([x + swatch / 2 - radius, y - radius, x + swatch / 2 + radius, y + radius], fill=colour)
-        draw.text((x + swatch + 6, y), label, fill="black", font=font, anchor="lm")
-    write_atomically(path, lambda f: canvas.save(f, format="PNG"))       # whole, or the old file as it was
+def plot_curves(curves, labels, metric, path):
+    """One line with round markers per run (matplotlib's default colours, in order), the epoch on x and the
+    metric on y; the legend, one entry per run, to the right of the axes, where no line can run under it.
+    Non-finite values (a diverged loss) are not drawn. Saved as a PNG."""
+    figure, axes = pyplot().subplots(figsize=(7.2, 4.8))
+    for (epochs, values), label in zip(curves.values(), labels):
+        finite = [(epoch, value) for epoch, value in zip(epochs, values) if math.isfinite(value)]
+        axes.plot([epoch for epoch, _ in finite], [value for _, value in finite], marker="o", label=label)
+    axes.set(xlabel="epoch", ylabel=metric)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    save_figure(figure, path)
+    return figure
 
 
 def curves_main(argv):
@@ -830,6 +750,10 @@ def curves_main(argv):
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     refuse(replaces_a_file(args.out, "--out", args.force) or unwritable_file(args.out, "--out"))
+    try:
+        pyplot()
+    except MissingExtra as error:
+        raise SystemExit(f"error: {error}")
     # A run folder, or the folder of a log file given directly (RUN/eval.jsonl), names its line.
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(run)) if os.path.isfile(run)
                                               else os.path.normpath(run)) for run in args.runs]

@@ -3,7 +3,6 @@
     python benchmark.py --device cuda                          # a GPU: eager and reduce-overhead rows, both settings
     python benchmark.py --device cuda --modes eager compiled reduce-overhead --precision auto fp32
     python benchmark.py --device cpu --width 16 --threads 2    # a CPU, with a laptop-sized ResNet
-    python benchmark.py --device cuda --inputs cifar --monitor 50000 10000     # train.py's online evaluation
 
 The settings are the paper's: CIFAR-10's ResNet-18 with 2 x 32 + 6 x 16 px views of 32 px images and STL-10's
 ViT-Tiny with 2 x 96 + 6 x 48 px views of 96 px images, batch 128, train.py's defaults otherwise (blur on).
@@ -31,12 +30,10 @@ import itertools
 import os
 import time
 import traceback
-import types
 
 import numpy as np
 import torch
 
-import evaluate
 import train
 from data import dino_recipes, draw_views, multi_crop
 from models import STEMS, HyDeSModel, build_backbone
@@ -69,9 +66,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on a CPU; on a CPU shared with other jobs more threads than idle cores are slower")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise images, the weights and the crops")
-    p.add_argument("--monitor", type=int, nargs=2, metavar=("TRAIN", "TEST"),
-                   help="time train.py's online evaluation instead, twice: features of TRAIN + TEST uint8 images held "
-                        "in memory, k-NN, the probe's two epochs, for the first --inputs (CIFAR-10's: 50000 10000)")
     return p.parse_args(argv)
 
 
@@ -114,27 +108,6 @@ def crops_per_second(name, args, device):
     images, sizes = noise_images(args.batch_size, side, args.seed, device)
     recipes, generator = dino_recipes(global_size, local_size), torch.Generator().manual_seed(args.seed)
     return images_per_second(lambda: multi_crop(images, sizes, recipes, generator), len(images), args.seconds, device)
-
-
-def monitor_seconds(name, train_count, test_count, args, device):
-    """train.py's Monitor.evaluate on train_count + test_count noise images of setting `name` kept on the
-    device, as it keeps CIFAR's and STL-10's, 10 classes -> the seconds of its first evaluation (cuDNN's
-    choices, the probe's set-up) and of its second, what every later one takes."""
-    settings, side = train_settings(name, "per-view", args), INPUTS[name][0]
-    torch.manual_seed(args.seed)
-    net = HyDeSModel(build_backbone(settings.arch, side, settings.width, stem=settings.stem), 64, 16).to(device)
-    monitor = train.Monitor(settings, device)
-    monitor.images.decoded = [torch.utils.data.TensorDataset(noise_images(count, side, args.seed, device)[0],
-                                                             torch.arange(count, device=device) % 10)
-                              for count in (train_count, test_count)]
-    probe = evaluate.PaperLinearProbe(net.backbone.num_features, 10, device, args.seed)
-    control, seconds = types.SimpleNamespace(main_process=True, barrier=lambda: None), []
-    for step in range(2):
-        start = time.perf_counter()
-        monitor.evaluate(net, probe, step, control)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,7 +220,6 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     refuse(first_problem([
         (args.batch_size >= 2 and args.proj_hidden >= 1, "--batch-size must be >= 2 and --proj-hidden >= 1"),
-        (args.monitor is None or min(args.monitor) >= 1, "--monitor takes two image counts >= 1 (train, test)"),
         numbers_are_finite(args, ("seconds",)),
         (args.seconds > 0 and args.threads >= 1, "--seconds must be > 0 and --threads >= 1"),
         seed_rule(args.seed),
@@ -260,7 +232,7 @@ def main(argv=None):
 
 
 def measure(args):
-    """The monitor's seconds (--monitor), or the crops' table and the steps' table, printed as they come."""
+    """The crops' table and the steps' table, printed as they come."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"       # as train.py: each convolution's fastest algorithm
@@ -269,12 +241,6 @@ def measure(args):
     what = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {args.threads} torch thread(s) of {os.cpu_count()} cores, bf16 {bf16}")
     print(f"device {device}: {what}; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    if args.monitor:
-        (train_count, test_count), name = args.monitor, args.inputs[0]
-        first, later = monitor_seconds(name, train_count, test_count, args, device)
-        print(f"monitor, {name}: {train_count:,} + {test_count:,} images in memory: the first evaluation "
-              f"{first:.1f} s, the next {later:.1f} s ({(train_count + test_count) / later:,.0f} images/s)")
-        return first, later
     print(f"The crops alone, batch {args.batch_size}:\n| setting | views | img/s |\n| --- | --- | ---: |")
     for name in args.inputs:
         side, global_size, local_size, _ = INPUTS[name]

@@ -16,7 +16,7 @@ together, and Eq. (2) gains from more, smaller clusters. (So on 6-8 images here;
 both on 4.)
 
 Each panel is the sphere at one step, seen as two orthographic hemispheres: the front (z >= 0) as seen
-from +z, and the back (z < 0) as seen from -z, so each point appears once; a colour per image. Under each
+from +z, and the back (z < 0) as seen from -z, so each point appears once; a colour per image. Above each
 panel: H_global, H_local and MI = H_global - H_local in nats, against the estimate's ceiling
 log((N - 1)/(V - 1)) (hydes.mi_ceiling): how far the images can be told apart by this kernel. A uniform
 density on S^2 has entropy log(4 pi) = 2.53 nats: H_global's value at step 0, up to the bias of a
@@ -28,15 +28,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
-from analyze import TAB10
-from checkpoints import write_atomically
+from analyze import MissingExtra, pyplot, save_figure
 from hydes import hydes_loss, mi_ceiling
 from settings import (HelpFormatter, first_problem, numbers_are_finite, refuse, replaces_a_file, seed_rule,
                       unwritable_file)
-
-PANEL, MARGIN, CAPTION = 150, 12, 44     # a hemisphere's diameter, the space around it, the text under a panel
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,55 +61,39 @@ def descend(images=6, views=8, kappa=1.0, steps=(0, 20, 100, 500), lr=0.02, seed
 # ----------------------------------------------------------------------------------------------------
 # The drawing
 
-def to_pixel(point, left, top):
-    """Where a unit vector lands in a panel whose top-left corner is (left, top): the front hemisphere
-    (z >= 0, seen from +z: x to the right, y up) in the left disc, the back (z < 0, seen from -z: the
-    mirror image, -x to the right) in the right disc. -> (column, row) in pixels."""
-    x, y, z = (float(c) for c in point)
-    radius = PANEL / 2
-    if z >= 0:
-        centre = left + radius
-    else:
-        centre, x = left + PANEL + MARGIN + radius, -x
-    return centre + radius * x, top + radius - radius * y
-
-
-def draw_panel(draw, snapshot, left, top, ceiling, font):
-    """The two hemispheres of one snapshot, its points in their images' colours, its figures below."""
-    for disc, name in enumerate(("front", "back")):
-        x0 = left + disc * (PANEL + MARGIN)
-        draw.ellipse([x0, top, x0 + PANEL, top + PANEL], outline=(160, 160, 160), fill=(250, 250, 250))
-        draw.text((x0 + PANEL / 2, top + PANEL + 2), name, fill=(120, 120, 120), font=font, anchor="mt")
-    views, images, _ = snapshot["z"].shape                              # z (V, B, 3)
-    for image in range(images):
-        for view in range(views):
-            x, y = to_pixel(snapshot["z"][view, image], left, top)
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=TAB10[image % len(TAB10)])
-    draw.text((left, top + PANEL + 14), f"step {snapshot['step']}:  H_global {snapshot['h_global']:.2f}  "
-              f"H_local {snapshot['h_local']:.2f}", fill="black", font=font)
-    draw.text((left, top + PANEL + 27), f"MI {snapshot['mi']:.2f} of ceiling {ceiling:.2f} "
-              f"({snapshot['mi'] / ceiling:.0%})", fill="black", font=font)
+def hemispheres(z):
+    """Where each point of z (..., 3) is drawn: the front hemisphere (z >= 0) as seen from +z (x to the right,
+    y up) and the back (z < 0) as seen from -z (its mirror image: -x to the right), so each point appears
+    once. -> (front (M, 2), back (K, 2), and the mask of the front points, (...))."""
+    front = z[..., 2] >= 0
+    return z[front][:, :2], z[~front][:, :2] * torch.tensor([-1.0, 1.0], dtype=z.dtype), front
 
 
 def draw_figure(runs, path):
-    """runs: {kappa: snapshots} -> one PNG, a row per kappa, a panel per snapshot: its two hemispheres, the
-    points in their images' colours, the entropies below."""
-    font = ImageFont.load_default()
-    columns = max(len(snapshots) for snapshots in runs.values())
-    label = 70                                                          # the row labels' column
-    panel_width, panel_height = 2 * PANEL + MARGIN, PANEL + CAPTION
-    width = label + columns * (panel_width + 2 * MARGIN)
-    height = len(runs) * (panel_height + 2 * MARGIN)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
+    """runs: {kappa: snapshots} -> one PNG, a row per kappa, a panel per snapshot: its two hemispheres as
+    discs, the points in their images' colours (matplotlib's C0, C1, ...), the entropies above."""
+    rows, columns = len(runs), max(len(snapshots) for snapshots in runs.values())
+    figure, axes = pyplot().subplots(rows, 2 * columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False)
     for row, (kappa, snapshots) in enumerate(runs.items()):
-        top = MARGIN + row * (panel_height + 2 * MARGIN)
-        views, images, _ = snapshots[0]["z"].shape
+        views, images, _ = snapshots[0]["z"].shape                          # z (V, B, 3)
         ceiling = mi_ceiling(views, views * images)
-        draw.text((MARGIN, top + PANEL / 2), f"kappa = {kappa:g}", fill="black", font=font, anchor="lm")
+        image_of = torch.arange(images).expand(views, images)               # (V, B): each point's image
+        axes[row, 0].set_ylabel(f"kappa = {kappa:g}")
         for column, snapshot in enumerate(snapshots):
-            draw_panel(draw, snapshot, label + MARGIN + column * (panel_width + 2 * MARGIN), top, ceiling, font)
-    write_atomically(path, lambda f: canvas.save(f, format="PNG"))       # whole, or the old file as it was
+            front, back, is_front = hemispheres(snapshot["z"])
+            discs = ((front, image_of[is_front]), (back, image_of[~is_front]))
+            for disc, (points, images_drawn) in enumerate(discs):
+                ax = axes[row, 2 * column + disc]
+                ax.add_patch(pyplot().Circle((0, 0), 1, facecolor="0.98", edgecolor="0.6"))
+                ax.scatter(points[:, 0], points[:, 1], s=9, c=[f"C{i % 10}" for i in images_drawn.tolist()])
+                ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal", xticks=[], yticks=[],
+                       xlabel=("front", "back")[disc])
+            axes[row, 2 * column].set_title(
+                f"step {snapshot['step']}: H_global {snapshot['h_global']:.2f}  H_local {snapshot['h_local']:.2f}\n"
+                f"MI {snapshot['mi']:.2f} of ceiling {ceiling:.2f} ({snapshot['mi'] / ceiling:.0%})",
+                loc="left", fontsize=8)
+    save_figure(figure, path)
+    return figure
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,6 +128,10 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
+    try:
+        pyplot()
+    except MissingExtra as error:
+        raise SystemExit(f"error: {error}")
     steps = sorted(set(args.steps))
     runs = {kappa: descend(args.images, args.views, kappa, steps, args.lr, args.seed) for kappa in args.kappa}
     draw_figure(runs, args.out)
