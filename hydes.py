@@ -109,13 +109,6 @@ def _log_bessel_series(nu, x):
     return torch.logsumexp(log_terms, dim=0).item()
 
 
-def log_bessel_iv(nu, x):
-    """log I_nu(x), the modified Bessel function of the first kind, for nu >= 0 and x > 0 (float64)."""
-    if x <= 0:
-        raise ValueError(f"log_bessel_iv needs x > 0, got {x}")
-    return nu * math.log(x / 2.0) + _log_bessel_series(nu, x)
-
-
 @lru_cache(maxsize=4096)      # bounded: a kappa schedule (train.py --kappa-final) brings a new kappa each step
 @torch.compiler.assume_constant_result      # a number of the settings: torch.compile folds it into its graph
 def log_vmf_normalizer(dim, kappa):
@@ -135,11 +128,6 @@ def log_vmf_normalizer(dim, kappa):
         raise ValueError(f"kappa must be >= 0, got {kappa}")
     nu = dim / 2.0 - 1.0
     return nu * math.log(2.0) - (dim / 2.0) * math.log(2.0 * math.pi) - _log_bessel_series(nu, float(kappa))
-
-
-def log_sphere_area(dim):
-    """log |S^{D-1}| = log(2 pi^{D/2} / Gamma(D/2)), the surface area of the unit sphere in R^D."""
-    return math.log(2.0) + (dim / 2.0) * math.log(math.pi) - math.lgamma(dim / 2.0)
 
 
 # ----------------------------------------------------------------------------------------------------
