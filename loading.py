@@ -84,18 +84,6 @@ def training_data(args, recipes, control):
     return WorkerBatches(dataset, order, control.device, args.workers), order, dataset.classes
 
 
-def labelled_training_images(batches, args):
-    """(images, labels) that training holds in memory, when they are the labelled train split as the monitor
-    evaluates it: the same files (every dataset but STL-10, whose 100k unlabelled images are trained on
-    too, data.pretrain_dataset; the supervised baseline trains on the labelled split itself) at the
-    evaluation size, where eval_transform changes nothing. Else None, and the monitor decodes its own
-    copy."""
-    labelled = args.method == "supervised" or args.dataset != "stl10"
-    if isinstance(batches, InMemoryBatches) and labelled and batches.images.shape[-2:] == (args.global_size,) * 2:
-        return batches.images, batches.labels
-    return None
-
-
 def note_mixed_sizes(args, native):
     """Say what a folder of images of mixed sizes trains at: its crops follow the median shorter side."""
     sizes = folder_image_sizes(args.data_dir) if args.dataset == "folder" else {}
@@ -326,15 +314,11 @@ class MonitorImages:
     are decoded at the first evaluation and kept on the training device: every later one is a forward
     pass over slices of tensors already there, with no image decoded or copied again. The features are the
     same as through the files: the uint8 images are those of eval_transform before its tensor conversion.
-    Where training keeps the labelled train split in memory at the evaluation size (labelled_training_images:
-    CIFAR, a folder of such images, not STL-10's unlabelled images), those tensors are the train split and
-    only the test split is decoded. ImageNet and Food-101 are decoded by the loading workers at each
-    evaluation.
+    ImageNet and Food-101 are decoded by the loading workers at each evaluation.
     """
 
-    def __init__(self, args, device, train_images=None):
+    def __init__(self, args, device):
         self.args, self.device = args, device
-        self.train_images = train_images  # (images, labels) of the labelled train split, if training holds them
         self.decoded = None             # [train, test] as TensorDatasets of uint8 images, once they are kept
 
     def splits(self):
@@ -342,14 +326,7 @@ class MonitorImages:
         args = self.args
         if self.decoded is not None:
             return self.decoded, 0
-        if self.train_images is not None:             # training decoded the train split: the test split only
-            test, = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
-                                    workers=args.workers, skip_bad_images=args.skip_bad_images, names=("test",))
-            train = torch.utils.data.TensorDataset(*(t.to(self.device) for t in self.train_images))
-            self.decoded = [train, torch.utils.data.TensorDataset(*load_into_memory(test, self.device, args.workers))]
-            return self.decoded, 0
-        splits = labelled_splits(args.dataset, args.data_dir, args.global_size, normalised=False,
-                                 workers=args.workers, skip_bad_images=args.skip_bad_images)
+        splits = labelled_splits(args.dataset, args.data_dir, args.global_size, args.workers, args.skip_bad_images)
         if sum(len(split) for split in splits) * 3 * args.global_size ** 2 > IN_MEMORY_BYTES:
             return splits, args.workers
         self.decoded = [torch.utils.data.TensorDataset(*load_into_memory(split, self.device, args.workers))
@@ -357,12 +334,11 @@ class MonitorImages:
         return self.decoded, 0
 
 
-def labelled_splits(dataset, data_dir, image_size, normalised=True, workers=2, skip_bad_images=False,
-                    names=("train", "test")):
-    """The labelled splits `names` (the train split and the test split) with the evaluation transform
-    (eval_transform), for train.py's monitor. skip_bad_images: leave out the files that fail to decode, as
-    training does."""
-    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised)) for split in names]
+def labelled_splits(dataset, data_dir, image_size, workers=2, skip_bad_images=False):
+    """The labelled train and test splits as uint8 images of the evaluation transform (eval_transform), for
+    train.py's monitor. skip_bad_images: leave out the files that fail to decode, as training does."""
+    splits = [dataset_split(dataset, data_dir, split, eval_transform(image_size, normalised=False))
+              for split in ("train", "test")]
     if skip_bad_images:
         dropped = [path for split in splits for path in drop_unreadable_images(split, workers)]
         if dropped:

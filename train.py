@@ -44,7 +44,7 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_cro
                   make_views, native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
 from hydes import hydes_loss, infonce_loss, mi_ceiling, own_view_share
-from loading import (InMemoryBatches, MonitorImages, extract_features, labelled_training_images, note_mixed_sizes,
+from loading import (InMemoryBatches, MonitorImages, extract_features, note_mixed_sizes,
                      training_data)
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from runs import (NothingToTrain, RunControl, checkpoint_state, distributed_setup, epoch_sums_so_far, open_run_folder,
@@ -275,7 +275,7 @@ def train(args, checkpoint, control):
     # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
     probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
     state = (net, optimizer, precision.scaler, probe)                # what a checkpoint saves and restores
-    monitor = Monitor(args, device, labelled_training_images(batches, args))
+    monitor = Monitor(args, device)
     step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
     model = net if control.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None)   # each process: its share of the batch
@@ -513,9 +513,9 @@ class Monitor:
     (eval_transform, no augmentation), decoded once and kept in memory where they fit
     (loading.MonitorImages)."""
 
-    def __init__(self, args, device, train_images=None):
+    def __init__(self, args, device):
         self.args, self.device = args, device
-        self.images = MonitorImages(args, device, train_images)
+        self.images = MonitorImages(args, device)
 
     def evaluate(self, net, probe, step, control):
         """The monitor's figures as a dict. Process 0 evaluates while the others wait for it."""
