@@ -136,6 +136,15 @@ def png_header_claiming(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+def exit_message(main, argv):
+    """The message a script's main(argv) exits with, checked to be one line (no traceback)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    message = str(stopped.value.code)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
 # ----------------------------------------------------------------------------------------------------
 # hydes.py: log C_D(kappa) (Eq. 1), the entropies and loss (Eqs. 2-4), InfoNCE, H_global over processes
 
@@ -408,7 +417,7 @@ def test_mi_stays_under_its_ceiling_and_reaches_it_exactly_when_the_kernel_mass_
     assert math.log(share) >= terms["mi"].item() - hydes.mi_ceiling(8, 512) - 1e-5
 
 
-def test_the_sphere_script_draws_each_point_where_it_projects_and_refuses_bad_numbers(tmp_path, capsys):
+def test_the_sphere_script_draws_each_point_where_it_projects(tmp_path, capsys):
     left, top = 40, 30
     radius = sphere.PANEL / 2
     def projected(point):
@@ -428,17 +437,11 @@ def test_the_sphere_script_draws_each_point_where_it_projects_and_refuses_bad_nu
     for image, point in enumerate(z[0]):
         column, row = sphere.to_pixel(point, panel_left, sphere.MARGIN)
         assert picture.getpixel((round(column), round(row))) == analyze.TAB10[image]
-    # The script: its picture, its log of the ceiling, and bad numbers refused
+    # The script: its picture and its log of the ceiling (its bad numbers: test_every_scripts_numbers_...)
     out = tmp_path / "s.png"
     runs = sphere.main(["--kappa", "1", "--steps", "0", "5", "--images", "3", "--views", "2", "--out", str(out)])
     assert out.exists() and Image.open(out).size[0] > 2 * sphere.PANEL and [s["step"] for s in runs[1.0]] == [0, 5]
     assert "ceiling" in capsys.readouterr().out
-    for extra, message in ((["--kappa", "0"], "--kappa values must be finite and > 0"),
-                           (["--views", "1"], "--images and --views must be >= 2"),
-                           (["--lr", "nan"], "--lr must be a finite number"),
-                           (["--seed", "-1"], "--seed must lie in 0 ... 4294967295")):
-        with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
-            sphere.main(extra + ["--out", str(out)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1257,8 +1260,6 @@ def test_exported_backbones_load_strictly_into_torchvision_and_timm_as_the_readm
                (backbones.to_timm(ours.state_dict()) if arch == "vit_tiny" else ours.state_dict()).items())
 
 
-
-
 def test_evaluate_probes_a_foreign_checkpoint_at_its_datasets_size_and_says_what_it_built_from_any_file(
         tmp_path, capsys):
     tiny_run(tmp_path)                                        # writes images/{train,test}/{a,b}, 32 px
@@ -1564,7 +1565,6 @@ def test_lightlys_split_batchnorm_loads_with_its_statistics_averaged_as_its_eval
     assert "BatchNorm statistics of 8 splits averaged (Lightly's SplitBatchNorm" in capsys.readouterr().out
 
 
-
 def test_a_vits_width_depth_grid_and_heads_come_from_its_tensors_its_layout_or_are_assumed_and_named(tmp_path,
                                                                                                       capsys):
     timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install timm)")
@@ -1640,7 +1640,6 @@ def dino_forward(net, x):
     tokens = torch.cat((net.cls_token.expand(B, -1, -1), tokens), dim=1)
     tokens = tokens + dino_interpolate_pos_encoding(net.pos_embed, 16, tokens, w, h)
     return net.norm(net.blocks(tokens))[:, 0]
-
 
 
 def test_dino_checkpoints_give_the_teacher_or_the_student_resized_as_dino_does_and_never_share_a_feature_cache(
@@ -2083,11 +2082,10 @@ def test_segment_names_a_bad_image_or_mask_in_one_line_before_the_probe_trains(t
     monkeypatch.setattr(segment, "train_probe", lambda *args, **kwargs: trained.append(1))
 
     def refusal():
-        with pytest.raises(SystemExit) as error:
-            segment.main([str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path), "--image-size", "48",
-                          "--workers", "0", "--out", str(tmp_path / "seg")])
-        assert not trained and "\n" not in error.value.code
-        return error.value.code
+        message = exit_message(segment.main, [str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path),
+                                              "--image-size", "48", "--workers", "0", "--out", str(tmp_path / "seg")])
+        assert not trained
+        return message
 
     for name in ("v0", "v1"):                                                  # every pixel of val void
         Image.open(voc / "SegmentationClass" / f"{name}.png").point(lambda value: 255).save(
@@ -2137,12 +2135,10 @@ def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_co
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
     monkeypatch.setattr(checkpoints, "append_row", disk_full)
     monkeypatch.setattr(segment, "save_pca_grid", degenerate)
-    with pytest.raises(SystemExit) as error:
-        segment.main(segment_args + ["--table", str(tmp_path / "table2.md")])
-    message = str(error.value.code)
+    message = exit_message(segment.main, segment_args + ["--table", str(tmp_path / "table2.md")])
     assert message.startswith(f"error: could not write {tmp_path / 'table2.md'} ([Errno 28] No space left on device);"
                               f" {tmp_path / 'seg' / 'pca_hypercolumns.png'} (linalg.svd: The algorithm failed to "
-                              f"converge);") and "\n" not in message
+                              f"converge);")
     saved = json.loads((tmp_path / "seg" / "segment.jsonl").read_text())
     assert f"| backbone | resnet18 | {saved['pixel_accuracy']:.2f} | {saved['miou']:.2f} |" in capsys.readouterr().out
     monkeypatch.setattr(segment, "save_pca_grid", lambda *args: 1 / 0)     # a bug is no lost write: it shows
@@ -3026,11 +3022,8 @@ def test_a_truncated_image_is_named_and_skip_bad_images_leaves_it_out(tmp_path, 
     common = tiny_run(tmp_path, extra=["--workers", str(workers), "--data-source", source])
     bad = tmp_path / "images" / "train" / "b" / "003.jpg"
     bad.write_bytes(bad.read_bytes()[:300])                        # a download cut short
-    with pytest.raises(SystemExit) as error:
-        train.main(common + ["--out", str(tmp_path / "run"), "--epochs", "1"])
-    message = str(error.value.code)
+    message = exit_message(train.main, common + ["--out", str(tmp_path / "run"), "--epochs", "1"])
     assert message.startswith(f"error: cannot read image {bad} (") and "--skip-bad-images" in message
-    assert "\n" not in message and "Traceback" not in message
     if source == "workers":                       # met while training (memory: while loading, before step 1)
         assert "is intact" in message
     train.main(common + ["--out", str(tmp_path / "run2"), "--epochs", "1", "--skip-bad-images"])
@@ -3044,11 +3037,8 @@ def test_a_bad_test_image_stops_the_monitor_after_the_epoch_is_saved_resume_rest
     bad = tmp_path / "images" / "test" / "a" / "001.jpg"
     good = bad.read_bytes()
     bad.write_bytes(good[:200])
-    with pytest.raises(SystemExit) as error:
-        train.main(common + ["--epochs", "2"])
-    message = str(error.value.code)
+    message = exit_message(train.main, common + ["--epochs", "2"])
     assert message.startswith(f"error: cannot read image {bad}") and "was saved before the evaluation" in message
-    assert "\n" not in message
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert saved["step"] == 2 and saved["log_record"]["evaluation_pending"] and "knn_top1" not in saved["log_record"]
     assert not (tmp_path / "run" / "log.jsonl").exists()       # the epoch's line was due after the evaluation
@@ -3173,9 +3163,7 @@ def test_an_empty_class_folder_a_single_class_and_images_that_cannot_be_opened_a
     empty.write_bytes(b"")
     bomb = tmp_path / "images" / "train" / "b" / "000-bomb.png"
     bomb.write_bytes(png_header_claiming(30000, 30000))
-    with pytest.raises(SystemExit) as error:
-        train.main(common + ["--out", str(tmp_path / "run")])
-    assert str(error.value.code).startswith("error: cannot read image ") and "\n" not in str(error.value.code)
+    assert exit_message(train.main, common + ["--out", str(tmp_path / "run")]).startswith("error: cannot read image ")
     train.main(common + ["--out", str(tmp_path / "run2"), "--skip-bad-images"])
     assert "skipping 2 unreadable image(s) of 18" in capsys.readouterr().out
     for path in (tmp_path / "images" / "test").rglob("*.jpg"):      # a split where no image decodes
@@ -3367,17 +3355,24 @@ def test_a_kappa_below_the_float32_bound_is_refused_and_the_bound_is_where_the_l
     (benchmark, ["--device", "cpu", "--width", "3"], "a ResNet of --width 3 trains through a 1x1 stride-2"),
     (benchmark, ["--device", "cpu", "--precision", "fp16"], "--precision fp16 is for GPUs"),
     (benchmark, ["--device", "cpu", "--monitor", "0", "10"], "--monitor takes two image counts >= 1"),
+    (sphere, ["--kappa", "0"], "--kappa values must be finite and > 0"),
+    (sphere, ["--views", "1"], "--images and --views must be >= 2"),
+    (sphere, ["--lr", "nan"], "--lr must be a finite number"),
+    (sphere, ["--seed", "-1"], "--seed must lie in 0 ... 4294967295"),
 ])
-def test_probe_and_benchmark_arguments_are_checked_before_any_work(tmp_path, script, extra, message):
-    checkpoint = [] if script is benchmark else [str(tmp_path / "no-such-checkpoint.pt")]   # never opened
+def test_every_scripts_numbers_are_checked_before_any_work(tmp_path, script, extra, message):
+    checkpoint = [] if script in (benchmark, sphere) else [str(tmp_path / "no-such-checkpoint.pt")]   # never opened
     with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
         script.main(checkpoint + extra)
 
 
+# A seconds-long benchmark on a CPU: a width-8 CIFAR-stem ResNet, batches of 4, 0.01 s a row
+TINY_BENCHMARK = ["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar", "--proj-hidden", "16",
+                  "--batch-size", "4", "--seconds", "0.01"]
+
+
 def test_the_benchmark_times_each_asked_precision_in_one_table_and_checks_each_gradient(capsys):
-    rows = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
-                           "--proj-hidden", "16", "--batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
-                           "auto"])
+    rows = benchmark.main(TINY_BENCHMARK + ["--precision", "bf16", "fp32", "auto"])
     auto = settings.auto_precision(torch.device("cpu"), "resnet18", "cifar", 16)      # bf16 where it is native
     # auto is one of the two named: timed once, and marked as train.py's
     assert [(r["precision"], r["mode"], r["auto"]) for r in rows] == [(p, "eager", p == auto) for p in ("bf16", "fp32")]
@@ -3398,9 +3393,7 @@ def test_the_benchmarks_compiled_row_checks_its_gradient_as_eager_does_and_the_m
     # ratio. --monitor times train.py's evaluation twice
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: compile(fn, backend="aot_eager", dynamic=dynamic))
-    eager, compiled = benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar",
-                                      "--proj-hidden", "16", "--batch-size", "4", "--seconds", "0.01",
-                                      "--precision", "fp32", "--modes", "compiled", "eager"])
+    eager, compiled = benchmark.main(TINY_BENCHMARK + ["--precision", "fp32", "--modes", "compiled", "eager"])
     assert (eager["mode"], compiled["mode"]) == ("eager", "compiled") and "error" not in compiled
     assert compiled["precision"] == "fp32"     # --precision's, not train.py's default (bf16 on some CPUs)
     assert compiled["vs_eager"] == pytest.approx(compiled["images_per_s"] / eager["images_per_s"])
@@ -3420,9 +3413,7 @@ def test_a_benchmark_row_that_fails_is_reported_and_the_others_still_run(capsys,
 
     monkeypatch.setattr(benchmark, "time_row", fails_in_bf16)
     with pytest.raises(SystemExit, match=r"^error: 2 row\(s\) failed"):       # bf16 in 2 forwards
-        benchmark.main(["--device", "cpu", "--inputs", "cifar", "--width", "8", "--stem", "cifar", "--proj-hidden", "16",
-                        "--batch-size", "4", "--seconds", "0.01", "--precision", "bf16", "fp32",
-                        "--forward", "per-view", "per-resolution"])
+        benchmark.main(TINY_BENCHMARK + ["--precision", "bf16", "fp32", "--forward", "per-view", "per-resolution"])
     captured = capsys.readouterr()
     table = [line for line in captured.out.splitlines() if line.startswith("| cifar 32/16 px")]
     assert len(table) == 4 and "Traceback" in captured.err           # every row printed; the failures' tracebacks
@@ -3574,9 +3565,8 @@ def test_the_probing_scripts_stop_in_one_line_on_ctrl_c_one_class_another_archit
             main([str(tmp_path / "nan.pt"), "--workers", "0", *extra])
     assert not (tmp_path / "eval.jsonl").exists() and not list(tmp_path.glob("seg/*"))          # nothing written
     (tmp_path / "images" / "test" / "a" / "000.jpg").write_bytes(b"")     # an image a loading worker cannot read
-    with pytest.raises(SystemExit) as error:
-        analyze.main([checkpoint, "--workers", "1", "--positive-images", "0", "--images", "0"])
-    assert str(error.value.code).startswith("error: cannot read image ") and "\n" not in str(error.value.code)
+    assert exit_message(analyze.main, [checkpoint, "--workers", "1", "--positive-images", "0", "--images", "0"]
+                        ).startswith("error: cannot read image ")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
