@@ -82,13 +82,18 @@ def write_images(folder, count, size=32, seed=0):
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.jpg"))
 
 
+def write_dataset(root, classes, size=32, **counts):
+    """A folder dataset: counts[split] generated images (write_images) in each class folder of each split."""
+    for split, count in counts.items():
+        for cls in classes:
+            write_images(root / split / cls, count, size)
+
+
 def tiny_run(tmp_path, images_per_class=8, extra=()):
     """Arguments of a seconds-long run on a generated two-class folder (2 steps per epoch at batch 8)."""
     root = tmp_path / "images"
     if not root.exists():
-        for split, count in (("train", images_per_class), ("test", 4)):
-            for cls in ("a", "b"):
-                write_images(root / split / cls, count)
+        write_dataset(root, ("a", "b"), train=images_per_class, test=4)
     return ["--dataset", "folder", "--data-dir", str(root), "--arch", "resnet18", "--width", "8",
             "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--workers", "0", "--local-crops", "2",
             "--kappa", "10", "--eval-every", "0", *extra]
@@ -596,6 +601,8 @@ def test_the_boxes_of_a_batch_of_mixed_sizes_lie_in_each_images_true_size_as_tor
 
 
 # ---- the crop, the flip and each photometric step, on single images
+# On a CPU with native bf16 (data.crop_dtype) the crop and the blur compute in bf16, each product's output
+# rounded to 8 significant bits: checked to float rounding in float32, and within 1.5 grey levels in bf16.
 
 def test_the_whole_image_at_its_size_is_itself_a_flip_mirrors_and_the_crop_is_roi_aligns_antialiased_resize(
         monkeypatch):
@@ -611,13 +618,11 @@ def test_the_whole_image_at_its_size_is_itself_a_flip_mirrors_and_the_crop_is_ro
                            for flip in (0.0, 1.0))
         assert torch.allclose(mirrored, plain.flip(-1), atol=1e-5) and not torch.allclose(mirrored, plain)
     # The resize is roi_align's (aligned=True: bilinear samples averaged over ceil(h / s) x ceil(w / s)
-    # points per output pixel), as two matrix products: in float32 to float rounding; in bf16 (a CPU with
-    # native bf16, data.crop_dtype), each product's output rounded to 8 significant bits, within 1.5 grey
-    # levels. Checked on boxes drawn anywhere (enlarged and shrunk); on a horizontal ramp (value 2 x at
-    # column x), where the crop is linear, so output column i is the ramp at its centre,
-    # x0 - 1/2 + (i + 1/2) w / s, whether enlarged (bilinear) or shrunk (7 samples averaged); and on 2 x 2
-    # checks offset by a pixel, shrunk by 4: antialiased, every output pixel averages its 4 x 4 pixels, half
-    # white (a bilinear sample at its centre would read four black pixels)
+    # points per output pixel), as two matrix products. Checked on boxes drawn anywhere (enlarged and shrunk);
+    # on a horizontal ramp (value 2 x at column x), where the crop is linear, so output column i is the ramp at
+    # its centre, x0 - 1/2 + (i + 1/2) w / s, whether enlarged (bilinear) or shrunk (7 samples averaged); and on
+    # 2 x 2 checks offset by a pixel, shrunk by 4: antialiased, every output pixel averages its 4 x 4 pixels,
+    # half white (a bilinear sample at its centre would read four black pixels)
     ramp = (torch.arange(128) * 2).to(torch.uint8).expand(1, 3, 128, 128).contiguous()
     square = (torch.arange(64) + 1) // 2 % 2
     checks = ((square[:, None] + square) % 2 * 255).to(torch.uint8).expand(1, 3, 64, 64)
@@ -681,8 +686,7 @@ def test_each_colour_step_is_torchvisions_on_each_image_and_pils_to_its_rounding
 
 
 def test_the_blur_is_each_images_gaussian_with_extended_borders_and_sigma_0_is_exact(monkeypatch):
-    # In float32 to float rounding; in bf16 (a CPU with native bf16, data.crop_dtype: the blur's input,
-    # weights and both passes rounded to 8 significant bits) within 1.5 grey levels (1 at most measured).
+    # In bf16 the blur's input, weights and both passes are rounded (1 grey level at most measured).
     # sigma 0 leaves the crop: exactly in float32, and in bf16 too where its values are whole grey levels
     # (bf16 holds 0 ... 256 exactly), as here; others it rounds to bf16, as PIL rounds to uint8
     images = torch.randint(0, 256, (4, 3, 20, 20), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -818,10 +822,8 @@ def test_a_missing_dataset_offline_names_the_files_to_put_in_place_and_a_missing
 
 
 def test_test_labels_follow_the_train_splits_class_names_and_an_unknown_class_is_refused(tmp_path):
-    for cls in ("a", "b", "c"):
-        write_images(tmp_path / "train" / cls, 2, size=8)
-    for cls in ("a", "c"):                                     # the test split lacks b
-        write_images(tmp_path / "test" / cls, 2, size=8)
+    write_dataset(tmp_path, ("a", "b", "c"), size=8, train=2)
+    write_dataset(tmp_path, ("a", "c"), size=8, test=2)                  # the test split lacks b
     test = data.dataset_split("folder", str(tmp_path), "test", None)
     assert test.classes == ["a", "b", "c"] and sorted(set(test.targets)) == [0, 2]      # c is 2, as in train
     assert [test.classes[label] for _, label in test.samples] == [os.path.basename(os.path.dirname(p))
@@ -926,8 +928,7 @@ def test_a_photos_exif_orientation_is_applied_to_its_pixels_and_its_size(tmp_pat
 
 def test_a_folder_of_one_image_size_decodes_into_memory_at_native_size_and_mixed_sizes_crop_as_each_image_alone(
         tmp_path):
-    for cls in ("a", "b"):
-        write_images(tmp_path / "train" / cls, 3, size=24)
+    write_dataset(tmp_path, ("a", "b"), size=24, train=3)
     dataset = loading.uint8_dataset("folder", str(tmp_path), data.dino_recipes(32, 16))
     images, labels = loading.load_into_memory(dataset, torch.device("cpu"), batch_size=4)
     assert images.shape == (6, 3, 24, 24) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -1773,8 +1774,7 @@ def test_a_class_folder_tree_lists_each_image_once_under_its_own_class_through_s
     # torchvision's ImageFolder follows links without noticing loops: one link back to train/ turned
     # 8 images into 328, the copies under the wrong class, and two such links hang
     train_dir = tmp_path / "images" / "train"
-    for cls in ("a", "b"):
-        write_images(train_dir / cls, 4)
+    write_dataset(tmp_path / "images", ("a", "b"), train=4)
     Image.new("RGB", (32, 32), (200, 10, 10)).save(train_dir / "a" / "100.gif")     # GIFs are images too,
     (train_dir / "a" / "notes.txt").write_text("not an image")                       # other files are named
     outside = tmp_path / "elsewhere" / "c"
@@ -1793,8 +1793,7 @@ def test_a_class_folder_tree_lists_each_image_once_under_its_own_class_through_s
     assert any(path.endswith("100.gif") for path, _ in dataset.samples)
     printed = capsys.readouterr().out
     assert "symbolic link(s) back into itself" in printed and "holds 1 file(s) that are not images PIL reads" in printed
-    for cls in ("a", "b", "c"):
-        write_images(tmp_path / "images" / "test" / cls, 2)
+    write_dataset(tmp_path / "images", ("a", "b", "c"), test=2)
     train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1", "--eval-every", "0"])
     assert "folder: 12 images" in capsys.readouterr().out                  # what training reads, too
     os.symlink(tmp_path / "gone", train_dir / "d")
@@ -1834,8 +1833,7 @@ def test_probe_features_are_bf16_where_fast_analysis_features_float32_and_the_ca
         return analyze.numerical_rank(torch.linalg.svdvals(matrix.double()), matrix.shape)
 
     assert numerical_rank(rank_16) == 16 and numerical_rank(rank_16.bfloat16().float()) > 100
-    for cls in ("a", "b"):
-        write_images(tmp_path / "images" / "train" / cls, 3)
+    write_dataset(tmp_path / "images", ("a", "b"), train=3)
     fast, exact = (loading.cached_features(resnet, "ckpt.pt", "digest", "folder", str(tmp_path / "images"),
                                             "train", 32, cpu, str(tmp_path / "cache"), workers=0, exact=exact)
                    for exact in (False, True))
@@ -3171,8 +3169,7 @@ def test_an_empty_class_folder_a_single_class_and_images_that_cannot_be_opened_a
     with pytest.raises(SystemExit, match=r"^error: none of the 8 images of the test split decodes, for example "):
         train.main(common + ["--out", str(tmp_path / "run3"), "--eval-every", "1", "--skip-bad-images"])
     assert not (tmp_path / "run3" / "ckpt.pt").exists()                 # refused before the first step
-    for split in ("train", "test"):
-        write_images(tmp_path / "one" / split / "a", 8)
+    write_dataset(tmp_path / "one", ("a",), train=8, test=8)
     with pytest.raises(SystemExit, match=r"the online evaluation \(--eval-every\) scores folder's classes, and its test "
                                          r"split has 1; a probe needs at least 2"):
         train.main(common + ["--data-dir", str(tmp_path / "one"), "--out", str(tmp_path / "run4"), "--eval-every", "1"])
@@ -3472,8 +3469,7 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
     assert record["epoch"] == 0.5 and 0 <= record["knn_top1"] <= 100      # one step of a 2-step epoch
     assert f"stopped after 1e-06 minutes at step 1; checkpoint {budget / 'ckpt.pt'}" in capsys.readouterr().out
 
-    for cls in ("a", "b"):                                    # a dataset without its test/ split:
-        write_images(tmp_path / "no_test" / "train" / cls, 8)   # refused before any training step
+    write_dataset(tmp_path / "no_test", ("a", "b"), train=8)      # without its test/ split: refused before any step
     with pytest.raises(SystemExit, match="no_test/test' does not exist"):
         train.main(common + ["--epochs", "1", "--out", str(tmp_path / "other"),
                              "--data-dir", str(tmp_path / "no_test")])
@@ -3550,8 +3546,7 @@ def test_the_probing_scripts_stop_in_one_line_on_ctrl_c_one_class_another_archit
         evaluate.main([checkpoint, "--arch", "resnet50", "--workers", "0"])
     with pytest.raises(SystemExit, match="--arch vit_tiny, but .* holds a resnet18"):
         segment.main([checkpoint, "--arch", "vit_tiny", "--workers", "0"])
-    for split in ("train", "test"):
-        write_images(tmp_path / "one" / split / "a", 4)
+    write_dataset(tmp_path / "one", ("a",), train=4, test=4)
     with pytest.raises(SystemExit, match="fewer than 2 classes"):
         evaluate.main([checkpoint, "--data-dir", str(tmp_path / "one"), "--workers", "0"])
     state = torch.load(checkpoint, weights_only=True)              # broken weights: features that are not finite
@@ -3572,10 +3567,7 @@ def test_the_probing_scripts_stop_in_one_line_on_ctrl_c_one_class_another_archit
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
 def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypatch, capsys):
     root = tmp_path / "images"
-    classes = ("cat", "dog", "truck")                          # CIFAR-10 names: WordNet applies
-    for split, count in (("train", 4), ("test", 6)):
-        for cls in classes:
-            write_images(root / split / cls, count)
+    write_dataset(root, ("cat", "dog", "truck"), train=4, test=6)          # CIFAR-10 names: WordNet applies
     size = ["--width", "8"] if arch == "resnet18" else ["--width", "24", "--depth", "2", "--heads", "2"]
     train.main(["--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--arch", arch,
                 "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "4", "--epochs", "0", "--workers", "0",
