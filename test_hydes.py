@@ -124,6 +124,7 @@ def write_voc(root, train_ids, val_ids, size=48):
         palette_png(mask).save(root / "SegmentationClass" / f"{name}.png")
     for split, ids in (("train", train_ids), ("val", val_ids)):
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
 
 
 def text_model_or_skip():
@@ -2042,8 +2043,7 @@ def test_hypercolumn_head_is_a_linear_map_of_upsampled_concatenated_stages_and_t
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
 def test_segment_runs_end_to_end_scoring_every_non_void_pixel_of_whole_non_square_masks_at_their_own_size(
         tmp_path, arch):
-    voc = tmp_path / "VOCdevkit" / "VOC2012"
-    write_voc(voc, [f"t{i}" for i in range(8)], ["v0", "v1", "wide", "tall"])
+    voc = write_voc(tmp_path / "VOCdevkit" / "VOC2012", [f"t{i}" for i in range(8)], ["v0", "v1", "wide", "tall"])
     masks = {f"v{i}": np.array(Image.open(voc / "SegmentationClass" / f"v{i}.png")) for i in range(2)}   # 48 x 56
     rng = np.random.default_rng(0)
     for name, (height, width) in (("wide", (45, 60)), ("tall", (61, 37))):       # 4:3 and an odd portrait
@@ -2073,8 +2073,7 @@ def test_segment_runs_end_to_end_scoring_every_non_void_pixel_of_whole_non_squar
 
 
 def test_segment_names_a_bad_image_or_mask_in_one_line_before_the_probe_trains(tmp_path, monkeypatch):
-    voc = tmp_path / "VOCdevkit" / "VOC2012"
-    write_voc(voc, ["t0", "t1"], ["v0", "v1"])
+    voc = write_voc(tmp_path / "VOCdevkit" / "VOC2012", ["t0", "t1"], ["v0", "v1"])
     torch.save(models.build_backbone("resnet18", 48, width=8).state_dict(), tmp_path / "backbone.pth")
     trained = []
     monkeypatch.setattr(segment, "train_probe", lambda *args, **kwargs: trained.append(1))
@@ -2102,8 +2101,7 @@ def test_segment_names_a_bad_image_or_mask_in_one_line_before_the_probe_trains(t
 
 def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_costs_only_itself(tmp_path,
                                                                                                  monkeypatch, capsys):
-    voc = tmp_path / "VOCdevkit" / "VOC2012"
-    write_voc(voc, [f"t{i}" for i in range(4)], ["v0", "v1"])
+    write_voc(tmp_path / "VOCdevkit" / "VOC2012", [f"t{i}" for i in range(4)], ["v0", "v1"])
     torch.save(models.build_backbone("resnet18", 48).state_dict(), tmp_path / "backbone.pth")   # 48 px: CIFAR stem
     (tmp_path / "a-file").write_text("")
     through_a_file = str(tmp_path / "a-file" / "table.md")
@@ -3136,10 +3134,9 @@ def test_a_second_train_py_on_the_same_folder_is_refused_and_a_killed_ones_lock_
         deadline = time.time() + 120
         while not (out / "args.json").exists() and time.time() < deadline:     # the folder is claimed
             time.sleep(0.1)
-        with pytest.raises(SystemExit) as second:                                # told in one line at once
-            train.main(command[2:])
-        assert second.value.code == (f"error: another train.py (process {first.pid}) is running in {out}; "
-                                     f"wait for it to end, or pick another --out")
+        assert exit_message(train.main, command[2:]) == (                        # told in one line at once
+            f"error: another train.py (process {first.pid}) is running in {out}; wait for it to end, or pick another "
+            f"--out")
         first.kill()
         first.wait()
     finally:
@@ -3384,10 +3381,9 @@ def test_the_benchmark_times_each_asked_precision_in_one_table_and_checks_each_g
 
 
 def test_the_benchmarks_compiled_row_checks_its_gradient_as_eager_does_and_the_monitor_is_timed(capsys, monkeypatch):
-    # A compiled row's step goes through torch.compile'd train.loss_of_batch; AOT autograd's eager backend
-    # stands in for inductor (seconds, not minutes) and runs the traced forward and backward as they are:
-    # the eager row's gradient, to float32 rounding. Eager runs first whatever the order asked, for the
-    # ratio. --monitor times train.py's evaluation twice
+    # A compiled row's step goes through torch.compile'd train.loss_of_batch, with aot_eager for inductor as in
+    # test_the_step_compiles_...: the eager row's gradient, to float32 rounding. Eager runs first whatever the
+    # order asked, for the ratio. --monitor times train.py's evaluation twice
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: compile(fn, backend="aot_eager", dynamic=dynamic))
     eager, compiled = benchmark.main(TINY_BENCHMARK + ["--precision", "fp32", "--modes", "compiled", "eager"])
