@@ -329,7 +329,8 @@ def average_linkage(distances):
 # Class names -> WordNet and MiniLM similarities, and how well the centroids agree (Table IV, Section VI-C)
 
 class MissingExtra(RuntimeError):
-    """An optional package (nltk, WordNet, sentence-transformers) is missing; the message says what to install."""
+    """An optional package (nltk, WordNet, sentence-transformers, matplotlib) is missing; the message says what
+    to install."""
 
 
 CIFAR10_SYNSETS = {
@@ -439,33 +440,40 @@ def semantic_alignment(similarity, class_names, text_model=None, permutations=99
 
 
 # ----------------------------------------------------------------------------------------------------
-# The class-centroid heat map and its colour map (Fig. 5, Section VI-B)
+# The pictures, drawn by matplotlib (an optional extra), and the class-centroid heat map (Fig. 5, Section VI-B)
 
-def pyplot():
-    """matplotlib's pyplot, drawing into files only (its Agg backend: no display needed), or MissingExtra
-    saying what to install. Every figure here is drawn with it; a picture needs nothing else."""
+def plotting():
+    """The matplotlib package, or MissingExtra saying what to install. The pictures are matplotlib Figure
+    objects, never pyplot's: nothing is shown, no backend is switched, no global figure is left to close."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot
+        import matplotlib.figure
     except ImportError:
         raise MissingExtra("the pictures need matplotlib: pip install matplotlib") from None
-    return matplotlib.pyplot
+    return matplotlib
 
 
 def save_figure(figure, path):
-    """Write a matplotlib figure as a PNG, whole or not at all, and free it."""
+    """Write a matplotlib figure as a PNG, whole or not at all."""
     write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    pyplot().close(figure)
+
+
+def viridis(values):
+    """(H, W) in [0, 1] -> (3, H, W) RGB in matplotlib's viridis colour map."""
+    return torch.from_numpy(plotting().colormaps["viridis"](values.numpy())[..., :3]).float().permute(2, 0, 1)
 
 
 def save_heatmap(matrix, labels, path, low=0.0, high=1.0):
     """Fig. 5: a (C, C) matrix in the viridis colour map from low (dark purple) to high (yellow), as the
-    paper's; the class names beside the rows for up to 40 classes; a colour bar on the right."""
-    figure, axes = pyplot().subplots(figsize=(6, 5))
+    paper's; the class names beside the rows for up to 40 classes, at least 15 px apart; beyond that a
+    pixel per class at least (ImageNet's 1000 classes: 1000 px); a colour bar on the right."""
+    count = len(matrix)
+    # inches at 100 px each, of which the axes take about two thirds (the colour bar and margins the rest)
+    side = max(5.0, count * (0.23 if count <= 40 else 0.016))
+    figure = plotting().figure.Figure(figsize=(side + 1, side))
+    axes = figure.subplots()
     image = axes.imshow(matrix, cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
     axes.set_xticks([])
-    axes.set_yticks(range(len(matrix)) if len(matrix) <= 40 else [], labels if len(matrix) <= 40 else [])
+    axes.set_yticks(range(count) if count <= 40 else [], labels if count <= 40 else [])
     figure.colorbar(image)
     save_figure(figure, path)
     return figure
@@ -534,8 +542,7 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
         heat = (vit_attention_map(backbone, image).cpu() if isinstance(backbone, VisionTransformer)
                 else smoothgrad_cam(backbone, image, samples, noise))
         picture = unnormalize(image).clamp(0, 1).cpu()       # displayable RGB (3, S, S), where the heat map is
-        heat_colours = torch.from_numpy(pyplot().get_cmap("viridis")(heat.numpy())[..., :3]).float()   # (S, S, 3)
-        overlay = 0.4 * picture + 0.6 * heat_colours.permute(2, 0, 1)
+        overlay = 0.4 * picture + 0.6 * viridis(heat)
         rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
     grid = torch.cat(rows, dim=1)                                             # (3, n*S, 2S)
     scale = math.ceil(128 / rows[0].shape[1])
@@ -676,9 +683,9 @@ def analyze_checkpoint(args, device):
         result["heatmap_order"] = ("wordnet" if wordnet else "centroids") + " (average-linkage leaf order)"
     ordered, names = similarity[np.ix_(order, order)], [class_names[i] for i in order]
     try:
-        pyplot()
+        plotting()
     except MissingExtra as error:               # the figures without the pictures, as without WordNet's columns
-        result["skipped"] = skipped + [f"Figs. 2, 3 and 5: {error}"]
+        result["skipped"] = skipped + [str(error)]
         return result, []
     result["centroids_png"] = os.path.join(args.out, "centroids.png")
     # On the paper's 0 to 1 scale (comparable across checkpoints: darker = closer to 90 degrees), widened
@@ -727,7 +734,8 @@ def plot_curves(curves, labels, metric, path):
     """One line with round markers per run (matplotlib's default colours, in order), the epoch on x and the
     metric on y; the legend, one entry per run, to the right of the axes, where no line can run under it.
     Non-finite values (a diverged loss) are not drawn. Saved as a PNG."""
-    figure, axes = pyplot().subplots(figsize=(7.2, 4.8))
+    figure = plotting().figure.Figure(figsize=(7.2, 4.8))
+    axes = figure.subplots()
     for (epochs, values), label in zip(curves.values(), labels):
         finite = [(epoch, value) for epoch, value in zip(epochs, values) if math.isfinite(value)]
         axes.plot([epoch for epoch, _ in finite], [value for _, value in finite], marker="o", label=label)
@@ -751,7 +759,7 @@ def curves_main(argv):
     args = p.parse_args(argv)
     refuse(replaces_a_file(args.out, "--out", args.force) or unwritable_file(args.out, "--out"))
     try:
-        pyplot()
+        plotting()
     except MissingExtra as error:
         raise SystemExit(f"error: {error}")
     # A run folder, or the folder of a log file given directly (RUN/eval.jsonl), names its line.

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from analyze import MissingExtra, pyplot, save_figure
+from analyze import MissingExtra, plotting, save_figure
 from hydes import hydes_loss, mi_ceiling
 from settings import (HelpFormatter, first_problem, numbers_are_finite, refuse, replaces_a_file, seed_rule,
                       unwritable_file)
@@ -73,7 +73,8 @@ def draw_figure(runs, path):
     """runs: {kappa: snapshots} -> one PNG, a row per kappa, a panel per snapshot: its two hemispheres as
     discs, the points in their images' colours (matplotlib's C0, C1, ...), the entropies above."""
     rows, columns = len(runs), max(len(snapshots) for snapshots in runs.values())
-    figure, axes = pyplot().subplots(rows, 2 * columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False)
+    figure = plotting().figure.Figure(figsize=(3.2 * columns, 2.2 * rows))
+    axes = figure.subplots(rows, 2 * columns, squeeze=False)
     for row, (kappa, snapshots) in enumerate(runs.items()):
         views, images, _ = snapshots[0]["z"].shape                          # z (V, B, 3)
         ceiling = mi_ceiling(views, views * images)
@@ -84,7 +85,7 @@ def draw_figure(runs, path):
             discs = ((front, image_of[is_front]), (back, image_of[~is_front]))
             for disc, (points, images_drawn) in enumerate(discs):
                 ax = axes[row, 2 * column + disc]
-                ax.add_patch(pyplot().Circle((0, 0), 1, facecolor="0.98", edgecolor="0.6"))
+                ax.add_patch(plotting().patches.Circle((0, 0), 1, facecolor="0.98", edgecolor="0.6"))
                 ax.scatter(points[:, 0], points[:, 1], s=9, c=[f"C{i % 10}" for i in images_drawn.tolist()])
                 ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal", xticks=[], yticks=[],
                        xlabel=("front", "back")[disc])
@@ -103,7 +104,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--kappa", type=float, nargs="+", default=[1.0, 10.0], help="one row of panels per kappa")
     p.add_argument("--steps", type=int, nargs="+", default=[0, 20, 100, 500], help="the steps drawn, one panel each")
-    p.add_argument("--images", type=int, default=6, help="B, images in the batch (a colour each)")
+    p.add_argument("--images", type=int, default=6, help="B, images in the batch (a colour each, matplotlib's ten in turn)")
     p.add_argument("--views", type=int, default=8, help="V, views of each image (the paper's multi-crop: 8)")
     p.add_argument("--lr", type=float, default=0.02, help="Adam's learning rate on the points")
     p.add_argument("--seed", type=int, default=0, help="fixes the starting points")
@@ -129,7 +130,7 @@ def main(argv=None):
     args = parse_args(argv)
     refuse(check_args(args))
     try:
-        pyplot()
+        plotting()
     except MissingExtra as error:
         raise SystemExit(f"error: {error}")
     steps = sorted(set(args.steps))
