@@ -262,7 +262,7 @@ def train(args, checkpoint, control):
 
     # ---- data: uint8 images in an order fixed by (seed, epoch), made into views on the device each step
     recipes = view_recipes(args)
-    batches, order, classes = training_data(args, recipes, control)
+    batches, order, classes = training_data(args, recipes, control)   # the crops size mixed images' canvas
     steps_per_epoch = order.batches_per_epoch
     control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
