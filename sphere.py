@@ -104,7 +104,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--kappa", type=float, nargs="+", default=[1.0, 10.0], help="one row of panels per kappa")
     p.add_argument("--steps", type=int, nargs="+", default=[0, 20, 100, 500], help="the steps drawn, one panel each")
-    p.add_argument("--images", type=int, default=6, help="B, images in the batch (a colour each, matplotlib's ten in turn)")
+    p.add_argument("--images", type=int, default=6,
+                   help="B, images in the batch (a colour each, matplotlib's ten in turn)")
     p.add_argument("--views", type=int, default=8, help="V, views of each image (the paper's multi-crop: 8)")
     p.add_argument("--lr", type=float, default=0.02, help="Adam's learning rate on the points")
     p.add_argument("--seed", type=int, default=0, help="fixes the starting points")
