@@ -21,7 +21,7 @@ from models import ARCHS, BasicBlock, VisionTransformer, build_backbone
 from settings import default_device, device_argument
 
 
-METHOD_NAMES = {"hydes": "HyDeS", "infonce": "InfoNCE", "supervised": "Supervised"}
+METHOD_NAMES = {"hydes": "HyDeS", "supervised": "Supervised"}
 
 
 def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None, stem_padding=None, quiet=False,

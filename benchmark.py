@@ -153,15 +153,16 @@ def time_row(base, precision, mode, recipes, images, sizes, labels, reference, s
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     net = copy.deepcopy(base).to(device, memory_format=precision.memory_format)
-    step_loss = functools.partial(train.loss_of_batch, net, recipes, precision, settings.method, settings.alpha)
+    step_loss = functools.partial(train.loss_of_batch, net, recipes, precision, settings.method, settings.kappa,
+                                  settings.alpha, settings.beta)
     if MODES[mode]:                                 # as train.py --compile [reduce-overhead]
         step_loss = torch.compile(step_loss, mode=MODES[mode], dynamic=False)
 
     def step(optimizer, index):                     # train()'s loop body: the step's views drawn, then the step
         parameters = draw_views(recipes, sizes, train.augmentation_generator(args.seed, index, 0))
         parameters = (parameters.pin_memory() if device.type == "cuda" else parameters).to(device, non_blocking=True)
-        train.training_step(step_loss, images, parameters, labels, optimizer, precision.scaler, settings.kappa,
-                            settings.beta, train.LOGGED[settings.method])
+        train.training_step(step_loss, images, parameters, labels, optimizer, precision.scaler,
+                            train.LOGGED[settings.method])
 
     # The gradient check, on step 0's views, with SGD at learning rate 0 so that the weights stay the
     # reference's; the third call's gradient at least: under CUDA graphs the first call runs the compiled
@@ -196,8 +197,8 @@ def float64_gradient(base, recipes, images, sizes, labels, settings, args, devic
     net = copy.deepcopy(base).to(device, torch.float64)
     parameters = draw_views(recipes, sizes, train.augmentation_generator(args.seed, 0, 0)).to(device)
     out = train.loss_of_batch(lambda views: net([view.double() for view in views]), recipes,
-                              precision_for(device, None, "fp32"), settings.method, settings.alpha, images,
-                              parameters, labels, settings.kappa, settings.beta)
+                              precision_for(device, None, "fp32"), settings.method, settings.kappa, settings.alpha,
+                              settings.beta, images, parameters, labels)
     out["loss"].backward()
     return flat_gradient(net)
 

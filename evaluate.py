@@ -16,21 +16,14 @@ k-NN (Wu et al. 2018, InstDisc; DINO): each test feature finds its k most simila
 cosine similarity s; each neighbour votes for its class with weight exp(s / T); classes are ranked by
 their summed votes. Defaults k = 200, T = 0.1. train.py's online monitor calls the same functions.
 
-Linear probe, two protocols (--linear-protocol), each named in the output's `linear_protocol`:
-- paper (the default), the offline probe: the layer of the paper's evaluation setup's online probe
-  (Kalapos & Gyires-Toth 2024; see PaperLinearProbe), one linear layer on the raw features, Adam at lr
-  1e-3 without weight decay, batch 256, trained 41 rounds of 2 epochs on the final checkpoint's features,
-  the rounds a 200-epoch run's online probe gets. The offline form is ours: the cited code probes only
-  online, during pre-training (the online probe: train.py's `linear_top1` in log.jsonl, which Figures
-  6-8 plot). The paper does not say which of the two its Table I's linear columns hold. We set the online
-  probe beside them for runs trained in its setup, and this offline one where no online figure exists
-  (published checkpoints, HyDeS* on ImageNet-100) and as the online figure's best case (REPRODUCE.md,
-  Table I).
-- validated (ours): features standardised with the training split's mean and standard deviation, one
-  linear layer, AdamW with learning rate 1e-3 and a cosine decay, batch 512, 100 epochs, seed 0; the
-  weight decay chosen from {0, 1e-3, 1e-2, 1e-1} on a validation split of 10% carved from the training
-  features, then the probe retrained on all of them and scored once on test. A converged probe: it
-  measures the features rather than the probe's training, and is higher.
+Linear probe: the offline probe (ours), the layer of the paper's evaluation setup's online probe
+(Kalapos & Gyires-Toth 2024; see PaperLinearProbe), one linear layer on the raw features, Adam at lr 1e-3
+without weight decay, batch 256, trained 41 rounds of 2 epochs on the final checkpoint's features: the
+rounds a 200-epoch run's online probe gets. The cited code probes only online, during pre-training: that
+is train.py's `linear_top1` in log.jsonl, which Figures 6-8 plot. The paper does not say which of the two
+its Table I's linear columns hold. We set the online probe beside them for runs trained in its setup, and
+this offline one where no online figure exists (published checkpoints, HyDeS* on ImageNet-100) and as the
+online figure's best case (REPRODUCE.md, Table I).
 
 Output: a table row on stdout, the same figures appended as a JSON line to --json (default: eval.jsonl
 beside the checkpoint), and, with --table FILE, a Markdown row appended to a table several runs share.
@@ -52,8 +45,6 @@ from data import DatasetError
 from loading import cached_features
 from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_problem, knn_temperature_rule,
                       numbers_are_finite, refuse, replaces_a_file, unwritable, unwritable_file)
-
-WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,8 +95,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
 
 
 # ----------------------------------------------------------------------------------------------------
-# Linear probes: the paper's setup's (persistent, Adam, raw features; online in train.py, offline here as
-# --linear-protocol paper) and ours (standardised, validated)
+# The linear probe of the paper's setup (persistent, Adam, raw features): online in train.py, offline here
 
 PAPER_PROBE_EPOCHS = 2           # epochs of the setup's probe at each evaluation
 PAPER_PROBE_BATCH = 256
@@ -137,10 +127,10 @@ class PaperLinearProbe:
     features of the moment, then scores the test split. The layer and Adam's moments are the state a
     checkpoint keeps (state_dict), so that a resumed run continues the same probe.
 
-    Unlike our validated probe (`linear_probe`), its figure depends on the history of the run: features
-    that drift between evaluations leave a probe fitted to older ones, and 2 epochs a time is far from
-    convergence early on. Online, it is the number to set beside the paper's, not the best linear
-    accuracy. `paper_linear_probe` trains the same layer offline, on a finished network's features.
+    Online, its figure depends on the history of the run: features that drift between evaluations leave
+    a probe fitted to older ones, and 2 epochs a time is far from convergence early on. It is the number
+    to set beside the paper's, not the best linear accuracy. `offline_linear_probe` trains the same layer
+    on a finished network's features.
     """
 
     def __init__(self, num_features, num_classes, device, seed=0):
@@ -172,41 +162,18 @@ class PaperLinearProbe:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def paper_linear_probe(train_feats, train_labels, test_feats, test_labels, evaluations=PAPER_EVALUATIONS, seed=0):
-    """The offline probe (--linear-protocol paper; ours): the layer of the setup's online probe
-    (PaperLinearProbe) trained on a finished network, as many rounds as a full run's online probe gets,
-    PAPER_PROBE_EPOCHS epochs each, on the final features. Returns (top-1, top-5) in percent.
+def offline_linear_probe(train_feats, train_labels, test_feats, test_labels, evaluations=PAPER_EVALUATIONS, seed=0):
+    """The offline probe (ours): the layer of the setup's online probe (PaperLinearProbe) trained on a
+    finished network, as many rounds as a full run's online probe gets, PAPER_PROBE_EPOCHS epochs each, on
+    the final features. Returns (top-1, top-5) in percent.
     Offline, the features do not move between rounds, so this is the online figure's best case: the
     online probe of the same checkpoint spent its early rounds on earlier features."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     probe = PaperLinearProbe(train_feats.shape[1], num_classes, train_feats.device, seed)
     generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(evaluations), desc="paper's linear probe", leave=False):
+    for _ in tqdm(range(evaluations), desc="offline linear probe", leave=False):
         probe.train_round(train_feats, train_labels, generator)
     return probe.score(test_feats, test_labels)
-
-
-def train_linear_probe(feats, labels, num_classes, weight_decay, epochs=100, batch_size=512, lr=1e-3, seed=0):
-    """Fit the probe of the fixed protocol; returns a function mapping raw features to logits."""
-    device = feats.device
-    mean, std = feats.mean(0), feats.std(0) + 1e-6                       # (F,) each, from the fit set only
-    x = (feats - mean) / std                                              # (M, F) standardised
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    layer = seeded_linear(feats.shape[1], num_classes, seed).to(device)
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    for _ in tqdm(range(epochs), desc=f"linear probe (wd {weight_decay:g})", leave=False):
-        order = torch.randperm(len(x), generator=generator).to(device)
-        for start in range(0, len(x), batch_size):
-            batch = order[start:start + batch_size]
-            loss = F.cross_entropy(layer(x[batch]), labels[batch])        # (b, F) -> (b, C)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    layer.eval()
-    return lambda raw: layer((raw - mean) / std)
 
 
 @torch.no_grad()
@@ -218,32 +185,10 @@ def topk_accuracy(logits, labels):
             100.0 * (ranked == truth).any(dim=1).float().mean().item() if logits.shape[1] > TOP_K else None)
 
 
-def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100, val_fraction=0.1, seed=0):
-    """Linear top-1 and top-5 in percent, and the weight decay chosen on a validation split of train.
-
-    The test split is touched once, by the final probe. Features and labels should be on the device
-    the probe should train on.
-    """
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(seed)).to(train_feats.device)
-    num_val = max(1, int(val_fraction * len(train_feats)))
-    val, fit = order[:num_val], order[num_val:]
-    val_top1 = {}
-    for wd in WEIGHT_DECAYS:
-        probe = train_linear_probe(train_feats[fit], train_labels[fit], num_classes, wd, epochs, seed=seed)
-        with torch.no_grad():
-            val_top1[wd] = topk_accuracy(probe(train_feats[val]), train_labels[val])[0]
-    best = max(WEIGHT_DECAYS, key=lambda wd: (val_top1[wd], -WEIGHT_DECAYS.index(wd)))  # ties: less decay
-    probe = train_linear_probe(train_feats, train_labels, num_classes, best, epochs, seed=seed)
-    with torch.no_grad():
-        top1, top5 = topk_accuracy(probe(test_feats), test_labels)
-    return top1, top5, best
-
-
 # ----------------------------------------------------------------------------------------------------
 # The script: one row of Table I
 
-TABLE_COLUMNS = ("dataset", "method", "arch", "epoch", "linear_protocol", "linear_top1", "linear_top5", "knn_top1",
+TABLE_COLUMNS = ("dataset", "method", "arch", "epoch", "linear_top1", "linear_top5", "knn_top1",
                  "knn_top5")
 
 
@@ -253,13 +198,6 @@ def parse_args(argv=None):
     p.add_argument("--probe", choices=("both", "linear", "knn"), default="both", help="which probes to run")
     p.add_argument("--knn-k", type=int, default=200, help="neighbours that vote")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="T in the vote weight exp(s/T)")
-    p.add_argument("--linear-protocol", choices=("paper", "validated"), default="paper",
-                   help="paper: the offline probe, the layer of the paper's setup's online probe (raw features, "
-                        "Adam 1e-3, batch 256) trained 41 rounds of 2 epochs on this checkpoint's features; the "
-                        "offline form is ours (the setup probes online only: train.py's linear_top1); "
-                        "validated: ours (standardised features, weight decay chosen on a validation split, "
-                        "--probe-epochs epochs), a converged probe")
-    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of each fit of the validated probe")
     p.add_argument("--json", help="JSON-lines file to append the result to (default: eval.jsonl beside the checkpoint)")
     p.add_argument("--table", help="Markdown file to append a Table I row to")
     p.add_argument("--export", metavar="FILE",
@@ -279,8 +217,6 @@ def check_args(args):
         (args.knn_k >= 1 and args.knn_temperature > 0,
          f"--knn-k must be >= 1 and --knn-temperature > 0 (got {args.knn_k} and {args.knn_temperature:g})"),
         knn_temperature_rule(args.knn_temperature),
-        (args.probe_epochs >= 1, f"--probe-epochs must be >= 1 (got {args.probe_epochs}): an unfitted probe "
-                                 f"scores nothing"),
         *checkpoint_argument_rules(args),
     ]) or (replaces_a_file(args.export, "--export", args.force, reading=args.checkpoint)
            or unwritable_file(args.export, "--export") if args.export else
@@ -333,12 +269,7 @@ def evaluate_checkpoint(args, device):
     if args.probe in ("both", "linear"):
         start = time.time()
         splits = (train_feats.to(device), train_labels.to(device), test_feats.to(device), test_labels.to(device))
-        result["linear_protocol"] = args.linear_protocol
-        if args.linear_protocol == "paper":
-            result["linear_top1"], result["linear_top5"] = paper_linear_probe(*splits)
-        else:
-            result["linear_top1"], result["linear_top5"], result["linear_weight_decay"] = linear_probe(
-                *splits, epochs=args.probe_epochs)
+        result["linear_top1"], result["linear_top5"] = offline_linear_probe(*splits)
         timings["linear_s"] = time.time() - start
     result.update({k: round(v, 2) for k, v in timings.items()})
     if classes <= TOP_K:

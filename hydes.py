@@ -46,30 +46,6 @@ crop's positives are the other global crop and the 6 local ones, a local crop's 
 uses, compares each view with the global views only (its teacher sees only globals); restricting P(i) to
 global views would be the analogue here. The paper does not say; this is our reading of "the other views".
 
-The estimate's ceiling
-----------------------
-The image's own V-1 other views sit inside the batch mean of Eq. (2) too. Per anchor, the mean over the
-N-1 others is at least (V-1)/(N-1) times the mean over P(i) (the other images only add non-negative
-terms), so
-
-    MI = H_global - H_local <= log((N-1)/(V-1)),
-
-reached when every other image's kernel values vanish. At B = 128 and V = 8, N = 1024: log(1023/7) = 4.98
-nats, whatever kappa and D; under data parallelism N is the global R*V*B. A logged MI near that bound means
-the images are as far apart as the kernel can tell, not that the estimate can grow further.
-
-A kappa that changes during training
-------------------------------------
-kappa is the inverse bandwidth of the density estimate. Section VII-B finds that a sharp kernel (kappa =
-10 or 20) learns faster in the first epochs and then stalls, while kappa = 1 starts slowly and ends
-higher; Section VIII would "learn fast and also get better even representations" and finds that weakening
-the expansion (global) term helps. A schedule is our idea for that, not the paper's: train.py's
---kappa-final (and --beta-final, for the weight of H_local that Section VII-C varies) move kappa from
---kappa to that value over the run: a bandwidth that starts narrow,
-where the embeddings are still close to uniform and only a sharp kernel tells neighbours apart, and widens
-as the density concentrates. Nothing here changes for it: every call takes the kappa of its step, and
-log C_D(kappa) follows it (the cache of log_vmf_normalizer, below, keeps the last 4096 values).
-
 Neighbours
 ----------
 Wang & Isola's uniformity loss, log E_{i,j} exp(-t ||z_i - z_j||^2), is a log of a mean over all pairs: a
@@ -109,7 +85,7 @@ def _log_bessel_series(nu, x):
     return torch.logsumexp(log_terms, dim=0).item()
 
 
-@lru_cache(maxsize=4096)      # bounded: a kappa schedule (train.py --kappa-final) brings a new kappa each step
+@lru_cache      # the series is summed once per (D, kappa)
 @torch.compiler.assume_constant_result      # a number of the settings: torch.compile folds it into its graph
 def log_vmf_normalizer(dim, kappa):
     """Eq. (1): log C_D(kappa) = (D/2 - 1) log kappa - (D/2) log 2 pi - log I_{D/2-1}(kappa).
@@ -257,76 +233,3 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
     return {"loss": beta * h_local - alpha * h_global, "h_global": h_global, "h_local": h_local,
             "mi": h_global - h_local}
 
-
-def mi_ceiling(num_views, num_embeddings):
-    """log((N - 1)/(V - 1)): the most MI = H_global - H_local can reach with V views per image among N
-    embeddings (see "The estimate's ceiling" above): 4.98 nats at B = 128, V = 8."""
-    return math.log((num_embeddings - 1) / (num_views - 1))
-
-
-@torch.no_grad()
-def own_view_share(z, kappa):
-    """The mean share of an anchor's kernel mass that falls on its own image's other views,
-    E_i [ sum_{j in P(i)} K_ij / sum_{j != i} K_ij ] for z (V, B, D) on the sphere: (V-1)/(N-1) when the
-    kernel cannot tell the images apart, 1 when the other images' kernel values vanish (the ceiling).
-    Per anchor, log(share_i) = log mean_P K - log mean_{j != i} K - log((N-1)/(V-1)), so the logged MI is
-    mi_ceiling + E_i[log share_i]: this is the same quantity's arithmetic mean, which one lagging anchor
-    moves less. A diagnostic only (no gradient): one more (N, N) product per call."""
-    num_views, batch, dim = z.shape
-    rows = z.float().reshape(num_views * batch, dim)                       # (V, B, D) -> (N, D), row v*B + b
-    logits = kappa * (rows @ rows.T)                                       # (N, N), kappa s_ij
-    logits.fill_diagonal_(float("-inf"))                                   # leave-one-out, as Eq. (2)
-    image = torch.arange(num_views * batch, device=z.device) % batch       # (N,), the image of row v*B + b
-    same_image = image[:, None] == image[None, :]                         # (N, N), P(i) and i itself
-    own = torch.logsumexp(logits.masked_fill(~same_image, float("-inf")), dim=1)   # log sum_{P(i)} exp(kappa s)
-    return (own - torch.logsumexp(logits, dim=1)).exp().mean()
-
-
-# ----------------------------------------------------------------------------------------------------
-# The contrastive neighbour, for comparison (train.py --method infonce)
-
-def infonce_loss(z, kappa=10.0):
-    """Multi-positive InfoNCE on the same embeddings (V, B, D), temperature tau = 1/kappa.
-
-        InfoNCE = E_i [ -(1/|P(i)|) sum_{p in P(i)} kappa s_ip  +  log sum_{j != i} exp(kappa s_ij) ]
-
-    With V = 2 this is SimCLR's NT-Xent; with more views, the positives are averaged outside the log
-    (SupCon's L_out). Written the same way, HyDeS at alpha = beta = 1 is, up to constants,
-
-        HyDeS   = E_i [ -log (1/|P(i)|) sum_{p in P(i)} exp(kappa s_ip)  +  log sum_{j != i} exp(kappa s_ij) ]
-
-    The denominators are the same leave-one-out logsumexp; the two differ only in where the log sits
-    over the positives: InfoNCE pulls every other view of the image in equally (mean of logs), HyDeS
-    raises the kernel density of those views at z_i (log of the mean), which one close view can
-    satisfy. With a single positive (V = 2) the two coincide: HyDeS = InfoNCE - log(N - 1), for the
-    log C_D(kappa) of Eqs. (2) and (3) cancels.
-
-    Returns the loss and, for the log, HyDeS's entropies and MI estimate of the same embeddings
-    (detached, so that runs of both objectives are logged in the same terms).
-    """
-    num_views, batch, dim = z.shape
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
-        # Rows: this process's embeddings; columns: the whole batch (gathered under data parallelism,
-        # exactly as for H_global in hydes_loss, whose docstring explains why the gradients come out right).
-        whole, first = (GatherBatch.apply(z), dist.get_rank() * batch) if data_parallel() else (z, 0)
-        images = whole.shape[1]
-        rows = z.reshape(num_views * batch, dim)                        # (V, B, D) -> (V*B, D), row v*B + b
-        columns = whole.reshape(num_views * images, dim)                # (V, B_all, D) -> (N, D), column v*B_all + b
-        logits = kappa * (rows @ columns.T)                             # (V*B, N), kappa s_ij
-        row_view = torch.arange(num_views, device=z.device).repeat_interleave(batch)        # (V*B,)
-        row_image = first + torch.arange(batch, device=z.device).repeat(num_views)          # (V*B,)
-        column = torch.arange(num_views * images, device=z.device)
-        same_image = row_image[:, None] == (column % images)[None]                          # (V*B, N)
-        itself = same_image & (row_view[:, None] == (column // images)[None])
-        positive = same_image & ~itself                                 # P(i) as a mask
-        log_denominator = torch.logsumexp(logits.masked_fill(itself, float("-inf")), dim=1)     # (V*B,)
-        mean_positive_logit = (logits * positive).sum(dim=1) / (num_views - 1)                    # (V*B,)
-        loss = (log_denominator - mean_positive_logit).mean()
-        with torch.no_grad():
-            # The denominator is Eq. (2)'s leave-one-out sum already: H_global without a second pass (or,
-            # under data parallelism, a second all_gather); H_local needs only each image's own views.
-            log_mean_kernel = log_denominator - math.log(num_views * images - 1)
-            h_global = -(log_vmf_normalizer(dim, kappa) + log_mean_kernel).mean()
-            h_local = local_entropy(z, kappa)
-    return {"loss": loss, "h_global": h_global, "h_local": h_local, "mi": h_global - h_local}

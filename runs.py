@@ -168,9 +168,8 @@ def checkpoint_state(model, optimizer, scaler, probe, record, steps_per_epoch, a
     """One dict with everything to resume or evaluate the run.
 
     `epoch` counts completed epochs (evaluate.py reports it); `data_order` says where in which epoch's
-    order the next batch starts. The learning-rate schedule is a function of the step, so the step
-    restores it; the optimiser state holds AdamW's moments and step counts; `linear_probe` the online
-    probe's layer and Adam state. `log_record` is the epoch's line of log.jsonl, with
+    order the next batch starts. The optimiser state holds AdamW's moments and step counts;
+    `linear_probe` the online probe's layer and Adam state. `log_record` is the epoch's line of log.jsonl, with
     `evaluation_pending` while a due evaluation has not run.
     """
     step = record["step"]
@@ -289,10 +288,8 @@ class RunControl:
         # (step, loss terms) of the first non-finite loss; step -1 while there is none.
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
-        self.total_steps, self.estimated = None, False
         # When this session's first step ended, and what it took: compilation (--compile), cuDNN's choice of
-        # algorithms and lazy set-up all happen in it, so the rates (progress bar, log) and the estimate of
-        # the run's time count from its end
+        # algorithms and lazy set-up all happen in it, so the rates (progress bar, log) count from its end
         self.first_step_ended, self.first_step_seconds = None, None
         # Host-side agreement between processes: a gloo group over the same processes (NCCL's would wait
         # for the GPU). Every process builds it here, in the same order, as new_group requires.
@@ -383,10 +380,9 @@ class RunControl:
                     start, untimed = self.end_first_step(start), 1
                 if steps % self.args.log_every == 0 and steps > untimed:   # the host waits for the device here,
                     seconds_per_step = max(time.time() - start, 1e-9) / (steps - untimed)   # once in log_every steps
-                    self.estimate_once(seconds_per_step, step + steps)
                     self.check_finite()
                     means = self.means(sums, summed + steps)
-                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k not in ("mi", "own_share")},
+                    bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k != "mi"},
                                     img_s=f"{self.args.batch_size / seconds_per_step:.0f}")
         finally:
             bar.close()
@@ -399,25 +395,6 @@ class RunControl:
         self.first_step_ended = time.time()
         self.first_step_seconds = self.first_step_ended - start
         return self.first_step_ended
-
-    def estimate_once(self, seconds_per_step, step):
-        """Once the first steps are timed: on one GPU without --compile reduce-overhead, that its CUDA graphs
-        would make the steps faster; if the whole run would take more than a few hours here, say so, and on
-        a CPU how to try the method in minutes (a fresh machine runs the paper's 200 full-width epochs)."""
-        if self.estimated or not self.main_process or not self.total_steps:
-            return
-        self.estimated = True
-        gpu = self.device.type == "cuda"
-        if gpu and self.world_size == 1 and self.args.compile != "reduce-overhead":
-            tqdm.write("note: --compile reduce-overhead replays the network as CUDA graphs, which speeds up steps "
-                       "bound by kernel launches, as the paper's small crops make them (SPEED.md)")
-        hours = seconds_per_step * (self.total_steps - step) / 3600
-        if hours > 3:
-            tqdm.write(f"note: at {self.args.batch_size / seconds_per_step:.0f} images/s this run needs about "
-                       f"{hours:.0f} more hours on {self.device}." + ("" if gpu else
-                       " To try the method in minutes here, train the README's laptop run: --width 16 "
-                       "--proj-hidden 512 --kappa 10 --beta 0.5 --lr 3e-3 --no-blur --stem cifar "
-                       "--forward per-resolution --max-minutes 10"))
 
     def watch(self, terms):
         """Record the step and terms (len(logged),) if the loss is the first non-finite one, on the device."""

@@ -182,13 +182,13 @@ def knn_temperature_rule(temperature):
 
 
 def kappa_rule(args):
-    """A rule for first_problem: --kappa (and --kappa-final) large enough for the kernel to tell two points
+    """A rule for first_problem: --kappa large enough for the kernel to tell two points
     apart in float32 (our bound). Each entropy term logsumexp_j(kappa s_ij) - log M, with kappa s_ij in
     [-kappa, kappa], is computed from a logsumexp of about log N (N = V B embeddings), which float32 holds
     in steps of about 2^-23 log N; from one point to another it moves by at most 2 kappa. With 2 kappa
     under that step every row rounds alike and the loss is exactly 0; gradients of order kappa remain, and
     vanish under AdamW's eps. The supervised baseline has no kernel."""
-    kappa = min(args.kappa, args.kappa_final or args.kappa)
+    kappa = args.kappa
     num_embeddings = max((args.global_crops + args.local_crops) * args.batch_size, 2)   # below 2: refused apart
     bound = 2.0 ** -24 * math.log(num_embeddings)
     return (args.method == "supervised" or kappa > bound,
@@ -204,17 +204,14 @@ def check_training_args(args):
     (global_min, global_max), (local_min, local_max) = args.global_scale, args.local_scale
     rules = [
         device_rule(args.device),
-        numbers_are_finite(args, ("kappa", "kappa_final", "alpha", "beta", "beta_final", "lr", "weight_decay",
-                                  "warmup_epochs", "max_minutes", "knn_temperature", "global_scale", "local_scale")),
+        numbers_are_finite(args, ("kappa", "alpha", "beta", "lr", "weight_decay", "max_minutes", "knn_temperature",
+                                  "global_scale", "local_scale")),
         (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
-        (args.kappa_final is None or args.kappa_final > 0, f"--kappa-final must be > 0 (got {args.kappa_final})"),
         kappa_rule(args),
-        (max(args.kappa, args.kappa_final or 0) <= LARGEST_KAPPA,
-         f"--kappa and --kappa-final must be at most {LARGEST_KAPPA:g} "
-         f"(got {max(args.kappa, args.kappa_final or 0):g}): "
-         f"the vMF normaliser is computed exactly up to there; the paper tries 0.1 to 20"),
+        (args.kappa <= LARGEST_KAPPA,
+         f"--kappa must be at most {LARGEST_KAPPA:g} (got {args.kappa:g}): the vMF normaliser is computed exactly "
+         f"up to there; the paper tries 0.1 to 20"),
         seed_rule(args.seed),
-        (args.beta_final is None or args.beta_final >= 0, f"--beta-final must be >= 0 (got {args.beta_final})"),
         (args.alpha >= 0 and args.beta >= 0, "--alpha and --beta must be >= 0 (the paper uses 1 and 1)"),
         (args.alpha > 0 or args.beta > 0, "--alpha and --beta are both 0, which leaves no loss to train on"),
         (args.batch_size >= 2, f"--batch-size must be >= 2 (got {args.batch_size}): H_global compares images"),
@@ -244,16 +241,12 @@ def check_training_args(args):
          f"pick a width divisible by them"),
         (args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}; 0 evaluates the untrained network)"),
         (args.lr > 0 and args.weight_decay >= 0, "--lr must be > 0 and --weight-decay >= 0"),
-        (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
         (args.max_minutes is None or args.max_minutes > 0, "--max-minutes must be > 0"),
         (args.eval_every >= 0 and args.knn_k >= 1 and args.knn_temperature > 0,
          "--eval-every must be >= 0, --knn-k >= 1 and --knn-temperature > 0"),
         knn_temperature_rule(args.knn_temperature),
         (args.log_every >= 1 and args.workers >= 0 and args.keep_every >= 0,
          "--log-every must be >= 1, --workers and --keep-every >= 0"),
-        (not args.compile or (args.kappa_final is None and args.beta_final is None),
-         "--compile compiles the step for one kappa and beta, and a schedule would recompile it every step; drop "
-         "--compile, or --kappa-final and --beta-final"),
         (args.precision != "bf16" or not args.device.startswith("mps") or torch.amp.is_autocast_available("mps"),
          "--precision bf16, but this PyTorch cannot autocast on mps; pass --precision fp32"),
         (args.precision != "fp16" or args.device.startswith("cuda"),

@@ -18,8 +18,7 @@ on the sphere S^{D-1} (models.HyDeSModel); AdamW takes a step on loss = beta H_l
 of a step (`loss_of_batch`) together. Every epoch ends with OUT/ckpt.pt rewritten; after epochs 1, 6,
 11, ... and the last (--eval-every 5, the cited evaluation code's cadence), the monitor: the k-NN and a
 round of the online linear probe whose curves Figures 6-8 plot; then a line in OUT/log.jsonl (loss,
-H_global, H_local, MI and how near it is to its ceiling, lr, kappa, beta, images/s, and at evaluations
-linear and k-NN top-1 and top-5).
+H_global, H_local, MI, images/s, and at evaluations linear and k-NN top-1 and top-5).
 
 What a reader may skip lives in files of its own: loading.py feeds the batches, runs.py saves and
 restores the run bit for bit and decides when it stops early (Ctrl-C, SIGTERM, --max-minutes, a
@@ -29,7 +28,6 @@ non-finite loss), and settings.py refuses bad settings in one line and picks the
 import argparse
 import functools
 import json
-import math
 import os
 import random
 import time
@@ -43,7 +41,7 @@ from checkpoints import CheckpointError, append_jsonl, save_checkpoint
 from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_crop_sizes, dino_recipes, draw_views,
                   make_views, native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
-from hydes import hydes_loss, infonce_loss, mi_ceiling, own_view_share
+from hydes import hydes_loss
 from loading import (InMemoryBatches, MonitorImages, extract_features, note_mixed_sizes,
                      training_data)
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
@@ -53,11 +51,8 @@ from settings import (PRECISIONS, HelpFormatter, check_crop_sizes, check_trainin
                       default_device, device_argument, error_message, precision_for, refuse, run_arithmetic,
                       unwritable)
 
-# The terms each objective logs, summed over an epoch's steps. InfoNCE runs log HyDeS's entropies of their
-# embeddings too, so that the two objectives can be compared in the same terms; both log how close the MI
-# estimate is to its ceiling (ceiling_terms).
-ON_THE_SPHERE = ("loss", "h_global", "h_local", "mi", "mi_fraction", "own_share")
-LOGGED = {"hydes": ON_THE_SPHERE, "infonce": ON_THE_SPHERE, "supervised": ("loss", "accuracy")}
+# The terms each objective logs, summed over an epoch's steps
+LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "supervised": ("loss", "accuracy")}
 # torch.compile's modes that --compile offers. "default" fuses the step's operations (views, network,
 # loss) into fewer, larger kernels; "reduce-overhead" also records the compiled forward and backward as
 # CUDA graphs and replays them, so that the host launches one graph instead of each kernel: the remedy
@@ -121,8 +116,7 @@ def build_parser():
 
     g = p.add_argument_group("loss (Eqs. 1-4)")
     g.add_argument("--method", default="hydes", choices=tuple(LOGGED),
-                   help="hydes: the paper's objective; infonce: multi-positive InfoNCE (SimCLR) on the same views "
-                        "with temperature 1/kappa; supervised: a linear classifier on the backbone, cross-entropy "
+                   help="hydes: the paper's objective; supervised: a linear classifier on the backbone, cross-entropy "
                         "on one RandomResizedCrop (8-100%%) and flip per labelled image, the paper's setup's "
                         "supervised baseline (Table I)")
     g.add_argument("--kappa", type=float, default=1.0,
@@ -131,12 +125,6 @@ def build_parser():
     g.add_argument("--alpha", type=float, default=1.0, help="weight of H_global (1 = the MI estimate)")
     g.add_argument("--beta", type=float, default=1.0,
                    help="weight of H_local (1 = the MI estimate; lower learns faster early, Section VII-C)")
-    g.add_argument("--kappa-final", type=float,
-                   help="move kappa from --kappa to this value over the run, by a cosine of the step (default: "
-                        "constant); e.g. --kappa 10 --kappa-final 1 for kappa 10's fast start and kappa 1's finish. "
-                        "Ours, not the paper's: Section VIII only hopes to learn fast and end better")
-    g.add_argument("--beta-final", type=float,
-                   help="move beta from --beta to this value over the run, likewise (default: constant)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=200,
@@ -146,9 +134,6 @@ def build_parser():
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-6,
                    help="AdamW weight decay; the paper names none, its evaluation setup's configurations use 1e-6")
-    g.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
-                   help="constant: the paper states one learning rate; cosine: warm-up then cosine decay to 0")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule only)")
     g.add_argument("--max-minutes", type=float,
                    help="stop after this many minutes of training in this session (a resumed run counts afresh), "
                         "save, and run the final evaluation")
@@ -232,8 +217,7 @@ def run_settings(argv):
     Returns (args, checkpoint or None)."""
     args = build_parser().parse_args(argv)
     if args.out is None:
-        objective_name = {"hydes": f"kappa{args.kappa:g}", "infonce": f"infonce-kappa{args.kappa:g}",
-                          "supervised": "supervised"}[args.method]
+        objective_name = f"kappa{args.kappa:g}" if args.method == "hydes" else "supervised"
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{objective_name}")
     refuse_a_second_run(args.out)
     args, checkpoint = resume_settings(args, argv, build_parser)      # --resume: the checkpoint's settings
@@ -264,7 +248,6 @@ def train(args, checkpoint, control):
     recipes = view_recipes(args)
     batches, order, classes = training_data(args, recipes, control)   # the crops size mixed images' canvas
     steps_per_epoch = order.batches_per_epoch
-    control.total_steps = args.epochs * steps_per_epoch           # for its estimate of the time the run needs
 
     # ---- model and optimiser: `net` is the plain module (saved, evaluated), `model` what the step calls
     seed_everything(args.seed)     # here, not earlier: DataLoaders draw from torch's stream as data load
@@ -279,10 +262,11 @@ def train(args, checkpoint, control):
     step = restore(checkpoint, *state, steps_per_epoch) if checkpoint else 0
     model = net if control.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None)   # each process: its share of the batch
-    step_loss = functools.partial(loss_of_batch, model, recipes, precision, args.method, args.alpha)
+    step_loss = functools.partial(loss_of_batch, model, recipes, precision, args.method, args.kappa, args.alpha,
+                                  args.beta)
     if args.compile:
-        # One graph of views, network and loss (the backward is compiled with it). dynamic=False: kappa and
-        # beta are constants of the graph (settings.py refuses their schedules with --compile).
+        # One graph of views, network and loss (the backward is compiled with it); kappa, alpha and beta are
+        # constants of the graph.
         step_loss = torch.compile(step_loss, mode=args.compile, dynamic=False)
     if control.main_process:
         control.claim_run_folder()                 # a second train.py on OUT is refused from here on
@@ -313,16 +297,12 @@ def train(args, checkpoint, control):
         # images: uint8 (B, 3, H, W) on the device; sizes: each image's (height, width) on the CPU, its
         # part of the canvas when the images differ in size (loading.py)
         for images, sizes, labels in control.batches(batches, step, sums, step - first_step, description):
-            for group in optimizer.param_groups:                     # the schedules are functions of the step:
-                group["lr"] = learning_rate(args, step, steps_per_epoch)   # a resumed run continues them
-            kappa, beta = loss_schedule(args, step, control.total_steps)
             # Every random choice of the step's views, drawn on the CPU from a generator seeded by (seed, step,
             # rank), so a resumed run draws the views an uninterrupted one would; on the device in one copy.
             parameters = draw_views(recipes, sizes, augmentation_generator(args.seed, step, control.rank))
             parameters = parameters.pin_memory() if device.type == "cuda" else parameters
             parameters = parameters.to(device, non_blocking=True)
-            terms = training_step(step_loss, images, parameters, labels, optimizer, precision.scaler, kappa, beta,
-                                  logged)
+            terms = training_step(step_loss, images, parameters, labels, optimizer, precision.scaler, logged)
             sums += terms
             control.watch(terms)       # a non-finite loss is recorded on the device, read at the next log step
             step += 1
@@ -331,11 +311,10 @@ def train(args, checkpoint, control):
         # ---- the end of an epoch, or of a run stopped early (the epoch is then fractional): save, then
         # evaluate (a fault or a signal during the evaluation must not cost the epoch), then log
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
-                  "lr": learning_rate(args, max(0, step - 1), steps_per_epoch),
-                  **dict(zip(("kappa", "beta"), loss_schedule(args, max(0, step - 1), control.total_steps))),
                   **control.images_per_second(step - resumed_at, epoch_start),
                   "minutes": control.minutes()}
-        due = evaluation_due(step, steps_per_epoch, args, last=step == control.total_steps or control.out_of_time)
+        last = step == args.epochs * steps_per_epoch or control.out_of_time
+        due = evaluation_due(step, steps_per_epoch, args, last)
         end_of_epoch(record, due, state, monitor, steps_per_epoch, args, control)
         if control.stop_after_save(step):
             break
@@ -347,10 +326,10 @@ def train(args, checkpoint, control):
 # ----------------------------------------------------------------------------------------------------
 # The step
 
-def training_step(step_loss, images, parameters, labels, optimizer, scaler, kappa, beta, logged):
+def training_step(step_loss, images, parameters, labels, optimizer, scaler, logged):
     """One AdamW step on a batch: step_loss (loss_of_batch with the run's model, recipes, precision and
-    method; compiled with --compile) on the uint8 images and the view parameters drawn for them, at this
-    step's kappa and beta (loss_schedule), then the backward pass and AdamW. Returns the `logged` terms,
+    loss; compiled with --compile) on the uint8 images and the view parameters drawn for them, then the
+    backward pass and AdamW. Returns the `logged` terms,
     detached, stacked (len(logged),)."""
     # The last step's gradients are dropped before this step's forward pass, and CUDA graphs (--compile
     # reduce-overhead) are told that a new step begins: their outputs, these gradients among them, live in
@@ -358,7 +337,7 @@ def training_step(step_loss, images, parameters, labels, optimizer, scaler, kapp
     # would be overwritten under AdamW's feet. Without CUDA graphs the second call does nothing.
     optimizer.zero_grad(set_to_none=True)
     torch.compiler.cudagraph_mark_step_begin()
-    out = step_loss(images, parameters, labels, kappa, beta)
+    out = step_loss(images, parameters, labels)
     scaler.scale(out["loss"]).backward()          # scaled only for fp16; otherwise the loss itself
     scaler.step(optimizer)                        # AdamW (fp16: skipped if the scaled gradients overflowed)
     scaler.update()
@@ -366,7 +345,7 @@ def training_step(step_loss, images, parameters, labels, optimizer, scaler, kapp
     return torch.stack([out[k].detach() for k in logged])
 
 
-def loss_of_batch(model, recipes, precision, method, alpha, images, parameters, labels, kappa, beta):
+def loss_of_batch(model, recipes, precision, method, kappa, alpha, beta, images, parameters, labels):
     """The forward half of a step: uint8 images (B, 3, H, W) -> V views (data.make_views, from the random
     choices drawn for them, data.draw_views) -> z (V, B, D) on the sphere -> the loss (Eq. 4) and the other
     LOGGED terms, as objective's dict. No value is read back to the host, so torch.compile can make one
@@ -381,50 +360,12 @@ def loss_of_batch(model, recipes, precision, method, alpha, images, parameters, 
 
 def objective(z, labels, method, kappa, alpha, beta):
     """The loss of `method` on the model's output, as a dict holding "loss" and the other LOGGED terms."""
-    if method in ("hydes", "infonce"):
-        # Eq. (4) on z (V, B, D), or InfoNCE on the same embeddings
-        out = hydes_loss(z, kappa, alpha, beta) if method == "hydes" else infonce_loss(z, kappa)
-        return {**out, **ceiling_terms(z, kappa, out["mi"])}
+    if method == "hydes":
+        return hydes_loss(z, kappa, alpha, beta)                             # Eq. (4) on z (V, B, D)
     logits = z.flatten(0, 1)                                                 # (V, B, C) logits -> (V*B, C)
     targets = labels.repeat(z.shape[0])                                      # (B,) -> (V*B,), row v*B + b
     return {"loss": torch.nn.functional.cross_entropy(logits, targets),
             "accuracy": (logits.argmax(dim=1) == targets).float().mean()}
-
-
-def ceiling_terms(z, kappa, mi):
-    """How near the MI estimate is to its ceiling (hydes.py, "The estimate's ceiling"), for the log:
-    mi_fraction, MI / log((N-1)/(V-1)) with N over the global batch, and own_share, the mean share of an
-    anchor's kernel mass that falls on its own image's views (hydes.own_view_share, over this process's
-    images). A kernel that tells the images apart perfectly has both at 1, and then Eq. (4) has nothing
-    left to gain but sharper clusters: a measure of Section VII-B's stall. Diagnostics, no gradient."""
-    views, batch = z.shape[:2]
-    processes = dist.get_world_size() if dist.is_initialized() else 1
-    return {"mi_fraction": mi.detach() / mi_ceiling(views, views * batch * processes),
-            "own_share": own_view_share(z.detach(), kappa)}
-
-
-def learning_rate(args, step, steps_per_epoch):
-    """Constant (the paper), or linear warm-up then cosine decay to zero over the whole run: a function of
-    the step alone, so that a resumed run continues the schedule."""
-    if args.schedule == "constant":
-        return args.lr
-    warmup = args.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def loss_schedule(args, step, total_steps):
-    """(kappa, beta) at `step`: constant, or with --kappa-final / --beta-final a cosine from the start value
-    at step 0 to the final one at the last step, value = final + (start - final) (1 + cos(pi t)) / 2 with
-    t = step / (total_steps - 1). A function of the step alone, so a resumed run continues the schedule;
-    `total_steps` is --epochs' steps (raising --epochs on --resume stretches what is left of it)."""
-    t = min(1.0, step / max(1, total_steps - 1))
-
-    def cosine(start, final):
-        return start if final is None else final + (start - final) * 0.5 * (1 + math.cos(math.pi * t))
-    return cosine(args.kappa, args.kappa_final), cosine(args.beta, args.beta_final)
 
 
 def augmentation_generator(seed, step, rank):
