@@ -9,8 +9,7 @@ For the checkpoint's dataset (or --dataset), on the frozen backbone's features o
 
   Table III (geometry, Section VI-B)  anisotropy, feature correlation, centre vector norm, centroid rank,
                                       embedding rank, d', mean +- std pairwise angle over all pairs and
-                                      over positive pairs; then extra columns of ours: mean cosine,
-                                      effective and numerical rank of the unit embeddings
+                                      over positive pairs
   Table IV (semantics, Section VI-C)  Spearman correlation of the class centroids' similarities with
                                       WordNet's Wu-Palmer and Leacock-Chodorow similarities, the
                                       cophenetic correlation against WordNet, and Spearman with the
@@ -87,10 +86,8 @@ from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_pr
 # PyTorch 1.9 and since removed: on today's PyTorch its try/except reports a rank of -1 (its container: 1.10).
 #
 # The other columns of Table III (CVN, centroid rank, d', the angles) are not in that file: their
-# definitions are ours, each stated with its reference beside the code. So are three extra columns kept
-# for comparison: `mean_cosine` (Ethayarajh's anisotropy, the mean cosine of two embeddings), and the
-# `effective_rank` and `numerical_rank` of the unit embeddings. Which rank the paper's Centroid Rank
-# holds is not stated anywhere (the cited file has none, and the paper's text speaks of an "effective
+# definitions are ours, each stated with its reference beside the code. Which rank the paper's Centroid
+# Rank holds is not stated anywhere (the cited file has none, and the paper's text speaks of an "effective
 # rank" when it discusses its rank columns): Table III shows our effective rank there, an open choice.
 
 def anisotropy(sigma):
@@ -117,13 +114,6 @@ def effective_rank(sigma):
     p = sigma.double() / sigma.sum()
     p = p[p > 0]                                                  # 0 log 0 = 0
     return math.exp(-(p * p.log()).sum().item())
-
-
-def numerical_rank(sigma, shape):
-    """Numerical rank, ours: the singular values sigma of a matrix of that shape above sigma_max *
-    max(shape) * eps(float32), numpy's rule with float32's epsilon (the features' rounding noise). Unlike
-    Table III's rank, the tolerance scales with the matrix, so every direction above noise counts."""
-    return rank_above(sigma, sigma.max().item() * max(shape) * torch.finfo(torch.float32).eps)
 
 
 def feature_correlation(feats):
@@ -158,7 +148,7 @@ def angle_stats(cosines):
 
 
 def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, centroids=None):
-    """Table III's measurements of raw features (N, F) with integer labels (N,), and our extra columns.
+    """Table III's measurements of raw features (N, F) with integer labels (N,).
 
     pos_feats: (2, P, F), the features of two augmented views of P images, for the positive-pair angle
     (None: left out). The all-pairs statistics use a seeded subset of max_points features: 4,000 give 8
@@ -180,15 +170,11 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, cen
     # same way, about 1/sqrt(N) for embeddings spread uniformly over the sphere.
     result["center_norm"] = z.mean(0).norm().item()
 
-    # Ranks of ours: of the centroid matrix (C, F) and of the unit embeddings (N, F), effective and
-    # numerical. Table III's "Centroid Rank" is the effective one (see the notes above for the doubt).
+    # Table III's "Centroid Rank", ours: the effective rank of the centroid matrix (C, F) (see the notes
+    # above for the doubt).
     if centroids is None:
         centroids = class_centroids(z, labels, int(labels.max()) + 1)        # (C, F)
-    sigma_centroids, sigma_unit = torch.linalg.svdvals(centroids.double()), torch.linalg.svdvals(z)
-    result["centroid_effective_rank"] = effective_rank(sigma_centroids)
-    result["centroid_numerical_rank"] = numerical_rank(sigma_centroids, centroids.shape)
-    result["effective_rank"] = effective_rank(sigma_unit)
-    result["numerical_rank"] = numerical_rank(sigma_unit, z.shape)
+    result["centroid_effective_rank"] = effective_rank(torch.linalg.svdvals(centroids.double()))
 
     # All pairs i != j of the subset.
     generator = torch.Generator().manual_seed(seed)
@@ -198,11 +184,6 @@ def geometry_metrics(feats, labels, pos_feats=None, max_points=4000, seed=0, cen
     upper = torch.triu(torch.ones_like(sims, dtype=torch.bool), diagonal=1)  # each unordered pair once
     pair_sims = sims[upper]
     same_class = (ls[:, None] == ls[None, :])[upper]
-
-    # Mean cosine, ours (Ethayarajh 2019 calls it anisotropy): E[s_ij] over pairs i != j, 0 for an
-    # isotropic distribution, 1 for a collapsed one. Over n points it is a function of the CVN of those
-    # points: sum_{i != j} s_ij = |sum_i z_i|^2 - n, so mean_cosine = (n CVN^2 - 1) / (n - 1).
-    result["mean_cosine"] = pair_sims.mean().item()
 
     # Sensitivity index d' (signal detection theory) between the similarities of same-class pairs and of
     # different-class pairs: (mean_same - mean_diff) / sqrt((var_same + var_diff) / 2). Higher = the
@@ -555,10 +536,9 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
 # Entry point: one checkpoint -> Tables III and IV, Figs. 2, 3 and 5
 
 # Table III's columns in the paper's order (anisotropy, rank and correlation by the cited definitions; the
-# paper's "Centroid Rank" by ours, the effective rank), then our extra columns (see the Geometry notes).
+# paper's "Centroid Rank" by ours, the effective rank; see the Geometry notes).
 TABLE3_COLUMNS = ("dataset", "method", "arch", "anisotropy", "correlation", "center_norm", "centroid_effective_rank",
-                  "rank", "d_prime", "all_pairwise_angle", "positive_pairwise_angle",
-                  "mean_cosine", "effective_rank", "numerical_rank")
+                  "rank", "d_prime", "all_pairwise_angle", "positive_pairwise_angle")
 TABLE4_COLUMNS = ("dataset", "method", "arch", "wup", "lch", "cophenetic", "minilm")
 
 
@@ -570,8 +550,7 @@ def table3_row(result):
     if "positive_angle_mean" in result:
         row["positive_pairwise_angle"] = f"{result['positive_angle_mean']:.2f}° ± {result['positive_angle_std']:.2f}°"
     row["correlation"] = f"{result['correlation']:.3f}"
-    for rank in ("centroid_effective_rank", "effective_rank"):
-        row[rank] = f"{result[rank]:.1f}"
+    row["centroid_effective_rank"] = f"{result['centroid_effective_rank']:.1f}"
     return row
 
 
@@ -645,7 +624,7 @@ def analyze_checkpoint(args, device):
     backbone, info, dataset, data_dir, image_size = load_for_probing(args, device)     # frozen, on device
     os.makedirs(args.out, exist_ok=True)
     split = "test"            # the held-out split, which the cited metrics code measures (the paper names none)
-    # float32 features (exact): Table III's numerical ranks count singular values above float32 noise
+    # float32 features (exact): Table III's rank counts singular values above 0.1, which bf16 noise also passes
     feats, labels, _ = cached_features(backbone, args.checkpoint, network_digest(args.checkpoint, info), dataset,
                                        data_dir, split, image_size, device, args.cache_dir, args.workers, exact=True)
     data = dataset_split(dataset, data_dir, split, eval_transform(image_size))     # for the class names, Figs. 2-3

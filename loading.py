@@ -363,8 +363,8 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     CheckpointError naming `checkpoint` and what to do (`remedy`; refuse_non_finite).
 
     exact=False: in features_precision, fast and enough for the probes. exact=True: in float32, for
-    analyze.py, whose numerical ranks count singular values above float32 rounding: bf16's 8-bit mantissa
-    fills the null space, so a rank-16 matrix comes out as rank 200 or more."""
+    analyze.py, whose ranks count singular values: bf16's 8-bit mantissa fills the null space, so a
+    rank-16 matrix comes out as rank 200 or more."""
     if isinstance(dataset, torch.utils.data.TensorDataset):     # images already in memory (train.py's monitor):
         images, targets = dataset.tensors                          # slices of them, no loader, no per-image Python
         loader = [(images[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(images), batch_size)]

@@ -16,56 +16,15 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 ARCHS = ("resnet18", "resnet50", "vit_tiny")
 STEMS = ("imagenet", "cifar")
 
 
 # ----------------------------------------------------------------------------------------------------
-# ResNet, with torchvision's attribute names so that state_dicts are interchangeable
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34). Attribute names follow torchvision.models.resnet."""
-    expansion = 1
-
-    def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 with 4x expansion (ResNet-50), stride on the 3x3 as torchvision (v1.5)."""
-    expansion = 4
-
-    def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
+# ResNet, of torchvision's blocks (BasicBlock for ResNet-18, Bottleneck v1.5 for ResNet-50) so that
+# state_dicts are interchangeable
 
 def _shortcut(in_planes, out_planes, stride):
     """The projection shortcut (1x1 conv + BN) when the shape changes, else None (identity)."""
@@ -100,7 +59,9 @@ class ResNet(nn.Module):
             planes, stride = width * 2 ** i, (1 if i == 0 else 2)
             blocks = []
             for b in range(num_blocks):
-                blocks.append(block(in_planes, planes, stride if b == 0 else 1))
+                block_stride = stride if b == 0 else 1
+                shortcut = _shortcut(in_planes, planes * block.expansion, block_stride)
+                blocks.append(block(in_planes, planes, block_stride, downsample=shortcut))
                 in_planes = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

@@ -1764,13 +1764,13 @@ def test_probe_features_are_bf16_where_fast_analysis_features_float32_and_the_ca
     relative = ((fast - exact).norm() / exact.norm()).item()
     assert fast.dtype == exact.dtype == torch.float32 and 0 < relative < 2e-2      # bf16 rounding, nothing worse
     # analyze.py's features are float32 whatever the autocast. Why: bf16 rounding fills a low-rank matrix's
-    # null space, and Table III's numerical rank counts it.
+    # null space, and Table III's rank (singular values above 0.1) counts it.
     generator = torch.Generator().manual_seed(0)
     rank_16 = torch.randn(500, 16, generator=generator) @ torch.randn(16, 256, generator=generator)   # (500, 256)
-    def numerical_rank(matrix):
-        return analyze.numerical_rank(torch.linalg.svdvals(matrix.double()), matrix.shape)
+    def rank(matrix):
+        return analyze.rank_above(torch.linalg.svdvals(matrix.double()))
 
-    assert numerical_rank(rank_16) == 16 and numerical_rank(rank_16.bfloat16().float()) > 100
+    assert rank(rank_16) == 16 and rank(rank_16.bfloat16().float()) > 100
     write_dataset(tmp_path / "images", ("a", "b"), train=3)
     fast, exact = (loading.cached_features(resnet, "ckpt.pt", "digest", "folder", str(tmp_path / "images"),
                                             "train", 32, cpu, str(tmp_path / "cache"), workers=0, exact=exact)
@@ -1780,7 +1780,7 @@ def test_probe_features_are_bf16_where_fast_analysis_features_float32_and_the_ca
     with torch.no_grad():
         reference = resnet(torch.stack([split[i][0] for i in range(len(split))]))    # float32, no autocast
     assert torch.allclose(exact[0], reference, atol=1e-5) and not torch.allclose(fast[0], reference, atol=1e-5)
-    assert numerical_rank(exact[0]) == numerical_rank(reference)
+    assert rank(exact[0]) == rank(reference)
     # The cache is reused, and renewed by a new checkpoint, new files or an unreadable cache
     calls = []
     real_extract = loading.extract_features
@@ -2144,17 +2144,13 @@ def test_rank_counts_singular_values_above_an_absolute_tolerance_of_0_1():
     matrix = matrix_with_singular_values(chosen, 40, 8)
     sigma = torch.linalg.svdvals(matrix)
     assert analyze.rank_above(sigma) == 4 == torch.linalg.matrix_rank(matrix, atol=0.1, rtol=0)   # 0.09 not
-    assert analyze.numerical_rank(sigma, matrix.shape) == 6                       # every value above noise
-    assert analyze.numerical_rank(sigma, matrix.shape) == torch.linalg.matrix_rank(matrix.float())
-    # The tolerance is absolute: shrinking the features by 10 drops 0.5 and 0.11 below it, and leaves the
-    # numerical rank, whose tolerance scales with sigma_max, as it was.
-    small = torch.linalg.svdvals(matrix / 10)
-    assert analyze.rank_above(small) == 2 and analyze.numerical_rank(small, matrix.shape) == 6
-    # A rank-7 product: Table III's rank and ours both 7, through geometry_metrics
+    # The tolerance is absolute: shrinking the features by 10 drops 0.5 and 0.11 below it
+    assert analyze.rank_above(torch.linalg.svdvals(matrix / 10)) == 2
+    # A rank-7 product: Table III's rank 7, through geometry_metrics
     generator = torch.Generator().manual_seed(1)
     rank_7 = torch.randn(200, 7, generator=generator) @ torch.randn(7, 64, generator=generator)   # (200, 64)
     metrics = analyze.geometry_metrics(rank_7, torch.arange(200) % 4, max_points=50)
-    assert metrics["rank"] == 7 and metrics["numerical_rank"] == 7
+    assert metrics["rank"] == 7
 
 
 def test_anisotropy_is_the_top_singular_value_share_of_the_raw_features():
@@ -2168,7 +2164,7 @@ def test_anisotropy_is_the_top_singular_value_share_of_the_raw_features():
     orthogonal = 3 * torch.linalg.qr(torch.randn(50, dim, generator=torch.Generator().manual_seed(2)))[0]
     metrics = analyze.geometry_metrics(orthogonal, torch.arange(50) % 2)
     assert metrics["anisotropy"] == pytest.approx(1 / dim)
-    assert metrics["rank"] == dim and metrics["effective_rank"] <= dim
+    assert metrics["rank"] == dim
     # Gaussian features (N, D): sigma_1^2 -> (sqrt(N) + sqrt(D))^2 (Marchenko-Pastur's edge), sum -> N D
     n, dim = 2000, 128
     gaussian = torch.linalg.svdvals(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)).double())
@@ -2212,10 +2208,8 @@ def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geo
     metrics = analyze.geometry_metrics(feats, labels)
     centroids = F.normalize(analyze.class_centroids(F.normalize(feats, dim=1), labels, classes), dim=1)
     assert torch.allclose(centroids @ centroids.T, torch.eye(classes), atol=1e-12)  # off-diagonal cosine 0
-    assert metrics["centroid_numerical_rank"] == classes
     assert metrics["centroid_effective_rank"] == pytest.approx(classes)            # equal singular values
     same_pairs, all_pairs = classes * math.comb(per_class, 2), math.comb(len(labels), 2)
-    assert metrics["mean_cosine"] == pytest.approx(same_pairs / all_pairs)          # s = 1 within, 0 across
     assert metrics["center_norm"] == pytest.approx(1 / math.sqrt(classes))          # |mean of e_c| = sqrt(5)/5
     assert metrics["angle_mean"] == pytest.approx(90 * (1 - same_pairs / all_pairs))
     # The raw features' singular values are the classes' energies sqrt(sum of scale^2): all above 0.1
@@ -2232,35 +2226,27 @@ def test_identical_embeddings_are_collapsed_and_isotropic_gaussians_in_high_dime
     feats = torch.tensor([[3.0, -1.0, 2.0, 0.5]]).repeat(50, 1) * torch.linspace(1, 2, 50).unsqueeze(1)
     labels = torch.arange(50) % 2
     metrics = analyze.geometry_metrics(feats, labels)
-    assert metrics["anisotropy"] == pytest.approx(1) and metrics["mean_cosine"] == pytest.approx(1)
+    assert metrics["anisotropy"] == pytest.approx(1)
     assert metrics["center_norm"] == pytest.approx(1)
     assert metrics["angle_mean"] == pytest.approx(0, abs=1e-5) and metrics["angle_std"] == pytest.approx(0, abs=1e-5)
-    assert metrics["rank"] == 1 and metrics["numerical_rank"] == 1 and metrics["effective_rank"] == pytest.approx(1)
+    assert metrics["rank"] == 1 and metrics["centroid_effective_rank"] == pytest.approx(1)
     assert metrics["constant_dims"] == 0 and metrics["correlation"] == pytest.approx(1)   # one common factor
     # isotropic Gaussians in high dimension
     n, dim = 2000, 128
     feats = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
     metrics = analyze.geometry_metrics(feats, torch.arange(n) % 10, max_points=800)
-    assert abs(metrics["mean_cosine"]) < 0.005 and metrics["center_norm"] < 3 / math.sqrt(n)
+    assert metrics["center_norm"] < 3 / math.sqrt(n)
     # the angle between random directions in R^D: mean 90 degrees, std (180/pi) / sqrt(D)
     assert metrics["angle_mean"] == pytest.approx(90, abs=0.1)
     assert metrics["angle_std"] == pytest.approx(math.degrees(1 / math.sqrt(dim)), rel=0.05)
-    assert metrics["effective_rank"] > 0.85 * dim and metrics["numerical_rank"] == metrics["rank"] == dim
+    assert metrics["rank"] == dim
     assert abs(metrics["d_prime"]) < 0.1                                           # labels carry no signal
-
-
-def test_mean_cosine_is_a_function_of_the_centre_vector_norm():
-    feats = torch.randn(40, 6, generator=torch.Generator().manual_seed(6)) + 1.0
-    metrics = analyze.geometry_metrics(feats, torch.arange(40) % 2)                # every pair: n = 40
-    n, cvn = 40, metrics["center_norm"]
-    assert metrics["mean_cosine"] == pytest.approx((n * cvn ** 2 - 1) / (n - 1))
 
 
 def test_effective_rank_and_positive_angles_match_closed_forms():
     p = torch.tensor([0.25, 0.25, 0.5])                                            # singular values 1, 1, 2, 0
     sigma = torch.linalg.svdvals(torch.diag(torch.tensor([1.0, 1.0, 2.0, 0.0])))
     assert analyze.effective_rank(sigma) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
-    assert analyze.numerical_rank(sigma, (4, 4)) == 3
     degrees = torch.tensor([10.0, 20.0, 45.0, 90.0])                               # view 2 rotated in a plane
     first = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1)
     second = torch.stack([torch.cos(torch.deg2rad(degrees)), torch.sin(torch.deg2rad(degrees)), torch.zeros(4)], 1)
@@ -3401,7 +3387,7 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
                            "--table3", str(table3), "--table4", str(table4)] + text)
     assert result["points"] == 18 and result["pair_points"] == 10 and result["positive_pairs"] == 5
     assert 0 <= result["angle_mean"] <= 180 and 0 <= result["positive_angle_mean"] <= 180
-    assert 1 <= result["centroid_effective_rank"] <= 3 and result["centroid_numerical_rank"] <= 3
+    assert 1 <= result["centroid_effective_rank"] <= 3
     assert json.loads(open(out / "analyze.jsonl").read())["anisotropy"] == result["anisotropy"]
     assert open(table3).read().splitlines()[2].startswith(f"| folder | HyDeS | {arch} |")
     assert open(table4).read().splitlines()[0] == "| dataset | method | arch | wup | lch | cophenetic | minilm |"
