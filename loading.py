@@ -306,36 +306,6 @@ def drop_unreadable_images(dataset, workers=0):
     return dropped
 
 
-class MonitorImages:
-    """The labelled train and test splits that train.py's monitor evaluates, as uint8 images
-    (eval_transform(size, normalised=False)), normalised on the device by extract_features.
-
-    Splits whose evaluation-size images fit in IN_MEMORY_BYTES as uint8 (CIFAR's 184 MB, STL-10's 360 MB)
-    are decoded at the first evaluation and kept on the training device: every later one is a forward
-    pass over slices of tensors already there, with no image decoded or copied again. The features are the
-    same as through the files: the uint8 images are those of eval_transform before its tensor conversion.
-    Training's own copy is not reused: where training holds its images in memory too, the labelled train
-    split is held twice (CIFAR: 150 MB for training, 184 MB here). ImageNet and Food-101 are decoded by the
-    loading workers at each evaluation.
-    """
-
-    def __init__(self, args, device):
-        self.args, self.device = args, device
-        self.decoded = None             # [train, test] as TensorDatasets of uint8 images, once they are kept
-
-    def splits(self):
-        """The two labelled splits, giving uint8 images, and the loading workers to read them with."""
-        args = self.args
-        if self.decoded is not None:
-            return self.decoded, 0
-        splits = labelled_splits(args.dataset, args.data_dir, args.global_size, args.workers, args.skip_bad_images)
-        if sum(len(split) for split in splits) * 3 * args.global_size ** 2 > IN_MEMORY_BYTES:
-            return splits, args.workers
-        self.decoded = [torch.utils.data.TensorDataset(*load_into_memory(split, self.device, args.workers))
-                        for split in splits]
-        return self.decoded, 0
-
-
 def labelled_splits(dataset, data_dir, image_size, workers=2, skip_bad_images=False):
     """The labelled train and test splits as uint8 images of the evaluation transform (eval_transform), for
     train.py's monitor. skip_bad_images: leave out the files that fail to decode, as training does."""
@@ -365,12 +335,8 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
     exact=False: in features_precision, fast and enough for the probes. exact=True: in float32, for
     analyze.py, whose ranks count singular values: bf16's 8-bit mantissa fills the null space, so a
     rank-16 matrix comes out as rank 200 or more."""
-    if isinstance(dataset, torch.utils.data.TensorDataset):     # images already in memory (train.py's monitor):
-        images, targets = dataset.tensors                          # slices of them, no loader, no per-image Python
-        loader = [(images[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                             pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []

@@ -2882,43 +2882,21 @@ def test_a_bad_test_image_stops_the_monitor_after_the_epoch_is_saved_resume_rest
     assert "knn_top1" in log[0] and "linear_top1" in log[1] and "evaluation_pending" not in log[0]
 
 
-def test_the_monitor_decodes_its_splits_once_with_the_features_of_the_files(tmp_path, monkeypatch):
-    # In the monitor alone: the labelled splits decoded as the files give them
-    args = train.build_parser().parse_args(tiny_run(tmp_path) + ["--global-size", "32", "--local-size", "16"])
-    cpu = torch.device("cpu")
-    torch.manual_seed(0)
-    net = models.HyDeSModel(models.build_backbone("resnet18", 32, width=8), 32, 16)
-    kept, workers = train.Monitor(args, cpu).images.splits()
-    assert workers == 0 and kept[0].tensors[0].dtype == torch.uint8 and len(kept[1]) == 8     # 2 classes x 4
-    for split, decoded in zip(("train", "test"), kept):
-        files = data.dataset_split("folder", args.data_dir, split, data.eval_transform(32))
-        through_files = loading.extract_features(net.backbone, files, cpu, workers=0)
-        from_memory = loading.extract_features(net.backbone, decoded, cpu, workers=0)
-        assert torch.equal(through_files[0], from_memory[0]) and torch.equal(through_files[1], from_memory[1])
-    # In training runs: each decoding pass: (images, made by the monitor's eval_transform rather than
-    # training's PILToTensor)
-    passes, real_load = [], loading.load_into_memory
-    monkeypatch.setattr(loading, "load_into_memory", lambda dataset, *args, **kwargs: passes.append(
-        (len(dataset), isinstance(dataset.transform, torchvision.transforms.Compose)))
-        or real_load(dataset, *args, **kwargs))
+def test_the_monitor_gives_the_same_figures_whichever_data_source_feeds_training(tmp_path):
     logs = {}
     for source in ("memory", "workers"):
-        passes.clear()
         out = tmp_path / source
         train.main(tiny_run(tmp_path) + ["--data-source", source, "--eval-every", "1", "--knn-k", "3", "--epochs", "2",
                                          "--out", str(out)])
         logs[source] = [{k: v for k, v in json.loads(line).items() if k.startswith(("knn", "linear"))}
                         for line in open(out / "log.jsonl")]
-        # 16 train and 8 test images: from memory, training decodes the train split for itself; the monitor
-        # decodes both splits, once for the two evaluations
-        assert passes == ([(16, False)] if source == "memory" else []) + [(16, True), (8, True)], source
     assert logs["memory"] == logs["workers"] and len(logs["memory"]) == 2
     assert set(logs["memory"][0]) == set(logs["memory"][1]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
 
 
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_path, monkeypatch, signum, dies):
-    real = loading.labelled_splits
+    real = train.labelled_splits
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signum)
@@ -2926,7 +2904,7 @@ def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_pat
             raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "labelled_splits", signalled)
+    monkeypatch.setattr(train, "labelled_splits", signalled)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "3", "--epochs", "3"])

@@ -42,8 +42,7 @@ from data import (DATASETS, GLOBAL_SCALE, LOCAL_SCALE, DatasetError, default_cro
                   make_views, native_image_size, supervised_recipes)
 from evaluate import PaperLinearProbe, knn_accuracy
 from hydes import hydes_loss
-from loading import (InMemoryBatches, MonitorImages, extract_features, note_mixed_sizes,
-                     training_data)
+from loading import InMemoryBatches, extract_features, labelled_splits, note_mixed_sizes, training_data
 from models import ARCHS, STEMS, HyDeSModel, build_backbone
 from runs import (NothingToTrain, RunControl, checkpoint_state, distributed_setup, epoch_sums_so_far, open_run_folder,
                   refuse_a_second_run, restore, resume_settings)
@@ -451,24 +450,25 @@ class Monitor:
     """The online evaluation: k-NN top-1 and top-5 (evaluate.knn_accuracy) and a round of the online
     linear probe (evaluate.PaperLinearProbe, kept from one evaluation to the next), top-1 and top-5 on
     test, from one forward pass of the frozen backbone over the labelled train split and the test split
-    (eval_transform, no augmentation), decoded once and kept in memory where they fit
-    (loading.MonitorImages)."""
+    (eval_transform, no augmentation), which the loading workers decode at each evaluation."""
 
     def __init__(self, args, device):
         self.args, self.device = args, device
-        self.images = MonitorImages(args, device)
+        self.splits = None             # the labelled train and test splits, listed at the first evaluation
 
     def evaluate(self, net, probe, step, control):
         """The monitor's figures as a dict. Process 0 evaluates while the others wait for it."""
         args, device, result = self.args, self.device, {}
         try:
             if control.main_process:
-                splits, workers = self.images.splits()
+                if self.splits is None:
+                    self.splits = labelled_splits(args.dataset, args.data_dir, args.global_size, args.workers,
+                                                  args.skip_bad_images)
                 # (extract_features refuses features that are not finite: the network diverged, its loss may
                 # not show it yet; the epoch is saved, marked for this evaluation)
                 train_feats, train_labels, test_feats, test_labels = (
-                    t.to(device) for split, name in zip(splits, ("train", "test"))
-                    for t in extract_features(net.backbone, split, device, workers=workers,
+                    t.to(device) for split, name in zip(self.splits, ("train", "test"))
+                    for t in extract_features(net.backbone, split, device, workers=args.workers,
                                               desc=f"monitor: {name} features",
                                               checkpoint=f"the network at step {step}", remedy=MONITOR_REMEDY))
                 result["knn_top1"], result["knn_top5"] = knn_accuracy(
