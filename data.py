@@ -30,6 +30,7 @@ train.py calls the two apart, so that make_views is compiled with the network (-
 import itertools
 import math
 import os
+import statistics
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -405,13 +406,8 @@ def native_image_size(name, root):
     side over the headers of all of train/'s images (one file alone could be a thumbnail or a poster)."""
     if name in NATIVE_SIZE:
         return NATIVE_SIZE[name]
-    sizes = folder_image_sizes(root)
-    shorter_sides = sorted((min(size), count) for size, count in sizes.items())
-    middle, seen = sum(sizes.values()) // 2, 0
-    for side, count in shorter_sides:           # the weighted median
-        seen += count
-        if seen > middle:
-            return side
+    sizes = folder_image_sizes(root)                    # {(width, height): count}
+    return statistics.median_high(min(size) for size, count in sizes.items() for _ in range(count))
 
 
 def folder_image_sizes(root):

@@ -63,10 +63,6 @@ TABLE_COLUMNS = ("method", "arch", "pixel_accuracy", "miou")
 PCA_PNG = "pca_hypercolumns.png"            # Figure 4, in --out
 
 
-class VOCError(RuntimeError):
-    """VOC files missing or malformed; the message says which and what to do."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data: VOC 2012 in its official layout
 
@@ -76,7 +72,7 @@ def find_voc_root(data_dir):
     for candidate in (data_dir, os.path.join(data_dir, "VOC2012"), os.path.join(data_dir, "VOCdevkit", "VOC2012")):
         if os.path.isdir(os.path.join(candidate, "JPEGImages")):
             return candidate
-    raise VOCError(f"no PASCAL VOC 2012 under {data_dir!r}; extract VOCtrainval_11-May-2012.tar there so that "
+    raise DatasetError(f"no PASCAL VOC 2012 under {data_dir!r}; extract VOCtrainval_11-May-2012.tar there so that "
                    f"VOCdevkit/VOC2012/JPEGImages, SegmentationClass and ImageSets/Segmentation exist")
 
 
@@ -89,11 +85,11 @@ class VOCSegmentation(torch.utils.data.Dataset):
     def __init__(self, root, split, image_size, whole_image_stride=None):
         list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
         if not os.path.exists(list_file):
-            raise VOCError(f"missing {list_file}: the VOC layout needs ImageSets/Segmentation/{split}.txt")
+            raise DatasetError(f"missing {list_file}: the VOC layout needs ImageSets/Segmentation/{split}.txt")
         with open(list_file) as f:
             self.ids = [line.strip() for line in f if line.strip()]
         if not self.ids:
-            raise VOCError(f"{list_file} lists no images")
+            raise DatasetError(f"{list_file} lists no images")
         self.root, self.image_size, self.whole_image_stride = root, image_size, whole_image_stride
         self.list_file = list_file
 
@@ -105,24 +101,21 @@ class VOCSegmentation(torch.utils.data.Dataset):
         PNG of the image's size holding classes 0-20 and 255 only."""
         image_path = os.path.join(self.root, "JPEGImages", self.ids[index] + ".jpg")
         mask_path = os.path.join(self.root, "SegmentationClass", self.ids[index] + ".png")
-        try:
-            image = read_rgb(image_path, orient=False,     # masks align with the stored pixels, unturned
-                             remedy="(or drop its id from the split's ImageSets/Segmentation list)")
-        except DatasetError as error:
-            raise VOCError(str(error)) from None
+        image = read_rgb(image_path, orient=False,         # masks align with the stored pixels, unturned
+                         remedy="(or drop its id from the split's ImageSets/Segmentation list)")
         try:
             mask = Image.open(mask_path)        # palette PNG: the pixel values are the class indices
             values = np.unique(np.asarray(mask))
         except (FileNotFoundError, OSError) as error:
-            raise VOCError(f"cannot read {error.filename or mask_path}: {error}") from None
+            raise DatasetError(f"cannot read {error.filename or mask_path}: {error}") from None
         if mask.mode not in ("P", "L"):
-            raise VOCError(f"{mask_path} is a {mask.mode} image; VOC masks are palette (P) PNGs of class indices")
+            raise DatasetError(f"{mask_path} is a {mask.mode} image; VOC masks are palette (P) PNGs of class indices")
         if mask.size != image.size:       # resized apart, the two would no longer line up pixel for pixel
-            raise VOCError(f"{mask_path} is {mask.size[0]}x{mask.size[1]} px but its image is {image.size[0]}x"
+            raise DatasetError(f"{mask_path} is {mask.size[0]}x{mask.size[1]} px but its image is {image.size[0]}x"
                            f"{image.size[1]}; a mask must match its image (re-export it at the image's size)")
         bad = np.setdiff1d(values, np.r_[np.arange(NUM_CLASSES), VOID])
         if bad.size:
-            raise VOCError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
+            raise DatasetError(f"{mask_path} has values {bad.tolist()}; VOC masks hold classes 0-20 and 255 (void)")
         return image, mask
 
     def __getitem__(self, index):
@@ -142,7 +135,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         for index in tqdm(range(len(self)), desc=f"checking {len(self)} images and masks", leave=False):
             labelled += bool((np.asarray(self.read_pair(index)[1]) != VOID).any())
         if not labelled:
-            raise VOCError(f"every pixel of the {len(self)} masks in {self.list_file} is void (255): there is nothing "
+            raise DatasetError(f"every pixel of the {len(self)} masks in {self.list_file} is void (255): there is nothing "
                            f"to train or score; list images whose masks label classes 0-20")
 
 
@@ -365,7 +358,7 @@ def segment_and_save(args):
             pca_set = VOCSegmentation(root, "val", args.image_size)
             pictures.append((result["pca_png"], lambda: save_pca_grid(backbone, pca_set, args.pca_images,
                                                                       result["pca_png"], device)))
-    except (CheckpointError, VOCError) as error:
+    except (CheckpointError, DatasetError) as error:
         raise SystemExit(f"error: {error_message(error)}")
     # The row and segment.jsonl first, the picture after: a failure to write one never costs the others
     keep_results(result, os.path.join(args.out, "segment.jsonl"), [(result, TABLE_COLUMNS, args.table)], pictures)
