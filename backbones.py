@@ -484,7 +484,7 @@ def add_checkpoint_arguments(p):
     p.add_argument("--data-dir", help="dataset root (default: the one saved in the checkpoint, else data/)")
     p.add_argument("--image-size", type=int,
                    help="evaluation resolution (default: the training crop size, else the dataset's: 32, 96, 224)")
-    p.add_argument("--method", help="name for the table's method column (default: HyDeS, InfoNCE or Supervised "
+    p.add_argument("--method", help="name for the table's method column (default: HyDeS or Supervised "
                                      "for our checkpoints, the file name for another library's)")
     p.add_argument("--cache-dir", help="feature cache (default: features/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")

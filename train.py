@@ -165,8 +165,7 @@ def build_parser():
                    help="torch.compile the step's views, network and loss: faster steps on a GPU after a "
                         "compilation of a minute or two. --compile alone is torch.compile's default mode; --compile "
                         "reduce-overhead also replays the compiled forward and backward as CUDA graphs, one launch "
-                        "for hundreds of kernels (GPUs only; on a CPU it is the default mode). Compiled for one "
-                        "kappa and beta: not with --kappa-final or --beta-final")
+                        "for hundreds of kernels (GPUs only; on a CPU it is the default mode)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass (the loss is float32 whatever this says). auto: bf16 "
                         "autocast on GPUs that have it natively, fp16 with gradient scaling on older GPUs; on CPUs "
