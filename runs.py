@@ -288,9 +288,6 @@ class RunControl:
         # (step, loss terms) of the first non-finite loss; step -1 while there is none.
         self.first_nonfinite = torch.full((1 + len(self.logged),), -1.0, device=device)
         self.device_step = None
-        # When this session's first step ended, and what it took: compilation (--compile), cuDNN's choice of
-        # algorithms and lazy set-up all happen in it, so the rates (progress bar, log) count from its end
-        self.first_step_ended, self.first_step_seconds = None, None
         # Host-side agreement between processes: a gloo group over the same processes (NCCL's would wait
         # for the GPU). Every process builds it here, in the same order, as new_group requires.
         self.host_group = dist.new_group(backend="gloo") if world_size > 1 else None
@@ -354,7 +351,7 @@ class RunControl:
             self.training, self.started = True, time.time()
         self.device_step = torch.tensor(float(step), device=self.device)   # float32 counts steps exactly to 2^24
         bar = tqdm(total=len(batches), desc=description, dynamic_ncols=True, disable=not self.main_process)
-        iterator, steps, start, untimed = iter(batches), 0, time.time(), 0
+        iterator, steps, start = iter(batches), 0, time.time()
         try:
             while True:
                 batch, workers_gone = None, False
@@ -376,25 +373,14 @@ class RunControl:
                 yield batch
                 steps += 1
                 bar.update()
-                if self.first_step_ended is None:       # this session's first step: the rates count from its end
-                    start, untimed = self.end_first_step(start), 1
-                if steps % self.args.log_every == 0 and steps > untimed:   # the host waits for the device here,
-                    seconds_per_step = max(time.time() - start, 1e-9) / (steps - untimed)   # once in log_every steps
+                if steps % self.args.log_every == 0:    # the host waits for the device here, once in log_every steps
+                    seconds_per_step = max(time.time() - start, 1e-9) / steps
                     self.check_finite()
                     means = self.means(sums, summed + steps)
                     bar.set_postfix(**{k: f"{v:.3f}" for k, v in means.items() if k != "mi"},
                                     img_s=f"{self.args.batch_size / seconds_per_step:.0f}")
         finally:
             bar.close()
-
-    def end_first_step(self, start):
-        """Note the end of this session's first step, begun at `start` (its GPU work waited for: one wait a
-        session), and what it took; -> the time it ended."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.first_step_ended = time.time()
-        self.first_step_seconds = self.first_step_ended - start
-        return self.first_step_ended
 
     def watch(self, terms):
         """Record the step and terms (len(logged),) if the loss is the first non-finite one, on the device."""
@@ -425,15 +411,6 @@ class RunControl:
             dist.all_reduce(sums)
             sums /= self.world_size
         return dict(zip(self.logged, (sums / max(1, steps)).tolist()))
-
-    def images_per_second(self, steps, epoch_start):
-        """The log's images_per_s for an epoch of `steps` steps begun at `epoch_start`: of the steps after
-        this session's first when the epoch holds it (its compilation and set-up logged apart, first_step_s)."""
-        batch_size = self.args.batch_size
-        if self.first_step_ended is None or self.first_step_ended < epoch_start or steps < 2:
-            return {"images_per_s": steps * batch_size / (time.time() - epoch_start)}
-        return {"images_per_s": (steps - 1) * batch_size / (time.time() - self.first_step_ended),
-                "first_step_s": self.first_step_seconds}
 
     def minutes(self):
         return (time.time() - self.started) / 60

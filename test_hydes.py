@@ -10,8 +10,7 @@ paper's linear probe (a hand-written Adam loop) and the segmentation metrics; Ta
 known spectrum; Table IV's statistics against scipy and WordNet's hypernym paths. Each row of ERRORS.md's table of
 bad inputs and faults is a test.
 
-Two tests read README.md: the three ```python blocks under "## Export and import weights" are run, and
-the laptop command after "## A first run" and "### A laptop run" is checked against train.py's hint.
+One test reads README.md: the three ```python blocks under "## Export and import weights" are run.
 """
 
 import argparse
@@ -3202,33 +3201,6 @@ def test_a_benchmark_row_that_fails_is_reported_and_the_others_still_run(capsys,
 
 
 # ---- whole runs
-
-
-def test_the_logged_rate_leaves_out_the_sessions_first_step_and_logs_its_seconds_apart(tmp_path, monkeypatch):
-    # The first step of a session holds torch.compile's compilation and cuDNN's autotuning (a minute on a
-    # GPU), which would make epoch 1's images/s meaningless
-    real, calls = train.training_step, []
-
-    def slow_first_step(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            time.sleep(1.0)                           # a compilation, say
-        return real(*args)
-
-    monkeypatch.setattr(train, "training_step", slow_first_step)
-    out = tmp_path / "run"
-    train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "2",   # 4 steps an epoch
-                                                          "--log-every", "1"])  # the bar's rate at every step
-    first, second = (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
-    assert first["first_step_s"] >= 1.0 and "first_step_s" not in second
-    # The rate counts the other 3 steps' 24 images over the epoch's time after the first step, whatever the
-    # machine's load: had the first step been counted, the product below would hold 32 images and the time
-    # of the first step as well (over 1 s, which alone would make it 24 + 1 s x the rate)
-    after_first = first["minutes"] * 60 - first["first_step_s"]
-    assert first["images_per_s"] * after_first == pytest.approx(24, rel=0.25)
-    # ... and a resumed session logs its own first step
-    train.main(tiny_run(tmp_path, images_per_class=16) + ["--out", str(out), "--epochs", "3", "--resume"])
-    assert "first_step_s" in json.loads((out / "log.jsonl").read_text().splitlines()[-1])
 
 
 def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_refuses_other_data(tmp_path, capsys):

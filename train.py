@@ -309,7 +309,9 @@ def train(args, checkpoint, control):
         # ---- the end of an epoch, or of a run stopped early (the epoch is then fractional): save, then
         # evaluate (a fault or a signal during the evaluation must not cost the epoch), then log
         record = {"epoch": round(step / steps_per_epoch, 4), "step": step, **control.means(sums, step - first_step),
-                  **control.images_per_second(step - resumed_at, epoch_start),
+                  # of the steps this session took in the epoch: a session's first epoch holds its set-up (cuDNN's
+                  # autotuning, --compile's compilation)
+                  "images_per_s": (step - resumed_at) * args.batch_size / (time.time() - epoch_start),
                   "minutes": control.minutes()}
         last = step == args.epochs * steps_per_epoch or control.out_of_time
         due = evaluation_due(step, steps_per_epoch, args, last)
