@@ -62,7 +62,7 @@ TO_NORMALISED_TENSOR = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGE
 # and each step is then one tensor operation over the whole batch on the training device (make_views).
 
 GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)          # crop area, as fractions of the image's
-# The supervised baseline of the paper's setup (SSL-Whitening's train_supervised.py): torchvision's
+# The supervised baseline of the evaluation code the paper cites (SSL-Whitening's train_supervised.py):
 # RandomResizedCrop at its default scale and a horizontal flip, nothing else
 SUPERVISED_SCALE = (0.08, 1.0)
 
@@ -246,15 +246,6 @@ def make_views(images, recipes, parameters):
     return views
 
 
-def multi_crop(images, sizes, recipes, generator):
-    """make_views(images, recipes, draw_views(recipes, sizes, generator)), the parameters moved to the
-    images' device in ONE copy: from page-locked memory on a GPU, which copies while the host goes on."""
-    parameters = draw_views(recipes, sizes, generator)
-    if images.device.type == "cuda":
-        parameters = parameters.pin_memory()
-    return make_views(images, recipes, parameters.to(images.device, non_blocking=True))
-
-
 @torch.compiler.assume_constant_result
 def crop_dtype(device):
     """The dtype of the crop's two matrix products and the blur's two convolutions on `device`: bf16 on a
@@ -326,6 +317,15 @@ def gaussian_kernels(sigma, radius):
     taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)     # (k,)
     kernels = torch.exp(-taps ** 2 / (2 * sigma.clamp_min(1e-3)[..., None] ** 2))       # (..., k)
     return kernels / kernels.sum(-1, keepdim=True)
+
+
+def multi_crop(images, sizes, recipes, generator):
+    """make_views(images, recipes, draw_views(recipes, sizes, generator)), the parameters moved to the
+    images' device in ONE copy: from page-locked memory on a GPU, which copies while the host goes on."""
+    parameters = draw_views(recipes, sizes, generator)
+    if images.device.type == "cuda":
+        parameters = parameters.pin_memory()
+    return make_views(images, recipes, parameters.to(images.device, non_blocking=True))
 
 
 def eval_transform(image_size, normalised=True):

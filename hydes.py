@@ -18,14 +18,16 @@ Notation
 The paper's equations
 ---------------------
     (1)  K(z_i, z_j) = C_D(kappa) exp(kappa s_ij)                      vMF kernel on S^{D-1}
-         C_D(kappa)  = kappa^{D/2-1} / ((2 pi)^{D/2} I_{D/2-1}(kappa))  its normaliser
+         C_D(kappa)  = kappa^{D/2-1} / ((2 pi)^{D/2} I_{D/2-1}(kappa))  its normaliser (the paper names
+                       C_D(kappa) only; this is the standard vMF normalising constant)
 
     (2)  H_global = E_i [ -log E_{j in batch, j != i} K(z_i, z_j) ]      entropy of the marginal
     (3)  H_local  = E_i [ -log E_{j in P(i)}          K(z_i, z_j) ]      entropy given another view
     (4)  I(Z1; Z2) ~ alpha H_global - beta H_local                      mutual information
 
 Training minimises  loss = beta H_local - alpha H_global, which maximises (4). Only alpha = beta = 1 is
-the mutual-information estimate proper; the weights exist for the ablation of Section VII-C.
+the mutual-information estimate proper; the paper adds the weights "to facilitate experiments" (Section
+VII-C varies beta).
 
 What the code computes
 ----------------------
@@ -40,11 +42,12 @@ and at alpha = beta it cancels from the loss value as well.
 
 Which pairs P(i) holds
 ----------------------
-Eq. (3) says "another view" without saying which. We take every other view of the same image: a global
+Eq. (3) does not say which views P(i) holds. We take every other view of the same image: a global
 crop's positives are the other global crop and the 6 local ones, a local crop's are the 2 globals and the
 5 other locals, so local-local pairs count as much as local-global ones. DINO, whose multi-crop the paper
 uses, compares each view with the global views only (its teacher sees only globals); restricting P(i) to
-global views would be the analogue here. The paper does not say; this is our reading of "the other views".
+global views would be the analogue here. The paper says only "the set P(i) of positive pairs of i";
+every other view is our reading.
 
 Neighbours
 ----------

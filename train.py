@@ -52,18 +52,17 @@ from settings import (PRECISIONS, HelpFormatter, check_crop_sizes, check_trainin
 
 # The terms each objective logs, summed over an epoch's steps
 LOGGED = {"hydes": ("loss", "h_global", "h_local", "mi"), "supervised": ("loss", "accuracy")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The settings
+
 # torch.compile's modes that --compile offers. "default" fuses the step's operations (views, network,
 # loss) into fewer, larger kernels; "reduce-overhead" also records the compiled forward and backward as
 # CUDA graphs and replays them, so that the host launches one graph instead of each kernel: the remedy
 # for a step bound by launches, as small crops (32/16 px) make it on a GPU (SPEED.md).
 COMPILE_MODES = ("default", "reduce-overhead")
-# What to do when the monitor meets features that are not finite: the run diverged
-MONITOR_REMEDY = ("the run diverged: lower --lr and start anew, or continue with --resume --eval-every 0 to "
-                  "train without the monitor")
 
-
-# ----------------------------------------------------------------------------------------------------
-# The settings
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -116,8 +115,8 @@ def build_parser():
     g = p.add_argument_group("loss (Eqs. 1-4)")
     g.add_argument("--method", default="hydes", choices=tuple(LOGGED),
                    help="hydes: the paper's objective; supervised: a linear classifier on the backbone, cross-entropy "
-                        "on one RandomResizedCrop (8-100%%) and flip per labelled image, the paper's setup's "
-                        "supervised baseline (Table I)")
+                        "on one RandomResizedCrop (8-100%%) and flip per labelled image, the "
+                        "supervised baseline (Table I) as the evaluation code the paper cites trains it")
     g.add_argument("--kappa", type=float, default=1.0,
                    help="vMF concentration (1: Figure 5's network; the paper names no other): higher learns faster "
                         "early and stalls later (Section VII-B)")
@@ -252,8 +251,9 @@ def train(args, checkpoint, control):
     net = build_model(args, len(classes), control, precision.memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)      # one kernel for all the parameters, on GPUs and CPUs
-    # The online linear probe of the paper's setup: one layer on the frozen features, trained 2 epochs at
-    # each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the checkpoint keeps it.
+    # The online linear probe of the evaluation code the paper cites: one layer on the frozen features,
+    # trained 2 epochs at each evaluation and kept from one to the next (evaluate.PaperLinearProbe); the
+    # checkpoint keeps it.
     probe = PaperLinearProbe(net.backbone.num_features, len(classes), device, args.seed)
     state = (net, optimizer, precision.scaler, probe)                # what a checkpoint saves and restores
     monitor = Monitor(args, device)
@@ -376,17 +376,17 @@ def augmentation_generator(seed, step, rank):
     return torch.Generator().manual_seed(int(mixed))
 
 
-# ----------------------------------------------------------------------------------------------------
-# What train() calls: the views, the model, the evaluation, the checkpoint
-
 def view_recipes(args):
-    """The views of each image: DINO's multi-crop (data.dino_recipes) for the self-supervised objectives,
-    one RandomResizedCrop and flip for the supervised baseline, as in the paper's setup."""
+    """The views of each image: DINO's multi-crop (data.dino_recipes) for HyDeS, one RandomResizedCrop and
+    flip for the supervised baseline, as the evaluation code the paper cites trains it."""
     if args.method == "supervised":
         return supervised_recipes(args.global_size)
     return dino_recipes(args.global_size, args.local_size, args.global_crops, args.local_crops,
                         args.global_scale, args.local_scale, args.blur)
 
+
+# ----------------------------------------------------------------------------------------------------
+# What train() calls: the model, the evaluation, the checkpoint
 
 def build_model(args, num_classes, control, memory_format):
     """HyDeSModel on the device: backbone + projector onto the sphere, or + a linear classifier for
@@ -445,6 +445,11 @@ def end_of_epoch(record, evaluate_now, state, monitor, steps_per_epoch, args, co
             raise CheckpointError(f"cannot append to {os.path.join(args.out, 'log.jsonl')} ({error.strerror or error});"
                                   f" {os.path.join(args.out, 'ckpt.pt')} holds this epoch and its log line: free disk "
                                   f"space, then continue with --resume") from None
+
+
+# What to do when the monitor meets features that are not finite: the run diverged
+MONITOR_REMEDY = ("the run diverged: lower --lr and start anew, or continue with --resume --eval-every 0 to "
+                  "train without the monitor")
 
 
 class Monitor:
