@@ -212,7 +212,7 @@ class VisionTransformer(nn.Module):
 # Building by name, the projector, and the model the loss sees
 
 def vit_patch_size(image_size):
-    """16-pixel patches from 96 px up (the paper's ViT-T16 on STL-10: 6x6 patches per global crop),
+    """16-pixel patches from 96 px up (Table I's VIT-T16 on STL-10: 6x6 patches per global crop),
     4-pixel patches for small images (32 px CIFAR crops: 8x8 patches, 16 px local crops: 4x4)."""
     return 16 if image_size >= 96 else 4
 

@@ -1,14 +1,15 @@
 """Train a backbone with HyDeS (arXiv 2604.24498, Sections III-IV).
 
-    python train.py --dataset stl10 --arch vit_tiny --kappa 1        # the paper's ViT-T16 on STL-10
-    python train.py --dataset cifar10 --arch resnet18                # the paper's CIFAR-10 ResNet-18
+    python train.py --dataset stl10 --arch vit_tiny --kappa 1        # Table I's ViT-T16 on STL-10
+    python train.py --dataset cifar10 --arch resnet18                # Table I's CIFAR-10 ResNet-18
     python train.py --dataset cifar10 --method supervised            # Table I's supervised baseline
     torchrun --nproc_per_node=4 train.py --dataset imagenet --arch resnet50 --batch-size 512   # 4 GPUs
 
-The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs, alpha = beta = 1, DINO
-multi-crop with 2 global (40-100% of the image) and 6 local (5-40%) views. Ours: kappa = 1 (the paper
-names a kappa only for Figure 5's network) and the crop sides; our inference from the evaluation code the
-paper cites: the ImageNet stem, per-view BatchNorm and AdamW's weight decay of 1e-6 (the paper names none).
+The defaults are the paper's: AdamW, learning rate 1e-3, batch 128, 200 epochs (Section IV's for CIFAR,
+STL-10 and Food-101; it gives none for its ImageNet runs), alpha = beta = 1, DINO multi-crop with 2
+global (40-100% of the image) and 6 local (5-40%) views. Ours: kappa = 1 (the paper names a kappa only for
+Figure 5's network) and the crop sides; our inference from the evaluation code the paper cites: the
+ImageNet stem, per-view BatchNorm and AdamW's weight decay of 1e-6 (the paper names none).
 
 The file reads in the order a run goes: the settings, then `train()`, whose loop takes one `training_step`
 a batch. A step: a batch of B uint8 images, already on the training device, becomes V = 8 views (the
