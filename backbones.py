@@ -103,8 +103,8 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
             "method": os.path.splitext(os.path.basename(path))[0], "network": network,
             "loaded": "; ".join([f"{path}: {network}", *notes] + ([f"left out {left_out}"] if left_out else []))}
     if ours:
-        info.update(image_size=trained["global_size"], train_args=trained, method=METHOD_NAMES[trained["method"]],
-                    epoch=checkpoint.get("epoch"))
+        method = METHOD_NAMES.get(trained["method"], trained["method"])     # as saved by an earlier version
+        info.update(image_size=trained["global_size"], train_args=trained, method=method, epoch=checkpoint.get("epoch"))
     if not quiet:
         print(info["loaded"])
     # Frozen: the probes train heads on top, and saliency needs gradients of activations, never of weights.

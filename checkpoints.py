@@ -232,6 +232,13 @@ def keep_results(result, json_path, rows, pictures=()):
 
 
 def append_row(result, columns, table):
-    """Append one Markdown row to `table`, a file several runs share (its header written when new)."""
+    """Append one Markdown row to `table`, a file several runs share (its header written when new); a table
+    whose header names other columns (written by an earlier version, or another script) is left alone."""
+    header = markdown_header(columns)
     new = not os.path.exists(table) or os.path.getsize(table) == 0
-    append_whole(table, (markdown_header(columns) + "\n" if new else "") + markdown_row(result, columns) + "\n")
+    if not new:
+        with open(table) as f:
+            first = f.readline().rstrip("\n")
+        if first != header.splitlines()[0]:
+            raise ValueError(f"its columns are not these: {first[:80]}; pass another table file")
+    append_whole(table, (header + "\n" if new else "") + markdown_row(result, columns) + "\n")

@@ -37,7 +37,7 @@ An inner mean of kernel values is a log-mean-exp, evaluated stably as
 
 The entropies are returned in nats with log C included, so they are true differential entropies of the
 kernel density estimate (a uniform density on S^{D-1} has entropy log|S^{D-1}|), not entropies up to a
-constant. The constant log C never changes a gradient (kappa is a number of the step, not a weight),
+constant. The constant log C never changes a gradient (kappa is a setting of the run, not a weight),
 and at alpha = beta it cancels from the loss value as well.
 
 Which pairs P(i) holds
@@ -88,7 +88,7 @@ def _log_bessel_series(nu, x):
     return torch.logsumexp(log_terms, dim=0).item()
 
 
-@lru_cache      # the series is summed once per (D, kappa)
+@lru_cache      # the series is summed once per (D, kappa) a run uses
 @torch.compiler.assume_constant_result      # a number of the settings: torch.compile folds it into its graph
 def log_vmf_normalizer(dim, kappa):
     """Eq. (1): log C_D(kappa) = (D/2 - 1) log kappa - (D/2) log 2 pi - log I_{D/2-1}(kappa).

@@ -334,7 +334,7 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=2, desc=
 
     exact=False: in features_precision, fast and enough for the probes. exact=True: in float32, for
     analyze.py, whose ranks count singular values: bf16's 8-bit mantissa fills the null space, so a
-    rank-16 matrix comes out as rank 200 or more."""
+    rank-16 matrix whose entries are of order 1 comes out as rank 100 or more above 0.1."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     was_training = backbone.training

@@ -38,6 +38,10 @@ from settings import error_message
 # Settings that --resume takes from the command line; every other one comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "eval_every", "workers", "data_source", "device", "data_dir",
                        "skip_bad_images", "log_every", "keep_every", "compile")
+# Settings that earlier versions of train.py had (or values they took), each with the values that this
+# version trains alike: a run saved with any other cannot continue as it began.
+EARLIER_SETTINGS = {"method": ("hydes", "supervised"), "kappa_final": (None,), "beta_final": (None,),
+                    "schedule": ("constant",), "warmup_epochs": (0,)}
 
 
 def resume_settings(args, argv, build_parser):
@@ -68,6 +72,11 @@ def resume_settings(args, argv, build_parser):
         raise SystemExit(f"error: {checkpoint_path} holds no {' or '.join(missing)} (saved for evaluation only?), so "
                          f"the run cannot continue exactly; evaluate it with evaluate.py, or start anew with --force")
     given, saved = settings_given(argv, build_parser()), checkpoint["args"]
+    earlier = [k for k, alike in EARLIER_SETTINGS.items() if saved.get(k, alike[0]) not in alike]
+    if earlier:
+        raise SystemExit(f"error: {checkpoint_path} was trained with --{earlier[0].replace('_', '-')} "
+                         f"{saved[earlier[0]]}, which this version of train.py does not have, so the run cannot "
+                         f"continue as it began; evaluate it with evaluate.py, or start anew with --force")
     fixed = sorted(k for k in given - set(RESUMABLE_OVERRIDES) - {"out", "resume"}
                    if normalised(getattr(args, k)) != normalised(saved.get(k)))
     if fixed:
@@ -76,8 +85,9 @@ def resume_settings(args, argv, build_parser):
                          f"--{fixed[0].replace('_', '-')} cannot change from {saved.get(fixed[0])} (only {changeable} "
                          f"can); drop it, or start a new run with --out")
     # The folder may have moved since: OUT is the one given now. A setting newer than the checkpoint takes
-    # its default, which is how the run was trained.
+    # its default, which is how the run was trained; one older than this version is left out.
     defaults = vars(build_parser().parse_args([]))
+    saved = {k: v for k, v in saved.items() if k not in EARLIER_SETTINGS or k in defaults}
     args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in given}, "resume": True,
                                  "out": args.out})
     # Nothing to do: said before any file is touched (args.json must keep saying what ran, the log its lines)

@@ -2552,6 +2552,19 @@ def test_resume_auto_starts_continues_mends_a_cut_log_leaves_a_finished_run_alon
     with pytest.raises(SystemExit, match=r"^error: --device cuda, but PyTorch sees no CUDA GPU here; pass --device "
                                          r"cpu$"):
         train.main(common + ["--epochs", "3", "--resume"])
+    monkeypatch.undo()
+    # A run of an earlier version: settings it no longer has are refused unless they train alike
+    for setting, value in (("kappa_final", 1.0), ("schedule", "cosine"), ("method", "infonce")):
+        torch.save({**state, "args": {**state["args"], setting: value}}, run / "ckpt.pt")
+        with pytest.raises(SystemExit, match=rf"^error: .*ckpt.pt was trained with --{setting.replace('_', '-')} "
+                                             rf"{value}, which this version of train.py does not have"):
+            train.main(common + ["--epochs", "3", "--resume"])
+    assert backbones.load_backbone(run / "ckpt.pt", quiet=True)[1]["method"] == "infonce"   # still probed
+    alike = {"kappa_final": None, "beta_final": None, "schedule": "constant", "warmup_epochs": 0.0}
+    torch.save({**state, "args": {**state["args"], **alike}}, run / "ckpt.pt")
+    train.main(common + ["--epochs", "3", "--resume"])
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
+    assert not set(alike) & set(json.loads((run / "args.json").read_text()))
     del state["optimizer"]
     torch.save(state, run / "ckpt.pt")
     with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt holds no optimizer \(saved for evaluation only\?\), so "
@@ -3254,6 +3267,12 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
     assert len(open(out / "eval.jsonl").readlines()) == 2
     lines = open(table).read().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| dataset |") and lines[2] == lines[3]
+    # a table of other columns (an earlier version's) takes no row, and says so after the rest is saved
+    table.write_text(lines[0].replace("| epoch |", "| epoch | linear_protocol |") + "\n")
+    message = exit_message(evaluate.main, [str(out / "ckpt.pt"), "--probe", "knn", "--knn-k", "5", "--workers", "0",
+                                           "--table", str(table)])
+    assert message.startswith(f"error: could not write {table} (its columns are not these: | dataset |")
+    assert len(table.read_text().splitlines()) == 1 and len(open(out / "eval.jsonl").readlines()) == 3
     assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
 
     # --force replaces the run: its checkpoint, log and probe results go, the feature cache stays
