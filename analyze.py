@@ -102,8 +102,7 @@ def anisotropy(sigma):
 
 
 def rank_above(sigma, tol=0.1):
-    """Table III's rank (cited): the singular values of the raw features above 0.1, an absolute tolerance
-    (torch.linalg.matrix_rank(X, atol=0.1, rtol=0)) that does not scale with X: a rank "above 0.1"."""
+    """Table III's rank (cited): how many singular values of the raw features exceed tol (see the notes above)."""
     return int((sigma > tol).sum())
 
 
@@ -392,10 +391,9 @@ def semantic_alignment(similarity, class_names, text_model=None, permutations=99
     WordNet's distance 1 - WUP (Spearman, where the classic coefficient is Pearson's). Returns (result,
     skipped: one-line reasons for the columns not computed, references: the (C, C) matrices compared with).
     """
-    result, skipped = {}, []
     if len(class_names) < 3:
-        return result, [f"semantic alignment needs at least 3 classes (pairs to rank), not {len(class_names)}"], {}
-    references = {}
+        return {}, [f"semantic alignment needs at least 3 classes (pairs to rank), not {len(class_names)}"], {}
+    result, skipped, references = {}, [], {}
     try:
         names = synset_names(class_names)
         if names is None:
@@ -443,8 +441,8 @@ def viridis(values):
     return torch.from_numpy(plotting().colormaps["viridis"](values.numpy())[..., :3]).float().permute(2, 0, 1)
 
 
-def save_heatmap(matrix, labels, path, low=0.0, high=1.0):
-    """Fig. 5: a (C, C) matrix in the viridis colour map from low (dark purple) to high (yellow), as the
+def save_heatmap(matrix, labels, path, low=0.0):
+    """Fig. 5: a (C, C) matrix in the viridis colour map from low (dark purple) to 1 (yellow), as the
     paper's; the class names beside the rows for up to 40 classes, at least 15 px apart; beyond that a
     pixel per class at least (ImageNet's 1000 classes: 1000 px); a colour bar on the right."""
     count = len(matrix)
@@ -452,7 +450,7 @@ def save_heatmap(matrix, labels, path, low=0.0, high=1.0):
     side = max(5.0, count * (0.23 if count <= 40 else 0.016))
     figure = plotting().figure.Figure(figsize=(side + 1, side))
     axes = figure.subplots()
-    image = axes.imshow(matrix, cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+    image = axes.imshow(matrix, cmap="viridis", vmin=low, vmax=1.0, interpolation="nearest")
     axes.set_xticks([])
     axes.set_yticks(range(count) if count <= 40 else [], labels if count <= 40 else [])
     figure.colorbar(image)
@@ -513,7 +511,7 @@ def scale_to_unit(heat):
     return (heat - low) / (high - low).clamp_min(1e-12)
 
 
-def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noise=0.15):
+def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, seed=0):
     """saliency.png: one row per image, the input beside its heat map laid over it (colour map at 60 %),
     enlarged by a whole factor (nearest neighbour, so pixels stay visible) to at least 128 px."""
     backbone = backbone.eval()
@@ -521,7 +519,7 @@ def save_saliency_grid(backbone, dataset, indices, path, device, samples=16, noi
     for index in indices:
         image = dataset[index][0].to(device)
         heat = (vit_attention_map(backbone, image).cpu() if isinstance(backbone, VisionTransformer)
-                else smoothgrad_cam(backbone, image, samples, noise))
+                else smoothgrad_cam(backbone, image, samples, seed=seed))
         picture = unnormalize(image).clamp(0, 1).cpu()       # displayable RGB (3, S, S), where the heat map is
         overlay = 0.4 * picture + 0.6 * viridis(heat)
         rows.append(torch.cat([picture, overlay], dim=2))                     # (3, S, 2S)
@@ -678,7 +676,7 @@ def analyze_checkpoint(args, device):
         result["saliency_png"] = os.path.join(args.out, "saliency.png")
         indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.images].tolist()
         pictures.append((result["saliency_png"], lambda: save_saliency_grid(
-            backbone, data, indices, result["saliency_png"], device, args.smooth_samples)))
+            backbone, data, indices, result["saliency_png"], device, args.smooth_samples, args.seed)))
     result["skipped"] = skipped
     return result, pictures
 
@@ -737,18 +735,15 @@ def curves_main(argv):
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     refuse(replaces_a_file(args.out, "--out", args.force) or unwritable_file(args.out, "--out"))
-    try:
-        plotting()
-    except MissingExtra as error:
-        raise SystemExit(f"error: {error}")
     # A run folder, or the folder of a log file given directly (RUN/eval.jsonl), names its line.
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(run)) if os.path.isfile(run)
                                               else os.path.normpath(run)) for run in args.runs]
-    if len(labels) != len(args.runs):
-        raise SystemExit(f"error: {len(labels)} --labels for {len(args.runs)} runs; give one label per run")
     try:
+        plotting()
+        if len(labels) != len(args.runs):
+            raise SystemExit(f"error: {len(labels)} --labels for {len(args.runs)} runs; give one label per run")
         curves = read_curves(args.runs, args.metric)
-    except DatasetError as error:              # a log with a broken line inside it
+    except (MissingExtra, DatasetError) as error:       # no matplotlib; a log with a broken line inside it
         raise SystemExit(f"error: {error}")
     plot_curves(curves, labels, args.metric, args.out)
     for (epochs, values), label in zip(curves.values(), labels):

@@ -32,11 +32,8 @@ def load_backbone(path, device="cpu", arch=None, checkpoint_key=None, heads=None
     settings, our --export's note), else from the flags, else from the layout's library (`Found.rules`),
     else from the usual rule, which the printed line then names.
 
-    arch: a check, never needed. checkpoint_key: the network to read from a checkpoint that holds several
-    (DINO: teacher or student). heads: default 64 channels per head, timm's and DINO's rule. stem_padding:
-    default 2 in solo-learn's layout, which pads its CIFAR stem so, else 1. quiet: leave info["loaded"]
-    unprinted. trust_pickle: read a file that pickles objects (a whole torch.save(model)), which runs their
-    code: only for a file you trust (--trust-pickle).
+    arch, checkpoint_key, heads, stem_padding, trust_pickle: add_backbone_arguments' flags, whose help says
+    what each does and its default. quiet: leave info["loaded"] unprinted.
 
     Returns (backbone, info): info holds arch, image_size (train.py's crop size, else None), method (the
     objective a train.py checkpoint was trained with, else the file's name: resnet50_byol.pth ->
@@ -130,7 +127,8 @@ def averaged_splits(state):
 
 def backbone_shape(state, path):
     """The network a backbone state_dict (this project's names) describes, read from its tensors alone: a
-    dict with arch and its numbers (a ResNet's width and stem, a ViT's width, patch, depth and grid)."""
+    dict with arch and its numbers (a ResNet's width and stem, a ViT's width, patch, depth and grid); None
+    where they are neither a ResNet (conv1.weight, layer1-4) nor a ViT (patch_embed, pos_embed, blocks)."""
     if "conv1.weight" in state and any(k.startswith("layer4.") for k in state):
         blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
         bottleneck = "layer1.0.conv3.weight" in state
@@ -153,8 +151,7 @@ def backbone_shape(state, path):
                                   f"this project's ViT has both")
         depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
         return {"arch": "vit_tiny", "width": width, "patch": patch, "depth": depth, "grid": grid}
-    raise CheckpointError(f"{path}'s tensors are neither a ResNet (conv1.weight, layer1-4) nor a ViT "
-                          f"(patch_embed, pos_embed, blocks); it holds {summary(state)}")
+    return None
 
 
 def contradiction(shape, arch, said, recorded, path):
@@ -316,10 +313,10 @@ def find_backbone(checkpoint, path, key):
                     continue
             names = our_names([k for k in tensors if k.startswith(prefix)], prefix, children)
             try:
-                backbone_shape({ours: tensors[theirs] for ours, theirs in names.items()}, path)
-            except CheckpointError as error:                 # layer1.0.conv1.weight: one block, not a backbone;
-                if "neither a ResNet" not in str(error):     # a ResNet101: a backbone this project cannot build
-                    refusals.append((len(names), str(error)))
+                if backbone_shape({ours: tensors[theirs] for ours, theirs in names.items()}, path) is None:
+                    continue                                 # layer1.0.conv1.weight: one block, not a backbone
+            except CheckpointError as error:                 # a ResNet101: a backbone this project cannot build
+                refusals.append((len(names), str(error)))
                 continue
             candidates[prefix], numbered[prefix] = names, children
     inside = f" of {key!r}" if key else ""

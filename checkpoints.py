@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import zipfile
 
 import numpy as np
@@ -59,8 +60,7 @@ def write_atomically(path, write):
 
 def save_checkpoint(path, state, if_it_fails="the previous checkpoint, if any, is intact: free disk space or fix "
                                              "the folder, then continue with --resume"):
-    """torch.save `state` through write_atomically: a kill mid-write leaves a stray PATH.*.tmp, never read,
-    and the previous checkpoint untouched; a write that fails (a full disk) says why, then `if_it_fails`."""
+    """torch.save `state` through write_atomically; a write that fails (a full disk) says why, then `if_it_fails`."""
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except OSError as error:
@@ -102,10 +102,9 @@ def safe_load(path, trust_pickle=False):
     except (AttributeError, ImportError) as error:        # --trust-pickle: a class this Python does not have
         raise CheckpointError(f"{path} pickles a class that cannot be imported here ({error}); load it where its "
                               f"code is and save its state_dict()") from None
-    except EOFError:
-        raise CheckpointError(f"{path} is {CUT_SHORT}") from None
-    except RuntimeError as error:
-        if "unexpected EOF" in str(error):               # the format before torch 1.6, cut short
+    except (EOFError, RuntimeError, IndexError, struct.error) as error:
+        # the format before torch 1.6, cut short: its pickles end early wherever the cut falls
+        if not isinstance(error, RuntimeError) or "unexpected EOF" in str(error):
             raise CheckpointError(f"{path} is {CUT_SHORT}") from None
         raise CheckpointError(f"{path} is not a readable PyTorch file ({str(error).strip()[:100]})") from None
 

@@ -54,10 +54,10 @@ from settings import (HelpFormatter, ctrl_c_in_one_line, error_message, first_pr
 TOP_K = 5
 
 
-def rank_classes(scores, top=TOP_K):
-    """Indices of the `top` highest scores per row, ties going to the lower class index (a stable sort,
-    so the result does not depend on the sorting kernel): (Q, C) -> (Q, min(top, C))."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top]
+def rank_classes(scores):
+    """Indices of the TOP_K highest scores per row, ties going to the lower class index (a stable sort,
+    so the result does not depend on the sorting kernel): (Q, C) -> (Q, min(TOP_K, C))."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :TOP_K]
 
 
 @torch.no_grad()
@@ -106,8 +106,8 @@ PAPER_EVALUATIONS = 41
 
 def seeded_linear(num_features, num_classes, seed):
     """nn.Linear(num_features, num_classes) initialised by PyTorch's default law, U(-1/sqrt(F), 1/sqrt(F))
-    for the weight and the bias, but drawn from a generator seeded by `seed`, so that creating a probe
-    neither depends on nor moves the global random stream that training draws from."""
+    for the weight and the bias, but drawn from a generator seeded by `seed`, so that the probe's weights do
+    not depend on the global random stream (nn.Linear's own initialisation draws from it, then is replaced)."""
     generator = torch.Generator().manual_seed(seed)
     layer = torch.nn.Linear(num_features, num_classes)
     bound = 1 / math.sqrt(num_features)
@@ -119,18 +119,16 @@ def seeded_linear(num_features, num_classes, seed):
 
 class PaperLinearProbe:
     """The linear probe of the paper's evaluation setup, the online benchmark of Kalapos & Gyires-Toth
-    2024 (file pretrain/online_classification_benchmark.py of their code), which Figures 6-8 plot and,
-    by our reading (the paper does not say), Table I's linear columns report: train.py's online probe
-    (`linear_top1` in log.jsonl). One linear layer on the raw, unstandardised backbone features, trained by
-    Adam at PyTorch's defaults (learning rate 1e-3, no weight decay, constant) on batches of 256, and
-    kept from one evaluation to the next. Each evaluation trains it PAPER_PROBE_EPOCHS more epochs on the
-    features of the moment, then scores the test split. The layer and Adam's moments are the state a
-    checkpoint keeps (state_dict), so that a resumed run continues the same probe.
+    2024 (file pretrain/online_classification_benchmark.py of their code), as train.py runs it (the module
+    docstring relates it to Table I and Figures 6-8). One linear layer on the raw, unstandardised backbone
+    features, trained by Adam at PyTorch's defaults (learning rate 1e-3, no weight decay, constant) on
+    batches of 256, and kept from one evaluation to the next. Each evaluation trains it PAPER_PROBE_EPOCHS
+    more epochs on the features of the moment, then scores the test split. The layer and Adam's moments
+    are the state a checkpoint keeps (state_dict), so that a resumed run continues the same probe.
 
     Online, its figure depends on the history of the run: features that drift between evaluations leave
     a probe fitted to older ones, and 2 epochs a time is far from convergence early on. It is the number
-    to set beside the paper's, not the best linear accuracy. `offline_linear_probe` trains the same layer
-    on a finished network's features.
+    to set beside the paper's, not the best linear accuracy (offline_linear_probe gives its best case).
     """
 
     def __init__(self, num_features, num_classes, device, seed=0):
@@ -162,15 +160,13 @@ class PaperLinearProbe:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def offline_linear_probe(train_feats, train_labels, test_feats, test_labels, evaluations=PAPER_EVALUATIONS, seed=0):
-    """The offline probe (ours): the layer of the setup's online probe (PaperLinearProbe) trained on a
-    finished network, as many rounds as a full run's online probe gets, PAPER_PROBE_EPOCHS epochs each, on
-    the final features. Returns (top-1, top-5) in percent.
-    Offline, the features do not move between rounds, so this is the online figure's best case: the
-    online probe of the same checkpoint spent its early rounds on earlier features."""
+def offline_linear_probe(train_feats, train_labels, test_feats, test_labels, evaluations=PAPER_EVALUATIONS):
+    """The offline probe (ours): PaperLinearProbe's layer trained `evaluations` rounds of PAPER_PROBE_EPOCHS
+    epochs (as many as a full run's online probe gets) on a finished network's features, which do not move
+    between rounds: the online figure's best case. Returns (top-1, top-5) in percent."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    probe = PaperLinearProbe(train_feats.shape[1], num_classes, train_feats.device, seed)
-    generator = torch.Generator().manual_seed(seed)
+    probe = PaperLinearProbe(train_feats.shape[1], num_classes, train_feats.device, seed=0)
+    generator = torch.Generator().manual_seed(0)
     for _ in tqdm(range(evaluations), desc="offline linear probe", leave=False):
         probe.train_round(train_feats, train_labels, generator)
     return probe.score(test_feats, test_labels)

@@ -1,14 +1,11 @@
 """A training run: its folder and lock, what a checkpoint holds and bit-exact resume, stopping early (Ctrl-C,
 SIGTERM, --max-minutes, a non-finite loss), and torchrun agreement.
 
-Machinery: a reader of the method may skip this file; train.py reads `for images, labels in
+Machinery: a reader of the method may skip this file; train.py reads `for images, sizes, labels in
 control.batches(...)`, `checkpoint_state(...)` and `restore(...)`. A resumed run continues bit for bit on a
 CPU: the data order and every augmentation are functions of --seed and the step (loading.py), and the
 checkpoint holds the rest (weights, AdamW's moments, the grad scaler, the online probe, every random-number
-state). Ctrl-C or a cluster's SIGTERM stop after the current step and save; --max-minutes saves, evaluates
-and ends; a non-finite loss stops without saving the weights it produced; dead loading workers end the epoch
-as a signal does. Under torchrun the processes agree on each of these before every step, over a CPU process
-group, so that none waits forever in a collective the others never reach.
+state). RunControl's docstring gives the rules for stopping early, alike on every torchrun process.
 """
 
 import argparse
@@ -235,13 +232,11 @@ def random_states():
 
 def restore_random_states(states):
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():     # as many as this machine has GPUs
-        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
+    torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])     # as many as this machine has GPUs
     n = states["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
                          n["cached_gauss"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(states["python"])             # a tuple still: torch.load keeps tuples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,10 +310,8 @@ class RunControl:
     def __exit__(self, *exc):
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
-        self.previous_handlers = {}
         if self.lock is not None:
             self.lock.close()               # releases the run folder
-            self.lock = None
 
     def claim_run_folder(self):
         """Make OUT and hold an exclusive lock on OUT/.lock until __exit__ or the process ends, before anything

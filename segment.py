@@ -106,7 +106,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         try:
             mask = Image.open(mask_path)        # palette PNG: the pixel values are the class indices
             values = np.unique(np.asarray(mask))
-        except (FileNotFoundError, OSError) as error:
+        except OSError as error:            # a missing file (FileNotFoundError) too
             raise DatasetError(f"cannot read {error.filename or mask_path}: {error}") from None
         if mask.mode not in ("P", "L"):
             raise DatasetError(f"{mask_path} is a {mask.mode} image; VOC masks are palette (P) PNGs of class indices")
@@ -154,11 +154,11 @@ class HypercolumnProbe(nn.Module):
     sum_k upsample(W_k BN_k(f_k)) = W [upsample(BN(f_1)), ..., upsample(BN(f_K))] (see the module
     docstring). Returns logits (B, 21, H, W) at `output_size`."""
 
-    def __init__(self, stage_channels, num_classes=NUM_CLASSES):
+    def __init__(self, stage_channels):
         super().__init__()
         self.norms = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in stage_channels)
-        self.heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1, bias=False) for c in stage_channels)
-        self.bias = nn.Parameter(torch.zeros(num_classes, 1, 1))
+        self.heads = nn.ModuleList(nn.Conv2d(c, NUM_CLASSES, 1, bias=False) for c in stage_channels)
+        self.bias = nn.Parameter(torch.zeros(NUM_CLASSES, 1, 1))
 
     def forward(self, stages, output_size):
         logits = self.bias
@@ -195,7 +195,6 @@ def update_confusion(confusion, prediction, target):
     valid = target != VOID
     index = target[valid] * NUM_CLASSES + prediction[valid]
     confusion += torch.bincount(index, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES).to(confusion)
-    return confusion
 
 
 def segmentation_metrics(confusion):
@@ -214,13 +213,13 @@ def segmentation_metrics(confusion):
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation
 
-def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, workers=2, seed=0):
+def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, workers=2):
     """Fit the hypercolumn probe on the training list, the backbone frozen. It runs again every epoch
     rather than caching its stages: ResNet-50's for VOC's 1,464 training images at 320 px would take about
     18 GB in float32, while a forward pass is cheap."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         generator=torch.Generator().manual_seed(seed))
+                                         generator=torch.Generator().manual_seed(0))
     probe = HypercolumnProbe([f.shape[1] for f in frozen_stages(backbone, train_set[0][0][None], device)]).to(device)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
     for epoch in range(epochs):
@@ -238,8 +237,7 @@ def train_probe(backbone, train_set, device, epochs=20, batch_size=32, lr=1e-3, 
 
 @torch.no_grad()
 def evaluate_probe(backbone, probe, val_set, device, workers=2):
-    """The (21, 21) confusion matrix over the val list, one image at a time (their sizes differ). The
-    logits go from each stage's grid straight to the mask's size: scored at its full resolution."""
+    """The (21, 21) confusion matrix over the val list, one whole image at a time (see the module docstring)."""
     loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=workers)
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
     for image, mask in tqdm(loader, desc="val", leave=False):                # (1, 3, h, w), (1, H, W)
@@ -280,9 +278,7 @@ def save_pca_grid(backbone, dataset, count, path, device):
         image = dataset[index][0]
         pca = pca_picture([f[0] for f in frozen_stages(backbone, image[None], device)], image.shape[-2:]).cpu()
         rows.append(torch.cat([unnormalize(image), pca], dim=2))     # side by side: (3, S, 2S)
-    grid = torch.cat(rows, dim=1)                                    # stacked: (3, n*S, 2S)
-    save_png(grid, path)
-    return grid
+    save_png(torch.cat(rows, dim=1), path)                           # stacked: (3, n*S, 2S)
 
 
 # ----------------------------------------------------------------------------------------------------

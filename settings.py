@@ -4,10 +4,8 @@
 Machinery: a reader of the method may skip this file; the method is the same in any precision. Every script
 checks all its arguments before any work, so that a mistake costs a second and reads as one line naming the
 problem and the fix (ERRORS.md lists them). train.py, the probes and benchmark.py take from here the forward
-pass's autocast (bf16 on GPUs that have it, fp16 with gradient scaling on older ones, float32 or bf16 on
-CPUs), the grad scaler, and the tensor layout (channels_last for ResNets). The loss itself always runs in
-float32 (hydes.py says why). On CPUs, bf16 is used only where the CPU computes it natively and where oneDNN's
-bf16 convolutions are known to be right for the network and crop sizes at hand.
+pass's autocast (auto_precision says which, on which device), the grad scaler, and the tensor layout
+(channels_last for ResNets). The loss itself always runs in float32 (hydes.py says why).
 """
 
 import argparse
@@ -114,7 +112,7 @@ def replaces_a_file(path, option, force, reading=None):
     one the user owns, as a one-line message; None if it would not. A file that exists is replaced only
     with --force; the file the script reads (`reading`) and anything but a regular file (a device such as
     /dev/null, a pipe) never are."""
-    if path is None or not os.path.exists(path):
+    if not os.path.exists(path):
         return None
     if not os.path.isfile(path):
         return f"{path} exists and is not a regular file (a device, folder or pipe); pass another {option}"
@@ -320,12 +318,10 @@ def auto_precision(device, arch=None, stem=None, smallest_crop=None):
     if device.type == "cuda":
         # including_emulation=False: pre-Ampere GPUs accept bf16 tensors but compute them slowly
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if device.type == "mps":        # an Apple GPU: float32 unless asked (--precision bf16, where MPS autocasts)
-        return "fp32"
-    if (arch is not None and arch.startswith("resnet") and smallest_crop is not None and cpu_has_native_bf16()
-            and cpu_bf16_convolutions_are_right(arch, stem, smallest_crop)):
+    if (device.type == "cpu" and arch is not None and arch.startswith("resnet") and smallest_crop is not None
+            and cpu_has_native_bf16() and cpu_bf16_convolutions_are_right(arch, stem, smallest_crop)):
         return "bf16"
-    return "fp32"
+    return "fp32"                   # also an Apple GPU (mps), unless asked: --precision bf16, where MPS autocasts
 
 
 def features_precision(device, backbone):
@@ -350,9 +346,8 @@ def run_arithmetic(args, checkpoint):
     kind of device auto is decided afresh."""
     if args.precision != "auto":
         return args.precision
-    saved = checkpoint["args"] if checkpoint is not None else {}
-    if saved and torch.device(saved["device"]).type == torch.device(args.device).type:
-        return saved["arithmetic"]
+    if checkpoint is not None and torch.device(checkpoint["args"]["device"]).type == torch.device(args.device).type:
+        return checkpoint["args"]["arithmetic"]
     return auto_precision(torch.device(args.device), args.arch, args.stem, min(args.global_size, args.local_size))
 
 

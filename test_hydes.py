@@ -1322,6 +1322,14 @@ def test_files_that_are_no_checkpoint_say_what_they_are_in_one_line(tmp_path):
         with pytest.raises(checkpoints.CheckpointError, match=message) as error:
             backbones.load_backbone(tmp_path / name)
         one_line(error, tmp_path / name, 160)
+    # Cut anywhere, either format stops in one line, never a raw IndexError or struct.error from the unpickler:
+    # every 7th byte of the first 600 (the headers), then 20 cuts through the tensors
+    for content in (whole.getvalue(), legacy.getvalue()):
+        for cut in [*range(1, 600, 7), *range(600, len(content), len(content) // 20)]:
+            (tmp_path / "cut.pth").write_bytes(content[:cut])
+            with pytest.raises(checkpoints.CheckpointError) as error:
+                checkpoints.safe_load(tmp_path / "cut.pth")
+            one_line(error, tmp_path / "cut.pth", 300)
     scripted = torch.jit.script(torch.nn.Conv2d(3, 4, 3))
     torch.jit.save(scripted, tmp_path / "scripted.pt")
     with pytest.raises(checkpoints.CheckpointError, match="is a TorchScript archive .torch.jit.save.; torch.jit.load"):
