@@ -4,8 +4,9 @@
     python benchmark.py --device cuda --modes eager compiled reduce-overhead --precision auto fp32
     python benchmark.py --device cpu --width 16 --threads 2    # a CPU, with a laptop-sized ResNet
 
-The settings are the paper's: CIFAR-10's ResNet-18 with 2 x 32 + 6 x 16 px views of 32 px images and STL-10's
-ViT-Tiny with 2 x 96 + 6 x 48 px views of 96 px images, batch 128, train.py's defaults otherwise (blur on).
+The settings are the paper's networks and batch, at train.py's default crop sides (ours): CIFAR-10's
+ResNet-18 with 2 x 32 + 6 x 16 px views of 32 px images and STL-10's ViT-Tiny with 2 x 96 + 6 x 48 px views
+of 96 px images, batch 128, train.py's defaults otherwise (blur on).
 The images are seeded uniform noise (no download): a step does the same work whatever the pixels. Images/s
 count source images, 8 views each. The first table times the crops alone: data.multi_crop on a uint8 batch
 held on the device. The second has a row per setting, --forward, --precision and --modes:
@@ -41,7 +42,7 @@ from settings import (NARROW_RESNET_ON_A_CPU, PRECISIONS, HelpFormatter, auto_pr
                       ctrl_c_in_one_line, default_device, device_argument, first_problem, narrow_resnet_on_a_cpu,
                       numbers_are_finite, precision_for, refuse, seed_rule)
 
-# (input side, global crop, local crop, architecture), the paper's settings for CIFAR-10/100 and STL-10
+# (input side, global crop, local crop, architecture) for CIFAR-10/100 and STL-10: the paper's networks, our crops
 INPUTS = {"cifar": (32, 32, 16, "resnet18"), "stl10": (96, 96, 48, "vit_tiny")}
 # The table's modes -> torch.compile's mode (None: not compiled), as train.py's --compile takes them
 MODES = {"eager": None, "compiled": "default", "reduce-overhead": "reduce-overhead"}
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                    help="as train.py's --precision (auto: what train.py picks for the network here; fp16: GPUs only)")
     p.add_argument("--forward", nargs="+", default=["per-view"], choices=("per-view", "per-resolution"),
-                   help="as train.py's --forward: per-view (the paper's setup), per-resolution (a call per crop size)")
+                   help="as train.py's --forward: per-view (our reading of the cited code), per-resolution (a call "
+                        "per crop size)")
     p.add_argument("--width", type=int, help="ResNet-18's base width (the paper's 64); 16 makes it laptop-sized")
     p.add_argument("--stem", default="imagenet", choices=STEMS, help="ResNet-18's stem (train.py's --stem)")
     p.add_argument("--proj-hidden", type=int, default=2048, help="hidden width of the projector MLP")

@@ -95,7 +95,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
 
 
 # ----------------------------------------------------------------------------------------------------
-# The linear probe of the paper's setup (persistent, Adam, raw features): online in train.py, offline here
+# The linear probe of the evaluation code the paper cites (persistent, Adam, raw features): online in train.py,
+# offline here
 
 PAPER_PROBE_EPOCHS = 2           # epochs of the setup's probe at each evaluation
 PAPER_PROBE_BATCH = 256

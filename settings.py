@@ -204,7 +204,7 @@ def check_training_args(args):
         device_rule(args.device),
         numbers_are_finite(args, ("kappa", "alpha", "beta", "lr", "weight_decay", "max_minutes", "knn_temperature",
                                   "global_scale", "local_scale")),
-        (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper uses 1 and tries 0.1 to 20"),
+        (args.kappa > 0, f"--kappa must be > 0 (got {args.kappa:g}); the paper tries 0.1 to 20"),
         kappa_rule(args),
         (args.kappa <= LARGEST_KAPPA,
          f"--kappa must be at most {LARGEST_KAPPA:g} (got {args.kappa:g}): the vMF normaliser is computed exactly "
@@ -223,7 +223,8 @@ def check_training_args(args):
          f"--global-crops and --local-crops make {args.global_crops + args.local_crops} views; "
          f"at most {LARGEST_VIEWS}"),
         (all(s is None or s <= LARGEST_CROP for s in (args.global_size, args.local_size)),
-         f"--global-size and --local-size must be at most {LARGEST_CROP} px (the paper's largest crop is 224)"),
+         f"--global-size and --local-size must be at most {LARGEST_CROP} px (this project's largest default "
+         f"crop is 224)"),
         (args.proj_dim >= 2, f"--proj-dim must be >= 2 (got {args.proj_dim}): the sphere S^(D-1) needs D >= 2"),
         (max(args.proj_dim, args.proj_hidden, args.width or 1) <= LARGEST_DIM,
          f"--proj-dim, --proj-hidden and --width must be at most {LARGEST_DIM} (the paper tries D = 128 to 4096)"),
