@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import random
+import sys
 import time
 from collections import Counter
 
@@ -193,9 +194,11 @@ def main(argv=None):
         if not (dist.is_initialized() and peer_is_gone(error)):
             raise
         who = f"rank {1 - rank}" if world_size == 2 else "another process (torchrun's report names it)"
-        raise SystemExit(f"error: {who} of the {world_size} training processes stopped (killed?), so rank {rank} "
-                         f"cannot go on; {os.path.join(args.out, 'ckpt.pt')} holds the last epoch saved: continue "
-                         f"with --resume" if rank == 0 else 1) from None
+        if rank == 0:        # said at once: torchrun's SIGTERM to the survivors may end the teardown below
+            print(f"error: {who} of the {world_size} training processes stopped (killed?), so rank {rank} cannot go "
+                  f"on; {os.path.join(args.out, 'ckpt.pt')} holds the last epoch saved: continue with --resume",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
