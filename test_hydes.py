@@ -163,10 +163,7 @@ def tiny_embedder():
 
 
 EMBEDDER_INPUTS = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))      # (V=3, 2B=8, features)
-
-
-def weighted_loss(z):
-    return hydes.hydes_loss(z, kappa=3.0, alpha=0.7, beta=0.4)
+weighted_loss = functools.partial(hydes.hydes_loss, kappa=3.0, alpha=0.7, beta=0.4)
 
 
 def ddp_worker(rank, world_size, rendezvous, out_dir):
@@ -253,7 +250,7 @@ def test_hydes_loss_matches_brute_force_loop(num_views, batch, dim, kappa):
     assert out["loss"].item() == pytest.approx(0.3 * h_local - 0.7 * h_global, abs=1e-4)
 
 
-def test_two_images_at_antipodes_give_closed_form_entropies():
+def test_two_images_at_antipodes_give_closed_form_entropies_and_a_single_view_is_refused():
     # Image a: both views at e1; image b: both views at -e1. For every point the 3 others are one
     # positive (s = 1) and two antipodes (s = -1), so
     #   H_local = -log C - kappa,   H_global = -log C - log((e^k + 2 e^-k) / 3).
@@ -267,6 +264,8 @@ def test_two_images_at_antipodes_give_closed_form_entropies():
     assert out["h_global"].item() == pytest.approx(-log_c - math.log((math.exp(kappa) + 2 * math.exp(-kappa)) / 3),
                                                    abs=1e-5)
     assert out["mi"].item() == pytest.approx(kappa - math.log((math.exp(kappa) + 2 * math.exp(-kappa)) / 3), abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2 views"):
+        hydes.hydes_loss(z[:1], kappa)
 
 
 @pytest.mark.parametrize("dim,kappa", [(3, 1.0), (3, 10.0), (8, 4.0)])
@@ -317,26 +316,18 @@ def test_loss_and_gradients_finite_at_kappa_100_under_bf16_autocast():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_hydes_loss_rejects_a_single_view():
-    with pytest.raises(ValueError, match="at least 2 views"):
-        hydes.hydes_loss(random_sphere(1, 8, 4), 1.0)
-
-
 # ---- H_global over several processes
 
-def test_global_entropy_of_row_slices_against_the_whole_batch_averages_to_the_whole():
-    # What each process computes under data parallelism, here in one process: its rows, all columns.
+def test_row_slices_and_two_processes_give_the_one_process_global_entropy_loss_and_gradients(tmp_path):
+    # What each process computes under data parallelism, first in one process: its rows, all columns.
     z = random_sphere(3, 8, 16, seed=9)
     whole = hydes.global_entropy(z, 4.0)
     shares = [hydes.global_entropy(z[:, i:i + 2], 4.0, z, first_image=i) for i in range(0, 8, 2)]
     assert torch.stack(shares).mean().item() == pytest.approx(whole.item(), abs=1e-6)
     # leaving out the wrong column (a neighbour, not the embedding itself) changes the value
     assert hydes.global_entropy(z[:, 2:4], 4.0, z, first_image=3).item() != pytest.approx(shares[1].item(), abs=1e-3)
-
-
-def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
-    # A file rendezvous rather than a TCP port: no race for a free port between tests. Forked rather than
-    # spawned processes start in a fraction of a second: they need not import torch and this file again.
+    # Then two processes, with a file rendezvous rather than a TCP port (no race for a free port between tests),
+    # forked rather than spawned: they start in a fraction of a second, with no import of torch and this file.
     torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
                                           nprocs=2, start_method="fork")
     shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -352,18 +343,6 @@ def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
 
 # ---- the loss alone, moving free points on the sphere S^2
 
-def descend(kappa, images=4, views=4, steps=300, seed=1):
-    """V*B free unit vectors in 3-D, drawn uniformly, moved by Adam on hydes_loss alone: (start, end) z."""
-    start = random_sphere(views, images, 3, dtype=torch.float64, seed=seed)
-    points = start.clone().requires_grad_()
-    optimizer = torch.optim.Adam([points], lr=0.05)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        hydes.hydes_loss(F.normalize(points, dim=-1), kappa)["loss"].backward()
-        optimizer.step()
-    return start, F.normalize(points.detach(), dim=-1)
-
-
 def test_the_loss_alone_gathers_each_images_views_and_spreads_the_images():
     def within_image(z):                             # mean cosine between two views of one image, (V, B, 3)
         cosines = torch.einsum("vbd,wbd->bvw", z, z)
@@ -373,7 +352,15 @@ def test_the_loss_alone_gathers_each_images_views_and_spreads_the_images():
         cosines = torch.einsum("vbd,wbd->bvw", z, z) - 3 * torch.eye(4, dtype=z.dtype)
         return float(cosines.amax(dim=2).mean())
     for kappa in (1.0, 10.0):
-        start, end = descend(kappa)
+        # V*B = 4 x 4 free unit vectors in 3-D, drawn uniformly, moved by Adam on hydes_loss alone
+        start = random_sphere(4, 4, 3, dtype=torch.float64, seed=1)
+        points = start.clone().requires_grad_()
+        optimizer = torch.optim.Adam([points], lr=0.05)
+        for _ in range(300):
+            optimizer.zero_grad()
+            hydes.hydes_loss(F.normalize(points, dim=-1), kappa)["loss"].backward()
+            optimizer.step()
+        end = F.normalize(points.detach(), dim=-1)
         before, after = hydes.hydes_loss(start, kappa), hydes.hydes_loss(end, kappa)
         assert after["h_local"] < before["h_local"] and after["mi"] > before["mi"] + 0.5
         assert nearest_own_view(start) < 0.9 < 0.99 < nearest_own_view(end), kappa        # Eq. (3) gathers
@@ -414,13 +401,6 @@ def torchvision_crop_box(height, width, scale):
     top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(torch.empty(1, height, width), scale,
                                                                            (3 / 4, 4 / 3))
     return left, top, w, h
-
-
-def drawn_boxes(count, height, width, scale, seed=0):
-    """draw_views' boxes of `count` images of one size, one view of `scale` -> (count, 4) (x0, y0, w, h)."""
-    sizes = torch.tensor([[height, width]]).expand(count, 2)
-    box = data.draw_views([data.ViewRecipe(8, scale, 0, 0)], sizes, torch.Generator().manual_seed(seed))[0, :, :4]
-    return torch.cat([box[:, :2], box[:, 2:] - box[:, :2]], 1).long().numpy()              # whole pixels
 
 
 COLUMNS = ("x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation", "hue", "grey", "sigma", "solarise")
@@ -504,7 +484,9 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale
     # and fall back to the centred crop.
     torch.manual_seed(0)
     reference = np.array([torchvision_crop_box(height, width, scale) for _ in range(4000)])      # (4000, 4)
-    ours = drawn_boxes(4000, height, width, scale)
+    sizes = torch.tensor([[height, width]]).expand(4000, 2)
+    box = data.draw_views([data.ViewRecipe(8, scale, 0, 0)], sizes, torch.Generator().manual_seed(0))[0, :, :4]
+    ours = torch.cat([box[:, :2], box[:, 2:] - box[:, :2]], 1).long().numpy()          # (x0, y0, w, h), whole pixels
     for column in range(4):                                                               # x0, y0, w, h
         assert ks_distance(ours[:, column], reference[:, column]) < 0.05
     assert (ours[:, :2] >= 0).all() and (ours[:, :2] + ours[:, 2:] <= [width, height]).all()
@@ -578,9 +560,9 @@ def test_the_whole_image_at_its_size_is_itself_a_flip_mirrors_and_the_crop_is_ro
         assert torch.allclose(data.unnormalize(one_view(checks, 16)), torch.tensor(0.5), atol=1e-6)
 
 
-def test_each_colour_step_is_torchvisions_on_each_image_and_pils_to_its_rounding(monkeypatch):
-    # The steps' arithmetic, in float32: on a CPU with native bf16 a view that may be blurred (one_view's
-    # recipe takes every step) also rounds each crop to bf16 in the blur, sigma 0 included (test below)
+def test_each_colour_step_and_the_blur_are_torchvisions_on_each_image_and_pils_to_its_rounding(monkeypatch):
+    # The colour steps' arithmetic, in float32: on a CPU with native bf16 a view that may be blurred (one_view's
+    # recipe takes every step) also rounds each crop to bf16 in the blur, sigma 0 included (checked last)
     monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: False)
     rng = np.random.default_rng(0)
     pil = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(4)]
@@ -620,33 +602,30 @@ def test_each_colour_step_is_torchvisions_on_each_image_and_pils_to_its_rounding
     made = data.unnormalize(one_view(mid, brightness=1.1, contrast=0.8, saturation=1.15))
     for a, b, c in itertools.permutations(range(3)):
         assert torch.allclose(blends[c](blends[b](blends[a](mid / 255))), made, atol=2e-4)
-
-
-def test_the_blur_is_each_images_gaussian_with_extended_borders_and_sigma_0_is_exact(monkeypatch):
-    # In bf16 the blur's input, weights and both passes are rounded (1 grey level at most measured).
-    # sigma 0 leaves the crop: exactly in float32, and in bf16 too where its values are whole grey levels
-    # (bf16 holds 0 ... 256 exactly), as here; others it rounds to bf16, as PIL rounds to uint8
-    images = torch.randint(0, 256, (4, 3, 20, 20), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    # The blur: each image's Gaussian, its borders extended. In bf16 its input, weights and both passes are
+    # rounded (1 grey level at most measured). sigma 0 leaves the crop: exactly in float32, and in bf16 too
+    # where its values are whole grey levels (bf16 holds 0 ... 256 exactly), as here; others it rounds to bf16
+    # as PIL rounds to uint8
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
     for native, atol in ((False, 1e-5), (True, 1.5 / 255)):
         monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native)
         blurred = data.unnormalize(one_view(images, sigma=sigma))
-        for image, s, out in zip(images / 255, sigma, blurred):             # one image at a time, 2-D kernels
+        for image, s, out in zip(x, sigma, blurred):                        # one image at a time, 2-D kernels
             taps = torch.arange(-6, 7.0)
             kernel = torch.exp(-taps ** 2 / (2 * s ** 2))
             kernel = torch.outer(kernel, kernel) / kernel.sum() ** 2           # (13, 13)
             padded = F.pad(image[None], (6, 6, 6, 6), mode="replicate")       # PIL extends the border
             assert torch.allclose(out, F.conv2d(padded, kernel.expand(3, 1, 13, 13), groups=3)[0], atol=atol)
-            inside = torchvision.transforms.functional.gaussian_blur(image, 13, s.item())[:, 6:-6, 6:-6]   # reflects
+            inside = TF.gaussian_blur(image, 13, s.item())[:, 6:-6, 6:-6]                             # reflects
             assert torch.allclose(out[:, 6:-6, 6:-6], inside, atol=atol)
         assert torch.equal(one_view(images, sigma=0), one_view(images, recipe=EVERY_STEP._replace(blur_p=0)))
     dimmed = data.unnormalize(one_view(images, brightness=0.7, recipe=EVERY_STEP._replace(blur_p=0)))   # 0.7 v
     assert (data.unnormalize(one_view(images, brightness=0.7, sigma=0)) - dimmed).abs().max() <= 0.5 / 255 + 1e-6
     # PIL's three box filters approximate the same Gaussian: inside the image, within 1/255 on average
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
-    ours = data.unnormalize(one_view(uint8_batch([Image.fromarray(pixels)]), sigma=2.0))[0].permute(1, 2, 0).numpy()
-    assert np.abs(ours - pil)[8:-8, 8:-8].mean() < 1 / 255
+    theirs = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2.0))) / 255
+    made = data.unnormalize(one_view(uint8_batch([Image.fromarray(pixels)]), sigma=2.0))[0].permute(1, 2, 0).numpy()
+    assert np.abs(made - theirs)[8:-8, 8:-8].mean() < 1 / 255
 
 
 # ---- the views against DINO's recipe in PIL, in distribution
@@ -726,15 +705,10 @@ def test_the_supervised_baseline_sees_one_crop_and_flip_per_image_and_never_a_co
     assert 15 < left_is_first.sum() < 49                   # flipped about half the time (64 draws of p = 0.5)
 
 
-def test_default_crop_sizes_and_the_eval_transform_follow_resolution():
-    assert [data.default_crop_sizes(side) for side in (32, 96, 224)] == [(32, 16), (96, 48), (224, 96)]
-    assert tuple(data.eval_transform(224)(Image.new("RGB", (500, 375))).shape) == (3, 224, 224)
-    assert tuple(data.eval_transform(32)(Image.new("RGB", (32, 32))).shape) == (3, 32, 32)
-
-
 # ---- datasets by name and folders
 
-def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
+def test_datasets_keep_their_classes_test_labels_follow_train_and_what_is_missing_or_unknown_is_named(tmp_path,
+                                                                                                       monkeypatch):
     assert len(set(data.IMAGENET100_CLASSES)) == 100
     wnids = data.IMAGENET100_CLASSES[:3]
     for wnid in wnids + ["n99999999"]:
@@ -746,19 +720,15 @@ def test_imagenet100_subset_keeps_only_its_classes(tmp_path):
     with pytest.raises(data.DatasetError, match="classes are missing"):
         data.dataset_split("imagenet100", str(tmp_path), "train", None)
 
-
-def test_a_missing_dataset_offline_names_the_files_to_put_in_place_and_a_missing_folder_is_named(tmp_path,
-                                                                                                  monkeypatch):
-    def no_network(self):
+    def no_network(self):                           # offline, a missing dataset names the files to put in place
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
     with pytest.raises(data.DatasetError, match="cifar-10-batches-py"):
         data.dataset_split("cifar10", str(tmp_path), "train", None)
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.dataset_split("folder", str(tmp_path / "nothing"), "train", None)
-
-
-def test_test_labels_follow_the_train_splits_class_names_and_an_unknown_class_is_refused(tmp_path):
+    # a folder's test labels follow the train split's class names
+    tmp_path = tmp_path / "folder"
     write_dataset(tmp_path, ("a", "b", "c"), size=8, train=2)
     write_dataset(tmp_path, ("a", "c"), size=8, test=2)                  # the test split lacks b
     test = data.dataset_split("folder", str(tmp_path), "test", None)
@@ -770,7 +740,12 @@ def test_test_labels_follow_the_train_splits_class_names_and_an_unknown_class_is
         data.dataset_split("folder", str(tmp_path), "test", None)
 
 
-def test_a_folders_resolution_is_the_median_of_all_its_headers_and_unreadable_files_are_passed_over(tmp_path, capsys):
+def test_a_folders_resolution_is_the_median_of_its_headers_unreadable_files_passed_over_and_sizes_follow_it(
+        tmp_path, capsys):
+    # the crop sizes and the evaluation transform follow a resolution; below, a folder's own
+    assert [data.default_crop_sizes(side) for side in (32, 96, 224)] == [(32, 16), (96, 48), (224, 96)]
+    assert tuple(data.eval_transform(224)(Image.new("RGB", (500, 375))).shape) == (3, 224, 224)
+    assert tuple(data.eval_transform(32)(Image.new("RGB", (32, 32))).shape) == (3, 32, 32)
     write_images(tmp_path / "train" / "a", 5, size=32)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "train" / "a" / "000-small.jpg")  # sorts first
     assert data.native_image_size("folder", str(tmp_path)) == 32
@@ -816,7 +791,8 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_skips_what_was_trained_and_
 
 # ---- reading images
 
-def test_every_image_mode_reaches_8_bit_rgb_scaled_by_its_bit_depth_or_is_refused_by_name(tmp_path):
+def test_every_image_mode_reaches_8_bit_rgb_by_its_bit_depth_or_is_refused_by_name_and_exif_orientation_applies(
+        tmp_path):
     gradient = np.linspace(0, 65535, 48 * 32).reshape(32, 48).round().astype(np.uint16)       # (H, W)
     Image.fromarray(gradient).save(tmp_path / "grey16.png")                                     # mode I;16
     with Image.open(tmp_path / "grey16.png") as opened:
@@ -840,10 +816,7 @@ def test_every_image_mode_reaches_8_bit_rgb_scaled_by_its_bit_depth_or_is_refuse
         colour.convert(mode).save(tmp_path / f"{mode}.tiff")
         with Image.open(tmp_path / f"{mode}.tiff") as stored:
             assert data.read_rgb(tmp_path / f"{mode}.tiff").tobytes() == stored.convert("RGB").tobytes(), mode
-
-
-def test_a_photos_exif_orientation_is_applied_to_its_pixels_and_its_size(tmp_path):
-    # Stored 40 wide and 20 high with a red left half, EXIF orientation 6: shown turned a quarter
+    # A photo stored 40 wide and 20 high with a red left half, EXIF orientation 6: shown turned a quarter
     # clockwise, 20 wide and 40 high, red on top. Every dataset reads files through read_rgb.
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20] = (255, 0, 0)
