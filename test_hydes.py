@@ -1792,7 +1792,7 @@ def test_knn_ties_go_to_the_lower_class_top5_counts_them_and_separated_clusters_
         assert (evaluate.topk_accuracy(feats, labels)[1] is None) == (classes == 5)          # the probes' logits
 
 
-def test_the_offline_probe_separates_separable_features_better_with_more_rounds():
+def test_the_offline_probe_gains_with_rounds_and_the_papers_equals_a_hand_written_adam_loop_keeping_its_moments():
     g = torch.Generator().manual_seed(1234)
     num_classes, dim = 10, 32
     directions = torch.randn(num_classes, dim, generator=g)
@@ -1804,15 +1804,11 @@ def test_the_offline_probe_separates_separable_features_better_with_more_rounds(
     top1, top5 = evaluate.offline_linear_probe(train_x, train_y, test_x, test_y)
     few_rounds, _ = evaluate.offline_linear_probe(train_x, train_y, test_x, test_y, evaluations=1)
     assert top1 > 97 and top5 == 100.0 and few_rounds < top1
-
-
-def test_the_papers_probe_equals_a_hand_written_adam_loop_that_keeps_its_moments_across_evaluations():
     # The cited setup: one linear layer on raw features, Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, no
     # decay), batches of 256 in one order per evaluation, 2 epochs over the same batches, kept across
     # evaluations. Written out: the cross-entropy gradient (softmax - one-hot) / b and Adam's update.
-    g = torch.Generator().manual_seed(0)
-    feats, labels = torch.randn(300, 6, generator=g) * 4, torch.randint(0, 3, (300,), generator=g)
-    probe = evaluate.PaperLinearProbe(6, 3, torch.device("cpu"), seed=5)
+    feats, labels = train_x[:300], train_y[:300]
+    probe = evaluate.PaperLinearProbe(dim, num_classes, torch.device("cpu"), seed=5)
     w, b = probe.layer.weight.detach().clone(), probe.layer.bias.detach().clone()
     moments = {name: [torch.zeros_like(p), torch.zeros_like(p)] for name, p in (("w", w), ("b", b))}
     step = 0
@@ -1822,7 +1818,7 @@ def test_the_papers_probe_equals_a_hand_written_adam_loop_that_keeps_its_moments
         for epoch in range(2):
             for batch in (order[:256], order[256:]):                   # 300 = 256 + 44: the last batch is kept
                 x, y = feats[batch], labels[batch]
-                error = (torch.softmax(x @ w.T + b, dim=1) - F.one_hot(y, 3)) / len(batch)   # (b, C)
+                error = (torch.softmax(x @ w.T + b, dim=1) - F.one_hot(y, num_classes)) / len(batch)   # (b, C)
                 step += 1
                 for name, grad in (("w", error.T @ x), ("b", error.sum(0))):
                     m, v = moments[name]
@@ -1927,36 +1923,9 @@ def test_segment_runs_end_to_end_scoring_every_non_void_pixel_of_whole_non_squar
     assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
 
 
-def test_segment_names_a_bad_image_or_mask_in_one_line_before_the_probe_trains(tmp_path, monkeypatch):
-    voc = write_voc(tmp_path / "VOCdevkit" / "VOC2012", ["t0", "t1"], ["v0", "v1"])
-    torch.save(models.build_backbone("resnet18", 48, width=8).state_dict(), tmp_path / "backbone.pth")
-    trained = []
-    monkeypatch.setattr(segment, "train_probe", lambda *args, **kwargs: trained.append(1))
-
-    def refusal():
-        message = exit_message(segment.main, [str(tmp_path / "backbone.pth"), "--data-dir", str(tmp_path),
-                                              "--image-size", "48", "--workers", "0", "--out", str(tmp_path / "seg")])
-        assert not trained
-        return message
-
-    for name in ("v0", "v1"):                                                  # every pixel of val void
-        Image.open(voc / "SegmentationClass" / f"{name}.png").point(lambda value: 255).save(
-            voc / "SegmentationClass" / f"{name}.png")
-    assert re.match(r"error: every pixel of the 2 masks in .*val.txt is void \(255\): there is nothing to train or "
-                    r"score", refusal())
-    assert not (tmp_path / "seg").exists()
-    (voc / "JPEGImages" / "v1.jpg").write_bytes((voc / "JPEGImages" / "v1.jpg").read_bytes()[:40])   # cut short
-    assert re.match(r"error: cannot read image .*v1.jpg .*drop its id from the split", refusal())
-    Image.new("RGB", (20, 20)).save(voc / "JPEGImages" / "v1.jpg")            # a mask of another size
-    assert re.match(r"error: .*v1.png is 56x48 px but its image is 20x20", refusal())
-    palette_png(np.full((48, 56), 42, np.uint8)).save(voc / "SegmentationClass" / "t0.png")   # not a VOC class
-    assert refusal() == f"error: {voc / 'SegmentationClass' / 't0.png'} has values [42]; VOC masks hold classes " \
-                        f"0-20 and 255 (void)"
-
-
-def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_costs_only_itself(tmp_path,
-                                                                                                 monkeypatch, capsys):
-    write_voc(tmp_path / "VOCdevkit" / "VOC2012", [f"t{i}" for i in range(4)], ["v0", "v1"])
+def test_output_paths_are_checked_before_the_work_a_failed_write_after_it_costs_only_itself_and_segment_names_bad_masks(
+        tmp_path, monkeypatch, capsys):
+    voc = write_voc(tmp_path / "VOCdevkit" / "VOC2012", [f"t{i}" for i in range(4)], ["v0", "v1"])
     torch.save(models.build_backbone("resnet18", 48).state_dict(), tmp_path / "backbone.pth")   # 48 px: CIFAR stem
     (tmp_path / "a-file").write_text("")
     through_a_file = str(tmp_path / "a-file" / "table.md")
@@ -1973,7 +1942,8 @@ def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_co
             script.main(common + [option, blocked])
     for script, extra in ((segment, segment_args + ["--table", through_a_file]),
                           (evaluate, common + ["--table", through_a_file]),
-                          (analyze, common + ["--table3", through_a_file]), (analyze, common + ["--table4", str(tmp_path)])):
+                          (analyze, common + ["--table3", through_a_file]),
+                          (analyze, common + ["--table4", str(tmp_path)])):
         with pytest.raises(SystemExit, match="^error: .*(a-file is a file|is a folder; pass --table4)"):
             script.main(extra)
     assert sorted(os.listdir(tmp_path)) == ["VOCdevkit", "a-file", "backbone.pth", "images"]   # nothing made
@@ -1995,6 +1965,27 @@ def test_output_paths_are_checked_before_the_work_and_a_failed_write_after_it_co
     monkeypatch.setattr(segment, "save_pca_grid", lambda *args: 1 / 0)     # a bug is no lost write: it shows
     with pytest.raises(ZeroDivisionError):
         segment.main(segment_args)
+    # A bad image or mask: named in one line before the probe trains, with nothing made
+    trained = []
+    monkeypatch.setattr(segment, "train_probe", lambda *args, **kwargs: trained.append(1))
+
+    def refusal():
+        message = exit_message(segment.main, segment_args + ["--out", str(tmp_path / "refused")])
+        assert not trained and not (tmp_path / "refused").exists()
+        return message
+
+    for name in ("v0", "v1"):                                                  # every pixel of val void
+        Image.open(voc / "SegmentationClass" / f"{name}.png").point(lambda value: 255).save(
+            voc / "SegmentationClass" / f"{name}.png")
+    assert re.match(r"error: every pixel of the 2 masks in .*val.txt is void \(255\): there is nothing to train or "
+                    r"score", refusal())
+    (voc / "JPEGImages" / "v1.jpg").write_bytes((voc / "JPEGImages" / "v1.jpg").read_bytes()[:40])   # cut short
+    assert re.match(r"error: cannot read image .*v1.jpg .*drop its id from the split", refusal())
+    Image.new("RGB", (20, 20)).save(voc / "JPEGImages" / "v1.jpg")            # a mask of another size
+    assert re.match(r"error: .*v1.png is 56x48 px but its image is 20x20", refusal())
+    palette_png(np.full((48, 56), 42, np.uint8)).save(voc / "SegmentationClass" / "t0.png")   # not a VOC class
+    assert refusal() == f"error: {voc / 'SegmentationClass' / 't0.png'} has values [42]; VOC masks hold classes " \
+                        f"0-20 and 255 (void)"
 
 
 def test_whole_image_sizes_keep_the_aspect_at_the_training_scale_in_multiples_of_the_stride():
@@ -2017,22 +2008,12 @@ def brute_force_ranks(values):
     return np.array([1 + (values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
 
 
-def wordnet_or_skip():
-    pytest.importorskip("nltk")
-    try:
-        return analyze.load_wordnet()
-    except analyze.MissingExtra:
-        pytest.skip("WordNet data for nltk is not installed")
-
-
 def hand_similarities(a, b):
     """WUP and LCH written out from the hypernym paths (root first), as nltk defines them. up(x)[n]: the
     fewest steps up from x to its hypernym n; the path length d(x, y) = min over common hypernyms n of
-    up(x)[n] + up(y)[n] (up to a shared node and down again: dog -> animal -> vertebrate is 4 steps, shorter
-    than the 5 of dog -> canine -> ... -> vertebrate). The lowest common subsumer is the shared hypernym of
-    greatest minimum depth; with depth = its maximum depth + 1 (in nodes),
-    WUP = 2 depth / ((d(a, lcs) + depth) + (d(b, lcs) + depth)), LCH = -log((d(a, b) + 1) / (2 * 19)),
-    19 the depth of the noun hierarchy."""
+    up(x)[n] + up(y)[n] (dog -> animal -> vertebrate: 4 steps, fewer than via canine). The lowest common
+    subsumer (lcs): the shared hypernym of greatest minimum depth; with depth = its maximum depth + 1 (nodes),
+    WUP = 2 depth / (d(a, lcs) + d(b, lcs) + 2 depth), LCH = -log((d(a, b) + 1) / (2 * 19)), 19 the noun depth."""
     def up(synset):
         steps = {}
         for path in synset.hypernym_paths():
@@ -2063,7 +2044,7 @@ def matrix_with_singular_values(sigma, rows, columns, seed=0):
     return u @ torch.diag(torch.as_tensor(sigma, dtype=torch.float64)) @ v.T           # (rows, columns)
 
 
-def test_rank_counts_singular_values_above_an_absolute_tolerance_of_0_1():
+def test_rank_counts_singular_values_above_an_absolute_0_1_and_anisotropy_is_the_top_ones_share_of_the_energy():
     chosen = [5.0, 2.0, 0.5, 0.11, 0.09, 0.01, 0.0, 0.0]
     matrix = matrix_with_singular_values(chosen, 40, 8)
     sigma = torch.linalg.svdvals(matrix)
@@ -2075,24 +2056,14 @@ def test_rank_counts_singular_values_above_an_absolute_tolerance_of_0_1():
     rank_7 = torch.randn(200, 7, generator=generator) @ torch.randn(7, 64, generator=generator)   # (200, 64)
     metrics = analyze.geometry_metrics(rank_7, torch.arange(200) % 4, max_points=50)
     assert metrics["rank"] == 7
-
-
-def test_anisotropy_is_the_top_singular_value_share_of_the_raw_features():
-    chosen = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])
-    matrix = matrix_with_singular_values(chosen, 30, 6)
-    assert analyze.anisotropy(torch.linalg.svdvals(matrix)) == pytest.approx(9 / (9 + 4 + 1 + 0.25))
+    # anisotropy: sigma_1^2 / sum sigma_i^2, the values under the rank's tolerance included
+    assert analyze.anisotropy(sigma) == pytest.approx(25 / (25 + 4 + 0.25 + 0.11 ** 2 + 0.09 ** 2 + 0.01 ** 2))
     dominant = torch.linalg.svdvals(matrix_with_singular_values([100.0, 1.0, 1.0, 1.0], 30, 6))
     assert analyze.anisotropy(dominant) == pytest.approx(10000 / 10003)          # one direction: near 1
     # Orthogonal columns of equal norm (isotropic energy): 1/D, whatever the common scale; uncentred
-    dim = 8
-    orthogonal = 3 * torch.linalg.qr(torch.randn(50, dim, generator=torch.Generator().manual_seed(2)))[0]
+    orthogonal = 3 * torch.linalg.qr(torch.randn(50, 8, generator=torch.Generator().manual_seed(2)))[0]
     metrics = analyze.geometry_metrics(orthogonal, torch.arange(50) % 2)
-    assert metrics["anisotropy"] == pytest.approx(1 / dim)
-    assert metrics["rank"] == dim
-    # Gaussian features (N, D): sigma_1^2 -> (sqrt(N) + sqrt(D))^2 (Marchenko-Pastur's edge), sum -> N D
-    n, dim = 2000, 128
-    gaussian = torch.linalg.svdvals(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)).double())
-    assert analyze.anisotropy(gaussian) == pytest.approx((math.sqrt(n) + math.sqrt(dim)) ** 2 / (n * dim), rel=0.03)
+    assert metrics["anisotropy"] == pytest.approx(1 / 8) and metrics["rank"] == 8
     # The bound in the docstring: the unit mean direction is one candidate for the top singular vector
     shifted = torch.randn(300, 16, generator=torch.Generator().manual_seed(3)).double() + 0.5
     bound = shifted.mean(0).norm() ** 2 / shifted.norm(dim=1).pow(2).mean()
@@ -2114,14 +2085,10 @@ def test_correlation_matches_a_loop_over_ordered_pairs_of_dimensions_and_closed_
     live = feats[:, :4]                                                         # torch.corrcoef agrees
     reference = torch.corrcoef(live.T).abs()
     assert analyze.feature_correlation(live)[0] == pytest.approx(((reference.sum() - 4) / 12).item())
-    generator = torch.Generator().manual_seed(5)           # one for perfectly correlated dimensions, ~0 for
-    x = torch.randn(100, 1, generator=generator)            # independent ones
+    # one for perfectly correlated dimensions (~0 for independent ones: with the isotropic Gaussians)
+    x = torch.randn(100, 1, generator=torch.Generator().manual_seed(5))
     affine = x * torch.tensor([1.0, -2.0, 0.5, 3.0]) + torch.tensor([0.0, 1.0, -4.0, 2.0])   # (100, 4)
     assert analyze.feature_correlation(affine) == (pytest.approx(1), 0)
-    n = 2000
-    independent = torch.randn(n, 64, generator=generator)
-    # |Pearson r| of independent normals over n samples: E|r| = sqrt(2 / (pi n))
-    assert analyze.feature_correlation(independent)[0] == pytest.approx(math.sqrt(2 / (math.pi * n)), rel=0.05)
 
 
 def test_orthogonal_class_directions_give_full_centroid_rank_and_closed_form_geometry():
@@ -2160,6 +2127,10 @@ def test_identical_embeddings_are_collapsed_and_isotropic_gaussians_in_high_dime
     feats = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
     metrics = analyze.geometry_metrics(feats, torch.arange(n) % 10, max_points=800)
     assert metrics["center_norm"] < 3 / math.sqrt(n)
+    # |Pearson r| of independent normals over n samples: E|r| = sqrt(2 / (pi n))
+    assert metrics["correlation"] == pytest.approx(math.sqrt(2 / (math.pi * n)), rel=0.05)
+    # sigma_1^2 -> (sqrt(N) + sqrt(D))^2 (Marchenko-Pastur's edge), sum -> N D: anisotropy, on all N points
+    assert metrics["anisotropy"] == pytest.approx((math.sqrt(n) + math.sqrt(dim)) ** 2 / (n * dim), rel=0.03)
     # the angle between random directions in R^D: mean 90 degrees, std (180/pi) / sqrt(D)
     assert metrics["angle_mean"] == pytest.approx(90, abs=0.1)
     assert metrics["angle_std"] == pytest.approx(math.degrees(1 / math.sqrt(dim)), rel=0.05)
@@ -2167,23 +2138,18 @@ def test_identical_embeddings_are_collapsed_and_isotropic_gaussians_in_high_dime
     assert abs(metrics["d_prime"]) < 0.1                                           # labels carry no signal
 
 
-def test_effective_rank_and_positive_angles_match_closed_forms():
+def test_effective_rank_and_positive_angles_match_closed_forms_and_d_prime_a_loop_over_pairs():
     p = torch.tensor([0.25, 0.25, 0.5])                                            # singular values 1, 1, 2, 0
     sigma = torch.linalg.svdvals(torch.diag(torch.tensor([1.0, 1.0, 2.0, 0.0])))
     assert analyze.effective_rank(sigma) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
     degrees = torch.tensor([10.0, 20.0, 45.0, 90.0])                               # view 2 rotated in a plane
     first = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1)
     second = torch.stack([torch.cos(torch.deg2rad(degrees)), torch.sin(torch.deg2rad(degrees)), torch.zeros(4)], 1)
-    metrics = analyze.geometry_metrics(torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 1, 1]),
-                                       torch.stack([first, 2 * second]))
+    labels = torch.arange(30) % 3
+    feats = torch.randn(30, 3, generator=torch.Generator().manual_seed(1)) + 2 * torch.eye(3)[labels]
+    metrics = analyze.geometry_metrics(feats, labels, torch.stack([first, 2 * second]))
     assert metrics["positive_angle_mean"] == pytest.approx(degrees.mean().item())
     assert metrics["positive_angle_std"] == pytest.approx(degrees.std().item())
-
-
-def test_d_prime_matches_a_loop_over_pairs():
-    g = torch.Generator().manual_seed(1)
-    labels = torch.arange(30) % 3
-    feats = torch.randn(30, 8, generator=g) + 2 * torch.eye(8)[labels]
     z = F.normalize(feats.double(), dim=1)
     same, different = [], []
     for i in range(30):
@@ -2191,18 +2157,27 @@ def test_d_prime_matches_a_loop_over_pairs():
             (same if labels[i] == labels[j] else different).append((z[i] @ z[j]).item())
     same, different = np.array(same), np.array(different)
     expected = (same.mean() - different.mean()) / math.sqrt((same.var(ddof=1) + different.var(ddof=1)) / 2)
-    assert analyze.geometry_metrics(feats, labels)["d_prime"] == pytest.approx(expected)
+    assert metrics["d_prime"] == pytest.approx(expected)
 
 
 # ---- rank statistics and hierarchical clustering (Table IV)
 
-def test_spearman_is_pearson_of_average_tie_ranks():
+def test_spearman_is_pearson_of_average_tie_ranks_and_its_mantel_p_value_is_small_only_for_related_matrices():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 5, 40).astype(float), rng.integers(0, 7, 40) + rng.normal(0, 0.1, 40)   # a: many ties
     assert np.array_equal(analyze.rankdata(a), brute_force_ranks(a))
     assert analyze.spearman(a, b) == pytest.approx(np.corrcoef(brute_force_ranks(a), brute_force_ranks(b))[0, 1])
     assert analyze.spearman(a, a ** 3 + 1) == pytest.approx(1)                     # invariant to monotone maps
     assert analyze.spearman(a, -a) == pytest.approx(-1)
+    # Mantel's test of the Spearman correlation of two matrices' pairs
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(12, 2))
+    a = -np.linalg.norm(points[:, None] - points[None], axis=2)
+    b = a + rng.normal(0, 0.1, a.shape)
+    b = (b + b.T) / 2
+    assert analyze.mantel_p_value(a, b, permutations=199) == pytest.approx(1 / 200)
+    unrelated = rng.normal(size=(12, 12))
+    assert analyze.mantel_p_value(a, unrelated + unrelated.T, permutations=199) > 0.05
 
 
 def test_average_linkage_on_points_of_a_line_gives_the_hand_computed_tree_and_matches_scipy():
@@ -2227,21 +2202,14 @@ def test_average_linkage_on_points_of_a_line_gives_the_hand_computed_tree_and_ma
     assert np.allclose(analyze.average_linkage(distances)[0], reference)
 
 
-def test_mantel_p_value_is_small_for_related_matrices_and_not_for_unrelated_ones():
-    rng = np.random.default_rng(3)
-    points = rng.normal(size=(12, 2))
-    a = -np.linalg.norm(points[:, None] - points[None], axis=2)
-    b = a + rng.normal(0, 0.1, a.shape)
-    b = (b + b.T) / 2
-    assert analyze.mantel_p_value(a, b, permutations=199) == pytest.approx(1 / 200)
-    unrelated = rng.normal(size=(12, 12))
-    assert analyze.mantel_p_value(a, unrelated + unrelated.T, permutations=199) > 0.05
-
-
 # ---- WordNet and MiniLM similarities of class names (Table IV)
 
 def test_wordnet_similarities_of_cifar_pairs_match_the_hypernym_paths_and_class_names_find_their_synsets():
-    wordnet = wordnet_or_skip()
+    pytest.importorskip("nltk")
+    try:
+        wordnet = analyze.load_wordnet()
+    except analyze.MissingExtra:
+        pytest.skip("WordNet data for nltk is not installed")
     names = analyze.synset_names(["cat", "dog", "truck", "airplane", "ship", "frog"])
     wup, lch = analyze.wordnet_similarities(names)
     for i in range(len(names)):
@@ -2283,27 +2251,25 @@ def test_the_heat_map_shows_the_matrix_in_viridis_on_the_given_scale_with_the_cl
 
 # ---- saliency (Figs. 2, 3)
 
-def test_vit_attention_weights_are_the_ones_the_block_uses():
-    vit = models.build_backbone("vit_tiny", 32, width=24, depth=2, heads=2).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    maps, grid = vit.attention_maps(x)
-    assert maps.shape == (2, 2, 2, 1 + 64, 1 + 64) and grid == (8, 8)
-    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 2, 65))                   # rows are distributions
-    tokens, _ = vit.embed(x)
-    out, weights = vit.blocks[0](tokens, return_attention=True)
-    assert torch.allclose(out, vit.blocks[0](tokens), atol=1e-5)                   # same output as the fused path
-    assert torch.equal(weights, maps[0])
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
-def test_saliency_overlay_png_has_the_expected_size_and_range(tmp_path, arch):
-    pytest.importorskip("matplotlib")
-    backbone = models.build_backbone(arch, 32, width=8 if arch == "resnet18" else 24,
-                                     depth=None if arch == "resnet18" else 2, heads=None if arch == "resnet18" else 2)
+def test_saliency_overlay_png_has_the_expected_size_and_range_and_vit_attention_weights_are_the_blocks(tmp_path, arch):
+    sizes = {"width": 8} if arch == "resnet18" else {"width": 24, "depth": 2, "heads": 2}
+    backbone = models.build_backbone(arch, 32, **sizes).eval()
     images = [(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)), 0) for i in range(3)]
-    heat = (analyze.smoothgrad_cam(backbone.eval(), images[0][0], samples=2) if arch == "resnet18"
-            else analyze.vit_attention_map(backbone.eval(), images[0][0]))
+    if arch == "resnet18":
+        heat = analyze.smoothgrad_cam(backbone, images[0][0], samples=2)
+    else:
+        heat = analyze.vit_attention_map(backbone, images[0][0])
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        maps, patches = backbone.attention_maps(x)
+        assert maps.shape == (2, 2, 2, 1 + 64, 1 + 64) and patches == (8, 8)
+        assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 2, 65))               # rows are distributions
+        tokens, _ = backbone.embed(x)
+        out, weights = backbone.blocks[0](tokens, return_attention=True)
+        assert torch.allclose(out, backbone.blocks[0](tokens), atol=1e-5)          # same output as the fused path
+        assert torch.equal(weights, maps[0])
     assert heat.shape == (32, 32) and heat.min() == 0 and heat.max() == pytest.approx(1)
+    pytest.importorskip("matplotlib")                                             # the overlay's colour map
     grid = analyze.save_saliency_grid(backbone, images, [0, 2], tmp_path / "s.png", torch.device("cpu"), samples=2)
     assert grid.shape == (3, 2 * 32 * 4, 2 * 32 * 4)                              # 2 rows of (input | overlay), x4
     picture = data.unnormalize(images[0][0]).clamp(0, 1)                          # row 0: image 0, enlarged x4
@@ -2318,17 +2284,15 @@ def test_saliency_overlay_png_has_the_expected_size_and_range(tmp_path, arch):
 
 def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(tmp_path, capsys):
     to_rgba = pytest.importorskip("matplotlib").colors.to_rgba
-    runs = []
-    for i, kappa in enumerate((1, 10, 20)):
-        run = tmp_path / f"kappa{kappa}"
-        run.mkdir()
-        with open(run / "log.jsonl", "w") as f:
+    runs = [str(tmp_path / f"kappa{kappa}") for kappa in (1, 10, 20)]
+    for i, run in enumerate(runs):
+        os.mkdir(run)
+        with open(os.path.join(run, "log.jsonl"), "w") as f:
             for epoch in (1, 2, 3):
                 record = {"epoch": epoch, "step": 10 * epoch, "loss": -epoch}
                 if epoch != 2:                                   # the probes logged every other epoch only
                     record["knn_top1"] = record["linear_top1"] = 10 * i + epoch
                 f.write(json.dumps(record) + "\n")
-        runs.append(str(run))
     curves = analyze.read_curves(runs, "knn_top1")
     assert curves[runs[2]] == ((1, 3), (21, 23))
     # eval.jsonl of kept checkpoints: probed in shell-glob order (10 before 2), epoch 2 probed twice
