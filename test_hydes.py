@@ -2327,22 +2327,21 @@ def test_learning_curves_read_each_runs_log_and_draw_one_labelled_line_per_run(t
 # train.py: settings and objectives, bad arguments, reliability (resume, signals, bad data)
 
 def assert_same_training_state(a, b):
-    """The same weights, AdamW moments, and online linear probe (layer and Adam moments), bit for bit."""
-    assert a["step"] == b["step"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for optimizer_a, optimizer_b in ((a["optimizer"], b["optimizer"]),
-                                     (a["linear_probe"]["optimizer"], b["linear_probe"]["optimizer"])):
-        for moments_a, moments_b in zip(optimizer_a["state"].values(), optimizer_b["state"].values()):
-            for name in moments_a:
-                assert torch.equal(moments_a[name], moments_b[name]), name
-    for key in a["linear_probe"]["layer"]:
-        assert torch.equal(a["linear_probe"]["layer"][key], b["linear_probe"]["layer"][key]), key
+    """The same step, weights, AdamW state, and online linear probe (layer and Adam state), bit for bit."""
+    def same(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(map(same, x, y))
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    for part in ("step", "model", "optimizer", "linear_probe"):
+        assert same(a[part], b[part]), part
 
 
 # ---- the objectives: HyDeS and Table I's supervised baseline on the same backbone and views
 
-def test_the_objective_is_eq_4_with_h_global_a_brute_force_mean_of_kernel_values():
+def test_the_objectives_are_eq_4_and_each_views_cross_entropy_and_the_supervised_baseline_trains_and_evaluates(
+        tmp_path):
     z = F.normalize(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     kappa, beta = 7.3, 0.5
     terms = train.objective(z, None, "hydes", kappa, 1.0, beta)
@@ -2355,114 +2354,23 @@ def test_the_objective_is_eq_4_with_h_global_a_brute_force_mean_of_kernel_values
     h_global = -(hydes.log_vmf_normalizer(8, kappa) + kernel_mean.log()).mean()
     assert terms["h_global"].item() == pytest.approx(h_global.item(), rel=1e-5)
     assert terms["loss"].item() == pytest.approx(beta * terms["h_local"].item() - h_global.item(), rel=1e-5)
-
-
-@pytest.mark.parametrize("method", ["hydes", "supervised"])
-def test_each_method_trains_on_the_same_views_logs_its_terms_and_evaluates(tmp_path, method):
+    # Table I's supervised baseline: cross-entropy of every view's logits against its image's label, averaged
+    logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
+    terms = train.objective(logits, labels, "supervised", 1.0, 1.0, 1.0)
+    per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
+    assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
+    assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
+    # It trains on the same backbone and views as HyDeS (test_training_runs_...), logs its terms and is evaluated
     out = tmp_path / "run"
-    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", method, "--lr", "0.01"])
+    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "2", "--method", "supervised", "--lr", "0.01"])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     saved = torch.load(out / "ckpt.pt", weights_only=True)
-    if method == "supervised":           # two colour-coded classes: the classifier fits its training views
-        assert set(log[0]) >= {"loss", "accuracy"} and saved["model"]["classifier.weight"].shape == (2, 64)
-        assert 0 <= log[-1]["accuracy"] <= 1
-        # the objective: cross-entropy of every view's logits against its image's label, averaged
-        logits, labels = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 0, 2, 2])
-        terms = train.objective(logits, labels, "supervised", 1.0, 1.0, 1.0)
-        per_view = [F.cross_entropy(logits[v], labels) for v in range(3)]
-        assert terms["loss"].item() == pytest.approx(sum(per_view).item() / 3, abs=1e-6)
-        assert terms["accuracy"].item() == (logits.argmax(-1) == labels).float().mean().item()
-    else:                               # mi = h_global - h_local, averaged over the epoch's steps
-        assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
-        assert "projector.0.weight" in saved["model"]
+    # two colour-coded classes: the classifier fits its training views
+    assert set(log[0]) >= {"loss", "accuracy"} and saved["model"]["classifier.weight"].shape == (2, 64)
+    assert 0 <= log[-1]["accuracy"] <= 1
     backbone, info = backbones.load_backbone(out / "ckpt.pt")
     assert torch.equal(backbone.conv1.weight, saved["model"]["backbone.conv1.weight"])
-    assert info["method"] == {"hydes": "HyDeS", "supervised": "Supervised"}[method]
-
-
-def test_resume_auto_starts_continues_mends_a_cut_log_leaves_a_finished_run_alone_and_refuses_what_it_cannot_resume(
-        tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    common = tiny_run(tmp_path) + ["--out", str(run)]
-    train.main(common + ["--epochs", "1", "--resume", "auto"])        # a cluster's first start: nothing to resume
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2
-    with open(run / "log.jsonl", "a") as f:
-        f.write('{"epoch": 2, "ste')                                  # a kill while the line was appended
-    assert analyze.read_curves([str(run)], "loss")[str(run)][0] == (1,)        # the curves read the whole lines
-    train.main(common + ["--epochs", "2", "--resume", "auto"])        # requeued: continues, and mends the log
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
-    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [2, 4]
-    printed = capsys.readouterr().out
-    assert "cut short" in printed and "epochs already" not in printed      # it trained: nothing to warn about
-    # Nothing left to train (the checkpoint's --epochs, --epochs 0, or fewer than trained): decided before any
-    # file is touched, even a log line that the checkpoint does not hold (a kill before its save) is kept
-    with open(run / "log.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": 3.0, "step": 6}) + "\n")
-    files = {name: (run / name).read_bytes() for name in ("log.jsonl", "args.json", "ckpt.pt")}
-    for resume in (["--resume"], ["--epochs", "0", "--resume", "auto"], ["--epochs", "1", "--resume"]):
-        train.main(common + resume)
-        assert "run has trained 2 epochs already; raise --epochs to train further (the run is left as it is)" in \
-            capsys.readouterr().out
-        assert {name: (run / name).read_bytes() for name in files} == files
-    with pytest.raises(SystemExit, match="pick one"):       # refused on the first start and on every requeue
-        train.main(common + ["--epochs", "2", "--resume", "auto", "--force"])
-    with pytest.raises(SystemExit):
-        train.build_parser().parse_args(["--resume", "yes"])
-    assert "argument --resume: invalid choice: 'yes'" in capsys.readouterr().err
-    # A second Ctrl-C stops at once, in one line, and the last checkpoint survives
-    calls, real = [], train.augmentation_generator
-
-    def twice_at_the_second_step(*args):
-        calls.append(args)
-        if len(calls) == 2:                       # the first asks to stop after the step, the second stops at once
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args)
-
-    monkeypatch.setattr(train, "augmentation_generator", twice_at_the_second_step)
-    with pytest.raises(SystemExit) as stopped:
-        train.main(common + ["--epochs", "3", "--resume"])
-    monkeypatch.undo()
-    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"interrupted (Ctrl-C): stopped at once by a second Ctrl-C; {run / 'ckpt.pt'} holds the last epoch saved "
-        f"(continue with --resume)")
-    assert (run / "ckpt.pt").read_bytes() == files["ckpt.pt"]
-    # Refused: data of other classes, a checkpoint without its optimizer, a plain state_dict
-    for cls in ("a", "b", "c"):                        # as many train images (16), but three classes
-        write_images(tmp_path / "three" / "train" / cls, 6 if cls != "c" else 4)
-        write_images(tmp_path / "three" / "test" / cls, 2)
-    with pytest.raises(SystemExit, match=r"^error: the checkpoint was trained on data of 2 classes but the data now "
-                                         r"has 3; resume with the same data \(--data-dir\)$"):
-        train.main(common + ["--epochs", "3", "--resume", "--data-dir", str(tmp_path / "three")])
-    state = torch.load(run / "ckpt.pt", weights_only=True)
-    torch.save({**state, "args": {**state["args"], "device": "cuda"}}, run / "ckpt.pt")   # a GPU run, on a CPU
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with pytest.raises(SystemExit, match=r"^error: --device cuda, but PyTorch sees no CUDA GPU here; pass --device "
-                                         r"cpu$"):
-        train.main(common + ["--epochs", "3", "--resume"])
-    monkeypatch.undo()
-    # A run of an earlier version: settings it no longer has are refused unless they train alike
-    for setting, value in (("kappa_final", 1.0), ("schedule", "cosine"), ("method", "infonce")):
-        torch.save({**state, "args": {**state["args"], setting: value}}, run / "ckpt.pt")
-        with pytest.raises(SystemExit, match=rf"^error: .*ckpt.pt was trained with --{setting.replace('_', '-')} "
-                                             rf"{value}, which this version of train.py does not have"):
-            train.main(common + ["--epochs", "3", "--resume"])
-    assert backbones.load_backbone(run / "ckpt.pt", quiet=True)[1]["method"] == "infonce"   # still probed
-    alike = {"kappa_final": None, "beta_final": None, "schedule": "constant", "warmup_epochs": 0.0}
-    torch.save({**state, "args": {**state["args"], **alike}}, run / "ckpt.pt")
-    train.main(common + ["--epochs", "3", "--resume"])
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
-    assert not set(alike) & set(json.loads((run / "args.json").read_text()))
-    del state["optimizer"]
-    torch.save(state, run / "ckpt.pt")
-    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt holds no optimizer \(saved for evaluation only\?\), so "
-                                         r"the run cannot continue exactly"):
-        train.main(common + ["--epochs", "3", "--resume"])
-    torch.save(models.build_backbone("resnet18", 32, width=8).state_dict(), run / "ckpt.pt")
-    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt is not a checkpoint train.py wrote \(no run settings, "
-                                         r"step or data order: a plain state_dict\?\); move it away"):
-        train.main(common + ["--epochs", "4", "--resume"])
+    assert info["method"] == "Supervised"
 
 
 def test_every_flag_of_every_script_has_help_and_shows_its_default(capsys):
@@ -2520,24 +2428,19 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
             sums.tolist()
 
 
-def tiny_step():
-    """train.loss_of_batch for a width-8 ResNet on 8 CIFAR-sized images, as train() builds it."""
-    torch.manual_seed(0)
-    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8, stem="cifar"), 16, 8)
-    recipes = data.dino_recipes(16, 8, local_crops=2)
-    setup = settings.precision_for(torch.device("cpu"), "resnet18", "fp32")
-    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    parameters = data.draw_views(recipes, torch.tensor([[16, 16]]).expand(8, 2), train.augmentation_generator(0, 0, 0))
-    return net, functools.partial(train.loss_of_batch, net, recipes, setup, "hydes", 10.0, 1.0, 1.0), images, parameters
-
-
-def test_the_step_compiles_into_one_graph_of_views_network_and_loss_that_computes_what_eager_does():
+def test_the_step_compiles_into_one_graph_that_computes_what_eager_does_and_drops_the_last_gradients_first(monkeypatch):
     # --compile compiles train.loss_of_batch (the views, the network, the loss) and the backward with it:
     # fullgraph=True refuses any graph break, so CUDA graphs (reduce-overhead) can replay the whole of it.
     # AOT autograd's eager backend runs the traced forward-and-backward graph as it is (seconds, where
     # inductor's code generation takes minutes on a CPU) and must give eager's loss and gradients. The default
     # forward (per view) only: per resolution adds a torch.cat, and halving the test's minute is worth more.
-    net, step_loss, images, parameters = tiny_step()
+    torch.manual_seed(0)                # the step as train() builds it: a width-8 ResNet, 8 CIFAR-sized images
+    net = models.HyDeSModel(models.build_backbone("resnet18", 16, 8, stem="cifar"), 16, 8)
+    recipes = data.dino_recipes(16, 8, local_crops=2)
+    setup = settings.precision_for(torch.device("cpu"), "resnet18", "fp32")
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    parameters = data.draw_views(recipes, torch.tensor([[16, 16]]).expand(8, 2), train.augmentation_generator(0, 0, 0))
+    step_loss = functools.partial(train.loss_of_batch, net, recipes, setup, "hydes", 10.0, 1.0, 1.0)
     twin = copy.deepcopy(net)
     eager = step_loss(images, parameters, None)
     eager["loss"].backward()
@@ -2549,18 +2452,14 @@ def test_the_step_compiles_into_one_graph_of_views_network_and_loss_that_compute
     assert all(torch.allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6) for k in train.LOGGED["hydes"])
     for mine, theirs in zip(twin.parameters(), net.parameters()):
         assert (mine.grad - theirs.grad).norm() <= 1e-4 * theirs.grad.norm()
-
-
-def test_compile_takes_a_mode_and_a_step_drops_the_last_gradients_before_cuda_graphs_replay(monkeypatch, tmp_path):
     # --compile alone is torch.compile's default mode, --compile reduce-overhead its CUDA graphs
     parse = train.build_parser().parse_args
     assert [parse(a).compile for a in ([], ["--compile"], ["--compile", "reduce-overhead"])] == [
         None, "default", "reduce-overhead"]
-    # CUDA graphs replay into the same memory every step, the parameters' gradients included: the step
-    # must drop the last step's gradients and mark a new step before its forward pass, not after it
+    # CUDA graphs replay into the same memory every step, gradients included: the step must drop the last
+    # step's gradients (at first, the eager pass's) and mark a new step before its forward pass, not after it
     events = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
-    net, step_loss, images, parameters = tiny_step()
     forward = net.forward
     monkeypatch.setattr(net, "forward", lambda views: events.append(
         "forward, gradients " + ("dropped" if all(p.grad is None for p in net.parameters()) else "kept"))
@@ -2596,6 +2495,8 @@ BAD_TRAINING_ARGUMENTS = [
     (["--depth", "3"], "--depth and --heads shape vit_tiny only"),
     (["--arch", "vit_tiny", "--width", "10", "--heads", "3"], "cannot split into 3 heads"),
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs without bf16"),
+    (["--precision", "bf16", "--device", "cpu"],
+     "--precision bf16 on a CPU computes wrong gradients for resnet18's imagenet stem on 16 px crops"),
     (["--width", "4", "--device", "cpu"], "a ResNet of --width 4 trains through a 1x1 stride-2 convolution"),
     # numbers without bounds: nan and infinities, and values that would exhaust the machine, not train
     (["--kappa", "inf"], "--kappa must be a finite number (got inf)"),
@@ -2624,8 +2525,8 @@ def test_bad_training_arguments_are_refused_before_any_work(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("source, other, mixed_sizes", [("memory", "workers", False), ("workers", "memory", False),
                                                         ("workers", "workers", True)])
-def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path, monkeypatch, source, other,
-                                                                        mixed_sizes):
+def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch_and_the_monitor_ignores_the_data_source(
+        tmp_path, monkeypatch, source, other, mixed_sizes):
     # --eval-every 1: the online probe trains after each epoch, and must resume exactly too
     common = tiny_run(tmp_path) + ["--data-source", source, "--eval-every", "1", "--knn-k", "3"]
     if mixed_sizes:        # the loading workers cut the crops, each image's seeded by (seed, step, rank, position)
@@ -2643,14 +2544,21 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     backbone, _ = backbones.load_backbone(tmp_path / "straight" / "ckpt-epoch1.pt")
     assert kept["step"] == 2 and torch.equal(kept["model"]["backbone.conv1.weight"], backbone.conv1.weight)
 
-    # 1 epoch, then --resume for the second from the other data source with loading workers: the views
-    # depend neither on where the images come from nor on the workers
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1"])
-    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume",
-                         "--workers", "2" if mixed_sizes else "1", "--data-source", other])
-    assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+    def monitor(run):                               # the figures of the online k-NN and linear probe, line by line
+        return [{k: v for k, v in json.loads(line).items() if k.startswith(("knn", "linear"))}
+                for line in open(tmp_path / run / "log.jsonl")]
 
-    # Ctrl-C while step 3 (the first of epoch 2) prepares its views: that step finishes, is saved, the run exits
+    # The same run from the other data source with loading workers, resumed after 1 epoch: the views, and the
+    # monitor's figures, depend neither on where the images come from nor on the workers
+    other_source = ["--data-source", other, "--workers", "2" if mixed_sizes else "1"]
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "1", *other_source])
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", *other_source])
+    assert_same_training_state(straight, torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+    assert monitor("resumed") == monitor("straight")
+    assert [set(r) for r in monitor("straight")] == [{"knn_top1", "knn_top5", "linear_top1", "linear_top5"}] * 2
+
+    # Ctrl-C while step 3 (the first of epoch 2) prepares its views: that step finishes, is saved, the run exits;
+    # it resumes mid-epoch from the other data source
     calls = []
 
     def interrupting(real, at_call):
@@ -2670,24 +2578,20 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch(tmp_path,
     assert interrupted["step"] == 3 and interrupted["data_order"]["next_batch"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored
     monkeypatch.undo()
-    train.main(common + ["--out", str(out), "--epochs", "2", "--resume"])
+    train.main(common + ["--out", str(out), "--epochs", "2", "--resume", *other_source])
     assert_same_training_state(straight, torch.load(out / "ckpt.pt", weights_only=True))
     log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [round(r["epoch"], 2) for r in log] == [1, 1.5, 2] and "linear_top1" not in log[1]
     straight_log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]
+    assert [round(r["epoch"], 2) for r in log] == [1, 1.5, 2]
     for term in ("loss", "h_local", "h_global"):       # the resumed epoch's line averages all its steps
         assert log[2][term] == pytest.approx(straight_log[1][term], rel=1e-5, abs=1e-6), term
-    assert [r["linear_top1"] for r in straight_log] == [log[0]["linear_top1"], log[2]["linear_top1"]]
+    assert monitor("interrupted") == [monitor("straight")[0], {}, monitor("straight")[1]]    # none at the stop
 
 
 def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refused(tmp_path):
     # The CIFAR stem: with the ImageNet stem, 16 px crops reach layer4's stride-2 convolution at 1 x 1, whose
     # bf16 weight gradient oneDNN miscomputes on some CPUs (SPEED.md: precision), differently from call to call.
     common = tiny_run(tmp_path, extra=["--device", "cpu", "--stem", "cifar"])
-    with pytest.raises(SystemExit, match="--precision bf16 on a CPU computes wrong gradients for resnet18's imagenet "
-                                         "stem on 16 px crops"):
-        train.main(tiny_run(tmp_path, extra=["--device", "cpu"]) + ["--out", str(tmp_path / "no"),
-                                                                    "--precision", "bf16"])
     train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--precision", "bf16"])
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert straight["args"]["precision"] == "bf16"
@@ -2714,7 +2618,8 @@ def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refu
                        {"bf16": first_epoch, "fp32": fp32}[picked]["model"]["backbone.conv1.weight"])
 
 
-def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command(tmp_path):
+def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_command_and_a_run_holds_its_folder(
+        tmp_path):
     # A cluster's pre-emption signals every process of the job, the loading worker included.
     out = tmp_path / "my run (test)"                  # the printed command quotes it: it can be pasted
     command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--data-source", "workers",
@@ -2724,6 +2629,9 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_comm
         deadline = time.time() + 120
         while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is done
             time.sleep(0.2)
+        assert exit_message(train.main, command[2:]) == (      # a second train.py there: told in one line at once
+            f"error: another train.py (process {run.pid}) is running in {out}; wait for it to end, or pick another "
+            f"--out")
         os.killpg(run.pid, signal.SIGTERM)
         stdout, stderr = run.communicate(timeout=120)
     finally:
@@ -2731,10 +2639,23 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_with_its_resume_comm
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "SIGTERM: stopped after step" in stdout
-    assert shlex.split(stdout.split("continue with\n")[1].splitlines()[0]) == ["python", "train.py", "--out", str(out),
-                                                                               "--resume"]
+    printed = shlex.split(stdout.split("continue with\n")[1].splitlines()[0])
+    assert printed == ["python", "train.py", "--out", str(out), "--resume"]
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert f"stopped after step {saved['step']} " in stdout and saved["step"] >= 2
+    # That command, killed (SIGKILL, its loading worker too) once it holds the folder: its lock is not stuck
+    resumed = subprocess.Popen([sys.executable, os.path.abspath(train.__file__), *printed[2:]], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while (out / ".lock").read_text() != str(resumed.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert (out / ".lock").read_text() == str(resumed.pid)          # it holds the folder
+    finally:
+        os.killpg(resumed.pid, signal.SIGKILL)
+        resumed.communicate()
+    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1", "--force"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -2783,18 +2704,6 @@ def test_a_bad_test_image_stops_the_monitor_after_the_epoch_is_saved_resume_rest
     assert "knn_top1" in log[0] and "linear_top1" in log[1] and "evaluation_pending" not in log[0]
 
 
-def test_the_monitor_gives_the_same_figures_whichever_data_source_feeds_training(tmp_path):
-    logs = {}
-    for source in ("memory", "workers"):
-        out = tmp_path / source
-        train.main(tiny_run(tmp_path) + ["--data-source", source, "--eval-every", "1", "--knn-k", "3", "--epochs", "2",
-                                         "--out", str(out)])
-        logs[source] = [{k: v for k, v in json.loads(line).items() if k.startswith(("knn", "linear"))}
-                        for line in open(out / "log.jsonl")]
-    assert logs["memory"] == logs["workers"] and len(logs["memory"]) == 2
-    assert set(logs["memory"][0]) == set(logs["memory"][1]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
-
-
 @pytest.mark.parametrize("signum, dies", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_path, monkeypatch, signum, dies):
     real = train.labelled_splits
@@ -2823,27 +2732,6 @@ def test_a_signal_during_the_k_nn_keeps_the_saved_epoch_and_its_log_line(tmp_pat
         log, straight_log = ([json.loads(line) for line in open(folder / "log.jsonl")] for folder in (out, straight))
         assert [r["step"] for r in log] == [2, 4, 6]          # the line without figures replaced by the evaluated one
         assert [r["linear_top1"] for r in log] == [r["linear_top1"] for r in straight_log]
-
-
-def test_a_second_train_py_on_the_same_folder_is_refused_and_a_killed_ones_lock_is_not_stuck(tmp_path):
-    out = tmp_path / "run"
-    command = [sys.executable, os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out),
-               "--epochs", "1000"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "args.json").exists() and time.time() < deadline:     # the folder is claimed
-            time.sleep(0.1)
-        assert exit_message(train.main, command[2:]) == (                        # told in one line at once
-            f"error: another train.py (process {first.pid}) is running in {out}; wait for it to end, or pick another "
-            f"--out")
-        first.kill()
-        first.wait()
-    finally:
-        if first.poll() is None:
-            first.kill()
-    train.main(tiny_run(tmp_path) + ["--out", str(out), "--epochs", "1", "--force"])    # the lock died with it
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_an_empty_class_folder_a_single_class_and_images_that_cannot_be_opened_are_one_line_errors_or_skipped(
@@ -2875,25 +2763,64 @@ def test_an_empty_class_folder_a_single_class_and_images_that_cannot_be_opened_a
 # ----------------------------------------------------------------------------------------------------
 # Outputs that never destroy a file, every device, broken inputs (ERRORS.md)
 
-def test_an_export_or_a_picture_is_replaced_only_with_force_and_never_the_checkpoint_read_or_a_device(tmp_path):
+def test_probing_scripts_stop_in_one_line_on_ctrl_c_or_bad_inputs_and_replace_an_output_only_with_force_never_the_read(
+        tmp_path, monkeypatch, capsys):
     train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"])
-    checkpoint = tmp_path / "run" / "ckpt.pt"
-    before = checkpoint.read_bytes()
+    checkpoint = str(tmp_path / "run" / "ckpt.pt")
+    write_voc(tmp_path / "VOCdevkit" / "VOC2012", ["t0", "t1"], ["v0"])
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cases = [(evaluate, loading, "extract_features", [checkpoint, "--workers", "0"], "no result was written"),
+             (analyze, analyze, "cached_features", [checkpoint, "--workers", "0"], "no result was written"),
+             (segment, segment, "train_probe", [checkpoint, "--workers", "0", "--data-dir", str(tmp_path),
+                                                "--image-size", "32"],
+              "the probe was not finished and no row was written"),
+             (benchmark, benchmark, "crops_per_second", ["--device", "cpu"], "the rows printed above are what was")]
+    for script, module, where, argv, kept in cases:         # Ctrl-C in the middle of the work
+        monkeypatch.setattr(module, where, ctrl_c)
+        with pytest.raises(SystemExit) as stopped:
+            script.main(argv)
+        assert stopped.value.code == 130, script.__name__
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"interrupted (Ctrl-C): {kept}") and "Traceback" not in "".join(err), (script, err)
+        monkeypatch.undo()
+    assert not os.path.exists(tmp_path / "run" / "eval.jsonl")
+    assert not os.path.exists(tmp_path / "run" / "segment.jsonl")
+    for main, arch in ((evaluate.main, "resnet50"), (segment.main, "vit_tiny")):
+        with pytest.raises(SystemExit, match=f"--arch {arch}, but .* holds a resnet18"):
+            main([checkpoint, "--arch", arch, "--workers", "0"])
+    write_dataset(tmp_path / "one", ("a",), train=4, test=4)
+    with pytest.raises(SystemExit, match="fewer than 2 classes"):
+        evaluate.main([checkpoint, "--data-dir", str(tmp_path / "one"), "--workers", "0"])
+    state = torch.load(checkpoint, weights_only=True)              # broken weights: features that are not finite
+    state["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    for main, extra in ((evaluate.main, []), (analyze.main, ["--out", str(tmp_path / "analysis")]),
+                        (segment.main, ["--data-dir", str(tmp_path), "--image-size", "32", "--out", str(tmp_path / "seg"),
+                                        "--pca-images", "0"])):
+        with pytest.raises(SystemExit, match=r"^error: .*nan.pt gives features that are not finite \(NaN or inf\) for "
+                                             r"\d+ of \d+ images: its weights are broken"):
+            main([str(tmp_path / "nan.pt"), "--workers", "0", *extra])
+    assert not (tmp_path / "eval.jsonl").exists() and not list(tmp_path.glob("seg/*"))          # nothing written
+    # --export: never the checkpoint read, nor a device; another file only with --force
+    before = open(checkpoint, "rb").read()
     for force in ([], ["--force"]):              # the checkpoint read is never replaced, even with --force
         with pytest.raises(SystemExit, match=r"ckpt.pt is the file this command reads; pass another --export"):
-            evaluate.main([str(checkpoint), "--export", str(checkpoint), *force])
-    assert checkpoint.read_bytes() == before
+            evaluate.main([checkpoint, "--export", checkpoint, *force])
+    assert open(checkpoint, "rb").read() == before
     exported = tmp_path / "backbone.pth"
     exported.write_bytes(b"the user's file")
     with pytest.raises(SystemExit, match=r"backbone.pth exists; pass --force to replace it, or another --export"):
-        evaluate.main([str(checkpoint), "--export", str(exported)])
+        evaluate.main([checkpoint, "--export", str(exported)])
     assert exported.read_bytes() == b"the user's file"
-    evaluate.main([str(checkpoint), "--export", str(exported), "--force"])
+    evaluate.main([checkpoint, "--export", str(exported), "--force"])
     assert "conv1.weight" in torch.load(exported, weights_only=True)
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)                                          # a node that is not a regular file, made here
     with pytest.raises(SystemExit, match=r"pipe exists and is not a regular file .*; pass another --export"):
-        evaluate.main([str(checkpoint), "--export", str(pipe), "--force"])
+        evaluate.main([checkpoint, "--export", str(pipe), "--force"])
     with pytest.raises(OSError, match="is not a regular file"):                 # and at the write itself
         checkpoints.write_atomically(str(pipe), lambda f: f.write(b"x"))
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
@@ -2904,32 +2831,18 @@ def test_an_export_or_a_picture_is_replaced_only_with_force_and_never_the_checkp
             checkpoints.write_atomically(str(node), lambda f: f.write(b"x"))
         assert stat.S_ISCHR(os.lstat(node).st_mode)
     # Pictures: analyze.py curves' --out, analyze.py's and segment.py's PNGs in their --out
-    picture = tmp_path / "curves.png"
-    picture.write_bytes(b"the user's figure")
-    with pytest.raises(SystemExit, match=r"curves.png exists; pass --force to replace it, or another --out"):
-        analyze.main(["curves", str(tmp_path), "--out", str(picture)])
-    assert picture.read_bytes() == b"the user's figure"
-    (tmp_path / "analysis").mkdir()
-    (tmp_path / "analysis" / "saliency.png").write_bytes(b"an earlier run's")
-    with pytest.raises(SystemExit, match=r"saliency.png exists; pass --force to replace it, or another --out"):
-        analyze.main([str(checkpoint), "--out", str(tmp_path / "analysis")])
-    (tmp_path / "seg").mkdir()
-    (tmp_path / "seg" / "pca_hypercolumns.png").write_bytes(b"an earlier run's")
-    with pytest.raises(SystemExit, match=r"pca_hypercolumns.png exists; pass --force to replace it, or another --out"):
-        segment.main([str(checkpoint), "--out", str(tmp_path / "seg")])
-
-
-def full_disk_after(byte_count, monkeypatch):
-    """os.write takes `byte_count` bytes in all, then fails as a full disk does."""
-    real_write, left = os.write, [byte_count]
-
-    def write(fd, data):
-        if left[0] <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written = real_write(fd, bytes(data[:left[0]]))
-        left[0] -= written
-        return written
-    monkeypatch.setattr(os, "write", write)
+    for picture, main, argv in ((tmp_path / "curves.png", analyze.main, ["curves", str(tmp_path)]),
+                                (tmp_path / "analysis" / "saliency.png", analyze.main, [checkpoint]),
+                                (tmp_path / "seg" / "pca_hypercolumns.png", segment.main, [checkpoint])):
+        picture.parent.mkdir(exist_ok=True)
+        picture.write_bytes(b"the user's figure")
+        out = picture if argv[0] == "curves" else picture.parent     # the curves' --out names the file
+        with pytest.raises(SystemExit, match=rf"{picture.name} exists; pass --force to replace it, or another --out"):
+            main(argv + ["--out", str(out)])
+        assert picture.read_bytes() == b"the user's figure"
+    (tmp_path / "images" / "test" / "a" / "000.jpg").write_bytes(b"")     # an image a loading worker cannot read
+    assert exit_message(analyze.main, [checkpoint, "--workers", "1", "--positive-images", "0", "--images", "0"]
+                        ).startswith("error: cannot read image ")
 
 
 def test_a_full_disk_while_appending_or_keeping_a_copy_says_so_in_one_line_and_leaves_each_file_whole(
@@ -2938,7 +2851,15 @@ def test_a_full_disk_while_appending_or_keeping_a_copy_says_so_in_one_line_and_l
     path = tmp_path / "eval.jsonl"
     checkpoints.append_jsonl(str(path), {"knn_top1": 50.0})
     before = path.read_bytes()
-    full_disk_after(5, monkeypatch)                          # half a line would be written, then the disk is full
+    real_write, left = os.write, [5]
+
+    def write(fd, data):                 # os.write takes 5 bytes in all (half a line), then fails as a full disk does
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = real_write(fd, bytes(data[:left[0]]))
+        left[0] -= written
+        return written
+    monkeypatch.setattr(os, "write", write)
     with pytest.raises(OSError, match="No space left"):
         checkpoints.append_jsonl(str(path), {"knn_top1": 60.0})
     assert path.read_bytes() == before
@@ -3105,10 +3026,12 @@ def test_a_benchmark_row_that_fails_is_reported_and_the_others_still_run(capsys,
 # ---- whole runs
 
 
-def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_refuses_other_data(tmp_path, capsys):
+def test_training_runs_saves_resumes_mends_a_cut_log_evaluates_refuses_what_it_cannot_resume_and_force_replaces_it(
+        tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     common = tiny_run(tmp_path) + ["--out", str(out), "--eval-every", "1", "--knn-k", "5"]
-    train.main(common + ["--epochs", "1"])                   # 16 images / batch 8 = 2 steps
+    # 16 images / batch 8 = 2 steps; --resume auto, as a cluster's job starts: nothing to resume yet
+    train.main(common + ["--epochs", "1", "--resume", "auto"])
     first = torch.load(out / "ckpt.pt", weights_only=True)
     assert first["epoch"] == 1 and first["step"] == 2
     assert first["args"]["global_size"] == 32 and first["args"]["local_size"] == 16
@@ -3132,25 +3055,32 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
     # never overwrite a run by accident
     with pytest.raises(SystemExit, match="holds a run; pass --resume to continue it, --force"):
         train.main(common + ["--epochs", "1"])
-    train.main(common + ["--epochs", "2", "--resume"])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "ste')                                  # a kill while the line was appended
+    assert analyze.read_curves([str(out)], "loss")[str(out)][0] == (1,)        # the curves read the whole lines
+    train.main(common + ["--epochs", "2", "--resume", "auto"])        # requeued: continues, and mends the log
     second = torch.load(out / "ckpt.pt", weights_only=True)
-    assert second["epoch"] == 2 and second["step"] == 4
-    assert len(open(out / "log.jsonl").readlines()) == 2
+    assert second["epoch"] == 2 and second["step"] == 4 and "projector.0.weight" in second["model"]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    # mi = h_global - h_local, averaged over the epoch's steps
+    assert [r["step"] for r in log] == [2, 4]
+    assert log[-1]["mi"] == pytest.approx(log[-1]["h_global"] - log[-1]["h_local"], abs=1e-3)
+    printed = capsys.readouterr().out
+    assert "cut short" in printed and "epochs already" not in printed      # it trained: nothing to warn about
     changed = [not torch.equal(first["model"][k], second["model"][k]) for k in first["model"]
                if first["model"][k].is_floating_point()]
     assert all(changed[:5]) and sum(changed) > len(changed) // 2  # training moved the weights
 
     backbone, info = backbones.load_backbone(out / "ckpt.pt")
-    assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32
+    assert info["epoch"] == 2 and info["arch"] == "resnet18" and info["image_size"] == 32 and info["method"] == "HyDeS"
     assert backbone.conv1.weight.shape == (8, 3, 7, 7)      # the paper's setup's ImageNet stem, even at 32 px
     assert torch.equal(backbone.conv1.weight, second["model"]["backbone.conv1.weight"])
 
     # evaluate.py on the same checkpoint: the k-NN equals train.py's online monitor, the rows append
     table = tmp_path / "table.md"
     for _ in range(2):
-        result = evaluate.main([str(out / "ckpt.pt"), "--knn-k", "5", "--workers", "0",
-                                "--table", str(table)])
-    assert result["knn_top1"] == json.loads(open(out / "log.jsonl").readlines()[-1])["knn_top1"]
+        result = evaluate.main([str(out / "ckpt.pt"), "--knn-k", "5", "--workers", "0", "--table", str(table)])
+    assert result["knn_top1"] == log[-1]["knn_top1"]
     assert 0 <= result["linear_top1"] <= 100 and result["linear_top5"] is None     # 2 classes: no top-5
     assert result["knn_top5"] is None and "note: top-5 is left out" in capsys.readouterr().out
     assert len(open(out / "eval.jsonl").readlines()) == 2
@@ -3164,6 +3094,76 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
     assert len(table.read_text().splitlines()) == 1 and len(open(out / "eval.jsonl").readlines()) == 3
     assert len(os.listdir(out / "features")) == 2             # train and test, extracted once
 
+    # Nothing left to train (the checkpoint's --epochs, --epochs 0, or fewer than trained): decided before any
+    # file is touched, even a log line that the checkpoint does not hold (a kill before its save) is kept
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3.0, "step": 6}) + "\n")
+    files = {name: (out / name).read_bytes() for name in ("log.jsonl", "args.json", "ckpt.pt")}
+    for resume in (["--resume"], ["--epochs", "0", "--resume", "auto"], ["--epochs", "1", "--resume"]):
+        train.main(common + resume)
+        assert "run has trained 2 epochs already; raise --epochs to train further (the run is left as it is)" in \
+            capsys.readouterr().out
+        assert {name: (out / name).read_bytes() for name in files} == files
+    with pytest.raises(SystemExit, match="pick one"):       # refused on the first start and on every requeue
+        train.main(common + ["--epochs", "2", "--resume", "auto", "--force"])
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--resume", "yes"])
+    assert "argument --resume: invalid choice: 'yes'" in capsys.readouterr().err
+    # A second Ctrl-C stops at once, in one line, and the last checkpoint survives
+    calls, real = [], train.augmentation_generator
+
+    def twice_at_the_second_step(*args):
+        calls.append(args)
+        if len(calls) == 2:                       # the first asks to stop after the step, the second stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(train, "augmentation_generator", twice_at_the_second_step)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(common + ["--epochs", "3", "--resume"])
+    monkeypatch.undo()
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted (Ctrl-C): stopped at once by a second Ctrl-C; {out / 'ckpt.pt'} holds the last epoch saved "
+        f"(continue with --resume)")
+    assert (out / "ckpt.pt").read_bytes() == files["ckpt.pt"]
+    # Refused: data of other classes, a checkpoint without its optimizer, a plain state_dict
+    for cls in ("a", "b", "c"):                        # as many train images (16), but three classes
+        write_images(tmp_path / "three" / "train" / cls, 6 if cls != "c" else 4)
+        write_images(tmp_path / "three" / "test" / cls, 2)
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint was trained on data of 2 classes but the data now "
+                                         r"has 3; resume with the same data \(--data-dir\)$"):
+        train.main(common + ["--epochs", "3", "--resume", "--data-dir", str(tmp_path / "three")])
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**state, "args": {**state["args"], "device": "cuda"}}, out / "ckpt.pt")   # a GPU run, on a CPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match=r"^error: --device cuda, but PyTorch sees no CUDA GPU here; pass --device "
+                                         r"cpu$"):
+        train.main(common + ["--epochs", "3", "--resume"])
+    monkeypatch.undo()
+    # A run of an earlier version: settings it no longer has are refused unless they train alike
+    for setting, value in (("kappa_final", 1.0), ("schedule", "cosine"), ("method", "infonce")):
+        torch.save({**state, "args": {**state["args"], setting: value}}, out / "ckpt.pt")
+        with pytest.raises(SystemExit, match=rf"^error: .*ckpt.pt was trained with --{setting.replace('_', '-')} "
+                                             rf"{value}, which this version of train.py does not have"):
+            train.main(common + ["--epochs", "3", "--resume"])
+    assert backbones.load_backbone(out / "ckpt.pt", quiet=True)[1]["method"] == "infonce"   # still probed
+    alike = {"kappa_final": None, "beta_final": None, "schedule": "constant", "warmup_epochs": 0.0}
+    torch.save({**state, "args": {**state["args"], **alike}}, out / "ckpt.pt")
+    train.main(common + ["--epochs", "3", "--resume"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    assert not set(alike) & set(json.loads((out / "args.json").read_text()))
+    del state["optimizer"]
+    torch.save(state, out / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt holds no optimizer \(saved for evaluation only\?\), so "
+                                         r"the run cannot continue exactly"):
+        train.main(common + ["--epochs", "3", "--resume"])
+    torch.save(models.build_backbone("resnet18", 32, width=8).state_dict(), out / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt is not a checkpoint train.py wrote \(no run settings, "
+                                         r"step or data order: a plain state_dict\?\); move it away"):
+        train.main(common + ["--epochs", "4", "--resume"])
+
     # --force replaces the run: its checkpoint, log and probe results go, the feature cache stays
     train.main(common + ["--epochs", "1", "--force", "--seed", "1"])
     assert len(open(out / "log.jsonl").readlines()) == 1
@@ -3176,53 +3176,6 @@ def test_training_runs_saves_resumes_and_evaluates_force_replaces_it_and_resume_
     write_images(tmp_path / "images" / "train" / "a", 16)          # the training set doubles
     with pytest.raises(SystemExit, match="2 steps per epoch but the data now gives 3"):
         train.main(common + ["--epochs", "2", "--resume"])
-
-
-def test_the_probing_scripts_stop_in_one_line_on_ctrl_c_one_class_another_architecture_broken_weights_or_a_bad_image(
-        tmp_path, monkeypatch, capsys):
-    train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "0"])
-    checkpoint = str(tmp_path / "run" / "ckpt.pt")
-    write_voc(tmp_path / "VOCdevkit" / "VOC2012", ["t0", "t1"], ["v0"])
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    cases = [(evaluate, loading, "extract_features", [checkpoint, "--workers", "0"], "no result was written"),
-             (analyze, analyze, "cached_features", [checkpoint, "--workers", "0"], "no result was written"),
-             (segment, segment, "train_probe", [checkpoint, "--workers", "0", "--data-dir", str(tmp_path),
-                                                "--image-size", "32"],
-              "the probe was not finished and no row was written"),
-             (benchmark, benchmark, "crops_per_second", ["--device", "cpu"], "the rows printed above are what was")]
-    for script, module, where, argv, kept in cases:         # Ctrl-C in the middle of the work
-        monkeypatch.setattr(module, where, ctrl_c)
-        with pytest.raises(SystemExit) as stopped:
-            script.main(argv)
-        assert stopped.value.code == 130, script.__name__
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith(f"interrupted (Ctrl-C): {kept}") and "Traceback" not in "".join(err), (script, err)
-        monkeypatch.undo()
-    assert not os.path.exists(tmp_path / "run" / "eval.jsonl")
-    assert not os.path.exists(tmp_path / "run" / "segment.jsonl")
-    with pytest.raises(SystemExit, match="--arch resnet50, but .* holds a resnet18"):
-        evaluate.main([checkpoint, "--arch", "resnet50", "--workers", "0"])
-    with pytest.raises(SystemExit, match="--arch vit_tiny, but .* holds a resnet18"):
-        segment.main([checkpoint, "--arch", "vit_tiny", "--workers", "0"])
-    write_dataset(tmp_path / "one", ("a",), train=4, test=4)
-    with pytest.raises(SystemExit, match="fewer than 2 classes"):
-        evaluate.main([checkpoint, "--data-dir", str(tmp_path / "one"), "--workers", "0"])
-    state = torch.load(checkpoint, weights_only=True)              # broken weights: features that are not finite
-    state["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(state, tmp_path / "nan.pt")
-    for main, extra in ((evaluate.main, []), (analyze.main, ["--out", str(tmp_path / "analysis")]),
-                        (segment.main, ["--data-dir", str(tmp_path), "--image-size", "32", "--out", str(tmp_path / "seg"),
-                                        "--pca-images", "0"])):
-        with pytest.raises(SystemExit, match=r"^error: .*nan.pt gives features that are not finite \(NaN or inf\) for "
-                                             r"\d+ of \d+ images: its weights are broken"):
-            main([str(tmp_path / "nan.pt"), "--workers", "0", *extra])
-    assert not (tmp_path / "eval.jsonl").exists() and not list(tmp_path.glob("seg/*"))          # nothing written
-    (tmp_path / "images" / "test" / "a" / "000.jpg").write_bytes(b"")     # an image a loading worker cannot read
-    assert exit_message(analyze.main, [checkpoint, "--workers", "1", "--positive-images", "0", "--images", "0"]
-                        ).startswith("error: cannot read image ")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
@@ -3274,18 +3227,18 @@ def test_analyze_runs_end_to_end_on_a_generated_folder(tmp_path, arch, monkeypat
         analyze.main(["curves", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")])
 
 
-def torchrun_two_processes(tmp_path, out, epochs):
+def torchrun_two_processes(tmp_path, out, *extra):
     """train.py under torchrun, two CPU processes on the tiny run, started in a session of its own."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--epochs", str(epochs),
-               "--device", "cpu"]
+               os.path.abspath(train.__file__), *tiny_run(tmp_path), "--out", str(out), "--device", "cpu", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
-def test_torchrun_trains_with_the_global_batch_split_over_two_processes_and_two_evaluations_share_a_cache(tmp_path):
+def test_torchrun_splits_the_global_batch_over_two_processes_evaluations_share_a_cache_and_a_kill_ends_it_in_one_line(
+        tmp_path):
     out = tmp_path / "run"
-    launcher = torchrun_two_processes(tmp_path, out, epochs=2)
+    launcher = torchrun_two_processes(tmp_path, out, "--epochs", "2")
     try:
         stdout, stderr = launcher.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -3307,16 +3260,13 @@ def test_torchrun_trains_with_the_global_batch_split_over_two_processes_and_two_
     assert len(results) == 2 and results[0]["knn_top1"] == results[1]["knn_top1"]
     assert sorted(os.listdir(out / "features"))[0].endswith(".pt")
     assert not [f for f in os.listdir(out / "features") if f.endswith(".tmp")]
-
-
-def test_torchrun_with_a_process_killed_ends_in_one_line_from_rank_0(tmp_path):
+    # Resumed for 1000 epochs, and rank 1 killed once one more is saved: rank 0 says so in one line
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:4823: Connection reset by peer.")
     assert train.peer_is_gone(gloo) and not train.peer_is_gone(RuntimeError("CUDA out of memory"))
-    out = tmp_path / "run"
-    launcher = torchrun_two_processes(tmp_path, out, epochs=1000)
+    launcher = torchrun_two_processes(tmp_path, out, "--epochs", "1000", "--resume")
     try:
         deadline = time.time() + 120
-        while not (out / "log.jsonl").exists() and time.time() < deadline:       # an epoch is saved
+        while len(open(out / "log.jsonl").readlines()) < 3 and time.time() < deadline:       # an epoch is saved
             time.sleep(0.2)
         for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):   # torchrun's child with RANK=1
             try:
@@ -3332,4 +3282,4 @@ def test_torchrun_with_a_process_killed_ends_in_one_line_from_rank_0(tmp_path):
     ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert ours == [f"error: rank 1 of the 2 training processes stopped (killed?), so rank 0 cannot go on; "
                     f"{out / 'ckpt.pt'} holds the last epoch saved: continue with --resume"], stderr[-3000:]
-    assert "[rank0]" not in stderr and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
+    assert "[rank0]" not in stderr and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 6
