@@ -3153,6 +3153,8 @@ def test_training_runs_saves_resumes_mends_a_cut_log_evaluates_refuses_what_it_c
     torch.save({**state, "args": {**state["args"], **alike}}, out / "ckpt.pt")
     train.main(common + ["--epochs", "3", "--resume"])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    # the line of step 6 that no checkpoint held (written above) was forgotten on resume, not repeated
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 4, 6]
     assert not set(alike) & set(json.loads((out / "args.json").read_text()))
     del state["optimizer"]
     torch.save(state, out / "ckpt.pt")
