@@ -490,6 +490,9 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width, scale
     for column in range(4):                                                               # x0, y0, w, h
         assert ks_distance(ours[:, column], reference[:, column]) < 0.05
     assert (ours[:, :2] >= 0).all() and (ours[:, :2] + ours[:, 2:] <= [width, height]).all()
+    # every place is drawn: some boxes narrower than the image end at its right edge, some shorter at its bottom
+    assert ((ours[:, 0] + ours[:, 2] == width) & (ours[:, 2] < width)).any()
+    assert ((ours[:, 1] + ours[:, 3] == height) & (ours[:, 3] < height)).any()
     if height == width:
         area = ours[:, 2] * ours[:, 3] / (height * width)
         assert area.min() > scale[0] - 0.01 and area.max() < scale[1] + 0.01
@@ -918,6 +921,8 @@ def test_per_view_calls_the_network_once_per_view_and_per_resolution_once_per_cr
     z = per_view(views)
     assert calls == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     assert z.shape == (5, 4, 16) and torch.allclose(z.norm(dim=-1), torch.ones(5, 4), atol=1e-5)
+    # the projector: Linear-BN-ReLU, Linear-BN-ReLU, Linear (models.projector)
+    assert [type(m).__name__ for m in per_view.projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
     one_by_one, _ = counted_model(True, arch)                                 # the same weights (seeded)
     assert torch.allclose(z, torch.stack([one_by_one([v])[0] for v in views]), rtol=0, atol=1e-6)
     if arch == "resnet18":                                        # the running statistics moved once per view
@@ -1720,12 +1725,14 @@ def test_probe_features_are_bf16_where_fast_analysis_features_float32_and_the_ca
     assert first[0].shape == (6, resnet.num_features) and first[1].tolist() == [0, 0, 0, 1, 1, 1]
     cached("digest-2")                                        # another checkpoint: extracted anew
     assert len(calls) == 2
-    write_images(tmp_path / "images" / "train" / "b", 4, seed=1)     # 3 images replaced and one added
+    write_images(tmp_path / "images" / "train" / "b", 3, seed=1)     # 3 images replaced: as many files, same names
+    assert cached()[2] is False and len(calls) == 3
+    write_images(tmp_path / "images" / "train" / "b", 4, seed=1)     # and one added
     feats, labels, from_cache = cached()
-    assert not from_cache and len(calls) == 3 and len(labels) == 7
+    assert not from_cache and len(calls) == 4 and len(labels) == 7
     for cache_file in os.listdir(tmp_path / "cache"):                # cache files that cannot be read
         (tmp_path / "cache" / cache_file).write_bytes(b"cut short")
-    assert cached()[2] is False and len(calls) == 4 and "unreadable" in capsys.readouterr().out
+    assert cached()[2] is False and len(calls) == 5 and "unreadable" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1862,6 +1869,7 @@ def test_segmentation_metrics_match_hand_computed_confusion_matrices_and_a_brute
             ious.append(both / either)
     pixel_accuracy, miou = segment.segmentation_metrics(confusion)
     assert confusion.sum() == len(pixels) and len(ious) == 5 and ious[3] == ious[4] == 0
+    assert confusion[0, 4] == sum(t == 0 and p == 4 for p, t in pixels) > 0      # rows truth, columns prediction
     assert pixel_accuracy == pytest.approx(100 * sum(p == t for p, t in pixels) / len(pixels))
     assert miou == pytest.approx(100 * sum(ious) / len(ious))
 
@@ -2049,6 +2057,8 @@ def test_rank_counts_singular_values_above_an_absolute_0_1_and_anisotropy_is_the
     matrix = matrix_with_singular_values(chosen, 40, 8)
     sigma = torch.linalg.svdvals(matrix)
     assert analyze.rank_above(sigma) == 4 == torch.linalg.matrix_rank(matrix, atol=0.1, rtol=0)   # 0.09 not
+    exact = torch.tensor([0.5, 0.1, 0.05], dtype=torch.float64)        # 0.1 itself is not above 0.1 either
+    assert analyze.rank_above(exact) == 1 == torch.linalg.matrix_rank(torch.diag(exact), atol=0.1, rtol=0)
     # The tolerance is absolute: shrinking the features by 10 drops 0.5 and 0.11 below it
     assert analyze.rank_above(torch.linalg.svdvals(matrix / 10)) == 2
     # A rank-7 product: Table III's rank 7, through geometry_metrics
@@ -2407,6 +2417,10 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)       # fused (train.py's) has no meta kernel
         control = runs.RunControl(args, 0, 1, meta, train.LOGGED[method])
         control.device_step = torch.tensor(0.0, device=meta)
+        for forward in ("per-view", "per-resolution"):            # --forward: how the views meet BatchNorm
+            built = train.build_model(types.SimpleNamespace(**{**vars(args), "forward": forward, "global_size": 32}),
+                                      10, control, torch.contiguous_format)
+            assert built.per_view == (forward == "per-view")
         recipes = train.view_recipes(types.SimpleNamespace(**{**vars(args), "global_size": 32, "local_size": 16}))
         setup = settings.precision_for(torch.device("cpu"), arch)
         step_loss = functools.partial(train.loss_of_batch, net, recipes, setup, method, args.kappa, args.alpha,
@@ -2421,6 +2435,9 @@ def test_the_whole_training_step_runs_on_the_meta_device_so_nothing_in_it_waits_
                                         train.LOGGED[method])
             sums += terms
             control.watch(terms)
+        # each torchrun process draws its own views: the generator is seeded by (seed, step, rank)
+        assert not torch.equal(*(data.draw_views(recipes, sizes, train.augmentation_generator(0, 1, rank))
+                                 for rank in (0, 1)))
         assert terms.device == meta and sums.shape == (len(train.LOGGED[method]),)
         assert [v.shape for v in data.make_views(images, recipes, parameters)] == \
             [(8, 3, 32, 32)] * (1 if method == "supervised" else 2) + [(8, 3, 16, 16)] * (method != "supervised") * 6
@@ -2586,6 +2603,9 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch_and_the_m
     for term in ("loss", "h_local", "h_global"):       # the resumed epoch's line averages all its steps
         assert log[2][term] == pytest.approx(straight_log[1][term], rel=1e-5, abs=1e-6), term
     assert monitor("interrupted") == [monitor("straight")[0], {}, monitor("straight")[1]]    # none at the stop
+    # here 1 step of the epoch preceded the stop; after k steps their logged mean counts k times
+    sums = runs.epoch_sums_so_far({"log_record": {"loss": 2.0, "mi": -1.0}}, ("loss", "mi"), 3, "cpu")
+    assert sums.tolist() == [6.0, -3.0]
 
 
 def test_a_bf16_run_resumes_bit_exactly_with_its_precision_kept_and_another_refused(tmp_path):
@@ -3046,6 +3066,9 @@ def test_training_runs_saves_resumes_mends_a_cut_log_evaluates_refuses_what_it_c
     assert torch.load(budget / "ckpt.pt", weights_only=True)["step"] == 1 and record["step"] == 1
     assert record["epoch"] == 0.5 and 0 <= record["knn_top1"] <= 100      # one step of a 2-step epoch
     assert f"stopped after 1e-06 minutes at step 1; checkpoint {budget / 'ckpt.pt'}" in capsys.readouterr().out
+    # --eval-every N evaluates after epochs 1, 1 + N, 1 + 2N, ... and the last (the cited code's cadence)
+    every_5 = argparse.Namespace(eval_every=5)
+    assert [e for e in range(1, 13) if train.evaluation_due(2 * e, 2, every_5, e == 12)] == [1, 6, 11, 12]
 
     write_dataset(tmp_path / "no_test", ("a", "b"), train=8)      # without its test/ split: refused before any step
     with pytest.raises(SystemExit, match="no_test/test' does not exist"):
@@ -3061,6 +3084,7 @@ def test_training_runs_saves_resumes_mends_a_cut_log_evaluates_refuses_what_it_c
     train.main(common + ["--epochs", "2", "--resume", "auto"])        # requeued: continues, and mends the log
     second = torch.load(out / "ckpt.pt", weights_only=True)
     assert second["epoch"] == 2 and second["step"] == 4 and "projector.0.weight" in second["model"]
+    assert second["optimizer"]["param_groups"][0]["weight_decay"] == 1e-6          # --weight-decay's default
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     # mi = h_global - h_local, averaged over the epoch's steps
     assert [r["step"] for r in log] == [2, 4]
