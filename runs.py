@@ -4,15 +4,14 @@ SIGTERM, --max-minutes, a non-finite loss), and torchrun agreement.
 Machinery: a reader of the method may skip this file; train.py reads `for images, sizes, labels in
 control.batches(...)`, `checkpoint_state(...)` and `restore(...)`. A resumed run continues bit for bit on a
 CPU: the data order and every augmentation are functions of --seed and the step (loading.py), and the
-checkpoint holds the rest (weights, AdamW's moments, the grad scaler, the online probe, every random-number
-state). RunControl's docstring gives the rules for stopping early, alike on every torchrun process.
+checkpoint holds the rest (weights, AdamW's moments, the grad scaler, the online probe). Nothing draws from a
+global random stream after the network's initialisation, so no random state is saved. RunControl's docstring gives the rules for stopping early, alike on every torchrun process.
 """
 
 import argparse
 import fcntl
 import json
 import os
-import random
 import shlex
 import signal
 import threading
@@ -20,7 +19,6 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -101,7 +99,7 @@ class NothingToTrain(Exception):
 
 
 # What restore() loads besides the weights: a checkpoint without them cannot continue the run exactly
-RESUMED_STATE = ("optimizer", "scaler", "linear_probe", "rng")
+RESUMED_STATE = ("optimizer", "scaler", "linear_probe")
 
 
 def settings_given(argv, parser):
@@ -182,15 +180,14 @@ def checkpoint_state(model, optimizer, scaler, probe, record, steps_per_epoch, a
     step = record["step"]
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "linear_probe": probe.state_dict(),
-            "epoch": step // steps_per_epoch, "step": step, "args": vars(args), "rng": random_states(),
+            "epoch": step // steps_per_epoch, "step": step, "args": vars(args),
             "data_order": {"seed": args.seed, "epoch": step // steps_per_epoch,
                            "next_batch": step % steps_per_epoch, "batches_per_epoch": steps_per_epoch},
             "log_record": dict(record)}
 
 
 def restore(checkpoint, net, optimizer, scaler, probe, steps_per_epoch):
-    """Load a checkpoint's weights, optimiser, scaler, online probe and random states; returns the step to
-    continue at."""
+    """Load a checkpoint's weights, optimiser, scaler and online probe; returns the step to continue at."""
     if checkpoint["data_order"]["batches_per_epoch"] != steps_per_epoch:
         raise SystemExit(f"error: the checkpoint was trained with {checkpoint['data_order']['batches_per_epoch']}"
                          f" steps per epoch but the data now gives {steps_per_epoch}; resume with the same "
@@ -204,7 +201,6 @@ def restore(checkpoint, net, optimizer, scaler, probe, steps_per_epoch):
     if checkpoint["scaler"]:          # empty when saved disabled (CPU, bf16), e.g. resumed on an fp16 GPU
         scaler.load_state_dict(checkpoint["scaler"])
     probe.load_state_dict(checkpoint["linear_probe"])
-    restore_random_states(checkpoint["rng"])
     return checkpoint["step"]
 
 
@@ -217,26 +213,6 @@ def epoch_sums_so_far(checkpoint, logged, steps, device):
         return torch.zeros(len(logged), device=device)
     record = checkpoint["log_record"]
     return torch.tensor([record[k] for k in logged], device=device) * steps
-
-
-def random_states():
-    """Every random-number stream a run could draw from, in a form torch.load(weights_only=True) accepts
-    (numpy's state is an array and a few numbers, kept as a tensor and plain values)."""
-    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                      "has_gauss": has_gauss, "cached_gauss": cached_gauss},
-            "python": random.getstate()}
-
-
-def restore_random_states(states):
-    torch.set_rng_state(states["torch"])
-    torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])     # as many as this machine has GPUs
-    n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                         n["cached_gauss"]))
-    random.setstate(states["python"])             # a tuple still: torch.load keeps tuples
 
 
 # ----------------------------------------------------------------------------------------------------

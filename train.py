@@ -30,7 +30,6 @@ import argparse
 import functools
 import json
 import os
-import random
 import sys
 import time
 from collections import Counter
@@ -251,7 +250,9 @@ def train(args, checkpoint, control):
     steps_per_epoch = order.batches_per_epoch
 
     # ---- model and optimiser: `net` is the plain module (saved, evaluated), `model` what the step calls
-    seed_everything(args.seed)     # here, not earlier: DataLoaders draw from torch's stream as data load
+    # The initial weights are the run's only draw from a global random stream (the views, the data order and the
+    # probe's batches have generators of their own): seeded here, not earlier, for DataLoaders draw from it
+    torch.manual_seed(args.seed)
     net = build_model(args, len(classes), control, precision.memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)      # one kernel for all the parameters, on GPUs and CPUs
@@ -404,12 +405,6 @@ def build_model(args, num_classes, control, memory_format):
         # normalises its own share of the batch.
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     return net.to(control.device, memory_format=memory_format)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def evaluation_due(step, steps_per_epoch, args, last):
