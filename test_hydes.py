@@ -839,6 +839,16 @@ def test_every_image_mode_reaches_8_bit_rgb_by_its_bit_depth_or_is_refused_by_na
     assert stored.shape == (20, 40, 3) and stored[:, :18, 0].mean() > 200 and stored[:, 22:].max() < 40
 
 
+class WorkerIgnoresCtrlC(torch.utils.data.Dataset):
+    """Two 1-px images, labelled 1 where the loading process ignores SIGINT."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return torch.zeros(3, 1, 1, dtype=torch.uint8), int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
 def test_a_folder_of_one_image_size_decodes_into_memory_at_native_size_and_mixed_sizes_crop_as_each_image_alone(
         tmp_path):
     write_dataset(tmp_path, ("a", "b"), size=24, train=3)
@@ -848,16 +858,17 @@ def test_a_folder_of_one_image_size_decodes_into_memory_at_native_size_and_mixed
     for image, (path, _) in zip(images, dataset.samples):            # exactly the decoded file, no resize
         assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
     # Mixed sizes, on canvases: 24 px images, a 40 x 30 one, and a 200 x 50 one wider than the canvas (2 x 32 =
-    # 64 px for 32 px crops), shrunk to 64 x 16, its aspect ratio kept, by PIL's antialiased bicubic filter
+    # 64 px for 32 px crops), shrunk to 64 x 16, its aspect ratio kept, by PIL's antialiased bicubic filter; an
+    # 80 x 80 one, shrunk to fill the canvas: no row or column is left for the copies
     tmp_path = tmp_path / "mixed"
     write_images(tmp_path / "train" / "a", 2, size=24)
     rng = np.random.default_rng(0)
-    for name, (height, width) in (("mid.png", (30, 40)), ("long.png", (50, 200))):
+    for name, (height, width) in (("mid.png", (30, 40)), ("long.png", (50, 200)), ("big.png", (80, 80))):
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / name)
     recipes = data.dino_recipes(32, 16, global_crops=1, local_crops=1)
     dataset = loading.uint8_dataset("folder", str(tmp_path), recipes)
-    assert isinstance(dataset, loading.CanvasImages) and dataset.side == 64 and len(dataset) == 4
-    shown = {"mid.png": (30, 40), "long.png": (16, 64)}                          # others 24 x 24
+    assert isinstance(dataset, loading.CanvasImages) and dataset.side == 64 and len(dataset) == 5
+    shown = {"mid.png": (30, 40), "long.png": (16, 64), "big.png": (64, 64)}      # others 24 x 24
     for i, (path, _) in enumerate(dataset.images.samples):
         canvas, size, label = dataset[i]
         height, width = shown.get(os.path.basename(path), (24, 24))
@@ -866,7 +877,7 @@ def test_a_folder_of_one_image_size_decodes_into_memory_at_native_size_and_mixed
         image = image if max(image.size) <= 64 else ImageOps.contain(image, (64, 64), Image.BICUBIC)
         assert torch.equal(canvas[:, :height, :width], uint8_batch([image])[0])
         # its last row and column once more, then zeros
-        assert torch.equal(canvas[:, height, :width], canvas[:, height - 1, :width])
+        assert height == 64 or torch.equal(canvas[:, height, :width], canvas[:, height - 1, :width])
         assert width == 64 or torch.equal(canvas[:, :height + 1, width], canvas[:, :height + 1, width - 1])
         assert canvas[:, height + 1:].sum() == 0 and canvas[:, :, width + 1:].sum() == 0
         # A crop on the canvas, its box drawn inside the true size, is the crop of the image alone: also
@@ -883,7 +894,12 @@ def test_a_folder_of_one_image_size_decodes_into_memory_at_native_size_and_mixed
     assert sizes.tolist() == [dataset[i][1].tolist() for i in list(order)[0]]
     # --skip-bad-images checks the folder the canvases come from
     (tmp_path / "train" / "a" / "000.jpg").write_bytes(b"")
-    assert loading.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 3
+    assert loading.drop_unreadable_images(dataset) == [str(tmp_path / "train" / "a" / "000.jpg")] and len(dataset) == 4
+    # Ctrl-C reaches every process of the terminal's group: the loading workers ignore it, train.py decides
+    order = loading.EpochOrder(2, 2, 0)
+    _, _, ignored = next(iter(loading.WorkerBatches(WorkerIgnoresCtrlC(), order, torch.device("cpu"),
+                                                    workers=1)))
+    assert ignored.tolist() == [1, 1]
 
 
 def test_a_log_cut_short_loses_only_its_last_line_and_a_broken_middle_line_is_named(tmp_path, capsys):
@@ -894,6 +910,11 @@ def test_a_log_cut_short_loses_only_its_last_line_and_a_broken_middle_line_is_na
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(data.DatasetError, match="line 2, is not JSON"):
         checkpoints.read_jsonl(path)
+    # A table in a folder not made yet, and an empty table file: each takes the header, then the row
+    (tmp_path / "empty.md").write_text("")
+    for table in (tmp_path / "new" / "table.md", tmp_path / "empty.md"):
+        checkpoints.append_row({"a": 1}, ("a",), str(table))
+        assert table.read_text() == "| a |\n|---|\n| 1 |\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1301,6 +1322,10 @@ def test_files_that_are_no_checkpoint_say_what_they_are_in_one_line(tmp_path):
             with pytest.raises(checkpoints.CheckpointError) as error:
                 checkpoints.safe_load(tmp_path / "cut.pth")
             one_line(error, tmp_path / "cut.pth", 300)
+    for cut in range(600, len(legacy.getvalue()), len(legacy.getvalue()) // 20):      # --trust-pickle: pickle's own
+        (tmp_path / "cut.pth").write_bytes(legacy.getvalue()[:cut])                   # "pickle data was truncated"
+        with pytest.raises(checkpoints.CheckpointError, match="it was cut short"):
+            checkpoints.safe_load(tmp_path / "cut.pth", trust_pickle=True)
     # An empty checkpoint in every script that reads one: it raised IndexError inside safe_load's own error
     # handler (the message of torch's error was empty)
     (tmp_path / "run").mkdir()
@@ -1665,6 +1690,13 @@ def test_a_class_folder_tree_lists_each_image_once_under_its_own_class_through_s
     write_dataset(tmp_path / "images", ("a", "b", "c"), test=2)
     train.main(tiny_run(tmp_path) + ["--out", str(tmp_path / "run"), "--epochs", "1", "--eval-every", "0"])
     assert "folder: 12 images" in capsys.readouterr().out                  # what training reads, too
+    # Files, then subfolders, each in sorted order, whatever order the file system lists them in
+    for name in ("7.png", "s/x.png", "2.png", "p/x.png", "9.png", "u/x.png", "0.png", "q/x.png", "5.png", "t/x.png"):
+        (tmp_path / "order" / "k" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "order" / "k" / name)
+    listed = image_files.files_in_class_folders(str(tmp_path / "order"), {"k": 0})
+    assert [os.path.relpath(path, tmp_path / "order" / "k") for path, _ in listed] == [
+        "0.png", "2.png", "5.png", "7.png", "9.png", "p/x.png", "q/x.png", "s/x.png", "t/x.png", "u/x.png"]
     os.symlink(tmp_path / "gone", train_dir / "d")
     with pytest.raises(data.DatasetError, match=r"the class folder .*train.d is a symbolic link to .*gone, which does "
                                                 r"not exist \(1 such link\(s\)\); mount or fix it"):
@@ -1692,6 +1724,9 @@ def test_probe_features_are_bf16_where_fast_analysis_features_float32_and_the_ca
     dataset = torch.utils.data.TensorDataset(images, torch.arange(64) % 2)
     fast, _ = loading.extract_features(resnet, dataset, cpu, batch_size=16, workers=0)
     exact, _ = loading.extract_features(resnet, dataset, cpu, batch_size=16, workers=0, exact=True)
+    resnet.train()         # as train.py's monitor finds it: the features are still those of eval mode
+    assert torch.equal(loading.extract_features(resnet, dataset, cpu, batch_size=16, workers=0, exact=True)[0], exact)
+    resnet.eval()
     relative = ((fast - exact).norm() / exact.norm()).item()
     assert fast.dtype == exact.dtype == torch.float32 and 0 < relative < 2e-2      # bf16 rounding, nothing worse
     # analyze.py's features are float32 whatever the autocast. Why: bf16 rounding fills a low-rank matrix's
@@ -1929,6 +1964,11 @@ def test_segment_runs_end_to_end_scoring_every_non_void_pixel_of_whole_non_squar
     assert picture.size == (2 * 48, 2 * 48)                   # 2 rows of (input | PCA), each 48 x 48
     assert json.loads(open(tmp_path / "seg" / "segment.jsonl").read())["miou"] == result["miou"]
     assert open(table).read().splitlines()[2].startswith(f"| backbone | {arch} |")     # named after the file
+    # The probe: from seeds of its own whatever the global random stream has given, returned in eval mode
+    train_set = segment.VOCSegmentation(str(voc), "train", 48)
+    probes = [segment.train_probe(backbone, train_set, torch.device("cpu"), 1, 4, workers=0) for _ in range(2)]
+    assert not probes[0].training
+    assert all(torch.equal(a, b) for a, b in zip(*(p.state_dict().values() for p in probes)))
 
 
 def test_output_paths_are_checked_before_the_work_a_failed_write_after_it_costs_only_itself_and_segment_names_bad_masks(
@@ -2393,6 +2433,10 @@ def test_every_flag_of_every_script_has_help_and_shows_its_default(capsys):
         for flag, rest, continuation in options:
             assert (rest + continuation).strip(" {}[]A-Z_,.") != "", f"{script.__name__} {flag} has no help"
         assert script is not evaluate or re.search(r"neighbours that vote \(default:\s+200\)", text)
+    with pytest.raises(SystemExit):
+        analyze.main(["curves", "--help"])
+    text = " ".join(capsys.readouterr().out.split())           # --metric's help says its default in its own words
+    assert "(default: curves.png)" in text and "(default: linear_top1)" not in text
 
 
 # ---- no host waits in the step
@@ -2554,7 +2598,12 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch_and_the_m
         with pytest.raises(SystemExit, match="--data-source memory holds images of one size, and folder's differ"):
             train.main(common + ["--out", str(tmp_path / "memory"), "--data-source", "memory"])
         assert not (tmp_path / "memory").exists()
+    clock = itertools.count(0, 60)                  # runs.py's clock: a minute later at each reading
+    monkeypatch.setattr(runs, "time", types.SimpleNamespace(time=lambda: next(clock)))
     train.main(common + ["--out", str(tmp_path / "straight"), "--epochs", "2", "--keep-every", "1"])
+    monkeypatch.undo()
+    minutes = [json.loads(line)["minutes"] for line in open(tmp_path / "straight" / "log.jsonl")]
+    assert minutes[1] > minutes[0]                  # the session's training time (--max-minutes), not the epoch's
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert straight["step"] == 4
     kept = torch.load(tmp_path / "straight" / "ckpt-epoch1.pt", weights_only=True)     # --keep-every 1
@@ -2583,6 +2632,8 @@ def test_resume_is_bit_exact_after_an_epoch_and_after_ctrl_c_mid_epoch_and_the_m
             calls.append(args)
             if len(calls) == at_call:
                 os.kill(os.getpid(), signal.SIGINT)
+                # torchrun's SIGTERM after a Ctrl-C: the first signal is the one named
+                os.kill(os.getpid(), signal.SIGTERM)
             return real(*args)
         return wrapped
 
@@ -2685,6 +2736,14 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
         train.main(args)                                     # 1 step per epoch; step 1's update breaks step 2
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert saved["step"] == 1 and all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
+    # Under torchrun, process 0 names the step; another stops with status 1 and no message. And one that stops
+    # because another process was signalled exits as for a SIGTERM
+    for stop in ("check_finite", "stop_after_save"):
+        other = runs.RunControl(argparse.Namespace(out=str(out)), 1, 1, torch.device("cpu"), ("loss",))
+        other.first_nonfinite, other.signalled = torch.tensor([1.0, math.nan]), True
+        with pytest.raises(SystemExit) as stopped:
+            other.check_finite() if stop == "check_finite" else other.stop_after_save(2)
+        assert stopped.value.code == (1 if stop == "check_finite" else 128 + signal.SIGTERM)
 
 
 @pytest.mark.parametrize("source, workers", [("memory", 0), ("memory", 1), ("workers", 1)])
@@ -2711,6 +2770,9 @@ def test_a_bad_test_image_stops_the_monitor_after_the_epoch_is_saved_resume_rest
     assert message.startswith(f"error: cannot read image {bad}") and "was saved before the evaluation" in message
     saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert saved["step"] == 2 and saved["log_record"]["evaluation_pending"] and "knn_top1" not in saved["log_record"]
+    # its evaluation not wanted: nothing to do
+    train.main(common + ["--epochs", "1", "--resume", "--eval-every", "0"])
+    assert "has trained 1 epochs already" in capsys.readouterr().out
     assert not (tmp_path / "run" / "log.jsonl").exists()       # the epoch's line was due after the evaluation
     # --skip-bad-images skips it in the monitor's k-NN too
     train.main(common + ["--out", str(tmp_path / "skipped"), "--epochs", "1", "--skip-bad-images"])
@@ -3191,11 +3253,13 @@ def test_training_runs_saves_resumes_mends_a_cut_log_evaluates_refuses_what_it_c
         train.main(common + ["--epochs", "4", "--resume"])
 
     # --force replaces the run: its checkpoint, log and probe results go, the feature cache stays
+    (out / "ckpt-epoch1.pt").write_bytes(b"")                      # a copy kept by --keep-every
     train.main(common + ["--epochs", "1", "--force", "--seed", "1"])
-    assert len(open(out / "log.jsonl").readlines()) == 1
+    assert len(open(out / "log.jsonl").readlines()) == 1 and not (out / "ckpt-epoch1.pt").exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["seed"] == 1
     assert not os.path.exists(out / "eval.jsonl") and len(os.listdir(out / "features")) == 2
     train.main(common + ["--resume"])                        # settings not typed again come from the checkpoint
+    train.main(common + ["--resume", "--global-scale", "0.4", "1.0"])      # typed again as saved: a list, not a change
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2      # --epochs 1 kept
     with pytest.raises(SystemExit, match="--kappa cannot change"):
         train.main(common + ["--epochs", "1", "--resume", "--kappa", "1"])
@@ -3262,7 +3326,11 @@ def torchrun_two_processes(tmp_path, out, *extra):
 
 
 def test_torchrun_splits_the_global_batch_over_two_processes_evaluations_share_a_cache_and_a_kill_ends_it_in_one_line(
-        tmp_path):
+        tmp_path, monkeypatch):
+    with monkeypatch.context() as patched:          # a global batch that does not split: one line, before any group
+        patched.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit, match="--batch-size 7 is the global batch and must split evenly over 2 "):
+            train.distributed_setup(argparse.Namespace(batch_size=7, device="cpu"))
     out = tmp_path / "run"
     launcher = torchrun_two_processes(tmp_path, out, "--epochs", "2")
     try:
