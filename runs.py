@@ -5,7 +5,8 @@ Machinery: a reader of the method may skip this file; train.py reads `for images
 control.batches(...)`, `checkpoint_state(...)` and `restore(...)`. A resumed run continues bit for bit on a
 CPU: the data order and every augmentation are functions of --seed and the step (loading.py), and the
 checkpoint holds the rest (weights, AdamW's moments, the grad scaler, the online probe). Nothing draws from a
-global random stream after the network's initialisation, so no random state is saved. RunControl's docstring gives the rules for stopping early, alike on every torchrun process.
+global random stream after the network's initialisation, so no random state is saved. RunControl's docstring
+gives the rules for stopping early, alike on every torchrun process.
 """
 
 import argparse
